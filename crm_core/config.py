@@ -1,0 +1,266 @@
+"""crm.toml plus environment, parsed once into frozen dataclasses.
+
+Why strict: a typo in a key (``default_transprot``) that is silently ignored turns into
+mail going out the wrong way in production. Every unknown key stops start-up with a
+message naming the file, the key and what is allowed.
+
+Where the file is found: ``--config`` on the command line, else ``CRM_CONFIG``, else
+``crm.toml`` in the working directory, else the embedded default (four product lines).
+``CRM_DATABASE_URL`` overrides ``[database] url``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crm_core.errors import ConfigError
+
+PRODUCT_LINES: tuple[str, ...] = ("commercial", "sales", "rentals", "boplats")
+PRODUCT_LINE_LABELS: Mapping[str, str] = {
+    "commercial": "Kommersiella lokaler (commercial premises)",
+    "sales": "Försäljning bostäder (residential sales)",
+    "rentals": "Online lägenheter (apartment rentals)",
+    "boplats": "Boplats Sverige CRM (housing queue)",
+}
+
+EMBEDDED_DEFAULT = """\
+# The embedded default: used when no crm.toml is found.
+[product_lines.commercial]
+plugins = ["exchange_mail", "smtp_mail"]
+default_transport = "exchange"
+
+[product_lines.sales]
+plugins = ["exchange_mail", "smtp_mail"]
+default_transport = "exchange"
+
+[product_lines.rentals]
+plugins = ["exchange_mail", "smtp_mail"]
+default_transport = "smtp"
+
+[product_lines.boplats]
+plugins = ["smtp_mail"]
+default_transport = "smtp"
+"""
+
+
+@dataclass(frozen=True)
+class ProductLineConfig:
+    """One product line: which plugins it enables and which transport users get."""
+
+    name: str
+    plugins: tuple[str, ...]
+    default_transport: str
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    """Outbox tuning; see the README's operations section for what each does."""
+
+    lease_seconds: int = 300
+    max_attempts: int = 8
+    backoff_base_seconds: float = 30.0
+    backoff_max_seconds: float = 3600.0
+    batch_size: int = 50
+    poll_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class MailConfig:
+    """Limits checked at enqueue so that nothing is queued that cannot be sent."""
+
+    max_message_bytes: int = 25 * 1024 * 1024
+    max_recipients: int = 500
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, as read from ``source``."""
+
+    source: str
+    database_url: str
+    key_file: Path | None
+    product_lines: Mapping[str, ProductLineConfig]
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    mail: MailConfig = field(default_factory=MailConfig)
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def product_line(self, name: str) -> ProductLineConfig:
+        """The named product line, or a ConfigError listing the configured ones."""
+        try:
+            return self.product_lines[name]
+        except KeyError:
+            allowed = ", ".join(sorted(self.product_lines)) or "(none configured)"
+            raise ConfigError(
+                f"{self.source}: product line {name!r} is not configured; "
+                f"configured product lines: {allowed}"
+            ) from None
+
+    @property
+    def enabled_plugins(self) -> tuple[str, ...]:
+        """Every plugin enabled by at least one product line, sorted."""
+        names = {p for line in self.product_lines.values() for p in line.plugins}
+        return tuple(sorted(names))
+
+
+_TOP_KEYS = ("database", "secrets", "outbox", "mail", "product_lines")
+_LINE_KEYS = ("plugins", "default_transport", "label")
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The config file to read: explicit path, ``CRM_CONFIG``, ``./crm.toml``, or None."""
+    chosen = explicit or os.environ.get("CRM_CONFIG")
+    if chosen:
+        path = Path(chosen)
+        if not path.is_file():
+            raise ConfigError(f"configuration file {path} does not exist")
+        return path
+    local = Path.cwd() / "crm.toml"
+    return local if local.is_file() else None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    available_plugins: Iterable[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read and check the configuration; raise ConfigError naming file and key."""
+    env = os.environ if environ is None else environ
+    found = find_config_file(path)
+    if found is None:
+        source, text, base = "<embedded default>", EMBEDDED_DEFAULT, Path.cwd()
+    else:
+        source, text, base = str(found), found.read_text(encoding="utf-8"), found.parent
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    return parse_config(raw, source, base, available_plugins, env)
+
+
+def parse_config(
+    raw: Mapping[str, Any],
+    source: str,
+    base: Path,
+    available_plugins: Iterable[str] | None,
+    env: Mapping[str, str],
+) -> Config:
+    """Turn the parsed TOML into a Config; every key is checked."""
+    _reject_unknown(raw, _TOP_KEYS, source, "")
+    database = _table(raw, "database", source)
+    _reject_unknown(database, ("url",), source, "database")
+    secrets = _table(raw, "secrets", source)
+    _reject_unknown(secrets, ("key_file",), source, "secrets")
+    url = env.get("CRM_DATABASE_URL") or _str(database, "url", source, "database", "")
+    if not url:
+        url = f"sqlite:///{(base / 'crm.db').as_posix()}"
+    key_file_raw = _str(secrets, "key_file", source, "secrets", "")
+    key_file = _resolve(base, key_file_raw) if key_file_raw else _default_key_file(url, base)
+    lines = _product_lines(_table(raw, "product_lines", source), source, available_plugins)
+    return Config(
+        source=source,
+        database_url=url,
+        key_file=key_file,
+        product_lines=lines,
+        outbox=_dataclass_from(OutboxConfig, _table(raw, "outbox", source), source, "outbox"),
+        mail=_dataclass_from(MailConfig, _table(raw, "mail", source), source, "mail"),
+        base_dir=base,
+    )
+
+
+def _product_lines(
+    table: Mapping[str, Any], source: str, available: Iterable[str] | None
+) -> dict[str, ProductLineConfig]:
+    known = set(available) if available is not None else None
+    lines: dict[str, ProductLineConfig] = {}
+    for name, body in table.items():
+        where = f"product_lines.{name}"
+        if name not in PRODUCT_LINES:
+            raise ConfigError(
+                f"{source}: unknown product line [{where}]; allowed: {', '.join(PRODUCT_LINES)}"
+            )
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{source}: [{where}] must be a table")
+        _reject_unknown(body, _LINE_KEYS, source, where)
+        plugins = body.get("plugins", [])
+        if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+            raise ConfigError(f"{source}: {where}.plugins must be a list of plugin names")
+        if known is not None:
+            for plugin in plugins:
+                if plugin not in known:
+                    raise ConfigError(
+                        f"{source}: {where}.plugins names unknown plugin {plugin!r}; "
+                        f"installed plugins: {', '.join(sorted(known)) or '(none)'}"
+                    )
+        default = body.get("default_transport")
+        if not isinstance(default, str) or not default:
+            raise ConfigError(
+                f"{source}: {where}.default_transport is required "
+                '(a transport name such as "exchange" or "smtp")'
+            )
+        label = body.get("label", PRODUCT_LINE_LABELS.get(name, name))
+        if not isinstance(label, str):
+            raise ConfigError(f"{source}: {where}.label must be a string")
+        lines[name] = ProductLineConfig(name, tuple(dict.fromkeys(plugins)), default, label)
+    return lines
+
+
+def _dataclass_from(cls: Any, table: Mapping[str, Any], source: str, where: str) -> Any:
+    allowed = tuple(cls.__dataclass_fields__)
+    _reject_unknown(table, allowed, source, where)
+    values: dict[str, Any] = {}
+    defaults = cls()
+    for key, value in table.items():
+        expected = type(getattr(defaults, key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(
+                f"{source}: {where}.{key} must be a positive {expected.__name__}, got {value!r}"
+            )
+        values[key] = value
+    return cls(**values)
+
+
+def _reject_unknown(
+    table: Mapping[str, Any], allowed: Iterable[str], source: str, where: str
+) -> None:
+    allowed_set = tuple(allowed)
+    for key in table:
+        if key not in allowed_set:
+            name = f"{where}.{key}" if where else key
+            raise ConfigError(
+                f"{source}: unknown key {name!r}; allowed here: {', '.join(allowed_set)}"
+            )
+
+
+def _table(raw: Mapping[str, Any], key: str, source: str) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: [{key}] must be a table")
+    return value
+
+
+def _str(table: Mapping[str, Any], key: str, source: str, where: str, default: str) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(f"{source}: {where}.{key} must be a string")
+    return value
+
+
+def _resolve(base: Path, raw: str) -> Path:
+    path = Path(raw).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _default_key_file(url: str, base: Path) -> Path:
+    """Beside the SQLite database file; beside the config for other databases."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and ":memory:" not in url and len(url) > len(prefix):
+        return Path(url[len(prefix) :]).parent / "crm-secret.key"
+    return base / "crm-secret.key"

@@ -1,0 +1,96 @@
+"""Persons and users: the services behind ``crm persons`` and ``crm users``.
+
+Services take the caller's Session and never commit; the caller frames the unit of
+work, so adding a person and queueing a mail to them can be one transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from crm_core.errors import MailValidationError, NotFoundError, Problem, ValidationError
+from crm_core.mail.addresses import header_problem, parse_address
+from crm_core.models import Person, Role, User
+from crm_core.signals import emit_after_commit
+
+
+def normalise_email(raw: str, field: str) -> str:
+    """A validated, lower-cased address for identity lookups, or ValidationError."""
+    try:
+        return parse_address(raw).email.lower()
+    except MailValidationError as exc:
+        raise ValidationError(f"Invalid {field}", exc.problems) from None
+
+
+def _check_name(name: str) -> None:
+    problem = header_problem(name, "name")
+    if problem is not None:
+        raise ValidationError("Invalid name", [problem])
+    if not name.strip():
+        raise ValidationError("Invalid name", [Problem("name", "is required")])
+
+
+def add_person(session: Session, email: str, name: str, mobile: str | None = None) -> Person:
+    """Add a contact to the register; the e-mail must be valid and not yet registered."""
+    address = normalise_email(email, "person e-mail")
+    _check_name(name)
+    if session.scalar(select(Person).where(Person.email == address)) is not None:
+        raise ValidationError(
+            "Person already exists", [Problem(address, "a person with this e-mail is registered")]
+        )
+    person = Person(email=address, name=name.strip(), mobile=(mobile or "").strip() or None)
+    session.add(person)
+    session.flush()
+    emit_after_commit(session, "person-created", person_id=person.id, email=person.email)
+    return person
+
+
+def find_person(session: Session, email: str) -> Person:
+    """The person with this e-mail, or NotFoundError."""
+    person = session.scalar(select(Person).where(Person.email == email.strip().lower()))
+    if person is None:
+        raise NotFoundError(f"no person with e-mail {email!r}; see `crm persons list`")
+    return person
+
+
+def list_persons(session: Session) -> Sequence[Person]:
+    """Every person, by name."""
+    return session.scalars(select(Person).order_by(Person.name, Person.id)).all()
+
+
+def add_user(
+    session: Session, email: str, name: str, product_line: str, admin: bool = False
+) -> User:
+    """Add a CRM user; ``email`` becomes the sender address of their mail."""
+    address = normalise_email(email, "user e-mail")
+    _check_name(name)
+    if session.scalar(select(User).where(User.email == address)) is not None:
+        raise ValidationError(
+            "User already exists", [Problem(address, "a user with this e-mail exists")]
+        )
+    user = User(
+        email=address,
+        name=name.strip(),
+        product_line=product_line,
+        role=(Role.ADMIN if admin else Role.USER).value,
+    )
+    session.add(user)
+    session.flush()
+    emit_after_commit(session, "user-created", user_id=user.id, email=user.email)
+    return user
+
+
+def find_user(session: Session, email: str) -> User:
+    """The user with this e-mail, or NotFoundError."""
+    user = session.scalar(select(User).where(User.email == email.strip().lower()))
+    if user is None:
+        raise NotFoundError(f"no user with e-mail {email!r}; see `crm users list`")
+    return user
+
+
+def list_users(session: Session) -> Sequence[User]:
+    """Every user, by product line then e-mail."""
+    return session.scalars(select(User).order_by(User.product_line, User.email)).all()

@@ -1,0 +1,102 @@
+"""The one tree of errors that crm_core and its plugins raise.
+
+Third-party errors (SQLAlchemy, smtplib, exchangelib, msal, ...) are translated at the
+boundary into these, with ``raise ... from exc``, so callers catch one documented tree::
+
+    CrmError
+    ├── ConfigError                 crm.toml or environment is wrong; start-up stops
+    ├── PluginError                 a plugin is missing, broken or returned the wrong type
+    ├── NotFoundError               a user, person or outbox message does not exist
+    ├── ValidationError             input refused; nothing was written
+    │   ├── SettingValueError       one setting's value is refused (names key and fix)
+    │   └── MailValidationError     a mail cannot be queued ("Error validating e-mail")
+    ├── SecretKeyError              the secret key is missing or cannot decrypt a value
+    └── TransportError              a transport failed; carries the outbox classification
+        (outcome: temporary | permanent | configuration | ambiguous)
+
+Every message is written for the person who can fix the problem, and never contains a
+secret value: secrets are held in :class:`crm_core.secrets.Secret`, whose ``repr`` and
+``str`` are masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class CrmError(Exception):
+    """Base of every error crm_core raises on purpose."""
+
+
+class ConfigError(CrmError):
+    """The configuration file or environment is invalid; names the file and key."""
+
+
+class PluginError(CrmError):
+    """A plugin could not be loaded, or broke its hook contract."""
+
+
+class NotFoundError(CrmError):
+    """A user, person, setting or outbox message that was asked for does not exist."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with some input: which field or value, and why."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+class ValidationError(CrmError):
+    """Input refused before anything was written; lists every problem found."""
+
+    def __init__(self, summary: str, problems: Sequence[Problem] = ()) -> None:
+        self.summary = summary
+        self.problems = tuple(problems)
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        if not self.problems:
+            return self.summary
+        lines = [self.summary] + [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+class SettingValueError(ValidationError):
+    """A setting's value is refused; the message says what to enter instead."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"Invalid value for {key}: {message}")
+
+
+class MailValidationError(ValidationError):
+    """A mail was refused at enqueue; the guide's "Error validating e-mail" and why."""
+
+    GUIDE_TEXT = "Error validating e-mail"
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        super().__init__(self.GUIDE_TEXT, problems)
+
+
+class SecretKeyError(CrmError):
+    """The secret key is missing, malformed, or does not decrypt a stored secret."""
+
+
+class TransportError(CrmError):
+    """A transport failed for a whole batch; ``outcome`` classifies it for the outbox.
+
+    Plugins normally return one :class:`crm_core.mail.transport.SendResult` per
+    message; they raise this only when nothing could be attempted at all (for example
+    the settings are incomplete), so every message gets the same outcome.
+    """
+
+    def __init__(self, outcome: str, message: str, code: str = "") -> None:
+        self.outcome = outcome
+        self.code = code
+        super().__init__(message)

@@ -1,0 +1,260 @@
+"""The typed objects that pass between the core and transport plugins.
+
+Hooks return these dataclasses, never ad-hoc dicts or tuples, so the core can check
+what a plugin returned and a plugin author can read the contract in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from crm_core.errors import PluginError
+from crm_core.secrets import Secret
+
+SettingValue = str | int | bool | date | Secret
+T = TypeVar("T")
+
+
+class Outcome(StrEnum):
+    """How one send attempt ended, as the outbox needs to know it.
+
+    - ``sent``: the server took responsibility for the message.
+    - ``temporary``: try again later (4xx, throttling, a connection that failed
+      before the message was handed over).
+    - ``permanent``: the message can never be sent as it is (5xx on a recipient, a
+      message too large); it is not retried.
+    - ``configuration``: the sender's account or the installation is misconfigured
+      (wrong password, expired secret, unknown mailbox); the account is paused
+      until someone fixes the settings, instead of burning retries.
+    - ``ambiguous``: the message may or may not have been sent (connection lost
+      after the final dot, timeout after the request was sent); it becomes
+      ``unknown`` and is reconciled, never silently resent.
+    """
+
+    SENT = "sent"
+    TEMPORARY = "temporary"
+    PERMANENT = "permanent"
+    CONFIGURATION = "configuration"
+    AMBIGUOUS = "ambiguous"
+
+
+@dataclass(frozen=True)
+class TransportSpec:
+    """A transport a plugin offers: its name (a user's ``mail.transport``) and label."""
+
+    name: str
+    label: str
+    plugin: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class SenderAccount:
+    """Everything a transport needs to send as one CRM user.
+
+    ``system`` and ``user`` hold the resolved setting values (secrets as masked
+    :class:`Secret` objects). :meth:`get` looks at the user's value first, so a
+    per-user override (e.g. ``smtp.host``) wins over the installation's value.
+    """
+
+    user_id: int
+    email: str
+    name: str
+    product_line: str
+    transport: str
+    system: Mapping[str, SettingValue] = field(default_factory=dict)
+    user: Mapping[str, SettingValue] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Identifies the account for grouping a batch and for pausing."""
+        return f"{self.transport}:{self.user_id}"
+
+    def get(self, key: str) -> SettingValue | None:
+        """The user's value for ``key``, else the system's, else None."""
+        if key in self.user:
+            return self.user[key]
+        return self.system.get(key)
+
+    def get_str(self, key: str, default: str = "") -> str:
+        """A text setting (numbers and dates as text); secrets are refused."""
+        value = self.get(key)
+        if value is None:
+            return default
+        if isinstance(value, Secret):
+            raise TypeError(f"{key} is a secret; use get_secret()")
+        return str(value)
+
+    def get_int(self, key: str, default: int) -> int:
+        """An integer setting."""
+        value = self.get(key)
+        return int(value) if isinstance(value, int | str) and str(value) != "" else default
+
+    def get_bool(self, key: str, default: bool = False) -> bool:
+        """A yes/no setting."""
+        value = self.get(key)
+        return value if isinstance(value, bool) else default
+
+    def get_secret(self, key: str) -> Secret | None:
+        """A secret setting, or None when not saved."""
+        value = self.get(key)
+        return value if isinstance(value, Secret) else None
+
+    def get_date(self, key: str) -> date | None:
+        """A date setting, or None."""
+        value = self.get(key)
+        return value if isinstance(value, date) else None
+
+    def fingerprint(self, *keys: str) -> str:
+        """A digest of the named settings, for keying caches that must follow changes."""
+        digest = hashlib.sha256()
+        for key in keys:
+            value = self.get(key)
+            raw = value.reveal() if isinstance(value, Secret) else repr(value)
+            digest.update(f"{key}\x00{raw}\x00".encode())
+        return digest.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"SenderAccount({self.email!r}, transport={self.transport!r})"
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The outcome for one message of a batch.
+
+    ``detail`` is written for the person who sent the mail (what happened and what
+    to do); ``code`` is the server's own code for support (``550 5.1.1``,
+    ``ErrorInvalidRecipients``, ``AADSTS7000222``). ``retry_after`` (seconds) lets a
+    transport pass on a server's requested back-off.
+    """
+
+    message_id: str
+    outcome: Outcome
+    detail: str = ""
+    code: str = ""
+    retry_after: float | None = None
+    provider_ref: str = ""
+
+
+class StepStatus(StrEnum):
+    """The colour of one Test connection step."""
+
+    OK = "ok"
+    WARNING = "warning"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class ConnectionStep:
+    """One rung of the Test connection ladder: green or red, with reason and fix."""
+
+    name: str
+    status: StepStatus
+    detail: str = ""
+    fix: str = ""
+
+
+@dataclass(frozen=True)
+class ConnectionReport:
+    """The result of Test connection for one user's transport."""
+
+    transport: str
+    summary: str
+    steps: tuple[ConnectionStep, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """Green: no step failed."""
+        return all(s.status is not StepStatus.FAILED for s in self.steps)
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    """What a transport found out about a message whose send is ``unknown``.
+
+    ``sent`` is True (found, e.g. in Sent Items), False (certainly not sent), or None
+    (the transport cannot tell; an operator must decide).
+    """
+
+    message_id: str
+    sent: bool | None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """How a transport would send for an account: for ``crm send --dry-run``."""
+
+    transport: str
+    server: str
+    account: str
+    notes: tuple[str, ...] = ()
+
+
+class Resources:
+    """Per-``Crm`` cache where plugins keep connections, token clients and sessions.
+
+    Why: plugin modules must hold no module-level state, yet an msal client or an
+    exchangelib Account must outlive one batch. The core owns one Resources per
+    ``Crm`` and passes it to every hook; keys are tuples that start with the plugin
+    name. Thread-safe, because a worker may run several sending threads.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[Hashable, Any] = {}
+        self._lock = threading.RLock()
+
+    def get_or_create(self, key: tuple[Hashable, ...], factory: Callable[[], T]) -> T:
+        """The cached object for ``key``, made by ``factory`` the first time."""
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = factory()
+            value: T = self._items[key]
+            return value
+
+    def get(self, key: tuple[Hashable, ...]) -> Any:
+        """The cached object for ``key``, or None."""
+        with self._lock:
+            return self._items.get(key)
+
+    def discard(self, prefix: tuple[Hashable, ...]) -> int:
+        """Drop (and close) every object whose key starts with ``prefix``."""
+        with self._lock:
+            doomed = [k for k in self._items if isinstance(k, tuple) and k[: len(prefix)] == prefix]
+            values = [self._items.pop(k) for k in doomed]
+        for value in values:
+            _close_quietly(value)
+        return len(values)
+
+    def close(self) -> None:
+        """Close everything (worker shutdown)."""
+        self.discard(())
+
+
+def _close_quietly(value: Any) -> None:
+    close = getattr(value, "close", None)
+    if callable(close):
+        # Closing a connection the peer already dropped must not stop shutdown.
+        with contextlib.suppress(OSError):
+            close()
+
+
+def check_results(plugin: str, messages_ids: list[str], results: object) -> list[SendResult]:
+    """Check a plugin's send_mail answer: a list with one SendResult per message."""
+    if not isinstance(results, list) or not all(isinstance(r, SendResult) for r in results):
+        raise PluginError(f"plugin {plugin!r}: send_mail must return a list of SendResult")
+    got = [r.message_id for r in results]
+    if sorted(got) != sorted(messages_ids):
+        raise PluginError(
+            f"plugin {plugin!r}: send_mail returned results for {len(got)} messages, "
+            f"expected exactly one for each of {len(messages_ids)}"
+        )
+    return results

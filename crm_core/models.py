@@ -1,0 +1,285 @@
+"""The CRM's tables, in SQLAlchemy 2.0 typed style.
+
+Every timestamp is stored and returned as an aware UTC datetime (SQLite keeps no time
+zone, so :class:`UTCDateTime` restores it), because lease and back-off arithmetic
+across machines must not depend on local time.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    """Now, aware, in UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always an aware UTC datetime in Python."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use an aware UTC datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """The one declarative base of crm_core."""
+
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+    }
+
+
+class Role(StrEnum):
+    """A CRM user's role."""
+
+    ADMIN = "admin"
+    USER = "user"
+
+
+class OutboxState(StrEnum):
+    """Where an outbox message is in its life; see crm_core.mail.outbox."""
+
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    RETRY = "retry"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+    CANCELLED = "cancelled"
+
+
+class Person(Base):
+    """A contact in the CRM register (the guide's "intressent")."""
+
+    __tablename__ = "persons"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    mobile: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    activities: Mapped[list[PersonActivity]] = relationship(
+        back_populates="person", order_by="PersonActivity.id"
+    )
+
+    def __repr__(self) -> str:
+        return f"Person(id={self.id!r}, email={self.email!r})"
+
+
+class User(Base):
+    """A CRM user; ``email`` is the sender address of every mail they send."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    product_line: Mapped[str] = mapped_column(String(40))
+    role: Mapped[str] = mapped_column(String(20), default=Role.USER.value)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"User(id={self.id!r}, email={self.email!r}, product_line={self.product_line!r})"
+
+
+class SystemSetting(Base):
+    """One installation-wide setting; secrets hold ciphertext only."""
+
+    __tablename__ = "system_settings"
+
+    key: Mapped[str] = mapped_column(String(120), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    secret: Mapped[bool] = mapped_column(Boolean, default=False)
+    fingerprint: Mapped[str | None] = mapped_column(String(16))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"SystemSetting({self.key!r}, secret={self.secret!r})"
+
+
+class UserSetting(Base):
+    """One per-user setting; secrets hold ciphertext only."""
+
+    __tablename__ = "user_settings"
+
+    user_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(120), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    secret: Mapped[bool] = mapped_column(Boolean, default=False)
+    fingerprint: Mapped[str | None] = mapped_column(String(16))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"UserSetting(user_id={self.user_id!r}, {self.key!r}, secret={self.secret!r})"
+
+
+class OutboxMessage(Base):
+    """A mail in the durable outbox, from enqueue to its final state.
+
+    ``lease_token`` fences results: a worker writes an outcome only if the token it
+    claimed with is still the row's token, so a worker whose lease expired cannot
+    overwrite a newer claim.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_due", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(250), unique=True)
+    user_id: Mapped[int] = mapped_column(BigId, ForeignKey("users.id"), index=True)
+    person_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("persons.id"))
+    product_line: Mapped[str] = mapped_column(String(40))
+    transport: Mapped[str] = mapped_column(String(40))
+    sender_email: Mapped[str] = mapped_column(String(320))
+    sender_name: Mapped[str] = mapped_column(String(200), default="")
+    recipients: Mapped[dict[str, Any]] = mapped_column(JSON)
+    subject: Mapped[str] = mapped_column(Text)
+    body_text: Mapped[str] = mapped_column(Text)
+    body_html: Mapped[str | None] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(20), default=OutboxState.QUEUED.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(120))
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None]
+    last_outcome: Mapped[str | None] = mapped_column(String(20))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_code: Mapped[str | None] = mapped_column(String(120))
+    provider_ref: Mapped[str | None] = mapped_column(String(250))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+
+    attachments: Mapped[list[OutboxAttachment]] = relationship(
+        back_populates="message", cascade="all, delete-orphan", order_by="OutboxAttachment.id"
+    )
+    attempt_log: Mapped[list[OutboxAttempt]] = relationship(
+        back_populates="message", cascade="all, delete-orphan", order_by="OutboxAttempt.id"
+    )
+
+    def recipient_list(self, kind: str) -> list[tuple[str, str]]:
+        """[(email, name)] for ``kind`` in to, cc, bcc, reply_to."""
+        return [(str(e), str(n)) for e, n in self.recipients.get(kind, [])]
+
+    def __repr__(self) -> str:
+        return f"OutboxMessage(id={self.id!r}, state={self.state!r}, {self.message_id!r})"
+
+
+class OutboxAttachment(Base):
+    """A file attached to an outbox message, stored with it so nothing is lost."""
+
+    __tablename__ = "outbox_attachments"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    outbox_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("outbox.id", ondelete="CASCADE"), index=True
+    )
+    filename: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(120))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+    message: Mapped[OutboxMessage] = relationship(back_populates="attachments")
+
+    def __repr__(self) -> str:
+        return f"OutboxAttachment({self.filename!r}, {len(self.data)} bytes)"
+
+
+class OutboxAttempt(Base):
+    """One attempt to send an outbox message: when, by which transport, and how it ended."""
+
+    __tablename__ = "outbox_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    outbox_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("outbox.id", ondelete="CASCADE"), index=True
+    )
+    number: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str] = mapped_column(String(120))
+    transport: Mapped[str] = mapped_column(String(40))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    outcome: Mapped[str | None] = mapped_column(String(20))
+    error: Mapped[str | None] = mapped_column(Text)
+    code: Mapped[str | None] = mapped_column(String(120))
+
+    message: Mapped[OutboxMessage] = relationship(back_populates="attempt_log")
+
+    def __repr__(self) -> str:
+        return f"OutboxAttempt(outbox_id={self.outbox_id!r}, #{self.number}, {self.outcome!r})"
+
+
+class AccountPause(Base):
+    """A sender account paused after a configuration error, until settings are fixed."""
+
+    __tablename__ = "account_pauses"
+
+    user_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    transport: Mapped[str] = mapped_column(String(40))
+    reason: Mapped[str] = mapped_column(Text)
+    code: Mapped[str | None] = mapped_column(String(120))
+    paused_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"AccountPause(user_id={self.user_id!r}, {self.transport!r})"
+
+
+class PersonActivity(Base):
+    """An entry in a person's history, e.g. a mail sent to them."""
+
+    __tablename__ = "person_activities"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    person_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("persons.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("users.id"))
+    outbox_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("outbox.id"))
+    kind: Mapped[str] = mapped_column(String(40))
+    summary: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    person: Mapped[Person] = relationship(back_populates="activities")
+
+    def __repr__(self) -> str:
+        return f"PersonActivity(person_id={self.person_id!r}, {self.kind!r})"

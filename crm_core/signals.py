@@ -1,0 +1,54 @@
+"""Domain events (blinker), sent after the transaction that caused them commits.
+
+Signals are notifications whose answers the core ignores (audit, metrics, web
+push). Work the core needs an answer from is a pluggy hook instead. The sender is the
+:class:`crm_core.app.Crm` instance; the payload is keyword arguments; receivers must
+take ``**extra`` so that new arguments do not break them.
+
+Services never send these directly: they call :func:`emit_after_commit`, which
+queues the event on the session; the ``Crm`` sends the queue after commit and drops it
+on rollback, so no receiver ever hears of a change that did not happen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blinker import Namespace
+from sqlalchemy.orm import Session
+
+_signals = Namespace()
+
+person_created = _signals.signal("person-created")
+user_created = _signals.signal("user-created")
+system_settings_changed = _signals.signal("system-settings-changed")
+user_settings_changed = _signals.signal("user-settings-changed")
+mail_queued = _signals.signal("mail-queued")
+mail_sent = _signals.signal("mail-sent")
+mail_retry_scheduled = _signals.signal("mail-retry-scheduled")
+mail_failed = _signals.signal("mail-failed")
+mail_unknown = _signals.signal("mail-unknown")
+mail_cancelled = _signals.signal("mail-cancelled")
+account_paused = _signals.signal("account-paused")
+account_resumed = _signals.signal("account-resumed")
+connection_tested = _signals.signal("connection-tested")
+
+PENDING_KEY = "crm_pending_signals"
+
+
+def emit_after_commit(session: Session, signal_name: str, **payload: Any) -> None:
+    """Queue ``signal_name`` with ``payload`` to be sent after ``session`` commits."""
+    if signal_name not in _signals:
+        raise KeyError(f"unknown signal {signal_name!r}")
+    pending: list[tuple[str, dict[str, Any]]] = session.info.setdefault(PENDING_KEY, [])
+    pending.append((signal_name, payload))
+
+
+def signal_named(name: str) -> Any:
+    """The blinker signal called ``name``."""
+    return _signals[name]
+
+
+def all_signal_names() -> list[str]:
+    """Every signal name, sorted (for docs and tests)."""
+    return sorted(_signals)

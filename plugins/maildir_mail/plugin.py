@@ -1,0 +1,146 @@
+"""Hook implementations of the Maildir development transport."""
+
+from __future__ import annotations
+
+import mailbox
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from crm_core import hookimpl
+from crm_core.fields import Scope, SettingField, SettingNotice
+from crm_core.mail.message import OutgoingMessage
+from crm_core.mail.transport import (
+    ConnectionReport,
+    ConnectionStep,
+    Outcome,
+    ReconcileResult,
+    Resources,
+    RouteInfo,
+    SenderAccount,
+    SendResult,
+    SettingValue,
+    StepStatus,
+    TransportSpec,
+)
+
+TRANSPORT = "maildir"
+PATH_KEY = "maildir.path"
+
+
+@hookimpl
+def register_transports() -> list[TransportSpec]:
+    """Offer the ``maildir`` transport."""
+    return [TransportSpec(TRANSPORT, "Write to a Maildir folder (development)")]
+
+
+@hookimpl
+def register_settings() -> list[SettingField]:
+    """One system setting: the Maildir folder (created when missing)."""
+    return [
+        SettingField(
+            key=PATH_KEY,
+            scope=Scope.SYSTEM,
+            label="Maildir folder",
+            help="Folder where the development transport writes each mail "
+            "(a Maildir: new/, cur/, tmp/).",
+            required_for=TRANSPORT,
+            validator=_absolute,
+        )
+    ]
+
+
+def _absolute(text: str) -> str:
+    """Store an absolute path, so a worker started elsewhere writes to the same place."""
+    return str(Path(text).expanduser().resolve())
+
+
+@hookimpl
+def check_settings(scope: Scope, system: dict[str, SettingValue]) -> list[SettingNotice]:
+    """Warn when the folder exists but cannot be written."""
+    raw = system.get(PATH_KEY)
+    if scope is not Scope.SYSTEM or not isinstance(raw, str):
+        return []
+    path = Path(raw)
+    if path.exists() and not os.access(path, os.W_OK):
+        return [SettingNotice(PATH_KEY, "warning", f"{path} is not writable")]
+    return []
+
+
+def _folder(account: SenderAccount) -> Path:
+    return Path(account.get_str(PATH_KEY)).expanduser()
+
+
+@hookimpl
+def send_mail(
+    account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+) -> list[SendResult] | None:
+    """Write each message (with its Bcc recipients as X-Envelope-To) into the folder."""
+    if account.transport != TRANSPORT:
+        return None
+    folder = _folder(account)
+    if not account.get_str(PATH_KEY):
+        return [
+            SendResult(m.message_id, Outcome.CONFIGURATION, f"{PATH_KEY} is not set")
+            for m in messages
+        ]
+    try:
+        box = mailbox.Maildir(folder, create=True)
+    except OSError as exc:
+        return [
+            SendResult(m.message_id, Outcome.CONFIGURATION, f"cannot open {folder}: {exc}")
+            for m in messages
+        ]
+    results = []
+    for message in messages:
+        mime = message.to_email_message()
+        mime["X-Envelope-To"] = ", ".join(a.email for a in message.recipients)
+        try:
+            key = box.add(mime.as_bytes())
+        except OSError as exc:
+            results.append(SendResult(message.message_id, Outcome.TEMPORARY, str(exc)))
+            continue
+        results.append(SendResult(message.message_id, Outcome.SENT, provider_ref=key))
+    return results
+
+
+@hookimpl
+def test_connection(account: SenderAccount, resources: Resources) -> ConnectionReport | None:
+    """Check that the folder can be created and written."""
+    if account.transport != TRANSPORT:
+        return None
+    folder = _folder(account)
+    try:
+        mailbox.Maildir(folder, create=True)
+        writable = os.access(folder, os.W_OK)
+    except OSError as exc:
+        step = ConnectionStep("folder", StepStatus.FAILED, str(exc), f"fix {PATH_KEY}")
+        return ConnectionReport(TRANSPORT, "Maildir folder cannot be used", (step,))
+    if not writable:
+        step = ConnectionStep("folder", StepStatus.FAILED, f"{folder} is not writable")
+        return ConnectionReport(TRANSPORT, "Maildir folder cannot be written", (step,))
+    step = ConnectionStep("folder", StepStatus.OK, f"mail is written to {folder}")
+    return ConnectionReport(TRANSPORT, f"Writing to Maildir {folder}", (step,))
+
+
+@hookimpl
+def reconcile_mail(
+    account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+) -> list[ReconcileResult] | None:
+    """Look for each Message-ID in the folder: a Maildir can always tell."""
+    if account.transport != TRANSPORT:
+        return None
+    box = mailbox.Maildir(_folder(account), create=True)
+    present = {str(msg["Message-ID"]) for msg in box}
+    return [
+        ReconcileResult(m.message_id, m.message_id in present, "looked in the Maildir")
+        for m in messages
+    ]
+
+
+@hookimpl
+def describe_route(account: SenderAccount) -> RouteInfo | None:
+    """Name the folder the mail would be written to."""
+    if account.transport != TRANSPORT:
+        return None
+    return RouteInfo(TRANSPORT, server=str(_folder(account)), account=account.email)
