@@ -138,12 +138,15 @@ class Crm:
                 if plugin in seen_plugins:
                     continue
                 for spec in _typed_list(plugin, "register_settings", specs, SettingField):
+                    spec = _with_plugin(spec, plugin)
+                    if fields.get(spec.key) == spec:
+                        continue  # a shared field (e.g. crm_core.entra) declared again
                     if spec.key in fields:
                         raise PluginError(
                             f"setting {spec.key!r} is declared by both "
                             f"{fields[spec.key].plugin or 'crm_core'!r} and {plugin!r}"
                         )
-                    fields[spec.key] = _with_plugin(spec, plugin)
+                    fields[spec.key] = spec
             seen_plugins.update(name for name, _ in manager.list_name_plugin())
         return fields
 
