@@ -1,0 +1,165 @@
+"""Shared fixtures: a fresh database per test (SQLite, and PostgreSQL when available).
+
+PostgreSQL: set ``CRM_TEST_POSTGRES_URL`` to a server's admin URL (``.ci/run`` starts a
+throwaway cluster and sets it). Every test that uses ``database_url`` then runs on both
+backends, each in a database of its own, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+from crm_core.app import Crm
+from crm_core.config import load_config
+from crm_core.plugins import installed_plugins
+
+REPO = Path(__file__).resolve().parent.parent
+POSTGRES_ENV = "CRM_TEST_POSTGRES_URL"
+
+
+def backends() -> list[str]:
+    """Database backends to run on: SQLite always, PostgreSQL when configured."""
+    return ["sqlite", "postgres"] if os.environ.get(POSTGRES_ENV) else ["sqlite"]
+
+
+def _postgres_database(admin_url: str) -> Iterator[str]:
+    import psycopg
+
+    name = f"crm_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = admin_url.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=backends())
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL of a fresh, empty database on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'crm.db'}"
+        return
+    yield from _postgres_database(os.environ[POSTGRES_ENV])
+
+
+@pytest.fixture
+def secret_key() -> str:
+    """A fresh Fernet key for this test."""
+    return Fernet.generate_key().decode()
+
+
+DEFAULT_TEST_CONFIG = """\
+[product_lines.commercial]
+plugins = ["exchange_mail", "smtp_mail", "maildir_mail"]
+default_transport = "maildir"
+
+[product_lines.sales]
+plugins = ["exchange_mail", "smtp_mail", "maildir_mail"]
+default_transport = "maildir"
+
+[product_lines.rentals]
+plugins = ["smtp_mail", "maildir_mail"]
+default_transport = "maildir"
+
+[product_lines.boplats]
+plugins = ["smtp_mail", "maildir_mail"]
+default_transport = "maildir"
+"""
+
+
+@dataclass
+class CrmFactory:
+    """Makes Crm objects on the test's database, with a config written to disk."""
+
+    tmp_path: Path
+    database_url: str
+    secret_key: str
+    made: list[Crm]
+
+    def __call__(
+        self,
+        config_text: str = DEFAULT_TEST_CONFIG,
+        extra_plugins: tuple[tuple[str, object], ...] = (),
+        init: bool = True,
+    ) -> Crm:
+        path = self.tmp_path / "crm.toml"
+        path.write_text(config_text, encoding="utf-8")
+        env = {"CRM_DATABASE_URL": self.database_url, "CRM_SECRET_KEY": self.secret_key}
+        config = load_config(path, available_plugins=installed_plugins(), environ=env)
+        crm = Crm(config, environ=env, extra_plugins=extra_plugins)
+        crm.check_plugins()
+        if init:
+            crm.init_database()
+        self.made.append(crm)
+        return crm
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for a ``crm`` subprocess on the same database and key."""
+        return {
+            "CRM_DATABASE_URL": self.database_url,
+            "CRM_SECRET_KEY": self.secret_key,
+            "CRM_CONFIG": str(self.tmp_path / "crm.toml"),
+        }
+
+
+@pytest.fixture
+def make_crm(tmp_path: Path, database_url: str, secret_key: str) -> Iterator[CrmFactory]:
+    """A factory of Crm objects on a fresh database; all are closed after the test."""
+    factory = CrmFactory(tmp_path, database_url, secret_key, [])
+    yield factory
+    for crm in factory.made:
+        crm.close()
+
+
+@dataclass
+class CliResult:
+    """What a ``crm`` subprocess printed and how it exited."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        """stdout and stderr together."""
+        return self.stdout + self.stderr
+
+
+@pytest.fixture
+def run_crm(tmp_path: Path) -> Callable[..., CliResult]:
+    """Run the real ``crm`` command in a subprocess, in ``tmp_path``."""
+
+    def run(
+        *args: str,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> CliResult:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_")}
+        full_env.update(env or {})
+        proc = subprocess.run(
+            [sys.executable, "-m", "crm_core", *args],
+            cwd=tmp_path,
+            input=input,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+    return run
