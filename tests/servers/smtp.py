@@ -1,0 +1,1019 @@
+"""A protocol-faithful local SMTP server (aiosmtpd) for tests and benchmarks.
+
+Why: the SMTP transport must be exercised with the real ``smtplib`` over real sockets,
+including TLS with certificate verification, SASL (PLAIN, LOGIN, XOAUTH2) and the
+failures a real server produces: 4xx/5xx replies, dropped connections and the
+"ambiguous" case where the message arrived but the reply never did.
+
+Two ways to run it:
+
+* in-process: ``with SmtpServer(...) as server:`` runs aiosmtpd's ``Controller`` in a
+  thread on 127.0.0.1 and records every accepted message in ``server.received``;
+* as a process (benchmarks, multi-process tests)::
+
+      python -m tests.servers.smtp --port 0 --security none --record FILE
+
+  which prints ``READY <port>`` and appends each accepted Message-ID to ``FILE``.
+  ``start_smtp_process()`` wraps that for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import email
+import email.policy
+import os
+import re
+import selectors
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from types import FrameType, MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, Any, AnyStr, Literal, Self, get_args
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+)
+
+if TYPE_CHECKING:
+    from .tls import TestCA
+
+Security = Literal["starttls", "ssl", "none"]
+AuthMechanism = Literal["PLAIN", "LOGIN", "XOAUTH2"]
+FaultName = Literal[
+    "rcpt_temporary",
+    "rcpt_permanent",
+    "mail_from_reject",
+    "data_temporary",
+    "data_permanent",
+    "drop_after_data",
+    "drop_before_data",
+    "auth_response",
+    "close_idle",
+]
+
+FAULT_NAMES: frozenset[str] = frozenset(get_args(FaultName))
+AUTH_MECHANISMS: tuple[str, ...] = get_args(AuthMechanism)
+COUNTER_NAMES = (
+    "connections",
+    "auth_attempts",
+    "auth_successes",
+    "starttls_count",
+    "ehlo_count",
+    "rsets",
+)
+
+#: Reply lines used when a fault has no ``response`` of its own. Wording follows
+#: Exchange Online where it has a well-known reply.
+DEFAULT_FAULT_RESPONSES: Mapping[str, str | None] = MappingProxyType(
+    {
+        "rcpt_temporary": "451 4.3.0 Temporary server error. Please try again later",
+        "rcpt_permanent": "550 5.1.1 User unknown; recipient address rejected",
+        "mail_from_reject": (
+            "550 5.7.60 SMTP; Client does not have permissions to send as this sender"
+        ),
+        "data_temporary": "451 4.3.0 Message deferred, please try again later",
+        "data_permanent": "554 5.6.0 Message rejected: invalid content",
+        "drop_after_data": None,
+        "drop_before_data": None,
+        "auth_response": (
+            "535 5.7.139 Authentication unsuccessful, "
+            "SmtpClientAuthentication is disabled for the Tenant."
+        ),
+        "close_idle": None,
+    }
+)
+
+XOAUTH2_FAILURE = "535 5.7.3 Authentication unsuccessful"
+AUTH_SUCCESS = "235 2.7.0 Authentication successful"
+#: Exchange Online's maximum message size (36 MiB), advertised with SIZE.
+EXCHANGE_SIZE_LIMIT = 37_748_736
+
+_MESSAGE_ID_RE = re.compile(rb"^message-id:[ \t]*((?:[^\r\n]|\r?\n[ \t])*)", re.I | re.M)
+_FOLD_RE = re.compile(rb"\r?\n[ \t]+")
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def find_message_id(data: bytes) -> str | None:
+    """The Message-ID header of a raw message, found without parsing the message.
+
+    Why: process mode must stay fast under benchmark load; a regex over the header
+    block is enough to identify what arrived.
+    """
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        end = data.find(b"\n\n")
+    header = data if end < 0 else data[: end + 1]
+    match = _MESSAGE_ID_RE.search(header)
+    if match is None:
+        return None
+    value = _FOLD_RE.sub(b" ", match.group(1)).strip()
+    return value.decode("utf-8", "replace") or None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` where (at the moment) nothing listens.
+
+    Why: "connection refused" tests need an address that is certainly closed.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Received:
+    """One message the server accepted (or, for ``drop_after_data``, swallowed)."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    message: EmailMessage
+    auth_user: str | None
+    connection_id: int
+    message_id: str | None
+    tls: bool
+    smtp_utf8: bool
+    mail_options: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Fault:
+    """A named failure the server injects into matching SMTP exchanges.
+
+    ``times``: fire only this many times (``None`` = every time); ``skip``: let the
+    first N matching events pass first; ``address``: only for this address
+    (case-insensitive; RCPT faults match the recipient, ``mail_from_reject`` the
+    sender, message faults the sender or any recipient, ``auth_response`` the SASL
+    user); ``response``: the reply line instead of the default;
+    ``after_messages``: for ``close_idle``, close a connection once it has had this
+    many messages accepted. ``fired`` counts how often the fault has fired.
+    """
+
+    name: FaultName
+    times: int | None = None
+    address: str | None = None
+    response: str | None = None
+    skip: int = 0
+    after_messages: int = 1
+    fired: int = field(default=0, init=False)
+    seen: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.name not in FAULT_NAMES:
+            raise ValueError(f"unknown fault {self.name!r}; known: {sorted(FAULT_NAMES)}")
+
+    @property
+    def reply(self) -> str | None:
+        """The reply line this fault sends (None: the connection just closes)."""
+        return self.response or DEFAULT_FAULT_RESPONSES[self.name]
+
+    @property
+    def exhausted(self) -> bool:
+        """True once the fault has fired ``times`` times."""
+        return self.times is not None and self.fired >= self.times
+
+
+class _Session(Session):
+    """aiosmtpd's Session without the deprecation warning logged on every AUTH."""
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
+class _Protocol(SMTP):
+    """One SMTP connection: aiosmtpd's SMTP plus connection ids and real drops.
+
+    Why a subclass: the handler hooks cannot close a connection before the reply is
+    sent, nor act on the DATA command itself; these overrides can.
+    """
+
+    def __init__(self, owner: SmtpServer, handler: _Handler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.owner = owner
+        self.connection_id = 0
+        self.accepted = 0
+        self.dropped = False
+
+    def _create_session(self) -> Session:
+        return _Session(self.loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # a new TCP connection (not the STARTTLS re-wrap)
+            self.connection_id = self.owner._connection_opened(
+                self, transport.get_extra_info("peername")
+            )
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.owner._connection_closed(self)
+        super().connection_lost(error)
+
+    async def push(self, status: AnyStr) -> None:
+        if self.dropped:  # the connection is gone: never let a reply slip out
+            return
+        await super().push(status)
+
+    def drop(self) -> None:
+        """Close the TCP connection now, without any reply or TLS close_notify."""
+        self.dropped = True
+        if isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.abort()
+
+    def uses_tls(self) -> bool:
+        """Whether this connection is encrypted (implicit TLS or after STARTTLS)."""
+        transport = self.transport
+        return transport is not None and transport.get_extra_info("ssl_object") is not None
+
+    def envelope_addresses(self) -> list[str]:
+        """Sender and recipients of the current transaction, for fault matching."""
+        envelope = self.envelope
+        if envelope is None:
+            return []
+        return [a for a in [envelope.mail_from, *envelope.rcpt_tos] if a]
+
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        # Enforced here rather than via aiosmtpd's auth_required, which warns on every
+        # connection when TLS is not required for AUTH (plain-text benchmarks).
+        assert self.session is not None
+        if self.owner.auth_required and not self.session.authenticated:
+            await self.push("530 5.7.0 Authentication required")
+            return True
+        return False
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        self.owner._bump("auth_attempts")
+        await super().smtp_AUTH(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        envelope = self.envelope
+        if (
+            envelope is not None
+            and envelope.rcpt_tos
+            and not arg
+            and self.owner._take_fault("drop_before_data", self.envelope_addresses())
+        ):
+            self.drop()
+            return
+        before = self.accepted
+        addresses = self.envelope_addresses()
+        await super().smtp_DATA(arg)
+        if self.accepted == before or self.dropped:
+            return
+        accepted = self.accepted
+        fault = self.owner._take_fault(
+            "close_idle", addresses, lambda f: accepted >= f.after_messages
+        )
+        if fault is not None:
+            if fault.reply:
+                await self.push(fault.reply)
+            if self.transport is not None:
+                self.transport.close()
+
+
+class _Handler:
+    """aiosmtpd handler hooks: envelope checks, recording, faults, XOAUTH2."""
+
+    def __init__(self, owner: SmtpServer) -> None:
+        self.owner = owner
+
+    async def handle_EHLO(
+        self,
+        server: _Protocol,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # the 5-argument hook must do this itself
+        self.owner._bump("ehlo_count")
+        if not self.owner.auth_mechanisms:
+            responses = [r for r in responses if not r.startswith("250-AUTH")]
+        return responses
+
+    def handle_STARTTLS(self, server: _Protocol, session: Session, envelope: Envelope) -> bool:
+        self.owner._bump("starttls_count")
+        return True
+
+    async def handle_RSET(self, server: _Protocol, session: Session, envelope: Envelope) -> str:
+        self.owner._bump("rsets")
+        return "250 2.0.0 Resetting"
+
+    async def handle_QUIT(self, server: _Protocol, session: Session, envelope: Envelope) -> str:
+        return "221 2.0.0 Service closing transmission channel"
+
+    async def handle_MAIL(
+        self,
+        server: _Protocol,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        fault = self.owner._take_fault("mail_from_reject", [address])
+        if fault is not None:
+            return fault.reply or ""
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(
+        self,
+        server: _Protocol,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        for name in ("rcpt_permanent", "rcpt_temporary"):
+            fault = self.owner._take_fault(name, [address])
+            if fault is not None:
+                return fault.reply or ""
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server: _Protocol, session: Session, envelope: Envelope) -> str:
+        addresses = server.envelope_addresses()
+        for name in ("data_permanent", "data_temporary"):
+            fault = self.owner._take_fault(name, addresses)
+            if fault is not None:
+                return fault.reply or ""
+        self.owner._record(server, session, envelope)
+        server.accepted += 1
+        if self.owner._take_fault("drop_after_data", addresses):
+            server.drop()
+        return f"250 2.0.0 OK queued as {server.connection_id}.{server.accepted}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        self.owner._record_error(error)
+        return f"500 Error: ({error.__class__.__name__}) {error}"
+
+    def check_login(
+        self,
+        server: _Protocol,
+        session: Session,
+        envelope: Envelope,
+        mechanism: str,
+        auth_data: LoginPassword,
+    ) -> AuthResult:
+        """aiosmtpd ``authenticator`` for PLAIN and LOGIN, against ``users``."""
+        user = auth_data.login.decode("utf-8", "replace")
+        password = auth_data.password.decode("utf-8", "replace")
+        ok = self.owner.users.get(user) == password
+        return self.owner._auth_verdict(user, ok, failure=None)
+
+    async def auth_XOAUTH2(self, server: _Protocol, args: list[str]) -> AuthResult:
+        """SASL XOAUTH2: ``user=<u>^Aauth=Bearer <token>^A^A``, both SASL forms."""
+        if len(args) == 2:
+            try:
+                raw = base64.b64decode(args[1], validate=True)
+            except (binascii.Error, ValueError):
+                await server.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        else:
+            blob = await server.challenge_auth("", encode_to_b64=False)
+            if blob is MISSING:  # "*" or bad base64: aiosmtpd already replied 501
+                return AuthResult(success=False, handled=True)
+            raw = blob
+        fields = dict(
+            part.split("=", 1)
+            for part in raw.decode("utf-8", "replace").split("\x01")
+            if "=" in part
+        )
+        user = fields.get("user", "")
+        bearer = fields.get("auth", "")
+        token = bearer[len("Bearer ") :] if bearer.startswith("Bearer ") else ""
+        validator = self.owner.token_validator
+        ok = bool(user and token and validator is not None and validator(user, token))
+        return self.owner._auth_verdict(user, ok, failure=XOAUTH2_FAILURE)
+
+
+class _Controller(Controller):
+    """aiosmtpd's Controller, able to bind port 0 and create our protocol.
+
+    Why: the stock Controller cannot report the port the OS picked, and its
+    start-up probe connection must not count as a client connection.
+    """
+
+    def __init__(self, owner: SmtpServer, handler: _Handler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.owner = owner
+
+    def factory(self) -> SMTP:
+        return self.owner._make_protocol(self.loop)
+
+    def _create_server(self) -> Awaitable[asyncio.AbstractServer]:
+        return self._bind()
+
+    async def _bind(self) -> asyncio.AbstractServer:
+        server = await self.loop.create_server(
+            self._factory_invoker, host=self.hostname, port=self.port, ssl=self.ssl_context
+        )
+        self.port = int(server.sockets[0].getsockname()[1])
+        return server
+
+    def _trigger_server(self) -> None:
+        with contextlib.ExitStack() as stack:
+            family = socket.AF_INET6 if ":" in self.hostname else socket.AF_INET
+            sock = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
+            sock.settimeout(1.0)
+            sock.bind((self.hostname, 0))
+            self.owner._ignore_peer(sock.getsockname())  # before the server can accept it
+            sock.connect((self.hostname, self.port))
+            if self.ssl_context is not None:
+                probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                probe.check_hostname = False
+                probe.verify_mode = ssl.CERT_NONE  # a local liveness probe only
+                sock = stack.enter_context(probe.wrap_socket(sock))
+            sock.recv(1024)
+
+    async def abort_connections(self) -> None:
+        """Abort every open connection and let their tasks finish (clean shutdown)."""
+        for protocol in self.owner._live_protocols():
+            protocol.drop()
+        current = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not current]
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+
+
+class SmtpServer:
+    """A local SMTP server on 127.0.0.1 with recording and fault injection.
+
+    Why: tests and benchmarks need a real server that behaves like Exchange Online
+    (STARTTLS, AUTH, enhanced status codes) and fails on demand.
+
+    ``security``: "starttls" (STARTTLS offered and required before MAIL/AUTH), "ssl"
+    (implicit TLS from the first byte) or "none"; TLS modes need ``ssl_context``
+    (e.g. ``TestCA.server_context()``). ``users`` serve AUTH PLAIN/LOGIN;
+    ``token_validator(user, token)`` serves XOAUTH2. ``auth_mechanisms`` defaults to
+    PLAIN+LOGIN when ``users`` are given plus XOAUTH2 when a validator is; pass ``()``
+    to offer no AUTH at all. With ``auth_require_tls`` (default) AUTH is only offered
+    and accepted on an encrypted connection. ``store=False`` skips parsing and keeps
+    only Message-IDs (process mode).
+    """
+
+    def __init__(
+        self,
+        *,
+        security: Security = "none",
+        ssl_context: ssl.SSLContext | None = None,
+        users: Mapping[str, str] | None = None,
+        auth_mechanisms: Sequence[str] | None = None,
+        auth_required: bool = False,
+        auth_require_tls: bool = True,
+        require_starttls: bool = True,
+        token_validator: Callable[[str, str], bool] | None = None,
+        smtputf8: bool = True,
+        hostname: str = "localhost",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        data_size_limit: int | None = EXCHANGE_SIZE_LIMIT,
+        store: bool = True,
+        faults: Iterable[Fault] = (),
+    ) -> None:
+        if security not in get_args(Security):
+            raise ValueError(f"security must be one of {get_args(Security)}, not {security!r}")
+        if security != "none" and ssl_context is None:
+            raise ValueError(f"security={security!r} needs an ssl_context")
+        self.security: Security = security
+        self.ssl_context = ssl_context
+        self.users: dict[str, str] = dict(users or {})
+        self.token_validator = token_validator
+        if auth_mechanisms is None:
+            auth_mechanisms = (["PLAIN", "LOGIN"] if self.users else []) + (
+                ["XOAUTH2"] if token_validator else []
+            )
+        unknown = set(auth_mechanisms) - set(AUTH_MECHANISMS)
+        if unknown:
+            raise ValueError(f"unknown AUTH mechanisms {sorted(unknown)}; use {AUTH_MECHANISMS}")
+        self.auth_mechanisms: tuple[str, ...] = tuple(auth_mechanisms)
+        self.auth_required = auth_required
+        self.auth_require_tls = auth_require_tls
+        self.require_starttls = require_starttls
+        self.smtputf8 = smtputf8
+        self.hostname = hostname
+        self.host = host
+        self.port = port
+        self.data_size_limit = data_size_limit
+        self.store = store
+
+        self._cond = threading.Condition(threading.RLock())
+        self._received: list[Received] = []
+        self._message_ids: list[str] = []
+        self._accepted_total = 0
+        self._errors: list[Exception] = []
+        self._counts: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self._faults: list[Fault] = list(faults)
+        self._next_connection_id = 1
+        self._ignored_peers: set[tuple[str, int]] = set()
+        self._live: set[_Protocol] = set()  # touched only on the event-loop thread
+        self._handler = _Handler(self)
+        self._controller: _Controller | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> Self:
+        """Listen (again on the same port after a ``stop()``) and serve in a thread."""
+        if self._controller is not None:
+            raise RuntimeError("SMTP server already running")
+        controller = _Controller(
+            self,
+            self._handler,
+            hostname=self.host,
+            port=self.port,
+            ssl_context=self.ssl_context if self.security == "ssl" else None,
+        )
+        try:
+            controller.start()
+        except BaseException:
+            if controller._thread is not None:
+                controller.stop()
+            elif not controller.loop.is_closed():
+                controller.loop.close()
+            raise
+        self.port = controller.port
+        self._controller = controller
+        return self
+
+    def stop(self) -> None:
+        """Abort open connections, stop listening and join the server thread.
+
+        Afterwards the port refuses connections (the ``refuse`` case).
+        """
+        controller, self._controller = self._controller, None
+        if controller is None:
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(
+                controller.abort_connections(), controller.loop
+            ).result(timeout=5)
+        controller.stop()
+
+    @property
+    def running(self) -> bool:
+        """Whether the server is listening."""
+        return self._controller is not None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    free_port = staticmethod(free_port)
+
+    # -- faults ------------------------------------------------------------------
+
+    def inject(
+        self,
+        name: FaultName,
+        *,
+        times: int | None = None,
+        address: str | None = None,
+        response: str | None = None,
+        skip: int = 0,
+        after_messages: int = 1,
+    ) -> Fault:
+        """Add a fault; it applies from the next matching SMTP exchange on."""
+        fault = Fault(
+            name,
+            times=times,
+            address=address,
+            response=response,
+            skip=skip,
+            after_messages=after_messages,
+        )
+        with self._cond:
+            self._faults.append(fault)
+        return fault
+
+    def clear_faults(self, name: FaultName | None = None) -> None:
+        """Remove all faults, or those called ``name``."""
+        with self._cond:
+            self._faults = [f for f in self._faults if name is not None and f.name != name]
+
+    def active_faults(self) -> list[Fault]:
+        """The faults that can still fire."""
+        with self._cond:
+            return list(self._faults)
+
+    # -- recordings --------------------------------------------------------------
+
+    @property
+    def received(self) -> list[Received]:
+        """Snapshot of the accepted messages, in arrival order."""
+        with self._cond:
+            return list(self._received)
+
+    def message_ids(self, start: int = 0) -> list[str]:
+        """Message-IDs of accepted messages (those that had one), from index ``start``."""
+        with self._cond:
+            return self._message_ids[start:]
+
+    @property
+    def accepted_count(self) -> int:
+        """How many messages were accepted (also counted when ``store=False``)."""
+        with self._cond:
+            return self._accepted_total
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> list[Received]:
+        """Block until ``count`` messages were accepted; raise TimeoutError otherwise."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._accepted_total >= count, timeout):
+                raise TimeoutError(
+                    f"expected {count} messages within {timeout}s, got {self._accepted_total}"
+                )
+            return list(self._received)
+
+    @property
+    def errors(self) -> list[Exception]:
+        """Exceptions raised while handling commands (TLS handshake failures included)."""
+        with self._cond:
+            return list(self._errors)
+
+    def clear_records(self) -> None:
+        """Forget received messages, errors and counters (faults stay)."""
+        with self._cond:
+            self._received.clear()
+            self._message_ids.clear()
+            self._errors.clear()
+            self._accepted_total = 0
+            self._counts = dict.fromkeys(self._counts, 0)
+
+    def _count(self, name: str) -> int:
+        with self._cond:
+            return self._counts[name]
+
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted (the Controller's start-up probe excluded)."""
+        return self._count("connections")
+
+    @property
+    def auth_attempts(self) -> int:
+        """AUTH commands received."""
+        return self._count("auth_attempts")
+
+    @property
+    def auth_successes(self) -> int:
+        """AUTH exchanges that ended in 235."""
+        return self._count("auth_successes")
+
+    @property
+    def starttls_count(self) -> int:
+        """Completed STARTTLS handshakes."""
+        return self._count("starttls_count")
+
+    @property
+    def ehlo_count(self) -> int:
+        """EHLO commands answered."""
+        return self._count("ehlo_count")
+
+    @property
+    def rsets(self) -> int:
+        """RSET commands received."""
+        return self._count("rsets")
+
+    # -- internals, called from the event-loop thread ------------------------------
+
+    def _make_protocol(self, loop: asyncio.AbstractEventLoop) -> _Protocol:
+        tls_context = self.ssl_context if self.security == "starttls" else None
+        return _Protocol(
+            self,
+            self._handler,
+            loop=loop,
+            hostname=self.hostname,
+            ident="ESMTP crm-mail test server ready",
+            tls_context=tls_context,
+            require_starttls=self.require_starttls and tls_context is not None,
+            # Implicit TLS is invisible to aiosmtpd, so it must not insist on STARTTLS.
+            auth_require_tls=self.auth_require_tls and self.security != "ssl",
+            auth_exclude_mechanism=[m for m in AUTH_MECHANISMS if m not in self.auth_mechanisms],
+            authenticator=self._handler.check_login,
+            enable_SMTPUTF8=self.smtputf8,
+            data_size_limit=self.data_size_limit,
+        )
+
+    def _ignore_peer(self, address: tuple[str, int]) -> None:
+        with self._cond:
+            self._ignored_peers.add(address)
+
+    def _connection_opened(self, protocol: _Protocol, peer: Any) -> int:
+        self._live.add(protocol)
+        with self._cond:
+            if isinstance(peer, tuple) and peer[:2] in self._ignored_peers:
+                self._ignored_peers.discard(peer[:2])
+                return 0
+            self._counts["connections"] += 1
+            connection_id = self._next_connection_id
+            self._next_connection_id += 1
+            return connection_id
+
+    def _connection_closed(self, protocol: _Protocol) -> None:
+        self._live.discard(protocol)
+
+    def _live_protocols(self) -> list[_Protocol]:
+        return list(self._live)
+
+    def _bump(self, name: str) -> None:
+        with self._cond:
+            self._counts[name] += 1
+
+    def _record_error(self, error: Exception) -> None:
+        with self._cond:
+            self._errors.append(error)
+
+    def _take_fault(
+        self,
+        name: FaultName,
+        addresses: Iterable[str],
+        condition: Callable[[Fault], bool] | None = None,
+    ) -> Fault | None:
+        """The fault that fires now for ``name``, if any; consumes one of its ``times``."""
+        wanted = {a.lower() for a in addresses}
+        with self._cond:
+            for fault in self._faults:
+                if fault.name != name:
+                    continue
+                if fault.address is not None and fault.address.lower() not in wanted:
+                    continue
+                if condition is not None and not condition(fault):
+                    continue
+                fault.seen += 1
+                if fault.seen <= fault.skip:
+                    continue
+                fault.fired += 1
+                if fault.exhausted:
+                    self._faults.remove(fault)
+                return fault
+        return None
+
+    def _auth_verdict(self, user: str, ok: bool, failure: str | None) -> AuthResult:
+        fault = self._take_fault("auth_response", [user])
+        if fault is not None:
+            return AuthResult(success=False, handled=False, message=fault.reply)
+        if not ok:
+            return AuthResult(success=False, handled=False, message=failure)
+        self._bump("auth_successes")
+        return AuthResult(success=True, auth_data=user, message=AUTH_SUCCESS)
+
+    def _record(self, protocol: _Protocol, session: Session, envelope: Envelope) -> None:
+        data: bytes = envelope.original_content or b""
+        message_id = find_message_id(data)
+        received: Received | None = None
+        if self.store:
+            message = email.message_from_bytes(data, policy=email.policy.default)
+            auth_data = session.auth_data if session.authenticated else None
+            received = Received(
+                mail_from=envelope.mail_from or "",
+                rcpt_tos=list(envelope.rcpt_tos),
+                data=data,
+                message=message,
+                auth_user=auth_data if isinstance(auth_data, str) else None,
+                connection_id=protocol.connection_id,
+                message_id=message_id,
+                tls=protocol.uses_tls(),
+                smtp_utf8=bool(envelope.smtp_utf8),
+                mail_options=list(envelope.mail_options),
+            )
+        with self._cond:
+            if received is not None:
+                self._received.append(received)
+            if message_id is not None:
+                self._message_ids.append(message_id)
+            self._accepted_total += 1
+            self._cond.notify_all()
+
+
+# -- process mode ------------------------------------------------------------------
+
+
+def _tls_context_from_files(certfile: str, keyfile: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until SIGTERM, appending accepted Message-IDs to ``--record``."""
+    parser = argparse.ArgumentParser(prog="python -m tests.servers.smtp", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--security", choices=get_args(Security), default="none")
+    parser.add_argument("--certfile", help="PEM with key and chain (TLS modes)")
+    parser.add_argument("--keyfile")
+    parser.add_argument("--record", required=True, type=Path)
+    parser.add_argument("--auth-user")
+    parser.add_argument("--auth-password", default="")
+    parser.add_argument("--hostname", default="localhost")
+    args = parser.parse_args(argv)
+
+    ssl_context = None
+    if args.security != "none":
+        if not args.certfile:
+            parser.error(f"--security {args.security} needs --certfile")
+        ssl_context = _tls_context_from_files(args.certfile, args.keyfile)
+    users = {args.auth_user: args.auth_password} if args.auth_user else {}
+    server = SmtpServer(
+        security=args.security,
+        ssl_context=ssl_context,
+        users=users,
+        auth_required=bool(users),
+        auth_require_tls=args.security != "none",
+        hostname=args.hostname,
+        host=args.host,
+        port=args.port,
+        store=False,
+    )
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    written = 0
+    with args.record.open("a", encoding="utf-8") as record:
+
+        def flush() -> None:
+            nonlocal written
+            ids = server.message_ids(written)
+            if ids:
+                record.write("".join(f"{message_id}\n" for message_id in ids))
+                written += len(ids)
+            record.flush()
+
+        server.start()
+        try:
+            print(f"READY {server.port}", flush=True)
+            while not stopping.wait(0.1):
+                flush()
+        finally:
+            server.stop()
+            flush()
+    return 0
+
+
+class SmtpProcess:
+    """A ``python -m tests.servers.smtp`` child process (see ``start_smtp_process``)."""
+
+    def __init__(
+        self, process: subprocess.Popen[bytes], port: int, record_path: Path, log_path: Path
+    ) -> None:
+        self.process = process
+        self.host = "127.0.0.1"
+        self.port = port
+        self.record_path = record_path
+        self.log_path = log_path
+
+    def message_ids(self) -> list[str]:
+        """Message-IDs recorded so far (flushed by the child at least every 0.2 s)."""
+        if not self.record_path.exists():
+            return []
+        return self.record_path.read_text(encoding="utf-8").splitlines()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[str]:
+        """Poll the record file until it holds ``count`` Message-IDs."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ids = self.message_ids()
+            if len(ids) >= count:
+                return ids
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"expected {count} Message-IDs, got {len(ids)}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM the child (it flushes its record) and reap it; returns its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return self.process.returncode
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _wait_ready(process: subprocess.Popen[bytes], timeout: float) -> int:
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    buffer = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while b"\n" not in buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                raise TimeoutError(f"SMTP process not READY after {timeout}s")
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise RuntimeError(f"SMTP process exited early (code {process.wait()})")
+            buffer += chunk
+    line = buffer.split(b"\n", 1)[0].decode()
+    if not line.startswith("READY "):
+        raise RuntimeError(f"unexpected first line from SMTP process: {line!r}")
+    return int(line.split()[1])
+
+
+def start_smtp_process(
+    tmp_path: Path,
+    *,
+    port: int = 0,
+    security: Security = "none",
+    auth_user: str | None = None,
+    auth_password: str | None = None,
+    ca: TestCA | None = None,
+    hostname: str = "localhost",
+    ready_timeout: float = 15.0,
+) -> SmtpProcess:
+    """Launch the server as a separate process and wait until it listens.
+
+    Why: benchmarks and multi-process tests must not share the GIL or event loop with
+    the code under test. TLS modes need ``ca`` (a ``TestCA``) to issue the certificate.
+    """
+    tag = uuid.uuid4().hex[:8]
+    record_path = tmp_path / f"smtp-{tag}.ids"
+    log_path = tmp_path / f"smtp-{tag}.log"
+    command = [
+        sys.executable,
+        "-m",
+        "tests.servers.smtp",
+        "--port",
+        str(port),
+        "--security",
+        security,
+        "--record",
+        str(record_path),
+        "--hostname",
+        hostname,
+    ]
+    if security != "none":
+        if ca is None:
+            raise ValueError(f"security={security!r} needs ca=TestCA")
+        certfile = tmp_path / f"smtp-{tag}.pem"
+        ca.ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(
+            str(certfile)
+        )
+        command += ["--certfile", str(certfile)]
+    if auth_user is not None:
+        command += ["--auth-user", auth_user, "--auth-password", auth_password or ""]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, cwd=_REPO_ROOT, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL
+        )
+    smtp_process = SmtpProcess(process, 0, record_path, log_path)
+    try:
+        smtp_process.port = _wait_ready(process, ready_timeout)
+    except BaseException:
+        smtp_process.stop(timeout=2)
+        raise
+    return smtp_process
+
+
+if __name__ == "__main__":
+    sys.exit(main())
