@@ -67,7 +67,9 @@ class Crm:
     @classmethod
     def open(cls, config_path: str | None = None, **kwargs: Any) -> Crm:
         """Load the configuration and check it against the installed plugins."""
-        config = load_config(config_path, available_plugins=installed_plugins())
+        extra = tuple(kwargs.get("extra_plugins", ()))
+        available = (*installed_plugins(), *(name for name, _ in extra))
+        config = load_config(config_path, available_plugins=available)
         crm = cls(config, **kwargs)
         crm.check_plugins()
         return crm
@@ -348,6 +350,10 @@ class Crm:
             )
         if not isinstance(report, ConnectionReport):
             raise PluginError(f"test_connection for {account.transport!r} returned {report!r}")
+        # No database change is involved, so there is no commit to wait for.
+        signals.connection_tested.send(
+            self, user_id=account.user_id, transport=account.transport, ok=report.ok
+        )
         return report
 
     def reconcile_mail(

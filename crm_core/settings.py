@@ -271,3 +271,21 @@ def _existing_pem(text: str) -> str:
     if b"-----BEGIN CERTIFICATE-----" not in head:
         raise SettingValueError("tls.ca_bundle", f"{text} is not a PEM certificate file")
     return str(path.resolve())
+
+
+def rotate_secrets(session: Session, box: SecretBox) -> int:
+    """Re-encrypt every stored secret with ``box``'s primary key; returns how many.
+
+    Run with the new key first and the old key(s) after it (``CRM_SECRET_KEY="new,old"``
+    or both lines in the key file); afterwards the old key can be removed.
+    """
+    rows: list[SystemSetting | UserSetting] = [
+        *session.scalars(select(SystemSetting).where(SystemSetting.secret.is_(True))),
+        *session.scalars(select(UserSetting).where(UserSetting.secret.is_(True))),
+    ]
+    for row in rows:
+        clear = box.decrypt(row.value).reveal()
+        row.value = box.rotate(row.value)
+        row.fingerprint = box.fingerprint(clear)
+    session.flush()
+    return len(rows)

@@ -97,7 +97,8 @@ class CrmFactory:
         path = self.tmp_path / "crm.toml"
         path.write_text(config_text, encoding="utf-8")
         env = {"CRM_DATABASE_URL": self.database_url, "CRM_SECRET_KEY": self.secret_key}
-        config = load_config(path, available_plugins=installed_plugins(), environ=env)
+        available = (*installed_plugins(), *(name for name, _ in extra_plugins))
+        config = load_config(path, available_plugins=available, environ=env)
         crm = Crm(config, environ=env, extra_plugins=extra_plugins)
         crm.check_plugins()
         if init:

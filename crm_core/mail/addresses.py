@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import email_validator
+import idna
 
 from crm_core.errors import MailValidationError, Problem
 
@@ -39,7 +40,7 @@ class Address:
         local, _, domain = self.email.rpartition("@")
         if not local.isascii():
             return None
-        return f"{local}@{domain.encode('idna').decode('ascii')}"
+        return f"{local}@{ascii_domain(domain)}"
 
     @property
     def needs_smtputf8(self) -> bool:
@@ -48,6 +49,11 @@ class Address:
 
     def __str__(self) -> str:
         return f"{self.name} <{self.email}>" if self.name else self.email
+
+
+def ascii_domain(domain: str) -> str:
+    """The IDNA 2008 (UTS #46) ASCII form of ``domain``, as mail servers expect."""
+    return idna.encode(domain, uts46=True).decode("ascii")
 
 
 def explain_address(raw: str) -> str | None:

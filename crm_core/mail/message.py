@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 
-from crm_core.mail.addresses import Address
+from crm_core.mail.addresses import Address, ascii_domain
 
 
 @dataclass(frozen=True)
@@ -107,5 +107,5 @@ def make_message_id(sender_domain: str) -> str:
     """A new globally unique Message-ID in the sender's domain, with angle brackets."""
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     token = secrets.token_hex(12)
-    domain = sender_domain.encode("idna").decode("ascii") if sender_domain else "crm.invalid"
+    domain = ascii_domain(sender_domain) if sender_domain else "crm.invalid"
     return f"<crm.{stamp}.{token}@{domain}>"

@@ -1,0 +1,44 @@
+# crm-mail: `make run` and `make test` set themselves up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
+
+.PHONY: setup run test lint typecheck pytest bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+## run: set up, create a demo installation in ./demo and send a mail through it
+run: setup
+	$(BIN)/crm demo --dir demo
+
+## test: set up, lint and type-check, then run the whole suite
+test: lint typecheck pytest
+
+lint: setup
+	$(BIN)/ruff check crm_core plugins tests bench
+	$(BIN)/ruff format --check crm_core plugins tests bench
+
+typecheck: setup
+	$(BIN)/mypy crm_core plugins
+
+pytest: setup
+	$(BIN)/pytest
+
+## bench: the side-by-side benchmarks (docs/performance.md)
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache .mypy_cache .ruff_cache

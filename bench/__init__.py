@@ -1,0 +1,1 @@
+"""Benchmarks that print side-by-side tables (see docs/performance.md)."""

@@ -1,0 +1,128 @@
+"""crm.toml: every unknown key, bad value or unknown plugin stops start-up, naming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from crm_core.config import load_config
+from crm_core.errors import ConfigError
+
+PLUGINS = ("exchange_mail", "smtp_mail", "maildir_mail")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "crm.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load(path: Path, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return load_config(path, available_plugins=PLUGINS, environ=env or {})
+
+
+def test_issue_example_parses(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[product_lines.commercial]
+plugins = ["exchange_mail", "smtp_mail"]
+default_transport = "exchange"
+[product_lines.boplats]
+plugins = ["smtp_mail"]
+default_transport = "smtp"
+[outbox]
+lease_seconds = 60
+backoff_base_seconds = 5
+""",
+    )
+    config = load(path)
+    assert config.product_lines["commercial"].plugins == ("exchange_mail", "smtp_mail")
+    assert config.product_lines["boplats"].default_transport == "smtp"
+    assert config.outbox.lease_seconds == 60
+    assert config.outbox.backoff_base_seconds == 5.0
+    assert config.database_url == f"sqlite:///{(tmp_path / 'crm.db').as_posix()}"
+    assert config.key_file == tmp_path / "crm-secret.key"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "allowed"),
+    [
+        ("[databse]\nurl='x'\n", "'databse'", "database, secrets, outbox, mail, product_lines"),
+        ("[outbox]\nlease_second = 3\n", "'outbox.lease_second'", "lease_seconds"),
+        (
+            "[product_lines.sales]\nplugins=[]\ndefault_transprot='smtp'\n",
+            "'product_lines.sales.default_transprot'",
+            "plugins, default_transport, label",
+        ),
+        ("[database]\nuri='x'\n", "'database.uri'", "url"),
+    ],
+)
+def test_unknown_key_names_file_key_and_allowed(
+    tmp_path: Path, text: str, key: str, allowed: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert key in message
+    assert allowed in message
+
+
+def test_unknown_plugin_names_the_installed_ones(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "[product_lines.rentals]\nplugins=['smtp_mial']\ndefault_transport='smtp'\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    message = str(info.value)
+    assert "smtp_mial" in message and "product_lines.rentals.plugins" in message
+    assert "exchange_mail, maildir_mail, smtp_mail" in message
+
+
+def test_unknown_product_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[product_lines.comercial]\nplugins=[]\ndefault_transport='smtp'\n")
+    with pytest.raises(ConfigError, match="commercial, sales, rentals, boplats"):
+        load(path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[outbox]\nlease_seconds = -1\n",
+        "[outbox]\nlease_seconds = 'long'\n",
+        "[outbox]\nmax_attempts = true\n",
+        "[product_lines.sales]\nplugins='smtp_mail'\ndefault_transport='smtp'\n",
+        "[product_lines.sales]\nplugins=['smtp_mail']\n",
+        "not toml at all [",
+    ],
+)
+def test_bad_values_are_refused(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text))
+    assert str(tmp_path / "crm.toml") in str(info.value)
+
+
+def test_environment_overrides_database(tmp_path: Path) -> None:
+    path = write(tmp_path, "[database]\nurl = 'sqlite:///a.db'\n")
+    config = load(path, {"CRM_DATABASE_URL": "postgresql://db.example/crm"})
+    assert config.database_url == "postgresql://db.example/crm"
+    assert config.key_file == tmp_path / "crm-secret.key"
+
+
+def test_embedded_default_has_four_product_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CRM_CONFIG", raising=False)
+    config = load_config(None, available_plugins=PLUGINS, environ={})
+    assert config.source == "<embedded default>"
+    assert set(config.product_lines) == {"commercial", "sales", "rentals", "boplats"}
+    assert "exchange_mail" not in config.product_lines["boplats"].plugins
+
+
+def test_missing_explicit_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", available_plugins=PLUGINS, environ={})

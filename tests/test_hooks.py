@@ -1,0 +1,285 @@
+"""Every hook, exercised through the Crm's typed callers with an in-test plugin.
+
+The meta-tests at the bottom fail if a hook is added without a ``test_hook_<name>``
+here or without its signature in docs/plugins.md.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from crm_core import (
+    ConnectionReport,
+    ConnectionStep,
+    Outcome,
+    OutgoingMessage,
+    PluginError,
+    ReconcileResult,
+    Resources,
+    RouteInfo,
+    SenderAccount,
+    SendResult,
+    SettingField,
+    SettingNotice,
+    SettingValueError,
+    StepStatus,
+    TransportSpec,
+    ValidationError,
+    directory,
+    hookimpl,
+    hookspecs,
+)
+from crm_core.fields import Scope
+from crm_core.mail.addresses import Address
+from crm_core.signals import user_settings_changed as user_settings_changed_signal
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = """
+[product_lines.sales]
+plugins = ["probe_mail"]
+default_transport = "probe"
+"""
+
+
+class ProbeMail:
+    """A complete in-test transport that records how the core calls it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+        self.veto = False
+
+    @hookimpl
+    def register_transports(self) -> list[TransportSpec]:
+        return [TransportSpec("probe", "Send via probe")]
+
+    @hookimpl
+    def register_settings(self) -> list[SettingField]:
+        return [
+            SettingField("probe.server", Scope.SYSTEM, "Server", required_for="probe"),
+            SettingField("probe.account", Scope.USER, "Account"),
+        ]
+
+    @hookimpl
+    def check_settings(
+        self, scope: Scope, system: dict[str, object], user: dict[str, object] | None
+    ) -> list[SettingNotice]:
+        if scope is Scope.USER and user is not None and user.get("probe.account") == "bad":
+            return [SettingNotice("probe.account", "error", "account 'bad' is not allowed")]
+        if system.get("probe.server") == "old.example":
+            return [SettingNotice("probe.server", "warning", "old.example is retiring")]
+        return []
+
+    @hookimpl
+    def user_settings_changed(
+        self, account: SenderAccount, changed: Sequence[str], resources: Resources
+    ) -> None:
+        self.calls.append(("user_settings_changed", (account.email, tuple(changed))))
+        if self.veto:
+            raise ValidationError("vetoed by probe")
+
+    @hookimpl
+    def system_settings_changed(self, changed: Sequence[str], resources: Resources) -> None:
+        self.calls.append(("system_settings_changed", tuple(changed)))
+        resources.discard(("probe",))
+
+    @hookimpl
+    def send_mail(
+        self, account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+    ) -> list[SendResult] | None:
+        if account.transport != "probe":
+            return None
+        conn = resources.get_or_create(("probe", account.key), lambda: object())
+        self.calls.append(("send_mail", (account.email, len(messages), id(conn))))
+        return [SendResult(m.message_id, Outcome.SENT) for m in messages]
+
+    @hookimpl
+    def test_connection(self, account: SenderAccount) -> ConnectionReport | None:
+        if account.transport != "probe":
+            return None
+        server = account.get_str("probe.server")
+        status = StepStatus.OK if server else StepStatus.FAILED
+        return ConnectionReport(
+            "probe", "Connected to probe", (ConnectionStep("server", status, server or "not set"),)
+        )
+
+    @hookimpl
+    def reconcile_mail(
+        self, account: SenderAccount, messages: Sequence[OutgoingMessage]
+    ) -> list[ReconcileResult] | None:
+        if account.transport != "probe":
+            return None
+        return [ReconcileResult(m.message_id, True, "found") for m in messages]
+
+    @hookimpl
+    def describe_route(self, account: SenderAccount) -> RouteInfo | None:
+        if account.transport != "probe":
+            return None
+        return RouteInfo("probe", account.get_str("probe.server"), account.email)
+
+
+@pytest.fixture
+def probe() -> ProbeMail:
+    return ProbeMail()
+
+
+@pytest.fixture
+def crm(make_crm, probe: ProbeMail):  # type: ignore[no-untyped-def]
+    return make_crm(CONFIG, extra_plugins=(("probe_mail", probe),))
+
+
+def add_user(crm) -> SenderAccount:  # type: ignore[no-untyped-def]
+    with crm.transaction() as session:
+        user = directory.add_user(session, "anna@example.se", "Anna", "sales")
+        crm.set_system_setting(session, "probe.server", "mx.example")
+        return crm.sender_account(session, user)  # type: ignore[no-any-return]
+
+
+def message(n: int = 1) -> OutgoingMessage:
+    return OutgoingMessage(
+        outbox_id=n,
+        message_id=f"<m{n}@example.se>",
+        sender=Address("anna@example.se"),
+        to=(Address("per@example.com"),),
+        subject="Hej",
+        text="Hej Per",
+    )
+
+
+def test_hook_register_transports(crm) -> None:  # type: ignore[no-untyped-def]
+    transports = crm.transports("sales")
+    assert list(transports) == ["probe"]
+    assert transports["probe"].plugin == "probe_mail"
+    assert transports["probe"].label == "Send via probe"
+
+
+def test_hook_register_settings(crm) -> None:  # type: ignore[no-untyped-def]
+    fields = crm.settings_fields()
+    assert fields["probe.server"].plugin == "probe_mail"
+    assert fields["probe.account"].scope is Scope.USER
+    assert "mail.transport" in fields  # the core's own
+
+
+def test_hook_check_settings(crm) -> None:  # type: ignore[no-untyped-def]
+    account = add_user(crm)
+    with crm.transaction() as session:
+        crm.set_system_setting(session, "probe.server", "old.example")
+        notices = crm.check_settings(session, Scope.SYSTEM, None)
+    assert [n.message for n in notices] == ["old.example is retiring"]
+    with (
+        pytest.raises(SettingValueError, match="'bad' is not allowed"),
+        crm.transaction() as session,
+    ):
+        user = directory.find_user(session, account.email)
+        crm.set_user_setting(session, user, "probe.account", "bad")
+
+
+def test_hook_user_settings_changed(crm, probe: ProbeMail) -> None:  # type: ignore[no-untyped-def]
+    add_user(crm)
+    heard: list[dict[str, object]] = []
+
+    def receiver(sender: object, **extra: object) -> None:
+        heard.append(extra)
+
+    with user_settings_changed_signal.connected_to(receiver):
+        with crm.transaction() as session:
+            user = directory.find_user(session, "anna@example.se")
+            crm.set_user_setting(session, user, "probe.account", "anna")
+            user_id = user.id
+            assert heard == []  # signals wait for the commit
+        assert heard and heard[0]["keys"] == ["probe.account"]
+        probe.veto = True
+        with pytest.raises(ValidationError, match="vetoed"), crm.transaction() as session:
+            user = directory.find_user(session, "anna@example.se")
+            crm.set_user_setting(session, user, "probe.account", "someone-else")
+    assert len(heard) == 1  # the vetoed change was rolled back and never announced
+    with crm.transaction() as session:
+        values = crm.settings_store().user_values(session, user_id)
+    assert values["probe.account"] == "anna"
+    assert ("user_settings_changed", ("anna@example.se", ("probe.account",))) in probe.calls
+
+
+def test_hook_system_settings_changed(crm, probe: ProbeMail) -> None:  # type: ignore[no-untyped-def]
+    add_user(crm)
+    assert ("system_settings_changed", ("probe.server",)) in probe.calls
+
+
+def test_hook_send_mail(crm, probe: ProbeMail) -> None:  # type: ignore[no-untyped-def]
+    account = add_user(crm)
+    results = crm.send_mail(account, [message(1), message(2)])
+    assert [r.outcome for r in results] == [Outcome.SENT, Outcome.SENT]
+    crm.send_mail(account, [message(3)])
+    sends = [c for c in probe.calls if c[0] == "send_mail"]
+    assert sends[0][1][1] == 2
+    assert sends[0][1][2] == sends[1][1][2]  # the per-Crm Resources kept the "connection"
+
+
+def test_hook_send_mail_must_answer_for_every_message(make_crm) -> None:  # type: ignore[no-untyped-def]
+    class Forgetful(ProbeMail):
+        @hookimpl
+        def send_mail(
+            self, account: SenderAccount, messages: Sequence[OutgoingMessage]
+        ) -> list[SendResult] | None:
+            return [SendResult(messages[0].message_id, Outcome.SENT)]
+
+    crm = make_crm(CONFIG, extra_plugins=(("probe_mail", Forgetful()),))
+    account = add_user(crm)
+    with pytest.raises(PluginError, match="exactly one for each"):
+        crm.send_mail(account, [message(1), message(2)])
+
+
+def test_hook_test_connection(crm) -> None:  # type: ignore[no-untyped-def]
+    account = add_user(crm)
+    report = crm.test_connection(account)
+    assert report.ok and report.summary == "Connected to probe"
+
+
+def test_hook_reconcile_mail(crm) -> None:  # type: ignore[no-untyped-def]
+    account = add_user(crm)
+    found = crm.reconcile_mail(account, [message(1)])
+    assert found == [ReconcileResult("<m1@example.se>", True, "found")]
+
+
+def test_hook_describe_route(crm) -> None:  # type: ignore[no-untyped-def]
+    account = add_user(crm)
+    assert crm.describe_route(account) == RouteInfo("probe", "mx.example", "anna@example.se")
+
+
+def hook_names() -> list[str]:
+    return sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "crm_core_spec"))
+
+
+def test_every_hook_has_a_test() -> None:
+    source = Path(__file__).read_text(encoding="utf-8")
+    missing = [n for n in hook_names() if f"def test_hook_{n}(" not in source]
+    assert hook_names() and not missing, f"hooks without test_hook_<name>: {missing}"
+
+
+def test_every_hook_is_documented_with_its_signature() -> None:
+    import inspect
+
+    docs = (REPO / "docs" / "plugins.md").read_text(encoding="utf-8")
+    for name in hook_names():
+        spec = getattr(hookspecs, name)
+        args = ", ".join(inspect.signature(spec).parameters)
+        assert f"{name}({args})" in docs, f"docs/plugins.md lacks `{name}({args})`"
+        assert spec.__doc__ and len(spec.__doc__.strip()) > 40
+
+
+def test_public_api_is_sorted_and_complete() -> None:
+    import crm_core
+
+    assert crm_core.__all__ == sorted(crm_core.__all__)
+    public = {n for n in vars(crm_core) if not n.startswith("_")}
+    modules = {n for n in public if type(getattr(crm_core, n)).__name__ == "module"}
+    assert set(crm_core.__all__) == public - modules
+
+
+def test_docs_name_every_signal() -> None:
+    from crm_core.signals import all_signal_names
+
+    docs = (REPO / "docs" / "plugins.md").read_text(encoding="utf-8")
+    assert all(re.search(rf"`{n}`", docs) for n in all_signal_names())
