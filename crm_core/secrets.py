@@ -126,6 +126,19 @@ def _create_key_file(path: Path) -> None:
         handle.write(Fernet.generate_key().decode("ascii") + "\n")
 
 
+def replace_key_file(path: Path, keys: Sequence[bytes], add_new: bool) -> list[bytes]:
+    """Atomically rewrite the key file (mode 0600); ``add_new`` puts a fresh key first."""
+    lines = ([Fernet.generate_key()] if add_new else []) + list(keys)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write("".join(k.decode("ascii") + "\n" for k in lines))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return lines
+
+
 def new_key() -> str:
     """A fresh Fernet key, for rotation."""
     return Fernet.generate_key().decode("ascii")
