@@ -372,7 +372,14 @@ class EntraServer(HttpsStandIn):
 
     # HTTP ------------------------------------------------------------------------
 
-    def handle(self, method: str, path: str, headers: Headers, body: bytes) -> Response:
+    def handle(
+        self,
+        method: str,
+        path: str,
+        headers: Headers,
+        body: bytes,
+        connection_state: dict[str, object],
+    ) -> Response:
         parts = urlsplit(path)
         segments = [s for s in parts.path.split("/") if s]
         form: dict[str, str] = {}

@@ -29,6 +29,8 @@ marked [choice]):
 * On-prem: a mailbox with a ``password`` accepts HTTP Basic as the primary address,
   ``DOMAIN\\logon`` or ``logon``. Without impersonation the request acts on the
   authenticated user's mailbox; with it, the user must be in ``impersonators``.
+  NTLM (and Negotiate carrying NTLM) works too after ``write_ntlm_user_file()``, via
+  pyspnego's acceptor; like IIS, a completed handshake authenticates the connection.
 
 Faults (all settable at run time, thread-safe): ``server_busy``, ``http_503``,
 ``ews_disabled``, ``drop_after_request``, ``delay``; per-message errors for invalid
@@ -51,6 +53,7 @@ from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import getaddresses
+from pathlib import Path
 
 from lxml import etree  # type: ignore[import-untyped]
 
@@ -204,7 +207,7 @@ class EwsRequestRecord:
 
     operation: str | None
     impersonated: str | None  # address from ConnectingSID, verbatim
-    auth_kind: str | None  # "Bearer", "Basic" or None
+    auth_kind: str | None  # "Bearer", "Basic", "NTLM" or None
     anchor_mailbox: str | None  # X-AnchorMailbox header
     user: str | None  # authenticated mailbox (Basic) or client_id (Bearer)
     status: int
@@ -301,6 +304,7 @@ class EwsServer(HttpsStandIn):
         self._deny_impersonation: set[str] = set()
         self._impersonators: set[str] = set()
         self._invalid_smtp: set[str] = set()
+        self.ntlm_enabled = False
 
     # directory -------------------------------------------------------------------
 
@@ -450,13 +454,20 @@ class EwsServer(HttpsStandIn):
 
     # HTTP ------------------------------------------------------------------------
 
-    def handle(self, method: str, path: str, headers: Headers, body: bytes) -> Response:
+    def handle(
+        self,
+        method: str,
+        path: str,
+        headers: Headers,
+        body: bytes,
+        connection_state: dict[str, object],
+    ) -> Response:
         if path.split("?", 1)[0] != EWS_PATH:
             return _iis_404()
         trace = _Trace()
         response = Response(500, b"", "text/plain")
         try:
-            response = self._handle(method, headers, body, trace)
+            response = self._handle(method, headers, body, trace, connection_state)
             return response
         finally:
             self._record(
@@ -475,7 +486,14 @@ class EwsServer(HttpsStandIn):
                 )
             )
 
-    def _handle(self, method: str, headers: Headers, body: bytes, trace: _Trace) -> Response:
+    def _handle(
+        self,
+        method: str,
+        headers: Headers,
+        body: bytes,
+        trace: _Trace,
+        connection_state: dict[str, object],
+    ) -> Response:
         with self._lock:
             faults = self._faults
             if self._ews_disabled:
@@ -487,7 +505,7 @@ class EwsServer(HttpsStandIn):
                 return Response(503, html, "text/html", extra)
             delay = faults.delay
         sleep_unless(delay)
-        auth = self._authenticate(headers)
+        auth = self._authenticate(headers, connection_state)
         if isinstance(auth, Response):
             return auth
         trace.auth_kind, token, basic_user = auth
@@ -557,6 +575,8 @@ class EwsServer(HttpsStandIn):
         with self._lock:
             if any(m.password for m in self._mailboxes.values()):
                 values.append(f'Basic realm="{self.host}"')
+        if self.ntlm_enabled:
+            values += ["Negotiate", "NTLM"]
         return values
 
     def _unauthorized(self, diagnostics: str | None, error: str | None) -> Response:
@@ -567,11 +587,16 @@ class EwsServer(HttpsStandIn):
         return Response(401, b"", "text/html", headers)
 
     def _authenticate(
-        self, headers: Headers
+        self, headers: Headers, connection_state: dict[str, object]
     ) -> Response | tuple[str, TokenInfo | None, _Mailbox | None]:
         value = headers.get("Authorization", "")
         scheme, _, credential = value.partition(" ")
         scheme = scheme.lower()
+        if scheme in ("ntlm", "negotiate") and self.ntlm_enabled:
+            return self._ntlm_step(scheme, credential.strip(), connection_state)
+        ntlm_user = connection_state.get("ntlm_user")
+        if not value and isinstance(ntlm_user, _Mailbox):
+            return "NTLM", None, ntlm_user  # IIS: NTLM authenticates the connection
         if scheme == "bearer":
             token = credential.strip()
             info = self.registry.validate(token)
@@ -613,6 +638,58 @@ class EwsServer(HttpsStandIn):
                 return self._unauthorized(None, None)
             return "Basic", None, mailbox
         return self._unauthorized(None, None)
+
+    def _ntlm_step(
+        self, scheme: str, credential: str, connection_state: dict[str, object]
+    ) -> Response | tuple[str, TokenInfo | None, _Mailbox | None]:
+        """One leg of the NTLM handshake, bound to the TCP connection (pyspnego acceptor)."""
+        import spnego  # only needed for NTLM; pyspnego comes with requests_ntlm
+
+        label = "NTLM" if scheme == "ntlm" else "Negotiate"
+        try:
+            token = base64.b64decode(credential, validate=True)
+        except binascii.Error:
+            return self._unauthorized(None, None)
+        if token[8:12] == b"\x01\x00\x00\x00":  # NEGOTIATE_MESSAGE starts a new handshake
+            connection_state.pop("ntlm_user", None)
+            connection_state["ntlm"] = spnego.server(protocol="ntlm")
+        context = connection_state.get("ntlm")
+        if context is None:
+            return self._unauthorized(None, None)
+        try:
+            out = context.step(token)  # type: ignore[attr-defined]
+        except spnego.exceptions.SpnegoError:
+            connection_state.pop("ntlm", None)
+            return self._unauthorized(None, None)
+        if not context.complete:  # type: ignore[attr-defined]
+            challenge = f"{label} {base64.b64encode(out or b'').decode()}"
+            return Response(401, b"", "text/html", {"WWW-Authenticate": challenge})
+        connection_state.pop("ntlm", None)
+        mailbox = self._basic_user(str(context.client_principal))  # type: ignore[attr-defined]
+        if mailbox is None or mailbox.password is None:
+            return self._unauthorized(None, None)
+        connection_state["ntlm_user"] = mailbox
+        return "NTLM", None, mailbox
+
+    def write_ntlm_user_file(self, path: Path) -> Path:
+        """Write the NTLM credential store for every mailbox with a password; enable NTLM.
+
+        Why a file: pyspnego's NTLM acceptor reads users only from the file named by the
+        process-wide ``NTLM_USER_FILE`` environment variable, so the TEST must set it
+        (``monkeypatch.setenv("NTLM_USER_FILE", str(path))``); the server never touches
+        the environment. Both ``DOMAIN\\logon`` and the bare e-mail form (exchangelib
+        sends ``\\user@domain`` for an e-mail username) are accepted.
+        """
+        with self._lock:
+            lines = []
+            for mailbox in self._mailboxes.values():
+                if mailbox.password is None:
+                    continue
+                lines.append(f"{self.windows_domain}:{mailbox.logon_name}:{mailbox.password}")
+                lines.append(f":{mailbox.primary}:{mailbox.password}")
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        self.ntlm_enabled = True
+        return path
 
     def _basic_user(self, username: str) -> _Mailbox | None:
         name = username.strip().lower()

@@ -95,6 +95,8 @@ class RequestHandler(BaseHTTPRequestHandler):
     server: TlsHttpServer
 
     def setup(self) -> None:
+        # Per-TCP-connection memory, e.g. an NTLM handshake (IIS binds NTLM to the connection).
+        self.connection_state: dict[str, object] = {}
         super().setup()
         self.server.track(self.connection, add=True)
         self.connection.do_handshake()
@@ -127,7 +129,9 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         body = self._read_body()
-        response = self.server.app.handle(self.command, self.path, self.headers, body)
+        response = self.server.app.handle(
+            self.command, self.path, self.headers, body, self.connection_state
+        )
         if response.drop:
             # The ambiguous case: the request was read and processed, no answer comes.
             self.close_connection = True
@@ -239,7 +243,15 @@ class HttpsStandIn:
 
     # request handling ------------------------------------------------------------
 
-    def handle(self, method: str, path: str, headers: Headers, body: bytes) -> Response:
+    def handle(
+        self,
+        method: str,
+        path: str,
+        headers: Headers,
+        body: bytes,
+        connection_state: dict[str, object],
+    ) -> Response:
+        """Answer one request; ``connection_state`` lives as long as the TCP connection."""
         raise NotImplementedError
 
 

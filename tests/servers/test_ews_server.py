@@ -20,6 +20,7 @@ from exchangelib import (
     BASIC,
     DELEGATE,
     IMPERSONATION,
+    NTLM,
     OAUTH2,
     Account,
     Configuration,
@@ -569,3 +570,33 @@ def test_soap_fault_shape(ews: EwsServer, registry: TokenRegistry) -> None:
     assert reply.status_code == 500
     assert b"<faultcode" in reply.content and b"a:ErrorNonExistentMailbox" in reply.content
     assert b'<t:Value Name="SmtpAddress">anna@contoso.com</t:Value>' in reply.content
+
+
+@pytest.mark.parametrize("username", ["CONTOSO\\bo", BO])
+def test_ntlm_on_prem(
+    ews: EwsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, username: str
+) -> None:
+    # pyspnego's NTLM acceptor reads users from the file named by NTLM_USER_FILE.
+    monkeypatch.setenv("NTLM_USER_FILE", str(ews.write_ntlm_user_file(tmp_path / "ntlm.users")))
+    config = Configuration(
+        service_endpoint=ews.base_url + EWS_PATH,
+        credentials=Credentials(username, "B0-pa55word"),
+        version=Version(build=EXCHANGE_O365),
+        auth_type=NTLM,
+        retry_policy=FailFast(),
+    )
+    a = Account(BO, access_type=DELEGATE, autodiscover=False, config=config)
+    mail(a).send_and_save()
+    mail(a, message_id="<2@crm>").send_and_save()
+    assert [d.internet_message_id for d in ews.delivered] == ["<x@crm>", "<2@crm>"]
+    assert {r.auth_kind for r in ews.requests if r.operation} == {"NTLM"}
+    close_connections()
+    bad = Configuration(
+        service_endpoint=ews.base_url + EWS_PATH,
+        credentials=Credentials(username, "wrong"),
+        version=Version(build=EXCHANGE_O365),
+        auth_type=NTLM,
+        retry_policy=FailFast(),
+    )
+    with pytest.raises(UnauthorizedError):
+        mail(Account(BO, access_type=DELEGATE, autodiscover=False, config=bad)).send_and_save()
