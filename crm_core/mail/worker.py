@@ -1,0 +1,203 @@
+"""The outbox worker: claim a batch, send it per account, record each result.
+
+Why this shape: a database transaction is never held open across a network send.
+Each poll is three kinds of short transactions — reap expired leases, claim a batch,
+record one account's results — with the sends in between, outside any transaction.
+The batch is grouped by sender account so a transport can reuse one connection or
+session per account, and groups are sent in parallel by ``concurrency`` threads
+(one thread per account at a time, so a transport's cached connection is never shared).
+While sends run, the main thread renews the leases it holds, so a slow but live worker
+is not mistaken for a dead one; a killed worker's leases simply run out and the next
+poll of any worker turns them into ``unknown``.
+
+Stopping (SIGTERM/SIGINT set ``stop``): sends in flight finish and are recorded; groups
+not yet started are released back to ``queued`` without spending a try.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from crm_core.errors import TransportError
+from crm_core.mail import outbox
+from crm_core.mail.outbox import Claim
+from crm_core.mail.transport import Outcome, SendResult
+from crm_core.models import OutboxState, utcnow
+
+if TYPE_CHECKING:
+    from crm_core.app import Crm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerStats:
+    """What a worker did: messages per outcome, leases reaped, accounts paused."""
+
+    polls: int = 0
+    reaped: int = 0
+    claimed: int = 0
+    sent: int = 0
+    retry: int = 0
+    failed: int = 0
+    unknown: int = 0
+    deferred: int = 0
+    released: int = 0
+    stale: int = 0
+    paused_accounts: int = 0
+    resumed_accounts: int = 0
+
+    def __iadd__(self, other: WorkerStats) -> WorkerStats:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+    def as_dict(self) -> dict[str, int]:
+        """JSON-ready form."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class _GroupResult:
+    claims: Sequence[Claim]
+    results: Sequence[SendResult] | None  # None: released unsent (stopping)
+
+
+def default_name() -> str:
+    """host:pid:random — unique per worker, readable in ``crm outbox show``."""
+    return f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class Worker:
+    """Sends what the outbox holds; one per process, or several on many machines."""
+
+    def __init__(self, crm: Crm, name: str | None = None, concurrency: int = 1) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.crm = crm
+        self.name = name or default_name()
+        self.concurrency = concurrency
+        self.config = crm.config.outbox
+
+    def run_once(self, stop: threading.Event | None = None) -> WorkerStats:
+        """Drain what is due now, then return (``crm outbox work --once``)."""
+        stop = stop or threading.Event()
+        total = WorkerStats()
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="outbox") as pool:
+            while not stop.is_set():
+                step = self.poll(pool, stop)
+                total += step
+                if not step.claimed:
+                    break
+        return total
+
+    def run(self, stop: threading.Event) -> WorkerStats:
+        """Poll until ``stop`` is set; sleep ``poll_seconds`` when nothing is due."""
+        total = WorkerStats()
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="outbox") as pool:
+            while not stop.is_set():
+                step = self.poll(pool, stop)
+                total += step
+                if not step.claimed:
+                    stop.wait(self.config.poll_seconds)
+        return total
+
+    def poll(self, pool: ThreadPoolExecutor, stop: threading.Event) -> WorkerStats:
+        """One round: reap expired leases, claim a batch, send it, record results."""
+        stats = WorkerStats(polls=1)
+        with self.crm.transaction() as session:
+            stats.reaped = len(outbox.reap_expired(session, utcnow()))
+        with self.crm.transaction() as session:
+            claimed = outbox.claim_batch(
+                self.crm, session, self.name, self.config.batch_size, utcnow()
+            )
+        stats.claimed = len(claimed.claims)
+        stats.paused_accounts = claimed.paused_accounts
+        stats.resumed_accounts = claimed.resumed_accounts
+        if claimed.claims:
+            self._send_and_record(pool, claimed.claims, stop, stats)
+        return stats
+
+    def _send_and_record(
+        self,
+        pool: ThreadPoolExecutor,
+        claims: Sequence[Claim],
+        stop: threading.Event,
+        stats: WorkerStats,
+    ) -> None:
+        groups: dict[str, list[Claim]] = defaultdict(list)
+        for claim in claims:
+            groups[claim.account.key].append(claim)
+        pending: set[Future[_GroupResult]] = {
+            pool.submit(self._send_group, group, stop) for group in groups.values()
+        }
+        token = claims[0].token  # one claim, one token for the whole batch
+        renew_every = max(self.config.lease_seconds / 3.0, 0.05)
+        while pending:
+            done, pending = wait(pending, timeout=renew_every, return_when=FIRST_COMPLETED)
+            for future in done:
+                self._record(future.result(), stats)
+            if pending:
+                self._renew(token)
+
+    def _send_group(self, claims: Sequence[Claim], stop: threading.Event) -> _GroupResult:
+        """Hand one account's messages to its transport (in a pool thread, no transaction)."""
+        if stop.is_set():
+            return _GroupResult(claims, None)
+        account = claims[0].account
+        messages = [c.message for c in claims]
+        try:
+            results = self.crm.send_mail(account, messages)
+        except TransportError as exc:
+            outcome = _outcome(exc.outcome)
+            results = [SendResult(m.message_id, outcome, str(exc), exc.code) for m in messages]
+        except Exception as exc:  # a plugin bug: we cannot tell what it sent
+            log.exception("transport %s raised while sending for %s", account.transport, account)
+            detail = (
+                f"the {account.transport} transport failed unexpectedly "
+                f"({type(exc).__name__}: {exc})"
+            )
+            results = [
+                SendResult(m.message_id, Outcome.AMBIGUOUS, detail, "plugin-error")
+                for m in messages
+            ]
+        return _GroupResult(claims, results)
+
+    def _record(self, group: _GroupResult, stats: WorkerStats) -> None:
+        with self.crm.transaction() as session:
+            if group.results is None:
+                stats.released += outbox.release(session, group.claims, utcnow())
+                return
+            recorded = outbox.record_results(
+                self.crm, session, group.claims, group.results, utcnow()
+            )
+        counts = recorded.counts
+        stats.sent += counts.get(OutboxState.SENT.value, 0)
+        stats.retry += counts.get(OutboxState.RETRY.value, 0)
+        stats.failed += counts.get(OutboxState.FAILED.value, 0)
+        stats.unknown += counts.get(OutboxState.UNKNOWN.value, 0)
+        stats.deferred += counts.get(OutboxState.QUEUED.value, 0)
+        stats.stale += recorded.stale
+        stats.paused_accounts += recorded.paused_accounts
+
+    def _renew(self, token: str) -> None:
+        with self.crm.transaction() as session:
+            until = outbox.lease_until(utcnow(), self.config.lease_seconds)
+            outbox.renew_leases(session, [token], until)
+
+
+def _outcome(value: Any) -> Outcome:
+    """A TransportError's outcome; an unrecognised one counts as ambiguous (safe)."""
+    try:
+        return Outcome(value)
+    except ValueError:
+        return Outcome.AMBIGUOUS
