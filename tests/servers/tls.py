@@ -26,10 +26,7 @@ class TestCA:
     @property
     def ca_pem(self) -> Path:
         """Path of the CA certificate (PEM), to use as a CA bundle."""
-        path = self.directory / "test-ca.pem"
-        if not path.exists():
-            self.ca.cert_pem.write_to_path(str(path))
-        return path
+        return self.directory / "test-ca.pem"
 
     def server_context(self, *hostnames: str) -> ssl.SSLContext:
         """An SSL server context with a certificate for ``hostnames``."""
@@ -50,5 +47,6 @@ def make_test_ca(directory: Path) -> TestCA:
     """Create a fresh CA whose PEM lives in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     test_ca = TestCA(ca=trustme.CA(organization_name="crm-mail test CA"), directory=directory)
-    _ = test_ca.ca_pem
+    # Always (re)write: a stale PEM of an earlier CA in the same folder must not win.
+    test_ca.ca.cert_pem.write_to_path(str(test_ca.ca_pem))
     return test_ca
