@@ -1,0 +1,275 @@
+"""Every way an SMTP exchange can fail, classified for the outbox.
+
+The rule of thumb (see :class:`crm_core.mail.transport.Outcome`):
+
+* nothing was handed over yet and trying later may work → ``temporary``
+  (4xx replies, refused or dropped connections, timeouts, DNS "try again");
+* the server refused this message or recipient for good → ``permanent``
+  (5xx on RCPT or DATA, a message larger than the server's SIZE, an international
+  address the server cannot carry);
+* the account or installation is wrong and every message would fail the same way →
+  ``configuration`` (535 and other 5xx on AUTH, 5xx on MAIL FROM such as 5.7.60 send-as
+  denied, TLS certificate failures, unknown host, STARTTLS or AUTH not offered, and any
+  5xx whose enhanced code is about the account, e.g. 5.7.57 or 5.7.64 on RCPT);
+* the connection was lost after the final dot, before the server's answer →
+  ``ambiguous``: the server may have taken the message.
+"""
+
+from __future__ import annotations
+
+import errno
+import smtplib
+import socket
+import ssl
+from dataclasses import dataclass
+from enum import StrEnum
+
+from crm_core.mail.transport import Outcome, SendResult
+from smtp_mail.hints import Hint, enhanced_code, explain, reply_code
+from smtp_mail.settings import CA_BUNDLE, HOST, PORT, SECURITY, Security, SmtpSettings
+
+
+class Phase(StrEnum):
+    """Where in the SMTP exchange something failed."""
+
+    CONNECT = "connect"
+    TLS = "tls"
+    AUTH = "auth"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A classified failure: outcome, what happened, what to do, the server's code."""
+
+    outcome: Outcome
+    detail: str
+    fix: str = ""
+    code: str = ""
+
+    def result(self, message_id: str) -> SendResult:
+        """The failure as one message's SendResult (detail and fix in one text)."""
+        text = f"{self.detail} What to do: {self.fix}" if self.fix else self.detail
+        return SendResult(message_id, self.outcome, text, self.code)
+
+
+class SmtpFailure(Exception):
+    """Raised inside the client to stop an exchange with a classified Failure."""
+
+    def __init__(self, failure: Failure, phase: Phase) -> None:
+        super().__init__(failure.detail)
+        self.failure = failure
+        self.phase = phase
+
+
+def _text(reply: bytes | str) -> str:
+    raw = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+    return " ".join(raw.split())
+
+
+# --- replies ---------------------------------------------------------------------------
+
+
+def reply_failure(
+    phase: Phase, code: int, reply: bytes | str, subject: str = "", oauth: bool = False
+) -> Failure:
+    """Classify a negative reply to a command (``subject``: the address concerned)."""
+    text = _text(reply)
+    hint = explain(code, text, oauth)
+    said = f"the server answered {code} {text}".rstrip()
+    if phase is Phase.AUTH:
+        return _auth_failure(code, said, hint)
+    about = f" for {subject}" if subject else ""
+    if 400 <= code < 500:
+        return Failure(
+            Outcome.TEMPORARY,
+            f"{_PHASE_WORDS[phase]}{about} was deferred: {said}.",
+            hint.fix if hint else "Nothing; it will be tried again later.",
+            reply_code(code, text),
+        )
+    outcome = _permanent_outcome(phase, code, text, hint)
+    detail = f"{_PHASE_WORDS[phase]}{about} was refused: {said}."
+    if hint:
+        detail = f"{detail} {hint.meaning}"
+    return Failure(outcome, detail, hint.fix if hint else "", reply_code(code, text))
+
+
+_PHASE_WORDS = {
+    Phase.CONNECT: "The connection",
+    Phase.TLS: "Encryption",
+    Phase.AUTH: "The login",
+    Phase.MAIL: "The sender",
+    Phase.RCPT: "The recipient",
+    Phase.DATA: "The message",
+}
+
+
+def _permanent_outcome(phase: Phase, code: int, text: str, hint: Hint | None) -> Outcome:
+    if hint is not None and hint.account_wide:
+        return Outcome.CONFIGURATION
+    if phase is Phase.MAIL:
+        too_big = code == 552 or enhanced_code(text) in ("5.3.4", "5.2.3")
+        return Outcome.PERMANENT if too_big else Outcome.CONFIGURATION
+    if phase in (Phase.CONNECT, Phase.TLS, Phase.AUTH):
+        return Outcome.CONFIGURATION
+    return Outcome.PERMANENT
+
+
+def _auth_failure(code: int, said: str, hint: Hint | None) -> Failure:
+    if 400 <= code < 500:
+        return Failure(
+            Outcome.TEMPORARY,
+            f"The login could not be checked right now: {said}.",
+            "Nothing; it will be tried again later.",
+            reply_code(code, said),
+        )
+    meaning = hint.meaning if hint else "The server refused the login."
+    fix = hint.fix if hint else "Check smtp.username and smtp.password."
+    return Failure(Outcome.CONFIGURATION, f"{meaning} ({said})", fix, reply_code(code, said))
+
+
+def disconnected(phase: Phase, dot_sent: bool, server: str) -> Failure:
+    """The connection was lost; after the final dot nobody knows if the mail went."""
+    if dot_sent:
+        return Failure(
+            Outcome.AMBIGUOUS,
+            f"The connection to {server} was lost after the whole message was sent, "
+            "before the server confirmed it; it may or may not have been delivered.",
+            "Check with the recipient before sending again.",
+            "disconnected-after-data",
+        )
+    return Failure(
+        Outcome.TEMPORARY,
+        f"The connection to {server} was lost ({_PHASE_WORDS[phase].lower()} step), "
+        "before the message was handed over.",
+        "Nothing; it will be tried again later.",
+        "disconnected",
+    )
+
+
+# --- exceptions while connecting -------------------------------------------------------
+
+
+def connection_failure(
+    exc: BaseException, s: SmtpSettings, phase: Phase = Phase.CONNECT
+) -> Failure:
+    """Classify an exception raised while connecting, encrypting, greeting or logging in."""
+    if isinstance(exc, socket.gaierror):
+        return _dns_failure(exc, s)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return certificate_failure(exc, s)
+    if isinstance(exc, ssl.SSLError):
+        return _tls_failure(exc, s)
+    if isinstance(exc, smtplib.SMTPNotSupportedError):
+        return Failure(
+            Outcome.CONFIGURATION,
+            f"{s.server} does not offer STARTTLS, so the connection cannot be encrypted.",
+            f"Check {HOST} and {PORT}; if the server offers TLS from the first byte (port "
+            f"465) set {SECURITY} ssl.",
+            "no-starttls",
+        )
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return disconnected(phase, False, s.server)
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return reply_failure(phase, exc.smtp_code, exc.smtp_error)
+    if isinstance(exc, ConnectionRefusedError):
+        return Failure(
+            Outcome.TEMPORARY,
+            f"Nothing accepts connections on {s.server} (connection refused).",
+            f"If this persists, check {HOST} and {PORT} (587 for starttls, 465 for ssl, "
+            "25 for a relay).",
+            "connection-refused",
+        )
+    if isinstance(exc, TimeoutError):
+        return _timeout_failure(s)
+    if isinstance(exc, ValueError):  # e.g. a host name IDNA cannot encode
+        return Failure(
+            Outcome.CONFIGURATION,
+            f"{s.host!r} cannot be used as a server name ({exc}).",
+            f"Check {HOST}.",
+            "bad-host",
+        )
+    return Failure(
+        Outcome.TEMPORARY,
+        f"{s.server} could not be reached ({_describe_oserror(exc)}).",
+        "Check the network or firewall; it will be tried again later.",
+        "network",
+    )
+
+
+def _dns_failure(exc: socket.gaierror, s: SmtpSettings) -> Failure:
+    if exc.errno == socket.EAI_AGAIN:
+        return Failure(
+            Outcome.TEMPORARY,
+            f"The name {s.host} could not be looked up right now (DNS did not answer).",
+            "Nothing; it will be tried again later.",
+            "dns-temporary",
+        )
+    return Failure(
+        Outcome.CONFIGURATION,
+        f"The SMTP server name {s.host} was not found (DNS: unknown host).",
+        f"Check {HOST} for typos, e.g. smtp.office365.com.",
+        "unknown-host",
+    )
+
+
+def certificate_failure(exc: ssl.SSLCertVerificationError, s: SmtpSettings) -> Failure:
+    """A certificate that is not trusted, not for this host, or expired."""
+    reason = exc.verify_message or exc.reason or str(exc)
+    lowered = reason.lower()
+    if "mismatch" in lowered:
+        fix = (
+            f"Set {HOST} to the name on the server's certificate (e.g. smtp.office365.com, "
+            "not an IP address or another alias)."
+        )
+    elif "expired" in lowered:
+        fix = "The server's certificate has expired; its administrator must renew it."
+    else:
+        fix = (
+            f"If the server uses a private certificate authority, set {CA_BUNDLE} to the "
+            "CA's PEM file (or SSL_CERT_FILE for the whole system)."
+        )
+    return Failure(
+        Outcome.CONFIGURATION,
+        f"The TLS certificate of {s.host} could not be verified: {reason}.",
+        fix,
+        "tls-certificate",
+    )
+
+
+def _tls_failure(exc: ssl.SSLError, s: SmtpSettings) -> Failure:
+    reason = exc.reason or str(exc)
+    if s.security is Security.SSL:
+        fix = (
+            f"Port {s.port} may not speak TLS from the first byte: use {SECURITY} starttls "
+            "with port 587, or ssl with port 465."
+        )
+    else:
+        fix = f"Check {SECURITY} and {PORT}; the server and this client share no TLS version."
+    return Failure(
+        Outcome.CONFIGURATION,
+        f"The TLS handshake with {s.server} failed ({reason}).",
+        fix,
+        "tls",
+    )
+
+
+def _timeout_failure(s: SmtpSettings) -> Failure:
+    fix = "Check the network or firewall (outgoing port {p}); it will be tried again later."
+    if s.port == 465 and s.security is not Security.SSL:
+        fix = f"Port 465 expects TLS from the first byte: set {SECURITY} ssl."
+    return Failure(
+        Outcome.TEMPORARY,
+        f"{s.server} did not answer within {s.timeout} seconds.",
+        fix.format(p=s.port),
+        "timeout",
+    )
+
+
+def _describe_oserror(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        return f"{exc.strerror or name}"
+    return type(exc).__name__

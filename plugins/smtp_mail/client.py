@@ -1,0 +1,434 @@
+"""One SMTP session with smtplib: open, send a batch, close (Django's backend shape).
+
+Why the session is written out step by step instead of calling ``send_message``:
+the outbox must know *where* a failure happened. A refused MAIL FROM, refused
+recipients, a refused DATA and a connection lost after the final dot mean different
+things (see :mod:`smtp_mail.classify`), and smtplib's ``sendmail`` hides the step.
+
+Secrets: the password, the OAuth token and the SASL strings made from them are only
+ever passed to ``docmd``; smtplib's debug output stays off and nothing here logs them.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import smtplib
+import ssl
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from crm_core.mail.message import OutgoingMessage
+from crm_core.mail.transport import Outcome, SendResult
+from smtp_mail.classify import (
+    Failure,
+    Phase,
+    SmtpFailure,
+    connection_failure,
+    disconnected,
+    reply_failure,
+)
+from smtp_mail.render import Envelope, Unsendable, prepare
+from smtp_mail.settings import AUTH, CA_BUNDLE, AuthMode, Security, SmtpSettings
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+log = logging.getLogger(__name__)
+
+_MAX_CHALLENGES = 3
+
+
+class TokenSource(Protocol):
+    """Where XOAUTH2 tokens come from (msal in production)."""
+
+    def token(self) -> str:
+        """A bearer token; raises SmtpFailure when none can be had."""
+        ...
+
+    def evict(self) -> None:
+        """Forget the cached token (the server refused it)."""
+        ...
+
+
+class _Wire(smtplib.SMTP):
+    """smtplib.SMTP that notes whether the final dot of DATA has left.
+
+    Why: a connection lost before the dot means the server has nothing (temporary);
+    lost after it, the server may have accepted the message (ambiguous).
+    """
+
+    dot_sent = False
+    _in_data = False
+
+    def data(self, msg: ReadableBuffer | str) -> tuple[int, bytes]:
+        self.dot_sent = False
+        self._in_data = True
+        try:
+            return super().data(msg)
+        finally:
+            self._in_data = False
+
+    def send(self, s: ReadableBuffer | str) -> None:
+        super().send(s)
+        if self._in_data and isinstance(s, bytes) and s.endswith(b"\r\n.\r\n"):
+            self.dot_sent = True
+
+
+class _WireSSL(_Wire, smtplib.SMTP_SSL):
+    """The same, with TLS from the first byte (port 465)."""
+
+
+def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """Verification on, system trust store (honours SSL_CERT_FILE) plus the CA bundle."""
+    context = ssl.create_default_context()
+    if ca_bundle:
+        context.load_verify_locations(cafile=ca_bundle)
+    return context
+
+
+class SmtpClient:
+    """An SMTP session for one account: :meth:`open`, :meth:`send` each message, :meth:`close`.
+
+    ``open`` runs connect → (STARTTLS → EHLO) → AUTH once; ``send`` reuses the
+    connection and, when the server has closed an idle connection before a message
+    was handed over, reconnects once for that message. ``close`` is idempotent.
+    """
+
+    def __init__(self, settings: SmtpSettings, tokens: TokenSource | None = None) -> None:
+        self.settings = settings
+        self.tokens = tokens
+        self._conn: _Wire | None = None
+        self._broken: Failure | None = None
+        self.connections = 0
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def __enter__(self) -> SmtpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def features(self) -> dict[str, str]:
+        """The server's EHLO keywords (lower case) on the current connection."""
+        return dict(self._conn.esmtp_features) if self._conn is not None else {}
+
+    def open(self) -> None:
+        """Connect, encrypt and log in; raises SmtpFailure with the failing phase."""
+        if self._conn is not None:
+            return
+        self.connect()
+        self.secure()
+        self.login()
+
+    def close(self) -> None:
+        """QUIT and close the socket; safe to call twice or on a dead connection."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            conn.quit()
+        conn.close()
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    # --- the steps of open(), also run one by one by Test connection --------------------
+
+    def connect(self) -> str:
+        """Open TCP (and TLS for ssl) and read the greeting; returns the greeting."""
+        s = self.settings
+        try:
+            conn = self._new_wire()
+            code, greeting = conn.connect(s.host, s.port)
+        except (OSError, ValueError) as exc:
+            phase = Phase.TLS if isinstance(exc, ssl.SSLError) else Phase.CONNECT
+            raise SmtpFailure(connection_failure(exc, s, phase), phase) from exc
+        if code != 220:
+            conn.close()
+            raise SmtpFailure(reply_failure(Phase.CONNECT, code, greeting), Phase.CONNECT)
+        self._conn = conn
+        self.connections += 1
+        return greeting.decode("utf-8", "replace")
+
+    def _new_wire(self) -> _Wire:
+        s = self.settings
+        if s.security is Security.SSL:
+            return _WireSSL(timeout=s.timeout, context=self._tls_context())
+        return _Wire(timeout=s.timeout)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        try:
+            return tls_context(self.settings.ca_bundle)
+        except (OSError, ssl.SSLError) as exc:
+            failure = Failure(
+                Outcome.CONFIGURATION,
+                f"The CA bundle {self.settings.ca_bundle} cannot be read ({exc}).",
+                f"Set {CA_BUNDLE} to a readable PEM file of the CA certificates.",
+                "tls-ca-bundle",
+            )
+            raise SmtpFailure(failure, Phase.TLS) from exc
+
+    def secure(self) -> None:
+        """EHLO, and for starttls: STARTTLS and EHLO again (the step Airflow missed)."""
+        conn = self._require()
+        s = self.settings
+        try:
+            conn.ehlo_or_helo_if_needed()
+            if s.security is Security.STARTTLS:
+                if not conn.has_extn("starttls"):
+                    raise smtplib.SMTPNotSupportedError("STARTTLS not offered")
+                conn.starttls(context=self._tls_context())  # raises unless 220
+                conn.ehlo()
+        except (smtplib.SMTPException, OSError) as exc:
+            self._drop()
+            raise SmtpFailure(connection_failure(exc, s, Phase.TLS), Phase.TLS) from exc
+        except SmtpFailure:
+            self._drop()
+            raise
+
+    def tls_info(self) -> tuple[str, dict[str, object]] | None:
+        """(TLS version, peer certificate) of the current connection, or None."""
+        conn = self._conn
+        sock = conn.sock if conn is not None else None
+        if not isinstance(sock, ssl.SSLSocket):
+            return None
+        cert = sock.getpeercert() or {}
+        return sock.version() or "TLS", dict(cert)
+
+    def login(self) -> None:
+        """AUTH once with the configured mechanism (nothing for auth none)."""
+        s = self.settings
+        if s.auth is AuthMode.NONE:
+            return
+        conn = self._require()
+        offered = conn.esmtp_features.get("auth", "").upper().split()
+        try:
+            if s.auth is AuthMode.XOAUTH2:
+                self._login_xoauth2(conn, offered)
+            else:
+                self._login_password(conn, offered)
+        except (smtplib.SMTPException, OSError) as exc:
+            self._drop()
+            raise SmtpFailure(connection_failure(exc, s, Phase.AUTH), Phase.AUTH) from exc
+        except SmtpFailure:
+            self._drop()
+            raise
+
+    def _login_password(self, conn: _Wire, offered: Sequence[str]) -> None:
+        s = self.settings
+        user = s.username.encode()
+        password = s.password.reveal().encode() if s.password is not None else b""
+        if "PLAIN" in offered:
+            code, reply = _sasl(conn, "PLAIN", b"\0" + user + b"\0" + password, None)
+        elif "LOGIN" in offered:
+            code, reply = _sasl(
+                conn, "LOGIN", user, lambda c: user if b"user" in c.lower() else password
+            )
+        else:
+            raise SmtpFailure(self._no_mechanism(offered, "PLAIN or LOGIN"), Phase.AUTH)
+        if code not in (235, 503):
+            raise SmtpFailure(reply_failure(Phase.AUTH, code, reply), Phase.AUTH)
+
+    def _login_xoauth2(self, conn: _Wire, offered: Sequence[str]) -> None:
+        if "XOAUTH2" not in offered:
+            raise SmtpFailure(self._no_mechanism(offered, "XOAUTH2"), Phase.AUTH)
+        assert self.tokens is not None, "xoauth2 needs a token source"
+        code, reply = self._xoauth2_once(conn)
+        if code >= 500:
+            # The cached token may have been revoked or expired early: once more, fresh.
+            log.info("SMTP server refused the OAuth token (%s); fetching a new one", code)
+            self.tokens.evict()
+            code, reply = self._xoauth2_once(conn)
+        if code not in (235, 503):
+            raise SmtpFailure(reply_failure(Phase.AUTH, code, reply, oauth=True), Phase.AUTH)
+
+    def _xoauth2_once(self, conn: _Wire) -> tuple[int, bytes]:
+        assert self.tokens is not None
+        token = self.tokens.token()
+        sasl = f"user={self.settings.username}\x01auth=Bearer {token}\x01\x01".encode()
+        return _sasl(conn, "XOAUTH2", sasl, lambda _challenge: b"")
+
+    def _no_mechanism(self, offered: Sequence[str], wanted: str) -> Failure:
+        s = self.settings
+        if not offered:
+            return Failure(
+                Outcome.CONFIGURATION,
+                f"{s.server} does not offer a login (no AUTH in its EHLO answer).",
+                f"If it is a relay that accepts mail from this server without login, set "
+                f"{AUTH} none; otherwise check smtp.security (many servers offer AUTH only "
+                "after STARTTLS) and smtp.port (587, not 25).",
+                "no-auth",
+            )
+        return Failure(
+            Outcome.CONFIGURATION,
+            f"{s.server} offers AUTH {' '.join(offered)}, but not {wanted}.",
+            f"Choose a matching {AUTH} (password uses PLAIN or LOGIN, xoauth2 needs "
+            "Microsoft 365's XOAUTH2).",
+            "auth-mechanism",
+        )
+
+    def _require(self) -> _Wire:
+        if self._conn is None:
+            raise SmtpFailure(
+                disconnected(Phase.CONNECT, False, self.settings.server), Phase.CONNECT
+            )
+        return self._conn
+
+    # --- sending -------------------------------------------------------------------------
+
+    def send(self, message: OutgoingMessage) -> SendResult:
+        """Send one message on the open connection (opening or reopening it as needed)."""
+        for attempt in (1, 2):
+            try:
+                self._ensure_open()
+                return self._transaction(message)
+            except _Stale:
+                self._drop()
+                if attempt == 2:
+                    failure = disconnected(Phase.MAIL, False, self.settings.server)
+                    return failure.result(message.message_id)
+                log.info("SMTP server %s closed the connection; reconnecting", self.settings.server)
+            except SmtpFailure as exc:
+                return exc.failure.result(message.message_id)
+            except Unsendable as exc:
+                return exc.failure.result(message.message_id)
+        raise AssertionError("unreachable")
+
+    def _ensure_open(self) -> None:
+        if self._broken is not None:
+            raise SmtpFailure(self._broken, Phase.CONNECT)
+        try:
+            self.open()
+        except SmtpFailure as exc:
+            self._broken = exc.failure  # one failed open serves the rest of the batch
+            raise
+
+    def probe_sender(self, address: str) -> tuple[int, str]:
+        """MAIL FROM ``address`` then RSET, sending nothing (Test connection's last rung)."""
+        conn = self._require()
+        try:
+            code, reply = conn.mail(address)
+            conn.rset()
+        except (smtplib.SMTPException, OSError) as exc:
+            self._drop()
+            raise SmtpFailure(
+                disconnected(Phase.MAIL, False, self.settings.server), Phase.MAIL
+            ) from exc
+        return code, reply.decode("utf-8", "replace")
+
+    def _transaction(self, message: OutgoingMessage) -> SendResult:
+        conn = self._require()
+        envelope = prepare(message, conn.esmtp_features, self.settings.server)
+        mid = message.message_id
+        try:
+            code, reply = conn.mail(envelope.sender, envelope.options)
+        except (smtplib.SMTPException, OSError) as exc:
+            raise _Stale from exc
+        if code == 421:
+            raise _Stale
+        if code != 250:
+            self._reset(conn)
+            return reply_failure(Phase.MAIL, code, reply, envelope.sender).result(mid)
+        return self._recipients_and_data(conn, envelope, mid)
+
+    def _recipients_and_data(self, conn: _Wire, envelope: Envelope, mid: str) -> SendResult:
+        refused: dict[str, tuple[int, bytes]] = {}
+        try:
+            for rcpt in envelope.recipients:
+                code, reply = conn.rcpt(rcpt)
+                if code == 421:
+                    self._drop()
+                    return reply_failure(Phase.RCPT, code, reply, rcpt).result(mid)
+                if code not in (250, 251):
+                    refused[rcpt] = (code, reply)
+            if len(refused) == len(envelope.recipients):
+                self._reset(conn)
+                return _all_refused(refused).result(mid)
+            code, reply = conn.data(envelope.data)
+        except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
+            self._reset(conn)
+            return reply_failure(Phase.DATA, exc.smtp_code, exc.smtp_error).result(mid)
+        except (smtplib.SMTPException, OSError):
+            dot_sent = conn.dot_sent
+            self._drop()
+            return disconnected(Phase.DATA, dot_sent, self.settings.server).result(mid)
+        if code != 250:
+            if code == 421:
+                self._drop()
+            return reply_failure(Phase.DATA, code, reply).result(mid)
+        return _sent(mid, reply, refused)
+
+    def _reset(self, conn: _Wire) -> None:
+        try:
+            conn.rset()
+        except (smtplib.SMTPException, OSError):
+            self._drop()
+
+
+class _Stale(Exception):
+    """The connection was found closed before anything of the message was handed over."""
+
+
+def _sasl(
+    conn: smtplib.SMTP,
+    mechanism: str,
+    initial: bytes,
+    answer: Callable[[bytes], bytes] | None,
+) -> tuple[int, bytes]:
+    """AUTH with an initial response, then answer challenges (RFC 4954).
+
+    Why not smtplib's ``auth``: it encodes responses as ASCII, so a password with
+    å, ä or ö fails before it reaches the server; SASL strings are UTF-8 (RFC 4616).
+    """
+    code, reply = conn.docmd("AUTH", f"{mechanism} {_b64(initial)}")
+    rounds = 0
+    while code == 334 and rounds < _MAX_CHALLENGES:
+        rounds += 1
+        challenge = base64.b64decode(reply or b"")
+        response = answer(challenge) if answer is not None else b""
+        code, reply = conn.docmd(_b64(response))
+    return code, reply
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _all_refused(refused: dict[str, tuple[int, bytes]]) -> Failure:
+    """Every recipient refused: temporary if any refusal was, else permanent."""
+    failures = [reply_failure(Phase.RCPT, c, r, a) for a, (c, r) in refused.items()]
+    order = (Outcome.CONFIGURATION, Outcome.TEMPORARY, Outcome.PERMANENT)
+    outcome = next(o for o in order if any(f.outcome is o for f in failures))
+    detail = " ".join(f.detail for f in failures)
+    fixes = " ".join(dict.fromkeys(f.fix for f in failures if f.fix))
+    return Failure(outcome, detail, fixes, failures[0].code)
+
+
+def _sent(mid: str, reply: bytes, refused: dict[str, tuple[int, bytes]]) -> SendResult:
+    """Sent; recipients the server refused are named (the mail went to the others).
+
+    Why not retry or fail: the accepted recipients already have the message, and a
+    resend would give them a duplicate; the sender is told whom it did not reach.
+    """
+    queued = " ".join(reply.decode("utf-8", "replace").split())
+    if not refused:
+        return SendResult(mid, Outcome.SENT, "", "", provider_ref=queued)
+    missed = "; ".join(
+        f"{addr} ({reply_failure(Phase.RCPT, c, r, addr).code}: "
+        f"{' '.join(r.decode('utf-8', 'replace').split())})"
+        for addr, (c, r) in refused.items()
+    )
+    first = next(iter(refused.items()))
+    return SendResult(
+        mid,
+        Outcome.SENT,
+        f"Sent, but not delivered to: {missed}.",
+        reply_failure(Phase.RCPT, first[1][0], first[1][1]).code,
+        provider_ref=queued,
+    )

@@ -1,0 +1,150 @@
+"""Hook implementations of the SMTP transport."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+
+from crm_core import hookimpl
+from crm_core.entra import forget_clients
+from crm_core.fields import Scope, SettingField, SettingNotice
+from crm_core.mail.message import OutgoingMessage
+from crm_core.mail.transport import (
+    ConnectionReport,
+    Outcome,
+    ReconcileResult,
+    Resources,
+    RouteInfo,
+    SenderAccount,
+    SendResult,
+    SettingValue,
+    TransportSpec,
+)
+from smtp_mail import diagnostics
+from smtp_mail.classify import Failure
+from smtp_mail.client import SmtpClient
+from smtp_mail.oauth import EntraTokens
+from smtp_mail.settings import (
+    CA_BUNDLE,
+    TRANSPORT,
+    AuthMode,
+    Problem,
+    check,
+    resolve,
+    smtp_fields,
+)
+
+log = logging.getLogger(__name__)
+
+
+@hookimpl
+def register_transports() -> list[TransportSpec]:
+    """Offer the ``smtp`` transport."""
+    return [
+        TransportSpec(
+            TRANSPORT,
+            "Send via SMTP",
+            description="Any SMTP server: Microsoft 365 (OAuth), Google, a company relay, "
+            "an on-premises Exchange receive connector.",
+        )
+    ]
+
+
+@hookimpl
+def register_settings() -> list[SettingField]:
+    """smtp.* system and per-user fields, and the shared Entra fields for XOAUTH2."""
+    return smtp_fields()
+
+
+@hookimpl
+def check_settings(
+    scope: Scope,
+    system: dict[str, SettingValue],
+    user: dict[str, SettingValue] | None,
+    user_email: str | None,
+) -> list[SettingNotice]:
+    """Cross-field rules: plain text only to loopback, what each login mode needs."""
+    return check(scope, system, user, user_email)
+
+
+@hookimpl
+def system_settings_changed(changed: Sequence[str], resources: Resources) -> None:
+    """Drop msal clients when the Entra codes or the CA bundle change."""
+    if any(key.startswith("exchange.") or key == CA_BUNDLE for key in changed):
+        forget_clients(resources)
+
+
+@hookimpl
+def send_mail(
+    account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+) -> list[SendResult] | None:
+    """Send the batch over one connection (one AUTH); one classified result per message."""
+    if account.transport != TRANSPORT:
+        return None
+    settings = resolve(account)
+    problems = settings.problems({**account.system, **account.user})
+    if problems:
+        failure = _settings_failure(problems)
+        return [failure.result(m.message_id) for m in messages]
+    tokens = EntraTokens.for_account(account, resources)
+    if settings.auth is not AuthMode.XOAUTH2:
+        tokens = None
+    with SmtpClient(settings, tokens) as client:
+        results = [client.send(m) for m in messages]
+    counts = Counter(r.outcome.value for r in results)
+    log.info(
+        "SMTP batch for %s via %s: %s over %d connection(s)",
+        account.email,
+        settings.server,
+        dict(counts),
+        client.connections,
+    )
+    return results
+
+
+def _settings_failure(problems: Sequence[Problem]) -> Failure:
+    detail = " ".join(p.message for p in problems)
+    fix = " ".join(p.fix for p in problems)
+    return Failure(Outcome.CONFIGURATION, detail, fix, "settings")
+
+
+@hookimpl
+def test_connection(account: SenderAccount, resources: Resources) -> ConnectionReport | None:
+    """Resolve, connect, TLS, (token,) AUTH, MAIL FROM the user's address, RSET."""
+    if account.transport != TRANSPORT:
+        return None
+    return diagnostics.test_connection(account, resources)
+
+
+@hookimpl
+def reconcile_mail(
+    account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+) -> list[ReconcileResult] | None:
+    """SMTP cannot look into the sender's Sent folder, so it can never tell."""
+    if account.transport != TRANSPORT:
+        return None
+    return [
+        ReconcileResult(
+            m.message_id,
+            None,
+            "SMTP has no way to look up whether a message arrived; ask the recipient "
+            "or look in the mailbox's Sent folder before sending again.",
+        )
+        for m in messages
+    ]
+
+
+@hookimpl
+def describe_route(account: SenderAccount) -> RouteInfo | None:
+    """Server, login and encryption this account would use (no network)."""
+    if account.transport != TRANSPORT:
+        return None
+    s = resolve(account)
+    login = s.username if s.auth is not AuthMode.NONE else "(no login)"
+    return RouteInfo(
+        TRANSPORT,
+        server=s.server,
+        account=login,
+        notes=(f"security {s.security.value}", f"auth {s.auth.value}"),
+    )
