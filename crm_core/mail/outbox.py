@@ -841,8 +841,9 @@ def pause_account(
             paused_at=now,
         )
         .on_conflict_do_nothing(index_elements=[AccountPause.user_id])
+        .returning(AccountPause.user_id)
     )
-    created = _rowcount(session.execute(stmt)) == 1
+    created = session.execute(stmt).scalar() is not None
     if created:
         signals.emit_after_commit(
             session,
@@ -902,7 +903,7 @@ def pauses(session: Session) -> list[tuple[AccountPause, str]]:
         .join(User, User.id == AccountPause.user_id)
         .order_by(AccountPause.paused_at)
     )
-    return [(pause, email) for pause, email in rows.tuples()]
+    return [(pause, email) for pause, email in rows]
 
 
 def _user(session: Session, email: str) -> User:

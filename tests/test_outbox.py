@@ -1,0 +1,473 @@
+"""The outbox services and the worker, on a real database, with a scripted transport.
+
+Each test drives real Crm objects, real transactions and the real Worker; only the
+transport is the in-test plugin from ``test_outbox_helpers`` (faults against a real
+SMTP server are in ``test_worker_smtp.py``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, update
+
+from crm_core import signals
+from crm_core.errors import MailValidationError, ValidationError
+from crm_core.mail import outbox
+from crm_core.mail.message import Attachment, OutgoingMessage
+from crm_core.mail.transport import Outcome, SenderAccount
+from crm_core.mail.worker import Worker, WorkerStats
+from crm_core.models import AccountPause, OutboxMessage, Person, PersonActivity, utcnow
+from tests.test_outbox_helpers import add_people, queue, row, scripted_crm, states, time_passes
+
+TEMP = (Outcome.TEMPORARY, "451 4.3.0 try later", "451", None)
+PERM = (Outcome.PERMANENT, "550 5.1.1 per@example.com: no such mailbox", "550 5.1.1", None)
+SENT = (Outcome.SENT, "", "", None)
+
+
+@pytest.fixture
+def scripted(make_crm: Any) -> Any:
+    crm, transport = scripted_crm(make_crm)
+    add_people(crm, "anna@example.se", "bo@example.se")
+    return crm, transport
+
+
+def _request(**overrides: Any) -> outbox.MailRequest:
+    values: dict[str, Any] = {
+        "sender_email": "anna@example.se",
+        "to": ["per@example.com"],
+        "subject": "Visning",
+        "text": "Välkommen!",
+    }
+    values.update(overrides)
+    return outbox.MailRequest(**values)
+
+
+def _count(crm: Any, model: Any) -> int:
+    with crm.transaction() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+# --- enqueue ------------------------------------------------------------------------
+
+
+def test_enqueue_names_every_problem_and_queues_nothing(scripted: Any) -> None:
+    crm, _ = scripted
+    bad = _request(
+        to=["per @example.com", "no-at-sign"],
+        cc=["ok@example.com", "x@nodot"],
+        subject="two\nlines",
+        person_email="nobody@example.com",
+        attachments=[Attachment("a.txt", "textplain", b"x")],
+    )
+    with pytest.raises(MailValidationError) as caught, crm.transaction() as session:
+        outbox.enqueue(crm, session, bad)
+    text = str(caught.value)
+    assert text.startswith("Error validating e-mail")
+    for needle in (
+        "'per @example.com'",
+        "'no-at-sign'",
+        "'x@nodot'",
+        "subject",
+        "person",
+        "attachment 'a.txt'",
+    ):
+        assert needle in text, needle
+    assert len(caught.value.problems) == 6
+    assert _count(crm, OutboxMessage) == 0
+
+
+def test_only_a_users_own_address_can_send(scripted: Any) -> None:
+    crm, transport = scripted
+    with pytest.raises(MailValidationError, match="not a CRM user"), crm.transaction() as s:
+        outbox.enqueue(crm, s, _request(sender_email="ceo@example.se"))
+    queue(crm, sender="Anna@Example.se")
+    Worker(crm).run_once()
+    ((email, _ids),) = transport.calls
+    assert email == "anna@example.se"
+
+
+def test_limits_are_checked_at_enqueue(make_crm: Any) -> None:
+    from tests.test_outbox_helpers import SCRIPTED_CONFIG
+
+    config = SCRIPTED_CONFIG + "\n[mail]\nmax_message_bytes = 10000\nmax_recipients = 2\n"
+    crm, _ = scripted_crm(make_crm, config)
+    add_people(crm, "anna@example.se")
+    big = _request(
+        to=["a@example.com", "b@example.com"],
+        bcc=["c@example.com"],
+        attachments=[Attachment("plan.pdf", "application/pdf", b"%" * 20000)],
+    )
+    with pytest.raises(MailValidationError) as caught, crm.transaction() as s:
+        outbox.enqueue(crm, s, big)
+    assert {p.field for p in caught.value.problems} == {"size", "recipients"}
+
+
+def test_sender_settings_and_transport_are_checked(make_crm: Any) -> None:
+    crm = make_crm()  # the maildir default transport; maildir.path not set
+    add_people(crm, "anna@example.se")
+    with pytest.raises(MailValidationError, match=r"maildir\.path"), crm.transaction() as s:
+        outbox.enqueue(crm, s, _request())
+    with crm.transaction() as s:
+        found = outbox.plan(crm, s, _request())
+    assert not found.ok
+    assert found.product_line == "commercial" and found.transport == "maildir"
+    assert "default_transport" in found.transport_reason
+
+
+def test_queue_is_part_of_the_callers_transaction(scripted: Any) -> None:
+    crm, _ = scripted
+    heard: list[dict[str, Any]] = []
+
+    def on_queued(sender: object, **extra: Any) -> None:
+        heard.append(extra)
+
+    signals.mail_queued.connect(on_queued, sender=crm)
+    try:
+        with pytest.raises(RuntimeError), crm.transaction() as session:
+            person = session.scalar(select(Person).where(Person.email == "per@example.com"))
+            assert person is not None
+            person.name = "Per Changed"
+            outbox.enqueue(crm, session, _request(person_email="per@example.com"))
+            raise RuntimeError("the caller's own change failed")
+        assert _count(crm, OutboxMessage) == 0
+        assert _count(crm, PersonActivity) == 0
+        assert heard == []
+        with crm.transaction() as session:
+            queued = outbox.enqueue(crm, session, _request(person_email="per@example.com"))
+            assert heard == []  # not before commit
+        assert [h["outbox_id"] for h in heard] == [queued.outbox_id]
+    finally:
+        signals.mail_queued.disconnect(on_queued, sender=crm)
+    with crm.transaction() as session:
+        (activity,) = session.scalars(select(PersonActivity)).all()
+        assert activity.kind == "mail" and activity.outbox_id == queued.outbox_id
+        assert "Visning" in activity.summary and f"#{queued.outbox_id}" in activity.summary
+    assert queued.message_id.startswith("<crm.") and queued.message_id.endswith("@example.se>")
+
+
+# --- states ---------------------------------------------------------------------------
+
+
+def test_temporary_failure_retries_with_the_same_message_id(scripted: Any) -> None:
+    crm, transport = scripted
+    transport.script["Hello"] = [TEMP, SENT]
+    outbox_id = queue(crm)
+    first = Worker(crm).run_once()
+    assert (first.claimed, first.retry) == (1, 1)
+    waiting = row(crm, outbox_id)
+    assert waiting.state == "retry" and "will be retried" in (waiting.last_error or "")
+    delay = (waiting.next_attempt_at - waiting.updated_at).total_seconds()
+    assert 5 <= delay <= 10  # attempt 1: half to all of backoff_base_seconds
+    assert Worker(crm).run_once().claimed == 0  # not due yet
+    time_passes(crm)
+    assert Worker(crm).run_once().sent == 1
+    done = row(crm, outbox_id)
+    assert done.state == "sent" and done.sent_at is not None and done.provider_ref == "ref"
+    ids = [ids for _, ids in transport.calls]
+    assert ids[0] == ids[1] == [done.message_id]
+    assert [(a.number, a.outcome) for a in done.attempt_log] == [(1, "temporary"), (2, "sent")]
+    assert all(a.transport == "scripted" and a.finished_at for a in done.attempt_log)
+
+
+def test_permanent_failure_is_never_retried(scripted: Any) -> None:
+    crm, transport = scripted
+    transport.script["Hello"] = [PERM]
+    outbox_id = queue(crm)
+    assert Worker(crm).run_once().failed == 1
+    time_passes(crm)
+    Worker(crm).run_once()
+    failed = row(crm, outbox_id)
+    assert failed.state == "failed" and len(transport.calls) == 1
+    assert "no such mailbox" in (failed.last_error or "") and failed.last_code == "550 5.1.1"
+
+
+def test_spent_budget_fails_with_the_last_reason(scripted: Any) -> None:
+    crm, transport = scripted
+    transport.script["Hello"] = [TEMP]
+    outbox_id = queue(crm)
+    for _ in range(5):
+        Worker(crm).run_once()
+        time_passes(crm)
+    failed = row(crm, outbox_id)
+    assert failed.state == "failed" and len(transport.calls) == 3  # max_attempts = 3
+    assert (failed.last_error or "").startswith("Gave up after 3 attempts")
+    assert "451 4.3.0 try later" in (failed.last_error or "")
+
+
+def test_server_retry_after_wins_when_longer(scripted: Any) -> None:
+    crm, transport = scripted
+    transport.script["Hello"] = [(Outcome.TEMPORARY, "throttled", "429", 900.0)]
+    outbox_id = queue(crm)
+    Worker(crm).run_once()
+    waiting = row(crm, outbox_id)
+    assert (waiting.next_attempt_at - waiting.updated_at).total_seconds() == pytest.approx(900)
+
+
+def test_ambiguous_becomes_unknown_and_is_not_resent(scripted: Any) -> None:
+    crm, transport = scripted
+    transport.script["Hello"] = [
+        (Outcome.AMBIGUOUS, "connection lost after the final dot", "", None)
+    ]
+    outbox_id = queue(crm)
+    assert Worker(crm).run_once().unknown == 1
+    time_passes(crm)
+    assert Worker(crm).run_once().claimed == 0
+    unknown = row(crm, outbox_id)
+    assert unknown.state == "unknown" and "may or may not" in (unknown.last_error or "")
+    with pytest.raises(ValidationError, match="resolve"), crm.transaction() as s:
+        outbox.retry(s, outbox_id)
+
+
+def test_a_plugin_that_raises_makes_the_batch_unknown(scripted: Any) -> None:
+    crm, transport = scripted
+    transport.raise_error = ZeroDivisionError("bug in the plugin")
+    ids = [queue(crm, subject=f"m{i}") for i in range(3)]
+    stats = Worker(crm).run_once()
+    assert stats.unknown == 3
+    for outbox_id in ids:
+        found = row(crm, outbox_id)
+        assert found.state == "unknown" and found.last_code == "plugin-error"
+        assert "ZeroDivisionError" in (found.last_error or "")
+
+
+def test_batch_is_grouped_by_sender_account(scripted: Any) -> None:
+    crm, transport = scripted
+    for i in range(3):
+        queue(crm, subject=f"a{i}", sender="anna@example.se")
+        queue(crm, subject=f"b{i}", sender="bo@example.se")
+    Worker(crm, concurrency=2).run_once()
+    assert sorted((email, len(ids)) for email, ids in transport.calls) == [
+        ("anna@example.se", 3),
+        ("bo@example.se", 3),
+    ]
+    assert set(states(crm).values()) == {"sent"}
+
+
+# --- pauses -----------------------------------------------------------------------------
+
+
+def test_configuration_error_pauses_the_account_not_the_budget(scripted: Any) -> None:
+    crm, transport = scripted
+    transport.script["Bad"] = [
+        (Outcome.CONFIGURATION, "535 5.7.139 Authentication unsuccessful", "535", None)
+    ]
+    paused_id = queue(crm, subject="Bad")
+    later_id = queue(crm, subject="Later")
+    other_id = queue(crm, subject="Other", sender="bo@example.se")
+    stats = Worker(crm).run_once()
+    assert stats.paused_accounts == 1 and stats.sent == 2  # Later went in the same batch
+    waiting = row(crm, paused_id)
+    assert waiting.state == "queued" and waiting.attempts == 0  # no try spent
+    assert "paused" in (waiting.last_error or "")
+    assert row(crm, other_id).state == "sent"
+    queue(crm, subject="While paused")
+    before = len(transport.calls)
+    assert Worker(crm).run_once().claimed == 0  # paused: stays queued, not claimed
+    assert len(transport.calls) == before
+    with crm.transaction() as s:
+        listed = {v.subject: v for v in outbox.list_messages(s)}
+        detail = outbox.show_message(s, paused_id)
+    assert "Authentication unsuccessful" in (listed["While paused"].paused or "")
+    assert "Authentication unsuccessful" in (detail.view.paused or "")
+    assert listed["Later"].paused is None  # sent: no longer waiting
+    transport.script["Bad"] = [SENT]
+    with crm.transaction() as s:
+        assert outbox.resume(s, "anna@example.se") is not None
+    assert Worker(crm).run_once().sent == 2
+    assert row(crm, later_id).state == "sent"
+
+
+def test_a_settings_change_lifts_the_pause(scripted: Any) -> None:
+    crm, transport = scripted
+    transport.script["Bad"] = [(Outcome.CONFIGURATION, "wrong password", "535", None), SENT]
+    outbox_id = queue(crm, subject="Bad")
+    Worker(crm).run_once()
+    assert _count(crm, AccountPause) == 1
+    with crm.transaction() as s:  # backdate the pause: settings are saved after it
+        s.execute(update(AccountPause).values(paused_at=utcnow() - timedelta(minutes=5)))
+    assert Worker(crm).run_once().claimed == 0
+    with crm.transaction() as s:
+        crm.set_system_setting(s, "maildir.path", "/tmp/unused-maildir")
+    stats = Worker(crm).run_once()
+    assert (stats.resumed_accounts, stats.sent) == (1, 1)
+    assert row(crm, outbox_id).state == "sent"
+
+
+def test_incomplete_settings_pause_before_any_attempt(make_crm: Any, tmp_path: Any) -> None:
+    crm = make_crm()
+    add_people(crm, "anna@example.se")
+    with crm.transaction() as s:
+        crm.set_system_setting(s, "maildir.path", str(tmp_path / "md"))
+    outbox_id = queue(crm)
+    with crm.transaction() as s:
+        crm.settings_store().unset_system(s, "maildir.path")
+    stats = Worker(crm).run_once()
+    assert (stats.paused_accounts, stats.claimed) == (1, 0)
+    waiting = row(crm, outbox_id)
+    assert waiting.state == "queued" and waiting.attempts == 0 and waiting.attempt_log == []
+    with crm.transaction() as s:
+        ((pause, email),) = outbox.pauses(s)
+    assert email == "anna@example.se" and "maildir.path" in pause.reason
+
+
+# --- leases and fencing -------------------------------------------------------------------
+
+
+def _claim(crm: Any, worker: str, now: Any = None) -> list[outbox.Claim]:
+    with crm.transaction() as s:
+        return outbox.claim_batch(crm, s, worker, 50, now or utcnow()).claims
+
+
+def _record(crm: Any, claims: Sequence[outbox.Claim], outcome: Outcome) -> outbox.Recorded:
+    from crm_core.mail.transport import SendResult
+
+    results = [SendResult(c.message.message_id, outcome, "scripted") for c in claims]
+    with crm.transaction() as s:
+        return outbox.record_results(crm, s, claims, results, utcnow())
+
+
+def test_a_late_worker_cannot_overwrite_a_newer_claim(scripted: Any) -> None:
+    crm, _ = scripted
+    outbox_id = queue(crm)
+    old = _claim(crm, "worker-a")
+    assert old and row(crm, outbox_id).state == "sending"
+    with crm.transaction() as s:  # worker-a stalls past its lease; the reaper runs
+        reaped = outbox.reap_expired(s, utcnow() + timedelta(seconds=61))
+    assert reaped == [outbox_id]
+    unknown = row(crm, outbox_id)
+    assert unknown.state == "unknown" and unknown.last_code == "lease-expired"
+    with crm.transaction() as s:
+        outbox.resolve(s, outbox_id, sent=False)
+    new = _claim(crm, "worker-b")
+    assert new[0].token != old[0].token
+    assert _record(crm, old, Outcome.SENT).stale == 1
+    assert row(crm, outbox_id).state == "sending"  # worker-b's claim stands
+    assert _record(crm, new, Outcome.PERMANENT).counts == {"failed": 1}
+    final = row(crm, outbox_id)
+    assert final.state == "failed"
+    outcomes = [(a.worker, a.outcome) for a in final.attempt_log]
+    assert outcomes == [("worker-a", "sent"), ("worker-b", "permanent")]
+    assert "not applied" in (final.attempt_log[0].error or "")
+
+
+def test_a_late_result_still_lands_when_nobody_else_touched_the_row(scripted: Any) -> None:
+    crm, _ = scripted
+    outbox_id = queue(crm)
+    claims = _claim(crm, "worker-a")
+    with crm.transaction() as s:
+        outbox.reap_expired(s, utcnow() + timedelta(seconds=61))
+    assert _record(crm, claims, Outcome.SENT).counts == {"sent": 1}
+    assert row(crm, outbox_id).state == "sent"
+
+
+def test_the_reaper_leaves_live_leases_alone(scripted: Any) -> None:
+    crm, _ = scripted
+    queue(crm)
+    _claim(crm, "worker-a")
+    with crm.transaction() as s:
+        assert outbox.reap_expired(s, utcnow() + timedelta(seconds=30)) == []
+    assert set(states(crm).values()) == {"sending"}
+
+
+def test_a_slow_live_worker_keeps_its_lease(make_crm: Any) -> None:
+    from tests.test_outbox_helpers import SCRIPTED_CONFIG
+
+    crm, transport = scripted_crm(
+        make_crm, SCRIPTED_CONFIG.replace("lease_seconds = 60", "lease_seconds = 1")
+    )
+    add_people(crm, "anna@example.se")
+    reaped: list[int] = []
+
+    def slow(account: SenderAccount, messages: Sequence[OutgoingMessage]) -> None:
+        deadline = utcnow() + timedelta(seconds=2.5)  # well past the 1 s lease
+        while utcnow() < deadline:
+            with crm.transaction() as s:
+                reaped.extend(outbox.reap_expired(s, utcnow()))
+            threading.Event().wait(0.1)
+
+    transport.hook = slow
+    outbox_id = queue(crm)
+    assert Worker(crm).run_once().sent == 1
+    assert reaped == [] and row(crm, outbox_id).state == "sent"
+
+
+def test_a_stopping_worker_releases_what_it_did_not_start(scripted: Any) -> None:
+    crm, transport = scripted
+    outbox_id = queue(crm)
+    claims = _claim(crm, "worker-a")
+    stop = threading.Event()
+    stop.set()  # SIGTERM arrived after the claim, before the send started
+    stats = WorkerStats()
+    with ThreadPoolExecutor(1) as pool:
+        Worker(crm, name="worker-a")._send_and_record(pool, claims, stop, stats)
+    assert stats.released == 1 and transport.calls == []
+    back = row(crm, outbox_id)
+    assert back.state == "queued" and back.attempts == 0 and back.attempt_log == []
+    assert back.lease_token is None
+
+
+# --- operators ----------------------------------------------------------------------------
+
+
+def test_cancel_retry_and_resolve_follow_the_state_rules(scripted: Any) -> None:
+    crm, transport = scripted
+    transport.script["Perm"] = [PERM, SENT]
+    failed_id = queue(crm, subject="Perm")
+    Worker(crm).run_once()
+    with crm.transaction() as s:
+        with pytest.raises(ValidationError, match="already final"):
+            outbox.cancel(s, failed_id)
+        with pytest.raises(ValidationError, match="only messages in state unknown"):
+            outbox.resolve(s, failed_id, sent=True)
+        outbox.retry(s, failed_id)
+    assert row(crm, failed_id).attempts == 0  # a fresh budget
+    assert Worker(crm).run_once().sent == 1
+    queued_id = queue(crm, subject="Cancel me")
+    with crm.transaction() as s:
+        outbox.cancel(s, queued_id)
+    assert Worker(crm).run_once().claimed == 0
+    assert row(crm, queued_id).state == "cancelled"
+    transport.script["Amb"] = [(Outcome.AMBIGUOUS, "timeout after DATA", "", None), SENT]
+    a, b = queue(crm, subject="Amb"), queue(crm, subject="Amb")
+    Worker(crm).run_once()
+    with crm.transaction() as s:
+        outbox.resolve(s, a, sent=True)
+        outbox.resolve(s, b, sent=False)
+    assert row(crm, a).state == "sent" and row(crm, b).state == "queued"
+    Worker(crm).run_once()
+    assert row(crm, b).state == "sent"
+
+
+def test_reconcile_asks_the_transport(scripted: Any) -> None:
+    crm, transport = scripted
+    transport.script["Amb"] = [(Outcome.AMBIGUOUS, "connection dropped", "", None)]
+    ids = [queue(crm, subject="Amb") for _ in range(3)]
+    Worker(crm).run_once()
+    message_ids = [row(crm, i).message_id for i in ids]
+    transport.reconcile_answers = {message_ids[0]: True, message_ids[1]: False}
+    reports = {r.outbox_id: r for r in outbox.reconcile(crm)}
+    assert [reports[i].sent for i in ids] == [True, False, None]
+    assert [row(crm, i).state for i in ids] == ["sent", "queued", "unknown"]
+
+
+def test_reconcile_in_a_maildir_finds_what_was_written(make_crm: Any, tmp_path: Any) -> None:
+    crm = make_crm()
+    add_people(crm, "anna@example.se")
+    with crm.transaction() as s:
+        crm.set_system_setting(s, "maildir.path", str(tmp_path / "md"))
+    written, lost = queue(crm, subject="written"), queue(crm, subject="lost")
+    assert Worker(crm).run_once().sent == 2
+    with crm.transaction() as s:  # pretend both ended ambiguous; only one was lost
+        s.execute(update(OutboxMessage).values(state="unknown"))
+        s.execute(
+            update(OutboxMessage).where(OutboxMessage.id == lost).values(message_id="<gone@x.se>")
+        )
+    reports = outbox.reconcile(crm)
+    assert {r.outbox_id: r.sent for r in reports} == {written: True, lost: False}
+    assert row(crm, written).state == "sent" and row(crm, lost).state == "queued"

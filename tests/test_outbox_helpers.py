@@ -1,0 +1,165 @@
+"""Shared pieces of the outbox tests: a scripted in-test transport and small helpers.
+
+The scripted transport is a real pluggy plugin registered on a real Crm (no mocks);
+each message's outcomes are scripted by subject, so a test says "first temporary,
+then sent" and looks at what the outbox made of it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from crm_core import directory, hookimpl
+from crm_core.app import Crm
+from crm_core.mail import outbox
+from crm_core.mail.message import OutgoingMessage
+from crm_core.mail.transport import (
+    Outcome,
+    ReconcileResult,
+    Resources,
+    SenderAccount,
+    SendResult,
+    TransportSpec,
+)
+from crm_core.models import OutboxMessage, OutboxState, utcnow
+
+SCRIPTED = "scripted"
+
+SCRIPTED_CONFIG = """\
+[product_lines.commercial]
+plugins = ["test_transport", "maildir_mail"]
+default_transport = "scripted"
+
+[product_lines.rentals]
+plugins = ["test_transport", "maildir_mail"]
+default_transport = "scripted"
+
+[outbox]
+lease_seconds = 60
+max_attempts = 3
+backoff_base_seconds = 10
+backoff_max_seconds = 100
+batch_size = 50
+poll_seconds = 0.05
+"""
+
+
+@dataclass
+class Scripted:
+    """A transport whose results are scripted per subject (default: sent).
+
+    ``script[subject]`` is a list of (outcome, detail, code, retry_after) used one per
+    attempt (the last one repeats). ``calls`` records every batch as
+    (account email, [Message-ID]); ``delivered`` every Message-ID reported sent.
+    ``hook`` runs inside send_mail before answering (to stall or inspect).
+    """
+
+    script: dict[str, list[tuple[Outcome, str, str, float | None]]] = field(default_factory=dict)
+    calls: list[tuple[str, list[str]]] = field(default_factory=list)
+    delivered: list[str] = field(default_factory=list)
+    raise_error: Exception | None = None
+    hook: Callable[[SenderAccount, Sequence[OutgoingMessage]], None] | None = None
+    reconcile_answers: dict[str, bool | None] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    seen: dict[str, int] = field(default_factory=dict)
+
+    @hookimpl
+    def register_transports(self) -> list[TransportSpec]:
+        return [TransportSpec(SCRIPTED, "Scripted test transport")]
+
+    @hookimpl
+    def send_mail(
+        self, account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+    ) -> list[SendResult] | None:
+        if account.transport != SCRIPTED:
+            return None
+        with self.lock:
+            self.calls.append((account.email, [m.message_id for m in messages]))
+        if self.hook is not None:
+            self.hook(account, messages)
+        if self.raise_error is not None:
+            raise self.raise_error
+        return [self._result(m) for m in messages]
+
+    def _result(self, message: OutgoingMessage) -> SendResult:
+        with self.lock:
+            n = self.seen.get(message.message_id, 0)
+            self.seen[message.message_id] = n + 1
+            steps = self.script.get(message.subject) or [(Outcome.SENT, "", "", None)]
+            outcome, detail, code, retry_after = steps[min(n, len(steps) - 1)]
+            if outcome is Outcome.SENT:
+                self.delivered.append(message.message_id)
+        return SendResult(message.message_id, outcome, detail, code, retry_after, "ref")
+
+    @hookimpl
+    def reconcile_mail(
+        self, account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+    ) -> list[ReconcileResult] | None:
+        if account.transport != SCRIPTED:
+            return None
+        return [
+            ReconcileResult(m.message_id, self.reconcile_answers.get(m.message_id), "scripted")
+            for m in messages
+        ]
+
+
+def scripted_crm(
+    make_crm: Callable[..., Crm], config: str = SCRIPTED_CONFIG
+) -> tuple[Crm, Scripted]:
+    """A Crm whose product lines send through a fresh Scripted transport."""
+    transport = Scripted()
+    crm = make_crm(config, extra_plugins=(("test_transport", transport),))
+    return crm, transport
+
+
+def add_people(crm: Crm, *users: str) -> None:
+    """Users (commercial) and one person, per@example.com."""
+    with crm.transaction() as session:
+        for email in users:
+            directory.add_user(session, email, email.split("@")[0].title(), "commercial")
+        directory.add_person(session, "per@example.com", "Per Persson", "0701")
+
+
+def queue(crm: Crm, subject: str = "Hello", sender: str = "anna@example.se", **kw: object) -> int:
+    """Queue one valid mail; its outbox id."""
+    request = outbox.MailRequest(
+        sender_email=sender,
+        to=kw.pop("to", ["per@example.com"]),  # type: ignore[arg-type]
+        subject=subject,
+        text="Hej!",
+        **kw,  # type: ignore[arg-type]
+    )
+    with crm.transaction() as session:
+        return outbox.enqueue(crm, session, request).outbox_id
+
+
+def row(crm: Crm, outbox_id: int) -> OutboxMessage:
+    """A fresh copy of one outbox row (with its attempt log loaded)."""
+    with crm.transaction() as session:
+        found = session.get(OutboxMessage, outbox_id)
+        assert found is not None
+        _ = list(found.attempt_log)
+        return found
+
+
+def states(crm: Crm) -> dict[int, str]:
+    """Every row's state by id."""
+    with crm.transaction() as session:
+        return {
+            i: state for i, state in session.execute(select(OutboxMessage.id, OutboxMessage.state))
+        }
+
+
+def time_passes(crm: Crm) -> None:
+    """Make every waiting retry due now (instead of sleeping through the back-off)."""
+    with crm.transaction() as session:
+        session.execute(
+            update(OutboxMessage)
+            .where(OutboxMessage.state == OutboxState.RETRY.value)
+            .values(next_attempt_at=utcnow() - timedelta(seconds=1))
+        )
