@@ -33,6 +33,8 @@ from smtp_mail.render import Envelope, Unsendable, prepare
 from smtp_mail.settings import AUTH, CA_BUNDLE, AuthMode, Security, SmtpSettings
 
 if TYPE_CHECKING:
+    from _socket import _Address as _SourceAddress
+
     from _typeshed import ReadableBuffer
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,15 @@ class _Wire(smtplib.SMTP):
 
     dot_sent = False
     _in_data = False
+    _host: str
+
+    def connect(
+        self, host: str = "localhost", port: int = 0, source_address: _SourceAddress | None = None
+    ) -> tuple[int, bytes]:
+        # smtplib sets the name TLS checks the certificate against only in __init__,
+        # which would also connect; a verified session must name the host it dialled.
+        self._host = host
+        return super().connect(host, port, source_address)
 
     def data(self, msg: ReadableBuffer | str) -> tuple[int, bytes]:
         self.dot_sent = False

@@ -1,0 +1,164 @@
+"""Helpers shared by the SMTP transport's tests: a configured Crm, servers, messages.
+
+Why helpers and not fixtures: fixtures imported into a test module look like unused
+or redefined names to ruff; each test module wires these into its own small fixtures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from crm_core import directory
+from crm_core.app import Crm
+from crm_core.mail.addresses import parse_address
+from crm_core.mail.message import Attachment, OutgoingMessage, make_message_id
+from crm_core.mail.transport import ConnectionReport, SenderAccount, SendResult
+from tests.servers.smtp import SmtpServer
+from tests.servers.tls import TestCA
+
+USER = "anna.berg@example.com"
+USER_NAME = "Anna Berg"
+PASSWORD = "Sommar-sol 2026 åäö!"  # non-ASCII on purpose: SASL strings are UTF-8
+RECIPIENT = "kund@example.org"
+PRODUCT_LINE = "rentals"  # smtp_mail + maildir_mail; no exchange_mail
+
+
+@dataclass
+class SmtpCrm:
+    """A Crm with one user who sends via SMTP, and shortcuts to configure and send."""
+
+    crm: Crm
+    email: str = USER
+
+    def set_system(self, **values: str) -> None:
+        """Save system settings; keyword ``smtp_host`` means key ``smtp.host``."""
+        with self.crm.transaction() as session:
+            for key, value in values.items():
+                self.crm.set_system_setting(session, _key(key), value)
+
+    def set_user(self, **values: str) -> None:
+        """Save the user's settings (same key spelling as :meth:`set_system`)."""
+        with self.crm.transaction() as session:
+            user = directory.find_user(session, self.email)
+            for key, value in values.items():
+                self.crm.set_user_setting(session, user, _key(key), value)
+
+    def account(self) -> SenderAccount:
+        """The user's sender account as the worker would build it."""
+        with self.crm.transaction() as session:
+            return self.crm.sender_account(session, directory.find_user(session, self.email))
+
+    def send(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        """Send through the core's typed hook caller, as the worker does."""
+        return self.crm.send_mail(self.account(), messages)
+
+    def send_one(self, message: OutgoingMessage | None = None) -> SendResult:
+        """Send one message (a default one when none is given)."""
+        (result,) = self.send([message or make_message()])
+        return result
+
+    def test_connection(self) -> ConnectionReport:
+        """Run Test connection for the user."""
+        return self.crm.test_connection(self.account())
+
+
+def _key(name: str) -> str:
+    return name.replace("_", ".", 1)
+
+
+def make_smtp_crm(crm: Crm, email: str = USER) -> SmtpCrm:
+    """Add the user (transport smtp) to a fresh Crm."""
+    with crm.transaction() as session:
+        user = directory.add_user(session, email, USER_NAME, PRODUCT_LINE)
+        crm.set_user_setting(session, user, "mail.transport", "smtp")
+    return SmtpCrm(crm, email)
+
+
+def point_at(
+    setup: SmtpCrm,
+    server: SmtpServer,
+    ca: TestCA | None,
+    *,
+    auth: str = "password",
+    host: str = "127.0.0.1",
+    timeout: int = 5,
+) -> None:
+    """Configure the installation and the user for ``server``."""
+    system = {
+        "smtp_host": host,
+        "smtp_port": str(server.port),
+        "smtp_security": server.security,
+        "smtp_timeout": str(timeout),
+    }
+    if ca is not None:
+        system["tls_ca_bundle"] = str(ca.ca_pem)
+    if auth != "password":
+        system["smtp_auth"] = auth
+    # Order matters: none+password to a loopback host is allowed, so any order works.
+    setup.set_system(**system)
+    if auth == "password":
+        setup.set_user(smtp_username=setup.email, smtp_password=PASSWORD)
+
+
+def make_message(
+    n: int = 1,
+    *,
+    to: Sequence[str] = (RECIPIENT,),
+    sender: str = USER,
+    sender_name: str = USER_NAME,
+    cc: Sequence[str] = (),
+    bcc: Sequence[str] = (),
+    subject: str | None = None,
+    text: str | None = None,
+    html: str | None = None,
+    attachments: Sequence[Attachment] = (),
+    to_name: str = "",
+) -> OutgoingMessage:
+    """An outbox message as the worker would hand it to the transport."""
+    from_address = parse_address(sender, sender_name)
+    return OutgoingMessage(
+        outbox_id=n,
+        message_id=make_message_id(from_address.domain),
+        sender=from_address,
+        to=tuple(parse_address(a, to_name) for a in to),
+        cc=tuple(parse_address(a) for a in cc),
+        bcc=tuple(parse_address(a) for a in bcc),
+        subject=subject if subject is not None else f"Offer {n}",
+        text=text if text is not None else f"Hello, here is offer {n}.\n",
+        html=html,
+        attachments=tuple(attachments),
+    )
+
+
+@dataclass
+class Servers:
+    """Starts SMTP servers for one test and stops every one of them afterwards."""
+
+    started: list[SmtpServer] = field(default_factory=list)
+
+    def start(self, **kwargs: Any) -> SmtpServer:
+        server = SmtpServer(**kwargs).start()
+        self.started.append(server)
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.started:
+            server.stop()
+
+
+@contextlib.contextmanager
+def servers() -> Iterator[Servers]:
+    """A :class:`Servers` whose servers are stopped on exit."""
+    found = Servers()
+    try:
+        yield found
+    finally:
+        found.stop_all()
+
+
+def users(password: str = PASSWORD, email: str = USER) -> dict[str, str]:
+    """The server's account table for PLAIN/LOGIN."""
+    return {email: password}
