@@ -1,0 +1,375 @@
+"""Fault tests: the real worker and the real SMTP transport against a real SMTP server.
+
+Faults are injected at named points by the aiosmtpd stand-in (``tests/servers/smtp.py``):
+refused connection, 4xx on RCPT, 5xx on DATA, the connection dropped after the final
+dot; and a worker *process* killed with SIGKILL mid-batch. After each, every queued
+message must be sent, failed with its reason, or unknown — none lost, none stuck past
+its lease; permanent errors never retried; a Message-ID reaches the server more than
+once only where an ambiguous fault was injected.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from crm_core import directory
+from crm_core.app import Crm
+from crm_core.mail import outbox
+from crm_core.mail.worker import Worker
+from crm_core.models import OutboxMessage, OutboxState
+from tests.servers.smtp import SmtpServer
+from tests.test_outbox_helpers import queue, time_passes
+
+REPO = Path(__file__).resolve().parent.parent
+
+SMTP_CONFIG = """\
+[product_lines.commercial]
+plugins = ["smtp_mail"]
+default_transport = "smtp"
+
+[outbox]
+lease_seconds = {lease}
+max_attempts = 3
+backoff_base_seconds = 1
+backoff_max_seconds = 2
+batch_size = {batch}
+poll_seconds = 0.05
+"""
+
+SENDER = "anna@example.se"
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    with SmtpServer(security="none") as server:
+        yield server
+
+
+def smtp_crm(make_crm: Any, port: int, lease: int = 60, batch: int = 50) -> Crm:
+    """A Crm whose one user sends through the SMTP plugin to 127.0.0.1:``port``."""
+    crm: Crm = make_crm(SMTP_CONFIG.format(lease=lease, batch=batch))
+    with crm.transaction() as s:
+        directory.add_user(s, SENDER, "Anna", "commercial")
+        directory.add_person(s, "per@example.com", "Per", None)
+        for key, value in (
+            ("smtp.host", "127.0.0.1"),
+            ("smtp.port", str(port)),
+            ("smtp.security", "none"),
+            ("smtp.auth", "none"),
+            ("smtp.timeout", "30"),
+        ):
+            crm.set_system_setting(s, key, value)
+    return crm
+
+
+def queue_many(crm: Crm, count: int) -> list[int]:
+    """``count`` mails, each to its own recipient r<i>@example.com (faults can aim)."""
+    return [queue(crm, subject=f"m{i}", to=[f"r{i}@example.com"]) for i in range(count)]
+
+
+def drain(crm: Crm, rounds: int = 10) -> None:
+    """Run the worker until nothing waits for a retry (back-off skipped, not slept)."""
+    for _ in range(rounds):
+        Worker(crm).run_once()
+        with crm.transaction() as s:
+            waiting = s.scalar(
+                select(OutboxMessage.id).where(
+                    OutboxMessage.state.in_(("queued", "retry", "sending"))
+                )
+            )
+        if waiting is None:
+            return
+        time_passes(crm)
+
+
+def rows_by_id(crm: Crm) -> dict[int, OutboxMessage]:
+    with crm.transaction() as s:
+        found = {r.id: r for r in s.scalars(select(OutboxMessage))}
+        for r in found.values():
+            _ = list(r.attempt_log)
+        return found
+
+
+def check_invariants(
+    crm: Crm,
+    received: list[str],
+    ambiguous: set[int] = frozenset(),  # type: ignore[assignment]
+) -> dict[int, OutboxMessage]:
+    """None lost, none stuck, permanent never retried, duplicates only where ambiguous."""
+    rows = rows_by_id(crm)
+    arrived = Counter(received)
+    assert set(arrived) <= {r.message_id for r in rows.values()}, "unknown mail arrived"
+    for row_id, r in rows.items():
+        assert r.state in ("sent", "failed", "unknown"), (row_id, r.state)
+        times = arrived[r.message_id]
+        if r.state == "sent":
+            assert times >= 1, f"#{row_id} marked sent but never arrived"
+        if r.state == "failed":
+            assert times == 0 and r.last_error, (row_id, r.last_error)
+        if r.last_outcome == "permanent":
+            assert len(r.attempt_log) == 1, f"#{row_id}: a permanent error was retried"
+        if row_id not in ambiguous:
+            assert times <= 1, f"#{row_id} arrived {times} times without an ambiguous fault"
+    return rows
+
+
+def test_refused_connection_is_retried_until_the_server_is_back(
+    make_crm: Any, smtp_server: SmtpServer
+) -> None:
+    crm = smtp_crm(make_crm, smtp_server.port)
+    ids = queue_many(crm, 4)
+    smtp_server.stop()  # the port now refuses connections
+    stats = Worker(crm).run_once()
+    assert stats.retry == 4 and smtp_server.accepted_count == 0
+    first = rows_by_id(crm)[ids[0]]
+    assert "connection refused" in (first.last_error or "") and first.attempts == 1
+    smtp_server.start()
+    drain(crm)
+    rows = check_invariants(crm, smtp_server.message_ids())
+    assert {rows[i].state for i in ids} == {"sent"}
+    assert [a.outcome for a in rows[ids[0]].attempt_log] == ["temporary", "sent"]
+    assert sorted(smtp_server.message_ids()) == sorted(rows[i].message_id for i in ids)
+
+
+def test_4xx_on_rcpt_retries_and_a_spent_budget_fails(
+    make_crm: Any, smtp_server: SmtpServer
+) -> None:
+    crm = smtp_crm(make_crm, smtp_server.port)
+    ids = queue_many(crm, 5)
+    smtp_server.inject("rcpt_temporary", address="r1@example.com", times=1)
+    smtp_server.inject("rcpt_temporary", address="r2@example.com")  # every time
+    drain(crm)
+    rows = check_invariants(crm, smtp_server.message_ids())
+    assert rows[ids[1]].state == "sent" and len(rows[ids[1]].attempt_log) == 2
+    spent = rows[ids[2]]
+    assert spent.state == "failed" and len(spent.attempt_log) == 3
+    assert (spent.last_error or "").startswith("Gave up after 3 attempts")
+    assert "451" in (spent.last_error or "")
+    assert {rows[i].state for i in (ids[0], ids[3], ids[4])} == {"sent"}
+
+
+def test_5xx_on_data_fails_at_once_and_is_never_retried(
+    make_crm: Any, smtp_server: SmtpServer
+) -> None:
+    crm = smtp_crm(make_crm, smtp_server.port)
+    ids = queue_many(crm, 4)
+    smtp_server.inject("data_permanent", address="r2@example.com")
+    drain(crm)
+    rows = check_invariants(crm, smtp_server.message_ids())
+    failed = rows[ids[2]]
+    assert failed.state == "failed" and failed.last_outcome == "permanent"
+    assert len(failed.attempt_log) == 1 and "554" in (failed.last_error or "")
+    assert {rows[i].state for i in (ids[0], ids[1], ids[3])} == {"sent"}
+    assert len(smtp_server.message_ids()) == 3
+
+
+def test_a_drop_after_the_final_dot_is_unknown_and_not_resent(
+    make_crm: Any, smtp_server: SmtpServer
+) -> None:
+    crm = smtp_crm(make_crm, smtp_server.port)
+    ids = queue_many(crm, 4)
+    smtp_server.inject("drop_after_data", address="r1@example.com", times=1)
+    drain(crm)
+    rows = check_invariants(crm, smtp_server.message_ids(), ambiguous={ids[1]})
+    unknown = rows[ids[1]]
+    assert unknown.state == "unknown" and unknown.last_outcome == "ambiguous"
+    assert "may or may not" in (unknown.last_error or "")
+    assert {rows[i].state for i in (ids[0], ids[2], ids[3])} == {"sent"}
+    assert Counter(smtp_server.message_ids())[unknown.message_id] == 1  # it did arrive
+    reports = outbox.reconcile(crm)  # SMTP cannot look: the operator decides
+    assert [(r.outbox_id, r.sent) for r in reports] == [(ids[1], None)]
+    with crm.transaction() as s:
+        outbox.resolve(s, ids[1], sent=True)
+    drain(crm)
+    assert Counter(smtp_server.message_ids())[unknown.message_id] == 1
+
+
+# --- a worker process killed mid-batch ----------------------------------------------------
+
+
+class StallingRelay:
+    """A TCP relay that holds the client's next command once ``after`` mails were accepted.
+
+    Why: to kill a worker *mid-batch* deterministically, the worker must be blocked
+    inside a send with part of its batch delivered. The relay counts the server's
+    "250 … queued" replies and, from the ``after``-th on, stops passing the client's
+    bytes on (the worker waits for a reply that never comes). ``release()`` cuts the
+    held connections and lets new ones through untouched.
+    """
+
+    def __init__(self, target_port: int, after: int) -> None:
+        self.target_port = target_port
+        self.after = after
+        self.accepted = 0
+        self.stalled = threading.Event()
+        self.held = threading.Event()
+        self.released = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.sockets += [client, server]
+            passthrough = self.released.is_set()
+            threading.Thread(
+                target=self._up, args=(client, server, passthrough), daemon=True
+            ).start()
+            threading.Thread(target=self._down, args=(server, client), daemon=True).start()
+
+    def _up(self, client: socket.socket, server: socket.socket, passthrough: bool) -> None:
+        while chunk := _recv(client):
+            if self.stalled.is_set() and not passthrough:
+                self.held.set()
+                self.released.wait()
+                break
+            server.sendall(chunk)
+        _close(client, server)
+
+    def _down(self, server: socket.socket, client: socket.socket) -> None:
+        while chunk := _recv(server):
+            with self.lock:
+                self.accepted += chunk.count(b" queued as ")
+                if self.accepted >= self.after:
+                    self.stalled.set()
+            try:
+                client.sendall(chunk)
+            except OSError:
+                break
+        _close(client, server)
+
+    def release(self) -> None:
+        """Cut the held connections; pass new ones through."""
+        self.released.set()
+
+    def close(self) -> None:
+        self.release()
+        self.listener.close()
+        with self.lock:
+            _close(*self.sockets)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(65536)
+    except OSError:
+        return b""
+
+
+def _close(*socks: socket.socket) -> None:
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+
+def start_worker(env: dict[str, str], name: str, *extra: str) -> subprocess.Popen[str]:
+    """A real ``python -m crm_core outbox work`` process."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_")}
+    full_env.update(env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "crm_core", "outbox", "work", "--name", name, *extra],
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting: {what}")
+        time.sleep(0.05)
+
+
+def count_states(crm: Crm) -> Counter[str]:
+    with crm.transaction() as s:
+        return Counter(s.scalars(select(OutboxMessage.state)))
+
+
+def test_a_worker_killed_mid_batch_leaves_unknown_and_the_next_worker_goes_on(
+    make_crm: Any, smtp_server: SmtpServer
+) -> None:
+    relay = StallingRelay(smtp_server.port, after=2)
+    try:
+        crm = smtp_crm(make_crm, relay.port, lease=2, batch=5)
+        ids = queue_many(crm, 12)
+        first = start_worker(make_crm.env, "doomed")
+        try:
+            wait_until(relay.held.is_set, 30, "the worker to block inside its first batch")
+            assert count_states(crm)["sending"] == 5  # the whole first batch is held
+            first.send_signal(signal.SIGKILL)
+            first.wait(10)
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+        delivered_before = set(smtp_server.message_ids())
+        assert len(delivered_before) == 2
+        relay.release()
+        second = start_worker(make_crm.env, "successor")
+        try:
+            wait_until(
+                lambda: count_states(crm).keys() <= {"sent", "unknown"}, 60, "all rows final"
+            )
+        finally:
+            second.send_signal(signal.SIGTERM)
+            out, err = second.communicate(timeout=30)
+        assert second.returncode == 0, err
+        assert "successor stopped" in out
+        rows = check_invariants(crm, smtp_server.message_ids())
+        unknown = sorted(i for i, r in rows.items() if r.state == "unknown")
+        assert unknown == ids[:5]  # the killed batch: reaped, never resent by itself
+        assert all(rows[i].last_code == "lease-expired" for i in unknown)
+        assert {rows[i].state for i in ids[5:]} == {"sent"}
+        assert all(a.worker == "successor" for i in ids[5:] for a in rows[i].attempt_log)
+        # The operator resolves: what arrived is sent, the rest goes again.
+        with crm.transaction() as s:
+            for i in unknown:
+                outbox.resolve(s, i, sent=rows[i].message_id in delivered_before)
+        Worker(crm).run_once()
+        final = check_invariants(crm, smtp_server.message_ids())
+        assert {r.state for r in final.values()} == {"sent"}
+        assert sorted(Counter(smtp_server.message_ids()).values()) == [1] * 12
+    finally:
+        relay.close()
+
+
+def test_sigterm_finishes_what_the_worker_holds(make_crm: Any, smtp_server: SmtpServer) -> None:
+    crm = smtp_crm(make_crm, smtp_server.port, lease=30, batch=5)
+    queue_many(crm, 3)
+    worker = start_worker(make_crm.env, "polite")
+    try:
+        wait_until(lambda: count_states(crm) == Counter({"sent": 3}), 30, "all sent")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        out, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    assert "polite stopped: " in out and "sent 3" in out
+    assert OutboxState.SENDING.value not in count_states(crm)
