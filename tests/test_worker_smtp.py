@@ -10,6 +10,7 @@ once only where an ambiguous fault was injected.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -279,10 +280,8 @@ def _recv(sock: socket.socket) -> bytes:
 
 def _close(*socks: socket.socket) -> None:
     for sock in socks:
-        try:
+        with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         sock.close()
 
 
