@@ -1,0 +1,31 @@
+"""Exchange transport: EWS with OAuth app-only tokens (msal) or on-premises passwords.
+
+Registered through the ``crm_core`` entry-point group as ``exchange_mail``; product
+lines enable it with ``plugins = ["exchange_mail", ...]``. Importing the package
+imports exchangelib (and, when a token is first needed, msal), so product lines that
+do not enable it never load either.
+"""
+
+from exchange_mail.plugin import (
+    check_settings,
+    describe_route,
+    reconcile_mail,
+    register_settings,
+    register_transports,
+    send_mail,
+    system_settings_changed,
+    test_connection,
+    user_settings_changed,
+)
+
+__all__ = [
+    "check_settings",
+    "describe_route",
+    "reconcile_mail",
+    "register_settings",
+    "register_transports",
+    "send_mail",
+    "system_settings_changed",
+    "test_connection",
+    "user_settings_changed",
+]

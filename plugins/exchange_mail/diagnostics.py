@@ -1,0 +1,228 @@
+"""Test connection ("Testa anslutning"): a ladder of named steps, green or red.
+
+Why a ladder: the guide's single red line "TestConnection error Credentials" covers a
+dozen different mistakes (wrong Client ID, Secret ID pasted instead of the Value, an
+expired secret, an alias instead of the primary address, missing admin consent …).
+Each rung checks one thing and names the cause and the fix, and the summary keeps the
+guide's wording where the guide uses it, followed by the precise cause:
+
+1. settings — complete and valid (plus warnings: secret expiry, a secret shaped like
+   a Secret ID, username vs domain, EWS retirement on Exchange Online);
+2. token — Entra ID issues an app-only token (skipped with a password);
+3. mailbox — the server answers, signs in and lets us act as the mailbox;
+4. sync — "Sync with Exchange" is ticked.
+
+Nothing is sent; the mailbox step is one GetFolder.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import date
+
+from crm_core.entra import EXCHANGE_SCOPE, TokenError, token_client
+from crm_core.mail.transport import (
+    ConnectionReport,
+    ConnectionStep,
+    Resources,
+    SenderAccount,
+    StepStatus,
+)
+from exchange_mail import ews
+from exchange_mail.errors import ADMIN_CONSENT_FIX, Classified, classify
+from exchange_mail.settings import (
+    GUIDE_CREDENTIALS,
+    SECRET_ID_WARNING,
+    TRANSPORT,
+    Api,
+    AuthMode,
+    ExchangeSettings,
+    blocking_problems,
+    domain_mismatch,
+    ews_retirement_notice,
+    resolve,
+    secret_expiry_notice,
+    sync_problem,
+)
+
+CONNECTED = "Connected to Exchange"
+
+SETTINGS, TOKEN, MAILBOX, SYNC = "settings", "token", "mailbox", "sync"
+
+
+def token_roles(token: str) -> tuple[str, ...] | None:
+    """The ``roles`` claim of a JWT access token (not verified: for advice only)."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, binascii.Error):
+        return None
+    roles = claims.get("roles", []) if isinstance(claims, dict) else None
+    return tuple(str(r) for r in roles) if isinstance(roles, list) else None
+
+
+def run(account: SenderAccount, resources: Resources, today: date) -> ConnectionReport:
+    """The whole ladder for one account."""
+    settings = resolve(account)
+    steps: list[ConnectionStep] = []
+    failures: list[tuple[ConnectionStep, bool]] = []  # (step, guide's "Credentials" case)
+
+    problems = [p for p in blocking_problems(account, settings) if p.key != sync_problem().key]
+    if problems:
+        step = ConnectionStep(
+            SETTINGS,
+            StepStatus.FAILED,
+            "; ".join(p.message for p in problems),
+            "; ".join(p.fix for p in problems),
+        )
+        failures.append((step, False))
+    else:
+        step = ConnectionStep(SETTINGS, StepStatus.OK, _describe(settings))
+    steps.append(step)
+    steps.extend(_warnings(account, settings, today))
+
+    roles: tuple[str, ...] | None = None
+    if problems:
+        steps.append(ConnectionStep(TOKEN, StepStatus.SKIPPED, "settings incomplete"))
+    elif settings.mode is AuthMode.OAUTH and settings.app is not None:
+        try:
+            token = token_client(resources, settings.app).token(EXCHANGE_SCOPE)
+        except TokenError as exc:
+            step = ConnectionStep(TOKEN, StepStatus.FAILED, exc.message, exc.fix)
+            failures.append((step, True))
+        else:
+            roles = token_roles(token)
+            step = ConnectionStep(
+                TOKEN,
+                StepStatus.OK,
+                f"Entra ID issued an app-only token for Client ID {settings.app.client_id} "
+                f"in tenant {settings.app.tenant}",
+            )
+        steps.append(step)
+    else:
+        steps.append(
+            ConnectionStep(
+                TOKEN,
+                StepStatus.SKIPPED,
+                f"OAuth is not set up; signing in with {settings.mailbox}'s password "
+                f"({settings.onprem_auth.upper()})",
+            )
+        )
+
+    if failures:
+        steps.append(ConnectionStep(MAILBOX, StepStatus.SKIPPED, "an earlier step failed"))
+    elif settings.api is Api.GRAPH:
+        steps.append(
+            ConnectionStep(
+                MAILBOX,
+                StepStatus.FAILED,
+                "exchange.api is graph, but this installation has no Graph sender yet",
+                "crm settings set exchange.api ews",
+            )
+        )
+        failures.append((steps[-1], False))
+    else:
+        step, credentials = _mailbox_step(settings, resources, roles)
+        steps.append(step)
+        if step.status is StepStatus.FAILED:
+            failures.append((step, credentials))
+
+    if settings.sync:
+        steps.append(ConnectionStep(SYNC, StepStatus.OK, "'Sync with Exchange' is ticked"))
+    else:
+        sync = sync_problem()
+        step = ConnectionStep(SYNC, StepStatus.FAILED, sync.message, sync.fix)
+        steps.append(step)
+        failures.append((step, False))
+
+    return ConnectionReport(TRANSPORT, _summary(failures), tuple(steps))
+
+
+def _summary(failures: list[tuple[ConnectionStep, bool]]) -> str:
+    if not failures:
+        return CONNECTED
+    step, credentials = failures[0]
+    if credentials:
+        return f"{GUIDE_CREDENTIALS}: {step.detail}"
+    if step.name == SYNC:
+        return f"Cannot send via Exchange: {step.detail}"
+    return f"Not connected to Exchange: {step.detail}"
+
+
+def _describe(settings: ExchangeSettings) -> str:
+    if settings.mode is AuthMode.OAUTH and settings.app is not None:
+        how = (
+            f"app-only OAuth (Client ID {settings.app.client_id}, tenant {settings.app.tenant}, "
+            f"authority {settings.app.authority}) impersonating {settings.mailbox}"
+        )
+    else:
+        how = f"{settings.mailbox} signs in with a password ({settings.onprem_auth.upper()})"
+    return f"{settings.url} via {settings.api.value.upper()}, {how}"
+
+
+def _warnings(
+    account: SenderAccount, settings: ExchangeSettings, today: date
+) -> list[ConnectionStep]:
+    steps: list[ConnectionStep] = []
+    if settings.app is not None:
+        expiry = secret_expiry_notice(settings.app.secret_expires, today)
+        if expiry:
+            steps.append(ConnectionStep("client secret expiry", StepStatus.WARNING, expiry))
+        if _looks_like_secret_id(settings):
+            steps.append(ConnectionStep("client secret", StepStatus.WARNING, SECRET_ID_WARNING))
+    mismatch = domain_mismatch(settings.mailbox, settings.domain)
+    if mismatch:
+        steps.append(ConnectionStep("username and domain", StepStatus.WARNING, mismatch))
+    retirement = ews_retirement_notice(settings.url) if settings.api is Api.EWS else None
+    if retirement:
+        steps.append(ConnectionStep("EWS retirement", StepStatus.WARNING, retirement))
+    return steps
+
+
+def _looks_like_secret_id(settings: ExchangeSettings) -> bool:
+    from crm_core.entra import is_guid
+
+    return settings.app is not None and is_guid(settings.app.secret.reveal())
+
+
+def _mailbox_step(
+    settings: ExchangeSettings, resources: Resources, roles: tuple[str, ...] | None
+) -> tuple[ConnectionStep, bool]:
+    mailbox: ews.EwsMailbox | None = None
+    try:
+        mailbox = ews.new_mailbox(settings, resources)
+        mailbox.check()
+    except Exception as exc:
+        found = _sharpen(classify(exc, settings), roles)
+        return ConnectionStep(
+            MAILBOX, StepStatus.FAILED, found.detail, found.fix
+        ), found.credentials
+    finally:
+        if mailbox is not None:
+            mailbox.close()
+    if settings.mode is AuthMode.OAUTH:
+        detail = f"mailbox {settings.mailbox} found; the app may act as it (impersonation)"
+    else:
+        detail = f"signed in to mailbox {settings.mailbox}"
+    return ConnectionStep(MAILBOX, StepStatus.OK, detail), False
+
+
+def _sharpen(found: Classified, roles: tuple[str, ...] | None) -> Classified:
+    """Name the missing permission when the token's roles show it (401 from EWS)."""
+    if found.code != "HTTP 401" or roles is None:
+        return found
+    if not roles:
+        detail = (
+            "Exchange refused the app's token (HTTP 401): it carries no application "
+            "permissions, so admin consent has not been granted."
+        )
+    elif "full_access_as_app" not in roles:
+        detail = (
+            "Exchange refused the app's token (HTTP 401): full_access_as_app is not among "
+            f"its permissions ({', '.join(roles)})."
+        )
+    else:
+        return found
+    return Classified(found.outcome, found.code, detail, ADMIN_CONSENT_FIX + ".", credentials=True)

@@ -1,0 +1,418 @@
+"""Sending through Exchange Web Services with exchangelib, pinned and fail-fast.
+
+Choices, and why:
+
+* **Pinned configuration.** ``autodiscover=False``, an explicit ``service_endpoint``
+  (``exchange.url``), an explicit ``auth_type`` and ``version``: no request is spent
+  on discovery or version guessing. The version is ``exchange.server_version``, or
+  ``Version(build=EXCHANGE_O365)`` with OAuth and ``EXCHANGE_2016`` with a password
+  (2016 and 2019 speak the same schema; 2013 servers must set the setting).
+* **FailFast.** exchangelib's ``FaultTolerance`` sleeps (up to ~85 minutes with
+  defaults, and treats a 401 like throttling). We fail fast and give the outbox a
+  classified outcome with the server's requested back-off instead.
+* **One Account per sender**, cached in the Crm's :class:`Resources` under a key that
+  includes a fingerprint of the settings, so changed settings take effect in a
+  running worker. Each has its own credentials object, hence its own exchangelib
+  ``Protocol`` (one HTTP session), and is removed from exchangelib's global protocol
+  cache when closed.
+* **Our own Protocol subclass** builds the HTTP sessions: the msal bearer auth (see
+  :mod:`exchange_mail.auth`) and :class:`crm_core.entra.TrustAdapter` for TLS trust,
+  which honours ``tls.ca_bundle`` without touching ``BaseProtocol.HTTP_ADAPTER_CLS`` or
+  any other global exchangelib state shared with other accounts.
+* **Batches with per-message results.** exchangelib's ``bulk_create`` raises on a
+  mixed answer (e.g. one ErrorInvalidRecipients among successes), which hides the
+  messages that did go. :class:`_CreateItemEach` returns every per-message error as
+  a value, so each message's fate is known; a request-level failure (SOAP fault,
+  HTTP error) means the server processed none of the request's messages, and a lost
+  answer makes only that request's messages ambiguous. Nothing is ever resent here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import Any, TypeVar
+
+from exchangelib import (
+    BASIC,
+    DELEGATE,
+    IMPERSONATION,
+    NTLM,
+    OAUTH2,
+    UTC,
+    Account,
+    Body,
+    Configuration,
+    Credentials,
+    FailFast,
+    FileAttachment,
+    HTMLBody,
+    Mailbox,
+    Message,
+    Version,
+)
+from exchangelib.errors import ResponseMessageError, UnauthorizedError
+from exchangelib.folders import Root
+from exchangelib.items import SEND_AND_SAVE_COPY, SEND_TO_NONE
+from exchangelib.protocol import Protocol
+from exchangelib.services import CreateItem
+from exchangelib.version import (
+    EXCHANGE_2013,
+    EXCHANGE_2013_SP1,
+    EXCHANGE_2016,
+    EXCHANGE_2019,
+    EXCHANGE_O365,
+)
+
+from crm_core.entra import EXCHANGE_SCOPE, TokenClient, token_client
+from crm_core.mail.message import OutgoingMessage
+from crm_core.mail.transport import (
+    Outcome,
+    ReconcileResult,
+    Resources,
+    SenderAccount,
+    SendResult,
+)
+from exchange_mail.auth import MsalBearerAuth, MsalOAuth2Credentials, install_redaction
+from exchange_mail.errors import Classified, classify
+from exchange_mail.settings import (
+    CA_BUNDLE,
+    ONPREM_AUTH,
+    PASSWORD,
+    PLUGIN,
+    SERVER_VERSION,
+    URL,
+    USERNAME,
+    AuthMode,
+    ExchangeSettings,
+)
+
+T = TypeVar("T")
+
+MAX_MESSAGES_PER_REQUEST = 50
+MAX_BYTES_PER_REQUEST = 10 * 1024 * 1024
+RECONCILE_IDS_PER_QUERY = 25
+
+_BUILDS = {
+    "online": EXCHANGE_O365,
+    "2013": EXCHANGE_2013,
+    "2013_sp1": EXCHANGE_2013_SP1,
+    "2016": EXCHANGE_2016,
+    "2019": EXCHANGE_2019,
+}
+_CACHE_KEYS = (
+    URL,
+    USERNAME,
+    PASSWORD,
+    ONPREM_AUTH,
+    SERVER_VERSION,
+    CA_BUNDLE,
+    "exchange.client_id",
+    "exchange.tenant_id",
+    "exchange.client_secret",
+    "exchange.authority",
+)
+
+
+class _EwsProtocol(Protocol):  # type: ignore[misc]
+    """An exchangelib Protocol whose sessions use our TLS trust and msal's tokens."""
+
+    ca_bundle: str | None = None
+
+    def create_session(self) -> Any:
+        from crm_core.entra import TrustAdapter
+
+        credentials = self.credentials
+        if isinstance(credentials, MsalOAuth2Credentials):
+            # A plain session: no requests-oauthlib, so nothing can fetch or refresh a
+            # token behind msal's back.
+            session = self.raw_session(self.service_endpoint)
+            session.auth = MsalBearerAuth(credentials.tokens)
+            session.credentials_sig = credentials.sig()
+            session.session_id = random.randint(10000, 99999)  # exchangelib's log id
+            session.usage_count = 0
+        else:
+            session = super().create_session()
+        session.mount(
+            self.service_endpoint,
+            TrustAdapter(
+                self.ca_bundle,
+                pool_block=True,
+                pool_connections=self.CONNECTIONS_PER_SESSION,
+                pool_maxsize=self.CONNECTIONS_PER_SESSION,
+                max_retries=0,
+            ),
+        )
+        return session
+
+
+class _CreateItemEach(CreateItem):  # type: ignore[misc]
+    """CreateItem that returns every per-message error as a value instead of raising.
+
+    Request-level failures (SOAP faults, HTTP errors, lost connections) still raise,
+    so the caller can tell "this message failed" from "this request failed".
+    """
+
+    ERRORS_TO_CATCH_IN_RESPONSE = ResponseMessageError
+
+
+class _PasswordCredentials(Credentials):  # type: ignore[misc]
+    """A user's own login; identity-hashed so no two Crm objects share a Protocol."""
+
+    __hash__ = object.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+class EwsMailbox:
+    """One sender's exchangelib Account with its pinned configuration and Protocol."""
+
+    def __init__(self, settings: ExchangeSettings, tokens: TokenClient | None) -> None:
+        install_redaction()
+        self.settings = settings
+        self.tokens = tokens
+        credentials: Any
+        if tokens is not None:
+            credentials = MsalOAuth2Credentials(tokens, settings.mailbox)
+            auth_type, access = OAUTH2, IMPERSONATION
+        else:
+            password = settings.password.reveal() if settings.password else ""
+            credentials = _PasswordCredentials(settings.mailbox, password)
+            auth_type = BASIC if settings.onprem_auth == "basic" else NTLM
+            access = DELEGATE
+        build = _BUILDS.get(settings.server_version) or (
+            EXCHANGE_O365 if tokens is not None else EXCHANGE_2016
+        )
+        self.config = Configuration(
+            credentials=credentials,
+            service_endpoint=settings.url,
+            auth_type=auth_type,
+            version=Version(build=build),
+            retry_policy=FailFast(),
+            max_connections=1,
+        )
+        self.protocol = _EwsProtocol(config=self.config)
+        self.protocol.ca_bundle = settings.ca_bundle
+        self.account = Account(
+            primary_smtp_address=settings.mailbox,
+            access_type=access,
+            autodiscover=False,
+            config=self.config,
+            default_timezone=UTC,
+            locale="en_US",
+        )
+        self.account.protocol = self.protocol
+
+    def call(self, action: Callable[[], T]) -> T:
+        """Run ``action``; after a 401 with OAuth, evict the token and retry once.
+
+        Safe to repeat: a 401 means the server did nothing with the request.
+        """
+        if self.tokens is not None:
+            self.tokens.token(EXCHANGE_SCOPE)  # a token error surfaces here, not in exchangelib
+        try:
+            return action()
+        except UnauthorizedError:
+            if self.tokens is None:
+                raise
+            self.tokens.evict()
+            return action()
+
+    def check(self) -> None:
+        """One GetFolder of the mailbox root: proves endpoint, sign-in and impersonation."""
+        self.call(lambda: Root.get_distinguished(account=self.account))
+
+    def close(self) -> None:
+        """Close the HTTP session and drop the Protocol from exchangelib's global cache."""
+        self.protocol.close()
+        with contextlib.suppress(KeyError):
+            del _EwsProtocol[self.config]
+
+
+def mailbox_for(
+    account: SenderAccount, settings: ExchangeSettings, resources: Resources
+) -> EwsMailbox:
+    """The sender's cached EwsMailbox (a new one when the settings changed)."""
+    key = (PLUGIN, "ews", account.user_id, account.fingerprint(*_CACHE_KEYS))
+    return resources.get_or_create(key, lambda: new_mailbox(settings, resources))
+
+
+def new_mailbox(settings: ExchangeSettings, resources: Resources) -> EwsMailbox:
+    """An uncached EwsMailbox (Test connection uses one so it really asks the server)."""
+    tokens = (
+        token_client(resources, settings.app)
+        if settings.mode is AuthMode.OAUTH and settings.app
+        else None
+    )
+    return EwsMailbox(settings, tokens)
+
+
+def forget(resources: Resources, user_id: int | None = None) -> None:
+    """Drop cached Accounts (all, or one user's) after settings changed."""
+    resources.discard((PLUGIN, "ews") if user_id is None else (PLUGIN, "ews", user_id))
+
+
+# --- sending ----------------------------------------------------------------------
+
+
+def _to_ews(mailbox: EwsMailbox, account: SenderAccount, message: OutgoingMessage) -> Any:
+    def boxes(addresses: Sequence[Any]) -> list[Any] | None:
+        return [Mailbox(name=a.name or None, email_address=a.email) for a in addresses] or None
+
+    item = Message(
+        account=mailbox.account,
+        subject=message.subject,
+        body=HTMLBody(message.html) if message.html is not None else Body(message.text),
+        author=Mailbox(name=account.name or None, email_address=account.email),
+        to_recipients=boxes(message.to),
+        cc_recipients=boxes(message.cc),
+        bcc_recipients=boxes(message.bcc),
+        reply_to=boxes(message.reply_to),
+        message_id=message.message_id,
+    )
+    for attachment in message.attachments:
+        item.attach(
+            FileAttachment(
+                name=attachment.filename,
+                content=attachment.data,
+                content_type=attachment.content_type,
+            )
+        )
+    return item
+
+
+def _requests(messages: Sequence[OutgoingMessage]) -> Iterator[list[OutgoingMessage]]:
+    """Group a batch into CreateItem requests, by count and by size."""
+    chunk: list[OutgoingMessage] = []
+    size = 0
+    for message in messages:
+        estimate = message.size_estimate()
+        if chunk and (
+            len(chunk) >= MAX_MESSAGES_PER_REQUEST or size + estimate > MAX_BYTES_PER_REQUEST
+        ):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(message)
+        size += estimate
+    if chunk:
+        yield chunk
+
+
+def _result(message: OutgoingMessage, found: Classified) -> SendResult:
+    return SendResult(
+        message.message_id,
+        found.outcome,
+        found.text,
+        code=found.code,
+        retry_after=found.retry_after,
+    )
+
+
+def send(
+    account: SenderAccount,
+    settings: ExchangeSettings,
+    messages: Sequence[OutgoingMessage],
+    resources: Resources,
+) -> list[SendResult]:
+    """Send a batch for one sender; one SendResult per message, never a blind resend."""
+    results: list[SendResult] = []
+    try:
+        mailbox = mailbox_for(account, settings, resources)
+    except Exception as exc:  # exchangelib validates addresses and settings here
+        found = classify(exc, settings)
+        return [_result(m, found) for m in messages]
+    requests_ = list(_requests(messages))
+    for index, chunk in enumerate(requests_):
+        items = [_to_ews(mailbox, account, m) for m in chunk]
+        try:
+            answers = mailbox.call(partial(_create, mailbox, items))
+        except Exception as exc:
+            found = classify(exc, settings)
+            results.extend(_result(m, found) for m in chunk)
+            later = [m for c in requests_[index + 1 :] for m in c]
+            results.extend(_not_attempted(later, found))
+            return results
+        for message, answer in zip(chunk, answers, strict=False):
+            if isinstance(answer, Exception):
+                results.append(_result(message, classify(answer, settings)))
+            else:
+                results.append(SendResult(message.message_id, Outcome.SENT, "sent via EWS"))
+        for message in chunk[len(answers) :]:  # the server answered for fewer messages
+            results.append(
+                SendResult(
+                    message.message_id,
+                    Outcome.AMBIGUOUS,
+                    "Exchange's answer did not cover this message; it may have been sent.",
+                    code="incomplete-answer",
+                )
+            )
+    return results
+
+
+def _create(mailbox: EwsMailbox, items: list[Any]) -> list[Any]:
+    service = _CreateItemEach(account=mailbox.account)
+    return list(
+        service.call(
+            items=items,
+            folder=mailbox.account.sent,
+            message_disposition=SEND_AND_SAVE_COPY,
+            send_meeting_invitations=SEND_TO_NONE,
+        )
+    )
+
+
+def _not_attempted(messages: Sequence[OutgoingMessage], cause: Classified) -> list[SendResult]:
+    """Messages of later requests: not sent, because an earlier request failed."""
+    outcome = Outcome.TEMPORARY if cause.outcome is Outcome.AMBIGUOUS else cause.outcome
+    detail = (
+        cause.text
+        if outcome is cause.outcome
+        else "Not attempted: the answer to an earlier request of this batch was lost."
+    )
+    return [
+        SendResult(m.message_id, outcome, detail, code=cause.code, retry_after=cause.retry_after)
+        for m in messages
+    ]
+
+
+# --- reconciling ------------------------------------------------------------------
+
+
+def reconcile(
+    account: SenderAccount,
+    settings: ExchangeSettings,
+    messages: Sequence[OutgoingMessage],
+    resources: Resources,
+) -> list[ReconcileResult]:
+    """Look for each Message-ID in the sender's Sent Items (and Outbox, not yet sent)."""
+    wanted = [m.message_id for m in messages]
+    found: set[str] = set()
+    try:
+        mailbox = mailbox_for(account, settings, resources)
+
+        def look() -> None:
+            for folder in (mailbox.account.sent, mailbox.account.outbox):
+                for start in range(0, len(wanted), RECONCILE_IDS_PER_QUERY):
+                    ids = wanted[start : start + RECONCILE_IDS_PER_QUERY]
+                    query = folder.filter(message_id__in=ids).only("message_id")
+                    found.update(str(item.message_id) for item in query)
+
+        mailbox.call(look)
+    except Exception as exc:
+        cause = classify(exc, settings)
+        return [
+            ReconcileResult(m, None, f"Could not look in Sent Items: {cause.text}") for m in wanted
+        ]
+    return [
+        ReconcileResult(
+            m,
+            m in found,
+            f"found in {settings.mailbox}'s Sent Items"
+            if m in found
+            else f"not in {settings.mailbox}'s Sent Items or Outbox",
+        )
+        for m in wanted
+    ]

@@ -1,0 +1,152 @@
+"""Hook implementations of the Exchange transport (``mail.transport = exchange``).
+
+The hooks stay thin: settings live in :mod:`exchange_mail.settings`, sending and
+reconciling in :mod:`exchange_mail.ews`, the Test connection ladder in
+:mod:`exchange_mail.diagnostics`, the mapping of failures in
+:mod:`exchange_mail.errors`. Everything cached (msal clients, exchangelib Accounts)
+lives in the Crm's :class:`Resources`, never in this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date
+
+from crm_core import hookimpl
+from crm_core.entra import forget_clients
+from crm_core.fields import Scope, SettingField, SettingNotice
+from crm_core.mail.message import OutgoingMessage
+from crm_core.mail.transport import (
+    ConnectionReport,
+    Outcome,
+    ReconcileResult,
+    Resources,
+    RouteInfo,
+    SenderAccount,
+    SendResult,
+    SettingValue,
+    TransportSpec,
+)
+from exchange_mail import diagnostics, ews
+from exchange_mail.settings import (
+    TRANSPORT,
+    Api,
+    AuthMode,
+    blocking_problems,
+    check,
+    fields,
+    resolve,
+)
+
+
+@hookimpl
+def register_transports() -> list[TransportSpec]:
+    """Offer the ``exchange`` transport (the guide's "Send via Exchange")."""
+    return [
+        TransportSpec(
+            TRANSPORT,
+            "Send via Exchange",
+            description="Microsoft Exchange (Online or Server) through EWS, with OAuth "
+            "app-only tokens or the user's password.",
+        )
+    ]
+
+
+@hookimpl
+def register_settings() -> list[SettingField]:
+    """The System settings and the E-mail tab's fields for Exchange."""
+    return fields()
+
+
+@hookimpl
+def check_settings(
+    scope: Scope,
+    system: dict[str, SettingValue],
+    user: dict[str, SettingValue] | None,
+) -> list[SettingNotice]:
+    """Secret expiry, Secret-ID-shaped secrets, username vs domain, unticked sync."""
+    return check(scope, system, user, date.today())
+
+
+@hookimpl
+def user_settings_changed(account: SenderAccount, resources: Resources) -> None:
+    """Drop the user's cached Exchange Account; the next send builds a new one."""
+    ews.forget(resources, account.user_id)
+
+
+@hookimpl
+def system_settings_changed(changed: Sequence[str], resources: Resources) -> None:
+    """Drop cached Accounts and msal clients when Exchange or TLS settings changed."""
+    if any(k.startswith(("exchange.", "tls.")) for k in changed):
+        ews.forget(resources)
+        forget_clients(resources)
+
+
+@hookimpl
+def send_mail(
+    account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+) -> list[SendResult] | None:
+    """Send one sender's batch through EWS; a result per message."""
+    if account.transport != TRANSPORT:
+        return None
+    settings = resolve(account)
+    problems = blocking_problems(account, settings)
+    if problems:
+        detail = "; ".join(f"{p.message} ({p.fix})" for p in problems)
+        return [
+            SendResult(m.message_id, Outcome.CONFIGURATION, detail, code=problems[0].key)
+            for m in messages
+        ]
+    if settings.api is Api.GRAPH:
+        return [
+            SendResult(
+                m.message_id,
+                Outcome.CONFIGURATION,
+                "exchange.api is graph, but this installation has no Graph sender yet "
+                "(crm settings set exchange.api ews)",
+                code="exchange.api",
+            )
+            for m in messages
+        ]
+    return ews.send(account, settings, messages, resources)
+
+
+@hookimpl
+def test_connection(account: SenderAccount, resources: Resources) -> ConnectionReport | None:
+    """The guide's Test connection, as a ladder of named steps."""
+    if account.transport != TRANSPORT:
+        return None
+    return diagnostics.run(account, resources, date.today())
+
+
+@hookimpl
+def reconcile_mail(
+    account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+) -> list[ReconcileResult] | None:
+    """Look for messages of unknown fate in the sender's Sent Items by Message-ID."""
+    if account.transport != TRANSPORT:
+        return None
+    settings = resolve(account)
+    if blocking_problems(account, settings) and not (settings.url and settings.mailbox):
+        return [
+            ReconcileResult(m.message_id, None, "Exchange settings incomplete") for m in messages
+        ]
+    return ews.reconcile(account, settings, messages, resources)
+
+
+@hookimpl
+def describe_route(account: SenderAccount) -> RouteInfo | None:
+    """Server, mailbox and sign-in, without touching the network."""
+    if account.transport != TRANSPORT:
+        return None
+    settings = resolve(account)
+    notes = [f"api {settings.api.value}", f"sender {account.email}"]
+    if settings.mode is AuthMode.OAUTH and settings.app is not None:
+        notes.append(f"app-only OAuth, client {settings.app.client_id}, impersonation")
+    elif settings.mode is AuthMode.PASSWORD:
+        notes.append(f"password sign-in ({settings.onprem_auth})")
+    else:
+        notes.append("not signed in: settings incomplete")
+    return RouteInfo(
+        TRANSPORT, settings.url or "(exchange.url not set)", settings.mailbox, tuple(notes)
+    )

@@ -1,0 +1,441 @@
+"""The Exchange transport's settings: fields, validators and cross-field checks.
+
+Why here and not in the core: only this plugin knows what an EWS URL must look like,
+that "Sync with Exchange" must be ticked, or that a username in another domain than
+``exchange.domain`` is the guide's most common mistake. The OAuth fields (Client ID,
+Tenant ID, Client secret, authority, secret expiry) come from :mod:`crm_core.entra`,
+shared with every Microsoft transport.
+
+Which authentication is used is derived, not chosen: when any of the three OAuth codes
+is saved, app-only OAuth with impersonation (Exchange Online, or Exchange Server with
+hybrid modern auth); otherwise the user's own username and password (on-premises
+Exchange Server, NTLM unless ``exchange.onprem_auth`` says basic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date
+from enum import StrEnum
+from urllib.parse import urlsplit
+
+from crm_core.entra import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    SECRET_EXPIRES,
+    TENANT_ID,
+    AppCredentials,
+    credentials_for,
+    entra_fields,
+    is_guid,
+)
+from crm_core.errors import SettingValueError
+from crm_core.fields import FieldType, Scope, SettingField, SettingNotice
+from crm_core.mail.addresses import explain_address
+from crm_core.mail.transport import SenderAccount, SettingValue
+from crm_core.secrets import Secret
+
+TRANSPORT = "exchange"
+PLUGIN = "exchange_mail"
+
+URL = "exchange.url"
+API = "exchange.api"
+SERVER_VERSION = "exchange.server_version"
+ONPREM_AUTH = "exchange.onprem_auth"
+DOMAIN = "exchange.domain"
+USERNAME = "exchange.username"
+PASSWORD = "exchange.password"
+SYNC = "exchange.sync"
+CA_BUNDLE = "tls.ca_bundle"
+
+EWS_PATH = "/EWS/Exchange.asmx"
+EXAMPLE_URL = f"https://outlook.office365.com{EWS_PATH}"
+EXCHANGE_ONLINE_HOSTS = frozenset({"outlook.office365.com", "outlook.office.com"})
+EXPIRY_WARNING_DAYS = 30
+
+GUIDE_CREDENTIALS = "TestConnection error Credentials"
+"""The guide's red text for credentials that do not add up; kept recognisable."""
+
+SERVER_VERSIONS = ("online", "2013", "2013_sp1", "2016", "2019")
+
+
+class Api(StrEnum):
+    """Which Microsoft API carries the mail."""
+
+    EWS = "ews"
+    GRAPH = "graph"
+
+
+class AuthMode(StrEnum):
+    """How the transport signs in, derived from which settings are saved."""
+
+    OAUTH = "oauth"
+    PASSWORD = "password"
+
+
+# --- validators -------------------------------------------------------------------
+
+
+def validate_ews_url(text: str) -> str:
+    """Accept only ``https://<host>[/<prefix>]/EWS/Exchange.asmx``, exactly so cased.
+
+    A near miss is refused with the corrected URL in the message, because the guide
+    says the path must end with exactly ``/EWS/Exchange.asmx`` and case matters.
+    """
+    parts = urlsplit(text.strip())
+    host = (parts.hostname or "").lower()
+    if parts.scheme.lower() not in ("http", "https") or not host:
+        raise SettingValueError(
+            URL,
+            f"{text!r} is not a URL; write the server's EWS address, for example {EXAMPLE_URL}",
+        )
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    if "[" in parts.netloc:  # keep IPv6 literals bracketed
+        netloc = parts.netloc.rpartition("@")[2].lower()
+    path = parts.path
+    if path.endswith(EWS_PATH):
+        fixed_path = path
+    elif path.rstrip("/").lower().endswith(EWS_PATH.lower()):
+        stripped = path.rstrip("/")
+        fixed_path = stripped[: -len(EWS_PATH)] + EWS_PATH
+    else:
+        fixed_path = EWS_PATH
+    suggestion = f"https://{netloc}{fixed_path}"
+    if parts.scheme.lower() != "https":
+        raise SettingValueError(
+            URL, f"the Exchange URL must use https; did you mean {suggestion} ?"
+        )
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise SettingValueError(
+            URL,
+            f"the Exchange URL takes no query, fragment or user name; did you mean {suggestion} ?",
+        )
+    if path != fixed_path:
+        raise SettingValueError(
+            URL,
+            f"the URL must end with exactly {EWS_PATH} (letter case matters); "
+            f"did you mean {suggestion} ?",
+        )
+    return suggestion
+
+
+def _validate_domain(text: str) -> str:
+    domain = text.strip().lower().lstrip("@")
+    problem = explain_address(f"user@{domain}")
+    if problem or "@" in domain:
+        raise SettingValueError(
+            DOMAIN,
+            f"{text!r} is not a domain name; enter the domain the OAuth codes belong to, "
+            "e.g. organisation.se or organisation.onmicrosoft.com",
+        )
+    return domain
+
+
+def _validate_username(text: str) -> str:
+    problem = explain_address(text)
+    if problem:
+        raise SettingValueError(
+            USERNAME,
+            f"{text!r} is not a full e-mail address ({problem}); the username is the "
+            "user's full primary e-mail address, e.g. name@organisation.se",
+        )
+    return text.strip()
+
+
+# --- fields -----------------------------------------------------------------------
+
+
+def fields() -> list[SettingField]:
+    """The guide's System settings and the user dialog's E-mail tab, for Exchange."""
+    return [
+        SettingField(
+            URL,
+            Scope.SYSTEM,
+            "Exchange URL",
+            help=f"The server's EWS address; must end with exactly {EWS_PATH}, e.g. {EXAMPLE_URL}.",
+            required_for=TRANSPORT,
+            validator=validate_ews_url,
+            plugin=PLUGIN,
+        ),
+        SettingField(
+            API,
+            Scope.SYSTEM,
+            "Exchange API",
+            type=FieldType.CHOICE,
+            choices=tuple(a.value for a in Api),
+            default=Api.EWS.value,
+            help="ews: Exchange Web Services (Exchange Server, and Exchange Online while "
+            "Microsoft allows it). graph: Microsoft Graph sendMail (Exchange Online; needs "
+            "the Mail.Send application permission).",
+            plugin=PLUGIN,
+        ),
+        SettingField(
+            SERVER_VERSION,
+            Scope.SYSTEM,
+            "Exchange server version",
+            type=FieldType.CHOICE,
+            choices=SERVER_VERSIONS,
+            help="Pins the EWS schema version so no request is spent guessing it. "
+            "Empty: 'online' with OAuth, '2016' with a password (Exchange 2016/2019 speak "
+            "the same schema).",
+            plugin=PLUGIN,
+        ),
+        SettingField(
+            ONPREM_AUTH,
+            Scope.SYSTEM,
+            "On-premises sign-in",
+            type=FieldType.CHOICE,
+            choices=("ntlm", "basic"),
+            default="ntlm",
+            help="How users sign in with their password when OAuth is not set up "
+            "(Exchange Server). Basic only over https.",
+            plugin=PLUGIN,
+        ),
+        *entra_fields(),
+        SettingField(
+            DOMAIN,
+            Scope.USER,
+            "Domain",
+            help="The domain the OAuth codes belong to, e.g. organisation.se.",
+            required_for=TRANSPORT,
+            validator=_validate_domain,
+            plugin=PLUGIN,
+        ),
+        SettingField(
+            USERNAME,
+            Scope.USER,
+            "Username",
+            help="The user's full primary e-mail address (not an alias).",
+            required_for=TRANSPORT,
+            validator=_validate_username,
+            plugin=PLUGIN,
+        ),
+        SettingField(
+            PASSWORD,
+            Scope.USER,
+            "Password",
+            type=FieldType.SECRET,
+            help="The user's network password; used only for Exchange Server without OAuth.",
+            plugin=PLUGIN,
+        ),
+        SettingField(
+            SYNC,
+            Scope.USER,
+            "Sync with Exchange",
+            type=FieldType.BOOL,
+            help="Must be ticked to send via Exchange.",
+            plugin=PLUGIN,
+        ),
+    ]
+
+
+# --- what an account's settings amount to ------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExchangeSettings:
+    """One account's Exchange settings, resolved and typed.
+
+    ``mailbox`` is the mailbox signed in to or impersonated (``exchange.username``);
+    the user's basic e-mail is the sender (From).
+    """
+
+    url: str
+    api: Api
+    mode: AuthMode | None
+    mailbox: str
+    domain: str
+    sync: bool
+    app: AppCredentials | None
+    password: Secret | None
+    onprem_auth: str
+    server_version: str
+    ca_bundle: str | None
+
+    @property
+    def host(self) -> str:
+        """The Exchange server's host name."""
+        return (urlsplit(self.url).hostname or "").lower()
+
+    @property
+    def exchange_online(self) -> bool:
+        """True for Microsoft's Exchange Online endpoint."""
+        return self.host in EXCHANGE_ONLINE_HOSTS
+
+
+def resolve(account: SenderAccount) -> ExchangeSettings:
+    """Read an account's Exchange settings (secrets stay masked Secret objects)."""
+    oauth_set = any(account.get(k) for k in (CLIENT_ID, TENANT_ID, CLIENT_SECRET))
+    password = account.get_secret(PASSWORD)
+    mode = AuthMode.OAUTH if oauth_set else AuthMode.PASSWORD if password else None
+    api_text = account.get_str(API, Api.EWS.value) or Api.EWS.value
+    return ExchangeSettings(
+        url=account.get_str(URL),
+        api=Api(api_text) if api_text in Api.__members__.values() else Api.EWS,
+        mode=mode,
+        mailbox=account.get_str(USERNAME).strip(),
+        domain=account.get_str(DOMAIN).strip().lower(),
+        sync=account.get_bool(SYNC),
+        app=credentials_for(account) if oauth_set else None,
+        password=password,
+        onprem_auth=account.get_str(ONPREM_AUTH, "ntlm") or "ntlm",
+        server_version=account.get_str(SERVER_VERSION),
+        ca_bundle=account.get_str(CA_BUNDLE) or None,
+    )
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A setting that stops sending, with what to do about it."""
+
+    key: str
+    message: str
+    fix: str
+
+
+def blocking_problems(account: SenderAccount, settings: ExchangeSettings) -> list[Problem]:
+    """Everything that must be fixed before a mail can go, in the guide's order."""
+    problems: list[Problem] = []
+    if not settings.url:
+        problems.append(
+            Problem(URL, "the Exchange URL is not set", f"crm settings set {URL} {EXAMPLE_URL}")
+        )
+    if settings.mode is None:
+        problems.append(
+            Problem(
+                CLIENT_ID,
+                "neither the OAuth codes (Client ID, Tenant ID, Client secret) nor the "
+                "user's password are saved",
+                f"Exchange Online: crm settings set {CLIENT_ID} / {TENANT_ID} / "
+                f"{CLIENT_SECRET}; Exchange Server: crm users set EMAIL {PASSWORD}",
+            )
+        )
+    elif settings.mode is AuthMode.OAUTH and settings.app is None:
+        missing = [k for k in (CLIENT_ID, TENANT_ID, CLIENT_SECRET) if not account.get(k)]
+        problems.append(
+            Problem(
+                missing[0],
+                f"the OAuth codes are incomplete: {', '.join(missing)} not saved",
+                "; ".join(f"crm settings set {k} ..." for k in missing),
+            )
+        )
+    if not settings.mailbox:
+        problems.append(
+            Problem(
+                USERNAME,
+                "Username is not set",
+                f"crm users set EMAIL {USERNAME} <the user's full primary e-mail address>",
+            )
+        )
+    if not settings.domain:
+        problems.append(
+            Problem(
+                DOMAIN,
+                "Domain is not set",
+                f"crm users set EMAIL {DOMAIN} <the domain the OAuth codes belong to>",
+            )
+        )
+    if not settings.sync:
+        problems.append(sync_problem())
+    return problems
+
+
+def sync_problem() -> Problem:
+    """The guide's rule: "Sync with Exchange" must be ticked to send via Exchange."""
+    return Problem(
+        SYNC,
+        "'Sync with Exchange' is not ticked; it must be ticked to send via Exchange "
+        "(choosing which syncs is not required)",
+        f"crm users set EMAIL {SYNC} true",
+    )
+
+
+def domain_mismatch(username: str, domain: str) -> str | None:
+    """The guide's advice when the username's domain differs from exchange.domain."""
+    if not username or not domain or "@" not in username:
+        return None
+    user_domain = username.rpartition("@")[2].lower()
+    if user_domain == domain:
+        return None
+    return (
+        f"the username {username} is in domain {user_domain}, but {DOMAIN} is {domain}. "
+        "The domain must be the one the OAuth codes belong to, and the username the "
+        "user's full primary address in it (e.g. name@organisation.se, or "
+        "name@organisation.onmicrosoft.com), not an alias in another domain"
+    )
+
+
+def secret_expiry_notice(expires: date | None, today: date) -> str | None:
+    """A warning from 30 days before the client secret's expiry date, and after it."""
+    if expires is None:
+        return None
+    days = (expires - today).days
+    if days < 0:
+        return (
+            f"the client secret expired on {expires.isoformat()}; create a new secret in "
+            f"Entra → Certificates & secrets and save its Value as {CLIENT_SECRET} and "
+            f"its expiry as {SECRET_EXPIRES}"
+        )
+    if days <= EXPIRY_WARNING_DAYS:
+        when = "today" if days == 0 else f"in {days} day{'s' if days != 1 else ''}"
+        return (
+            f"the client secret expires {when} ({expires.isoformat()}); create a new "
+            f"secret in Entra → Certificates & secrets before then and save its Value as "
+            f"{CLIENT_SECRET}"
+        )
+    return None
+
+
+SECRET_ID_WARNING = (
+    "the saved client secret looks like a Secret ID (a GUID); Entra needs the secret's "
+    "Value, shown only once when the secret is created (Certificates & secrets → "
+    "Client secrets → Value column)"
+)
+
+
+def ews_retirement_notice(url: str) -> str | None:
+    """Microsoft blocks EWS in Exchange Online from 1 Oct 2026 and ends it 1 Apr 2027."""
+    host = (urlsplit(url).hostname or "").lower()
+    if host not in EXCHANGE_ONLINE_HOSTS:
+        return None
+    return (
+        "Exchange Online blocks EWS from 1 October 2026 unless the tenant allows this "
+        "app (Set-OrganizationConfig -EwsEnabled $true -EwsAllowedAppIDs <Client ID>), "
+        "and shuts EWS down for good on 1 April 2027; plan the move to Microsoft Graph "
+        f"(crm settings set {API} graph, Mail.Send application permission)"
+    )
+
+
+def check(
+    scope: Scope,
+    system: Mapping[str, SettingValue],
+    user: Mapping[str, SettingValue] | None,
+    today: date,
+) -> list[SettingNotice]:
+    """Cross-field warnings and errors for ``crm settings show`` / ``crm users show``."""
+    notices: list[SettingNotice] = []
+    if scope is Scope.SYSTEM:
+        secret = system.get(CLIENT_SECRET)
+        if isinstance(secret, Secret) and is_guid(secret.reveal()):
+            notices.append(SettingNotice(CLIENT_SECRET, "warning", SECRET_ID_WARNING))
+        expires = system.get(SECRET_EXPIRES)
+        expiry = secret_expiry_notice(expires if isinstance(expires, date) else None, today)
+        if expiry:
+            notices.append(SettingNotice(SECRET_EXPIRES, "warning", expiry))
+        url = system.get(URL)
+        retirement = ews_retirement_notice(url) if isinstance(url, str) else None
+        if retirement and system.get(API, Api.EWS.value) == Api.EWS.value:
+            notices.append(SettingNotice(URL, "warning", retirement))
+        return notices
+    if user is None:
+        return notices
+    username, domain = user.get(USERNAME), user.get(DOMAIN)
+    if isinstance(username, str) and isinstance(domain, str):
+        mismatch = domain_mismatch(username, domain)
+        if mismatch:
+            notices.append(SettingNotice(USERNAME, "warning", mismatch))
+    if user.get("mail.transport") == TRANSPORT and user.get(SYNC) is not True:
+        problem = sync_problem()
+        notices.append(SettingNotice(SYNC, "error", f"{problem.message} ({problem.fix})"))
+    return notices
