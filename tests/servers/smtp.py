@@ -212,6 +212,11 @@ class _Protocol(SMTP):
     sent, nor act on the DATA command itself; these overrides can.
     """
 
+    # RFC 4954 section 4: SASL response lines may be up to 12288 octets, and a real
+    # XOAUTH2 response (an Entra JWT) is 1.5-3 KB; aiosmtpd's default of 1001 would
+    # answer "500 Line is longer than limit". (aiosmtpd uses it for DATA lines too.)
+    line_length_limit = 12288
+
     def __init__(self, owner: SmtpServer, handler: _Handler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.owner = owner
