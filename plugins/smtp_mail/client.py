@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MAX_CHALLENGES = 3
+_MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, incl. CRLF
 
 
 class TokenSource(Protocol):
@@ -392,17 +393,28 @@ def _sasl(
     initial: bytes,
     answer: Callable[[bytes], bytes] | None,
 ) -> tuple[int, bytes]:
-    """AUTH with an initial response, then answer challenges (RFC 4954).
+    """AUTH, then answer challenges (RFC 4954), with UTF-8 SASL strings.
 
     Why not smtplib's ``auth``: it encodes responses as ASCII, so a password with
-    å, ä or ö fails before it reaches the server; SASL strings are UTF-8 (RFC 4616).
+    å, ä or ö fails before it reaches the server (SASL strings are UTF-8, RFC 4616),
+    and it always sends the initial response on the command line, which RFC 4954
+    forbids when the line would exceed 512 octets, as XOAUTH2 tokens usually do.
     """
-    code, reply = conn.docmd("AUTH", f"{mechanism} {_b64(initial)}")
+    encoded = _b64(initial)
+    if len(f"AUTH {mechanism} {encoded}\r\n") <= _MAX_COMMAND_LINE:
+        code, reply = conn.docmd("AUTH", f"{mechanism} {encoded}")
+        pending: bytes | None = None
+    else:
+        code, reply = conn.docmd("AUTH", mechanism)
+        pending = initial
     rounds = 0
     while code == 334 and rounds < _MAX_CHALLENGES:
         rounds += 1
-        challenge = base64.b64decode(reply or b"")
-        response = answer(challenge) if answer is not None else b""
+        if pending is not None:
+            response, pending = pending, None
+        else:
+            challenge = base64.b64decode(reply or b"")
+            response = answer(challenge) if answer is not None else b""
         code, reply = conn.docmd(_b64(response))
     return code, reply
 
