@@ -171,6 +171,8 @@ def connection_failure(
             "no-starttls",
         )
     if isinstance(exc, smtplib.SMTPServerDisconnected):
+        if isinstance(exc.__context__, TimeoutError):  # smtplib re-raises read timeouts
+            return _timeout_failure(s, phase)
         return disconnected(phase, False, s.server)
     if isinstance(exc, smtplib.SMTPResponseException):
         return reply_failure(phase, exc.smtp_code, exc.smtp_error)
@@ -183,7 +185,7 @@ def connection_failure(
             "connection-refused",
         )
     if isinstance(exc, TimeoutError):
-        return _timeout_failure(s)
+        return _timeout_failure(s, phase)
     if isinstance(exc, ValueError):  # e.g. a host name IDNA cannot encode
         return Failure(
             Outcome.CONFIGURATION,
@@ -217,7 +219,7 @@ def _dns_failure(exc: socket.gaierror, s: SmtpSettings) -> Failure:
 
 def certificate_failure(exc: ssl.SSLCertVerificationError, s: SmtpSettings) -> Failure:
     """A certificate that is not trusted, not for this host, or expired."""
-    reason = exc.verify_message or exc.reason or str(exc)
+    reason = getattr(exc, "verify_message", "") or getattr(exc, "reason", "") or str(exc)
     lowered = reason.lower()
     if "mismatch" in lowered:
         fix = (
@@ -240,7 +242,7 @@ def certificate_failure(exc: ssl.SSLCertVerificationError, s: SmtpSettings) -> F
 
 
 def _tls_failure(exc: ssl.SSLError, s: SmtpSettings) -> Failure:
-    reason = exc.reason or str(exc)
+    reason = getattr(exc, "reason", "") or str(exc)
     if s.security is Security.SSL:
         fix = (
             f"Port {s.port} may not speak TLS from the first byte: use {SECURITY} starttls "
@@ -256,14 +258,17 @@ def _tls_failure(exc: ssl.SSLError, s: SmtpSettings) -> Failure:
     )
 
 
-def _timeout_failure(s: SmtpSettings) -> Failure:
-    fix = "Check the network or firewall (outgoing port {p}); it will be tried again later."
-    if s.port == 465 and s.security is not Security.SSL:
-        fix = f"Port 465 expects TLS from the first byte: set {SECURITY} ssl."
+def _timeout_failure(s: SmtpSettings, phase: Phase) -> Failure:
+    fix = f"Check the network or firewall (outgoing port {s.port}); it will be tried again later."
+    if phase is Phase.CONNECT and s.security is not Security.SSL:
+        fix = (
+            f"If port {s.port} expects TLS from the first byte (usually 465), set "
+            f"{SECURITY} ssl; otherwise check the network or firewall."
+        )
     return Failure(
         Outcome.TEMPORARY,
         f"{s.server} did not answer within {s.timeout} seconds.",
-        fix.format(p=s.port),
+        fix,
         "timeout",
     )
 

@@ -1,0 +1,413 @@
+"""Pure functions of the SMTP transport: reply hints, classification, settings, rendering."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+
+import pytest
+
+from crm_core.errors import SettingValueError
+from crm_core.fields import Scope
+from crm_core.mail.message import Attachment
+from crm_core.mail.transport import Outcome
+from crm_core.secrets import Secret
+from smtp_mail.classify import Phase, connection_failure, disconnected, reply_failure
+from smtp_mail.hints import enhanced_code, explain, reply_code
+from smtp_mail.render import Unsendable, prepare
+from smtp_mail.settings import (
+    AuthMode,
+    Security,
+    SmtpSettings,
+    check,
+    is_loopback,
+    smtp_fields,
+)
+from tests.conftest import CrmFactory
+from tests.smtp_fixtures import make_message, make_smtp_crm
+
+SETTINGS = SmtpSettings(
+    host="smtp.example.net",
+    port=587,
+    security=Security.STARTTLS,
+    auth=AuthMode.PASSWORD,
+    username="anna@example.com",
+    password=Secret("pw"),
+    timeout=30,
+    ca_bundle=None,
+    email="anna@example.com",
+)
+
+# --- hints -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("5.7.139 Authentication unsuccessful", "5.7.139"),
+        ("2.0.0 OK queued as 10.1.2.3", "2.0.0"),
+        ("Authentication unsuccessful from 10.1.2.3", ""),
+        ("4.7.0 Temporary authentication failure", "4.7.0"),
+    ],
+)
+def test_enhanced_code(text: str, code: str) -> None:
+    assert enhanced_code(text) == code
+
+
+def test_reply_code_joins_basic_and_enhanced() -> None:
+    assert reply_code(535, "5.7.3 Authentication unsuccessful") == "535 5.7.3"
+    assert reply_code(550, "Mailbox unavailable") == "550"
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "meaning"),
+    [
+        (
+            535,
+            "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for "
+            "the Tenant.",
+            "disabled for the whole Microsoft 365 tenant",
+        ),
+        (
+            535,
+            "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for "
+            "the Mailbox.",
+            "disabled for this mailbox",
+        ),
+        (
+            535,
+            "5.7.139 Authentication unsuccessful, user is locked by your organization's "
+            "security defaults policy.",
+            "security defaults",
+        ),
+        (
+            535,
+            "5.7.139 Authentication unsuccessful, basic authentication is disabled.",
+            "Basic authentication is disabled",
+        ),
+        (
+            535,
+            "5.7.139 Authentication unsuccessful, the user credentials were incorrect.",
+            "wrong username or password",
+        ),
+        (
+            535,
+            "5.7.30 Basic authentication is not supported for Client Submission.",
+            "no longer accepts basic authentication",
+        ),
+        (530, "5.7.57 Client not authenticated to send mail.", "not authenticated"),
+        (550, "5.7.60 SMTP; Client does not have permissions to send as this sender", "Send As"),
+        (535, "5.7.8 Username and Password not accepted.", "username or password"),
+        (534, "5.7.9 Application-specific password required.", "app password"),
+        (
+            550,
+            "5.7.708 Service unavailable. Access denied, traffic not accepted from this IP.",
+            "IP address",
+        ),
+        (550, "5.1.8 Access denied, bad outbound sender", "blocked this mailbox"),
+        (530, "Must issue a STARTTLS command first", "encrypted connection"),
+        (530, "5.7.0 Authentication required", "only after a login"),
+    ],
+)
+def test_hints_name_the_real_cause(code: int, text: str, meaning: str) -> None:
+    hint = explain(code, text)
+    assert hint is not None
+    assert meaning in hint.meaning
+    assert hint.account_wide
+    assert hint.fix
+
+
+def test_basic_auth_hints_point_to_oauth() -> None:
+    for text in (
+        "5.7.30 Basic authentication is not supported for Client Submission.",
+        "5.7.139 Authentication unsuccessful, basic authentication is disabled.",
+    ):
+        hint = explain(535, text)
+        assert hint is not None and "smtp.auth xoauth2" in hint.fix
+
+
+def test_a_refused_token_gets_the_oauth_hint() -> None:
+    password = explain(535, "5.7.3 Authentication unsuccessful")
+    oauth = explain(535, "5.7.3 Authentication unsuccessful", oauth=True)
+    assert password is not None and "smtp.password" in password.fix
+    assert oauth is not None and "SMTP.SendAsApp" in oauth.fix
+
+
+@pytest.mark.parametrize(
+    "text", ["5.1.1 User unknown", "5.2.2 Mailbox full", "5.3.4 Message size exceeds limit"]
+)
+def test_message_level_hints_are_not_account_wide(text: str) -> None:
+    hint = explain(550, text)
+    assert hint is not None and not hint.account_wide
+
+
+def test_unknown_replies_have_no_hint() -> None:
+    assert explain(554, "5.6.0 Message rejected: invalid content") is None
+
+
+# --- classification ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("phase", "code", "text", "outcome"),
+    [
+        (Phase.AUTH, 535, "5.7.3 Authentication unsuccessful", Outcome.CONFIGURATION),
+        (Phase.AUTH, 454, "4.7.0 Temporary authentication failure", Outcome.TEMPORARY),
+        (Phase.MAIL, 451, "4.3.0 Try later", Outcome.TEMPORARY),
+        (
+            Phase.MAIL,
+            550,
+            "5.7.60 Client does not have permissions to send as this sender",
+            Outcome.CONFIGURATION,
+        ),
+        (Phase.MAIL, 530, "5.7.57 Client not authenticated", Outcome.CONFIGURATION),
+        (Phase.MAIL, 552, "5.3.4 Message size exceeds fixed limit", Outcome.PERMANENT),
+        (Phase.MAIL, 501, "5.1.7 Bad sender address syntax", Outcome.CONFIGURATION),
+        (Phase.RCPT, 550, "5.1.1 User unknown", Outcome.PERMANENT),
+        (Phase.RCPT, 450, "4.2.0 Mailbox busy", Outcome.TEMPORARY),
+        (Phase.RCPT, 550, "5.7.64 TenantAttribution; Relay Access Denied", Outcome.CONFIGURATION),
+        (Phase.DATA, 554, "5.6.0 Message rejected", Outcome.PERMANENT),
+        (Phase.DATA, 451, "4.3.0 Deferred", Outcome.TEMPORARY),
+        (Phase.DATA, 552, "5.3.4 Message too big", Outcome.PERMANENT),
+        (Phase.CONNECT, 421, "4.3.2 Service not available", Outcome.TEMPORARY),
+        (Phase.CONNECT, 554, "5.7.1 Your IP is blocked", Outcome.CONFIGURATION),
+    ],
+)
+def test_reply_classification(phase: Phase, code: int, text: str, outcome: Outcome) -> None:
+    failure = reply_failure(phase, code, text.encode())
+    assert failure.outcome is outcome
+    assert str(code) in failure.detail and failure.code.startswith(str(code))
+
+
+def test_disconnect_before_and_after_the_final_dot() -> None:
+    assert disconnected(Phase.DATA, False, "h:25").outcome is Outcome.TEMPORARY
+    assert disconnected(Phase.DATA, True, "h:25").outcome is Outcome.AMBIGUOUS
+
+
+def _verify_error(message: str) -> ssl.SSLCertVerificationError:
+    exc = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] verify failed")
+    exc.verify_message = message
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "outcome", "code"),
+    [
+        (
+            socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+            Outcome.CONFIGURATION,
+            "unknown-host",
+        ),
+        (
+            socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+            Outcome.TEMPORARY,
+            "dns-temporary",
+        ),
+        (
+            _verify_error("Hostname mismatch, certificate is not valid for 'x'."),
+            Outcome.CONFIGURATION,
+            "tls-certificate",
+        ),
+        (_verify_error("certificate has expired"), Outcome.CONFIGURATION, "tls-certificate"),
+        (
+            ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+            Outcome.CONFIGURATION,
+            "tls",
+        ),
+        (
+            ConnectionRefusedError(111, "Connection refused"),
+            Outcome.TEMPORARY,
+            "connection-refused",
+        ),
+        (TimeoutError("timed out"), Outcome.TEMPORARY, "timeout"),
+        (OSError(101, "Network is unreachable"), Outcome.TEMPORARY, "network"),
+        (
+            smtplib.SMTPServerDisconnected("Connection unexpectedly closed"),
+            Outcome.TEMPORARY,
+            "disconnected",
+        ),
+        (
+            smtplib.SMTPNotSupportedError("STARTTLS extension not supported by server."),
+            Outcome.CONFIGURATION,
+            "no-starttls",
+        ),
+        (
+            smtplib.SMTPConnectError(421, b"4.3.2 Too many connections"),
+            Outcome.TEMPORARY,
+            "421 4.3.2",
+        ),
+        (UnicodeError("label too long"), Outcome.CONFIGURATION, "bad-host"),
+    ],
+)
+def test_connection_failure_classification(exc: BaseException, outcome: Outcome, code: str) -> None:
+    failure = connection_failure(exc, SETTINGS)
+    assert (failure.outcome, failure.code) == (outcome, code)
+    assert failure.fix
+
+
+def test_certificate_fixes_differ_by_cause() -> None:
+    mismatch = connection_failure(_verify_error("Hostname mismatch"), SETTINGS)
+    expired = connection_failure(_verify_error("certificate has expired"), SETTINGS)
+    untrusted = connection_failure(_verify_error("self-signed certificate in chain"), SETTINGS)
+    assert "name on the server's certificate" in mismatch.fix
+    assert "renew" in expired.fix
+    assert "tls.ca_bundle" in untrusted.fix and "SSL_CERT_FILE" in untrusted.fix
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+def _validator(key: str) -> object:
+    spec = next(f for f in smtp_fields() if f.key == key)
+    assert spec.validator is not None
+    return spec.validator
+
+
+@pytest.mark.parametrize(
+    ("raw", "stored"),
+    [
+        ("SMTP.Office365.com", "smtp.office365.com"),
+        ("10.0.0.5", "10.0.0.5"),
+        ("[::1]", "::1"),
+        ("relay-01.corp.local", "relay-01.corp.local"),
+    ],
+)
+def test_host_validator_accepts(raw: str, stored: str) -> None:
+    validate = _validator("smtp.host")
+    assert callable(validate) and validate(raw) == stored
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        ("smtp://smtp.office365.com", "looks like a URL"),
+        ("smtp.office365.com:587", "contains a port"),
+        ("smtp office365.com", "not a server name"),
+    ],
+)
+def test_host_validator_refuses_with_advice(raw: str, words: str) -> None:
+    validate = _validator("smtp.host")
+    assert callable(validate)
+    with pytest.raises(SettingValueError, match=words):
+        validate(raw)
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "127.0.0.1", "127.5.5.5", "::1", "[::1]", "mail.localhost"]
+)
+def test_loopback(host: str) -> None:
+    assert is_loopback(host)
+
+
+@pytest.mark.parametrize("host", ["smtp.example.net", "10.0.0.1", "localhost.example.net"])
+def test_not_loopback(host: str) -> None:
+    assert not is_loopback(host)
+
+
+def test_plaintext_login_to_a_remote_host_is_an_error_on_each_key_that_makes_it() -> None:
+    system = {"smtp.host": "relay.example.net", "smtp.security": "none", "smtp.auth": "password"}
+    notices = check(Scope.SYSTEM, system, None, None)
+    assert {n.key for n in notices if n.level == "error"} == {
+        "smtp.security",
+        "smtp.auth",
+        "smtp.host",
+    }
+    assert "unencrypted" in notices[0].message
+    assert check(Scope.SYSTEM, {**system, "smtp.host": "127.0.0.1"}, None, None) == []
+    assert check(Scope.SYSTEM, {**system, "smtp.auth": "none"}, None, None) == []
+
+
+def test_xoauth2_lists_the_missing_entra_codes() -> None:
+    system = {"smtp.auth": "xoauth2", "exchange.tenant_id": "contoso.onmicrosoft.com"}
+    (notice,) = check(Scope.SYSTEM, system, None, None)
+    assert notice.key == "smtp.auth" and notice.level == "error"
+    assert "exchange.client_id, exchange.client_secret" in notice.message
+
+
+def test_port_that_does_not_fit_the_security_is_a_warning() -> None:
+    (notice,) = check(Scope.SYSTEM, {"smtp.security": "ssl", "smtp.port": 587}, None, None)
+    assert (notice.key, notice.level) == ("smtp.port", "warning")
+
+
+def test_user_checks_only_for_users_of_smtp() -> None:
+    system = {"smtp.host": "smtp.example.net"}
+    assert check(Scope.USER, system, {"mail.transport": "maildir"}, "a@example.com") == []
+    notices = check(Scope.USER, system, {"mail.transport": "smtp"}, "a@example.com")
+    assert {(n.key, n.level) for n in notices} == {
+        ("smtp.username", "error"),
+        ("smtp.password", "error"),
+    }
+    oauth_user = {"mail.transport": "smtp", "smtp.auth": "xoauth2"}
+    (notice,) = check(Scope.USER, system, oauth_user, "a@example.com")
+    assert notice.key == "smtp.auth"  # username defaults to the e-mail; codes are missing
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+
+def test_eight_bit_text_is_quoted_printable_for_a_server_without_8bitmime() -> None:
+    message = make_message(text="Hälsningar från Malmö\n", html="<p>Hälsningar</p>")
+    envelope = prepare(message, {"size": "0"}, "h:25")
+    assert envelope.data.isascii()
+    assert b"quoted-printable" in envelope.data
+    assert b"H=C3=A4lsningar" in envelope.data
+    assert "BODY=8BITMIME" not in envelope.options
+
+
+def test_size_is_declared_and_enforced() -> None:
+    small = prepare(make_message(), {"size": "100000"}, "h:25")
+    assert small.options[0] == f"SIZE={len(small.data)}"
+    big = make_message(
+        attachments=[Attachment("a.bin", "application/octet-stream", b"x" * 200_000)]
+    )
+    with pytest.raises(Unsendable) as refused:
+        prepare(big, {"size": "100000"}, "h:25")
+    assert refused.value.failure.outcome is Outcome.PERMANENT
+    assert "accepts at most 0.1 MB" in refused.value.failure.detail
+
+
+def test_envelope_uses_idna_and_keeps_bcc_out_of_the_headers() -> None:
+    envelope = prepare(make_message(to=["info@bücher.de"], bcc=["arkiv@example.com"]), {}, "h:25")
+    assert envelope.recipients == ("info@xn--bcher-kva.de", "arkiv@example.com")
+    assert b"arkiv" not in envelope.data
+    assert b"To: info@xn--bcher-kva.de" in envelope.data
+
+
+# --- hooks without network ------------------------------------------------------------------
+
+
+def test_describe_route_and_reconcile_without_network(make_crm: CrmFactory) -> None:
+    setup = make_smtp_crm(make_crm())
+    setup.set_system(smtp_host="smtp.office365.com")
+    setup.set_user(smtp_username="anna@contoso.se", smtp_password="pw")
+    account = setup.account()
+
+    route = setup.crm.describe_route(account)
+    (reconciled,) = setup.crm.reconcile_mail(account, [make_message()])
+
+    assert route is not None
+    assert (route.transport, route.server, route.account) == (
+        "smtp",
+        "smtp.office365.com:587",
+        "anna@contoso.se",
+    )
+    assert route.notes == ("security starttls", "auth password")
+    assert reconciled.sent is None and "Sent folder" in reconciled.detail
+
+
+def test_user_may_override_the_server(make_crm: CrmFactory) -> None:
+    setup = make_smtp_crm(make_crm())
+    setup.set_system(smtp_host="relay.corp.example", smtp_auth="none", smtp_security="none")
+    setup.set_user(
+        smtp_host="smtp.gmail.com",
+        smtp_security="ssl",
+        smtp_auth="password",
+        smtp_username="anna@gmail.com",
+        smtp_password="app-password",
+    )
+
+    route = setup.crm.describe_route(setup.account())
+
+    assert route is not None
+    assert (route.server, route.account) == ("smtp.gmail.com:465", "anna@gmail.com")
