@@ -633,7 +633,7 @@ class EwsServer(HttpsStandIn):
             if (
                 mailbox is None
                 or mailbox.password is None
-                or not secrets.compare_digest(mailbox.password, password)
+                or not secrets.compare_digest(mailbox.password.encode(), password.encode())
             ):
                 return self._unauthorized(None, None)
             return "Basic", None, mailbox
