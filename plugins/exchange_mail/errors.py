@@ -336,8 +336,13 @@ def _unauthorized(settings: ExchangeSettings) -> Classified:
 
 
 def ews_refused(settings: ExchangeSettings) -> Classified:
-    """HTTP 403: Exchange refuses EWS itself, before looking at the mailbox."""
-    if settings.exchange_online:
+    """HTTP 403: Exchange refuses EWS itself, before looking at the mailbox.
+
+    App-only OAuth means Exchange Online (or a hybrid server trusting Entra ID), where
+    a 403 on EWS is the tenant's EWS block or allow-list; with a password it is the
+    on-premises EWSEnabled switch.
+    """
+    if settings.exchange_online or settings.mode is AuthMode.OAUTH:
         client = settings.app.client_id if settings.app else "<Client ID>"
         return Classified(
             Outcome.CONFIGURATION,

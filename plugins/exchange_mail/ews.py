@@ -179,9 +179,13 @@ class EwsMailbox:
             credentials = MsalOAuth2Credentials(tokens, settings.mailbox)
             auth_type, access = OAUTH2, IMPERSONATION
         else:
-            password = settings.password.reveal() if settings.password else ""
-            credentials = _PasswordCredentials(settings.mailbox, password)
+            password: str | bytes = settings.password.reveal() if settings.password else ""
             auth_type = BASIC if settings.onprem_auth == "basic" else NTLM
+            if auth_type == BASIC:
+                # requests would encode a str password as Latin-1; RFC 7617 and browsers
+                # use UTF-8, so a password with å, ä, ö or € works the same as in OWA.
+                password = password.encode("utf-8")
+            credentials = _PasswordCredentials(settings.mailbox, password)
             access = DELEGATE
         build = _BUILDS.get(settings.server_version) or (
             EXCHANGE_O365 if tokens is not None else EXCHANGE_2016

@@ -1,0 +1,221 @@
+"""Helpers shared by the Exchange transport's tests: stand-ins, a configured Crm, mail.
+
+Why helpers and not fixtures: fixtures imported into a test module look like unused or
+redefined names to ruff; each test module wires :func:`exchange_world` into a small
+fixture of its own.
+
+The world is what a customer has: an Entra ID tenant with the app registration (Client
+ID, a secret with its Value and Secret ID), an Exchange server with mailboxes (Anna's
+primary address and an alias), and a CRM whose administrator typed the guide's settings.
+Trust in the stand-ins' certificates comes only from the ``tls.ca_bundle`` setting (as
+for a private CA); ``REQUESTS_CA_BUNDLE`` keeps the machine's value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from exchangelib.protocol import close_connections
+
+from crm_core import directory
+from crm_core.app import Crm
+from crm_core.mail.addresses import parse_address
+from crm_core.mail.message import Attachment, OutgoingMessage, make_message_id
+from crm_core.mail.transport import ConnectionReport, SenderAccount, SendResult
+from tests.servers.entra import EntraServer, Secret, TokenRegistry
+from tests.servers.ews import EWS_PATH, EwsServer
+from tests.servers.tls import TestCA
+
+TENANT = "7c1f4a52-9d3e-4b8a-a0c6-2f5e8d9b1a34"
+TENANT_DOMAIN = "contoso.se"
+CLIENT = "0f3b6c1e-5a7d-4e2b-9c8f-1d2e3f4a5b6c"
+OTHER_CLIENT = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
+SECRET = "Qx8~stand.in-secret-VALUE.42"
+SECRET_ID = "3e1d9c2b-7a6f-4e5d-8c9b-0a1b2c3d4e5f"
+EXPIRED_SECRET = "Old~expired-secret-value.17"
+EXPIRED_ON = datetime(2026, 3, 1, tzinfo=UTC)
+
+USER = "anna@contoso.se"
+USER_NAME = "Anna Berg"
+ALIAS = "anna@contoso.com"
+ONPREM_USER = "bo@contoso.se"
+ONPREM_PASSWORD = "B0-pa55word!åäö"
+RECIPIENT = "kund@example.org"
+PRODUCT_LINE = "commercial"
+
+SECRETS = (SECRET, EXPIRED_SECRET, ONPREM_PASSWORD)
+"""Every secret value a test types in; none may ever appear in output or logs."""
+
+
+@dataclass
+class ExchangeWorld:
+    """The stand-in servers plus a Crm configured as the guide says."""
+
+    crm: Crm
+    ca: TestCA
+    registry: TokenRegistry
+    entra: EntraServer
+    ews: EwsServer
+    email: str = USER
+
+    # --- settings ---------------------------------------------------------------
+
+    def set_system(self, key: str, value: str) -> None:
+        """Save one system setting (``crm settings set``)."""
+        with self.crm.transaction() as session:
+            self.crm.set_system_setting(session, key, value)
+
+    def unset_system(self, key: str) -> None:
+        """Remove one system setting."""
+        with self.crm.transaction() as session:
+            self.crm.settings_store().unset_system(session, key)
+
+    def set_user(self, key: str, value: str, email: str | None = None) -> None:
+        """Save one of the user's settings (``crm users set``)."""
+        with self.crm.transaction() as session:
+            user = directory.find_user(session, email or self.email)
+            self.crm.set_user_setting(session, user, key, value)
+
+    def unset_user(self, key: str, email: str | None = None) -> None:
+        """Remove one of the user's settings."""
+        with self.crm.transaction() as session:
+            user = directory.find_user(session, email or self.email)
+            self.crm.settings_store().unset_user(session, user, key)
+
+    @property
+    def url(self) -> str:
+        """The EWS stand-in's URL, as the administrator types it."""
+        return self.ews.base_url + EWS_PATH
+
+    def system_settings(self) -> dict[str, str]:
+        """The guide's System settings for the stand-ins."""
+        return {
+            "exchange.url": self.url,
+            "exchange.client_id": CLIENT,
+            "exchange.tenant_id": TENANT,
+            "exchange.client_secret": SECRET,
+            "exchange.authority": self.entra.base_url,
+            "tls.ca_bundle": str(self.ca.ca_pem),
+        }
+
+    def user_settings(self) -> dict[str, str]:
+        """The E-mail tab as the guide fills it in."""
+        return {
+            "mail.transport": "exchange",
+            "exchange.domain": TENANT_DOMAIN,
+            "exchange.username": self.email,
+            "exchange.sync": "true",
+        }
+
+    def configure(self) -> None:
+        """Type every setting in, system first."""
+        for key, value in self.system_settings().items():
+            self.set_system(key, value)
+        for key, value in self.user_settings().items():
+            self.set_user(key, value)
+
+    # --- using it ---------------------------------------------------------------
+
+    def account(self, email: str | None = None) -> SenderAccount:
+        """The user's sender account as the worker builds it."""
+        with self.crm.transaction() as session:
+            user = directory.find_user(session, email or self.email)
+            return self.crm.sender_account(session, user)
+
+    def send(
+        self, messages: Sequence[OutgoingMessage], email: str | None = None
+    ) -> list[SendResult]:
+        """Send through the core's typed hook caller, as the worker does."""
+        return self.crm.send_mail(self.account(email), messages)
+
+    def send_one(self, message: OutgoingMessage | None = None) -> SendResult:
+        """Send one message (a default one when none is given)."""
+        (result,) = self.send([message or make_message(sender=self.email)])
+        return result
+
+    def test_connection(self, email: str | None = None) -> ConnectionReport:
+        """Run Test connection for the user."""
+        return self.crm.test_connection(self.account(email))
+
+    def add_user(self, email: str, name: str = "Bo Ek") -> None:
+        """Another CRM user in the same product line."""
+        with self.crm.transaction() as session:
+            directory.add_user(session, email, name, PRODUCT_LINE)
+
+
+def add_standard_directory(entra: EntraServer, ews: EwsServer) -> None:
+    """The tenant, the app with a live and an expired secret, and the mailboxes."""
+    entra.add_tenant(TENANT, domains=[TENANT_DOMAIN, "contoso.onmicrosoft.com"])
+    entra.add_app(
+        TENANT,
+        CLIENT,
+        secrets=[
+            Secret(SECRET, SECRET_ID),
+            Secret(EXPIRED_SECRET, expires=EXPIRED_ON),
+        ],
+    )
+    ews.add_mailbox(USER, aliases=[ALIAS], tenant_id=TENANT, display_name=USER_NAME)
+    ews.add_mailbox(ONPREM_USER, password=ONPREM_PASSWORD, logon_name="bo")
+
+
+@contextlib.contextmanager
+def exchange_world(crm: Crm, ca: TestCA, *, configure: bool = True) -> Iterator[ExchangeWorld]:
+    """Start the stand-ins, add the user, optionally type in the guide's settings."""
+    registry = TokenRegistry()
+    entra = EntraServer(ca, registry)
+    ews = EwsServer(ca, registry)
+    add_standard_directory(entra, ews)
+    with entra, ews:
+        with crm.transaction() as session:
+            directory.add_user(session, USER, USER_NAME, PRODUCT_LINE)
+        world = ExchangeWorld(crm, ca, registry, entra, ews)
+        if configure:
+            world.configure()
+        try:
+            yield world
+        finally:
+            crm.resources.close()
+            close_connections()  # exchangelib caches Protocols process-wide
+
+
+def make_message(
+    n: int = 1,
+    *,
+    to: Sequence[str] = (RECIPIENT,),
+    sender: str = USER,
+    sender_name: str = USER_NAME,
+    cc: Sequence[str] = (),
+    bcc: Sequence[str] = (),
+    subject: str | None = None,
+    text: str | None = None,
+    html: str | None = None,
+    attachments: Sequence[Attachment] = (),
+) -> OutgoingMessage:
+    """An outbox message as the worker hands it to the transport."""
+    from_address = parse_address(sender, sender_name)
+    return OutgoingMessage(
+        outbox_id=n,
+        message_id=make_message_id(from_address.domain),
+        sender=from_address,
+        to=tuple(parse_address(a) for a in to),
+        cc=tuple(parse_address(a) for a in cc),
+        bcc=tuple(parse_address(a) for a in bcc),
+        subject=subject if subject is not None else f"Offer {n}",
+        text=text if text is not None else f"Hello, here is offer {n}.\n",
+        html=html,
+        attachments=tuple(attachments),
+    )
+
+
+def steps(report: ConnectionReport) -> dict[str, Any]:
+    """The ladder as {step name: (status, detail, fix)}, for assertions."""
+    return {s.name: (s.status.value, s.detail, s.fix) for s in report.steps}
+
+
+def days_from_today(days: int) -> str:
+    """An ISO date ``days`` from today (for the secret expiry setting)."""
+    return (datetime.now(UTC).date() + timedelta(days=days)).isoformat()
