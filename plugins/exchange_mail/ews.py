@@ -179,12 +179,11 @@ class EwsMailbox:
             credentials = MsalOAuth2Credentials(tokens, settings.mailbox)
             auth_type, access = OAUTH2, IMPERSONATION
         else:
-            password: str | bytes = settings.password.reveal() if settings.password else ""
+            text = settings.password.reveal() if settings.password else ""
             auth_type = BASIC if settings.onprem_auth == "basic" else NTLM
-            if auth_type == BASIC:
-                # requests would encode a str password as Latin-1; RFC 7617 and browsers
-                # use UTF-8, so a password with å, ä, ö or € works the same as in OWA.
-                password = password.encode("utf-8")
+            # requests encodes a str Basic password as Latin-1; RFC 7617 and browsers use
+            # UTF-8, so a password with å, ä, ö or € works the same as in OWA.
+            password = text.encode("utf-8") if auth_type == BASIC else text
             credentials = _PasswordCredentials(settings.mailbox, password)
             access = DELEGATE
         build = _BUILDS.get(settings.server_version) or (
