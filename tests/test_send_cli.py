@@ -11,7 +11,6 @@ import pytest
 
 from crm_core import directory
 
-
 # Only the Maildir plugin: each `crm` call then starts without importing exchangelib.
 CONFIG = """\
 [product_lines.commercial]
