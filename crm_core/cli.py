@@ -28,6 +28,7 @@ from crm_core.errors import (
     ValidationError,
 )
 from crm_core.fields import Scope
+from crm_core.mail.outbox import person_history
 from crm_core.mail.transport import ConnectionReport, StepStatus
 from crm_core.models import Role
 from crm_core.settings import SaveOutcome, SettingView
@@ -412,7 +413,7 @@ def persons_show(ctx: Context, email: str) -> None:
         crm = ctx.crm(check_users=False)
         with crm.transaction() as session:
             person = directory.find_person(session, email)
-            history = [(a.created_at, a.kind, a.summary) for a in person.activities]
+            history = person_history(session, person)
     click.echo(f"{person.name} <{person.email}> {person.mobile or ''}")
     for when, kind, summary in history:
         click.echo(f"  {when:%Y-%m-%d %H:%M} {kind}: {summary}")

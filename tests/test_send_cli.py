@@ -88,7 +88,7 @@ def test_send_queues_and_the_worker_delivers(cli: Any, tmp_path: Path) -> None:
     show = cli("outbox", "show", str(queued["outbox_id"]))
     assert "Outbox #1: sent" in show.stdout and "attempt 1:" in show.stdout
     history = cli("persons", "show", "per@example.com")
-    assert "Visning" in history.stdout and f"#{queued['outbox_id']}" in history.stdout
+    assert "Visning" in history.stdout and f"#{queued['outbox_id']}) — sent" in history.stdout
     plain = cli(*SEND, "--to", "per@example.com", "--body", "Igen")
     assert plain.code == 0 and "Queued as outbox #2, Message-ID <crm." in plain.stdout
 

@@ -1063,6 +1063,23 @@ def show_message(session: Session, outbox_id: int) -> MessageDetail:
     )
 
 
+def person_history(session: Session, person: Person) -> list[tuple[datetime, str, str]]:
+    """A person's activities, a mail's followed by its outbox state (via the link)."""
+    linked = [a.outbox_id for a in person.activities if a.outbox_id is not None]
+    found = session.execute(
+        select(OutboxMessage.id, OutboxMessage.state).where(OutboxMessage.id.in_(linked))
+    )
+    state_of = {row_id: state for row_id, state in found}
+    return [
+        (
+            a.created_at,
+            a.kind,
+            f"{a.summary} — {state_of[a.outbox_id]}" if a.outbox_id in state_of else a.summary,
+        )
+        for a in person.activities
+    ]
+
+
 def _refuse(row: OutboxMessage, action: str, hint: str) -> ValidationError:
     return ValidationError(
         f"Cannot {action} outbox message #{row.id}",

@@ -27,6 +27,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import DBAPIError
+
 from crm_core.errors import TransportError
 from crm_core.mail import outbox
 from crm_core.mail.outbox import Claim
@@ -105,7 +107,14 @@ class Worker:
         total = WorkerStats()
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="outbox") as pool:
             while not stop.is_set():
-                step = self.poll(pool, stop)
+                try:
+                    step = self.poll(pool, stop)
+                except DBAPIError as exc:
+                    # The database went away (restart, failover). What this worker held
+                    # is fenced by its lease, so waiting and polling again is safe.
+                    log.warning("outbox worker %s: database error, retrying: %s", self.name, exc)
+                    stop.wait(max(self.config.poll_seconds, 1.0))
+                    continue
                 total += step
                 if not step.claimed:
                     stop.wait(self.config.poll_seconds)
