@@ -1,0 +1,434 @@
+"""Pure functions of the Exchange transport: validation, notices, classification.
+
+No server is involved; these pin the rules and the texts, so a change to a message
+or a mapping is a visible, deliberate change.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import date
+
+import pytest
+import requests
+import urllib3.exceptions
+from exchangelib import errors as ews
+
+from crm_core.entra import AppCredentials, TokenError, explain_token_error
+from crm_core.errors import SettingValueError
+from crm_core.fields import Scope
+from crm_core.mail.transport import Outcome
+from crm_core.secrets import Secret
+from exchange_mail.auth import _Redact
+from exchange_mail.diagnostics import token_roles
+from exchange_mail.errors import classify, failed_before_sending
+from exchange_mail.ews import MAX_MESSAGES_PER_REQUEST, _requests
+from exchange_mail.settings import (
+    EXAMPLE_URL as EXAMPLE,
+)
+from exchange_mail.settings import (
+    Api,
+    AuthMode,
+    ExchangeSettings,
+    check,
+    domain_mismatch,
+    secret_expiry_notice,
+    validate_ews_url,
+)
+from tests.exchange_fixtures import make_message
+
+# --- the Exchange URL -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://outlook.office365.com/EWS/Exchange.asmx",
+        "https://mail.organisation.se/EWS/Exchange.asmx",
+        "https://mail.organisation.se:8443/EWS/Exchange.asmx",
+        "https://mail.organisation.se/exchange/EWS/Exchange.asmx",
+        "  https://MAIL.Organisation.se/EWS/Exchange.asmx  ",
+    ],
+)
+def test_url_accepted(url: str) -> None:
+    assert validate_ews_url(url) == url.strip().replace(
+        "MAIL.Organisation.se", "mail.organisation.se"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "suggestion"),
+    [
+        ("https://mail.org.se/ews/exchange.asmx", "https://mail.org.se/EWS/Exchange.asmx"),
+        ("https://mail.org.se/EWS/exchange.asmx", "https://mail.org.se/EWS/Exchange.asmx"),
+        ("https://mail.org.se/Ews/Exchange.ASMX", "https://mail.org.se/EWS/Exchange.asmx"),
+        ("https://mail.org.se/EWS/Exchange.asmx/", "https://mail.org.se/EWS/Exchange.asmx"),
+        ("https://mail.org.se", "https://mail.org.se/EWS/Exchange.asmx"),
+        ("https://mail.org.se/", "https://mail.org.se/EWS/Exchange.asmx"),
+        ("https://mail.org.se/EWS", "https://mail.org.se/EWS/Exchange.asmx"),
+        ("https://mail.org.se/owa", "https://mail.org.se/EWS/Exchange.asmx"),
+        ("https://mail.org.se/x/ews/exchange.asmx", "https://mail.org.se/x/EWS/Exchange.asmx"),
+        ("https://mail.org.se:444/ews/exchange.asmx", "https://mail.org.se:444/EWS/Exchange.asmx"),
+    ],
+)
+def test_near_miss_is_refused_with_the_corrected_url(url: str, suggestion: str) -> None:
+    with pytest.raises(SettingValueError) as refused:
+        validate_ews_url(url)
+    message = str(refused.value)
+    assert message.startswith("Invalid value for exchange.url: the URL must end with exactly")
+    assert "/EWS/Exchange.asmx (letter case matters)" in message
+    assert message.endswith(f"did you mean {suggestion} ?")
+
+
+def test_http_is_refused_with_the_https_url() -> None:
+    with pytest.raises(
+        SettingValueError,
+        match=r"must use https; did you mean https://mail\.org\.se/EWS/Exchange\.asmx",
+    ):
+        validate_ews_url("http://mail.org.se/EWS/Exchange.asmx")
+
+
+@pytest.mark.parametrize(
+    "text", ["outlook.office365.com", "not a url", "ftp://x.se/EWS/Exchange.asmx"]
+)
+def test_not_a_url(text: str) -> None:
+    with pytest.raises(SettingValueError, match=re.escape(EXAMPLE)):
+        validate_ews_url(text)
+
+
+# --- notices ------------------------------------------------------------------------
+
+
+TODAY = date(2026, 11, 28)
+
+
+@pytest.mark.parametrize(
+    ("expires", "expected"),
+    [
+        (date(2026, 12, 29), None),  # 31 days
+        (date(2026, 12, 28), "expires in 30 days (2026-12-28)"),
+        (date(2026, 11, 29), "expires in 1 day (2026-11-29)"),
+        (date(2026, 11, 28), "expires today (2026-11-28)"),
+        (date(2026, 11, 27), "expired on 2026-11-27"),
+    ],
+)
+def test_secret_expiry_warns_from_30_days_before(expires: date, expected: str | None) -> None:
+    notice = secret_expiry_notice(expires, TODAY)
+    assert (notice is None) if expected is None else (notice is not None and expected in notice)
+
+
+def test_system_notices() -> None:
+    system = {
+        "exchange.client_secret": Secret("3e1d9c2b-7a6f-4e5d-8c9b-0a1b2c3d4e5f"),
+        "exchange.client_secret_expires": date(2026, 12, 10),
+        "exchange.url": "https://outlook.office365.com/EWS/Exchange.asmx",
+    }
+    notices = {n.key: n for n in check(Scope.SYSTEM, system, None, TODAY)}
+    assert notices["exchange.client_secret"].level == "warning"
+    assert "looks like a Secret ID" in notices["exchange.client_secret"].message
+    assert "expires in 12 days" in notices["exchange.client_secret_expires"].message
+    retirement = notices["exchange.url"].message
+    assert "1 October 2026" in retirement and "1 April 2027" in retirement
+    assert "exchange.api graph" in retirement
+    assert "3e1d9c2b" not in " ".join(n.message for n in notices.values())
+
+
+def test_no_retirement_notice_on_premises_or_with_graph() -> None:
+    onprem = {"exchange.url": "https://mail.org.se/EWS/Exchange.asmx"}
+    assert check(Scope.SYSTEM, onprem, None, TODAY) == []
+    graph = {
+        "exchange.url": "https://outlook.office365.com/EWS/Exchange.asmx",
+        "exchange.api": "graph",
+    }
+    assert check(Scope.SYSTEM, graph, None, TODAY) == []
+
+
+def test_user_notices() -> None:
+    user = {
+        "mail.transport": "exchange",
+        "exchange.username": "anna@vitec.se",
+        "exchange.domain": "vitecsoftware.com",
+    }
+    notices = {n.key: n for n in check(Scope.USER, {}, user, TODAY)}
+    assert notices["exchange.username"].level == "warning"
+    assert "anna@vitec.se is in domain vitec.se, but exchange.domain is vitecsoftware.com" in (
+        notices["exchange.username"].message
+    )
+    assert notices["exchange.sync"].level == "error"
+    assert "'Sync with Exchange' is not ticked" in notices["exchange.sync"].message
+    user["exchange.sync"] = True
+    user["exchange.username"] = "anna@VitecSoftware.com"
+    assert check(Scope.USER, {}, user, TODAY) == []
+
+
+def test_domain_mismatch_is_case_insensitive() -> None:
+    assert domain_mismatch("Anna@Contoso.SE", "contoso.se") is None
+    assert domain_mismatch("", "contoso.se") is None
+
+
+# --- Entra error codes (never the description) ---------------------------------------
+
+
+CREDS = AppCredentials(
+    "https://login.microsoftonline.com",
+    "contoso.se",
+    "0f3b6c1e-5a7d-4e2b-9c8f-1d2e3f4a5b6c",
+    Secret("s3cret"),
+    secret_expires=date(2026, 3, 1),
+)
+
+
+@pytest.mark.parametrize(
+    ("codes", "error", "start", "outcome"),
+    [
+        (
+            [7000215],
+            "invalid_client",
+            "The client secret is not valid (AADSTS7000215)",
+            Outcome.CONFIGURATION,
+        ),
+        (
+            [7000222],
+            "invalid_client",
+            "The client secret has expired on 2026-03-01 (AADSTS7000222).",
+            Outcome.CONFIGURATION,
+        ),
+        (
+            [700016],
+            "unauthorized_client",
+            "Client ID 0f3b6c1e-5a7d-4e2b-9c8f-1d2e3f4a5b6c is not an application in tenant "
+            "contoso.se (AADSTS700016).",
+            Outcome.CONFIGURATION,
+        ),
+        ([90002], "invalid_tenant", "Tenant contoso.se was not found", Outcome.CONFIGURATION),
+        ([900023], "invalid_request", "Tenant contoso.se was not found", Outcome.CONFIGURATION),
+        ([65001], "invalid_grant", "Admin consent has not been granted", Outcome.CONFIGURATION),
+        ([90055], "temporarily_unavailable", "Entra ID is busy", Outcome.TEMPORARY),
+        ([], "temporarily_unavailable", "Entra ID is busy", Outcome.TEMPORARY),
+        (
+            [1234567],
+            "invalid_request",
+            "Entra ID refused the token request (AADSTS1234567).",
+            Outcome.CONFIGURATION,
+        ),
+    ],
+)
+def test_entra_codes(codes: list[int], error: str, start: str, outcome: Outcome) -> None:
+    found = explain_token_error({"error": error, "error_codes": codes}, CREDS)
+    assert found.message.startswith(start)
+    assert found.outcome is outcome
+
+
+def test_entra_mapping_ignores_the_description() -> None:
+    result = {
+        "error": "invalid_client",
+        "error_codes": [7000222],
+        "error_description": "AADSTS7000215: Invalid client secret provided.",
+    }
+    assert explain_token_error(result, CREDS).code == "AADSTS7000222"
+
+
+def test_well_known_authority_hosts() -> None:
+    assert CREDS.well_known_host  # msal may do instance discovery
+    adfs = AppCredentials("https://adfs.organisation.se", "adfs", CREDS.client_id, Secret("x"))
+    assert not adfs.well_known_host  # msal must not (instance_discovery=False)
+
+
+# --- classification of exchangelib's exceptions -----------------------------------------
+
+
+def settings(
+    url: str = "https://mail.org.se/EWS/Exchange.asmx", mode: AuthMode = AuthMode.OAUTH
+) -> ExchangeSettings:
+    return ExchangeSettings(
+        url=url,
+        api=Api.EWS,
+        mode=mode,
+        mailbox="anna@org.se",
+        domain="org.se",
+        sync=True,
+        app=CREDS if mode is AuthMode.OAUTH else None,
+        password=None,
+        onprem_auth="ntlm",
+        server_version="",
+        ca_bundle=None,
+    )
+
+
+def raised_from(outer: type[Exception], inner: BaseException, *args: object) -> Exception:
+    """``outer`` raised while handling ``inner``, as exchangelib re-raises."""
+    try:
+        try:
+            raise inner
+        except BaseException:
+            raise outer(*args)  # noqa: B904 - exchangelib re-raises without "from"
+    except Exception as exc:
+        return exc
+
+
+def test_server_busy_back_off() -> None:
+    found = classify(ews.ErrorServerBusy("busy", back_off=2.5), settings())
+    assert (found.outcome, found.code, found.retry_after) == (
+        Outcome.TEMPORARY,
+        "ErrorServerBusy",
+        2.5,
+    )
+
+
+def test_timeout_before_and_after_sending() -> None:
+    refused = requests.exceptions.ConnectionError(
+        urllib3.exceptions.MaxRetryError(
+            None, "/", urllib3.exceptions.NewConnectionError(None, "refused")
+        )  # type: ignore[arg-type]
+    )
+    before = raised_from(ews.ErrorTimeoutExpired, refused, "Reraised from ConnectionError")
+    assert failed_before_sending(before)
+    assert classify(before, settings()).outcome is Outcome.TEMPORARY
+
+    lost = requests.exceptions.ConnectionError("Connection aborted.", ConnectionResetError())
+    after = raised_from(ews.ErrorTimeoutExpired, lost, "Reraised from ConnectionError")
+    assert classify(after, settings()).outcome is Outcome.AMBIGUOUS
+    read_timeout = raised_from(ews.ErrorTimeoutExpired, requests.exceptions.ReadTimeout(), "x")
+    assert classify(read_timeout, settings()).outcome is Outcome.AMBIGUOUS
+    # exchangelib turns a timeout into ErrorServerBusy when its pool has room: still ambiguous.
+    busy = raised_from(ews.ErrorServerBusy, after, "Reraised from ErrorTimeoutExpired")
+    assert classify(busy, settings()).outcome is Outcome.AMBIGUOUS
+
+
+@pytest.mark.parametrize(
+    ("exc", "outcome", "code"),
+    [
+        (ews.UnauthorizedError("Invalid credentials"), Outcome.CONFIGURATION, "HTTP 401"),
+        (ews.ErrorNonExistentMailbox("x"), Outcome.CONFIGURATION, "ErrorNonExistentMailbox"),
+        (ews.ErrorImpersonateUserDenied("x"), Outcome.CONFIGURATION, "ErrorImpersonateUserDenied"),
+        (ews.ErrorAccessDenied("x"), Outcome.CONFIGURATION, "ErrorAccessDenied"),
+        (ews.ErrorSendAsDenied("x"), Outcome.CONFIGURATION, "ErrorSendAsDenied"),
+        (ews.ErrorQuotaExceeded("x"), Outcome.CONFIGURATION, "ErrorQuotaExceeded"),
+        (ews.ErrorInvalidRecipients("x"), Outcome.PERMANENT, "ErrorInvalidRecipients"),
+        (ews.ErrorInvalidSmtpAddress("x"), Outcome.PERMANENT, "ErrorInvalidSmtpAddress"),
+        (ews.ErrorMailRecipientNotFound("x"), Outcome.PERMANENT, "ErrorMailRecipientNotFound"),
+        (ews.ErrorMessageSizeExceeded("x"), Outcome.PERMANENT, "ErrorMessageSizeExceeded"),
+        (ews.ErrorSubmissionQuotaExceeded("x"), Outcome.TEMPORARY, "ErrorSubmissionQuotaExceeded"),
+        (ews.ErrorMailboxStoreUnavailable("x"), Outcome.TEMPORARY, "ErrorMailboxStoreUnavailable"),
+        (
+            ews.ErrorInternalServerTransientError("x"),
+            Outcome.TEMPORARY,
+            "ErrorInternalServerTransientError",
+        ),
+        (
+            ews.ErrorInvalidSchemaVersionForMailboxVersion("x"),
+            Outcome.CONFIGURATION,
+            "ErrorInvalidSchemaVersionForMailboxVersion",
+        ),
+        (ews.ErrorItemSave("x"), Outcome.TEMPORARY, "ErrorItemSave"),
+        (
+            ews.MalformedResponseError("Unknown failure in response. Code: 404 headers: {}"),
+            Outcome.CONFIGURATION,
+            "HTTP 404",
+        ),
+        (
+            ews.MalformedResponseError("Unknown failure in response. Code: 403 headers: {}"),
+            Outcome.CONFIGURATION,
+            "HTTP 403",
+        ),
+        (
+            ews.MalformedResponseError("Unknown failure in response. Code: 502 headers: {}"),
+            Outcome.TEMPORARY,
+            "HTTP 502",
+        ),
+        (RuntimeError("surprise"), Outcome.AMBIGUOUS, "RuntimeError"),
+    ],
+)
+def test_classification_table(exc: Exception, outcome: Outcome, code: str) -> None:
+    found = classify(exc, settings())
+    assert (found.outcome, found.code) == (outcome, code)
+    assert found.detail
+
+
+def test_credentials_cases_are_marked_for_the_guides_text() -> None:
+    for exc in (
+        ews.UnauthorizedError("x"),
+        ews.ErrorNonExistentMailbox("x"),
+        ews.ErrorImpersonateUserDenied("x"),
+    ):
+        assert classify(exc, settings()).credentials
+    assert not classify(ews.ErrorServerBusy("x"), settings()).credentials
+
+
+def test_token_errors_pass_through() -> None:
+    error = TokenError(
+        "The client secret is not valid (AADSTS7000215).", "Copy the Value.", (7000215,)
+    )
+    found = classify(error, settings())
+    assert (found.outcome, found.code, found.credentials) == (
+        Outcome.CONFIGURATION,
+        "AADSTS7000215",
+        True,
+    )
+
+
+def test_403_texts_depend_on_where_exchange_runs() -> None:
+    forbidden = ews.MalformedResponseError("Unknown failure in response. Code: 403 headers: {}")
+    online = classify(forbidden, settings("https://outlook.office365.com/EWS/Exchange.asmx"))
+    assert "Exchange Online refuses EWS" in online.detail and "EwsAllowedAppIDs" in online.fix
+    onprem = classify(forbidden, settings(mode=AuthMode.PASSWORD))
+    assert onprem.detail == "Exchange at mail.org.se refuses EWS access (HTTP 403)."
+
+
+def test_tls_failure() -> None:
+    tls = raised_from(
+        ews.TransportError, requests.exceptions.SSLError("CERTIFICATE_VERIFY_FAILED"), "x"
+    )
+    found = classify(tls, settings())
+    assert (found.outcome, found.code) == (Outcome.CONFIGURATION, "tls")
+    assert "tls.ca_bundle" in found.fix
+
+
+# --- odds and ends ----------------------------------------------------------------------
+
+
+def test_token_roles() -> None:
+    import base64
+    import json
+
+    def jwt(claims: dict[str, object]) -> str:
+        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+        return f"e30.{body}.sig"
+
+    assert token_roles(jwt({"roles": ["full_access_as_app"]})) == ("full_access_as_app",)
+    assert token_roles(jwt({"aud": "x"})) == ()
+    assert token_roles("opaque-token") is None
+
+
+def test_requests_are_split_by_count_and_size() -> None:
+    from crm_core.mail.message import Attachment
+
+    many = [make_message(n) for n in range(2 * MAX_MESSAGES_PER_REQUEST + 1)]
+    assert [len(c) for c in _requests(many)] == [
+        MAX_MESSAGES_PER_REQUEST,
+        MAX_MESSAGES_PER_REQUEST,
+        1,
+    ]
+    big = make_message(
+        attachments=[Attachment("b.bin", "application/octet-stream", b"x" * 6_000_000)]
+    )
+    assert [len(c) for c in _requests([big, big, make_message()])] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Request headers: {'Authorization': 'Bearer eyJ0eXAi.payload.sig', 'X': 'y'}",
+        "Adding token {'access_token': 'eyJ0eXAi.payload.sig', 'token_type': 'Bearer'} to request.",
+        "headers {'Authorization': 'Basic Ym86cGFzc3dvcmQ='}",
+        "body client_secret=Qx8~secret&scope=x",
+    ],
+)
+def test_log_redaction(text: str) -> None:
+    record = logging.LogRecord("exchangelib.util", logging.DEBUG, __file__, 1, "%s", (text,), None)
+    assert _Redact().filter(record)
+    shown = record.getMessage()
+    for secret in ("eyJ0eXAi.payload.sig", "Ym86cGFzc3dvcmQ=", "Qx8~secret"):
+        assert secret not in shown
+    assert "********" in shown
