@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
-from crm_core import signals
+from crm_core import directory, signals
 from crm_core.errors import MailValidationError, ValidationError
 from crm_core.mail import outbox
 from crm_core.mail.message import Attachment, OutgoingMessage
@@ -471,3 +471,26 @@ def test_reconcile_in_a_maildir_finds_what_was_written(make_crm: Any, tmp_path: 
     reports = outbox.reconcile(crm)
     assert {r.outbox_id: r.sent for r in reports} == {written: True, lost: False}
     assert row(crm, written).state == "sent" and row(crm, lost).state == "queued"
+
+
+def test_a_user_whose_product_line_was_removed_is_paused_not_a_crash(make_crm: Any) -> None:
+    from tests.test_outbox_helpers import SCRIPTED_CONFIG, Scripted
+
+    crm, _ = scripted_crm(make_crm)
+    add_people(crm, "anna@example.se")
+    with crm.transaction() as s:
+        directory.add_user(s, "rut@example.se", "Rut", "rentals")
+    stranded = queue(crm, sender="rut@example.se")
+    fine = queue(crm)
+    only_commercial = SCRIPTED_CONFIG.split("[product_lines.rentals]")[0] + (
+        "[outbox]" + SCRIPTED_CONFIG.split("[outbox]")[1]
+    )
+    later = make_crm(only_commercial, extra_plugins=(("test_transport", Scripted()),))
+    stats = Worker(later).run_once()
+    assert (stats.sent, stats.paused_accounts) == (1, 1)
+    assert row(later, fine).state == "sent" and row(later, stranded).state == "queued"
+    with later.transaction() as s:
+        ((pause, email),) = outbox.pauses(s)
+        with pytest.raises(MailValidationError, match="rentals"):
+            outbox.enqueue(later, s, _request(sender_email="rut@example.se"))
+    assert email == "rut@example.se" and "rentals" in pause.reason

@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from crm_core import signals
 from crm_core.config import OutboxConfig
-from crm_core.errors import MailValidationError, NotFoundError, Problem, ValidationError
+from crm_core.errors import CrmError, MailValidationError, NotFoundError, Problem, ValidationError
 from crm_core.mail.addresses import Address, explain_address, header_problem, validate_addresses
 from crm_core.mail.message import Attachment, OutgoingMessage, make_message_id
 from crm_core.mail.transport import Outcome, SenderAccount, SendResult
@@ -270,11 +270,10 @@ def _check(crm: Crm, session: Session, request: MailRequest) -> _Checked:
     checked = _Checked()
     checked.user = _sender_user(session, request.sender_email, checked.problems)
     if checked.user is not None:
-        checked.account = crm.sender_account(session, checked.user)
-        for problem in crm.sender_problems(session, checked.account):
-            checked.problems.append(
-                Problem(f"sender {checked.user.email}: {problem.field}", problem.message)
-            )
+        checked.account, problems = account_problems(crm, session, checked.user)
+        for problem in problems:
+            where = f"sender {checked.user.email}" + (f": {problem.field}" if problem.field else "")
+            checked.problems.append(Problem(where, problem.message))
     to, cc, bcc, reply_to = (
         _addresses(raw, name, checked.problems)
         for raw, name in (
@@ -311,6 +310,21 @@ def _check(crm: Crm, session: Session, request: MailRequest) -> _Checked:
         )
         checked.problems.extend(_limit_problems(crm, checked.message))
     return checked
+
+
+def account_problems(
+    crm: Crm, session: Session, user: User
+) -> tuple[SenderAccount | None, list[Problem]]:
+    """The user's sender account and what stops it from sending.
+
+    A configuration that no longer fits the user (a product line removed from
+    crm.toml) is one more problem of this account, not a crash of every worker.
+    """
+    try:
+        account = crm.sender_account(session, user)
+        return account, crm.sender_problems(session, account)
+    except CrmError as exc:
+        return None, [Problem("", str(exc))]
 
 
 def _sender_user(session: Session, raw: str, problems: list[Problem]) -> User | None:
@@ -525,8 +539,9 @@ def _accounts_for(
     for user_id in dict.fromkeys(r.user_id for r in rows):
         user = session.get(User, user_id)
         assert user is not None  # a foreign key guarantees it
-        account = crm.sender_account(session, user)
-        problems = crm.sender_problems(session, account)
+        account, problems = account_problems(crm, session, user)
+        if account is None:
+            account = SenderAccount(user.id, user.email, user.name, user.product_line, "?")
         if problems:
             reason = "; ".join(str(p) for p in problems)
             paused += pause_account(session, account, reason, "settings", now)
