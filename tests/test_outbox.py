@@ -494,3 +494,29 @@ def test_a_user_whose_product_line_was_removed_is_paused_not_a_crash(make_crm: A
         with pytest.raises(MailValidationError, match="rentals"):
             outbox.enqueue(later, s, _request(sender_email="rut@example.se"))
     assert email == "rut@example.se" and "rentals" in pause.reason
+
+
+def test_worker_signals_are_sent_after_commit(scripted: Any) -> None:
+    crm, transport = scripted
+    transport.script["Perm"] = [PERM]
+    transport.script["Temp"] = [TEMP]
+    heard: list[tuple[str, int]] = []
+
+    def listener(name: str) -> Any:
+        def receive(sender: object, **extra: Any) -> None:
+            heard.append((name, extra["outbox_id"]))
+
+        return receive
+
+    receivers = {n: listener(n) for n in ("mail-sent", "mail-failed", "mail-retry-scheduled")}
+    for name, receiver in receivers.items():
+        signals.signal_named(name).connect(receiver, sender=crm)
+    try:
+        ok, perm, temp = queue(crm), queue(crm, subject="Perm"), queue(crm, subject="Temp")
+        Worker(crm).run_once()
+    finally:
+        for name, receiver in receivers.items():
+            signals.signal_named(name).disconnect(receiver, sender=crm)
+    assert sorted(heard) == sorted(
+        [("mail-sent", ok), ("mail-failed", perm), ("mail-retry-scheduled", temp)]
+    )

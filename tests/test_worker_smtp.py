@@ -127,6 +127,17 @@ def check_invariants(
     return rows
 
 
+def test_dry_run_names_the_smtp_server(make_crm: Any, smtp_server: SmtpServer) -> None:
+    crm = smtp_crm(make_crm, smtp_server.port)
+    request = outbox.MailRequest(SENDER, ["per@example.com"], "Visning", "Hej")
+    with crm.transaction() as s:
+        found = outbox.plan(crm, s, request)
+    assert found.ok and (found.product_line, found.transport) == ("commercial", "smtp")
+    assert found.server == f"127.0.0.1:{smtp_server.port}"
+    assert "security none" in found.notes and "auth none" in found.notes
+    assert smtp_server.connections == 0  # a dry run touches no server
+
+
 def test_refused_connection_is_retried_until_the_server_is_back(
     make_crm: Any, smtp_server: SmtpServer
 ) -> None:
