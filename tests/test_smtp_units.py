@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import smtplib
 import socket
 import ssl
@@ -14,6 +15,7 @@ from crm_core.mail.message import Attachment
 from crm_core.mail.transport import Outcome
 from crm_core.secrets import Secret
 from smtp_mail.classify import Phase, connection_failure, disconnected, reply_failure
+from smtp_mail.client import mask
 from smtp_mail.hints import enhanced_code, explain, reply_code
 from smtp_mail.render import Unsendable, prepare
 from smtp_mail.settings import (
@@ -411,3 +413,15 @@ def test_user_may_override_the_server(make_crm: CrmFactory) -> None:
 
     assert route is not None
     assert (route.server, route.account) == ("smtp.gmail.com:465", "anna@gmail.com")
+
+
+def test_an_echoed_sasl_line_is_masked() -> None:
+    sasl = base64.b64encode(b"\0anna@example.com\0hemligt").decode()
+    reply = f"501 5.5.4 Invalid argument {sasl} (hemligt)".encode()
+    masked = mask(reply, [sasl.encode(), b"hemligt", b""])
+    assert masked == b"501 5.5.4 Invalid argument ******** (********)"
+
+
+def test_starttls_required_gets_the_encryption_hint() -> None:
+    hint = explain(451, "5.7.3 STARTTLS is required to send mail")
+    assert hint is not None and "smtp.security starttls" in hint.fix

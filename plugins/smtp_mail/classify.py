@@ -106,6 +106,16 @@ _PHASE_WORDS = {
 }
 
 
+_WHILE = {
+    Phase.CONNECT: "while connecting",
+    Phase.TLS: "while setting up encryption",
+    Phase.AUTH: "while logging in",
+    Phase.MAIL: "at the start of the message",
+    Phase.RCPT: "while naming the recipients",
+    Phase.DATA: "while sending the message",
+}
+
+
 def _permanent_outcome(phase: Phase, code: int, text: str, hint: Hint | None) -> Outcome:
     if hint is not None and hint.account_wide:
         return Outcome.CONFIGURATION
@@ -142,8 +152,7 @@ def disconnected(phase: Phase, dot_sent: bool, server: str) -> Failure:
         )
     return Failure(
         Outcome.TEMPORARY,
-        f"The connection to {server} was lost ({_PHASE_WORDS[phase].lower()} step), "
-        "before the message was handed over.",
+        f"The connection to {server} was lost {_WHILE[phase]}, before the message was handed over.",
         "Nothing; it will be tried again later.",
         "disconnected",
     )
@@ -174,6 +183,8 @@ def connection_failure(
         if isinstance(exc.__context__, TimeoutError):  # smtplib re-raises read timeouts
             return _timeout_failure(s, phase)
         return disconnected(phase, False, s.server)
+    if isinstance(exc, smtplib.SMTPHeloError):  # EHLO/HELO refused: about the connection
+        return reply_failure(Phase.CONNECT, exc.smtp_code, exc.smtp_error)
     if isinstance(exc, smtplib.SMTPResponseException):
         return reply_failure(phase, exc.smtp_code, exc.smtp_error)
     if isinstance(exc, ConnectionRefusedError):

@@ -12,6 +12,7 @@ ever passed to ``docmd``; smtplib's debug output stays off and nothing here logs
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import logging
 import smtplib
@@ -237,10 +238,14 @@ class SmtpClient:
         user = s.username.encode()
         password = s.password.reveal().encode() if s.password is not None else b""
         if "PLAIN" in offered:
-            code, reply = _sasl(conn, "PLAIN", b"\0" + user + b"\0" + password, None)
+            code, reply = _sasl(conn, "PLAIN", b"\0" + user + b"\0" + password, None, password)
         elif "LOGIN" in offered:
             code, reply = _sasl(
-                conn, "LOGIN", user, lambda c: user if b"user" in c.lower() else password
+                conn,
+                "LOGIN",
+                user,
+                lambda c: user if b"user" in c.lower() else password,
+                password,
             )
         else:
             raise SmtpFailure(self._no_mechanism(offered, "PLAIN or LOGIN"), Phase.AUTH)
@@ -264,7 +269,7 @@ class SmtpClient:
         assert self.tokens is not None
         token = self.tokens.token()
         sasl = f"user={self.settings.username}\x01auth=Bearer {token}\x01\x01".encode()
-        return _sasl(conn, "XOAUTH2", sasl, lambda _challenge: b"")
+        return _sasl(conn, "XOAUTH2", sasl, lambda _challenge: b"", token.encode())
 
     def _no_mechanism(self, offered: Sequence[str], wanted: str) -> Failure:
         s = self.settings
@@ -392,6 +397,7 @@ def _sasl(
     mechanism: str,
     initial: bytes,
     answer: Callable[[bytes], bytes] | None,
+    secret: bytes = b"",
 ) -> tuple[int, bytes]:
     """AUTH, then answer challenges (RFC 4954), with UTF-8 SASL strings.
 
@@ -399,10 +405,12 @@ def _sasl(
     å, ä or ö fails before it reaches the server (SASL strings are UTF-8, RFC 4616),
     and it always sends the initial response on the command line, which RFC 4954
     forbids when the line would exceed 512 octets, as XOAUTH2 tokens usually do.
+    The reply is returned with anything we sent (and ``secret``) masked, because it
+    ends up in results and logs and some servers echo a line they did not like.
     """
-    encoded = _b64(initial)
-    if len(f"AUTH {mechanism} {encoded}\r\n") <= _MAX_COMMAND_LINE:
-        code, reply = conn.docmd("AUTH", f"{mechanism} {encoded}")
+    sent = [_b64(initial)]
+    if len(f"AUTH {mechanism} {sent[0]}\r\n") <= _MAX_COMMAND_LINE:
+        code, reply = conn.docmd("AUTH", f"{mechanism} {sent[0]}")
         pending: bytes | None = None
     else:
         code, reply = conn.docmd("AUTH", mechanism)
@@ -413,10 +421,25 @@ def _sasl(
         if pending is not None:
             response, pending = pending, None
         else:
-            challenge = base64.b64decode(reply or b"")
-            response = answer(challenge) if answer is not None else b""
-        code, reply = conn.docmd(_b64(response))
-    return code, reply
+            response = answer(_decode_challenge(reply)) if answer is not None else b""
+        sent.append(_b64(response))
+        code, reply = conn.docmd(sent[-1])
+    return code, mask(reply, [s.encode() for s in sent] + [secret])
+
+
+def _decode_challenge(reply: bytes) -> bytes:
+    try:
+        return base64.b64decode(reply or b"")
+    except binascii.Error:  # not base64: answer as to an empty challenge
+        return b""
+
+
+def mask(reply: bytes, secrets: Sequence[bytes]) -> bytes:
+    """``reply`` with every secret of four bytes or more replaced by ********."""
+    for secret in secrets:
+        if len(secret) >= 4:
+            reply = reply.replace(secret, b"********")
+    return reply
 
 
 def _b64(data: bytes) -> str:

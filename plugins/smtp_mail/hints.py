@@ -68,7 +68,7 @@ def explain(code: int, text: str, oauth: bool = False) -> Hint | None:
             "Send with the mailbox's own address, or have the administrator grant Send As "
             "for it (Microsoft 365: Exchange admin center → mailbox → delegation).",
         )
-    if "starttls" in lowered and code in (530, 554):
+    if ("starttls" in lowered and "required" in lowered) or "must issue a starttls" in lowered:
         return Hint(
             "The server accepts mail only over an encrypted connection.",
             "Set smtp.security starttls (port 587) or ssl (port 465).",
