@@ -505,6 +505,42 @@ def test_connection_cmd(ctx: Context, email: str, as_json: bool) -> None:
         sys.exit(EXIT_FAILED)
 
 
+@main.command()
+@click.option(
+    "--dir",
+    "folder",
+    default="demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the demo installation (config, database, key, Maildir).",
+)
+def demo(folder: str) -> None:
+    """Create a demo installation and send a mail through the development transport."""
+    from pathlib import Path
+
+    from crm_core.demo import DEMO_PERSON, DEMO_USER, run_demo
+
+    with handled():
+        result = run_demo(Path(folder))
+    base = result.folder
+    click.echo(f"Demo installation in {base}/ (config {result.config}, database {base}/crm.db)")
+    click.echo("  product lines: commercial, sales, rentals, boplats (see `crm plugins`)")
+    click.echo(f"  user:   {DEMO_USER[1]} <{DEMO_USER[0]}> ({DEMO_USER[2]}, sends via maildir)")
+    click.echo(f"  person: {DEMO_PERSON[1]} <{DEMO_PERSON[0]}>")
+    click.echo(f"Sent outbox #{result.outbox_id} {result.message_id}: {result.state}")
+    if result.landed is None:
+        fail("the mail did not land in the Maildir; see `crm outbox show`", EXIT_FAILED)
+    click.echo(f"It landed in {result.landed}")
+    click.echo("Look around:")
+    for command in (
+        "outbox list",
+        f"outbox show {result.outbox_id}",
+        f"persons show {DEMO_PERSON[0]}",
+        f"users show {DEMO_USER[0]}",
+    ):
+        click.echo(f"  .venv/bin/crm --config {result.config} {command}")
+
+
 @main.group("secrets")
 def secrets_group() -> None:
     """The key that encrypts stored secrets."""
