@@ -9,6 +9,7 @@ can appear because secrets are only ever held as masked :class:`Secret` objects.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -100,10 +101,18 @@ def emit_json(data: Any) -> None:
     type=click.Path(dir_okay=False),
     help="Configuration file (default: ./crm.toml, else the embedded default).",
 )
+@click.option("-v", "--verbose", count=True, help="Log to stderr: -v for INFO, -vv for DEBUG.")
 @click.version_option(package_name="crm-mail")
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None) -> None:
+def main(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     """crm-mail: a CRM core whose mail transports (Exchange, SMTP) are plugins."""
+    if verbose:
+        logging.basicConfig(
+            stream=sys.stderr,
+            level=logging.DEBUG if verbose > 1 else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            force=True,
+        )
     state = Context(config_path)
     ctx.obj = state
     ctx.call_on_close(state.close)
