@@ -164,16 +164,15 @@ def add_standard_directory(entra: EntraServer, ews: EwsServer) -> None:
 
 @contextlib.contextmanager
 def exchange_world(crm: Crm, ca: TestCA, *, configure: bool = True) -> Iterator[ExchangeWorld]:
-    """Start the stand-ins, add the user, optionally type in the guide's settings."""
+    """Start the stand-ins; add the user and type in the guide's settings (``configure``)."""
     registry = TokenRegistry()
     entra = EntraServer(ca, registry)
     ews = EwsServer(ca, registry)
     add_standard_directory(entra, ews)
     with entra, ews:
-        with crm.transaction() as session:
-            directory.add_user(session, USER, USER_NAME, PRODUCT_LINE)
         world = ExchangeWorld(crm, ca, registry, entra, ews)
         if configure:
+            world.add_user(USER, USER_NAME)
             world.configure()
         try:
             yield world

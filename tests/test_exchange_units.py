@@ -432,3 +432,12 @@ def test_log_redaction(text: str) -> None:
     for secret in ("eyJ0eXAi.payload.sig", "Ym86cGFzc3dvcmQ=", "Qx8~secret"):
         assert secret not in shown
     assert "********" in shown
+
+
+def test_settings_commands_do_not_import_exchangelib() -> None:
+    import subprocess
+    import sys
+
+    probe = "import sys, exchange_mail; print(sorted({'exchangelib', 'msal'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,9 +1,9 @@
 """Exchange transport: EWS with OAuth app-only tokens (msal) or on-premises passwords.
 
 Registered through the ``crm_core`` entry-point group as ``exchange_mail``; product
-lines enable it with ``plugins = ["exchange_mail", ...]``. Importing the package
-imports exchangelib (and, when a token is first needed, msal), so product lines that
-do not enable it never load either.
+lines enable it with ``plugins = ["exchange_mail", ...]``. exchangelib is imported
+when a mail is first sent, tested or reconciled, and msal when a token is first
+needed; product lines that do not enable the plugin never load either.
 """
 
 from exchange_mail.plugin import (

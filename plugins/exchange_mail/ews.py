@@ -79,9 +79,9 @@ from exchange_mail.auth import MsalBearerAuth, MsalOAuth2Credentials, install_re
 from exchange_mail.errors import Classified, classify
 from exchange_mail.settings import (
     CA_BUNDLE,
+    EWS_CACHE,
     ONPREM_AUTH,
     PASSWORD,
-    PLUGIN,
     SERVER_VERSION,
     URL,
     USERNAME,
@@ -239,7 +239,7 @@ def mailbox_for(
     account: SenderAccount, settings: ExchangeSettings, resources: Resources
 ) -> EwsMailbox:
     """The sender's cached EwsMailbox (a new one when the settings changed)."""
-    key = (PLUGIN, "ews", account.user_id, account.fingerprint(*_CACHE_KEYS))
+    key = (*EWS_CACHE, account.user_id, account.fingerprint(*_CACHE_KEYS))
     return resources.get_or_create(key, lambda: new_mailbox(settings, resources))
 
 
@@ -251,11 +251,6 @@ def new_mailbox(settings: ExchangeSettings, resources: Resources) -> EwsMailbox:
         else None
     )
     return EwsMailbox(settings, tokens)
-
-
-def forget(resources: Resources, user_id: int | None = None) -> None:
-    """Drop cached Accounts (all, or one user's) after settings changed."""
-    resources.discard((PLUGIN, "ews") if user_id is None else (PLUGIN, "ews", user_id))
 
 
 # --- sending ----------------------------------------------------------------------

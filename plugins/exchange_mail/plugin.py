@@ -5,6 +5,9 @@ reconciling in :mod:`exchange_mail.ews`, the Test connection ladder in
 :mod:`exchange_mail.diagnostics`, the mapping of failures in
 :mod:`exchange_mail.errors`. Everything cached (msal clients, exchangelib Accounts)
 lives in the Crm's :class:`Resources`, never in this module.
+
+exchangelib (about a third of a second to import) is imported by the hooks that send,
+test or reconcile, so ``crm settings``/``crm users`` commands do not pay for it.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from crm_core.mail.transport import (
     SettingValue,
     TransportSpec,
 )
-from exchange_mail import diagnostics, ews
 from exchange_mail.settings import (
+    EWS_CACHE,
     TRANSPORT,
     Api,
     AuthMode,
@@ -71,14 +74,14 @@ def check_settings(
 @hookimpl
 def user_settings_changed(account: SenderAccount, resources: Resources) -> None:
     """Drop the user's cached Exchange Account; the next send builds a new one."""
-    ews.forget(resources, account.user_id)
+    resources.discard((*EWS_CACHE, account.user_id))
 
 
 @hookimpl
 def system_settings_changed(changed: Sequence[str], resources: Resources) -> None:
     """Drop cached Accounts and msal clients when Exchange or TLS settings changed."""
     if any(k.startswith(("exchange.", "tls.")) for k in changed):
-        ews.forget(resources)
+        resources.discard(EWS_CACHE)
         forget_clients(resources)
 
 
@@ -108,6 +111,8 @@ def send_mail(
             )
             for m in messages
         ]
+    from exchange_mail import ews
+
     return ews.send(account, settings, messages, resources)
 
 
@@ -116,6 +121,8 @@ def test_connection(account: SenderAccount, resources: Resources) -> ConnectionR
     """The guide's Test connection, as a ladder of named steps."""
     if account.transport != TRANSPORT:
         return None
+    from exchange_mail import diagnostics
+
     return diagnostics.run(account, resources, date.today())
 
 
@@ -131,6 +138,8 @@ def reconcile_mail(
         return [
             ReconcileResult(m.message_id, None, "Exchange settings incomplete") for m in messages
         ]
+    from exchange_mail import ews
+
     return ews.reconcile(account, settings, messages, resources)
 
 

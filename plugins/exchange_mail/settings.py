@@ -38,6 +38,8 @@ from crm_core.secrets import Secret
 
 TRANSPORT = "exchange"
 PLUGIN = "exchange_mail"
+EWS_CACHE = (PLUGIN, "ews")
+"""Key prefix of the cached exchangelib Accounts in the Crm's Resources."""
 
 URL = "exchange.url"
 API = "exchange.api"
