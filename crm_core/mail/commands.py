@@ -1,7 +1,9 @@
 """``crm send`` and ``crm outbox``: the outbox's commands.
 
 Exit status follows :mod:`crm_core.cli`: 2 when input is refused (nothing queued or
-changed), 1 when an operation ran and failed.
+changed), 1 when an operation ran and failed. Like the core's commands they run the
+start-up check (every user's transport enabled for their product line), so a worker
+never starts on a configuration that would send some user's mail the wrong way.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def send(
         person_email=person,
     )
     with handled():
-        crm = ctx.crm(check_users=False)
+        crm = ctx.crm()
         if dry_run:
             with crm.transaction() as session:
                 found = outbox.plan(crm, session, request)
@@ -160,7 +162,7 @@ def _when(value: datetime | None) -> str:
 def outbox_list(ctx: Context, status: str | None, limit: int, as_json: bool) -> None:
     """List outbox messages, newest first; paused accounts are named."""
     with handled():
-        crm = ctx.crm(check_users=False)
+        crm = ctx.crm()
         with crm.transaction() as session:
             views = outbox.list_messages(session, status, limit)
             paused = outbox.pauses(session)
@@ -206,7 +208,7 @@ def _print_line(view: MessageView) -> None:
 def outbox_show(ctx: Context, outbox_id: int, as_json: bool) -> None:
     """Show one message: state, reason, recipients and every attempt."""
     with handled():
-        crm = ctx.crm(check_users=False)
+        crm = ctx.crm()
         with crm.transaction() as session:
             detail = outbox.show_message(session, outbox_id)
     if as_json:
@@ -254,7 +256,7 @@ def _print_detail(detail: MessageDetail) -> None:
 def outbox_retry(ctx: Context, outbox_id: int) -> None:
     """Queue a failed, cancelled or waiting message again, due now, with a fresh budget."""
     with handled():
-        crm = ctx.crm(check_users=False)
+        crm = ctx.crm()
         with crm.transaction() as session:
             row = outbox.retry(session, outbox_id)
     click.echo(f"Outbox #{row.id} queued again.")
@@ -266,7 +268,7 @@ def outbox_retry(ctx: Context, outbox_id: int) -> None:
 def outbox_cancel(ctx: Context, outbox_id: int) -> None:
     """Cancel a message that is not sent (queued, retry or unknown)."""
     with handled():
-        crm = ctx.crm(check_users=False)
+        crm = ctx.crm()
         with crm.transaction() as session:
             row = outbox.cancel(session, outbox_id)
     click.echo(f"Outbox #{row.id} cancelled.")
@@ -281,7 +283,7 @@ def outbox_resolve(ctx: Context, outbox_id: int, sent: bool | None) -> None:
     if sent is None:
         fail("say --sent or --not-sent")
     with handled():
-        crm = ctx.crm(check_users=False)
+        crm = ctx.crm()
         with crm.transaction() as session:
             row = outbox.resolve(session, outbox_id, sent)
     click.echo(f"Outbox #{row.id}: {'marked sent' if sent else 'queued again'}.")
@@ -294,7 +296,7 @@ def outbox_resolve(ctx: Context, outbox_id: int, sent: bool | None) -> None:
 def outbox_reconcile(ctx: Context, outbox_id: int | None, as_json: bool) -> None:
     """Ask the transport whether ``unknown`` messages were sent (e.g. Sent Items)."""
     with handled():
-        crm = ctx.crm(check_users=False)
+        crm = ctx.crm()
         reports = outbox.reconcile(crm, outbox_id)
     if as_json:
         emit_json([r.__dict__ for r in reports])
@@ -317,7 +319,7 @@ def outbox_reconcile(ctx: Context, outbox_id: int | None, as_json: bool) -> None
 def outbox_resume(ctx: Context, email: str) -> None:
     """Lift the pause on a user's account (after fixing its settings)."""
     with handled():
-        crm = ctx.crm(check_users=False)
+        crm = ctx.crm()
         with crm.transaction() as session:
             lifted = outbox.resume(session, email)
     if lifted is None:
@@ -332,7 +334,7 @@ def outbox_resume(ctx: Context, email: str) -> None:
 def outbox_pauses(ctx: Context, as_json: bool) -> None:
     """List paused sender accounts and why they are paused."""
     with handled():
-        crm = ctx.crm(check_users=False)
+        crm = ctx.crm()
         with crm.transaction() as session:
             found = outbox.pauses(session)
     if as_json:
@@ -366,7 +368,7 @@ def outbox_work(
 ) -> None:
     """Run a worker: claim due mail, send it, record results. SIGTERM stops it cleanly."""
     with handled():
-        crm = ctx.crm(check_users=False)
+        crm = ctx.crm()
         if not crm.database_ready():
             fail("the database is not initialised or not up to date; run `crm init`")
         worker = Worker(crm, name=name, concurrency=concurrency)
