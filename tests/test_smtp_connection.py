@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,13 @@ from tests.smtp_fixtures import (
     servers,
     users,
 )
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: the transport's behaviour does not depend on the database backend
+    (the core's and the outbox's tests cover PostgreSQL; test_smtp_cli runs on both)."""
+    return f"sqlite:///{tmp_path / 'crm.db'}"
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -80,6 +81,13 @@ def record_texts(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def shown(results: list[SendResult], reports: list[ConnectionReport]) -> list[str]:
     return [repr(r) for r in results] + [repr(r) for r in reports]
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: the transport's behaviour does not depend on the database backend
+    (the core's and the outbox's tests cover PostgreSQL; test_smtp_cli runs on both)."""
+    return f"sqlite:///{tmp_path / 'crm.db'}"
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,13 @@ from tests.smtp_fixtures import (
 )
 
 
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: the transport's behaviour does not depend on the database backend
+    (the core's and the outbox's tests cover PostgreSQL; test_smtp_cli runs on both)."""
+    return f"sqlite:///{tmp_path / 'crm.db'}"
+
+
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
     return make_test_ca(tmp_path_factory.mktemp("smtp-ca"))

@@ -6,6 +6,7 @@ import base64
 import smtplib
 import socket
 import ssl
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,14 @@ from smtp_mail.settings import (
 )
 from tests.conftest import CrmFactory
 from tests.smtp_fixtures import make_message, make_smtp_crm
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: the transport's behaviour does not depend on the database backend
+    (the core's and the outbox's tests cover PostgreSQL; test_smtp_cli runs on both)."""
+    return f"sqlite:///{tmp_path / 'crm.db'}"
+
 
 SETTINGS = SmtpSettings(
     host="smtp.example.net",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +46,13 @@ class SeenTokens:
             and info.client_id == CLIENT
             and "SMTP.SendAsApp" in info.roles
         )
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: the transport's behaviour does not depend on the database backend
+    (the core's and the outbox's tests cover PostgreSQL; test_smtp_cli runs on both)."""
+    return f"sqlite:///{tmp_path / 'crm.db'}"
 
 
 @pytest.fixture(scope="module")
