@@ -1,0 +1,142 @@
+"""End to end through the outbox: ``crm send``, ``crm outbox work``, ``crm outbox reconcile``.
+
+The mail is queued and sent by the real commands (the worker in a subprocess), so the
+plugin runs exactly as in production; the stand-ins count what arrives. The lost-answer
+case checks the promise that matters most: a mail whose fate is unknown is looked up in
+Sent Items and is never sent twice.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from crm_core.mail import outbox
+from crm_core.mail.outbox import MailRequest
+from crm_core.mail.worker import Worker
+from crm_core.models import OutboxMessage, OutboxState, utcnow
+from tests.conftest import CliResult, CrmFactory
+from tests.exchange_fixtures import RECIPIENT, SECRETS, USER, ExchangeWorld, exchange_world
+from tests.servers.tls import TestCA, make_test_ca
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    return make_test_ca(Path(tmp_path_factory.mktemp("exchange-ca")))
+
+
+@pytest.fixture
+def world(make_crm: CrmFactory, ca: TestCA) -> Iterator[ExchangeWorld]:
+    with exchange_world(make_crm(), ca) as w:
+        yield w
+
+
+@pytest.fixture
+def crm(run_crm: Callable[..., CliResult], make_crm: CrmFactory) -> Callable[..., CliResult]:
+    def run(*args: str) -> CliResult:
+        return run_crm(*args, env=make_crm.env)
+
+    return run
+
+
+def test_crm_send_and_outbox_work(
+    world: ExchangeWorld, crm: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    html = tmp_path / "body.html"
+    html.write_text("<p>Välkommen på visning!</p>", encoding="utf-8")
+    offer = tmp_path / "offert.pdf"
+    offer.write_bytes(b"%PDF-1.7 offer")
+
+    queued = crm(
+        "send", "--from", USER, "--to", RECIPIENT, "--subject", "Visning på fredag",
+        "--body", "Välkommen på visning!", "--html-file", str(html), "--attach", str(offer),
+        "--json",
+    )  # fmt: skip
+    assert queued.code == 0, queued.output
+    message_id = json.loads(queued.stdout)["message_id"]
+
+    worked = crm("-vv", "outbox", "work", "--once", "--json")
+    assert worked.code == 0, worked.output
+    assert json.loads(worked.stdout)["sent"] == 1
+
+    [sent] = world.ews.delivered
+    assert sent.internet_message_id == message_id
+    assert (sent.subject, sent.to, sent.sender) == ("Visning på fredag", (RECIPIENT,), USER)
+    assert sent.html_body == "<p>Välkommen på visning!</p>"
+    assert sent.attachments == (("offert.pdf", b"%PDF-1.7 offer"),)
+    assert [i.internet_message_id for i in world.ews.sent_items(USER)] == [message_id]
+    assert world.entra.token_requests == 1
+
+    listed = json.loads(crm("outbox", "list", "--json").stdout)["messages"]
+    assert [(m["message_id"], m["state"]) for m in listed] == [(message_id, "sent")]
+    for secret in SECRETS:  # -vv logs at DEBUG to stderr: no secret, no token
+        assert secret not in worked.output
+    assert "Bearer ey" not in worked.output
+
+
+def test_configuration_error_pauses_the_account_and_keeps_the_mail(
+    world: ExchangeWorld, crm: Callable[..., CliResult]
+) -> None:
+    world.set_user("exchange.username", "anna@contoso.com")  # an alias
+    assert crm("send", "--from", USER, "--to", RECIPIENT, "--subject", "S", "--body", "B").code == 0
+    crm("outbox", "work", "--once")
+    pauses = json.loads(crm("outbox", "pauses", "--json").stdout)
+    assert [p["email"] for p in pauses] == [USER]
+    assert "Exchange cannot find a mailbox for anna@contoso.com" in pauses[0]["reason"]
+    [row] = json.loads(crm("outbox", "list", "--json").stdout)["messages"]
+    assert row["state"] == "queued"  # not burnt: waits for the fix
+    assert row["last_code"] == "ErrorNonExistentMailbox"
+    assert world.ews.delivered == []
+
+
+def queue(world: ExchangeWorld, n: int) -> list[str]:
+    ids = []
+    with world.crm.transaction() as session:
+        for i in range(n):
+            request = MailRequest(USER, [RECIPIENT], f"Offer {i}", f"Offer {i}\n")
+            ids.append(outbox.enqueue(world.crm, session, request).message_id)
+    return ids
+
+
+def test_lost_answer_becomes_unknown_and_reconcile_never_resends(
+    world: ExchangeWorld, crm: Callable[..., CliResult]
+) -> None:
+    worker = Worker(world.crm, name="test-worker")
+    queue(world, 1)
+    worker.run_once(threading.Event())  # warm: the Account's folders are cached
+    world.ews.drop_after_request(1)  # the next CreateItem is processed, its answer lost
+    lost = queue(world, 2)
+    stats = worker.run_once(threading.Event())
+    assert stats.unknown == 2, stats
+    assert {d.internet_message_id for d in world.ews.delivered} >= set(lost)
+
+    # A third message was claimed by a worker that died before sending: reaped to unknown.
+    [never] = queue(world, 1)
+    with world.crm.transaction() as session:
+        claimed = outbox.claim_batch(world.crm, session, "crashed-worker", 10, utcnow())
+        assert [c.message.message_id for c in claimed.claims] == [never]
+    with world.crm.transaction() as session:
+        outbox.reap_expired(session, utcnow() + timedelta(hours=1))
+
+    reconciled = crm("outbox", "reconcile", "--json")
+    assert reconciled.code == 0, reconciled.output
+    verdicts = {r["message_id"]: (r["sent"], r["applied"]) for r in json.loads(reconciled.stdout)}
+    assert verdicts == {lost[0]: (True, True), lost[1]: (True, True), never: (False, True)}
+
+    assert crm("outbox", "work", "--once").code == 0
+    delivered = [d.internet_message_id for d in world.ews.delivered]
+    for message_id in [*lost, never]:
+        assert delivered.count(message_id) == 1  # each mail went exactly once
+    with world.crm.transaction() as session:
+        states = {
+            r.message_id: r.state
+            for r in session.query(OutboxMessage).filter(
+                OutboxMessage.message_id.in_([*lost, never])
+            )
+        }
+    assert set(states.values()) == {OutboxState.SENT.value}
