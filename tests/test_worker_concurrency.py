@@ -30,12 +30,12 @@ default_transport = "smtp"
 
 [outbox]
 lease_seconds = 60
-batch_size = 25
+batch_size = 50
 poll_seconds = 0.05
 """
 
 WORKERS = 4
-USERS = 20
+USERS = 8
 
 
 def test_four_workers_deliver_each_message_exactly_once(
