@@ -98,7 +98,7 @@ class Worker:
             while not stop.is_set():
                 step = self.poll(pool, stop)
                 total += step
-                if not step.claimed:
+                if not (step.claimed or step.paused_accounts):  # a pause frees slots
                     break
         return total
 
@@ -116,7 +116,7 @@ class Worker:
                     stop.wait(max(self.config.poll_seconds, 1.0))
                     continue
                 total += step
-                if not step.claimed:
+                if not (step.claimed or step.paused_accounts):
                     stop.wait(self.config.poll_seconds)
         return total
 
