@@ -31,7 +31,7 @@ import random
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import CursorResult, delete, exists, func, select, update
@@ -111,6 +111,20 @@ def lease_until(now: datetime, lease_seconds: float) -> datetime:
 def lease_expired(until: datetime | None, now: datetime) -> bool:
     """True when a lease has run out (a lease without an end has run out)."""
     return until is None or until <= now
+
+
+def db_now(session: Session) -> datetime:
+    """Now by the database's clock on PostgreSQL, else by this machine's.
+
+    Why: leases, back-off and due times are compared by workers on many machines; one
+    clock (the database server's) makes a skewed worker clock harmless. SQLite is
+    single-machine, so the local clock is that one clock.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        value = session.scalar(select(func.now()))
+        if isinstance(value, datetime):
+            return value.astimezone(UTC)
+    return utcnow()
 
 
 def new_token() -> str:
@@ -209,7 +223,9 @@ def enqueue(crm: Crm, session: Session, request: MailRequest) -> Queued:
     if checked.problems:
         raise MailValidationError(checked.problems)
     assert checked.user and checked.account and checked.message
-    row = _outbox_row(checked.user, checked.account, checked.message, checked.person)
+    row = _outbox_row(
+        checked.user, checked.account, checked.message, checked.person, db_now(session)
+    )
     session.add(row)
     session.flush()
     if checked.person is not None:
@@ -402,9 +418,12 @@ def _mb(size: int) -> str:
 
 
 def _outbox_row(
-    user: User, account: SenderAccount, message: OutgoingMessage, person: Person | None
+    user: User,
+    account: SenderAccount,
+    message: OutgoingMessage,
+    person: Person | None,
+    now: datetime,
 ) -> OutboxMessage:
-    now = utcnow()
     return OutboxMessage(
         message_id=message.message_id,
         user_id=user.id,
@@ -1104,7 +1123,7 @@ def _refuse(row: OutboxMessage, action: str, hint: str) -> ValidationError:
 
 def retry(session: Session, outbox_id: int, now: datetime | None = None) -> OutboxMessage:
     """Queue a failed, cancelled or waiting message again, due now, with a fresh budget."""
-    now = now or utcnow()
+    now = now or db_now(session)
     row = get_message(session, outbox_id)
     if row.state == S.UNKNOWN.value:
         raise _refuse(
@@ -1121,7 +1140,7 @@ def retry(session: Session, outbox_id: int, now: datetime | None = None) -> Outb
 
 def cancel(session: Session, outbox_id: int, now: datetime | None = None) -> OutboxMessage:
     """Cancel a message that has not been sent (queued, retry or unknown)."""
-    now = now or utcnow()
+    now = now or db_now(session)
     row = get_message(session, outbox_id)
     if row.state not in (*DUE_STATES, S.UNKNOWN.value):
         hint = (
@@ -1144,7 +1163,7 @@ def resolve(
     session: Session, outbox_id: int, sent: bool, now: datetime | None = None, why: str = ""
 ) -> OutboxMessage:
     """An operator's decision on an ``unknown`` message: sent, or not sent (requeued)."""
-    now = now or utcnow()
+    now = now or db_now(session)
     row = get_message(session, outbox_id)
     if row.state != S.UNKNOWN.value:
         raise _refuse(row, "resolve", "only messages in state unknown need a decision")
@@ -1219,7 +1238,7 @@ def reconcile(crm: Crm, outbox_id: int | None = None) -> list[ReconcileReport]:
                 row is not None and row.state == S.UNKNOWN.value and row.lease_token == token
             )
             if row is not None and untouched and sent is not None:
-                _apply_resolution(session, row, sent, f"reconciled: {detail}", utcnow())
+                _apply_resolution(session, row, sent, f"reconciled: {detail}", db_now(session))
                 applied = True
             reports.append(ReconcileReport(row_id, message_id, sent, detail, applied))
     return reports

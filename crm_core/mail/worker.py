@@ -33,7 +33,7 @@ from crm_core.errors import TransportError
 from crm_core.mail import outbox
 from crm_core.mail.outbox import Claim
 from crm_core.mail.transport import Outcome, SendResult
-from crm_core.models import OutboxState, utcnow
+from crm_core.models import OutboxState
 
 if TYPE_CHECKING:
     from crm_core.app import Crm
@@ -124,10 +124,10 @@ class Worker:
         """One round: reap expired leases, claim a batch, send it, record results."""
         stats = WorkerStats(polls=1)
         with self.crm.transaction() as session:
-            stats.reaped = len(outbox.reap_expired(session, utcnow()))
+            stats.reaped = len(outbox.reap_expired(session, outbox.db_now(session)))
         with self.crm.transaction() as session:
             claimed = outbox.claim_batch(
-                self.crm, session, self.name, self.config.batch_size, utcnow()
+                self.crm, session, self.name, self.config.batch_size, outbox.db_now(session)
             )
         stats.claimed = len(claimed.claims)
         stats.paused_accounts = claimed.paused_accounts
@@ -184,10 +184,10 @@ class Worker:
     def _record(self, group: _GroupResult, stats: WorkerStats) -> None:
         with self.crm.transaction() as session:
             if group.results is None:
-                stats.released += outbox.release(session, group.claims, utcnow())
+                stats.released += outbox.release(session, group.claims, outbox.db_now(session))
                 return
             recorded = outbox.record_results(
-                self.crm, session, group.claims, group.results, utcnow()
+                self.crm, session, group.claims, group.results, outbox.db_now(session)
             )
         counts = recorded.counts
         stats.sent += counts.get(OutboxState.SENT.value, 0)
@@ -200,7 +200,7 @@ class Worker:
 
     def _renew(self, token: str) -> None:
         with self.crm.transaction() as session:
-            until = outbox.lease_until(utcnow(), self.config.lease_seconds)
+            until = outbox.lease_until(outbox.db_now(session), self.config.lease_seconds)
             outbox.renew_leases(session, [token], until)
 
 
