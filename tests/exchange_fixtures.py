@@ -193,8 +193,9 @@ def make_message(
     text: str | None = None,
     html: str | None = None,
     attachments: Sequence[Attachment] = (),
+    age: timedelta = timedelta(0),
 ) -> OutgoingMessage:
-    """An outbox message as the worker hands it to the transport."""
+    """An outbox message as the worker hands it to the transport (queued ``age`` ago)."""
     from_address = parse_address(sender, sender_name)
     return OutgoingMessage(
         outbox_id=n,
@@ -207,6 +208,7 @@ def make_message(
         text=text if text is not None else f"Hello, here is offer {n}.\n",
         html=html,
         attachments=tuple(attachments),
+        created_at=datetime.now(UTC) - age,
     )
 
 

@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from crm_core.mail import outbox
 from crm_core.mail.outbox import MailRequest
@@ -122,6 +123,9 @@ def test_lost_answer_becomes_unknown_and_reconcile_never_resends(
         assert [c.message.message_id for c in claimed.claims] == [never]
     with world.crm.transaction() as session:
         outbox.reap_expired(session, utcnow() + timedelta(hours=1))
+        # An hour passes: past the time Exchange may take to file a Sent Items copy.
+        for row in session.scalars(select(OutboxMessage)):
+            row.created_at -= timedelta(hours=1)
 
     reconciled = crm("outbox", "reconcile", "--json")
     assert reconciled.code == 0, reconciled.output

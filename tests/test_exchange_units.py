@@ -151,6 +151,7 @@ def test_user_notices() -> None:
         "exchange.domain": "vitecsoftware.com",
     }
     notices = {n.key: n for n in check(Scope.USER, {}, user, TODAY)}
+    assert notices["exchange.url"].level == "error"  # EWS (the default) needs the URL
     assert notices["exchange.username"].level == "warning"
     assert "anna@vitec.se is in domain vitec.se, but exchange.domain is vitecsoftware.com" in (
         notices["exchange.username"].message
@@ -159,7 +160,9 @@ def test_user_notices() -> None:
     assert "'Sync with Exchange' is not ticked" in notices["exchange.sync"].message
     user["exchange.sync"] = True
     user["exchange.username"] = "anna@VitecSoftware.com"
-    assert check(Scope.USER, {}, user, TODAY) == []
+    system = {"exchange.url": "https://mail.org.se/EWS/Exchange.asmx"}
+    assert check(Scope.USER, system, user, TODAY) == []
+    assert check(Scope.USER, {"exchange.api": "graph"}, user, TODAY) == []  # Graph needs no URL
 
 
 def test_domain_mismatch_is_case_insensitive() -> None:
@@ -244,6 +247,7 @@ def settings(
     return ExchangeSettings(
         url=url,
         api=Api.EWS,
+        graph_url="https://graph.microsoft.com",
         mode=mode,
         mailbox="anna@org.se",
         domain="org.se",

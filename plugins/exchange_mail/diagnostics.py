@@ -9,10 +9,12 @@ guide's wording where the guide uses it, followed by the precise cause:
 1. settings — complete and valid (plus warnings: secret expiry, a secret shaped like
    a Secret ID, username vs domain, EWS retirement on Exchange Online);
 2. token — Entra ID issues an app-only token (skipped with a password);
-3. mailbox — the server answers, signs in and lets us act as the mailbox;
+3. mailbox — EWS: the server answers, signs in and lets us act as the mailbox (one
+   GetFolder); Graph: first "permission" (Mail.Send in the token's roles), then the
+   user looked up (a warning only when the app may not read users);
 4. sync — "Sync with Exchange" is ticked.
 
-Nothing is sent; the mailbox step is one GetFolder.
+Nothing is sent.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import binascii
 import json
 from datetime import date
 
-from crm_core.entra import EXCHANGE_SCOPE, TokenError, token_client
+from crm_core.entra import EXCHANGE_SCOPE, TokenError, is_guid, token_client
 from crm_core.mail.transport import (
     ConnectionReport,
     ConnectionStep,
@@ -30,7 +32,6 @@ from crm_core.mail.transport import (
     SenderAccount,
     StepStatus,
 )
-from exchange_mail import ews
 from exchange_mail.errors import ADMIN_CONSENT_FIX, Classified, classify
 from exchange_mail.settings import (
     GUIDE_CREDENTIALS,
@@ -88,7 +89,7 @@ def run(account: SenderAccount, resources: Resources, today: date) -> Connection
         steps.append(ConnectionStep(TOKEN, StepStatus.SKIPPED, "settings incomplete"))
     elif settings.mode is AuthMode.OAUTH and settings.app is not None:
         try:
-            token = token_client(resources, settings.app).token(EXCHANGE_SCOPE)
+            token = token_client(resources, settings.app).token(_scope(settings))
         except TokenError as exc:
             step = ConnectionStep(TOKEN, StepStatus.FAILED, exc.message, exc.fix)
             failures.append((step, True))
@@ -111,23 +112,21 @@ def run(account: SenderAccount, resources: Resources, today: date) -> Connection
             )
         )
 
-    if failures:
-        steps.append(ConnectionStep(MAILBOX, StepStatus.SKIPPED, "an earlier step failed"))
-    elif settings.api is Api.GRAPH:
-        steps.append(
-            ConnectionStep(
-                MAILBOX,
-                StepStatus.FAILED,
-                "exchange.api is graph, but this installation has no Graph sender yet",
-                "crm settings set exchange.api ews",
-            )
-        )
-        failures.append((steps[-1], False))
-    else:
-        step, credentials = _mailbox_step(settings, resources, roles)
+    def add(step: ConnectionStep, credentials: bool) -> None:
         steps.append(step)
         if step.status is StepStatus.FAILED:
             failures.append((step, credentials))
+
+    if settings.api is Api.GRAPH and not failures:
+        from exchange_mail import graph
+
+        add(*graph.permission_step(roles))
+    if failures:
+        steps.append(ConnectionStep(MAILBOX, StepStatus.SKIPPED, "an earlier step failed"))
+    elif settings.api is Api.GRAPH:
+        add(*graph.check_mailbox(settings, resources))
+    else:
+        add(*_mailbox_step(settings, resources, roles))
 
     if settings.sync:
         steps.append(ConnectionStep(SYNC, StepStatus.OK, "'Sync with Exchange' is ticked"))
@@ -155,11 +154,14 @@ def _describe(settings: ExchangeSettings) -> str:
     if settings.mode is AuthMode.OAUTH and settings.app is not None:
         how = (
             f"app-only OAuth (Client ID {settings.app.client_id}, tenant {settings.app.tenant}, "
-            f"authority {settings.app.authority}) impersonating {settings.mailbox}"
+            f"authority {settings.app.authority}) "
+            + ("sending as " if settings.api is Api.GRAPH else "impersonating ")
+            + settings.mailbox
         )
     else:
         how = f"{settings.mailbox} signs in with a password ({settings.onprem_auth.upper()})"
-    return f"{settings.url} via {settings.api.value.upper()}, {how}"
+    server = settings.graph_url if settings.api is Api.GRAPH else settings.url
+    return f"{server} via {'Microsoft Graph' if settings.api is Api.GRAPH else 'EWS'}, {how}"
 
 
 def _warnings(
@@ -182,14 +184,22 @@ def _warnings(
 
 
 def _looks_like_secret_id(settings: ExchangeSettings) -> bool:
-    from crm_core.entra import is_guid
-
     return settings.app is not None and is_guid(settings.app.secret.reveal())
+
+
+def _scope(settings: ExchangeSettings) -> str:
+    if settings.api is Api.GRAPH:
+        from exchange_mail.graph import scope_for
+
+        return scope_for(settings.graph_url)
+    return EXCHANGE_SCOPE
 
 
 def _mailbox_step(
     settings: ExchangeSettings, resources: Resources, roles: tuple[str, ...] | None
 ) -> tuple[ConnectionStep, bool]:
+    from exchange_mail import ews
+
     mailbox: ews.EwsMailbox | None = None
     try:
         mailbox = ews.new_mailbox(settings, resources)

@@ -37,13 +37,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import requests
 import urllib3.exceptions
-from exchangelib import errors as ews
 
 from crm_core.entra import CLIENT_ID, TokenError
-from crm_core.mail.transport import Outcome
+from crm_core.mail.message import OutgoingMessage
+from crm_core.mail.transport import Outcome, ReconcileResult
 from exchange_mail.settings import (
     API,
     CA_BUNDLE,
@@ -123,6 +124,8 @@ def _server_text(exc: BaseException) -> str:
 
 def classify(exc: BaseException, settings: ExchangeSettings) -> Classified:
     """Map an exception from a send, a lookup or a test to outcome, cause and fix."""
+    from exchangelib import errors as ews  # here: the Graph path never loads exchangelib
+
     if isinstance(exc, TokenError):
         return Classified(
             exc.outcome,
@@ -363,3 +366,29 @@ def ews_refused(settings: ExchangeSettings) -> Classified:
         "The Exchange administrator must allow EWS for the organisation and the mailbox "
         "(Set-OrganizationConfig / Set-CASMailbox -EwsEnabled $true).",
     )
+
+
+SENT_ITEMS_LAG = timedelta(minutes=5)
+"""How long Exchange may take to file the Sent Items copy of a submitted message."""
+
+
+def lookup_verdict(
+    message: OutgoingMessage, found: bool, mailbox: str, now: datetime
+) -> ReconcileResult:
+    """What finding (or not finding) a Message-ID in Sent Items means.
+
+    Found: sent. Not found: not sent, unless the message is younger than
+    :data:`SENT_ITEMS_LAG` (Exchange files the copy asynchronously, so an early look can
+    miss a mail that went); then "cannot tell yet", and the outbox asks again later
+    instead of sending a second copy.
+    """
+    if found:
+        return ReconcileResult(message.message_id, True, f"found in {mailbox}'s Sent Items")
+    if now - message.created_at < SENT_ITEMS_LAG:
+        return ReconcileResult(
+            message.message_id,
+            None,
+            f"not in {mailbox}'s Sent Items yet; Exchange files the copy with a delay, "
+            "so look again later",
+        )
+    return ReconcileResult(message.message_id, False, f"not in {mailbox}'s Sent Items")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -41,7 +42,6 @@ from exchangelib import (
     IMPERSONATION,
     NTLM,
     OAUTH2,
-    UTC,
     Account,
     Body,
     Configuration,
@@ -53,6 +53,7 @@ from exchangelib import (
     Message,
     Version,
 )
+from exchangelib import UTC as EWS_UTC
 from exchangelib.errors import ResponseMessageError, UnauthorizedError
 from exchangelib.folders import Root
 from exchangelib.items import SEND_AND_SAVE_COPY, SEND_TO_NONE
@@ -76,7 +77,7 @@ from crm_core.mail.transport import (
     SendResult,
 )
 from exchange_mail.auth import MsalBearerAuth, MsalOAuth2Credentials, install_redaction
-from exchange_mail.errors import Classified, classify
+from exchange_mail.errors import Classified, classify, lookup_verdict
 from exchange_mail.settings import (
     CA_BUNDLE,
     EWS_CACHE,
@@ -204,7 +205,7 @@ class EwsMailbox:
             access_type=access,
             autodiscover=False,
             config=self.config,
-            default_timezone=UTC,
+            default_timezone=EWS_UTC,
             locale="en_US",
         )
         self.account.protocol = self.protocol
@@ -385,7 +386,7 @@ def reconcile(
     messages: Sequence[OutgoingMessage],
     resources: Resources,
 ) -> list[ReconcileResult]:
-    """Look for each Message-ID in the sender's Sent Items (and Outbox, not yet sent)."""
+    """Look for each Message-ID in the sender's Sent Items (and Outbox: submitted, not yet sent)."""
     wanted = [m.message_id for m in messages]
     found: set[str] = set()
     try:
@@ -404,13 +405,5 @@ def reconcile(
         return [
             ReconcileResult(m, None, f"Could not look in Sent Items: {cause.text}") for m in wanted
         ]
-    return [
-        ReconcileResult(
-            m,
-            m in found,
-            f"found in {settings.mailbox}'s Sent Items"
-            if m in found
-            else f"not in {settings.mailbox}'s Sent Items or Outbox",
-        )
-        for m in wanted
-    ]
+    now = datetime.now(UTC)
+    return [lookup_verdict(m, m.message_id in found, settings.mailbox, now) for m in messages]

@@ -49,8 +49,8 @@ def register_transports() -> list[TransportSpec]:
         TransportSpec(
             TRANSPORT,
             "Send via Exchange",
-            description="Microsoft Exchange (Online or Server) through EWS, with OAuth "
-            "app-only tokens or the user's password.",
+            description="Microsoft Exchange: EWS (Exchange Server, or Exchange Online with "
+            "app-only OAuth) or Microsoft Graph sendMail (Exchange Online).",
         )
     ]
 
@@ -101,16 +101,9 @@ def send_mail(
             for m in messages
         ]
     if settings.api is Api.GRAPH:
-        return [
-            SendResult(
-                m.message_id,
-                Outcome.CONFIGURATION,
-                "exchange.api is graph, but this installation has no Graph sender yet "
-                "(crm settings set exchange.api ews)",
-                code="exchange.api",
-            )
-            for m in messages
-        ]
+        from exchange_mail import graph
+
+        return graph.send(account, settings, messages, resources)
     from exchange_mail import ews
 
     return ews.send(account, settings, messages, resources)
@@ -134,10 +127,15 @@ def reconcile_mail(
     if account.transport != TRANSPORT:
         return None
     settings = resolve(account)
-    if blocking_problems(account, settings) and not (settings.url and settings.mailbox):
+    reachable = settings.mailbox and (settings.url or settings.api is Api.GRAPH)
+    if blocking_problems(account, settings) and not reachable:
         return [
             ReconcileResult(m.message_id, None, "Exchange settings incomplete") for m in messages
         ]
+    if settings.api is Api.GRAPH:
+        from exchange_mail import graph
+
+        return graph.reconcile(account, settings, messages, resources)
     from exchange_mail import ews
 
     return ews.reconcile(account, settings, messages, resources)

@@ -43,6 +43,7 @@ EWS_CACHE = (PLUGIN, "ews")
 
 URL = "exchange.url"
 API = "exchange.api"
+GRAPH_URL = "exchange.graph_url"
 SERVER_VERSION = "exchange.server_version"
 ONPREM_AUTH = "exchange.onprem_auth"
 DOMAIN = "exchange.domain"
@@ -52,6 +53,7 @@ SYNC = "exchange.sync"
 CA_BUNDLE = "tls.ca_bundle"
 
 EWS_PATH = "/EWS/Exchange.asmx"
+DEFAULT_GRAPH_URL = "https://graph.microsoft.com"
 EXAMPLE_URL = f"https://outlook.office365.com{EWS_PATH}"
 EXCHANGE_ONLINE_HOSTS = frozenset({"outlook.office365.com", "outlook.office.com"})
 EXPIRY_WARNING_DAYS = 30
@@ -122,6 +124,20 @@ def validate_ews_url(text: str) -> str:
     return suggestion
 
 
+def _validate_graph_url(text: str) -> str:
+    parts = urlsplit(text.strip())
+    if parts.scheme != "https" or not parts.hostname:
+        raise SettingValueError(
+            GRAPH_URL, f"{text!r} must be an https URL such as {DEFAULT_GRAPH_URL}"
+        )
+    if parts.path.strip("/") or parts.query:
+        raise SettingValueError(
+            GRAPH_URL,
+            f"give only the host, without /v1.0 or a path: https://{parts.netloc.lower()}",
+        )
+    return f"https://{parts.netloc.lower()}"
+
+
 def _validate_domain(text: str) -> str:
     domain = text.strip().lower().lstrip("@")
     problem = explain_address(f"user@{domain}")
@@ -170,6 +186,16 @@ def fields() -> list[SettingField]:
             help="ews: Exchange Web Services (Exchange Server, and Exchange Online while "
             "Microsoft allows it). graph: Microsoft Graph sendMail (Exchange Online; needs "
             "the Mail.Send application permission).",
+            plugin=PLUGIN,
+        ),
+        SettingField(
+            GRAPH_URL,
+            Scope.SYSTEM,
+            "Microsoft Graph URL",
+            default=DEFAULT_GRAPH_URL,
+            help="Microsoft Graph's host, for exchange.api graph; national clouds use "
+            "https://graph.microsoft.us or https://microsoftgraph.chinacloudapi.cn.",
+            validator=_validate_graph_url,
             plugin=PLUGIN,
         ),
         SettingField(
@@ -245,6 +271,7 @@ class ExchangeSettings:
 
     url: str
     api: Api
+    graph_url: str
     mode: AuthMode | None
     mailbox: str
     domain: str
@@ -271,10 +298,11 @@ def resolve(account: SenderAccount) -> ExchangeSettings:
     oauth_set = any(account.get(k) for k in (CLIENT_ID, TENANT_ID, CLIENT_SECRET))
     password = account.get_secret(PASSWORD)
     mode = AuthMode.OAUTH if oauth_set else AuthMode.PASSWORD if password else None
-    api_text = account.get_str(API, Api.EWS.value) or Api.EWS.value
+    api_text = account.get_str(API, Api.EWS.value)
     return ExchangeSettings(
         url=account.get_str(URL),
-        api=Api(api_text) if api_text in Api.__members__.values() else Api.EWS,
+        api=Api.GRAPH if api_text == Api.GRAPH.value else Api.EWS,
+        graph_url=account.get_str(GRAPH_URL, DEFAULT_GRAPH_URL) or DEFAULT_GRAPH_URL,
         mode=mode,
         mailbox=account.get_str(USERNAME).strip(),
         domain=account.get_str(DOMAIN).strip().lower(),
@@ -299,11 +327,19 @@ class Problem:
 def blocking_problems(account: SenderAccount, settings: ExchangeSettings) -> list[Problem]:
     """Everything that must be fixed before a mail can go, in the guide's order."""
     problems: list[Problem] = []
-    if not settings.url:
+    if settings.api is Api.EWS and not settings.url:
+        problems.append(url_problem())
+    if settings.api is Api.GRAPH and settings.mode is AuthMode.PASSWORD:
         problems.append(
-            Problem(URL, "the Exchange URL is not set", f"crm settings set {URL} {EXAMPLE_URL}")
+            Problem(
+                API,
+                "Microsoft Graph needs the OAuth codes (Client ID, Tenant ID, Client secret); "
+                "a password cannot sign in to Graph",
+                f"crm settings set {CLIENT_ID} / {TENANT_ID} / {CLIENT_SECRET}, "
+                f"or crm settings set {API} ews for Exchange Server",
+            )
         )
-    if settings.mode is None:
+    elif settings.mode is None:
         problems.append(
             Problem(
                 CLIENT_ID,
@@ -341,6 +377,11 @@ def blocking_problems(account: SenderAccount, settings: ExchangeSettings) -> lis
     if not settings.sync:
         problems.append(sync_problem())
     return problems
+
+
+def url_problem() -> Problem:
+    """EWS needs the server's URL."""
+    return Problem(URL, "the Exchange URL is not set", f"crm settings set {URL} {EXAMPLE_URL}")
 
 
 def sync_problem() -> Problem:
@@ -437,7 +478,11 @@ def check(
         mismatch = domain_mismatch(username, domain)
         if mismatch:
             notices.append(SettingNotice(USERNAME, "warning", mismatch))
-    if user.get("mail.transport") == TRANSPORT and user.get(SYNC) is not True:
-        problem = sync_problem()
-        notices.append(SettingNotice(SYNC, "error", f"{problem.message} ({problem.fix})"))
+    if user.get("mail.transport") == TRANSPORT:
+        if user.get(SYNC) is not True:
+            problem = sync_problem()
+            notices.append(SettingNotice(SYNC, "error", f"{problem.message} ({problem.fix})"))
+        if system.get(API, Api.EWS.value) == Api.EWS.value and not system.get(URL):
+            problem = url_problem()
+            notices.append(SettingNotice(URL, "error", f"{problem.message} ({problem.fix})"))
     return notices

@@ -1,0 +1,557 @@
+"""Sending through Microsoft Graph ``sendMail``: Exchange Online after EWS.
+
+Why beside EWS: Microsoft blocks EWS in Exchange Online from October 2026 and shuts it
+down in April 2027. Graph uses the same app registration and msal client (another
+scope, ``https://graph.microsoft.com/.default``, so another cached token) and needs the
+``Mail.Send`` application permission. ``exchange.api = graph`` selects it; the rest of
+the plugin (settings, outcomes, Test connection) is shared.
+
+Choices, and why:
+
+* **Plain requests** with the shared TLS trust (:class:`crm_core.entra.TrustAdapter`):
+  three endpoints do not justify the Graph SDK's 42 packages.
+* **$batch of up to 20 sendMail** per request, each with its own status matched by
+  ``id`` (Graph may answer in any order). A batch-level failure (401, 429, 5xx, 400)
+  means no item ran. A lost answer makes that batch's messages ambiguous; nothing is
+  ever resent here. A single message goes as a plain ``sendMail``.
+* **Size.** A request body is capped at 4 MB, so a batch is also split by size, and a
+  single message whose JSON exceeds the cap (attachments over about 3 MB) is refused
+  as permanent: it needs an upload session (Mail.ReadWrite), not done here.
+* **401 → evict and retry once**, as for EWS. **429/503** are temporary with the
+  server's ``Retry-After``.
+* **Reconcile** filters the sender's Sent Items by ``internetMessageId`` (needs
+  ``Mail.ReadBasic.All`` or ``Mail.Read``); see :func:`exchange_mail.errors.lookup_verdict`
+  for why a fresh "not found" is not yet "not sent".
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import requests
+
+from crm_core.entra import GRAPH_SCOPE, TokenClient, TrustAdapter, token_client
+from crm_core.mail.message import OutgoingMessage
+from crm_core.mail.transport import (
+    ConnectionStep,
+    Outcome,
+    ReconcileResult,
+    Resources,
+    SenderAccount,
+    SendResult,
+    StepStatus,
+)
+from exchange_mail.errors import Classified, failed_before_sending, lookup_verdict
+from exchange_mail.settings import PLUGIN, USERNAME, ExchangeSettings
+
+MAX_BATCH = 20
+MAX_REQUEST_BYTES = 3_500_000  # Graph refuses bodies over 4 MB; keep a margin
+TIMEOUT = (15, 120)  # connect, read (seconds)
+MAIL_SEND_FIX = (
+    "In Entra → App registrations → API permissions, add Microsoft Graph → Application "
+    "permissions → Mail.Send, then click 'Grant admin consent'; if the tenant scopes the "
+    "app with RBAC for Applications, include this mailbox"
+)
+_KNOWN_GRAPH_HOSTS = frozenset(
+    {
+        "graph.microsoft.com",
+        "graph.microsoft.us",
+        "dod-graph.microsoft.us",
+        "microsoftgraph.chinacloudapi.cn",
+    }
+)
+
+
+def scope_for(graph_url: str) -> str:
+    """The token scope for a Graph host (national clouds have their own audience).
+
+    Any other host (a proxy, a test stand-in) is taken to front the global service.
+    """
+    host = (urlsplit(graph_url).hostname or "").lower()
+    return f"https://{host}/.default" if host in _KNOWN_GRAPH_HOSTS else GRAPH_SCOPE
+
+
+class GraphSession:
+    """One HTTP session per Graph host and CA bundle, kept in the Crm's Resources."""
+
+    def __init__(self, ca_bundle: str | None) -> None:
+        self.http = requests.Session()
+        self.http.mount("https://", TrustAdapter(ca_bundle, pool_maxsize=16))
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.http.close()
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    code: str
+    message: str
+    retry_after: float | None
+
+
+class _Graph:
+    """Graph calls for one account: URLs, token, and the evict-and-retry-once rule."""
+
+    def __init__(self, settings: ExchangeSettings, resources: Resources) -> None:
+        assert settings.app is not None
+        self.settings = settings
+        self.tokens: TokenClient = token_client(resources, settings.app)
+        self.scope = scope_for(settings.graph_url)
+        key = (PLUGIN, "graph-session", settings.ca_bundle)
+        self.http = resources.get_or_create(key, lambda: GraphSession(settings.ca_bundle)).http
+        self.root = f"{settings.graph_url.rstrip('/')}/v1.0"
+        self.user = quote(settings.mailbox, safe="@")
+
+    def call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """One request; after a 401, evict the token and try once more (nothing ran)."""
+        response = self._once(method, path, **kwargs)
+        if response.status_code == 401:
+            self.tokens.evict()
+            response = self._once(method, path, **kwargs)
+        return response
+
+    def _once(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        headers = {
+            "Authorization": f"Bearer {self.tokens.token(self.scope)}",
+            "client-request-id": str(uuid.uuid4()),
+        }
+        url = path if path.startswith("https://") else f"{self.root}{path}"
+        return self.http.request(method, url, headers=headers, timeout=TIMEOUT, **kwargs)
+
+
+# --- the message ------------------------------------------------------------------
+
+
+def _recipients(addresses: Sequence[Any]) -> list[dict[str, Any]]:
+    return [
+        {"emailAddress": {"address": a.email, **({"name": a.name} if a.name else {})}}
+        for a in addresses
+    ]
+
+
+def payload(account: SenderAccount, message: OutgoingMessage) -> dict[str, Any]:
+    """The sendMail body: HTML or text, recipients, From, Message-ID, attachments."""
+    body = (
+        {"contentType": "HTML", "content": message.html}
+        if message.html is not None
+        else {"contentType": "Text", "content": message.text}
+    )
+    mail: dict[str, Any] = {
+        "subject": message.subject,
+        "body": body,
+        "from": {"emailAddress": {"address": account.email, "name": account.name or account.email}},
+        "internetMessageId": message.message_id,
+    }
+    for key, addresses in (
+        ("toRecipients", message.to),
+        ("ccRecipients", message.cc),
+        ("bccRecipients", message.bcc),
+        ("replyTo", message.reply_to),
+    ):
+        if addresses:
+            mail[key] = _recipients(addresses)
+    if message.attachments:
+        mail["attachments"] = [
+            {
+                "@odata.type": "#microsoft.graph.fileAttachment",
+                "name": a.filename,
+                "contentType": a.content_type,
+                "contentBytes": base64.b64encode(a.data).decode("ascii"),
+            }
+            for a in message.attachments
+        ]
+    return {"message": mail, "saveToSentItems": True}
+
+
+def _batches(
+    bodies: list[tuple[OutgoingMessage, bytes]],
+) -> Iterator[list[tuple[OutgoingMessage, bytes]]]:
+    chunk: list[tuple[OutgoingMessage, bytes]] = []
+    size = 0
+    for item in bodies:
+        if chunk and (len(chunk) >= MAX_BATCH or size + len(item[1]) > MAX_REQUEST_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += len(item[1]) + 200
+    if chunk:
+        yield chunk
+
+
+# --- answers ----------------------------------------------------------------------
+
+
+def _retry_after(headers: Any) -> float | None:
+    try:
+        value = float(headers.get("Retry-After", ""))
+    except (TypeError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
+def _answer(status: int, body: Any, headers: Any) -> _Answer:
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    return _Answer(
+        status,
+        str(error.get("code", "")) if isinstance(error, dict) else "",
+        str(error.get("message", "")) if isinstance(error, dict) else "",
+        _retry_after(headers or {}),
+    )
+
+
+def _from_response(response: requests.Response) -> _Answer:
+    try:
+        body = response.json() if response.content else {}
+    except ValueError:
+        body = {}
+    return _answer(response.status_code, body, response.headers)
+
+
+def classify_answer(answer: _Answer, settings: ExchangeSettings) -> Classified:
+    """Graph's status and ``error.code`` (never its message text) → outcome, cause, fix."""
+    status, code = answer.status, answer.code
+    shown = f"HTTP {status} {code}".strip()
+    if 200 <= status < 300:
+        return Classified(Outcome.SENT, "", "sent via Microsoft Graph")
+    if status == 0:
+        return Classified(
+            Outcome.AMBIGUOUS,
+            code,
+            "Microsoft Graph's answer to the batch did not cover this message; it may have gone.",
+            "The outbox looks for the message in Sent Items before sending it again.",
+        )
+    if code == "ErrorInvalidUser" or (status == 404 and code == "Request_ResourceNotFound"):
+        return Classified(
+            Outcome.CONFIGURATION,
+            code,
+            f"Microsoft Graph cannot find the user {settings.mailbox}: the address is an alias, "
+            "in another domain or tenant, or not the user's sign-in name (UPN).",
+            f"Set {USERNAME} to the user's full primary address, the one they sign in with "
+            "(for example @vitecsoftware.com, not the alias @vitec.se).",
+            credentials=True,
+        )
+    if status == 401:
+        consent = code == "NoPermissionsInAccessToken"
+        return Classified(
+            Outcome.CONFIGURATION,
+            code or "HTTP 401",
+            "Microsoft Graph refused the app's token (HTTP 401"
+            + (
+                ": it carries no application permissions, so admin consent has not been granted)."
+                if consent
+                else ")."
+            ),
+            MAIL_SEND_FIX + ".",
+            credentials=True,
+        )
+    if code == "ErrorSendAsDenied":
+        return Classified(
+            Outcome.CONFIGURATION,
+            code,
+            f"The mailbox {settings.mailbox} may not send as the user's e-mail address "
+            "(ErrorSendAsDenied).",
+            f"The user's e-mail (tab Basic) must be an address of the mailbox {USERNAME}.",
+        )
+    if status == 403:
+        return Classified(
+            Outcome.CONFIGURATION,
+            code or "HTTP 403",
+            f"Microsoft Graph denies the app access to {settings.mailbox} ({shown}): the "
+            "Mail.Send application permission is missing, admin consent was not granted, or "
+            "the mailbox is outside the app's RBAC scope.",
+            MAIL_SEND_FIX + ".",
+            credentials=True,
+        )
+    if code == "ErrorInvalidRecipients":
+        return Classified(
+            Outcome.PERMANENT,
+            code,
+            f"Error validating e-mail: Exchange refused a recipient address ({code}: "
+            f"{answer.message[:200]}).",
+            "Check that the recipients' addresses are correct — an extra space or an invalid "
+            "character, for example — and send the mail again.",
+        )
+    if (
+        code == "ErrorMessageSizeExceeded"
+        or status == 413
+        or (
+            status == 400
+            and code in ("BadRequest", "RequestEntityTooLarge")
+            and "4MB" in answer.message
+        )
+    ):
+        return Classified(
+            Outcome.PERMANENT,
+            code or f"HTTP {status}",
+            "The message is larger than Microsoft Graph accepts.",
+            "Send smaller attachments (or a link) in a new mail.",
+        )
+    if status == 429 or status >= 500:
+        return Classified(
+            Outcome.TEMPORARY,
+            code or f"HTTP {status}",
+            f"Microsoft Graph is busy or unavailable ({shown}); the mail will be sent later.",
+            retry_after=answer.retry_after or (30.0 if status == 429 else 60.0),
+        )
+    return Classified(
+        Outcome.PERMANENT if status == 400 else Outcome.TEMPORARY,
+        code or f"HTTP {status}",
+        f"Microsoft Graph did not take the message ({shown}: {answer.message[:200]}).",
+        retry_after=None if status == 400 else 60.0,
+    )
+
+
+def _transport_failure(exc: Exception, settings: ExchangeSettings) -> Classified:
+    from crm_core.entra import TokenError
+
+    if isinstance(exc, TokenError):
+        return Classified(
+            exc.outcome, exc.code, exc.message, exc.fix,
+            credentials=exc.outcome is Outcome.CONFIGURATION,
+        )  # fmt: skip
+    host = urlsplit(settings.graph_url).hostname or settings.graph_url
+    if isinstance(exc, requests.exceptions.SSLError):
+        return Classified(
+            Outcome.CONFIGURATION,
+            "tls",
+            f"The TLS certificate of {host} could not be verified.",
+            "If a proxy with its own CA is in the path, save its CA file as tls.ca_bundle.",
+        )
+    if failed_before_sending(exc):
+        return Classified(
+            Outcome.TEMPORARY,
+            "connect",
+            f"Could not connect to {host}; nothing was sent.",
+            "Check the network; the mail will be sent later.",
+            retry_after=60.0,
+        )
+    return Classified(
+        Outcome.AMBIGUOUS,
+        type(exc).__name__,
+        f"The connection to {host} was lost after the request was sent; the mail may or may "
+        "not have gone.",
+        "The outbox looks for the message in Sent Items before sending it again.",
+    )
+
+
+# --- sending ----------------------------------------------------------------------
+
+
+def _result(message: OutgoingMessage, found: Classified) -> SendResult:
+    return SendResult(
+        message.message_id,
+        found.outcome,
+        found.text,
+        code=found.code,
+        retry_after=found.retry_after,
+    )
+
+
+def send(
+    account: SenderAccount,
+    settings: ExchangeSettings,
+    messages: Sequence[OutgoingMessage],
+    resources: Resources,
+) -> list[SendResult]:
+    """Send a batch through Graph; one SendResult per message, never a blind resend."""
+    graph = _Graph(settings, resources)
+    results: dict[str, SendResult] = {}
+    bodies: list[tuple[OutgoingMessage, bytes]] = []
+    for message in messages:
+        body = json.dumps(payload(account, message), ensure_ascii=False).encode("utf-8")
+        if len(body) > MAX_REQUEST_BYTES:
+            results[message.message_id] = SendResult(
+                message.message_id,
+                Outcome.PERMANENT,
+                "The message is too large for Microsoft Graph sendMail (attachments over "
+                "about 3 MB need an upload session). Fix: send smaller attachments or a link.",
+                code="too-large-for-graph",
+            )
+        else:
+            bodies.append((message, body))
+    chunks = list(_batches(bodies))
+    for index, chunk in enumerate(chunks):
+        try:
+            answers = _send_chunk(graph, chunk)
+        except Exception as exc:  # requests or token failure for the whole request
+            found = _transport_failure(exc, settings)
+            for message, _ in chunk:
+                results[message.message_id] = _result(message, found)
+            _not_attempted([m for c in chunks[index + 1 :] for m, _ in c], found, results)
+            break
+        stop: Classified | None = None
+        for message, _ in chunk:
+            found = classify_answer(answers[message.message_id], settings)
+            results[message.message_id] = _result(message, found)
+            if found.outcome is Outcome.CONFIGURATION:
+                stop = found
+        if stop is not None:  # the account is paused: do not go on
+            _not_attempted([m for c in chunks[index + 1 :] for m, _ in c], stop, results)
+            break
+    return [results[m.message_id] for m in messages]
+
+
+def _send_chunk(graph: _Graph, chunk: list[tuple[OutgoingMessage, bytes]]) -> dict[str, _Answer]:
+    json_header = {"Content-Type": "application/json"}
+    if len(chunk) == 1:
+        message, body = chunk[0]
+        response = graph.call(
+            "POST", f"/users/{graph.user}/sendMail", data=body, headers=json_header
+        )
+        return {message.message_id: _from_response(response)}
+    ids = {str(i): message for i, (message, _) in enumerate(chunk, start=1)}
+    batch = {
+        "requests": [
+            {
+                "id": item_id,
+                "method": "POST",
+                "url": f"/users/{graph.user}/sendMail",
+                "headers": json_header,
+                "body": json.loads(body),
+            }
+            for item_id, (_, body) in zip(ids, chunk, strict=True)
+        ]
+    }
+    response = graph.call(
+        "POST",
+        "/$batch",
+        data=json.dumps(batch, ensure_ascii=False).encode("utf-8"),
+        headers=json_header,
+    )
+    if response.status_code != 200:  # the batch as a whole was refused: no item ran
+        whole = _from_response(response)
+        return {m.message_id: whole for m in ids.values()}
+    answers: dict[str, _Answer] = {}
+    for item in response.json().get("responses", []):
+        owner = ids.get(str(item.get("id")))
+        if owner is not None:
+            answers[owner.message_id] = _answer(
+                int(item.get("status", 0)), item.get("body"), item.get("headers")
+            )
+    for owner in ids.values():  # an item the answer left out may have run
+        answers.setdefault(owner.message_id, _Answer(0, "missing-in-batch", "", None))
+    return answers
+
+
+def _not_attempted(
+    messages: Sequence[OutgoingMessage], cause: Classified, results: dict[str, SendResult]
+) -> None:
+    outcome = Outcome.TEMPORARY if cause.outcome is Outcome.AMBIGUOUS else cause.outcome
+    detail = (
+        cause.text
+        if outcome is cause.outcome
+        else ("Not attempted: the answer to an earlier request of this batch was lost.")
+    )
+    for m in messages:
+        results[m.message_id] = SendResult(
+            m.message_id, outcome, detail, code=cause.code, retry_after=cause.retry_after
+        )
+
+
+# --- reconciling and Test connection ------------------------------------------------
+
+
+def reconcile(
+    account: SenderAccount,
+    settings: ExchangeSettings,
+    messages: Sequence[OutgoingMessage],
+    resources: Resources,
+    now: datetime | None = None,
+) -> list[ReconcileResult]:
+    """Look for each Message-ID in the sender's Sent Items."""
+    graph = _Graph(settings, resources)
+    now = now or datetime.now(UTC)
+    results = []
+    for message in messages:
+        escaped = message.message_id.replace("'", "''")
+        params = {"$filter": f"internetMessageId eq '{escaped}'", "$select": "id,internetMessageId"}
+        try:
+            response = graph.call(
+                "GET", f"/users/{graph.user}/mailFolders/sentitems/messages", params=params
+            )
+        except Exception as exc:
+            found = _transport_failure(exc, settings)
+            results.append(
+                ReconcileResult(message.message_id, None, f"Could not look: {found.text}")
+            )
+            continue
+        if response.status_code != 200:
+            answer = _from_response(response)
+            hint = (
+                " (reconciling needs the Mail.ReadBasic.All application permission)"
+                if response.status_code == 403
+                else ""
+            )
+            results.append(
+                ReconcileResult(
+                    message.message_id,
+                    None,
+                    f"Could not look in Sent Items: HTTP {answer.status} {answer.code}{hint}",
+                )
+            )
+            continue
+        results.append(
+            lookup_verdict(message, bool(response.json().get("value")), settings.mailbox, now)
+        )
+    return results
+
+
+def check_mailbox(settings: ExchangeSettings, resources: Resources) -> tuple[ConnectionStep, bool]:
+    """Look the user up (needs User.Read.All); without that role, say what is unproven."""
+    graph = _Graph(settings, resources)
+    try:
+        response = graph.call(
+            "GET", f"/users/{graph.user}", params={"$select": "id,mail,userPrincipalName"}
+        )
+    except Exception as exc:
+        found = _transport_failure(exc, settings)
+        return ConnectionStep(
+            "mailbox", StepStatus.FAILED, found.detail, found.fix
+        ), found.credentials
+    if response.status_code == 200:
+        return (
+            ConnectionStep(
+                "mailbox", StepStatus.OK, f"Microsoft Graph knows the user {settings.mailbox}"
+            ),
+            False,
+        )
+    answer = _from_response(response)
+    if response.status_code == 403 and answer.code == "Authorization_RequestDenied":
+        return (
+            ConnectionStep(
+                "mailbox",
+                StepStatus.WARNING,
+                f"the app may not read users (no User.Read.All), so {settings.mailbox} could "
+                "not be checked; the first mail will show whether it exists",
+                "Optional: grant Microsoft Graph → User.Read.All (application) for this check.",
+            ),
+            False,
+        )
+    found = classify_answer(answer, settings)
+    return ConnectionStep("mailbox", StepStatus.FAILED, found.detail, found.fix), found.credentials
+
+
+def permission_step(roles: tuple[str, ...] | None) -> tuple[ConnectionStep, bool]:
+    """Mail.Send in the token's roles (the only way to see it without sending)."""
+    if roles is None:
+        return ConnectionStep("permission", StepStatus.SKIPPED, "the token cannot be read"), False
+    if "Mail.Send" in roles:
+        return (
+            ConnectionStep("permission", StepStatus.OK, "the app holds Mail.Send (application)"),
+            False,
+        )
+    detail = (
+        "the token carries no application permissions, so admin consent has not been granted"
+        if not roles
+        else f"the token lacks Mail.Send (it holds {', '.join(roles)})"
+    )
+    return ConnectionStep("permission", StepStatus.FAILED, detail, MAIL_SEND_FIX + "."), True
