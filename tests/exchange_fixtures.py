@@ -28,6 +28,7 @@ from crm_core.mail.message import Attachment, OutgoingMessage, make_message_id
 from crm_core.mail.transport import ConnectionReport, SenderAccount, SendResult
 from tests.servers.entra import EntraServer, Secret, TokenRegistry
 from tests.servers.ews import EWS_PATH, EwsServer
+from tests.servers.graph import GraphServer
 from tests.servers.tls import TestCA
 
 TENANT = "7c1f4a52-9d3e-4b8a-a0c6-2f5e8d9b1a34"
@@ -61,6 +62,7 @@ class ExchangeWorld:
     entra: EntraServer
     ews: EwsServer
     email: str = USER
+    graph: GraphServer | None = None
 
     # --- settings ---------------------------------------------------------------
 
@@ -179,6 +181,22 @@ def exchange_world(crm: Crm, ca: TestCA, *, configure: bool = True) -> Iterator[
         finally:
             crm.resources.close()
             close_connections()  # exchangelib caches Protocols process-wide
+
+
+GRAPH_ROLES = ("full_access_as_app", "Mail.Send", "Mail.ReadBasic.All", "User.Read.All")
+
+
+@contextlib.contextmanager
+def with_graph(world: ExchangeWorld, roles: Sequence[str] = GRAPH_ROLES) -> Iterator[GraphServer]:
+    """Add the Graph stand-in (Anna's mailbox, same tenant) and switch to exchange.api graph."""
+    world.entra.set_app(TENANT, CLIENT, roles=roles)
+    graph = GraphServer(world.ca, world.registry)
+    graph.add_mailbox(USER, aliases=[ALIAS], tenant_id=TENANT, display_name=USER_NAME)
+    with graph:
+        world.graph = graph
+        world.set_system("exchange.api", "graph")
+        world.set_system("exchange.graph_url", graph.base_url)
+        yield graph
 
 
 def make_message(

@@ -113,14 +113,15 @@ class _Graph:
 
     def call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """One request; after a 401, evict the token and try once more (nothing ran)."""
-        response = self._once(method, path, **kwargs)
+        response = self._once(method, path, **dict(kwargs))
         if response.status_code == 401:
             self.tokens.evict()
-            response = self._once(method, path, **kwargs)
+            response = self._once(method, path, **dict(kwargs))
         return response
 
     def _once(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         headers = {
+            **kwargs.pop("headers", {}),
             "Authorization": f"Bearer {self.tokens.token(self.scope)}",
             "client-request-id": str(uuid.uuid4()),
         }
