@@ -31,6 +31,13 @@ from tests.exchange_fixtures import (
 from tests.servers.tls import TestCA, make_test_ca
 
 
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: the transport does not depend on the database backend (the outbox
+    end-to-end test runs on both)."""
+    return f"sqlite:///{tmp_path / 'crm.db'}"
+
+
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
     return make_test_ca(Path(tmp_path_factory.mktemp("exchange-ca")))

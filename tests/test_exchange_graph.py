@@ -35,7 +35,8 @@ from tests.servers.tls import TestCA, make_test_ca
 
 @pytest.fixture
 def database_url(tmp_path: Path) -> str:
-    """SQLite only: the transport does not depend on the database backend."""
+    """SQLite only: the transport does not depend on the database backend (the outbox
+    end-to-end test runs on both)."""
     return f"sqlite:///{tmp_path / 'crm.db'}"
 
 

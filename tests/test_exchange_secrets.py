@@ -41,6 +41,13 @@ TOKEN_HEADER = (
 BASIC_CREDENTIALS = base64.b64encode(f"{ONPREM_USER}:{ONPREM_PASSWORD}".encode()).decode()
 
 
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: the transport does not depend on the database backend (the outbox
+    end-to-end test runs on both)."""
+    return f"sqlite:///{tmp_path / 'crm.db'}"
+
+
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
     return make_test_ca(Path(tmp_path_factory.mktemp("exchange-ca")))
