@@ -124,11 +124,6 @@ class SmtpClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @property
-    def features(self) -> dict[str, str]:
-        """The server's EHLO keywords (lower case) on the current connection."""
-        return dict(self._conn.esmtp_features) if self._conn is not None else {}
-
     def open(self) -> None:
         """Connect, encrypt and log in; raises SmtpFailure with the failing phase."""
         if self._conn is not None:
@@ -356,6 +351,7 @@ class SmtpClient:
 
     def _recipients_and_data(self, conn: _Wire, envelope: Envelope, mid: str) -> SendResult:
         refused: dict[str, tuple[int, bytes]] = {}
+        phase = Phase.RCPT
         try:
             for rcpt in envelope.recipients:
                 code, reply = conn.rcpt(rcpt)
@@ -367,6 +363,7 @@ class SmtpClient:
             if len(refused) == len(envelope.recipients):
                 self._reset(conn)
                 return _all_refused(refused).result(mid)
+            phase = Phase.DATA
             code, reply = conn.data(envelope.data)
         except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
             self._reset(conn)
@@ -374,7 +371,7 @@ class SmtpClient:
         except (smtplib.SMTPException, OSError):
             dot_sent = conn.dot_sent
             self._drop()
-            return disconnected(Phase.DATA, dot_sent, self.settings.server).result(mid)
+            return disconnected(phase, dot_sent, self.settings.server).result(mid)
         if code != 250:
             if code == 421:
                 self._drop()

@@ -92,6 +92,15 @@ def send_mail(
         tokens = None
     with SmtpClient(settings, tokens) as client:
         results = [client.send(m) for m in messages]
+    for result in results:
+        if result.outcome is not Outcome.SENT or result.detail:
+            log.info(
+                "SMTP %s %s [%s]: %s",
+                result.outcome.value,
+                result.message_id,
+                result.code,
+                result.detail,
+            )
     counts = Counter(r.outcome.value for r in results)
     log.info(
         "SMTP batch for %s via %s: %s over %d connection(s)",
