@@ -21,8 +21,10 @@ import errno
 import smtplib
 import socket
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from types import MappingProxyType
 
 from crm_core.mail.transport import Outcome, SendResult
 from smtp_mail.hints import Hint, enhanced_code, explain, reply_code
@@ -96,24 +98,28 @@ def reply_failure(
     return Failure(outcome, detail, hint.fix if hint else "", reply_code(code, text))
 
 
-_PHASE_WORDS = {
-    Phase.CONNECT: "The connection",
-    Phase.TLS: "Encryption",
-    Phase.AUTH: "The login",
-    Phase.MAIL: "The sender",
-    Phase.RCPT: "The recipient",
-    Phase.DATA: "The message",
-}
+_PHASE_WORDS: Mapping[Phase, str] = MappingProxyType(
+    {
+        Phase.CONNECT: "The connection",
+        Phase.TLS: "Encryption",
+        Phase.AUTH: "The login",
+        Phase.MAIL: "The sender",
+        Phase.RCPT: "The recipient",
+        Phase.DATA: "The message",
+    }
+)
 
 
-_WHILE = {
-    Phase.CONNECT: "while connecting",
-    Phase.TLS: "while setting up encryption",
-    Phase.AUTH: "while logging in",
-    Phase.MAIL: "at the start of the message",
-    Phase.RCPT: "while naming the recipients",
-    Phase.DATA: "while sending the message",
-}
+_WHILE: Mapping[Phase, str] = MappingProxyType(
+    {
+        Phase.CONNECT: "while connecting",
+        Phase.TLS: "while setting up encryption",
+        Phase.AUTH: "while logging in",
+        Phase.MAIL: "at the start of the message",
+        Phase.RCPT: "while naming the recipients",
+        Phase.DATA: "while sending the message",
+    }
+)
 
 
 def _permanent_outcome(phase: Phase, code: int, text: str, hint: Hint | None) -> Outcome:

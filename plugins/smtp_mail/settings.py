@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from types import MappingProxyType
 from typing import TypeVar
 
 from crm_core.entra import entra_fields, missing_credentials
@@ -57,7 +58,9 @@ class AuthMode(StrEnum):
     NONE = "none"
 
 
-DEFAULT_PORTS = {Security.STARTTLS: 587, Security.SSL: 465, Security.NONE: 25}
+DEFAULT_PORTS: Mapping[Security, int] = MappingProxyType(
+    {Security.STARTTLS: 587, Security.SSL: 465, Security.NONE: 25}
+)
 
 
 def _validate_host(text: str) -> str:
