@@ -31,7 +31,7 @@ from crm_core.errors import (
 from crm_core.fields import Scope
 from crm_core.mail.outbox import person_history
 from crm_core.mail.transport import ConnectionReport, StepStatus
-from crm_core.models import Role
+from crm_core.models import AccountPause, Role
 from crm_core.settings import SaveOutcome, SettingView
 
 EXIT_FAILED = 1
@@ -318,13 +318,18 @@ def users_show(ctx: Context, email: str, as_json: bool) -> None:
             account = crm.sender_account(session, user)
             problems = crm.sender_problems(session, account)
             notices = crm.check_settings(session, Scope.USER, user)
+            pause = session.get(AccountPause, user.id)
+            paused = (
+                f"{pause.reason} (since {pause.paused_at:%Y-%m-%d %H:%M} UTC)" if pause else None
+            )
     info = {
         "email": user.email,
         "name": user.name,
         "product_line": user.product_line,
         "role": user.role,
         "transport": account.transport,
-        "ready_to_send": not problems,
+        "ready_to_send": not problems and not paused,
+        "paused": paused,
         "problems": [str(p) for p in problems],
         "settings": [v.as_dict() for v in views],
         "notices": [n.__dict__ for n in notices],
@@ -337,6 +342,9 @@ def users_show(ctx: Context, email: str, as_json: bool) -> None:
     _print_views(views)
     for problem in problems:
         click.echo(f"Cannot send yet: {problem}")
+    if paused:
+        click.echo(f"Sending is paused: {paused}")
+        click.echo(f"  fix the settings, or resume with `crm outbox resume {user.email}`")
     for notice in notices:
         if notice.level != "error":
             click.echo(f"{notice.level.capitalize()}: {notice.key}: {notice.message}")

@@ -20,8 +20,8 @@ from crm_core.app import Crm
 crm = Crm.open(sys.argv[1])
 line = sys.argv[2]
 transports = sorted(crm.transports(line))
-fields = sorted(crm.plugin_manager(line).list_name_plugin()[i][0]
-                for i in range(len(crm.plugin_manager(line).list_name_plugin())))
+fields = sorted(name for name, plugin in crm.plugin_manager(line).list_name_plugin()
+                if plugin is not None)  # blocked names are listed with None
 print(json.dumps({"transports": transports, "plugins": fields,
                   "modules": sorted(m for m in ("exchangelib", "msal", "exchange_mail",
                                                 "smtp_mail", "maildir_mail") if m in sys.modules)}))

@@ -109,11 +109,16 @@ def _read_text(path: Path | None) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         fail(f"{path} is not UTF-8 text")
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or exc}")
 
 
 def _attachment(path: Path) -> Attachment:
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return Attachment(path.name, content_type, path.read_bytes())
+    try:
+        return Attachment(path.name, content_type, path.read_bytes())
+    except OSError as exc:
+        fail(f"cannot read attachment {path}: {exc.strerror or exc}")
 
 
 def _print_plan(found: Plan, as_json: bool) -> None:
