@@ -265,6 +265,9 @@ class Crm:
                 system=system,
                 user=user_values,
                 user_email=user.email if user else None,
+                transport=self.user_transport(user_values, user)
+                if user and user_values is not None
+                else None,
             ):
                 if plugin in seen:
                     continue
