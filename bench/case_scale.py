@@ -1,0 +1,176 @@
+"""Case 5: 100,000 queued mails dispatched over SMTP by one worker process, memory watched.
+
+Setup: 100 mails are queued through ``outbox.enqueue``; the rest are copies of those
+rows written with one bulk INSERT per 10,000 (each with its own Message-ID, subject
+and text). Why not the API for all: at the enqueue rate of case 4 that alone would
+take minutes, and this case is about dispatch. The rows are the same as the API
+writes, so the worker cannot tell.
+
+Measured: one real ``python -m crm_core outbox work --once`` process drains them to the
+SMTP server process. The parent samples the worker's RSS every 0.2 s and notes the
+peak so far each time the server's record passes another tenth of the mails; the
+final peak is the kernel's (wait4). The rate's median, min and max are over those
+ten slices of one run (a second 100,000-mail run would not fit the time budget).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.core import Options, Row, Spread, log, poll_with_rusage, ratios
+from bench.postgres import Postgres
+from bench.servers import exactly_once, smtp_server, wait_for_ids
+
+API_MAILS = 100
+INSERT_CHUNK = 10_000
+
+
+def _fill(crm: Any, n: int) -> list[str]:
+    """``n`` queued mails: some through the API, the rest copies of their rows."""
+    from sqlalchemy import insert, select
+
+    from bench.world import body, enqueue, subject
+    from crm_core.mail.message import make_message_id
+    from crm_core.models import OutboxMessage
+
+    ids = enqueue(crm, min(API_MAILS, n))
+    table = OutboxMessage.__table__
+    with crm.transaction() as session:
+        template = dict(session.execute(select(table).limit(1)).mappings().one())
+    template.pop("id")
+    domain = template["sender_email"].rpartition("@")[2]
+    for first in range(len(ids), n, INSERT_CHUNK):
+        chunk = []
+        for i in range(first, min(first + INSERT_CHUNK, n)):
+            message_id = make_message_id(domain)
+            ids.append(message_id)
+            chunk.append({**template, "message_id": message_id, "subject": subject(i)})
+            chunk[-1]["body_text"] = body(i)
+        with crm.transaction() as session:
+            session.execute(insert(OutboxMessage), chunk)
+    return ids
+
+
+class _Record:
+    """Counts the lines of the SMTP server's record file as it grows (no re-reading)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.count = 0
+
+    def poll(self) -> int:
+        if self.path.exists():
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+            self.offset += len(data)
+            self.count += data.count(b"\n")
+        return self.count
+
+
+def run_case5(opts: Options, pg: Postgres | None) -> list[Row]:
+    """One worker process dispatches N queued mails; RSS at N/10 and N; exactly once."""
+    import psutil  # type: ignore[import-untyped]
+
+    from bench.case_smtp import _trial
+    from bench.world import (
+        SMTP_CONFIG,
+        add_smtp_sender,
+        crm_env,
+        dispatch_window,
+        new_secret_key,
+        open_crm,
+        states,
+    )
+
+    n = opts.n(100_000, 3_000)
+    tenth = n // 10
+    folder = Path(tempfile.mkdtemp(prefix="scale-", dir=opts.work_dir))
+    backend = "PostgreSQL" if pg is not None else "SQLite"
+    url = pg.create() if pg is not None else f"sqlite:///{folder / 'crm.db'}"
+    key = new_secret_key()
+    limit_n = min(n, 10_000)
+    log(f"case 5: raw smtplib limit ({limit_n} mails)")
+    limit_runs = [_trial(opts, "child_raw_smtplib", limit_n)[0] for _ in range(opts.trials)]
+    limit = Spread.of([limit_n / r["seconds"] for r in limit_runs])
+    try:
+        with smtp_server(opts.work_dir) as server:
+            crm = open_crm(folder, url, key, SMTP_CONFIG)
+            try:
+                add_smtp_sender(crm, server.port)
+                log(f"case 5: queueing {n:,} mails on {backend}")
+                ids = _fill(crm, n)
+                log(f"case 5: one worker process dispatches {n:,} mails")
+                record = _Record(server.record_path)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "crm_core", "outbox", "work", "--once", "--json"],
+                    cwd=folder,
+                    env={**os.environ, **crm_env(url, key, folder / "crm.toml")},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                watched = psutil.Process(proc.pid)
+                peak = 0.0
+                marks: list[tuple[int, float, float]] = []  # (mails, time, peak RSS so far)
+                ended = None
+                while ended is None:
+                    # A zombie still answers; after wait4 below it is gone.
+                    peak = max(peak, watched.memory_info().rss / 2**20)
+                    count = record.poll()
+                    while len(marks) < 10 and count >= tenth * (len(marks) + 1):
+                        marks.append((count, time.perf_counter(), peak))
+                    time.sleep(0.2)
+                    ended = poll_with_rusage(proc)
+                code, final_peak = ended
+                if code != 0:
+                    raise RuntimeError(f"scale worker exited {code}")
+                window = dispatch_window(crm)
+                final = states(crm)
+            finally:
+                crm.close()
+            received = wait_for_ids(server, n, timeout=60)
+            check = exactly_once(ids, received)
+    finally:
+        if pg is not None:
+            pg.drop(url)
+    if check["missing"] or check["duplicates"] or check["unexpected"] or final != {"sent": n}:
+        raise RuntimeError(f"case 5: not exactly once: {check}, states {final}")
+    slices = [(b[0] - a[0]) / (b[1] - a[1]) for a, b in itertools.pairwise(marks) if b[1] > a[1]]
+    rates = slices or [n / window]
+    at_tenth = marks[0][2] if marks else peak
+    return [
+        Row(
+            5,
+            f"raw smtplib, one connection, {limit_n:,} mails (limit)",
+            limit,
+            limit=True,
+            ratio=Spread.of([1.0] * len(limit_runs)),
+            peak_rss_mb=max(r["peak_rss_mb"] for r in limit_runs),
+        ),
+        Row(
+            5,
+            f"crm-mail, 1 worker process, {n:,} queued mails, {backend}",
+            Spread.of(rates),
+            ratio=ratios(rates, limit),
+            peak_rss_mb=final_peak,
+            notes=(
+                f"peak RSS {at_tenth:,.0f} MiB at {tenth:,} mails, {final_peak:,.0f} MiB at "
+                f"{n:,}; {n / window:,.0f} msg/s over the whole run; rate spread over "
+                f"{len(rates)} slices of {tenth:,} mails; exactly once at the server"
+            ),
+            details={
+                "marks": marks,
+                "window_seconds": window,
+                "check": check,
+                "rss_sampled_peak_mb": peak,
+            },
+        ),
+    ]
