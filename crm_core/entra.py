@@ -79,6 +79,8 @@ def _validate_client_id(text: str) -> str:
 
 def _validate_tenant(text: str) -> str:
     lowered = text.strip().lower()
+    if lowered == "adfs":  # AD FS: the authority is https://<adfs host>, tenant "adfs"
+        return lowered
     if lowered in ("common", "organizations", "consumers"):
         raise SettingValueError(
             TENANT_ID,
@@ -130,7 +132,8 @@ def entra_fields() -> list[SettingField]:
             TENANT_ID,
             Scope.SYSTEM,
             "Tenant ID",
-            help="Directory (tenant) ID (a GUID) or the tenant's primary domain.",
+            help="Directory (tenant) ID (a GUID) or the tenant's primary domain "
+            "(adfs for an AD FS authority).",
             validator=_validate_tenant,
             plugin=_PLUGIN,
         ),

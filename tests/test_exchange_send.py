@@ -20,6 +20,7 @@ from crm_core.mail.transport import Outcome
 from tests.conftest import CrmFactory
 from tests.exchange_fixtures import (
     ALIAS,
+    CLIENT,
     ONPREM_PASSWORD,
     ONPREM_USER,
     RECIPIENT,
@@ -268,7 +269,7 @@ def test_expired_token_is_renewed_through_msal(world: ExchangeWorld) -> None:
 
 
 def test_missing_admin_consent_pauses_the_account_after_one_retry(world: ExchangeWorld) -> None:
-    from tests.exchange_fixtures import CLIENT, TENANT
+    from tests.exchange_fixtures import TENANT
 
     world.entra.set_app(TENANT, CLIENT, roles=())  # token issued, but without roles
     result = world.send_one()
@@ -384,3 +385,28 @@ def test_onprem_wrong_password(onprem: ExchangeWorld) -> None:
     result = onprem.send_one(make_message(sender=ONPREM_USER))
     assert (result.outcome, result.code) == (Outcome.CONFIGURATION, "HTTP 401")
     assert "username or password" in result.detail
+
+
+# --- Entra ID trouble is the token's, not the mail's ------------------------------
+
+
+def test_entra_outage_is_temporary(world: ExchangeWorld) -> None:
+    world.entra.fail_next(1, status=503)
+    result = world.send_one()
+    assert (result.outcome, result.code) == (Outcome.TEMPORARY, "MsalServiceError")
+    assert "Entra ID answered with a server error" in result.detail
+    assert world.ews.requests == []
+
+
+def test_entra_throttling_is_temporary(world: ExchangeWorld) -> None:
+    world.entra.throttle_next(1, retry_after=1)
+    result = world.send_one()
+    assert (result.outcome, result.code) == (Outcome.TEMPORARY, "AADSTS90055")
+
+
+def test_describe_route_names_server_mailbox_and_sign_in(world: ExchangeWorld) -> None:
+    route = world.crm.describe_route(world.account())
+    assert route is not None
+    assert (route.transport, route.server, route.account) == ("exchange", world.url, USER)
+    assert f"app-only OAuth, client {CLIENT}, impersonation" in route.notes
+    assert world.ews.requests == [] and world.entra.token_requests == 0  # no network

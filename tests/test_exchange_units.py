@@ -232,6 +232,15 @@ def test_entra_mapping_ignores_the_description() -> None:
     assert explain_token_error(result, CREDS).code == "AADSTS7000222"
 
 
+def test_adfs_tenant_is_accepted() -> None:
+    from crm_core.entra import entra_fields
+
+    [tenant] = [f for f in entra_fields() if f.key == "exchange.tenant_id"]
+    assert tenant.validator is not None and tenant.validator("ADFS") == "adfs"
+    with pytest.raises(SettingValueError, match="cannot be used for app-only tokens"):
+        tenant.validator("common")
+
+
 def test_well_known_authority_hosts() -> None:
     assert CREDS.well_known_host  # msal may do instance discovery
     adfs = AppCredentials("https://adfs.organisation.se", "adfs", CREDS.client_id, Secret("x"))
