@@ -35,7 +35,7 @@ and token errors come from :mod:`crm_core.entra`, which never holds the secret i
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -44,7 +44,7 @@ import urllib3.exceptions
 
 from crm_core.entra import CLIENT_ID, TokenError
 from crm_core.mail.message import OutgoingMessage
-from crm_core.mail.transport import Outcome, ReconcileResult
+from crm_core.mail.transport import Outcome, ReconcileResult, SendResult
 from exchange_mail.settings import (
     API,
     CA_BUNDLE,
@@ -82,6 +82,86 @@ class Classified:
     def text(self) -> str:
         """Cause and fix in one line, for a SendResult."""
         return f"{self.detail} Fix: {self.fix}" if self.fix else self.detail
+
+
+def token_failure(exc: TokenError) -> Classified:
+    """Entra ID's refusal as :mod:`crm_core.entra` explained it."""
+    return Classified(
+        exc.outcome, exc.code, exc.message, exc.fix,
+        credentials=exc.outcome is Outcome.CONFIGURATION,
+    )  # fmt: skip
+
+
+def tls_failure(host: str) -> Classified:
+    """The server's certificate is not trusted: nothing was sent."""
+    return Classified(
+        Outcome.CONFIGURATION,
+        "tls",
+        f"The TLS certificate of {host} could not be verified.",
+        f"If the server (or a proxy in the path) uses a private CA, save its CA file as "
+        f"{CA_BUNDLE} (or set REQUESTS_CA_BUNDLE), and check that the host name matches the "
+        "certificate.",
+    )
+
+
+def connect_failure(host: str, check: str) -> Classified:
+    """No connection was made: nothing was sent, try later."""
+    return Classified(
+        Outcome.TEMPORARY,
+        "connect",
+        f"Could not connect to {host}; nothing was sent.",
+        f"Check {check}; the mail will be sent later.",
+        retry_after=60.0,
+    )
+
+
+def lost_answer(host: str, code: str) -> Classified:
+    """The request left and no answer came: it may have been processed."""
+    return Classified(
+        Outcome.AMBIGUOUS,
+        code,
+        f"The connection to {host} was lost after the request was sent; the mail may or "
+        "may not have gone.",
+        "The outbox looks for the message in Sent Items before sending it again.",
+    )
+
+
+def transport_failure(exc: BaseException, host: str, check: str) -> Classified:
+    """A failure below the API (token, TLS, network) for a plain HTTP client such as Graph's.
+
+    Anything else that interrupted a request is treated as a lost answer: it may have
+    gone, so it is reconciled, never resent blindly.
+    """
+    if isinstance(exc, TokenError):
+        return token_failure(exc)
+    if any(isinstance(link, requests.exceptions.SSLError) for link in _chain(exc)):
+        return tls_failure(host)
+    if failed_before_sending(exc):
+        return connect_failure(host, check)
+    return lost_answer(host, type(exc).__name__)
+
+
+def result_for(message: OutgoingMessage, found: Classified) -> SendResult:
+    """The SendResult that carries a classification."""
+    return SendResult(
+        message.message_id, found.outcome, found.text, code=found.code,
+        retry_after=found.retry_after,
+    )  # fmt: skip
+
+
+def not_attempted(messages: Sequence[OutgoingMessage], cause: Classified) -> list[SendResult]:
+    """Messages of later requests of a batch, after an earlier request failed.
+
+    They were not sent: the same outcome as the cause, except after a lost answer,
+    where they are simply temporary (they never left).
+    """
+    if cause.outcome is Outcome.AMBIGUOUS:
+        cause = Classified(
+            Outcome.TEMPORARY,
+            cause.code,
+            "Not attempted: the answer to an earlier request of this batch was lost.",
+        )
+    return [result_for(m, cause) for m in messages]
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -127,16 +207,12 @@ def classify(exc: BaseException, settings: ExchangeSettings) -> Classified:
     from exchangelib import errors as ews  # here: the Graph path never loads exchangelib
 
     if isinstance(exc, TokenError):
-        return Classified(
-            exc.outcome,
-            exc.code,
-            exc.message,
-            exc.fix,
-            credentials=exc.outcome is Outcome.CONFIGURATION,
-        )
+        return token_failure(exc)
     for link in _chain(exc):
         if isinstance(link, ews.ErrorTimeoutExpired):
-            return _lost_connection(link, settings)
+            if failed_before_sending(link):
+                return connect_failure(settings.host, f"the network and {URL}")
+            return lost_answer(settings.host, "ErrorTimeoutExpired")
     if isinstance(exc, ews.ErrorServerBusy):
         back_off = exc.back_off if isinstance(exc.back_off, int | float) else None
         return Classified(
@@ -256,15 +332,8 @@ def classify(exc: BaseException, settings: ExchangeSettings) -> Classified:
             f"{settings.url} redirects to {exc.url} instead of answering.",
             f"Set {URL} to the server's EWS URL (it must end with /EWS/Exchange.asmx).",
         )
-    for link in _chain(exc):
-        if isinstance(link, requests.exceptions.SSLError):
-            return Classified(
-                Outcome.CONFIGURATION,
-                "tls",
-                f"The TLS certificate of {settings.host} could not be verified.",
-                f"For a server with a private CA, save its CA file as {CA_BUNDLE} (or set "
-                "REQUESTS_CA_BUNDLE); check that the URL's host name matches the certificate.",
-            )
+    if any(isinstance(link, requests.exceptions.SSLError) for link in _chain(exc)):
+        return tls_failure(settings.host)
     status = http_status(exc)
     if status == 403:
         return ews_refused(settings)
@@ -295,24 +364,6 @@ def classify(exc: BaseException, settings: ExchangeSettings) -> Classified:
         type(exc).__name__,
         f"The send to {settings.host} ended with an unexpected error ({type(exc).__name__}); "
         "it may or may not have been sent.",
-        "The outbox looks for the message in Sent Items before sending it again.",
-    )
-
-
-def _lost_connection(exc: BaseException, settings: ExchangeSettings) -> Classified:
-    if failed_before_sending(exc):
-        return Classified(
-            Outcome.TEMPORARY,
-            "connect",
-            f"Could not connect to {settings.host}; nothing was sent.",
-            f"Check the network and {URL}; the mail will be sent later.",
-            retry_after=60.0,
-        )
-    return Classified(
-        Outcome.AMBIGUOUS,
-        "ErrorTimeoutExpired",
-        f"The connection to {settings.host} was lost after the request was sent; the mail "
-        "may or may not have gone.",
         "The outbox looks for the message in Sent Items before sending it again.",
     )
 

@@ -67,7 +67,7 @@ from exchangelib.version import (
     EXCHANGE_O365,
 )
 
-from crm_core.entra import EXCHANGE_SCOPE, TokenClient, token_client
+from crm_core.entra import EXCHANGE_SCOPE, TokenClient, TrustAdapter, token_client
 from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import (
     Outcome,
@@ -77,7 +77,7 @@ from crm_core.mail.transport import (
     SendResult,
 )
 from exchange_mail.auth import MsalBearerAuth, MsalOAuth2Credentials, install_redaction
-from exchange_mail.errors import Classified, classify, lookup_verdict
+from exchange_mail.errors import classify, lookup_verdict, not_attempted, result_for
 from exchange_mail.settings import (
     CA_BUNDLE,
     EWS_CACHE,
@@ -123,8 +123,6 @@ class _EwsProtocol(Protocol):  # type: ignore[misc]
     ca_bundle: str | None = None
 
     def create_session(self) -> Any:
-        from crm_core.entra import TrustAdapter
-
         credentials = self.credentials
         if isinstance(credentials, MsalOAuth2Credentials):
             # A plain session: no requests-oauthlib, so nothing can fetch or refresh a
@@ -300,16 +298,6 @@ def _requests(messages: Sequence[OutgoingMessage]) -> Iterator[list[OutgoingMess
         yield chunk
 
 
-def _result(message: OutgoingMessage, found: Classified) -> SendResult:
-    return SendResult(
-        message.message_id,
-        found.outcome,
-        found.text,
-        code=found.code,
-        retry_after=found.retry_after,
-    )
-
-
 def send(
     account: SenderAccount,
     settings: ExchangeSettings,
@@ -322,7 +310,7 @@ def send(
         mailbox = mailbox_for(account, settings, resources)
     except Exception as exc:  # exchangelib validates addresses and settings here
         found = classify(exc, settings)
-        return [_result(m, found) for m in messages]
+        return [result_for(m, found) for m in messages]
     requests_ = list(_requests(messages))
     for index, chunk in enumerate(requests_):
         items = [_to_ews(mailbox, account, m) for m in chunk]
@@ -330,13 +318,13 @@ def send(
             answers = mailbox.call(partial(_create, mailbox, items))
         except Exception as exc:
             found = classify(exc, settings)
-            results.extend(_result(m, found) for m in chunk)
+            results.extend(result_for(m, found) for m in chunk)
             later = [m for c in requests_[index + 1 :] for m in c]
-            results.extend(_not_attempted(later, found))
+            results.extend(not_attempted(later, found))
             return results
         for message, answer in zip(chunk, answers, strict=False):
             if isinstance(answer, Exception):
-                results.append(_result(message, classify(answer, settings)))
+                results.append(result_for(message, classify(answer, settings)))
             else:
                 results.append(SendResult(message.message_id, Outcome.SENT, "sent via EWS"))
         for message in chunk[len(answers) :]:  # the server answered for fewer messages
@@ -361,20 +349,6 @@ def _create(mailbox: EwsMailbox, items: list[Any]) -> list[Any]:
             send_meeting_invitations=SEND_TO_NONE,
         )
     )
-
-
-def _not_attempted(messages: Sequence[OutgoingMessage], cause: Classified) -> list[SendResult]:
-    """Messages of later requests: not sent, because an earlier request failed."""
-    outcome = Outcome.TEMPORARY if cause.outcome is Outcome.AMBIGUOUS else cause.outcome
-    detail = (
-        cause.text
-        if outcome is cause.outcome
-        else "Not attempted: the answer to an earlier request of this batch was lost."
-    )
-    return [
-        SendResult(m.message_id, outcome, detail, code=cause.code, retry_after=cause.retry_after)
-        for m in messages
-    ]
 
 
 # --- reconciling ------------------------------------------------------------------

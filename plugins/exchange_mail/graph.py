@@ -48,7 +48,13 @@ from crm_core.mail.transport import (
     SendResult,
     StepStatus,
 )
-from exchange_mail.errors import Classified, failed_before_sending, lookup_verdict
+from exchange_mail.errors import (
+    Classified,
+    lookup_verdict,
+    not_attempted,
+    result_for,
+    transport_failure,
+)
 from exchange_mail.settings import PLUGIN, USERNAME, ExchangeSettings
 
 MAX_BATCH = 20
@@ -311,50 +317,12 @@ def classify_answer(answer: _Answer, settings: ExchangeSettings) -> Classified:
     )
 
 
-def _transport_failure(exc: Exception, settings: ExchangeSettings) -> Classified:
-    from crm_core.entra import TokenError
-
-    if isinstance(exc, TokenError):
-        return Classified(
-            exc.outcome, exc.code, exc.message, exc.fix,
-            credentials=exc.outcome is Outcome.CONFIGURATION,
-        )  # fmt: skip
+def _failure(exc: Exception, settings: ExchangeSettings) -> Classified:
     host = urlsplit(settings.graph_url).hostname or settings.graph_url
-    if isinstance(exc, requests.exceptions.SSLError):
-        return Classified(
-            Outcome.CONFIGURATION,
-            "tls",
-            f"The TLS certificate of {host} could not be verified.",
-            "If a proxy with its own CA is in the path, save its CA file as tls.ca_bundle.",
-        )
-    if failed_before_sending(exc):
-        return Classified(
-            Outcome.TEMPORARY,
-            "connect",
-            f"Could not connect to {host}; nothing was sent.",
-            "Check the network; the mail will be sent later.",
-            retry_after=60.0,
-        )
-    return Classified(
-        Outcome.AMBIGUOUS,
-        type(exc).__name__,
-        f"The connection to {host} was lost after the request was sent; the mail may or may "
-        "not have gone.",
-        "The outbox looks for the message in Sent Items before sending it again.",
-    )
+    return transport_failure(exc, host, "the network and exchange.graph_url")
 
 
 # --- sending ----------------------------------------------------------------------
-
-
-def _result(message: OutgoingMessage, found: Classified) -> SendResult:
-    return SendResult(
-        message.message_id,
-        found.outcome,
-        found.text,
-        code=found.code,
-        retry_after=found.retry_after,
-    )
 
 
 def send(
@@ -384,19 +352,21 @@ def send(
         try:
             answers = _send_chunk(graph, chunk)
         except Exception as exc:  # requests or token failure for the whole request
-            found = _transport_failure(exc, settings)
+            found = _failure(exc, settings)
             for message, _ in chunk:
-                results[message.message_id] = _result(message, found)
-            _not_attempted([m for c in chunks[index + 1 :] for m, _ in c], found, results)
+                results[message.message_id] = result_for(message, found)
+            later = [m for c in chunks[index + 1 :] for m, _ in c]
+            results.update((r.message_id, r) for r in not_attempted(later, found))
             break
         stop: Classified | None = None
         for message, _ in chunk:
             found = classify_answer(answers[message.message_id], settings)
-            results[message.message_id] = _result(message, found)
+            results[message.message_id] = result_for(message, found)
             if found.outcome is Outcome.CONFIGURATION:
                 stop = found
         if stop is not None:  # the account is paused: do not go on
-            _not_attempted([m for c in chunks[index + 1 :] for m, _ in c], stop, results)
+            later = [m for c in chunks[index + 1 :] for m, _ in c]
+            results.update((r.message_id, r) for r in not_attempted(later, stop))
             break
     return [results[m.message_id] for m in messages]
 
@@ -443,21 +413,6 @@ def _send_chunk(graph: _Graph, chunk: list[tuple[OutgoingMessage, bytes]]) -> di
     return answers
 
 
-def _not_attempted(
-    messages: Sequence[OutgoingMessage], cause: Classified, results: dict[str, SendResult]
-) -> None:
-    outcome = Outcome.TEMPORARY if cause.outcome is Outcome.AMBIGUOUS else cause.outcome
-    detail = (
-        cause.text
-        if outcome is cause.outcome
-        else ("Not attempted: the answer to an earlier request of this batch was lost.")
-    )
-    for m in messages:
-        results[m.message_id] = SendResult(
-            m.message_id, outcome, detail, code=cause.code, retry_after=cause.retry_after
-        )
-
-
 # --- reconciling and Test connection ------------------------------------------------
 
 
@@ -480,7 +435,7 @@ def reconcile(
                 "GET", f"/users/{graph.user}/mailFolders/sentitems/messages", params=params
             )
         except Exception as exc:
-            found = _transport_failure(exc, settings)
+            found = _failure(exc, settings)
             results.append(
                 ReconcileResult(message.message_id, None, f"Could not look: {found.text}")
             )
@@ -514,7 +469,7 @@ def check_mailbox(settings: ExchangeSettings, resources: Resources) -> tuple[Con
             "GET", f"/users/{graph.user}", params={"$select": "id,mail,userPrincipalName"}
         )
     except Exception as exc:
-        found = _transport_failure(exc, settings)
+        found = _failure(exc, settings)
         return ConnectionStep(
             "mailbox", StepStatus.FAILED, found.detail, found.fix
         ), found.credentials
