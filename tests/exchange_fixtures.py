@@ -17,6 +17,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from exchangelib.protocol import close_connections
@@ -181,6 +182,26 @@ def exchange_world(crm: Crm, ca: TestCA, *, configure: bool = True) -> Iterator[
         finally:
             crm.resources.close()
             close_connections()  # exchangelib caches Protocols process-wide
+
+
+def go_onprem(world: ExchangeWorld, ntlm_user_file: Path) -> Path:
+    """Exchange Server without OAuth: remove the OAuth codes; Bo signs in with his password.
+
+    Returns the NTLM credential file the EWS stand-in reads; the test must point the
+    process-wide ``NTLM_USER_FILE`` at it (``monkeypatch.setenv``).
+    """
+    for key in ("exchange.client_id", "exchange.tenant_id", "exchange.client_secret"):
+        world.unset_system(key)
+    world.add_user(ONPREM_USER)
+    for key, value in {
+        "exchange.username": ONPREM_USER,
+        "exchange.domain": TENANT_DOMAIN,
+        "exchange.password": ONPREM_PASSWORD,
+        "exchange.sync": "true",
+        "mail.transport": "exchange",
+    }.items():
+        world.set_user(key, value, email=ONPREM_USER)
+    return world.ews.write_ntlm_user_file(ntlm_user_file)
 
 
 GRAPH_ROLES = ("full_access_as_app", "Mail.Send", "Mail.ReadBasic.All", "User.Read.All")

@@ -19,16 +19,15 @@ from tests.exchange_fixtures import (
     ALIAS,
     CLIENT,
     EXPIRED_SECRET,
-    ONPREM_PASSWORD,
     ONPREM_USER,
     OTHER_CLIENT,
     SECRET_ID,
     TENANT,
-    TENANT_DOMAIN,
     USER,
     ExchangeWorld,
     days_from_today,
     exchange_world,
+    go_onprem,
     steps,
 )
 from tests.servers.tls import TestCA, make_test_ca
@@ -294,19 +293,9 @@ def test_untrusted_certificate(world: ExchangeWorld) -> None:
 
 @pytest.fixture
 def onprem(world: ExchangeWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ExchangeWorld:
-    for key in ("exchange.client_id", "exchange.tenant_id", "exchange.client_secret"):
-        world.unset_system(key)
-    monkeypatch.setenv("NTLM_USER_FILE", str(world.ews.write_ntlm_user_file(tmp_path / "ntlm")))
-    world.add_user(ONPREM_USER)
+    """Exchange Server without OAuth: Bo signs in with his own password."""
+    monkeypatch.setenv("NTLM_USER_FILE", str(go_onprem(world, tmp_path / "ntlm")))
     world.email = ONPREM_USER
-    for key, value in {
-        "exchange.username": ONPREM_USER,
-        "exchange.domain": TENANT_DOMAIN,
-        "exchange.password": ONPREM_PASSWORD,
-        "exchange.sync": "true",
-        "mail.transport": "exchange",
-    }.items():
-        world.set_user(key, value)
     return world
 
 

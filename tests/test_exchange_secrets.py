@@ -25,9 +25,9 @@ from tests.exchange_fixtures import (
     SECRET,
     SECRET_ID,
     SECRETS,
-    TENANT_DOMAIN,
     ExchangeWorld,
     exchange_world,
+    go_onprem,
     make_message,
 )
 from tests.servers.tls import TestCA, make_test_ca
@@ -89,18 +89,7 @@ def test_no_secret_or_token_in_logs_or_texts(
     world.ews.drop_after_request(3)
     seen += world.send([make_message(5)])
 
-    for key in ("exchange.client_id", "exchange.tenant_id", "exchange.client_secret"):
-        world.unset_system(key)
-    monkeypatch.setenv("NTLM_USER_FILE", str(world.ews.write_ntlm_user_file(tmp_path / "ntlm")))
-    world.add_user(ONPREM_USER)
-    for key, value in {
-        "exchange.username": ONPREM_USER,
-        "exchange.domain": TENANT_DOMAIN,
-        "exchange.password": ONPREM_PASSWORD,
-        "exchange.sync": "true",
-        "mail.transport": "exchange",
-    }.items():
-        world.set_user(key, value, email=ONPREM_USER)
+    monkeypatch.setenv("NTLM_USER_FILE", str(go_onprem(world, tmp_path / "ntlm")))
     seen += world.send([make_message(6, sender=ONPREM_USER)], email=ONPREM_USER)
     world.set_system("exchange.onprem_auth", "basic")
     seen += world.send([make_message(7, sender=ONPREM_USER)], email=ONPREM_USER)

@@ -21,14 +21,13 @@ from tests.conftest import CrmFactory
 from tests.exchange_fixtures import (
     ALIAS,
     CLIENT,
-    ONPREM_PASSWORD,
     ONPREM_USER,
     RECIPIENT,
-    TENANT_DOMAIN,
     USER,
     USER_NAME,
     ExchangeWorld,
     exchange_world,
+    go_onprem,
     make_message,
 )
 from tests.servers.tls import TestCA, make_test_ca
@@ -351,17 +350,9 @@ def test_requests_ca_bundle_is_honoured(
 
 @pytest.fixture
 def onprem(world: ExchangeWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ExchangeWorld:
-    """Exchange Server without OAuth: the OAuth codes removed, Bo signs in himself."""
-    for key in ("exchange.client_id", "exchange.tenant_id", "exchange.client_secret"):
-        world.unset_system(key)
-    monkeypatch.setenv("NTLM_USER_FILE", str(world.ews.write_ntlm_user_file(tmp_path / "ntlm")))
-    world.add_user(ONPREM_USER)
+    """Exchange Server without OAuth: Bo signs in with his own password."""
+    monkeypatch.setenv("NTLM_USER_FILE", str(go_onprem(world, tmp_path / "ntlm")))
     world.email = ONPREM_USER
-    world.set_user("exchange.username", ONPREM_USER)
-    world.set_user("exchange.domain", TENANT_DOMAIN)
-    world.set_user("exchange.password", ONPREM_PASSWORD)
-    world.set_user("exchange.sync", "true")
-    world.set_user("mail.transport", "exchange")
     return world
 
 
