@@ -177,6 +177,18 @@ def test_message_too_large_is_permanent_for_that_message_only(
     assert "larger than Exchange accepts" in results[0].detail
 
 
+def test_message_exchangelib_refuses_is_permanent_not_ambiguous(world: ExchangeWorld) -> None:
+    too_long = make_message(1, subject="Visning " * 40)  # EWS subjects hold 255 characters
+    fine = make_message(2)
+    results = world.send([too_long, fine])
+    assert [(r.outcome, r.code) for r in results] == [
+        (Outcome.PERMANENT, "invalid-message"),
+        (Outcome.SENT, ""),
+    ]
+    assert "('subject' value exceeds length 255)" in results[0].detail
+    assert [d.internet_message_id for d in world.ews.delivered] == [fine.message_id]
+
+
 # --- temporary failures: back-off from the server, no sleeping here --------------
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import partial
@@ -77,7 +78,7 @@ from crm_core.mail.transport import (
     SendResult,
 )
 from exchange_mail.auth import MsalBearerAuth, MsalOAuth2Credentials, install_redaction
-from exchange_mail.errors import classify, lookup_verdict, not_attempted, result_for
+from exchange_mail.errors import Classified, classify, lookup_verdict, not_attempted, result_for
 from exchange_mail.settings import (
     CA_BUNDLE,
     EWS_CACHE,
@@ -278,7 +279,13 @@ def _to_ews(mailbox: EwsMailbox, account: SenderAccount, message: OutgoingMessag
                 content_type=attachment.content_type,
             )
         )
+    item.clean(version=mailbox.account.version)  # what exchangelib would refuse mid-batch
     return item
+
+
+def _without_value(exc: Exception) -> str:
+    """exchangelib's reason without the refused value (which may be long)."""
+    return re.sub(r" value '.*' ", " value ", str(exc), flags=re.DOTALL)[:200]
 
 
 def _requests(messages: Sequence[OutgoingMessage]) -> Iterator[list[OutgoingMessage]]:
@@ -305,38 +312,54 @@ def send(
     resources: Resources,
 ) -> list[SendResult]:
     """Send a batch for one sender; one SendResult per message, never a blind resend."""
-    results: list[SendResult] = []
     try:
         mailbox = mailbox_for(account, settings, resources)
-    except Exception as exc:  # exchangelib validates addresses and settings here
-        found = classify(exc, settings)
+    except (ValueError, TypeError) as exc:  # exchangelib checks the settings here; no I/O
+        found = Classified(
+            Outcome.CONFIGURATION,
+            type(exc).__name__,
+            f"The Exchange settings cannot be used: {str(exc)[:200]}",
+            f"Check {URL} and {USERNAME}.",
+        )
         return [result_for(m, found) for m in messages]
-    requests_ = list(_requests(messages))
-    for index, chunk in enumerate(requests_):
-        items = [_to_ews(mailbox, account, m) for m in chunk]
+    results: dict[str, SendResult] = {}
+    items: dict[str, Any] = {}
+    for message in messages:
         try:
-            answers = mailbox.call(partial(_create, mailbox, items))
+            items[message.message_id] = _to_ews(mailbox, account, message)
+        except (ValueError, TypeError) as exc:  # refused before any request
+            results[message.message_id] = SendResult(
+                message.message_id,
+                Outcome.PERMANENT,
+                f"Exchange cannot take this message as it is ({_without_value(exc)}). "
+                "Fix: correct it (e.g. a subject of at most 255 characters) and send it again.",
+                code="invalid-message",
+            )
+    requests_ = list(_requests([m for m in messages if m.message_id in items]))
+    for index, chunk in enumerate(requests_):
+        try:
+            answers = mailbox.call(partial(_create, mailbox, [items[m.message_id] for m in chunk]))
         except Exception as exc:
             found = classify(exc, settings)
-            results.extend(result_for(m, found) for m in chunk)
             later = [m for c in requests_[index + 1 :] for m in c]
-            results.extend(not_attempted(later, found))
-            return results
+            for result in [*(result_for(m, found) for m in chunk), *not_attempted(later, found)]:
+                results[result.message_id] = result
+            break
         for message, answer in zip(chunk, answers, strict=False):
             if isinstance(answer, Exception):
-                results.append(result_for(message, classify(answer, settings)))
+                results[message.message_id] = result_for(message, classify(answer, settings))
             else:
-                results.append(SendResult(message.message_id, Outcome.SENT, "sent via EWS"))
-        for message in chunk[len(answers) :]:  # the server answered for fewer messages
-            results.append(
-                SendResult(
-                    message.message_id,
-                    Outcome.AMBIGUOUS,
-                    "Exchange's answer did not cover this message; it may have been sent.",
-                    code="incomplete-answer",
+                results[message.message_id] = SendResult(
+                    message.message_id, Outcome.SENT, "sent via EWS"
                 )
+        for message in chunk[len(answers) :]:  # the server answered for fewer messages
+            results[message.message_id] = SendResult(
+                message.message_id,
+                Outcome.AMBIGUOUS,
+                "Exchange's answer did not cover this message; it may have been sent.",
+                code="incomplete-answer",
             )
-    return results
+    return [results[m.message_id] for m in messages]
 
 
 def _create(mailbox: EwsMailbox, items: list[Any]) -> list[Any]:
