@@ -23,6 +23,7 @@ from tests.exchange_fixtures import (
     OTHER_CLIENT,
     SECRET_ID,
     TENANT,
+    TENANT_DOMAIN,
     USER,
     ExchangeWorld,
     days_from_today,
@@ -328,3 +329,22 @@ def test_onprem_ews_disabled(onprem: ExchangeWorld) -> None:
     detail, fix = red(onprem.test_connection(), "mailbox")
     assert detail == "Exchange at 127.0.0.1 refuses EWS access (HTTP 403)."
     assert "Set-CASMailbox -EwsEnabled $true" in fix
+
+
+def test_line_default_transport_is_held_to_the_sync_rule(make_crm: CrmFactory, ca: TestCA) -> None:
+    from tests.conftest import DEFAULT_TEST_CONFIG
+
+    config = DEFAULT_TEST_CONFIG.replace(
+        'default_transport = "maildir"', 'default_transport = "exchange"', 1
+    )
+    with exchange_world(make_crm(config), ca, configure=False) as world:
+        world.add_user(USER)
+        for key, value in world.system_settings().items():
+            world.set_system(key, value)
+        world.set_user("exchange.username", USER)
+        world.set_user("exchange.domain", TENANT_DOMAIN)  # mail.transport never chosen
+        with world.crm.transaction() as session:
+            problems = world.crm.sender_problems(session, world.account())
+        assert [(p.field, p.message.split(";")[0]) for p in problems] == [
+            ("exchange.sync", "'Sync with Exchange' is not ticked")
+        ]

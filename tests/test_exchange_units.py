@@ -145,12 +145,8 @@ def test_no_retirement_notice_on_premises_or_with_graph() -> None:
 
 
 def test_user_notices() -> None:
-    user = {
-        "mail.transport": "exchange",
-        "exchange.username": "anna@vitec.se",
-        "exchange.domain": "vitecsoftware.com",
-    }
-    notices = {n.key: n for n in check(Scope.USER, {}, user, TODAY)}
+    user = {"exchange.username": "anna@vitec.se", "exchange.domain": "vitecsoftware.com"}
+    notices = {n.key: n for n in check(Scope.USER, {}, user, TODAY, "exchange")}
     assert notices["exchange.url"].level == "error"  # EWS (the default) needs the URL
     assert notices["exchange.username"].level == "warning"
     assert "anna@vitec.se is in domain vitec.se, but exchange.domain is vitecsoftware.com" in (
@@ -161,8 +157,12 @@ def test_user_notices() -> None:
     user["exchange.sync"] = True
     user["exchange.username"] = "anna@VitecSoftware.com"
     system = {"exchange.url": "https://mail.org.se/EWS/Exchange.asmx"}
-    assert check(Scope.USER, system, user, TODAY) == []
-    assert check(Scope.USER, {"exchange.api": "graph"}, user, TODAY) == []  # Graph needs no URL
+    assert check(Scope.USER, system, user, TODAY, "exchange") == []
+    graph = {"exchange.api": "graph"}
+    assert check(Scope.USER, graph, user, TODAY, "exchange") == []  # Graph needs no URL
+    # A user who sends another way is not held to Exchange's rules.
+    user["exchange.sync"] = False
+    assert check(Scope.USER, {}, user, TODAY, "smtp") == []
 
 
 def test_domain_mismatch_is_case_insensitive() -> None:

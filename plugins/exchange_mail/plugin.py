@@ -66,9 +66,10 @@ def check_settings(
     scope: Scope,
     system: dict[str, SettingValue],
     user: dict[str, SettingValue] | None,
+    transport: str | None,
 ) -> list[SettingNotice]:
     """Secret expiry, Secret-ID-shaped secrets, username vs domain, unticked sync."""
-    return check(scope, system, user, date.today())
+    return check(scope, system, user, date.today(), transport)
 
 
 @hookimpl

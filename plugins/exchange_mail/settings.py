@@ -455,8 +455,13 @@ def check(
     system: Mapping[str, SettingValue],
     user: Mapping[str, SettingValue] | None,
     today: date,
+    transport: str | None = None,
 ) -> list[SettingNotice]:
-    """Cross-field warnings and errors for ``crm settings show`` / ``crm users show``."""
+    """Cross-field warnings and errors for ``crm settings show`` / ``crm users show``.
+
+    ``transport`` is the user's effective transport (their choice, else their product
+    line's default): the rules for sending via Exchange apply only when it is ours.
+    """
     notices: list[SettingNotice] = []
     if scope is Scope.SYSTEM:
         secret = system.get(CLIENT_SECRET)
@@ -478,7 +483,7 @@ def check(
         mismatch = domain_mismatch(username, domain)
         if mismatch:
             notices.append(SettingNotice(USERNAME, "warning", mismatch))
-    if user.get("mail.transport") == TRANSPORT:
+    if transport == TRANSPORT:
         if user.get(SYNC) is not True:
             problem = sync_problem()
             notices.append(SettingNotice(SYNC, "error", f"{problem.message} ({problem.fix})"))
