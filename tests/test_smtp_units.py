@@ -354,6 +354,14 @@ def test_user_checks_only_for_users_of_smtp() -> None:
     assert notice.key == "smtp.auth"  # username defaults to the e-mail; codes are missing
 
 
+def test_user_checks_follow_the_product_lines_default_transport() -> None:
+    system = {"smtp.host": "smtp.example.net"}
+    # No mail.transport of their own: the core says their line defaults to smtp.
+    notices = check(Scope.USER, system, {}, "a@example.com", "smtp")
+    assert {n.key for n in notices} == {"smtp.username", "smtp.password"}
+    assert check(Scope.USER, system, {"smtp.username": "a"}, "a@example.com", "maildir") == []
+
+
 # --- rendering ----------------------------------------------------------------------------
 
 

@@ -63,9 +63,10 @@ def check_settings(
     system: dict[str, SettingValue],
     user: dict[str, SettingValue] | None,
     user_email: str | None,
+    transport: str | None,
 ) -> list[SettingNotice]:
     """Cross-field rules: plain text only to loopback, what each login mode needs."""
-    return check(scope, system, user, user_email)
+    return check(scope, system, user, user_email, transport)
 
 
 @hookimpl

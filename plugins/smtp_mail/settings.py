@@ -337,12 +337,13 @@ def check(
     system: Mapping[str, SettingValue],
     user: Mapping[str, SettingValue] | None,
     user_email: str | None,
+    transport: str | None = None,
 ) -> list[SettingNotice]:
     """Cross-field notices for the saved settings (see the hook's contract).
 
     At system scope only the installation's own combination is judged; at user scope
-    only for a user who chose SMTP or has SMTP settings of their own, because the hook
-    does not say which transport a product line defaults to.
+    only for a user whose effective transport is SMTP (their choice or the product
+    line's default), or, when the caller does not say, who has SMTP settings.
     """
     if scope is Scope.SYSTEM:
         account = SenderAccount(0, "", "", "", TRANSPORT, system=system)
@@ -352,7 +353,8 @@ def check(
             problems += _entra_problem(system)
     else:
         user_values = user or {}
-        if not _uses_smtp(user_values):
+        uses = transport == TRANSPORT if transport else _uses_smtp(user_values)
+        if not uses:
             return []
         account = SenderAccount(0, user_email or "", "", "", TRANSPORT, system, user_values)
         settings = resolve(account)
