@@ -1,10 +1,13 @@
 """``python -m bench`` (``make bench``): every case, one table, and the same as JSON.
 
-python -m bench                  # the full run documented in docs/performance.md
-python -m bench --quick          # small N, for a smoke run
-python -m bench --cases 1,3      # some cases only
-python -m bench --json PATH      # where the JSON goes (bench/results/latest.json)
-python -m bench --profile        # also profile case 1's dispatch with py-spy
+Usage (from the repository root)::
+
+    python -m bench                        # the full run documented in docs/performance.md
+    python -m bench --quick                # small N, for a smoke run
+    python -m bench --cases 1,3            # some cases only
+    python -m bench --json PATH            # where the JSON goes (bench/results/latest.json)
+    python -m bench --profile              # also profile case 1's project trial (py-spy)
+    python -m bench --cases "" --profile   # only the profile
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "load_average_before": load_before,
                 "load_average_after": machine()["load_average"],
             }
-        if opts.profile and 1 in opts.cases:
+        if opts.profile:
             from bench.profile import profile_dispatch
 
             env["profile"] = profile_dispatch(opts, pg)

@@ -7,10 +7,10 @@ take minutes, and this case is about dispatch. The rows are the same as the API
 writes, so the worker cannot tell.
 
 Measured: one real ``python -m crm_core outbox work --once`` process drains them to the
-SMTP server process. The parent samples the worker's RSS every 0.2 s and notes the
-peak so far each time the server's record passes another tenth of the mails; the
-final peak is the kernel's (wait4). The rate's median, min and max are over those
-ten slices of one run (a second 100,000-mail run would not fit the time budget).
+SMTP server process. The parent reads the worker's peak RSS (VmHWM) every 0.1 s and
+notes it each time the server's record passes another tenth of the mails. The rate's
+median, min and max are over the slices between those marks, in one run (a second
+100,000-mail run would not fit the time budget).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.core import Options, Row, Spread, log, poll_with_rusage, ratios
+from bench.core import Options, Row, Spread, log, peak_rss_mb, ratios
 from bench.postgres import Postgres
 from bench.servers import exactly_once, smtp_server, wait_for_ids
 
@@ -78,8 +78,6 @@ class _Record:
 
 def run_case5(opts: Options, pg: Postgres | None) -> list[Row]:
     """One worker process dispatches N queued mails; RSS at N/10 and N; exactly once."""
-    import psutil  # type: ignore[import-untyped]
-
     from bench.case_smtp import _trial
     from bench.world import (
         SMTP_CONFIG,
@@ -117,19 +115,15 @@ def run_case5(opts: Options, pg: Postgres | None) -> list[Row]:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
-                watched = psutil.Process(proc.pid)
                 peak = 0.0
                 marks: list[tuple[int, float, float]] = []  # (mails, time, peak RSS so far)
-                ended = None
-                while ended is None:
-                    # A zombie still answers; after wait4 below it is gone.
-                    peak = max(peak, watched.memory_info().rss / 2**20)
+                while proc.poll() is None:
+                    peak = max(peak, peak_rss_mb(proc.pid) or 0.0)  # VmHWM: only grows
                     count = record.poll()
                     while len(marks) < 10 and count >= tenth * (len(marks) + 1):
                         marks.append((count, time.perf_counter(), peak))
-                    time.sleep(0.2)
-                    ended = poll_with_rusage(proc)
-                code, final_peak = ended
+                    time.sleep(0.1)
+                code, final_peak = int(proc.returncode), peak
                 if code != 0:
                     raise RuntimeError(f"scale worker exited {code}")
                 window = dispatch_window(crm)
@@ -170,7 +164,6 @@ def run_case5(opts: Options, pg: Postgres | None) -> list[Row]:
                 "marks": marks,
                 "window_seconds": window,
                 "check": check,
-                "rss_sampled_peak_mb": peak,
             },
         ),
     ]

@@ -35,7 +35,7 @@ from bench.core import (
     ratios,
     run_child,
     timed,
-    wait_with_rusage,
+    wait_watching_memory,
 )
 from bench.postgres import Postgres
 from bench.servers import exactly_once, smtp_server, wait_for_ids
@@ -196,7 +196,14 @@ def run_case1(opts: Options, pg: Postgres | None) -> list[Row]:
             results[key].append(result)
     limit = Spread.of([n / r["seconds"] for r in results["raw"]])
     rows = [
-        Row(1, CASE_LIMIT, limit, limit=True, ratio=Spread.of([1.0] * len(results["raw"]))),
+        Row(
+            1,
+            CASE_LIMIT,
+            limit,
+            limit=True,
+            ratio=Spread.of([1.0] * len(results["raw"])),
+            peak_rss_mb=max(r["peak_rss_mb"] for r in results["raw"]),
+        ),
         _row(1, "Django SMTP backend send_messages", results["django"], n, limit, "seconds"),
     ]
     for key, label in (("sqlite", "SQLite"), ("postgres", "PostgreSQL")):
@@ -286,12 +293,12 @@ def _workers_trial(opts: Options, pg: Postgres, n: int, workers: int) -> dict[st
                     )
                     for _ in range(workers)
                 ]
+                ended = wait_watching_memory(procs)  # their --json output is tiny
                 rss: list[float] = []
                 sent: list[int] = []
-                for proc in procs:
+                for proc, (code, peak) in zip(procs, ended, strict=True):
                     assert proc.stdout is not None
                     output = proc.stdout.read()
-                    code, peak = wait_with_rusage(proc)
                     proc.stdout.close()
                     if code != 0:
                         raise RuntimeError(f"worker exited {code}: {output[-500:]}")
@@ -328,7 +335,7 @@ def run_case2(opts: Options, pg: Postgres | None) -> list[Row]:
         log(f"case 2 trial {trial + 1}/{opts.trials}: raw smtplib ({n} mails)")
         raw.append(_trial(opts, "child_raw_smtplib", n)[0])
         for workers in counts:
-            log(f"case 2 trial {trial + 1}/{opts.trials}: {workers} worker process(es)")
+            log(f"case 2 trial {trial + 1}/{opts.trials}: {workers} worker processes")
             results[workers].append(_workers_trial(opts, pg, n, workers))
     limit = Spread.of([n / r["seconds"] for r in raw])
     rows = [
@@ -347,7 +354,13 @@ def run_case2(opts: Options, pg: Postgres | None) -> list[Row]:
         walls = [n / r["wall_seconds"] for r in found]
         split = [r["sent_per_worker"] for r in found]
         row = _row(
-            2, f"crm-mail, {workers} worker process(es), PostgreSQL", found, n, limit, "seconds"
+            2,
+            f"crm-mail, {'1 worker process' if workers == 1 else f'{workers} worker processes'}, "
+            "PostgreSQL",
+            found,
+            n,
+            limit,
+            "seconds",
         )
         row.notes = (
             f"{n} mails, exactly once at the server; incl. process start "

@@ -90,8 +90,24 @@ def ratios(values: Sequence[float], limit: Spread | None) -> Spread | None:
     return Spread.of([v / limit.median for v in values])
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory, in MiB (Linux reports KiB)."""
+def peak_rss_mb(pid: int | str = "self") -> float | None:
+    """A process's peak resident memory (VmHWM), in MiB; None once it has exited.
+
+    Why not ``ru_maxrss``: Linux carries the high-water mark across exec, so a child
+    started by a big parent (fork or vfork, then exec) reports the parent's size.
+    VmHWM belongs to the address space the program really runs in.
+    """
+    try:
+        status = Path(f"/proc/{pid}/status").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None if pid != "self" else _ru_maxrss_mb()
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return None if pid != "self" else _ru_maxrss_mb()
+
+
+def _ru_maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -139,28 +155,23 @@ def run_child(
     raise RuntimeError(f"{target} failed (exit {proc.returncode}):\n{tail}")
 
 
-def wait_with_rusage(proc: subprocess.Popen[Any]) -> tuple[int, float]:
-    """Reap ``proc`` with wait4: (exit code, its own peak RSS in MiB).
+def wait_watching_memory(procs: Sequence[subprocess.Popen[Any]]) -> list[tuple[int, float]]:
+    """Wait for every process; each one's (exit code, peak RSS in MiB).
 
-    Why wait4: it reports the peak RSS of exactly that child, which polling with
-    psutil can miss between samples.
+    The peak is the last VmHWM read while the process ran (read every 50 ms; the
+    high-water mark only grows, so at most the last 50 ms before exit are missed).
     """
-    found = poll_with_rusage(proc, block=True)
-    assert found is not None
-    return found
-
-
-def poll_with_rusage(proc: subprocess.Popen[Any], block: bool = False) -> tuple[int, float] | None:
-    """Like :func:`wait_with_rusage`; without ``block``, None while ``proc`` still runs.
-
-    Never mix with ``proc.poll()``/``proc.wait()``: they would reap the child first.
-    """
-    pid, status, usage = os.wait4(proc.pid, 0 if block else os.WNOHANG)
-    if pid == 0:
-        return None
-    code = os.waitstatus_to_exitcode(status)
-    proc.returncode = code
-    return code, usage.ru_maxrss / 1024.0
+    peaks = [0.0] * len(procs)
+    while True:
+        running = False
+        for i, proc in enumerate(procs):
+            if proc.poll() is None:
+                running = True
+                peaks[i] = max(peaks[i], peak_rss_mb(proc.pid) or 0.0)
+        if not running:
+            break
+        time.sleep(0.05)
+    return [(int(proc.returncode), peak) for proc, peak in zip(procs, peaks, strict=True)]
 
 
 def timed(action: Callable[[], Any]) -> float:

@@ -41,29 +41,42 @@ def _frame_name(frame: str) -> str:
     return f"{name} ({path})"
 
 
-def summarise(raw: str, top: int = 18) -> dict[str, Any]:
-    """Inclusive and self shares per function for each phase of the collapsed stacks."""
+PROJECT = ("crm_core/", "smtp_mail/", "exchange_mail/", "maildir_mail/")
+
+
+def _package(name: str) -> str:
+    """The top-level module of a frame, e.g. ``sqlalchemy`` or ``email`` or ``crm_core``."""
+    path = name.rpartition(" (")[2].rstrip(")")
+    for marker in PROJECT:
+        if marker in path:
+            return marker.rstrip("/")
+    first = path.split("/", 1)[0]
+    return first.removesuffix(".py") or path
+
+
+def summarise(raw: str, top: int = 16) -> dict[str, Any]:
+    """Per phase: project functions by inclusive share, and self time by package."""
     phases: dict[str, Any] = {}
     for phase, markers in PHASES.items():
         inclusive: Counter[str] = Counter()
-        own: Counter[str] = Counter()
+        packages: Counter[str] = Counter()
         total = 0
         for line in raw.splitlines():
             stack, _, count_text = line.rpartition(" ")
             if not count_text.isdigit() or not any(m in stack for m in markers):
                 continue
             count = int(count_text)
-            frames = [f for f in stack.split(";") if not f.startswith(SKIP)]
-            names = [_frame_name(f) for f in frames]
+            names = [_frame_name(f) for f in stack.split(";") if not f.startswith(SKIP)]
             total += count
             for name in set(names):
-                inclusive[name] += count
+                if any(m in name for m in PROJECT):
+                    inclusive[name] += count
             if names:
-                own[names[-1]] += count
+                packages[_package(names[-1])] += count
         phases[phase] = {
             "samples": total,
-            "inclusive": [(n, c / total) for n, c in inclusive.most_common(top)] if total else [],
-            "self": [(n, c / total) for n, c in own.most_common(top)] if total else [],
+            "project_inclusive": [(n, c / total) for n, c in inclusive.most_common(top)],
+            "self_by_package": [(n, c / total) for n, c in packages.most_common(10)],
         }
     return phases
 
@@ -72,13 +85,12 @@ def as_text(summary: dict[str, Any]) -> str:
     """The summary as Markdown tables (pasted into docs/performance.md)."""
     parts = []
     for phase, data in summary.items():
-        parts.append(f"#### {phase}: {data['samples']} CPU samples\n")
-        parts.append("| inclusive | self | function |\n|---:|---:|---|")
-        own = dict(data["self"])
-        for name, share in data["inclusive"]:
-            parts.append(f"| {share:.0%} | {own.get(name, 0.0):.0%} | `{name}` |")
-        parts.append("\nTop self time:\n\n| self | function |\n|---:|---|")
-        for name, share in data["self"][:10]:
+        parts.append(f"#### {phase}: {data['samples']} samples\n")
+        parts.append("| share (inclusive) | project function |\n|---:|---|")
+        for name, share in data["project_inclusive"]:
+            parts.append(f"| {share:.0%} | `{name}` |")
+        parts.append("\n| share (self) | package where the sample was taken |\n|---:|---|")
+        for name, share in data["self_by_package"]:
             parts.append(f"| {share:.0%} | `{name}` |")
         parts.append("")
     return "\n".join(parts)
