@@ -86,9 +86,10 @@ def check_settings(
     Called on save (errors then refuse the save) and by ``crm settings show`` /
     ``crm users show`` (everything is shown). ``user``, ``user_email`` and
     ``transport`` (the user's effective transport: their choice, else their product
-    line's default) are None for system scope. Return a list of :class:`SettingNotice` (may be empty). Use it
-    for what one field's validator cannot see, e.g. a username whose domain differs
-    from ``exchange.domain``, or a client secret that expires within 30 days.
+    line's default) are None for system scope. Return a list of
+    :class:`SettingNotice` (may be empty). Use it for what one field's validator
+    cannot see, e.g. a username whose domain differs from ``exchange.domain``, or a
+    client secret that expires within 30 days.
     """
 
 

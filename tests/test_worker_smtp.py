@@ -300,7 +300,7 @@ def start_worker(env: dict[str, str], name: str, *extra: str) -> subprocess.Pope
     """A real ``python -m crm_core outbox work`` process."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_")}
     full_env.update(env)
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "crm_core", "outbox", "work", "--name", name, *extra],
         cwd=REPO,
         env=full_env,
@@ -308,6 +308,14 @@ def start_worker(env: dict[str, str], name: str, *extra: str) -> subprocess.Pope
         stderr=subprocess.PIPE,
         text=True,
     )
+    # Wait until it handles SIGTERM: a stop sent earlier would kill it uncleanly.
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    if "started" not in first:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"worker {name} did not start: {first!r} {err}")
+    return proc
 
 
 def wait_until(condition: Any, timeout: float, what: str) -> None:

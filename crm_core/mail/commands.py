@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mimetypes
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -378,6 +379,10 @@ def outbox_work(
             fail("the database is not initialised or not up to date; run `crm init`")
         worker = Worker(crm, name=name, concurrency=concurrency)
         with _stop_on_signals() as stop:
+            # Said only once SIGTERM is handled, so a supervisor (or a test) that waits
+            # for this line knows a stop request from now on is a clean stop.
+            click.echo(f"Worker {worker.name} started (concurrency {concurrency}).")
+            sys.stdout.flush()
             stats = worker.run_once(stop) if once else worker.run(stop)
     _print_stats(worker.name, stats, as_json)
 
