@@ -381,8 +381,9 @@ def outbox_work(
         with _stop_on_signals() as stop:
             # Said only once SIGTERM is handled, so a supervisor (or a test) that waits
             # for this line knows a stop request from now on is a clean stop.
-            click.echo(f"Worker {worker.name} started (concurrency {concurrency}).")
-            sys.stdout.flush()
+            # With --json it goes to stderr, so stdout stays one JSON document.
+            click.echo(f"Worker {worker.name} started (concurrency {concurrency}).", err=as_json)
+            (sys.stderr if as_json else sys.stdout).flush()
             stats = worker.run_once(stop) if once else worker.run(stop)
     _print_stats(worker.name, stats, as_json)
 
