@@ -23,7 +23,8 @@ $(BENCH_STAMP): $(STAMP)
 run: setup
 	$(BIN)/crm demo --dir demo
 
-## test: set up, lint and type-check, then run the whole suite
+## test: set up, lint and type-check, then run the whole suite (SQLite, and PostgreSQL
+## in a throwaway cluster when its server binaries are installed)
 test: lint typecheck pytest
 
 lint: setup
@@ -34,7 +35,7 @@ typecheck: setup
 	$(BIN)/mypy crm_core plugins
 
 pytest: setup
-	$(BIN)/pytest
+	scripts/with-postgres $(BIN)/pytest
 
 ## bench: the side-by-side benchmarks (docs/performance.md)
 bench: $(BENCH_STAMP)
