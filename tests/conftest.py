@@ -1,8 +1,9 @@
 """Shared fixtures: a fresh database per test (SQLite, and PostgreSQL when available).
 
-PostgreSQL: set ``CRM_TEST_POSTGRES_URL`` to a server's admin URL (``scripts/with-postgres`` starts a
-throwaway cluster and sets it). Every test that uses ``database_url`` then runs on both
-backends, each in a database of its own, dropped afterwards.
+PostgreSQL: set ``CRM_TEST_POSTGRES_URL`` to a server's admin URL
+(``scripts/with-postgres`` starts a throwaway cluster and sets it). Every test that
+uses ``database_url`` then runs on both backends, each in a database of its own,
+dropped afterwards.
 """
 
 from __future__ import annotations
