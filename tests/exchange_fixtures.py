@@ -1,8 +1,12 @@
 """Helpers shared by the Exchange transport's tests: stand-ins, a configured Crm, mail.
 
-Why helpers and not fixtures: fixtures imported into a test module look like unused or
-redefined names to ruff; each test module wires :func:`exchange_world` into a small
-fixture of its own.
+The fixtures (``database_url``, ``ca``, ``world``) are imported by each test module that
+uses them, with a redundant alias (``from tests.exchange_fixtures import ca as ca``) so
+that ruff sees an explicit re-export rather than an unused or redefined name. Defined in
+the test module's namespace, each keeps its scope there: ``ca`` is one CA per test
+module, and ``database_url`` overrides the conftest's (SQLite only) only in the modules
+that import it. Modules that need another world wire :func:`exchange_world` into a
+fixture of their own.
 
 The world is what a customer has: an Entra ID tenant with the app registration (Client
 ID, a secret with its Value and Secret ID), an Exchange server with mailboxes (Anna's
@@ -20,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from exchangelib.protocol import close_connections
 
 from crm_core import directory
@@ -27,10 +32,11 @@ from crm_core.app import Crm
 from crm_core.mail.addresses import parse_address
 from crm_core.mail.message import Attachment, OutgoingMessage, make_message_id
 from crm_core.mail.transport import ConnectionReport, SenderAccount, SendResult
+from tests.conftest import CrmFactory
 from tests.servers.entra import EntraServer, Secret, TokenRegistry
 from tests.servers.ews import EWS_PATH, EwsServer
 from tests.servers.graph import GraphServer
-from tests.servers.tls import TestCA
+from tests.servers.tls import TestCA, make_test_ca
 
 TENANT = "7c1f4a52-9d3e-4b8a-a0c6-2f5e8d9b1a34"
 TENANT_DOMAIN = "contoso.se"
@@ -259,3 +265,26 @@ def steps(report: ConnectionReport) -> dict[str, Any]:
 def days_from_today(days: int) -> str:
     """An ISO date ``days`` from today (for the secret expiry setting)."""
     return (datetime.now(UTC).date() + timedelta(days=days)).isoformat()
+
+
+# --- fixtures (imported by the test modules, see the module docstring) -----------------
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: the transport does not depend on the database backend (the outbox
+    end-to-end test runs on both)."""
+    return f"sqlite:///{tmp_path / 'crm.db'}"
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    """A test CA, one per test module."""
+    return make_test_ca(Path(tmp_path_factory.mktemp("exchange-ca")))
+
+
+@pytest.fixture
+def world(make_crm: CrmFactory, ca: TestCA) -> Iterator[ExchangeWorld]:
+    """The stand-ins and a Crm configured as the guide says."""
+    with exchange_world(make_crm(), ca) as w:
+        yield w

@@ -1,7 +1,12 @@
-"""Helpers shared by the SMTP transport's tests: a configured Crm, servers, messages.
+"""Helpers and fixtures shared by the SMTP transport's tests: a configured Crm, servers,
+messages.
 
-Why helpers and not fixtures: fixtures imported into a test module look like unused
-or redefined names to ruff; each test module wires these into its own small fixtures.
+The fixtures (``database_url``, ``ca``, ``running``, ``setup``) are imported by each test
+module that uses them, with a redundant alias (``from tests.smtp_fixtures import ca as
+ca``) so that ruff sees an explicit re-export rather than an unused or redefined name.
+Defined in the test module's namespace, each keeps its scope there: ``ca`` is one CA per
+test module, and ``database_url`` overrides the conftest's (SQLite only) only in the
+modules that import it.
 """
 
 from __future__ import annotations
@@ -9,15 +14,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from crm_core import directory
 from crm_core.app import Crm
 from crm_core.mail.addresses import parse_address
 from crm_core.mail.message import Attachment, OutgoingMessage, make_message_id
 from crm_core.mail.transport import ConnectionReport, SenderAccount, SendResult
+from tests.conftest import CrmFactory
 from tests.servers.smtp import SmtpServer
-from tests.servers.tls import TestCA
+from tests.servers.tls import TestCA, make_test_ca
 
 USER = "anna.berg@example.com"
 USER_NAME = "Anna Berg"
@@ -162,3 +171,45 @@ def servers() -> Iterator[Servers]:
 def users(password: str = PASSWORD, email: str = USER) -> dict[str, str]:
     """The server's account table for PLAIN/LOGIN."""
     return {email: password}
+
+
+def tls_server(running: Servers, ca: TestCA, **kwargs: object) -> SmtpServer:
+    """A STARTTLS server with the test CA's certificate that requires PLAIN/LOGIN
+    (``kwargs`` override any of these options)."""
+    options: dict[str, object] = {
+        "security": "starttls",
+        "ssl_context": ca.server_context(),
+        "users": users(),
+        "auth_required": True,
+    }
+    options.update(kwargs)
+    return running.start(**options)
+
+
+# --- fixtures (imported by the test modules, see the module docstring) -----------------
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: the transport's behaviour does not depend on the database backend
+    (the core's and the outbox's tests cover PostgreSQL; test_smtp_cli runs on both)."""
+    return f"sqlite:///{tmp_path / 'crm.db'}"
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    """A test CA, one per test module."""
+    return make_test_ca(tmp_path_factory.mktemp("smtp-ca"))
+
+
+@pytest.fixture
+def running() -> Iterator[Servers]:
+    """Start SMTP servers with ``running.start(...)``; all are stopped after the test."""
+    with servers() as found:
+        yield found
+
+
+@pytest.fixture
+def setup(make_crm: CrmFactory) -> SmtpCrm:
+    """A fresh Crm with the user who sends via SMTP."""
+    return make_smtp_crm(make_crm())

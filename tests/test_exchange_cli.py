@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -28,19 +27,9 @@ from tests.exchange_fixtures import (
     days_from_today,
     exchange_world,
 )
-from tests.servers.tls import TestCA, make_test_ca
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    """SQLite only: the transport does not depend on the database backend (the outbox
-    end-to-end test runs on both)."""
-    return f"sqlite:///{tmp_path / 'crm.db'}"
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
-    return make_test_ca(Path(tmp_path_factory.mktemp("exchange-ca")))
+from tests.exchange_fixtures import ca as ca
+from tests.exchange_fixtures import database_url as database_url
+from tests.servers.tls import TestCA
 
 
 @pytest.fixture

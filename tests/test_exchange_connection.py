@@ -8,7 +8,6 @@ then the precise cause) and the red step's fix.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,27 +30,12 @@ from tests.exchange_fixtures import (
     go_onprem,
     steps,
 )
-from tests.servers.tls import TestCA, make_test_ca
+from tests.exchange_fixtures import ca as ca
+from tests.exchange_fixtures import database_url as database_url
+from tests.exchange_fixtures import world as world
+from tests.servers.tls import TestCA
 
 CREDENTIALS = "TestConnection error Credentials: "
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    """SQLite only: the transport does not depend on the database backend (the outbox
-    end-to-end test runs on both)."""
-    return f"sqlite:///{tmp_path / 'crm.db'}"
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
-    return make_test_ca(Path(tmp_path_factory.mktemp("exchange-ca")))
-
-
-@pytest.fixture
-def world(make_crm: CrmFactory, ca: TestCA) -> Iterator[ExchangeWorld]:
-    with exchange_world(make_crm(), ca) as w:
-        yield w
 
 
 def red(report: ConnectionReport, step: str) -> tuple[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
@@ -29,20 +28,10 @@ from tests.exchange_fixtures import (
     steps,
     with_graph,
 )
+from tests.exchange_fixtures import ca as ca
+from tests.exchange_fixtures import database_url as database_url
 from tests.servers.graph import GraphServer
-from tests.servers.tls import TestCA, make_test_ca
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    """SQLite only: the transport does not depend on the database backend (the outbox
-    end-to-end test runs on both)."""
-    return f"sqlite:///{tmp_path / 'crm.db'}"
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
-    return make_test_ca(Path(tmp_path_factory.mktemp("exchange-ca")))
+from tests.servers.tls import TestCA
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,19 +22,9 @@ from crm_core.mail.outbox import MailRequest
 from crm_core.mail.worker import Worker
 from crm_core.models import OutboxMessage, OutboxState, utcnow
 from tests.conftest import CliResult, CrmFactory
-from tests.exchange_fixtures import RECIPIENT, SECRETS, USER, ExchangeWorld, exchange_world
-from tests.servers.tls import TestCA, make_test_ca
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
-    return make_test_ca(Path(tmp_path_factory.mktemp("exchange-ca")))
-
-
-@pytest.fixture
-def world(make_crm: CrmFactory, ca: TestCA) -> Iterator[ExchangeWorld]:
-    with exchange_world(make_crm(), ca) as w:
-        yield w
+from tests.exchange_fixtures import RECIPIENT, SECRETS, USER, ExchangeWorld
+from tests.exchange_fixtures import ca as ca
+from tests.exchange_fixtures import world as world
 
 
 @pytest.fixture

@@ -11,13 +11,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from crm_core.mail.transport import ConnectionReport, SendResult
-from tests.conftest import CrmFactory
 from tests.exchange_fixtures import (
     EXPIRED_SECRET,
     ONPREM_PASSWORD,
@@ -26,11 +24,12 @@ from tests.exchange_fixtures import (
     SECRET_ID,
     SECRETS,
     ExchangeWorld,
-    exchange_world,
     go_onprem,
     make_message,
 )
-from tests.servers.tls import TestCA, make_test_ca
+from tests.exchange_fixtures import ca as ca
+from tests.exchange_fixtures import database_url as database_url
+from tests.exchange_fixtures import world as world
 
 # Every token the Entra stand-in issues starts with this JWT header segment.
 TOKEN_HEADER = (
@@ -39,24 +38,6 @@ TOKEN_HEADER = (
     .decode()
 )
 BASIC_CREDENTIALS = base64.b64encode(f"{ONPREM_USER}:{ONPREM_PASSWORD}".encode()).decode()
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    """SQLite only: the transport does not depend on the database backend (the outbox
-    end-to-end test runs on both)."""
-    return f"sqlite:///{tmp_path / 'crm.db'}"
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
-    return make_test_ca(Path(tmp_path_factory.mktemp("exchange-ca")))
-
-
-@pytest.fixture
-def world(make_crm: CrmFactory, ca: TestCA) -> Iterator[ExchangeWorld]:
-    with exchange_world(make_crm(), ca) as w:
-        yield w
 
 
 def texts(items: list[SendResult | ConnectionReport]) -> str:

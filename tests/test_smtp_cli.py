@@ -16,7 +16,7 @@ import pytest
 from crm_core.app import Crm
 from tests.conftest import CliResult, CrmFactory
 from tests.servers.smtp import SmtpServer
-from tests.servers.tls import TestCA, make_test_ca
+from tests.servers.tls import TestCA
 from tests.smtp_fixtures import (
     PASSWORD,
     RECIPIENT,
@@ -25,23 +25,17 @@ from tests.smtp_fixtures import (
     make_smtp_crm,
     point_at,
     servers,
-    users,
+    tls_server,
 )
+from tests.smtp_fixtures import ca as ca
 
 Run = Callable[..., CliResult]
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
-    return make_test_ca(tmp_path_factory.mktemp("cli-ca"))
 
 
 @pytest.fixture
 def smtp(ca: TestCA) -> Iterator[SmtpServer]:
     with servers() as running:
-        yield running.start(
-            security="starttls", ssl_context=ca.server_context(), users=users(), auth_required=True
-        )
+        yield tls_server(running, ca)
 
 
 #: A product line without Exchange: the CLI starts faster (exchangelib is never

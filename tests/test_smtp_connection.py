@@ -2,59 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from crm_core.mail.transport import ConnectionReport, ConnectionStep, StepStatus
-from tests.conftest import CrmFactory
-from tests.servers.smtp import SmtpServer, free_port
+from tests.servers.smtp import free_port
 from tests.servers.tls import TestCA, make_test_ca
 from tests.smtp_fixtures import (
     PASSWORD,
     USER,
     Servers,
     SmtpCrm,
-    make_smtp_crm,
     point_at,
-    servers,
+    tls_server,
     users,
 )
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    """SQLite only: the transport's behaviour does not depend on the database backend
-    (the core's and the outbox's tests cover PostgreSQL; test_smtp_cli runs on both)."""
-    return f"sqlite:///{tmp_path / 'crm.db'}"
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
-    return make_test_ca(tmp_path_factory.mktemp("ladder-ca"))
-
-
-@pytest.fixture
-def running() -> Iterator[Servers]:
-    with servers() as found:
-        yield found
-
-
-@pytest.fixture
-def setup(make_crm: CrmFactory) -> SmtpCrm:
-    return make_smtp_crm(make_crm())
-
-
-def tls_server(running: Servers, ca: TestCA, **kwargs: object) -> SmtpServer:
-    options: dict[str, object] = {
-        "security": "starttls",
-        "ssl_context": ca.server_context(),
-        "users": users(),
-        "auth_required": True,
-    }
-    options.update(kwargs)
-    return running.start(**options)
+from tests.smtp_fixtures import ca as ca
+from tests.smtp_fixtures import database_url as database_url
+from tests.smtp_fixtures import running as running
+from tests.smtp_fixtures import setup as setup
 
 
 def statuses(report: ConnectionReport) -> dict[str, StepStatus]:

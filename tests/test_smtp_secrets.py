@@ -14,7 +14,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +21,7 @@ from crm_core.mail.transport import ConnectionReport, SendResult
 from tests.conftest import REPO, CrmFactory
 from tests.servers.entra import EntraServer, Secret, TokenRegistry
 from tests.servers.smtp import SmtpServer
-from tests.servers.tls import TestCA, make_test_ca
+from tests.servers.tls import TestCA
 from tests.smtp_fixtures import (
     PASSWORD,
     RECIPIENT,
@@ -34,6 +33,8 @@ from tests.smtp_fixtures import (
     servers,
     users,
 )
+from tests.smtp_fixtures import ca as ca
+from tests.smtp_fixtures import database_url as database_url
 from tests.test_smtp_xoauth2 import CLIENT, SECRET, SECRET_ID, TENANT, SeenTokens, configure
 
 RENTALS_ONLY = """\
@@ -81,18 +82,6 @@ def record_texts(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def shown(results: list[SendResult], reports: list[ConnectionReport]) -> list[str]:
     return [repr(r) for r in results] + [repr(r) for r in reports]
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    """SQLite only: the transport's behaviour does not depend on the database backend
-    (the core's and the outbox's tests cover PostgreSQL; test_smtp_cli runs on both)."""
-    return f"sqlite:///{tmp_path / 'crm.db'}"
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
-    return make_test_ca(tmp_path_factory.mktemp("secrets-ca"))
 
 
 @dataclass

@@ -7,7 +7,6 @@ the sender is told, and how the failure is classified for the outbox.
 from __future__ import annotations
 
 import email.policy
-from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -16,8 +15,7 @@ import pytest
 from crm_core import directory
 from crm_core.mail.message import Attachment
 from crm_core.mail.transport import Outcome
-from tests.conftest import CrmFactory
-from tests.servers.smtp import SmtpServer, free_port
+from tests.servers.smtp import free_port
 from tests.servers.tls import TestCA, make_test_ca
 from tests.smtp_fixtures import (
     PASSWORD,
@@ -26,45 +24,14 @@ from tests.smtp_fixtures import (
     Servers,
     SmtpCrm,
     make_message,
-    make_smtp_crm,
     point_at,
-    servers,
+    tls_server,
     users,
 )
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    """SQLite only: the transport's behaviour does not depend on the database backend
-    (the core's and the outbox's tests cover PostgreSQL; test_smtp_cli runs on both)."""
-    return f"sqlite:///{tmp_path / 'crm.db'}"
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
-    return make_test_ca(tmp_path_factory.mktemp("smtp-ca"))
-
-
-@pytest.fixture
-def running() -> Iterator[Servers]:
-    with servers() as found:
-        yield found
-
-
-@pytest.fixture
-def setup(make_crm: CrmFactory) -> SmtpCrm:
-    return make_smtp_crm(make_crm())
-
-
-def starttls_server(running: Servers, ca: TestCA, **kwargs: object) -> SmtpServer:
-    options: dict[str, object] = {
-        "security": "starttls",
-        "ssl_context": ca.server_context(),
-        "users": users(),
-        "auth_required": True,
-    }
-    options.update(kwargs)
-    return running.start(**options)
+from tests.smtp_fixtures import ca as ca
+from tests.smtp_fixtures import database_url as database_url
+from tests.smtp_fixtures import running as running
+from tests.smtp_fixtures import setup as setup
 
 
 def parts(message: EmailMessage) -> dict[str, EmailMessage]:
@@ -89,7 +56,7 @@ def text_of(part: EmailMessage) -> str:
 def test_starttls_password_multipart_attachments_and_unicode(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca)
+    server = tls_server(running, ca)
     point_at(setup, server, ca)
     pdf = b"%PDF-1.4\n" + bytes(range(256)) * 40
     message = make_message(
@@ -163,7 +130,7 @@ def test_plaintext_with_password_is_allowed_on_loopback(setup: SmtpCrm, running:
 
 
 def test_relay_without_auth(setup: SmtpCrm, running: Servers, ca: TestCA) -> None:
-    server = starttls_server(running, ca, users={}, auth_required=False)
+    server = tls_server(running, ca, users={}, auth_required=False)
     point_at(setup, server, ca, auth="none")
 
     result = setup.send_one()
@@ -176,7 +143,7 @@ def test_relay_without_auth(setup: SmtpCrm, running: Servers, ca: TestCA) -> Non
 def test_ssl_cert_file_lets_a_customer_trust_a_private_ca(
     setup: SmtpCrm, running: Servers, ca: TestCA, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = starttls_server(running, ca)
+    server = tls_server(running, ca)
     point_at(setup, server, None)  # no tls.ca_bundle: the system store decides
     monkeypatch.setenv("SSL_CERT_FILE", str(ca.ca_pem))
 
@@ -186,7 +153,7 @@ def test_ssl_cert_file_lets_a_customer_trust_a_private_ca(
 def test_international_address_uses_smtputf8_when_offered(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca, smtputf8=True)
+    server = tls_server(running, ca, smtputf8=True)
     point_at(setup, server, ca)
 
     result = setup.send_one(make_message(to=["jörg@exempel.se"], subject="Grüße"))
@@ -203,7 +170,7 @@ def test_international_address_uses_smtputf8_when_offered(
 def test_international_address_without_smtputf8_is_a_clear_permanent_error(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca, smtputf8=False)
+    server = tls_server(running, ca, smtputf8=False)
     point_at(setup, server, ca)
 
     results = setup.send([make_message(1, to=["jörg@exempel.se"]), make_message(2)])
@@ -217,7 +184,7 @@ def test_international_address_without_smtputf8_is_a_clear_permanent_error(
 def test_idna_domain_is_written_as_ascii_without_smtputf8(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca, smtputf8=False)
+    server = tls_server(running, ca, smtputf8=False)
     point_at(setup, server, ca)
 
     result = setup.send_one(make_message(to=["info@bücher.de"], to_name="Bücher"))
@@ -234,7 +201,7 @@ def test_eight_bit_body_is_declared_with_body_8bitmime(
 ) -> None:
     # aiosmtpd always offers 8BITMIME; the re-encoding for servers without it is
     # tested on render.prepare in test_smtp_units.
-    server = starttls_server(running, ca)
+    server = tls_server(running, ca)
     point_at(setup, server, ca)
 
     setup.send_one(make_message(text="Hälsningar från Malmö\n"))
@@ -250,7 +217,7 @@ def test_eight_bit_body_is_declared_with_body_8bitmime(
 def test_a_batch_of_100_uses_one_connection_and_one_auth(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca)
+    server = tls_server(running, ca)
     point_at(setup, server, ca)
     batch = [make_message(n) for n in range(1, 101)]
 
@@ -268,7 +235,7 @@ def test_a_batch_of_100_uses_one_connection_and_one_auth(
 def test_reconnects_once_when_the_server_closed_an_idle_connection(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca)
+    server = tls_server(running, ca)
     server.inject("close_idle", after_messages=2, times=1)
     point_at(setup, server, ca)
     batch = [make_message(n) for n in range(1, 6)]
@@ -285,7 +252,7 @@ def test_reconnects_once_when_the_server_closed_an_idle_connection(
 def test_a_server_that_says_421_when_closing_is_reconnected_too(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca)
+    server = tls_server(running, ca)
     server.inject("close_idle", after_messages=1, times=1, response="421 4.4.2 Connection dropped")
     point_at(setup, server, ca)
 
@@ -301,7 +268,7 @@ def test_a_server_that_says_421_when_closing_is_reconnected_too(
 def test_wrong_password_is_a_configuration_error(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca, users=users(password="the right one"))
+    server = tls_server(running, ca, users=users(password="the right one"))
     point_at(setup, server, ca)
 
     results = setup.send([make_message(1), make_message(2)])
@@ -317,7 +284,7 @@ def test_wrong_password_is_a_configuration_error(
 def test_microsoft_smtp_auth_disabled_gets_a_specific_hint(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca)
+    server = tls_server(running, ca)
     server.inject("auth_response")  # 535 5.7.139 ... disabled for the Tenant.
     point_at(setup, server, ca)
 
@@ -332,7 +299,7 @@ def test_microsoft_smtp_auth_disabled_gets_a_specific_hint(
 def test_basic_auth_retired_5_7_30_points_to_oauth(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca)
+    server = tls_server(running, ca)
     server.inject(
         "auth_response",
         response="535 5.7.30 Basic authentication is not supported for Client Submission.",
@@ -350,7 +317,7 @@ def test_basic_auth_retired_5_7_30_points_to_oauth(
 def test_server_without_auth_is_a_configuration_error(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca, auth_mechanisms=(), auth_required=False)
+    server = tls_server(running, ca, auth_mechanisms=(), auth_required=False)
     point_at(setup, server, ca)
 
     result = setup.send_one()
@@ -365,7 +332,7 @@ def test_server_without_auth_is_a_configuration_error(
 def test_certificate_for_another_host_is_refused(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca, ssl_context=ca.server_context("mail.example.net"))
+    server = tls_server(running, ca, ssl_context=ca.server_context("mail.example.net"))
     point_at(setup, server, ca)
 
     result = setup.send_one()
@@ -381,7 +348,7 @@ def test_certificate_for_another_host_is_refused(
 def test_certificate_from_an_unknown_ca_is_refused(
     setup: SmtpCrm, running: Servers, ca: TestCA, tmp_path: Path
 ) -> None:
-    server = starttls_server(running, ca)
+    server = tls_server(running, ca)
     point_at(setup, server, make_test_ca(tmp_path / "other-ca"))
 
     result = setup.send_one()
@@ -415,7 +382,7 @@ def test_nothing_listening_is_temporary(setup: SmtpCrm) -> None:
 def test_recipient_5xx_is_permanent_and_4xx_temporary(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca)
+    server = tls_server(running, ca)
     server.inject("rcpt_permanent", address="gone@example.org")
     server.inject("rcpt_temporary", address="busy@example.org")
     point_at(setup, server, ca)
@@ -442,7 +409,7 @@ def test_recipient_5xx_is_permanent_and_4xx_temporary(
 def test_some_recipients_refused_sends_to_the_rest_and_names_them(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca)
+    server = tls_server(running, ca)
     server.inject("rcpt_permanent", address="gone@example.org")
     point_at(setup, server, ca)
 
@@ -457,7 +424,7 @@ def test_some_recipients_refused_sends_to_the_rest_and_names_them(
 def test_data_5xx_is_permanent_and_4xx_temporary(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca)
+    server = tls_server(running, ca)
     server.inject("data_permanent", times=1)
     server.inject("data_temporary", times=1)
     point_at(setup, server, ca)
@@ -475,7 +442,7 @@ def test_data_5xx_is_permanent_and_4xx_temporary(
 def test_send_as_denied_on_mail_from_is_configuration(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca)
+    server = tls_server(running, ca)
     server.inject("mail_from_reject")  # 550 5.7.60 ... send as this sender
     point_at(setup, server, ca)
 
@@ -489,7 +456,7 @@ def test_send_as_denied_on_mail_from_is_configuration(
 def test_connection_dropped_before_data_is_temporary(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca)
+    server = tls_server(running, ca)
     server.inject("drop_before_data", times=1)
     point_at(setup, server, ca)
 
@@ -505,7 +472,7 @@ def test_connection_dropped_before_data_is_temporary(
 def test_connection_lost_after_the_final_dot_is_ambiguous(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca)
+    server = tls_server(running, ca)
     server.inject("drop_after_data", times=1)
     point_at(setup, server, ca)
     first, second = make_message(1), make_message(2)
@@ -550,7 +517,7 @@ def test_missing_password_is_a_configuration_error(setup: SmtpCrm) -> None:
 def test_rendered_bytes_parse_back_with_the_default_policy(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:
-    server = starttls_server(running, ca)
+    server = tls_server(running, ca)
     point_at(setup, server, ca)
 
     setup.send_one(make_message(html="<p>x</p>"))

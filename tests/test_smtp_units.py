@@ -6,7 +6,6 @@ import base64
 import smtplib
 import socket
 import ssl
-from pathlib import Path
 
 import pytest
 
@@ -28,15 +27,8 @@ from smtp_mail.settings import (
     smtp_fields,
 )
 from tests.conftest import CrmFactory
+from tests.smtp_fixtures import database_url as database_url
 from tests.smtp_fixtures import make_message, make_smtp_crm
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    """SQLite only: the transport's behaviour does not depend on the database backend
-    (the core's and the outbox's tests cover PostgreSQL; test_smtp_cli runs on both)."""
-    return f"sqlite:///{tmp_path / 'crm.db'}"
-
 
 SETTINGS = SmtpSettings(
     host="smtp.example.net",

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
 from crm_core.errors import SettingValueError
 from crm_core.mail.transport import Outcome, StepStatus
-from tests.conftest import CrmFactory
 from tests.servers.entra import EntraServer, Secret, TokenRegistry
 from tests.servers.smtp import SmtpServer
-from tests.servers.tls import TestCA, make_test_ca
-from tests.smtp_fixtures import USER, Servers, SmtpCrm, make_message, make_smtp_crm, servers
+from tests.servers.tls import TestCA
+from tests.smtp_fixtures import USER, Servers, SmtpCrm, make_message, servers
+from tests.smtp_fixtures import ca as ca
+from tests.smtp_fixtures import database_url as database_url
+from tests.smtp_fixtures import setup as setup
 
 TENANT = "3f2a1b4c-5d6e-4f70-8a9b-0c1d2e3f4a5b"
 CLIENT = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
@@ -46,18 +47,6 @@ class SeenTokens:
             and info.client_id == CLIENT
             and "SMTP.SendAsApp" in info.roles
         )
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    """SQLite only: the transport's behaviour does not depend on the database backend
-    (the core's and the outbox's tests cover PostgreSQL; test_smtp_cli runs on both)."""
-    return f"sqlite:///{tmp_path / 'crm.db'}"
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
-    return make_test_ca(tmp_path_factory.mktemp("xoauth2-ca"))
 
 
 @pytest.fixture
@@ -93,11 +82,6 @@ def oauth_server(running: Servers, ca: TestCA, seen: SeenTokens) -> SmtpServer:
         token_validator=seen,
         auth_required=True,
     )
-
-
-@pytest.fixture
-def setup(make_crm: CrmFactory) -> SmtpCrm:
-    return make_smtp_crm(make_crm())
 
 
 def configure(
