@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import email
+import email.policy
 import smtplib
 import socket
 import ssl
+from email.message import EmailMessage
 
 import pytest
 
@@ -17,7 +20,7 @@ from crm_core.secrets import Secret
 from smtp_mail.classify import Phase, connection_failure, disconnected, reply_failure
 from smtp_mail.client import mask
 from smtp_mail.hints import enhanced_code, explain, reply_code
-from smtp_mail.render import Unsendable, prepare
+from smtp_mail.render import Unsendable, _mime_render, prepare
 from smtp_mail.settings import (
     AuthMode,
     Security,
@@ -434,3 +437,67 @@ def test_an_echoed_sasl_line_is_masked() -> None:
 def test_starttls_required_gets_the_encryption_hint() -> None:
     hint = explain(451, "5.7.3 STARTTLS is required to send mail")
     assert hint is not None and "smtp.security starttls" in hint.fix
+
+
+# --- the fast rendering path agrees with the full one ------------------------------------
+
+
+def _parsed(data: bytes) -> EmailMessage:
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
+def _semantics(mime: EmailMessage) -> dict[str, object]:
+    """What a recipient's mail program sees: decoded headers, parts and their text."""
+
+    def addresses(name: str) -> list[tuple[str, str]]:
+        header = mime.get(name)
+        if header is None:
+            return []
+        return [(a.display_name, a.addr_spec) for a in header.addresses]
+
+    parts = [
+        (p.get_content_type(), p.get_content().replace("\r\n", "\n"))
+        for p in mime.walk()
+        if not p.is_multipart()
+    ]
+    return {
+        "message-id": mime["Message-ID"],
+        "date": mime["Date"].datetime,
+        "subject": mime["Subject"],
+        "from": addresses("From"),
+        "to": addresses("To"),
+        "cc": addresses("Cc"),
+        "reply-to": addresses("Reply-To"),
+        "bcc": mime.get("Bcc"),
+        "type": mime.get_content_type(),
+        "parts": parts,
+    }
+
+
+@pytest.mark.parametrize("eight_bit", [True, False])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"subject": "Välkommen på visning – Storgatan 1", "text": "Hälsningar från Malmö\n"},
+        {"subject": "A long subject " * 12, "html": "<p>Hello <b>there</b></p>"},
+        {"sender_name": "Åsa Öberg, mäklare", "to_name": 'Per "P" Persson', "cc": ["c@example.se"]},
+        {"to": ["info@bücher.de"], "bcc": ["hidden@example.se"], "html": "<p>Grüße</p>"},
+    ],
+)
+def test_fast_rendering_says_what_the_full_rendering_says(
+    kwargs: dict[str, object], eight_bit: bool
+) -> None:
+    message = make_message(**kwargs)  # type: ignore[arg-type]
+    features = {"size": "0", **({"8bitmime": ""} if eight_bit else {})}
+    envelope = prepare(message, features, "h:25")
+    fast = _parsed(envelope.data)
+    full = _parsed(_mime_render(message, features)[0])
+    assert _semantics(fast) == _semantics(full)
+    head = envelope.data.split(b"\r\n\r\n", 1)[0]
+    assert head.isascii() and b"\n" not in head.replace(b"\r\n", b"")  # CRLF only
+    assert fast["Bcc"] is None
+    if not eight_bit:
+        assert envelope.data.isascii() and "BODY=8BITMIME" not in envelope.options
