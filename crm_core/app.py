@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import pluggy
@@ -62,6 +63,7 @@ class Crm:
         self._managers: dict[str, pluggy.PluginManager] = {}
         self._box: SecretBox | None = None
         self._fields: dict[str, SettingField] | None = None
+        self._transports: dict[str, dict[str, TransportSpec]] = {}
         event.listen(self.sessions, "after_commit", self._send_pending_signals)
         event.listen(self.sessions, "after_rollback", self._drop_pending_signals)
 
@@ -118,7 +120,18 @@ class Crm:
         return manager
 
     def transports(self, product_line: str) -> dict[str, TransportSpec]:
-        """Transports the product line's plugins offer, by name."""
+        """Transports the product line's plugins offer, by name.
+
+        Collected once per product line (its plugins are fixed once its manager is
+        built): every enqueue, claim and start-up check of each user asks.
+        """
+        found = self._transports.get(product_line)
+        if found is None:
+            found = self._collect_transports(product_line)
+            self._transports[product_line] = found
+        return dict(found)
+
+    def _collect_transports(self, product_line: str) -> dict[str, TransportSpec]:
         manager = self.plugin_manager(product_line)
         found: dict[str, TransportSpec] = {}
         for plugin, specs in _per_plugin(manager, manager.hook.register_transports):
@@ -424,6 +437,4 @@ def _typed_list(plugin: str, hook: str, value: Any, cls: type[Any]) -> list[Any]
 
 
 def _with_plugin(spec: SettingField, plugin: str) -> SettingField:
-    from dataclasses import replace
-
     return spec if spec.plugin else replace(spec, plugin=plugin)

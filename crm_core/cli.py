@@ -80,9 +80,7 @@ def handled() -> Iterator[None]:
     """Turn crm_core errors into a clear message and an exit status."""
     try:
         yield
-    except (ValidationError, ConfigError, NotFoundError) as exc:
-        fail(str(exc), EXIT_REFUSED)
-    except (PluginError, SecretKeyError) as exc:
+    except (ValidationError, ConfigError, NotFoundError, PluginError, SecretKeyError) as exc:
         fail(str(exc), EXIT_REFUSED)
     except CrmError as exc:
         fail(str(exc), EXIT_FAILED)

@@ -8,9 +8,10 @@ stored one: a form that shows a masked secret must never overwrite it with the m
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -117,7 +118,7 @@ class SettingsStore:
         spec: SettingField,
         raw: str,
         row: SystemSetting | UserSetting | None,
-        make_row: object,
+        make_row: Callable[[], SystemSetting | UserSetting],
     ) -> SaveOutcome:
         if spec.secret:
             if not raw.strip():
@@ -139,7 +140,6 @@ class SettingsStore:
             if row is not None and row.value == stored:
                 return SaveOutcome(spec.key, changed=False)
         if row is None:
-            assert callable(make_row)
             row = make_row()
             session.add(row)
         row.value = stored
@@ -262,8 +262,6 @@ def core_fields() -> list[SettingField]:
 
 
 def _existing_pem(text: str) -> str:
-    from pathlib import Path
-
     path = Path(text).expanduser()
     if not path.is_file():
         raise SettingValueError("tls.ca_bundle", f"file {text} does not exist")
