@@ -33,7 +33,7 @@ from crm_core.mail.transport import (
     StepStatus,
     TransportSpec,
 )
-from crm_core.secrets import Secret
+from crm_core.secret_box import Secret
 
 __all__ = [
     "Address",

@@ -38,7 +38,7 @@ from crm_core.mail.transport import (
 )
 from crm_core.models import User
 from crm_core.plugins import installed_plugins, make_plugin_manager
-from crm_core.secrets import SecretBox, load_keys
+from crm_core.secret_box import SecretBox, load_keys
 from crm_core.settings import SaveOutcome, SettingsStore, core_fields
 
 log = logging.getLogger(__name__)

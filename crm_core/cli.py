@@ -570,7 +570,7 @@ def secrets_rotate(ctx: Context) -> None:
     re-encrypted, then the old key removed. With CRM_SECRET_KEY="new,old": secrets are
     re-encrypted with "new"; remove "old" from the variable afterwards.
     """
-    from crm_core.secrets import KEY_ENV, SecretBox, load_keys, replace_key_file
+    from crm_core.secret_box import KEY_ENV, SecretBox, load_keys, replace_key_file
     from crm_core.settings import rotate_secrets
 
     with handled():

@@ -26,10 +26,10 @@ from urllib.parse import urlsplit
 import requests
 import requests.adapters
 
-from crm_core.errors import CrmError, SettingValueError
+from crm_core.errors import SettingValueError, TokenError
 from crm_core.fields import FieldType, Scope, SettingField
 from crm_core.mail.transport import Outcome, Resources, SenderAccount
-from crm_core.secrets import Secret
+from crm_core.secret_box import Secret
 
 if TYPE_CHECKING:
     from requests.adapters import _HostParams, _PoolKwargs
@@ -208,38 +208,6 @@ def credentials_for(account: SenderAccount) -> AppCredentials | None:
         secret_expires=account.get_date(SECRET_EXPIRES),
         ca_bundle=account.get_str("tls.ca_bundle") or None,
     )
-
-
-class TokenError(CrmError):
-    """Entra ID refused or could not answer a token request.
-
-    ``message`` says what is wrong in the guide's terms and ``fix`` what to do;
-    ``codes`` are Entra's ``error_codes`` (AADSTS numbers); ``outcome`` is
-    ``configuration`` for wrong or expired credentials, ``temporary`` for throttling,
-    outages and network failures.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        fix: str,
-        codes: tuple[int, ...] = (),
-        error: str = "",
-        outcome: Outcome = Outcome.CONFIGURATION,
-        correlation_id: str = "",
-    ) -> None:
-        self.message = message
-        self.fix = fix
-        self.codes = codes
-        self.error = error
-        self.outcome = outcome
-        self.correlation_id = correlation_id
-        super().__init__(f"{message} {fix}".strip())
-
-    @property
-    def code(self) -> str:
-        """The first AADSTS code, e.g. "AADSTS7000215", or the OAuth error name."""
-        return f"AADSTS{self.codes[0]}" if self.codes else self.error
 
 
 _TEMPORARY_CODES = frozenset({90006, 90024, 90033, 90055})

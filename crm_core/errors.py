@@ -11,11 +11,12 @@ boundary into these, with ``raise ... from exc``, so callers catch one documente
     │   ├── SettingValueError       one setting's value is refused (names key and fix)
     │   └── MailValidationError     a mail cannot be queued ("Error validating e-mail")
     ├── SecretKeyError              the secret key is missing or cannot decrypt a value
+    ├── TokenError                  Entra ID refused or could not answer a token request
     └── TransportError              a transport failed; carries the outbox classification
-        (outcome: temporary | permanent | configuration | ambiguous)
+        (outcome: an :class:`Outcome`, temporary | permanent | configuration | ambiguous)
 
 Every message is written for the person who can fix the problem, and never contains a
-secret value: secrets are held in :class:`crm_core.secrets.Secret`, whose ``repr`` and
+secret value: secrets are held in :class:`crm_core.secret_box.Secret`, whose ``repr`` and
 ``str`` are masked.
 """
 
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from crm_core.outcome import Outcome
 
 
 class CrmError(Exception):
@@ -96,7 +99,47 @@ class TransportError(CrmError):
     the settings are incomplete), so every message gets the same outcome.
     """
 
-    def __init__(self, outcome: str, message: str, code: str = "") -> None:
-        self.outcome = outcome
+    def __init__(self, outcome: Outcome | str, message: str, code: str = "") -> None:
+        self.outcome = _outcome(outcome)
         self.code = code
         super().__init__(message)
+
+
+class TokenError(CrmError):
+    """Entra ID refused or could not answer a token request.
+
+    ``message`` says what is wrong in the guide's terms and ``fix`` what to do;
+    ``codes`` are Entra's ``error_codes`` (AADSTS numbers); ``outcome`` is
+    ``configuration`` for wrong or expired credentials, ``temporary`` for throttling,
+    outages and network failures.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        fix: str,
+        codes: tuple[int, ...] = (),
+        error: str = "",
+        outcome: Outcome = Outcome.CONFIGURATION,
+        correlation_id: str = "",
+    ) -> None:
+        self.message = message
+        self.fix = fix
+        self.codes = codes
+        self.error = error
+        self.outcome = outcome
+        self.correlation_id = correlation_id
+        super().__init__(f"{message} {fix}".strip())
+
+    @property
+    def code(self) -> str:
+        """The first AADSTS code, e.g. "AADSTS7000215", or the OAuth error name."""
+        return f"AADSTS{self.codes[0]}" if self.codes else self.error
+
+
+def _outcome(value: Outcome | str) -> Outcome:
+    """An outcome by value; an unrecognised one counts as ambiguous (the safe reading)."""
+    try:
+        return Outcome(value)
+    except ValueError:
+        return Outcome.AMBIGUOUS

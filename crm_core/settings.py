@@ -20,7 +20,7 @@ from crm_core.errors import SettingValueError
 from crm_core.fields import FieldType, Scope, SettingField, parse_value, validate_text
 from crm_core.mail.transport import SettingValue
 from crm_core.models import SystemSetting, User, UserSetting, utcnow
-from crm_core.secrets import SecretBox
+from crm_core.secret_box import SecretBox
 
 SAVED = "saved"
 NOT_SET = "not set"

@@ -15,11 +15,11 @@ import requests
 import urllib3.exceptions
 from exchangelib import errors as ews
 
-from crm_core.entra import AppCredentials, TokenError, explain_token_error
-from crm_core.errors import SettingValueError
+from crm_core.entra import AppCredentials, explain_token_error
+from crm_core.errors import SettingValueError, TokenError
 from crm_core.fields import Scope
 from crm_core.mail.transport import Outcome
-from crm_core.secrets import Secret
+from crm_core.secret_box import Secret
 from exchange_mail.auth import _Redact
 from exchange_mail.diagnostics import token_roles
 from exchange_mail.errors import classify, failed_before_sending

@@ -18,7 +18,7 @@ from cryptography.fernet import Fernet
 from crm_core import CrmError, directory
 from crm_core.cli import main
 from crm_core.fields import Scope
-from crm_core.secrets import SecretBox
+from crm_core.secret_box import SecretBox
 
 CLIENT_SECRET = "Kq8~vT.client-secret-VALUE-5c1f0e9a"
 USER_PASSWORD = "hunter2-Lösenord-äö!"

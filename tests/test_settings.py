@@ -13,7 +13,7 @@ from sqlalchemy import select
 from crm_core import SecretKeyError, SettingField, SettingValueError, directory, hookimpl
 from crm_core.fields import FieldType, Scope
 from crm_core.models import SystemSetting, UserSetting
-from crm_core.secrets import Secret, SecretBox, load_keys
+from crm_core.secret_box import Secret, SecretBox, load_keys
 from crm_core.settings import SettingsStore
 
 CONFIG = """

@@ -16,7 +16,7 @@ from crm_core.errors import SettingValueError
 from crm_core.fields import Scope
 from crm_core.mail.message import Attachment
 from crm_core.mail.transport import Outcome
-from crm_core.secrets import Secret
+from crm_core.secret_box import Secret
 from smtp_mail.classify import Phase, connection_failure, disconnected, reply_failure
 from smtp_mail.client import mask
 from smtp_mail.hints import enhanced_code, explain, reply_code

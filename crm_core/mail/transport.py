@@ -16,33 +16,11 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from crm_core.errors import PluginError
-from crm_core.secrets import Secret
+from crm_core.outcome import Outcome as Outcome
+from crm_core.secret_box import Secret
 
 SettingValue = str | int | bool | date | Secret
 T = TypeVar("T")
-
-
-class Outcome(StrEnum):
-    """How one send attempt ended, as the outbox needs to know it.
-
-    - ``sent``: the server took responsibility for the message.
-    - ``temporary``: try again later (4xx, throttling, a connection that failed
-      before the message was handed over).
-    - ``permanent``: the message can never be sent as it is (5xx on a recipient, a
-      message too large); it is not retried.
-    - ``configuration``: the sender's account or the installation is misconfigured
-      (wrong password, expired secret, unknown mailbox); the account is paused
-      until someone fixes the settings, instead of burning retries.
-    - ``ambiguous``: the message may or may not have been sent (connection lost
-      after the final dot, timeout after the request was sent); it becomes
-      ``unknown`` and is reconciled, never silently resent.
-    """
-
-    SENT = "sent"
-    TEMPORARY = "temporary"
-    PERMANENT = "permanent"
-    CONFIGURATION = "configuration"
-    AMBIGUOUS = "ambiguous"
 
 
 @dataclass(frozen=True)

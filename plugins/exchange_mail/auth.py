@@ -26,7 +26,7 @@ import requests
 from exchangelib import OAuth2Credentials
 from oauthlib.oauth2 import OAuth2Token
 
-from crm_core.entra import EXCHANGE_SCOPE, TokenClient
+from crm_core.plugin_api import EXCHANGE_SCOPE, TokenClient
 
 _REDACTED_LOGGERS = (
     "exchangelib.util",

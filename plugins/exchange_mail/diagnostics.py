@@ -24,13 +24,16 @@ import binascii
 import json
 from datetime import date
 
-from crm_core.entra import EXCHANGE_SCOPE, TokenError, is_guid, token_client
-from crm_core.mail.transport import (
+from crm_core.plugin_api import (
+    EXCHANGE_SCOPE,
     ConnectionReport,
     ConnectionStep,
     Resources,
     SenderAccount,
     StepStatus,
+    TokenError,
+    is_guid,
+    token_client,
 )
 from exchange_mail.errors import ADMIN_CONSENT_FIX, Classified, classify
 from exchange_mail.settings import (

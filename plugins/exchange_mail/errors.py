@@ -42,9 +42,14 @@ from datetime import datetime, timedelta
 import requests
 import urllib3.exceptions
 
-from crm_core.entra import CLIENT_ID, TokenError
-from crm_core.mail.message import OutgoingMessage
-from crm_core.mail.transport import Outcome, ReconcileResult, SendResult
+from crm_core.plugin_api import (
+    CLIENT_ID,
+    Outcome,
+    OutgoingMessage,
+    ReconcileResult,
+    SendResult,
+    TokenError,
+)
 from exchange_mail.settings import (
     API,
     CA_BUNDLE,

@@ -68,14 +68,17 @@ from exchangelib.version import (
     EXCHANGE_O365,
 )
 
-from crm_core.entra import EXCHANGE_SCOPE, TokenClient, TrustAdapter, token_client
-from crm_core.mail.message import OutgoingMessage
-from crm_core.mail.transport import (
+from crm_core.plugin_api import (
+    EXCHANGE_SCOPE,
     Outcome,
+    OutgoingMessage,
     ReconcileResult,
     Resources,
     SenderAccount,
     SendResult,
+    TokenClient,
+    TrustAdapter,
+    token_client,
 )
 from exchange_mail.auth import MsalBearerAuth, MsalOAuth2Credentials, install_redaction
 from exchange_mail.errors import Classified, classify, lookup_verdict, not_attempted, result_for

@@ -37,16 +37,19 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
-from crm_core.entra import GRAPH_SCOPE, TokenClient, TrustAdapter, token_client
-from crm_core.mail.message import OutgoingMessage
-from crm_core.mail.transport import (
+from crm_core.plugin_api import (
+    GRAPH_SCOPE,
     ConnectionStep,
     Outcome,
+    OutgoingMessage,
     ReconcileResult,
     Resources,
     SenderAccount,
     SendResult,
     StepStatus,
+    TokenClient,
+    TrustAdapter,
+    token_client,
 )
 from exchange_mail.errors import (
     Classified,

@@ -20,21 +20,25 @@ from datetime import date
 from enum import StrEnum
 from urllib.parse import urlsplit
 
-from crm_core.entra import (
+from crm_core.plugin_api import (
     CLIENT_ID,
     CLIENT_SECRET,
     SECRET_EXPIRES,
     TENANT_ID,
     AppCredentials,
+    FieldType,
+    Scope,
+    Secret,
+    SenderAccount,
+    SettingField,
+    SettingNotice,
+    SettingValue,
+    SettingValueError,
     credentials_for,
     entra_fields,
+    explain_address,
     is_guid,
 )
-from crm_core.errors import SettingValueError
-from crm_core.fields import FieldType, Scope, SettingField, SettingNotice
-from crm_core.mail.addresses import explain_address
-from crm_core.mail.transport import SenderAccount, SettingValue
-from crm_core.secrets import Secret
 
 TRANSPORT = "exchange"
 PLUGIN = "exchange_mail"

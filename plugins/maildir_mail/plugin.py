@@ -7,21 +7,23 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from crm_core import hookimpl
-from crm_core.fields import Scope, SettingField, SettingNotice
-from crm_core.mail.message import OutgoingMessage
-from crm_core.mail.transport import (
+from crm_core.plugin_api import (
     ConnectionReport,
     ConnectionStep,
     Outcome,
+    OutgoingMessage,
     ReconcileResult,
     Resources,
     RouteInfo,
+    Scope,
     SenderAccount,
     SendResult,
+    SettingField,
+    SettingNotice,
     SettingValue,
     StepStatus,
     TransportSpec,
+    hookimpl,
 )
 
 TRANSPORT = "maildir"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
 
-from crm_core.mail.transport import Outcome, SendResult
+from crm_core.plugin_api import Outcome, SendResult
 from smtp_mail.hints import Hint, enhanced_code, explain, reply_code
 from smtp_mail.settings import CA_BUNDLE, HOST, PORT, SECURITY, Security, SmtpSettings
 

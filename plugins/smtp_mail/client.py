@@ -20,8 +20,7 @@ import ssl
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from crm_core.mail.message import OutgoingMessage
-from crm_core.mail.transport import Outcome, SendResult
+from crm_core.plugin_api import Outcome, OutgoingMessage, SendResult
 from smtp_mail.classify import (
     Failure,
     Phase,

@@ -11,7 +11,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from crm_core.mail.transport import (
+from crm_core.plugin_api import (
     ConnectionReport,
     ConnectionStep,
     Resources,

@@ -7,15 +7,16 @@ ID or Client secret is wrong) and classified for the outbox.
 
 from __future__ import annotations
 
-from crm_core.entra import (
+from crm_core.plugin_api import (
     EXCHANGE_SCOPE,
     AppCredentials,
+    Resources,
+    SenderAccount,
     TokenClient,
     TokenError,
     credentials_for,
     token_client,
 )
-from crm_core.mail.transport import Resources, SenderAccount
 from smtp_mail.classify import Failure, Phase, SmtpFailure
 
 

@@ -6,20 +6,22 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 
-from crm_core import hookimpl
-from crm_core.entra import forget_clients
-from crm_core.fields import Scope, SettingField, SettingNotice
-from crm_core.mail.message import OutgoingMessage
-from crm_core.mail.transport import (
+from crm_core.plugin_api import (
     ConnectionReport,
     Outcome,
+    OutgoingMessage,
     ReconcileResult,
     Resources,
     RouteInfo,
+    Scope,
     SenderAccount,
     SendResult,
+    SettingField,
+    SettingNotice,
     SettingValue,
     TransportSpec,
+    forget_clients,
+    hookimpl,
 )
 from smtp_mail import diagnostics
 from smtp_mail.classify import Failure

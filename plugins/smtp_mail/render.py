@@ -20,9 +20,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
 from email.mime.text import MIMEText
 
-from crm_core.mail.addresses import Address
-from crm_core.mail.message import OutgoingMessage
-from crm_core.mail.transport import Outcome
+from crm_core.plugin_api import Address, Outcome, OutgoingMessage
 from smtp_mail.classify import Failure
 
 _ADDRESS_HEADERS = ("From", "To", "Cc", "Reply-To")

@@ -15,11 +15,18 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import TypeVar
 
-from crm_core.entra import entra_fields, missing_credentials
-from crm_core.errors import SettingValueError
-from crm_core.fields import FieldType, Scope, SettingField, SettingNotice
-from crm_core.mail.transport import SenderAccount, SettingValue
-from crm_core.secrets import Secret
+from crm_core.plugin_api import (
+    FieldType,
+    Scope,
+    Secret,
+    SenderAccount,
+    SettingField,
+    SettingNotice,
+    SettingValue,
+    SettingValueError,
+    entra_fields,
+    missing_credentials,
+)
 
 TRANSPORT = "smtp"
 PLUGIN = "smtp_mail"

@@ -1,0 +1,106 @@
+"""Everything a transport plugin may import from crm_core, and nothing else.
+
+Why one module: a plugin that reaches into the core's private modules breaks whenever
+the core is reorganised. Bundled plugins import only from here (a test enforces it), and
+third-party plugins should do the same; what is listed in ``__all__`` keeps its name
+and meaning across releases.
+"""
+
+from crm_core.entra import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    EXCHANGE_SCOPE,
+    GRAPH_SCOPE,
+    SECRET_EXPIRES,
+    TENANT_ID,
+    AppCredentials,
+    TokenClient,
+    TrustAdapter,
+    credentials_for,
+    entra_fields,
+    forget_clients,
+    is_guid,
+    missing_credentials,
+    token_client,
+)
+from crm_core.errors import (
+    ConfigError,
+    CrmError,
+    MailValidationError,
+    NotFoundError,
+    PluginError,
+    Problem,
+    SecretKeyError,
+    SettingValueError,
+    TokenError,
+    TransportError,
+    ValidationError,
+)
+from crm_core.fields import FieldType, Scope, SettingField, SettingNotice
+from crm_core.hookspecs import hookimpl
+from crm_core.mail.addresses import Address, explain_address
+from crm_core.mail.message import Attachment, OutgoingMessage
+from crm_core.mail.transport import (
+    ConnectionReport,
+    ConnectionStep,
+    ReconcileResult,
+    Resources,
+    RouteInfo,
+    SenderAccount,
+    SendResult,
+    SettingValue,
+    StepStatus,
+    TransportSpec,
+)
+from crm_core.outcome import Outcome
+from crm_core.secret_box import Secret
+
+__all__ = [
+    "CLIENT_ID",
+    "CLIENT_SECRET",
+    "EXCHANGE_SCOPE",
+    "GRAPH_SCOPE",
+    "SECRET_EXPIRES",
+    "TENANT_ID",
+    "Address",
+    "AppCredentials",
+    "Attachment",
+    "ConfigError",
+    "ConnectionReport",
+    "ConnectionStep",
+    "CrmError",
+    "FieldType",
+    "MailValidationError",
+    "NotFoundError",
+    "Outcome",
+    "OutgoingMessage",
+    "PluginError",
+    "Problem",
+    "ReconcileResult",
+    "Resources",
+    "RouteInfo",
+    "Scope",
+    "Secret",
+    "SecretKeyError",
+    "SendResult",
+    "SenderAccount",
+    "SettingField",
+    "SettingNotice",
+    "SettingValue",
+    "SettingValueError",
+    "StepStatus",
+    "TokenClient",
+    "TokenError",
+    "TransportError",
+    "TransportSpec",
+    "TrustAdapter",
+    "ValidationError",
+    "credentials_for",
+    "entra_fields",
+    "explain_address",
+    "forget_clients",
+    "hookimpl",
+    "is_guid",
+    "missing_credentials",
+    "token_client",
+]
