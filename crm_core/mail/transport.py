@@ -186,9 +186,40 @@ class Resources:
     name. Thread-safe, because a worker may run several sending threads.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pool_size: int = 1) -> None:
         self._items: dict[Hashable, Any] = {}
+        self._versions: dict[Hashable, Hashable] = {}
         self._lock = threading.RLock()
+        self.pool_size = pool_size
+
+    def set_pool_size(self, size: int) -> None:
+        """How many threads may use one cached client at once (the worker's concurrency).
+
+        Why here: an HTTP client's connection pool must be as large as the number of
+        threads that share it, or requests queue for a connection (urllib3 warns and
+        discards); the worker knows its concurrency, the plugins build the clients.
+        """
+        self.pool_size = max(1, size)
+
+    def current(self, key: tuple[Hashable, ...], version: Hashable, factory: Callable[[], T]) -> T:
+        """The cached object for ``key`` if it was made for ``version``; else a new one.
+
+        Why: caches are keyed per account (or per app registration), and the version
+        is a fingerprint of the settings the object was built from. When the settings
+        change, the old object is closed as it is replaced, instead of lingering with
+        open connections under a key nobody asks for any more.
+        """
+        with self._lock:
+            if key in self._items and self._versions.get(key) == version:
+                value: T = self._items[key]
+                return value
+            old = self._items.pop(key, None)
+            fresh = factory()
+            self._items[key] = fresh
+            self._versions[key] = version
+        if old is not None:
+            _close_quietly(old)
+        return fresh
 
     def get_or_create(self, key: tuple[Hashable, ...], factory: Callable[[], T]) -> T:
         """The cached object for ``key``, made by ``factory`` the first time."""
@@ -208,6 +239,8 @@ class Resources:
         with self._lock:
             doomed = [k for k in self._items if isinstance(k, tuple) and k[: len(prefix)] == prefix]
             values = [self._items.pop(k) for k in doomed]
+            for k in doomed:
+                self._versions.pop(k, None)
         for value in values:
             _close_quietly(value)
         return len(values)
