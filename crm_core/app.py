@@ -21,11 +21,12 @@ from sqlalchemy.orm import Session
 from crm_core import db, signals
 from crm_core.config import Config, load_config
 from crm_core.errors import ConfigError, PluginError, Problem, SettingValueError
-from crm_core.fields import Scope, SettingField, SettingNotice
+from crm_core.fields import Scope, SettingField, SettingNotice, set_command
 from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import (
     ConnectionReport,
     ConnectionStep,
+    Outcome,
     ReconcileResult,
     Resources,
     RouteInfo,
@@ -39,7 +40,7 @@ from crm_core.mail.transport import (
 from crm_core.models import User
 from crm_core.plugins import installed_plugins, make_plugin_manager
 from crm_core.secret_box import SecretBox, load_keys
-from crm_core.settings import SaveOutcome, SettingsStore, core_fields
+from crm_core.settings import TRANSPORT_KEY, SaveOutcome, SettingsStore, core_fields
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Crm:
         self._box: SecretBox | None = None
         self._fields: dict[str, SettingField] | None = None
         self._transports: dict[str, dict[str, TransportSpec]] = {}
+        self._owner_callers: dict[tuple[str, str, str], pluggy.HookCaller] = {}
         event.listen(self.sessions, "after_commit", self._send_pending_signals)
         event.listen(self.sessions, "after_rollback", self._drop_pending_signals)
 
@@ -134,7 +136,7 @@ class Crm:
     def _collect_transports(self, product_line: str) -> dict[str, TransportSpec]:
         manager = self.plugin_manager(product_line)
         found: dict[str, TransportSpec] = {}
-        for plugin, specs in _per_plugin(manager, manager.hook.register_transports):
+        for plugin, specs in _each_plugin(manager, "register_transports"):
             for spec in _typed_list(plugin, "register_transports", specs, TransportSpec):
                 if spec.name in found:
                     raise PluginError(
@@ -142,6 +144,7 @@ class Crm:
                         f"{found[spec.name].plugin!r} and {plugin!r}"
                     )
                 found[spec.name] = TransportSpec(spec.name, spec.label, plugin, spec.description)
+        _check_owner_hooks(manager, {spec.plugin for spec in found.values()})
         return found
 
     def settings_fields(self) -> dict[str, SettingField]:
@@ -159,7 +162,7 @@ class Crm:
         seen_plugins: set[str] = set()
         for line in self.config.product_lines:
             manager = self.plugin_manager(line)
-            for plugin, specs in _per_plugin(manager, manager.hook.register_settings):
+            for plugin, specs in _each_plugin(manager, "register_settings"):
                 if plugin in seen_plugins:
                     continue
                 for spec in _typed_list(plugin, "register_settings", specs, SettingField):
@@ -220,17 +223,18 @@ class Crm:
 
     def user_transport(self, user_values: Mapping[str, SettingValue], user: User) -> str:
         """The user's chosen transport, else the product line's default."""
-        chosen = user_values.get("mail.transport")
+        chosen = user_values.get(TRANSPORT_KEY)
         if isinstance(chosen, str) and chosen:
             return chosen
         return self.config.product_line(user.product_line).default_transport
 
     def set_system_setting(self, session: Session, key: str, raw: str) -> SaveOutcome:
-        """Save a system setting, run plugins' checks (errors veto), notify plugins."""
+        """Save a system setting; refused when it stops sending; plugins are told."""
         store = self.settings_store()
         outcome = store.set_system(session, key, raw)
         if outcome.changed:
-            self._refuse_on_errors(self.check_settings(session, Scope.SYSTEM, None), key)
+            system = store.system_values(session)
+            self._refuse(key, self.installation_problems(system))
             for line in self.config.product_lines:
                 self.plugin_manager(line).hook.system_settings_changed(
                     changed=[key], resources=self.resources
@@ -240,13 +244,11 @@ class Crm:
 
     def set_user_setting(self, session: Session, user: User, key: str, raw: str) -> SaveOutcome:
         """Save a user's setting, with the same checks and notifications."""
-        if key == "mail.transport":
-            self._check_transport_choice(user, raw.strip())
         store = self.settings_store()
         outcome = store.set_user(session, user, key, raw)
         if outcome.changed:
-            self._refuse_on_errors(self.check_settings(session, Scope.USER, user), key)
             account = self.sender_account(session, user)
+            self._refuse(key, self.sender_problems(account))
             self.plugin_manager(user.product_line).hook.user_settings_changed(
                 account=account, changed=[key], resources=self.resources
             )
@@ -255,56 +257,34 @@ class Crm:
             )
         return outcome
 
-    def _check_transport_choice(self, user: User, transport: str) -> None:
-        offered = self.transports(user.product_line)
-        if transport not in offered:
-            raise SettingValueError(
-                "mail.transport",
-                f"{transport!r} is not enabled for product line {user.product_line!r}; "
-                f"enabled: {', '.join(sorted(offered)) or 'none'}",
-            )
-
-    def _refuse_on_errors(self, notices: Sequence[SettingNotice], key: str) -> None:
-        errors = [n for n in notices if n.level == "error" and n.key == key]
-        if errors:
-            raise SettingValueError(key, "; ".join(n.message for n in errors))
+    def _refuse(self, key: str, problems: Sequence[Problem]) -> None:
+        """Refuse a save that causes a problem concerning the saved key."""
+        mine = [p for p in problems if p.concerns(key)]
+        if mine:
+            fixes = "; ".join(dict.fromkeys(p.fix for p in mine if p.fix))
+            text = "; ".join(p.message for p in mine)
+            raise SettingValueError(key, f"{text} ({fixes})" if fixes else text)
 
     def check_settings(
         self, session: Session, scope: Scope, user: User | None
     ) -> list[SettingNotice]:
-        """Warnings and errors from every plugin about the saved settings."""
+        """Advice from every plugin about the saved settings (never stops sending)."""
         store = self.settings_store()
         system = store.system_values(session)
         user_values = store.user_values(session, user.id) if user else None
-        return self._check_values(scope, user, system, user_values)
-
-    def _check_values(
-        self,
-        scope: Scope,
-        user: User | None,
-        system: dict[str, SettingValue],
-        user_values: dict[str, SettingValue] | None,
-    ) -> list[SettingNotice]:
         lines = [user.product_line] if user else list(self.config.product_lines)
+        transport = self.user_transport(user_values, user) if user and user_values else None
         notices: list[SettingNotice] = []
-        seen: set[str] = set()
         for line in lines:
-            manager = self.plugin_manager(line)
-            for plugin, found in _per_plugin(
-                manager,
-                manager.hook.check_settings,
+            answers = self.plugin_manager(line).hook.check_settings(
                 scope=scope,
                 system=system,
                 user=user_values,
                 user_email=user.email if user else None,
-                transport=self.user_transport(user_values, user)
-                if user and user_values is not None
-                else None,
-            ):
-                if plugin in seen:
-                    continue
-                seen.add(plugin)
-                for notice in _typed_list(plugin, "check_settings", found, SettingNotice):
+                transport=transport if user else None,
+            )
+            for found in answers:
+                for notice in _typed_list(f"of {line}", "check_settings", found, SettingNotice):
                     if notice not in notices:
                         notices.append(notice)
         return notices
@@ -323,69 +303,118 @@ class Crm:
             user=user_values,
         )
 
-    def sender_problems(self, session: Session, account: SenderAccount) -> list[Problem]:
-        """What stops this account from sending: transport not enabled, settings missing."""
+    def sender_problems(self, account: SenderAccount) -> list[Problem]:
+        """What stops this account from sending: the one answer everything asks.
+
+        Claim (pauses the account), ``crm send --dry-run``, Test connection,
+        ``crm check``, ``crm users show`` and every save use this and nothing else.
+        The core checks what it knows (the transport is enabled, required fields are
+        set); the transport's owner adds its own rules through ``sending_problems``.
+        """
         offered = self.transports(account.product_line)
         if account.transport not in offered:
+            default = self.config.product_line(account.product_line).default_transport
             return [
                 Problem(
-                    "mail.transport",
+                    TRANSPORT_KEY,
                     f"transport {account.transport!r} is not enabled for product line "
                     f"{account.product_line!r} (enabled: {', '.join(sorted(offered))})",
+                    set_command(account.email, TRANSPORT_KEY, Scope.USER, default),
                 )
             ]
-        problems = []
-        for spec in self.settings_fields().values():
-            if spec.required_for == account.transport and account.get(spec.key) in (None, ""):
-                where = "crm settings set" if spec.scope is Scope.SYSTEM else "crm users set"
-                problems.append(
-                    Problem(spec.key, f"{spec.label} is not set (use `{where} {spec.key} ...`)")
-                )
-        user = session.get(User, account.user_id)
-        if user is not None:
-            # The account's values were read in this transaction a moment ago; reading
-            # them again was a third of the cost of an enqueue (benchmark profile).
-            notices = self._check_values(Scope.USER, user, dict(account.system), dict(account.user))
-            for notice in notices:
-                if notice.level == "error":
-                    problems.append(Problem(notice.key, notice.message))
+        found = self._owner(account, "sending_problems")(account=account)
+        problems = _typed_list(account.transport, "sending_problems", found or [], Problem)
+        named = {p.key for p in problems}
+        missing = [
+            Problem(
+                spec.key,
+                f"{spec.label} is not set",
+                set_command(account.email, spec.key, spec.scope),
+            )
+            for spec in self.settings_fields().values()
+            if spec.required_for == account.transport
+            and spec.key not in named
+            and account.get(spec.key) in (None, "")
+        ]
+        return missing + problems
+
+    def installation_problems(self, system: Mapping[str, SettingValue]) -> list[Problem]:
+        """What in the system settings alone stops any transport from sending.
+
+        Asked with an account of no user (``user_id`` 0, no e-mail) for every
+        transport offered, so that a system save is judged by the same rules as a
+        user's; problems about per-user keys are for each user to fix.
+        """
+        fields = self.settings_fields()
+        problems: list[Problem] = []
+        for line in self.config.product_lines:
+            for transport in self.transports(line):
+                probe = SenderAccount(0, "", "", line, transport, system=system)
+                for problem in self.sender_problems(probe):
+                    spec = fields.get(problem.key)
+                    if spec is not None and spec.scope is Scope.SYSTEM and problem not in problems:
+                        problems.append(problem)
         return problems
 
-    # --- typed hook callers --------------------------------------------------------
+    # --- calls to the transport's owner ------------------------------------------------
+
+    def _owner(self, account: SenderAccount, hook: str) -> pluggy.HookCaller:
+        """``hook`` as called on the plugin that owns ``account.transport`` alone.
+
+        Why a subset hook caller: pluggy's own calling (wrappers, tracing, firstresult)
+        stays, and a plugin never sees another transport's accounts, so it needs no
+        ``if account.transport != ...`` guard. Plugins that offer no transport stay in,
+        for their wrappers (a plain implementation of these hooks is refused at load).
+        """
+        key = (account.product_line, account.transport, hook)
+        caller = self._owner_callers.get(key)
+        if caller is None:
+            spec = self.transports(account.product_line).get(account.transport)
+            if spec is None:
+                raise PluginError(
+                    f"no plugin of product line {account.product_line!r} offers transport "
+                    f"{account.transport!r}"
+                )
+            manager = self.plugin_manager(account.product_line)
+            owners = {t.plugin for t in self.transports(account.product_line).values()}
+            others = [manager.get_plugin(name) for name in owners - {spec.plugin}]
+            caller = manager.subset_hook_caller(hook, remove_plugins=others)
+            self._owner_callers[key] = caller
+        return caller
 
     def send_mail(
         self, account: SenderAccount, messages: Sequence[OutgoingMessage]
     ) -> list[SendResult]:
-        """Hand a batch to the transport that owns ``account.transport``."""
-        manager = self.plugin_manager(account.product_line)
-        results = manager.hook.send_mail(
+        """Hand a batch to the transport that owns ``account.transport``.
+
+        An account that cannot send gets a configuration result for every message
+        without its plugin being asked, so no transport has to check its settings.
+        """
+        problems = self.sender_problems(account)
+        if problems:
+            detail = "; ".join(str(p) for p in problems)
+            return [
+                SendResult(m.message_id, Outcome.CONFIGURATION, detail, code=problems[0].key)
+                for m in messages
+            ]
+        results = self._owner(account, "send_mail")(
             account=account, messages=list(messages), resources=self.resources
         )
         if results is None:
-            raise PluginError(
-                f"no plugin of product line {account.product_line!r} sends via "
-                f"{account.transport!r}"
-            )
+            raise PluginError(f"the plugin of {account.transport!r} does not send mail")
         return check_results(account.transport, [m.message_id for m in messages], results)
 
     def test_connection(self, account: SenderAccount) -> ConnectionReport:
         """Run the transport's Test connection ladder; never sends a mail."""
-        manager = self.plugin_manager(account.product_line)
-        report = manager.hook.test_connection(account=account, resources=self.resources)
-        if report is None:
-            return ConnectionReport(
-                transport=account.transport,
-                summary=f"No plugin answers Test connection for {account.transport!r}",
-                steps=(
-                    ConnectionStep(
-                        "transport",
-                        StepStatus.FAILED,
-                        f"transport {account.transport!r} is not enabled for product line "
-                        f"{account.product_line!r}",
-                        "choose an enabled transport with `crm users set EMAIL mail.transport`",
-                    ),
-                ),
+        problems = self.sender_problems(account)
+        if account.transport in self.transports(account.product_line):
+            report = self._owner(account, "test_connection")(
+                account=account, resources=self.resources, problems=problems
             )
+        else:
+            report = _settings_report(account.transport, problems)
+        if report is None:
+            report = _settings_report(account.transport, problems)
         if not isinstance(report, ConnectionReport):
             raise PluginError(f"test_connection for {account.transport!r} returned {report!r}")
         # No database change is involved, so there is no commit to wait for.
@@ -398,8 +427,7 @@ class Crm:
         self, account: SenderAccount, messages: Sequence[OutgoingMessage]
     ) -> list[ReconcileResult]:
         """Ask the transport whether ``unknown`` messages were sent."""
-        manager = self.plugin_manager(account.product_line)
-        found = manager.hook.reconcile_mail(
+        found = self._owner(account, "reconcile_mail")(
             account=account, messages=list(messages), resources=self.resources
         )
         if found is None:
@@ -411,23 +439,56 @@ class Crm:
 
     def describe_route(self, account: SenderAccount) -> RouteInfo | None:
         """How the transport would send for ``account`` (no network)."""
-        manager = self.plugin_manager(account.product_line)
-        route = manager.hook.describe_route(account=account)
+        if account.transport not in self.transports(account.product_line):
+            return None
+        route = self._owner(account, "describe_route")(account=account)
         return route if isinstance(route, RouteInfo) else None
 
 
-def _per_plugin(manager: pluggy.PluginManager, caller: Any, **kwargs: Any) -> list[tuple[str, Any]]:
-    """Call a collect-all hook and pair each result with the plugin that gave it."""
-    results: list[tuple[str, Any]] = []
-    for impl in reversed(caller.get_hookimpls()):
-        if impl.wrapper or impl.hookwrapper:
-            continue  # collect-all registration hooks take no wrappers
-        name = manager.get_name(impl.plugin) or "?"
-        args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
-        value = impl.function(**args)
-        if value is not None:
-            results.append((name, value))
-    return results
+OWNER_HOOKS = (
+    "sending_problems",
+    "send_mail",
+    "test_connection",
+    "reconcile_mail",
+    "describe_route",
+)
+"""Hooks the core calls on the owner of an account's transport alone."""
+
+
+def _settings_report(transport: str, problems: Sequence[Problem]) -> ConnectionReport:
+    """Test connection's answer when no plugin can run a ladder for the account."""
+    steps = tuple(
+        ConnectionStep("settings", StepStatus.FAILED, p.message, p.fix) for p in problems
+    ) or (ConnectionStep("settings", StepStatus.FAILED, f"{transport} cannot be tested"),)
+    return ConnectionReport(transport, f"Test connection failed for {transport!r}", steps)
+
+
+def _each_plugin(manager: pluggy.PluginManager, hook: str) -> list[tuple[str, Any]]:
+    """Call a collect-all hook on each plugin alone and pair its answers with its name.
+
+    Why pluggy's subset caller and not our own loop over the implementations: the
+    answers must be attributed (a transport's owner, a field's plugin), and pluggy's
+    calling keeps its argument handling and tracing.
+    """
+    plugins = [(name, plugin) for name, plugin in manager.list_name_plugin() if plugin]
+    answers: list[tuple[str, Any]] = []
+    for name, plugin in plugins:
+        others = [other for _, other in plugins if other is not plugin]
+        for value in manager.subset_hook_caller(hook, remove_plugins=others)():
+            answers.append((name, value))
+    return answers
+
+
+def _check_owner_hooks(manager: pluggy.PluginManager, owners: set[str]) -> None:
+    """Refuse a plugin that answers an owner's hook without offering a transport."""
+    for hook in OWNER_HOOKS:
+        for impl in getattr(manager.hook, hook).get_hookimpls():
+            name = manager.get_name(impl.plugin) or "?"
+            if not (impl.wrapper or impl.hookwrapper) and name not in owners:
+                raise PluginError(
+                    f"plugin {name!r} implements {hook} but offers no transport; "
+                    "only a transport's own plugin answers it (others may wrap it)"
+                )
 
 
 def _typed_list(plugin: str, hook: str, value: Any, cls: type[Any]) -> list[Any]:

@@ -314,7 +314,7 @@ def users_show(ctx: Context, email: str, as_json: bool) -> None:
             user = directory.find_user(session, email)
             views = crm.settings_store().describe_user(session, user)
             account = crm.sender_account(session, user)
-            problems = crm.sender_problems(session, account)
+            problems = crm.sender_problems(account)
             notices = crm.check_settings(session, Scope.USER, user)
             pause = session.get(AccountPause, user.id)
             paused = (

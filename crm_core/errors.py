@@ -46,13 +46,31 @@ class NotFoundError(CrmError):
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with some input: which field or value, and why."""
+    """One thing wrong: which setting or value (``key``), why, and what to do.
 
-    field: str
+    The one type for every "what is wrong" answer: refused input, and what stops an
+    account from sending (claim, dry run, Test connection, ``crm check``, saving a
+    setting). ``fix`` is a command or an action that works as written, e.g.
+    ``crm users set anna@contoso.se exchange.sync true``. ``also`` names other keys
+    whose save can cause the same problem, so that saving any of them is refused.
+    """
+
+    key: str
     message: str
+    fix: str = ""
+    also: tuple[str, ...] = ()
+
+    def concerns(self, key: str) -> bool:
+        """True when saving ``key`` can cause (or cure) this problem."""
+        return key == self.key or key in self.also
 
     def __str__(self) -> str:
-        return f"{self.field}: {self.message}" if self.field else self.message
+        text = f"{self.key}: {self.message}" if self.key else self.message
+        return f"{text} (fix: {self.fix})" if self.fix else text
+
+    def as_dict(self) -> dict[str, str]:
+        """JSON-ready form."""
+        return {"key": self.key, "message": self.message, "fix": self.fix}
 
 
 class ValidationError(CrmError):

@@ -7,6 +7,7 @@ without knowing the plugin.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -111,6 +112,19 @@ def validate_text(spec: SettingField, raw: str) -> str:
     if text:
         parse_value(spec, text)
     return text
+
+
+def set_command(email: str, key: str, scope: Scope, value: str = "") -> str:
+    """The ``crm`` command that saves ``key`` (for the user ``email``), ready to type.
+
+    Why a helper: every fix hint must be a command that works when typed, with the
+    user's own address in it. Without a value, ``crm … set`` asks for it (hidden for
+    a secret); an installation-wide check has no user and says ``EMAIL``.
+    """
+    tail = f"{key} {shlex.quote(value)}" if value else key
+    if scope is Scope.SYSTEM:
+        return f"crm settings set {tail}"
+    return f"crm users set {shlex.quote(email) if email else 'EMAIL'} {tail}"
 
 
 def by_key(fields: Sequence[SettingField]) -> dict[str, SettingField]:

@@ -9,10 +9,14 @@ Families:
 
 - ``register_*``: called once when a product line's plugin manager is built; return
   lists of declarations. Duplicates across plugins stop start-up.
-- ``send_mail`` / ``test_connection`` / ``reconcile_mail`` / ``describe_route``:
-  answered by the plugin that owns ``account.transport`` (first non-None result wins);
-  other plugins return None.
-- ``check_settings``: every plugin may add warnings or errors about saved settings.
+- ``sending_problems`` / ``send_mail`` / ``test_connection`` / ``reconcile_mail`` /
+  ``describe_route``: called on the plugin that owns ``account.transport`` alone (the
+  core knows the owner from ``register_transports`` and calls a pluggy subset hook
+  caller without the plugins of other transports), so an implementation never checks
+  whether the account is its own. Plugins that offer no transport (observers, tracing)
+  may wrap these hooks with ``hookimpl(wrapper=True)``; they may not answer them.
+- ``check_settings``: every plugin may add advice (warnings) about saved settings;
+  what stops an account from sending is ``sending_problems``.
 - ``user_settings_changed`` / ``system_settings_changed``: every plugin drops what it
   cached for the changed account; raising :class:`crm_core.errors.ValidationError`
   vetoes the change (the transaction is rolled back).
@@ -27,6 +31,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from crm_core.errors import Problem
     from crm_core.fields import Scope, SettingField, SettingNotice
     from crm_core.mail.message import OutgoingMessage
     from crm_core.mail.transport import (
@@ -81,15 +86,32 @@ def check_settings(
     user_email: str | None,
     transport: str | None,
 ) -> list[SettingNotice]:
-    """Cross-field checks of saved settings: warnings and errors for the admin.
+    """Advice about saved settings that does not stop sending: warnings for the admin.
 
-    Called on save (errors then refuse the save) and by ``crm settings show`` /
-    ``crm users show`` (everything is shown). ``user``, ``user_email`` and
-    ``transport`` (the user's effective transport: their choice, else their product
-    line's default) are None for system scope. Return a list of
+    Called after a save and by ``crm settings show`` / ``crm users show``. ``user``,
+    ``user_email`` and ``transport`` (the user's effective transport: their choice,
+    else their product line's default) are None for system scope. Return a list of
     :class:`SettingNotice` (may be empty). Use it for what one field's validator
-    cannot see, e.g. a username whose domain differs from ``exchange.domain``, or a
-    client secret that expires within 30 days.
+    cannot see and that is worth a warning, e.g. a username whose domain differs from
+    ``exchange.domain``, or a client secret that expires within 30 days. What stops
+    an account from sending belongs in :func:`sending_problems` instead.
+    """
+
+
+@hookspec(firstresult=True)
+def sending_problems(account: SenderAccount) -> list[Problem]:
+    """What stops this account from sending, in the transport's own terms.
+
+    Called on the owner of ``account.transport`` only, by the one core method that
+    answers the question for claim, ``crm send --dry-run``, Test connection,
+    ``crm check``, ``crm users show`` and every save (a save is refused when a
+    problem concerns the saved key: its ``key`` or ``also``). The core has already
+    checked that the transport is enabled and that fields declared ``required_for``
+    it are set. Return a list of :class:`Problem` (empty when ready), each with a
+    ``fix`` that works when typed, e.g. ``crm users set anna@contoso.se
+    exchange.sync true``. Must not touch the network. For the installation's own
+    settings the core asks with an account whose ``user_id`` is 0 and ``email`` is
+    empty.
     """
 
 
@@ -119,12 +141,13 @@ def system_settings_changed(changed: Sequence[str], resources: Resources) -> Non
 @hookspec(firstresult=True)
 def send_mail(
     account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
-) -> list[SendResult] | None:
-    """Send a batch of messages for one sender account. First non-None result wins.
+) -> list[SendResult]:
+    """Send a batch of messages for one sender account.
 
-    Called by the outbox worker, outside any database transaction, with messages
-    grouped by sender so that the transport can reuse one connection or session.
-    Return None unless ``account.transport`` is one of yours. Otherwise return one
+    Called by the outbox worker, outside any database transaction, on the owner of
+    ``account.transport``, with messages grouped by sender so that the transport can
+    reuse one connection or session, and only when :func:`sending_problems` found
+    nothing (otherwise the account is paused before any attempt). Return one
     :class:`SendResult` per message, classifying each failure (temporary, permanent,
     configuration, ambiguous) so that the outbox never loses a mail and never resends
     one that may have gone. Raise only for programming errors; the core then marks
@@ -133,10 +156,14 @@ def send_mail(
 
 
 @hookspec(firstresult=True)
-def test_connection(account: SenderAccount, resources: Resources) -> ConnectionReport | None:
-    """Run the Test connection ladder for one account. First non-None result wins.
+def test_connection(
+    account: SenderAccount, resources: Resources, problems: Sequence[Problem]
+) -> ConnectionReport:
+    """Run the Test connection ladder for one account.
 
-    Return None unless ``account.transport`` is yours. Otherwise return a
+    ``problems`` is the core's answer to "what stops this account from sending"
+    (the same list a claim would pause on): show it in your settings rung instead of
+    working it out again, and skip the rungs it makes pointless. Return a
     :class:`ConnectionReport` whose steps are green or red, each with the reason and
     what to fix. Must not send a mail.
     """
@@ -145,18 +172,18 @@ def test_connection(account: SenderAccount, resources: Resources) -> ConnectionR
 @hookspec(firstresult=True)
 def reconcile_mail(
     account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
-) -> list[ReconcileResult] | None:
-    """Find out whether messages in state ``unknown`` were sent. First result wins.
+) -> list[ReconcileResult]:
+    """Find out whether messages in state ``unknown`` were sent.
 
-    Return None unless the transport is yours; otherwise one
-    :class:`ReconcileResult` per message (``sent=None`` when you cannot tell, e.g.
-    SMTP, which has no way to look).
+    Return one :class:`ReconcileResult` per message (``sent=None`` when you cannot
+    tell, e.g. SMTP, which has no way to look). A plugin that does not implement it
+    leaves every message for an operator to decide.
     """
 
 
 @hookspec(firstresult=True)
-def describe_route(account: SenderAccount) -> RouteInfo | None:
+def describe_route(account: SenderAccount) -> RouteInfo:
     """Say how this account's mail would be sent (server, account), for dry runs.
 
-    Return None unless the transport is yours. Must not touch the network.
+    Must not touch the network.
     """

@@ -36,7 +36,7 @@ from crm_core.errors import (
     TransportError,
     ValidationError,
 )
-from crm_core.fields import FieldType, Scope, SettingField, SettingNotice
+from crm_core.fields import FieldType, Scope, SettingField, SettingNotice, set_command
 from crm_core.hookspecs import hookimpl
 from crm_core.mail.addresses import Address, explain_address
 from crm_core.mail.message import Attachment, OutgoingMessage
@@ -102,5 +102,6 @@ __all__ = [
     "hookimpl",
     "is_guid",
     "missing_credentials",
+    "set_command",
     "token_client",
 ]

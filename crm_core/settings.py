@@ -24,6 +24,8 @@ from crm_core.secret_box import SecretBox
 
 SAVED = "saved"
 NOT_SET = "not set"
+TRANSPORT_KEY = "mail.transport"
+"""The user's choice of transport (else the product line's default)."""
 
 
 @dataclass(frozen=True)
@@ -240,7 +242,7 @@ def core_fields() -> list[SettingField]:
     """Fields the core itself owns (the transport choice, the private CA bundle)."""
     return [
         SettingField(
-            key="mail.transport",
+            key=TRANSPORT_KEY,
             scope=Scope.USER,
             label="Send via",
             type=FieldType.TEXT,

@@ -219,7 +219,7 @@ def test_sync_with_exchange_not_ticked(world: ExchangeWorld) -> None:
     detail, fix = red(report, "sync")
     assert report.summary == "Cannot send via Exchange: " + detail
     assert detail.startswith("'Sync with Exchange' is not ticked; it must be ticked")
-    assert fix == "crm users set EMAIL exchange.sync true"
+    assert fix == "crm users set anna@contoso.se exchange.sync true"
     assert steps(report)["mailbox"][0] == "ok"  # the connection itself works
 
 
@@ -327,8 +327,7 @@ def test_line_default_transport_is_held_to_the_sync_rule(make_crm: CrmFactory, c
             world.set_system(key, value)
         world.set_user("exchange.username", USER)
         world.set_user("exchange.domain", TENANT_DOMAIN)  # mail.transport never chosen
-        with world.crm.transaction() as session:
-            problems = world.crm.sender_problems(session, world.account())
-        assert [(p.field, p.message.split(";")[0]) for p in problems] == [
+        problems = world.crm.sender_problems(world.account())
+        assert [(p.key, p.message.split(";")[0]) for p in problems] == [
             ("exchange.sync", "'Sync with Exchange' is not ticked")
         ]

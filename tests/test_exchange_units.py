@@ -16,9 +16,9 @@ import urllib3.exceptions
 from exchangelib import errors as ews
 
 from crm_core.entra import AppCredentials, explain_token_error
-from crm_core.errors import SettingValueError, TokenError
+from crm_core.errors import Problem, SettingValueError, TokenError
 from crm_core.fields import Scope
-from crm_core.mail.transport import Outcome
+from crm_core.mail.transport import Outcome, SenderAccount, SettingValue
 from crm_core.secret_box import Secret
 from exchange_mail.auth import _Redact
 from exchange_mail.diagnostics import token_roles
@@ -31,8 +31,10 @@ from exchange_mail.settings import (
     Api,
     AuthMode,
     ExchangeSettings,
+    blocking_problems,
     check,
     domain_mismatch,
+    resolve,
     secret_expiry_notice,
     validate_ews_url,
 )
@@ -144,25 +146,29 @@ def test_no_retirement_notice_on_premises_or_with_graph() -> None:
     assert check(Scope.SYSTEM, graph, None, TODAY) == []
 
 
-def test_user_notices() -> None:
-    user = {"exchange.username": "anna@vitec.se", "exchange.domain": "vitecsoftware.com"}
-    notices = {n.key: n for n in check(Scope.USER, {}, user, TODAY, "exchange")}
-    assert notices["exchange.url"].level == "error"  # EWS (the default) needs the URL
-    assert notices["exchange.username"].level == "warning"
+def test_user_notices_are_advice_and_problems_stop_sending() -> None:
+    user: dict[str, SettingValue] = {
+        "exchange.username": "anna@vitec.se",
+        "exchange.domain": "vitecsoftware.com",
+    }
+    notices = check(Scope.USER, {}, user, TODAY, "exchange")
+    assert [(n.key, n.level) for n in notices] == [("exchange.username", "warning")]
     assert "anna@vitec.se is in domain vitec.se, but exchange.domain is vitecsoftware.com" in (
-        notices["exchange.username"].message
+        notices[0].message
     )
-    assert notices["exchange.sync"].level == "error"
-    assert "'Sync with Exchange' is not ticked" in notices["exchange.sync"].message
+
+    def problems(system: dict[str, SettingValue]) -> dict[str, Problem]:
+        account = SenderAccount(1, "anna@vitec.se", "Anna", "sales", "exchange", system, user)
+        return {p.key: p for p in blocking_problems(account, resolve(account))}
+
+    found = problems({})
+    assert "exchange.url" in found  # EWS (the default) needs the URL
+    assert "'Sync with Exchange' is not ticked" in found["exchange.sync"].message
+    assert found["exchange.sync"].fix == "crm users set anna@vitec.se exchange.sync true"
     user["exchange.sync"] = True
-    user["exchange.username"] = "anna@VitecSoftware.com"
-    system = {"exchange.url": "https://mail.org.se/EWS/Exchange.asmx"}
-    assert check(Scope.USER, system, user, TODAY, "exchange") == []
-    graph = {"exchange.api": "graph"}
-    assert check(Scope.USER, graph, user, TODAY, "exchange") == []  # Graph needs no URL
-    # A user who sends another way is not held to Exchange's rules.
-    user["exchange.sync"] = False
-    assert check(Scope.USER, {}, user, TODAY, "smtp") == []
+    user["exchange.password"] = Secret("pw")
+    assert problems({"exchange.url": "https://mail.org.se/EWS/Exchange.asmx"}) == {}
+    assert list(problems({"exchange.api": "graph"})) == ["exchange.api"]  # no URL needed
 
 
 def test_domain_mismatch_is_case_insensitive() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from crm_core import (
     Outcome,
     OutgoingMessage,
     PluginError,
+    Problem,
     ReconcileResult,
     Resources,
     RouteInfo,
@@ -64,13 +66,17 @@ class ProbeMail:
         ]
 
     @hookimpl
-    def check_settings(
-        self, scope: Scope, system: dict[str, object], user: dict[str, object] | None
-    ) -> list[SettingNotice]:
-        if scope is Scope.USER and user is not None and user.get("probe.account") == "bad":
-            return [SettingNotice("probe.account", "error", "account 'bad' is not allowed")]
+    def check_settings(self, system: dict[str, object]) -> list[SettingNotice]:
         if system.get("probe.server") == "old.example":
             return [SettingNotice("probe.server", "warning", "old.example is retiring")]
+        return []
+
+    @hookimpl
+    def sending_problems(self, account: SenderAccount) -> list[Problem]:
+        self.calls.append(("sending_problems", account.email))
+        if account.get_str("probe.account") == "bad":
+            fix = f"crm users set {account.email} probe.account good"
+            return [Problem("probe.account", "account 'bad' is not allowed", fix)]
         return []
 
     @hookimpl
@@ -89,17 +95,16 @@ class ProbeMail:
     @hookimpl
     def send_mail(
         self, account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
-    ) -> list[SendResult] | None:
-        if account.transport != "probe":
-            return None
+    ) -> list[SendResult]:
         conn = resources.get_or_create(("probe", account.key), lambda: object())
         self.calls.append(("send_mail", (account.email, len(messages), id(conn))))
         return [SendResult(m.message_id, Outcome.SENT) for m in messages]
 
     @hookimpl
-    def test_connection(self, account: SenderAccount) -> ConnectionReport | None:
-        if account.transport != "probe":
-            return None
+    def test_connection(
+        self, account: SenderAccount, problems: Sequence[Problem]
+    ) -> ConnectionReport:
+        self.calls.append(("test_connection", tuple(problems)))
         server = account.get_str("probe.server")
         status = StepStatus.OK if server else StepStatus.FAILED
         return ConnectionReport(
@@ -109,15 +114,11 @@ class ProbeMail:
     @hookimpl
     def reconcile_mail(
         self, account: SenderAccount, messages: Sequence[OutgoingMessage]
-    ) -> list[ReconcileResult] | None:
-        if account.transport != "probe":
-            return None
+    ) -> list[ReconcileResult]:
         return [ReconcileResult(m.message_id, True, "found") for m in messages]
 
     @hookimpl
-    def describe_route(self, account: SenderAccount) -> RouteInfo | None:
-        if account.transport != "probe":
-            return None
+    def describe_route(self, account: SenderAccount) -> RouteInfo:
         return RouteInfo("probe", account.get_str("probe.server"), account.email)
 
 
@@ -164,17 +165,38 @@ def test_hook_register_settings(crm) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_hook_check_settings(crm) -> None:  # type: ignore[no-untyped-def]
-    account = add_user(crm)
+    add_user(crm)
     with crm.transaction() as session:
         crm.set_system_setting(session, "probe.server", "old.example")
         notices = crm.check_settings(session, Scope.SYSTEM, None)
     assert [n.message for n in notices] == ["old.example is retiring"]
+    with crm.transaction() as session:  # advice never refuses a save
+        crm.set_system_setting(session, "probe.server", "old.example")
+
+
+def test_hook_sending_problems(crm, probe: ProbeMail) -> None:  # type: ignore[no-untyped-def]
+    account = add_user(crm)
+    assert crm.sender_problems(account) == []
     with (
-        pytest.raises(SettingValueError, match="'bad' is not allowed"),
+        pytest.raises(SettingValueError, match="'bad' is not allowed") as refused,
         crm.transaction() as session,
     ):
         user = directory.find_user(session, account.email)
         crm.set_user_setting(session, user, "probe.account", "bad")
+    assert "crm users set anna@example.se probe.account good" in str(refused.value)
+    # The same answer reaches Test connection, and a send never gets to the plugin.
+    bad = replace(account, user={"probe.account": "bad"})
+    crm.test_connection(bad)
+    assert probe.calls[-1] == ("test_connection", tuple(crm.sender_problems(bad)))
+    results = crm.send_mail(bad, [message(1)])
+    assert [r.outcome for r in results] == [Outcome.CONFIGURATION]
+    assert "'bad' is not allowed" in results[0].detail
+    assert not [c for c in probe.calls if c[0] == "send_mail"]
+    # The core's own rule comes first: a required field that is not set.
+    unset = replace(account, system={})
+    assert [str(p) for p in crm.sender_problems(unset)] == [
+        "probe.server: Server is not set (fix: crm settings set probe.server)"
+    ]
 
 
 def test_hook_user_settings_changed(crm, probe: ProbeMail) -> None:  # type: ignore[no-untyped-def]
@@ -222,7 +244,7 @@ def test_hook_send_mail_must_answer_for_every_message(make_crm) -> None:  # type
         @hookimpl
         def send_mail(
             self, account: SenderAccount, messages: Sequence[OutgoingMessage]
-        ) -> list[SendResult] | None:
+        ) -> list[SendResult]:
             return [SendResult(messages[0].message_id, Outcome.SENT)]
 
     crm = make_crm(CONFIG, extra_plugins=(("probe_mail", Forgetful()),))

@@ -105,7 +105,7 @@ def test_limits_are_checked_at_enqueue(make_crm: Any) -> None:
     )
     with pytest.raises(MailValidationError) as caught, crm.transaction() as s:
         outbox.enqueue(crm, s, big)
-    assert {p.field for p in caught.value.problems} == {"size", "recipients"}
+    assert {p.key for p in caught.value.problems} == {"size", "recipients"}
 
 
 def test_sender_settings_and_transport_are_checked(make_crm: Any) -> None:

@@ -12,10 +12,10 @@ from email.message import EmailMessage
 
 import pytest
 
-from crm_core.errors import SettingValueError
+from crm_core.errors import Problem, SettingValueError
 from crm_core.fields import Scope
 from crm_core.mail.message import Attachment
-from crm_core.mail.transport import Outcome
+from crm_core.mail.transport import Outcome, SenderAccount, SettingValue
 from crm_core.secret_box import Secret
 from smtp_mail.classify import Phase, connection_failure, disconnected, reply_failure
 from smtp_mail.client import mask
@@ -27,6 +27,7 @@ from smtp_mail.settings import (
     SmtpSettings,
     check,
     is_loopback,
+    sending_problems,
     smtp_fields,
 )
 from tests.conftest import CrmFactory
@@ -311,24 +312,48 @@ def test_not_loopback(host: str) -> None:
     assert not is_loopback(host)
 
 
+def problems(
+    system: dict[str, SettingValue], user: dict[str, SettingValue] | None = None
+) -> list[Problem]:
+    """What stops an SMTP account with these settings (the installation's own: no user)."""
+    email = "a@example.com" if user is not None else ""
+    return sending_problems(SenderAccount(0, email, "", "", "smtp", system, user or {}))
+
+
 def test_plaintext_login_to_a_remote_host_is_an_error_on_each_key_that_makes_it() -> None:
-    system = {"smtp.host": "relay.example.net", "smtp.security": "none", "smtp.auth": "password"}
-    notices = check(Scope.SYSTEM, system, None, None)
-    assert {n.key for n in notices if n.level == "error"} == {
+    system: dict[str, SettingValue] = {
+        "smtp.host": "relay.example.net",
+        "smtp.security": "none",
+        "smtp.auth": "password",
+    }
+    (unsafe,) = [p for p in problems(system) if "unencrypted" in p.message]
+    assert {k for k in ("smtp.security", "smtp.auth", "smtp.host") if unsafe.concerns(k)} == {
         "smtp.security",
         "smtp.auth",
         "smtp.host",
     }
-    assert "unencrypted" in notices[0].message
-    assert check(Scope.SYSTEM, {**system, "smtp.host": "127.0.0.1"}, None, None) == []
-    assert check(Scope.SYSTEM, {**system, "smtp.auth": "none"}, None, None) == []
+    assert unsafe.fix == "crm settings set smtp.security starttls"
+    assert not [
+        p for p in problems({**system, "smtp.host": "127.0.0.1"}) if p.key == "smtp.security"
+    ]
+    assert problems({**system, "smtp.auth": "none"}) == []
+    # A user's own override is fixed where it was made.
+    (mine,) = [p for p in problems({}, system) if "unencrypted" in p.message]
+    assert mine.fix == "crm users set a@example.com smtp.security starttls"
 
 
 def test_xoauth2_lists_the_missing_entra_codes() -> None:
-    system = {"smtp.auth": "xoauth2", "exchange.tenant_id": "contoso.onmicrosoft.com"}
-    (notice,) = check(Scope.SYSTEM, system, None, None)
-    assert notice.key == "smtp.auth" and notice.level == "error"
-    assert "exchange.client_id, exchange.client_secret" in notice.message
+    system: dict[str, SettingValue] = {
+        "smtp.host": "smtp.office365.com",
+        "smtp.auth": "xoauth2",
+        "exchange.tenant_id": "contoso.onmicrosoft.com",
+    }
+    (problem,) = problems(system)
+    assert problem.key == "smtp.auth"
+    assert "exchange.client_id, exchange.client_secret" in problem.message
+    assert problem.fix == (
+        "crm settings set exchange.client_id; crm settings set exchange.client_secret"
+    )
 
 
 def test_port_that_does_not_fit_the_security_is_a_warning() -> None:
@@ -337,23 +362,24 @@ def test_port_that_does_not_fit_the_security_is_a_warning() -> None:
 
 
 def test_user_checks_only_for_users_of_smtp() -> None:
-    system = {"smtp.host": "smtp.example.net"}
-    assert check(Scope.USER, system, {"mail.transport": "maildir"}, "a@example.com") == []
-    notices = check(Scope.USER, system, {"mail.transport": "smtp"}, "a@example.com")
-    assert {(n.key, n.level) for n in notices} == {
-        ("smtp.username", "error"),
-        ("smtp.password", "error"),
-    }
-    oauth_user = {"mail.transport": "smtp", "smtp.auth": "xoauth2"}
-    (notice,) = check(Scope.USER, system, oauth_user, "a@example.com")
-    assert notice.key == "smtp.auth"  # username defaults to the e-mail; codes are missing
+    system: dict[str, SettingValue] = {"smtp.host": "smtp.example.net", "smtp.security": "ssl"}
+    user: dict[str, SettingValue] = {"mail.transport": "maildir", "smtp.port": 587}
+    assert check(Scope.USER, system, user, "a@example.com") == []
+    user["mail.transport"] = "smtp"
+    assert [n.key for n in check(Scope.USER, system, user, "a@example.com")] == ["smtp.port"]
+    assert [(p.key, p.fix) for p in problems(system, {})] == [
+        ("smtp.username", "crm users set a@example.com smtp.username"),
+        ("smtp.password", "crm users set a@example.com smtp.password"),
+    ]
+    oauth_user: dict[str, SettingValue] = {"smtp.auth": "xoauth2"}
+    (problem,) = problems(system, oauth_user)
+    assert problem.key == "smtp.auth"  # username defaults to the e-mail; codes are missing
 
 
 def test_user_checks_follow_the_product_lines_default_transport() -> None:
-    system = {"smtp.host": "smtp.example.net"}
+    system: dict[str, SettingValue] = {"smtp.security": "ssl", "smtp.port": 587}
     # No mail.transport of their own: the core says their line defaults to smtp.
-    notices = check(Scope.USER, system, {}, "a@example.com", "smtp")
-    assert {n.key for n in notices} == {"smtp.username", "smtp.password"}
+    assert [n.key for n in check(Scope.USER, system, {}, "a@example.com", "smtp")] == ["smtp.port"]
     assert check(Scope.USER, system, {"smtp.username": "a"}, "a@example.com", "maildir") == []
 
 

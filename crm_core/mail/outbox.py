@@ -298,8 +298,8 @@ def _check(crm: Crm, session: Session, request: MailRequest) -> _Checked:
     if checked.user is not None:
         checked.account, problems = account_problems(crm, session, checked.user)
         for problem in problems:
-            where = f"sender {checked.user.email}" + (f": {problem.field}" if problem.field else "")
-            checked.problems.append(Problem(where, problem.message))
+            where = f"sender {checked.user.email}" + (f": {problem.key}" if problem.key else "")
+            checked.problems.append(Problem(where, problem.message, problem.fix))
     to, cc, bcc, reply_to = (
         _addresses(raw, name, checked.problems)
         for raw, name in (
@@ -348,7 +348,7 @@ def account_problems(
     """
     try:
         account = crm.sender_account(session, user)
-        return account, crm.sender_problems(session, account)
+        return account, crm.sender_problems(account)
     except CrmError as exc:
         return None, [Problem("", str(exc))]
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Sequence
 from datetime import date
 
 from crm_core.plugin_api import (
     EXCHANGE_SCOPE,
     ConnectionReport,
     ConnectionStep,
+    Problem,
     Resources,
     SenderAccount,
     StepStatus,
@@ -43,13 +45,12 @@ from exchange_mail.settings import (
     Api,
     AuthMode,
     ExchangeSettings,
-    blocking_problems,
     domain_mismatch,
     ews_retirement_notice,
     resolve,
     secret_expiry_notice,
-    sync_problem,
 )
+from exchange_mail.settings import SYNC as SYNC_KEY
 
 CONNECTED = "Connected to Exchange"
 
@@ -67,13 +68,21 @@ def token_roles(token: str) -> tuple[str, ...] | None:
     return tuple(str(r) for r in roles) if isinstance(roles, list) else None
 
 
-def run(account: SenderAccount, resources: Resources, today: date) -> ConnectionReport:
-    """The whole ladder for one account."""
+def run(
+    account: SenderAccount, resources: Resources, today: date, found: Sequence[Problem]
+) -> ConnectionReport:
+    """The whole ladder for one account.
+
+    ``found`` is the core's answer to what stops the account from sending (our
+    ``sending_problems`` among it); the settings rung shows it, except the unticked
+    "Sync with Exchange", which has its own rung at the end.
+    """
     settings = resolve(account)
     steps: list[ConnectionStep] = []
     failures: list[tuple[ConnectionStep, bool]] = []  # (step, guide's "Credentials" case)
 
-    problems = [p for p in blocking_problems(account, settings) if p.key != sync_problem().key]
+    problems = [p for p in found if p.key != SYNC_KEY]
+    unticked = next((p for p in found if p.key == SYNC_KEY), None)
     if problems:
         step = ConnectionStep(
             SETTINGS,
@@ -131,11 +140,10 @@ def run(account: SenderAccount, resources: Resources, today: date) -> Connection
     else:
         add(*_mailbox_step(settings, resources, roles))
 
-    if settings.sync:
+    if unticked is None:
         steps.append(ConnectionStep(SYNC, StepStatus.OK, "'Sync with Exchange' is ticked"))
     else:
-        sync = sync_problem()
-        step = ConnectionStep(SYNC, StepStatus.FAILED, sync.message, sync.fix)
+        step = ConnectionStep(SYNC, StepStatus.FAILED, unticked.message, unticked.fix)
         steps.append(step)
         failures.append((step, False))
 

@@ -17,8 +17,8 @@ from datetime import date
 
 from crm_core.plugin_api import (
     ConnectionReport,
-    Outcome,
     OutgoingMessage,
+    Problem,
     ReconcileResult,
     Resources,
     RouteInfo,
@@ -89,20 +89,17 @@ def system_settings_changed(changed: Sequence[str], resources: Resources) -> Non
 
 
 @hookimpl
+def sending_problems(account: SenderAccount) -> list[Problem]:
+    """URL, sign-in codes or password, username, domain, and the ticked sync box."""
+    return blocking_problems(account, resolve(account))
+
+
+@hookimpl
 def send_mail(
     account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
-) -> list[SendResult] | None:
-    """Send one sender's batch through EWS; a result per message."""
-    if account.transport != TRANSPORT:
-        return None
+) -> list[SendResult]:
+    """Send one sender's batch through EWS or Graph; a result per message."""
     settings = resolve(account)
-    problems = blocking_problems(account, settings)
-    if problems:
-        detail = "; ".join(f"{p.message} ({p.fix})" for p in problems)
-        return [
-            SendResult(m.message_id, Outcome.CONFIGURATION, detail, code=problems[0].key)
-            for m in messages
-        ]
     if settings.api is Api.GRAPH:
         from exchange_mail import graph
 
@@ -113,22 +110,20 @@ def send_mail(
 
 
 @hookimpl
-def test_connection(account: SenderAccount, resources: Resources) -> ConnectionReport | None:
+def test_connection(
+    account: SenderAccount, resources: Resources, problems: Sequence[Problem]
+) -> ConnectionReport:
     """The guide's Test connection, as a ladder of named steps."""
-    if account.transport != TRANSPORT:
-        return None
     from exchange_mail import diagnostics
 
-    return diagnostics.run(account, resources, date.today())
+    return diagnostics.run(account, resources, date.today(), problems)
 
 
 @hookimpl
 def reconcile_mail(
     account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
-) -> list[ReconcileResult] | None:
+) -> list[ReconcileResult]:
     """Look for messages of unknown fate in the sender's Sent Items by Message-ID."""
-    if account.transport != TRANSPORT:
-        return None
     settings = resolve(account)
     reachable = settings.mailbox and (settings.url or settings.api is Api.GRAPH)
     if blocking_problems(account, settings) and not reachable:
@@ -145,10 +140,8 @@ def reconcile_mail(
 
 
 @hookimpl
-def describe_route(account: SenderAccount) -> RouteInfo | None:
+def describe_route(account: SenderAccount) -> RouteInfo:
     """Server, mailbox and sign-in, without touching the network."""
-    if account.transport != TRANSPORT:
-        return None
     settings = resolve(account)
     notes = [f"api {settings.api.value}", f"sender {account.email}"]
     if settings.mode is AuthMode.OAUTH and settings.app is not None:

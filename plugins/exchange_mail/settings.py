@@ -27,6 +27,7 @@ from crm_core.plugin_api import (
     TENANT_ID,
     AppCredentials,
     FieldType,
+    Problem,
     Scope,
     Secret,
     SenderAccount,
@@ -38,6 +39,7 @@ from crm_core.plugin_api import (
     entra_fields,
     explain_address,
     is_guid,
+    set_command,
 )
 
 TRANSPORT = "exchange"
@@ -319,17 +321,13 @@ def resolve(account: SenderAccount) -> ExchangeSettings:
     )
 
 
-@dataclass(frozen=True)
-class Problem:
-    """A setting that stops sending, with what to do about it."""
-
-    key: str
-    message: str
-    fix: str
-
-
 def blocking_problems(account: SenderAccount, settings: ExchangeSettings) -> list[Problem]:
-    """Everything that must be fixed before a mail can go, in the guide's order."""
+    """Everything that must be fixed before a mail can go, in the guide's order.
+
+    The plugin's answer to ``sending_problems``: claim, dry run, Test connection,
+    ``crm check`` and every save read it, so each rule is written here once.
+    """
+    email = account.email
     problems: list[Problem] = []
     if settings.api is Api.EWS and not settings.url:
         problems.append(url_problem())
@@ -338,9 +336,9 @@ def blocking_problems(account: SenderAccount, settings: ExchangeSettings) -> lis
             Problem(
                 API,
                 "Microsoft Graph needs the OAuth codes (Client ID, Tenant ID, Client secret); "
-                "a password cannot sign in to Graph",
-                f"crm settings set {CLIENT_ID} / {TENANT_ID} / {CLIENT_SECRET}, "
-                f"or crm settings set {API} ews for Exchange Server",
+                "a password cannot sign in to Graph (for Exchange Server, use EWS: "
+                f"{set_command(email, API, Scope.SYSTEM, Api.EWS.value)})",
+                _settings_commands(CLIENT_ID, TENANT_ID, CLIENT_SECRET),
             )
         )
     elif settings.mode is None:
@@ -348,9 +346,9 @@ def blocking_problems(account: SenderAccount, settings: ExchangeSettings) -> lis
             Problem(
                 CLIENT_ID,
                 "neither the OAuth codes (Client ID, Tenant ID, Client secret) nor the "
-                "user's password are saved",
-                f"Exchange Online: crm settings set {CLIENT_ID} / {TENANT_ID} / "
-                f"{CLIENT_SECRET}; Exchange Server: crm users set EMAIL {PASSWORD}",
+                "user's password are saved (Exchange Online needs the codes; for Exchange "
+                f"Server, save the user's password: {set_command(email, PASSWORD, Scope.USER)})",
+                _settings_commands(CLIENT_ID, TENANT_ID, CLIENT_SECRET),
             )
         )
     elif settings.mode is AuthMode.OAUTH and settings.app is None:
@@ -359,42 +357,49 @@ def blocking_problems(account: SenderAccount, settings: ExchangeSettings) -> lis
             Problem(
                 missing[0],
                 f"the OAuth codes are incomplete: {', '.join(missing)} not saved",
-                "; ".join(f"crm settings set {k} ..." for k in missing),
+                _settings_commands(*missing),
             )
         )
     if not settings.mailbox:
         problems.append(
             Problem(
                 USERNAME,
-                "Username is not set",
-                f"crm users set EMAIL {USERNAME} <the user's full primary e-mail address>",
+                "Username is not set (the user's full primary e-mail address)",
+                set_command(email, USERNAME, Scope.USER),
             )
         )
     if not settings.domain:
         problems.append(
             Problem(
                 DOMAIN,
-                "Domain is not set",
-                f"crm users set EMAIL {DOMAIN} <the domain the OAuth codes belong to>",
+                "Domain is not set (the domain the OAuth codes belong to)",
+                set_command(email, DOMAIN, Scope.USER),
             )
         )
     if not settings.sync:
-        problems.append(sync_problem())
+        problems.append(sync_problem(email))
     return problems
+
+
+def _settings_commands(*keys: str) -> str:
+    """The commands that save each of ``keys`` (each asks for its value)."""
+    return "; ".join(set_command("", key, Scope.SYSTEM) for key in keys)
 
 
 def url_problem() -> Problem:
     """EWS needs the server's URL."""
-    return Problem(URL, "the Exchange URL is not set", f"crm settings set {URL} {EXAMPLE_URL}")
+    return Problem(
+        URL, "the Exchange URL is not set", set_command("", URL, Scope.SYSTEM, EXAMPLE_URL)
+    )
 
 
-def sync_problem() -> Problem:
+def sync_problem(email: str) -> Problem:
     """The guide's rule: "Sync with Exchange" must be ticked to send via Exchange."""
     return Problem(
         SYNC,
         "'Sync with Exchange' is not ticked; it must be ticked to send via Exchange "
         "(choosing which syncs is not required)",
-        f"crm users set EMAIL {SYNC} true",
+        set_command(email, SYNC, Scope.USER, "true"),
     )
 
 
@@ -461,10 +466,10 @@ def check(
     today: date,
     transport: str | None = None,
 ) -> list[SettingNotice]:
-    """Cross-field warnings and errors for ``crm settings show`` / ``crm users show``.
+    """Cross-field warnings for ``crm settings show`` / ``crm users show``.
 
-    ``transport`` is the user's effective transport (their choice, else their product
-    line's default): the rules for sending via Exchange apply only when it is ours.
+    Advice only: what stops sending is :func:`blocking_problems`. ``transport`` (the
+    user's effective transport) is accepted for the hook's contract.
     """
     notices: list[SettingNotice] = []
     if scope is Scope.SYSTEM:
@@ -487,11 +492,4 @@ def check(
         mismatch = domain_mismatch(username, domain)
         if mismatch:
             notices.append(SettingNotice(USERNAME, "warning", mismatch))
-    if transport == TRANSPORT:
-        if user.get(SYNC) is not True:
-            problem = sync_problem()
-            notices.append(SettingNotice(SYNC, "error", f"{problem.message} ({problem.fix})"))
-        if system.get(API, Api.EWS.value) == Api.EWS.value and not system.get(URL):
-            problem = url_problem()
-            notices.append(SettingNotice(URL, "error", f"{problem.message} ({problem.fix})"))
     return notices

@@ -12,6 +12,7 @@ from crm_core.plugin_api import (
     ConnectionStep,
     Outcome,
     OutgoingMessage,
+    Problem,
     ReconcileResult,
     Resources,
     RouteInfo,
@@ -76,16 +77,13 @@ def _folder(account: SenderAccount) -> Path:
 @hookimpl
 def send_mail(
     account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
-) -> list[SendResult] | None:
-    """Write each message (with its Bcc recipients as X-Envelope-To) into the folder."""
-    if account.transport != TRANSPORT:
-        return None
+) -> list[SendResult]:
+    """Write each message (with its Bcc recipients as X-Envelope-To) into the folder.
+
+    No check that the folder is set: the core declares ``maildir.path`` required for
+    this transport and never hands over a batch while a required field is missing.
+    """
     folder = _folder(account)
-    if not account.get_str(PATH_KEY):
-        return [
-            SendResult(m.message_id, Outcome.CONFIGURATION, f"{PATH_KEY} is not set")
-            for m in messages
-        ]
     try:
         box = mailbox.Maildir(folder, create=True)
     except OSError as exc:
@@ -107,10 +105,15 @@ def send_mail(
 
 
 @hookimpl
-def test_connection(account: SenderAccount, resources: Resources) -> ConnectionReport | None:
-    """Check that the folder can be created and written."""
-    if account.transport != TRANSPORT:
-        return None
+def test_connection(
+    account: SenderAccount, resources: Resources, problems: Sequence[Problem]
+) -> ConnectionReport:
+    """Check that the folder can be created and written (once it is set)."""
+    if problems:
+        steps = tuple(
+            ConnectionStep("settings", StepStatus.FAILED, p.message, p.fix) for p in problems
+        )
+        return ConnectionReport(TRANSPORT, "Maildir folder is not set up", steps)
     folder = _folder(account)
     try:
         mailbox.Maildir(folder, create=True)
@@ -128,10 +131,8 @@ def test_connection(account: SenderAccount, resources: Resources) -> ConnectionR
 @hookimpl
 def reconcile_mail(
     account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
-) -> list[ReconcileResult] | None:
+) -> list[ReconcileResult]:
     """Look for each Message-ID in the folder: a Maildir can always tell."""
-    if account.transport != TRANSPORT:
-        return None
     box = mailbox.Maildir(_folder(account), create=True)
     present = {str(msg["Message-ID"]) for msg in box}
     return [
@@ -141,8 +142,6 @@ def reconcile_mail(
 
 
 @hookimpl
-def describe_route(account: SenderAccount) -> RouteInfo | None:
+def describe_route(account: SenderAccount) -> RouteInfo:
     """Name the folder the mail would be written to."""
-    if account.transport != TRANSPORT:
-        return None
     return RouteInfo(TRANSPORT, server=str(_folder(account)), account=account.email)

@@ -18,6 +18,7 @@ from smtp_mail.plugin import (
     register_settings,
     register_transports,
     send_mail,
+    sending_problems,
     system_settings_changed,
     test_connection,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "register_settings",
     "register_transports",
     "send_mail",
+    "sending_problems",
     "system_settings_changed",
     "test_connection",
 ]

@@ -8,12 +8,13 @@ send failed. The ladder ends with RSET and QUIT, so nothing is ever sent.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from crm_core.plugin_api import (
     ConnectionReport,
     ConnectionStep,
+    Problem,
     Resources,
     SenderAccount,
     StepStatus,
@@ -76,11 +77,16 @@ def _applies(step: str, s: SmtpSettings) -> bool:
     return step != "token" or s.auth is AuthMode.XOAUTH2
 
 
-def test_connection(account: SenderAccount, resources: Resources) -> ConnectionReport:
-    """Run the ladder for one account (see the module docstring)."""
+def test_connection(
+    account: SenderAccount, resources: Resources, problems: Sequence[Problem]
+) -> ConnectionReport:
+    """Run the ladder for one account (see the module docstring).
+
+    ``problems`` is the core's answer to what stops the account from sending; any
+    of them is a red settings rung and nothing is tried on the network.
+    """
     settings = resolve(account)
     ladder = _Ladder(settings)
-    problems = settings.problems(_values(account))
     if problems:
         for p in problems:
             ladder.add("settings", StepStatus.FAILED, f"{p.key}: {p.message}", p.fix)
@@ -240,7 +246,3 @@ def _name_part(name: object, keys: tuple[str, ...]) -> str:
         return ""
     pairs = {k: v for rdn in name for k, v in rdn}
     return next((str(pairs[k]) for k in keys if k in pairs), "")
-
-
-def _values(account: SenderAccount) -> dict[str, object]:
-    return {**account.system, **account.user}

@@ -10,6 +10,7 @@ from crm_core.plugin_api import (
     ConnectionReport,
     Outcome,
     OutgoingMessage,
+    Problem,
     ReconcileResult,
     Resources,
     RouteInfo,
@@ -24,18 +25,17 @@ from crm_core.plugin_api import (
     hookimpl,
 )
 from smtp_mail import diagnostics
-from smtp_mail.classify import Failure
 from smtp_mail.client import SmtpClient
 from smtp_mail.oauth import EntraTokens
 from smtp_mail.settings import (
     CA_BUNDLE,
     TRANSPORT,
     AuthMode,
-    Problem,
     check,
     resolve,
     smtp_fields,
 )
+from smtp_mail.settings import sending_problems as settings_problems
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +79,17 @@ def system_settings_changed(changed: Sequence[str], resources: Resources) -> Non
 
 
 @hookimpl
+def sending_problems(account: SenderAccount) -> list[Problem]:
+    """Server, login, password, plain text only to loopback, Entra codes for XOAUTH2."""
+    return settings_problems(account)
+
+
+@hookimpl
 def send_mail(
     account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
-) -> list[SendResult] | None:
+) -> list[SendResult]:
     """Send the batch over one connection (one AUTH); one classified result per message."""
-    if account.transport != TRANSPORT:
-        return None
     settings = resolve(account)
-    problems = settings.problems({**account.system, **account.user})
-    if problems:
-        failure = _settings_failure(problems)
-        return [failure.result(m.message_id) for m in messages]
     tokens = EntraTokens.for_account(account, resources)
     if settings.auth is not AuthMode.XOAUTH2:
         tokens = None
@@ -115,27 +115,19 @@ def send_mail(
     return results
 
 
-def _settings_failure(problems: Sequence[Problem]) -> Failure:
-    detail = " ".join(p.message for p in problems)
-    fix = " ".join(p.fix for p in problems)
-    return Failure(Outcome.CONFIGURATION, detail, fix, "settings")
-
-
 @hookimpl
-def test_connection(account: SenderAccount, resources: Resources) -> ConnectionReport | None:
-    """Resolve, connect, TLS, (token,) AUTH, MAIL FROM the user's address, RSET."""
-    if account.transport != TRANSPORT:
-        return None
-    return diagnostics.test_connection(account, resources)
+def test_connection(
+    account: SenderAccount, resources: Resources, problems: Sequence[Problem]
+) -> ConnectionReport:
+    """Settings, resolve, connect, TLS, (token,) AUTH, MAIL FROM the user's address, RSET."""
+    return diagnostics.test_connection(account, resources, problems)
 
 
 @hookimpl
 def reconcile_mail(
     account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
-) -> list[ReconcileResult] | None:
+) -> list[ReconcileResult]:
     """SMTP cannot look into the sender's Sent folder, so it can never tell."""
-    if account.transport != TRANSPORT:
-        return None
     return [
         ReconcileResult(
             m.message_id,
@@ -148,10 +140,8 @@ def reconcile_mail(
 
 
 @hookimpl
-def describe_route(account: SenderAccount) -> RouteInfo | None:
+def describe_route(account: SenderAccount) -> RouteInfo:
     """Server, login and encryption this account would use (no network)."""
-    if account.transport != TRANSPORT:
-        return None
     s = resolve(account)
     login = s.username if s.auth is not AuthMode.NONE else "(no login)"
     return RouteInfo(

@@ -1,8 +1,9 @@
 """The SMTP transport's settings: declared fields, resolution per account, and checks.
 
-Why one module: the same rules (which fields an auth mode needs, plain text only to a
-loopback server, the Entra codes for XOAUTH2) are applied on save (``check_settings``),
-on the first rung of Test connection and before every send, so they must not drift.
+Why one module: the rules (which fields an auth mode needs, plain text only to a
+loopback server, the Entra codes for XOAUTH2) are written once, in
+:func:`sending_problems`, which the core asks on save, on the first rung of Test
+connection, at dry run and before every claim.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TypeVar
 
 from crm_core.plugin_api import (
     FieldType,
+    Problem,
     Scope,
     Secret,
     SenderAccount,
@@ -26,6 +28,7 @@ from crm_core.plugin_api import (
     SettingValueError,
     entra_fields,
     missing_credentials,
+    set_command,
 )
 
 TRANSPORT = "smtp"
@@ -200,25 +203,6 @@ def is_loopback(host: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Problem:
-    """A setting that stops the transport, with what to do about it.
-
-    ``also`` names other keys whose save can create the same problem, so that saving
-    any of them is refused (the core refuses a save only for notices on its key).
-    """
-
-    key: str
-    message: str
-    fix: str
-    also: tuple[str, ...] = ()
-
-    def notices(self) -> list[SettingNotice]:
-        """The problem as error notices, one per key it concerns."""
-        text = f"{self.message} {self.fix}"
-        return [SettingNotice(key, "error", text) for key in (self.key, *self.also)]
-
-
-@dataclass(frozen=True)
 class SmtpSettings:
     """The resolved settings one account sends with (a user's override already applied)."""
 
@@ -231,18 +215,30 @@ class SmtpSettings:
     timeout: int
     ca_bundle: str | None
     email: str
+    overridden: frozenset[str] = frozenset()
 
     @property
     def server(self) -> str:
         """host:port, as shown to people."""
         return f"{self.host}:{self.port}"
 
-    def problems(self, values: Mapping[str, object]) -> list[Problem]:
-        """What is missing or unsafe; ``values`` are the raw values (for Entra codes)."""
-        found = _missing_basics(self) + _plaintext_problem(self)
-        if self.auth is AuthMode.XOAUTH2:
-            found += _entra_problem(values)
-        return found
+    def set_command(self, key: str, value: str = "") -> str:
+        """The command that changes ``key`` where this account's value comes from."""
+        scope = Scope.USER if key in USER_KEYS or key in self.overridden else Scope.SYSTEM
+        return set_command(self.email, key, scope, value)
+
+
+def sending_problems(account: SenderAccount) -> list[Problem]:
+    """What stops this account from sending over SMTP: missing, unsafe, incomplete.
+
+    The plugin's answer to the ``sending_problems`` hook; claim, dry run, Test
+    connection, ``crm check`` and every save read it, so each rule is written once.
+    """
+    settings = resolve(account)
+    found = _missing_basics(settings) + _plaintext_problem(settings)
+    if settings.auth is AuthMode.XOAUTH2:
+        found += _entra_problem(settings, {**account.system, **account.user})
+    return found
 
 
 def resolve(account: SenderAccount) -> SmtpSettings:
@@ -262,6 +258,7 @@ def resolve(account: SenderAccount) -> SmtpSettings:
         timeout=account.get_int(TIMEOUT, DEFAULT_TIMEOUT),
         ca_bundle=account.get_str(CA_BUNDLE) or None,
         email=account.email,
+        overridden=frozenset(k for k in OVERRIDABLE if k in account.user),
     )
 
 
@@ -278,9 +275,9 @@ def _missing_basics(s: SmtpSettings) -> list[Problem]:
         found.append(
             Problem(
                 HOST,
-                "No SMTP server is set.",
-                f"Set it with `crm settings set {HOST} smtp.example.com` "
-                f"(or per user with `crm users set EMAIL {HOST} ...`).",
+                "No SMTP server is set (e.g. smtp.office365.com; a user may have a server "
+                "of their own).",
+                s.set_command(HOST),
             )
         )
     if s.auth is AuthMode.PASSWORD:
@@ -288,17 +285,16 @@ def _missing_basics(s: SmtpSettings) -> list[Problem]:
             found.append(
                 Problem(
                     USERNAME,
-                    "No SMTP username is set for this user.",
-                    f"Set it with `crm users set EMAIL {USERNAME} name@example.com` "
-                    "(usually the full e-mail address).",
+                    "No SMTP username is set for this user (usually the full e-mail address).",
+                    s.set_command(USERNAME),
                 )
             )
         if s.password is None:
             found.append(
                 Problem(
                     PASSWORD,
-                    "No SMTP password is saved for this user.",
-                    f"Save it with `crm users set EMAIL {PASSWORD}` (it is read without echo).",
+                    "No SMTP password is saved for this user (it is asked for without echo).",
+                    s.set_command(PASSWORD),
                 )
             )
     return found
@@ -314,24 +310,25 @@ def _plaintext_problem(s: SmtpSettings) -> list[Problem]:
         Problem(
             SECURITY,
             f"{SECURITY} none with {AUTH} {s.auth.value} would send {what} unencrypted "
-            f"to {s.host}; this is only allowed for a server on this machine.",
-            f"Use {SECURITY} starttls (port 587) or ssl (port 465), or {AUTH} none "
-            "for a relay that needs no login.",
+            f"to {s.host}; this is only allowed for a server on this machine. Use "
+            f"{SECURITY} starttls (port 587) or ssl (port 465), or {AUTH} none for a relay "
+            "that needs no login.",
+            s.set_command(SECURITY, Security.STARTTLS.value),
             also=(AUTH, HOST),
         )
     ]
 
 
-def _entra_problem(values: Mapping[str, object]) -> list[Problem]:
+def _entra_problem(s: SmtpSettings, values: Mapping[str, object]) -> list[Problem]:
     missing = missing_credentials(values)
     if not missing:
         return []
     return [
         Problem(
             AUTH,
-            f"{AUTH} xoauth2 needs the Entra app's codes; not set: {', '.join(missing)}.",
-            "Enter Client ID, Tenant ID and Client secret with `crm settings set KEY VALUE` "
-            "(the same codes as for Exchange).",
+            f"{AUTH} xoauth2 needs the Entra app's codes (the same as for Exchange); "
+            f"not set: {', '.join(missing)}.",
+            "; ".join(set_command(s.email, key, Scope.SYSTEM) for key in missing),
         )
     ]
 
@@ -346,28 +343,21 @@ def check(
     user_email: str | None,
     transport: str | None = None,
 ) -> list[SettingNotice]:
-    """Cross-field notices for the saved settings (see the hook's contract).
+    """Advice on the saved settings (see the hook's contract): port/security mismatch.
 
-    At system scope only the installation's own combination is judged; at user scope
-    only for a user whose effective transport is SMTP (their choice or the product
-    line's default), or, when the caller does not say, who has SMTP settings.
+    At system scope the installation's own combination is judged; at user scope only
+    for a user whose effective transport is SMTP (their choice or the product line's
+    default), or, when the caller does not say, who has SMTP settings. What stops
+    sending is :func:`sending_problems`.
     """
     if scope is Scope.SYSTEM:
-        account = SenderAccount(0, "", "", "", TRANSPORT, system=system)
-        settings = resolve(account)
-        problems = _plaintext_problem(settings)
-        if settings.auth is AuthMode.XOAUTH2:
-            problems += _entra_problem(system)
-    else:
-        user_values = user or {}
-        uses = transport == TRANSPORT if transport else _uses_smtp(user_values)
-        if not uses:
-            return []
-        account = SenderAccount(0, user_email or "", "", "", TRANSPORT, system, user_values)
-        settings = resolve(account)
-        problems = settings.problems({**system, **user_values})
-    notices = [n for p in problems for n in p.notices()]
-    return notices + _port_warnings(settings)
+        return _port_warnings(resolve(SenderAccount(0, "", "", "", TRANSPORT, system=system)))
+    user_values = user or {}
+    uses = transport == TRANSPORT if transport else _uses_smtp(user_values)
+    if not uses:
+        return []
+    account = SenderAccount(0, user_email or "", "", "", TRANSPORT, system, user_values)
+    return _port_warnings(resolve(account))
 
 
 def _uses_smtp(user: Mapping[str, SettingValue]) -> bool:
