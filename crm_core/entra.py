@@ -13,6 +13,7 @@ five minutes before it expires, so one token request serves a whole token lifeti
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import ssl
@@ -435,16 +436,15 @@ def _network_error(creds: AppCredentials, exc: requests.RequestException) -> Tok
 
 
 def token_client(resources: Resources, creds: AppCredentials) -> TokenClient:
-    """The shared msal client for these credentials, created on first use."""
-    key = (
-        "entra",
-        creds.authority,
-        creds.tenant,
-        creds.client_id,
-        hash(creds.secret),
-        creds.ca_bundle,
-    )
-    return resources.get_or_create(key, lambda: TokenClient(creds))
+    """The shared msal client of this app registration, made on first use.
+
+    Keyed per app registration (authority, tenant, client), so that every mailbox the
+    app sends for shares one token; a new secret or CA bundle makes a new client and
+    closes the old one instead of leaving it open under a key nobody asks for.
+    """
+    key = ("entra", creds.authority, creds.tenant, creds.client_id)
+    secret = hashlib.sha256(creds.secret.reveal().encode()).hexdigest()
+    return resources.current(key, (secret, creds.ca_bundle), lambda: TokenClient(creds))
 
 
 def forget_clients(resources: Resources) -> None:

@@ -89,6 +89,7 @@ class Worker:
         self.name = name or default_name()
         self.concurrency = concurrency
         self.config = crm.config.outbox
+        crm.resources.set_pool_size(concurrency)  # shared HTTP pools fit the threads
 
     def run_once(self, stop: threading.Event | None = None) -> WorkerStats:
         """Drain what is due now, then return (``crm outbox work --once``)."""

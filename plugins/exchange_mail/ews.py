@@ -241,9 +241,10 @@ class EwsMailbox:
 def mailbox_for(
     account: SenderAccount, settings: ExchangeSettings, resources: Resources
 ) -> EwsMailbox:
-    """The sender's cached EwsMailbox (a new one when the settings changed)."""
-    key = (*EWS_CACHE, account.user_id, account.fingerprint(*_CACHE_KEYS))
-    return resources.get_or_create(key, lambda: new_mailbox(settings, resources))
+    """The sender's cached EwsMailbox; a new one (the old closed) when settings changed."""
+    version = account.fingerprint(*_CACHE_KEYS)
+    key = (*EWS_CACHE, account.user_id)
+    return resources.current(key, version, lambda: new_mailbox(settings, resources))
 
 
 def new_mailbox(settings: ExchangeSettings, resources: Resources) -> EwsMailbox:

@@ -88,11 +88,15 @@ def scope_for(graph_url: str) -> str:
 
 
 class GraphSession:
-    """One HTTP session per Graph host and CA bundle, kept in the Crm's Resources."""
+    """One account's HTTP session to Graph, kept in the Crm's Resources.
 
-    def __init__(self, ca_bundle: str | None) -> None:
+    Its pool is as large as the worker's concurrency (``Resources.pool_size``): a
+    Test connection from the web may run beside the worker's send for one account.
+    """
+
+    def __init__(self, ca_bundle: str | None, pool_size: int) -> None:
         self.http = requests.Session()
-        self.http.mount("https://", TrustAdapter(ca_bundle, pool_maxsize=16))
+        self.http.mount("https://", TrustAdapter(ca_bundle, pool_maxsize=pool_size))
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -115,8 +119,11 @@ class _Graph:
         self.settings = settings
         self.tokens: TokenClient = token_client(resources, settings.app)
         self.scope = scope_for(settings.graph_url)
-        key = (PLUGIN, "graph-session", settings.ca_bundle)
-        self.http = resources.get_or_create(key, lambda: GraphSession(settings.ca_bundle)).http
+        key = (PLUGIN, "graph", settings.mailbox)  # per account: the mailbox sent as
+        version = (settings.graph_url, settings.ca_bundle, resources.pool_size)
+        self.http = resources.current(
+            key, version, lambda: GraphSession(settings.ca_bundle, resources.pool_size)
+        ).http
         self.root = f"{settings.graph_url.rstrip('/')}/v1.0"
         self.user = quote(settings.mailbox, safe="@")
 
