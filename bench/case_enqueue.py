@@ -1,4 +1,4 @@
-"""Case 4: mails queued per second through the Python API (``outbox.enqueue``).
+"""Case 4: mails queued per second through the Python API (``enqueue.enqueue``).
 
 Two shapes of use: a bulk send (every mail in one transaction) and a CRM where users
 click "send" (one transaction per mail). The limit is the database driver inserting

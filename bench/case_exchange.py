@@ -3,7 +3,7 @@
 * the limit for that path: exchangelib ``Message(...).send_and_save()`` one mail at a
   time, with an app-only token fetched once with msal and a pinned configuration
   (no autodiscover, version given), as a careful script would do it;
-* this project: the mail queued through ``outbox.enqueue`` (one transaction, SQLite),
+* this project: the mail queued through ``enqueue.enqueue`` (one transaction, SQLite),
   then one ``Worker.run_once``; the EWS transport batches up to 50 mails per
   CreateItem request, which is safe because EWS answers per message.
 

@@ -1,6 +1,6 @@
 """Case 5: 100,000 queued mails dispatched over SMTP by one worker process, memory watched.
 
-Setup: 100 mails are queued through ``outbox.enqueue``; the rest are copies of those
+Setup: 100 mails are queued through ``enqueue.enqueue``; the rest are copies of those
 rows written with one bulk INSERT per 10,000 (each with its own Message-ID, subject
 and text). Why not the API for all: at the enqueue rate of case 4 that alone would
 take minutes, and this case is about dispatch. The rows are the same as the API

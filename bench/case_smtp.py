@@ -4,7 +4,7 @@ Case 1 rows, each trial against a fresh SMTP server process:
 
 * raw smtplib sending pre-built bytes on one connection (the practical limit);
 * Django's SMTP e-mail backend ``send_messages`` (the common peer; it renders MIME);
-* this project end to end: ``outbox.enqueue`` of every mail in one transaction, then one
+* this project end to end: ``enqueue.enqueue`` of every mail in one transaction, then one
   ``Worker.run_once`` (claim, render, send, record every state), on SQLite and on
   PostgreSQL; the dispatch part alone is shown as its own row.
 

@@ -1,7 +1,7 @@
 """A benchmark installation: crm.toml, a database, one user, and the mail to send.
 
 Why through the public API (``Crm``, ``directory``, ``set_system_setting``,
-``outbox.enqueue``): the numbers must be what an application using this project
+``enqueue.enqueue``): the numbers must be what an application using this project
 gets, with every validation and every row it writes.
 """
 
@@ -114,26 +114,26 @@ def body(i: int) -> str:
 def enqueue(
     crm: Any, count: int, start: int = 0, sender: str = SENDER, one_transaction: bool = True
 ) -> list[str]:
-    """Queue ``count`` mails through ``outbox.enqueue``; their Message-IDs.
+    """Queue ``count`` mails through ``enqueue.enqueue``; their Message-IDs.
 
     ``one_transaction``: all in one unit of work (a bulk send), else one transaction
     per mail (a CRM that sends as users click).
     """
-    from crm_core.mail import outbox
+    from crm_core.mail import enqueue
 
     def request(i: int) -> Any:
-        return outbox.MailRequest(sender, [RECIPIENT], subject(i), body(i))
+        return enqueue.MailRequest(sender, [RECIPIENT], subject(i), body(i))
 
     if one_transaction:
         with crm.transaction() as session:
             return [
-                outbox.enqueue(crm, session, request(i)).message_id
+                enqueue.enqueue(crm, session, request(i)).message_id
                 for i in range(start, start + count)
             ]
     ids = []
     for i in range(start, start + count):
         with crm.transaction() as session:
-            ids.append(outbox.enqueue(crm, session, request(i)).message_id)
+            ids.append(enqueue.enqueue(crm, session, request(i)).message_id)
     return ids
 
 

@@ -29,7 +29,7 @@ from crm_core.errors import (
     ValidationError,
 )
 from crm_core.fields import Scope
-from crm_core.mail.outbox import person_history
+from crm_core.mail.operations import person_history
 from crm_core.mail.transport import ConnectionReport, StepStatus
 from crm_core.models import AccountPause, Role
 from crm_core.settings import SaveOutcome, SettingView

@@ -11,13 +11,13 @@ SQLite file. PostgreSQL is for production and many workers (``CRM_DATABASE_URL``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
@@ -60,6 +60,11 @@ def _sqlite_engine(url: str, database: str | None) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def rowcount(result: Any) -> int:
+    """How many rows an UPDATE or DELETE touched (typed for mypy)."""
+    return int(cast(CursorResult[Any], result).rowcount)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

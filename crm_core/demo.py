@@ -16,7 +16,8 @@ from sqlalchemy import select
 from crm_core import directory
 from crm_core.app import Crm
 from crm_core.config import load_config
-from crm_core.mail.outbox import MailRequest, enqueue, show_message
+from crm_core.mail.enqueue import MailRequest, enqueue
+from crm_core.mail.operations import show_message
 from crm_core.mail.worker import Worker
 from crm_core.models import Person, User
 from crm_core.plugins import installed_plugins

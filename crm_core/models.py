@@ -72,7 +72,7 @@ class Role(StrEnum):
 
 
 class OutboxState(StrEnum):
-    """Where an outbox message is in its life; see crm_core.mail.outbox."""
+    """Where an outbox message is in its life; see crm_core.mail.policy."""
 
     QUEUED = "queued"
     SENDING = "sending"

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from crm_core.mail import outbox
-from crm_core.mail.outbox import MailRequest
+from crm_core.mail import enqueue, queue
+from crm_core.mail.enqueue import MailRequest
 from crm_core.mail.worker import Worker
 from crm_core.models import OutboxMessage, OutboxState, utcnow
 from tests.conftest import CliResult, CrmFactory
@@ -74,7 +74,7 @@ def test_configuration_error_pauses_the_account_and_keeps_the_mail(
     world: ExchangeWorld, crm: Callable[..., CliResult]
 ) -> None:
     world.set_user("exchange.username", "anna@contoso.com")  # an alias
-    [message_id] = queue(world, 1)
+    [message_id] = queue_mail(world, 1)
     Worker(world.crm, name="test-worker").run_once(threading.Event())
     pauses = json.loads(crm("outbox", "pauses", "--json").stdout)
     assert [p["email"] for p in pauses] == [USER]
@@ -86,12 +86,12 @@ def test_configuration_error_pauses_the_account_and_keeps_the_mail(
     assert world.ews.delivered == []
 
 
-def queue(world: ExchangeWorld, n: int) -> list[str]:
+def queue_mail(world: ExchangeWorld, n: int) -> list[str]:
     ids = []
     with world.crm.transaction() as session:
         for i in range(n):
             request = MailRequest(USER, [RECIPIENT], f"Offer {i}", f"Offer {i}\n")
-            ids.append(outbox.enqueue(world.crm, session, request).message_id)
+            ids.append(enqueue.enqueue(world.crm, session, request).message_id)
     return ids
 
 
@@ -99,21 +99,21 @@ def test_lost_answer_becomes_unknown_and_reconcile_never_resends(
     world: ExchangeWorld, crm: Callable[..., CliResult]
 ) -> None:
     worker = Worker(world.crm, name="test-worker")
-    queue(world, 1)
+    queue_mail(world, 1)
     worker.run_once(threading.Event())  # warm: the Account's folders are cached
     world.ews.drop_after_request(1)  # the next CreateItem is processed, its answer lost
-    lost = queue(world, 2)
+    lost = queue_mail(world, 2)
     stats = worker.run_once(threading.Event())
     assert stats.unknown == 2, stats
     assert {d.internet_message_id for d in world.ews.delivered} >= set(lost)
 
     # A third message was claimed by a worker that died before sending: reaped to unknown.
-    [never] = queue(world, 1)
+    [never] = queue_mail(world, 1)
     with world.crm.transaction() as session:
-        claimed = outbox.claim_batch(world.crm, session, "crashed-worker", 10, utcnow())
+        claimed = queue.claim_batch(world.crm, session, "crashed-worker", 10, utcnow())
         assert [c.message.message_id for c in claimed.claims] == [never]
     with world.crm.transaction() as session:
-        outbox.reap_expired(session, utcnow() + timedelta(hours=1))
+        queue.reap_expired(session, utcnow() + timedelta(hours=1))
         # An hour passes: past the time Exchange may take to file a Sent Items copy.
         for row in session.scalars(select(OutboxMessage)):
             row.created_at -= timedelta(hours=1)

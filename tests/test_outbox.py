@@ -18,12 +18,12 @@ from sqlalchemy import func, select, update
 
 from crm_core import directory, signals
 from crm_core.errors import MailValidationError, ValidationError
-from crm_core.mail import outbox
+from crm_core.mail import enqueue, operations, pauses, queue, reconciler
 from crm_core.mail.message import Attachment, OutgoingMessage
 from crm_core.mail.transport import Outcome, SenderAccount
 from crm_core.mail.worker import Worker, WorkerStats
 from crm_core.models import AccountPause, OutboxMessage, Person, PersonActivity, utcnow
-from tests.test_outbox_helpers import add_people, queue, row, scripted_crm, states, time_passes
+from tests.test_outbox_helpers import add_people, queue_mail, row, scripted_crm, states, time_passes
 
 TEMP = (Outcome.TEMPORARY, "451 4.3.0 try later", "451", None)
 PERM = (Outcome.PERMANENT, "550 5.1.1 per@example.com: no such mailbox", "550 5.1.1", None)
@@ -37,7 +37,7 @@ def scripted(make_crm: Any) -> Any:
     return crm, transport
 
 
-def _request(**overrides: Any) -> outbox.MailRequest:
+def _request(**overrides: Any) -> enqueue.MailRequest:
     values: dict[str, Any] = {
         "sender_email": "anna@example.se",
         "to": ["per@example.com"],
@@ -45,7 +45,7 @@ def _request(**overrides: Any) -> outbox.MailRequest:
         "text": "Välkommen!",
     }
     values.update(overrides)
-    return outbox.MailRequest(**values)
+    return enqueue.MailRequest(**values)
 
 
 def _count(crm: Any, model: Any) -> int:
@@ -66,7 +66,7 @@ def test_enqueue_names_every_problem_and_queues_nothing(scripted: Any) -> None:
         attachments=[Attachment("a.txt", "textplain", b"x")],
     )
     with pytest.raises(MailValidationError) as caught, crm.transaction() as session:
-        outbox.enqueue(crm, session, bad)
+        enqueue.enqueue(crm, session, bad)
     text = str(caught.value)
     assert text.startswith("Error validating e-mail")
     for needle in (
@@ -85,8 +85,8 @@ def test_enqueue_names_every_problem_and_queues_nothing(scripted: Any) -> None:
 def test_only_a_users_own_address_can_send(scripted: Any) -> None:
     crm, transport = scripted
     with pytest.raises(MailValidationError, match="not a CRM user"), crm.transaction() as s:
-        outbox.enqueue(crm, s, _request(sender_email="ceo@example.se"))
-    queue(crm, sender="Anna@Example.se")
+        enqueue.enqueue(crm, s, _request(sender_email="ceo@example.se"))
+    queue_mail(crm, sender="Anna@Example.se")
     Worker(crm).run_once()
     ((email, _ids),) = transport.calls
     assert email == "anna@example.se"
@@ -104,7 +104,7 @@ def test_limits_are_checked_at_enqueue(make_crm: Any) -> None:
         attachments=[Attachment("plan.pdf", "application/pdf", b"%" * 20000)],
     )
     with pytest.raises(MailValidationError) as caught, crm.transaction() as s:
-        outbox.enqueue(crm, s, big)
+        enqueue.enqueue(crm, s, big)
     assert {p.key for p in caught.value.problems} == {"size", "recipients"}
 
 
@@ -112,9 +112,9 @@ def test_sender_settings_and_transport_are_checked(make_crm: Any) -> None:
     crm = make_crm()  # the maildir default transport; maildir.path not set
     add_people(crm, "anna@example.se")
     with pytest.raises(MailValidationError, match=r"maildir\.path"), crm.transaction() as s:
-        outbox.enqueue(crm, s, _request())
+        enqueue.enqueue(crm, s, _request())
     with crm.transaction() as s:
-        found = outbox.plan(crm, s, _request())
+        found = enqueue.plan(crm, s, _request())
     assert not found.ok
     assert found.product_line == "commercial" and found.transport == "maildir"
     assert "default_transport" in found.transport_reason
@@ -133,13 +133,13 @@ def test_queue_is_part_of_the_callers_transaction(scripted: Any) -> None:
             person = session.scalar(select(Person).where(Person.email == "per@example.com"))
             assert person is not None
             person.name = "Per Changed"
-            outbox.enqueue(crm, session, _request(person_email="per@example.com"))
+            enqueue.enqueue(crm, session, _request(person_email="per@example.com"))
             raise RuntimeError("the caller's own change failed")
         assert _count(crm, OutboxMessage) == 0
         assert _count(crm, PersonActivity) == 0
         assert heard == []
         with crm.transaction() as session:
-            queued = outbox.enqueue(crm, session, _request(person_email="per@example.com"))
+            queued = enqueue.enqueue(crm, session, _request(person_email="per@example.com"))
             assert heard == []  # not before commit
         assert [h["outbox_id"] for h in heard] == [queued.outbox_id]
     finally:
@@ -157,7 +157,7 @@ def test_queue_is_part_of_the_callers_transaction(scripted: Any) -> None:
 def test_temporary_failure_retries_with_the_same_message_id(scripted: Any) -> None:
     crm, transport = scripted
     transport.script["Hello"] = [TEMP, SENT]
-    outbox_id = queue(crm)
+    outbox_id = queue_mail(crm)
     first = Worker(crm).run_once()
     assert (first.claimed, first.retry) == (1, 1)
     waiting = row(crm, outbox_id)
@@ -178,7 +178,7 @@ def test_temporary_failure_retries_with_the_same_message_id(scripted: Any) -> No
 def test_permanent_failure_is_never_retried(scripted: Any) -> None:
     crm, transport = scripted
     transport.script["Hello"] = [PERM]
-    outbox_id = queue(crm)
+    outbox_id = queue_mail(crm)
     assert Worker(crm).run_once().failed == 1
     time_passes(crm)
     Worker(crm).run_once()
@@ -190,7 +190,7 @@ def test_permanent_failure_is_never_retried(scripted: Any) -> None:
 def test_spent_budget_fails_with_the_last_reason(scripted: Any) -> None:
     crm, transport = scripted
     transport.script["Hello"] = [TEMP]
-    outbox_id = queue(crm)
+    outbox_id = queue_mail(crm)
     for _ in range(5):
         Worker(crm).run_once()
         time_passes(crm)
@@ -203,7 +203,7 @@ def test_spent_budget_fails_with_the_last_reason(scripted: Any) -> None:
 def test_server_retry_after_wins_when_longer(scripted: Any) -> None:
     crm, transport = scripted
     transport.script["Hello"] = [(Outcome.TEMPORARY, "throttled", "429", 900.0)]
-    outbox_id = queue(crm)
+    outbox_id = queue_mail(crm)
     Worker(crm).run_once()
     waiting = row(crm, outbox_id)
     assert (waiting.next_attempt_at - waiting.updated_at).total_seconds() == pytest.approx(900)
@@ -214,20 +214,20 @@ def test_ambiguous_becomes_unknown_and_is_not_resent(scripted: Any) -> None:
     transport.script["Hello"] = [
         (Outcome.AMBIGUOUS, "connection lost after the final dot", "", None)
     ]
-    outbox_id = queue(crm)
+    outbox_id = queue_mail(crm)
     assert Worker(crm).run_once().unknown == 1
     time_passes(crm)
     assert Worker(crm).run_once().claimed == 0
     unknown = row(crm, outbox_id)
     assert unknown.state == "unknown" and "may or may not" in (unknown.last_error or "")
     with pytest.raises(ValidationError, match="resolve"), crm.transaction() as s:
-        outbox.retry(s, outbox_id)
+        operations.retry(s, outbox_id)
 
 
 def test_a_plugin_that_raises_makes_the_batch_unknown(scripted: Any) -> None:
     crm, transport = scripted
     transport.raise_error = ZeroDivisionError("bug in the plugin")
-    ids = [queue(crm, subject=f"m{i}") for i in range(3)]
+    ids = [queue_mail(crm, subject=f"m{i}") for i in range(3)]
     stats = Worker(crm).run_once()
     assert stats.unknown == 3
     for outbox_id in ids:
@@ -239,8 +239,8 @@ def test_a_plugin_that_raises_makes_the_batch_unknown(scripted: Any) -> None:
 def test_batch_is_grouped_by_sender_account(scripted: Any) -> None:
     crm, transport = scripted
     for i in range(3):
-        queue(crm, subject=f"a{i}", sender="anna@example.se")
-        queue(crm, subject=f"b{i}", sender="bo@example.se")
+        queue_mail(crm, subject=f"a{i}", sender="anna@example.se")
+        queue_mail(crm, subject=f"b{i}", sender="bo@example.se")
     Worker(crm, concurrency=2).run_once()
     assert sorted((email, len(ids)) for email, ids in transport.calls) == [
         ("anna@example.se", 3),
@@ -257,28 +257,28 @@ def test_configuration_error_pauses_the_account_not_the_budget(scripted: Any) ->
     transport.script["Bad"] = [
         (Outcome.CONFIGURATION, "535 5.7.139 Authentication unsuccessful", "535", None)
     ]
-    paused_id = queue(crm, subject="Bad")
-    later_id = queue(crm, subject="Later")
-    other_id = queue(crm, subject="Other", sender="bo@example.se")
+    paused_id = queue_mail(crm, subject="Bad")
+    later_id = queue_mail(crm, subject="Later")
+    other_id = queue_mail(crm, subject="Other", sender="bo@example.se")
     stats = Worker(crm).run_once()
     assert stats.paused_accounts == 1 and stats.sent == 2  # Later went in the same batch
     waiting = row(crm, paused_id)
     assert waiting.state == "queued" and waiting.attempts == 0  # no try spent
     assert "paused" in (waiting.last_error or "")
     assert row(crm, other_id).state == "sent"
-    queue(crm, subject="While paused")
+    queue_mail(crm, subject="While paused")
     before = len(transport.calls)
     assert Worker(crm).run_once().claimed == 0  # paused: stays queued, not claimed
     assert len(transport.calls) == before
     with crm.transaction() as s:
-        listed = {v.subject: v for v in outbox.list_messages(s)}
-        detail = outbox.show_message(s, paused_id)
+        listed = {v.subject: v for v in operations.list_messages(s)}
+        detail = operations.show_message(s, paused_id)
     assert "Authentication unsuccessful" in (listed["While paused"].paused or "")
     assert "Authentication unsuccessful" in (detail.view.paused or "")
     assert listed["Later"].paused is None  # sent: no longer waiting
     transport.script["Bad"] = [SENT]
     with crm.transaction() as s:
-        assert outbox.resume(s, "anna@example.se") is not None
+        assert pauses.resume(s, "anna@example.se") is not None
     assert Worker(crm).run_once().sent == 2
     assert row(crm, later_id).state == "sent"
 
@@ -286,7 +286,7 @@ def test_configuration_error_pauses_the_account_not_the_budget(scripted: Any) ->
 def test_a_settings_change_lifts_the_pause(scripted: Any) -> None:
     crm, transport = scripted
     transport.script["Bad"] = [(Outcome.CONFIGURATION, "wrong password", "535", None), SENT]
-    outbox_id = queue(crm, subject="Bad")
+    outbox_id = queue_mail(crm, subject="Bad")
     Worker(crm).run_once()
     assert _count(crm, AccountPause) == 1
     with crm.transaction() as s:  # backdate the pause: settings are saved after it
@@ -304,7 +304,7 @@ def test_incomplete_settings_pause_before_any_attempt(make_crm: Any, tmp_path: A
     add_people(crm, "anna@example.se")
     with crm.transaction() as s:
         crm.set_system_setting(s, "maildir.path", str(tmp_path / "md"))
-    outbox_id = queue(crm)
+    outbox_id = queue_mail(crm)
     with crm.transaction() as s:
         crm.settings_store().unset_system(s, "maildir.path")
     stats = Worker(crm).run_once()
@@ -312,38 +312,38 @@ def test_incomplete_settings_pause_before_any_attempt(make_crm: Any, tmp_path: A
     waiting = row(crm, outbox_id)
     assert waiting.state == "queued" and waiting.attempts == 0 and waiting.attempt_log == []
     with crm.transaction() as s:
-        ((pause, email),) = outbox.pauses(s)
+        ((pause, email),) = pauses.pauses(s)
     assert email == "anna@example.se" and "maildir.path" in pause.reason
 
 
 # --- leases and fencing -------------------------------------------------------------------
 
 
-def _claim(crm: Any, worker: str, now: Any = None) -> list[outbox.Claim]:
+def _claim(crm: Any, worker: str, now: Any = None) -> list[queue.Claim]:
     with crm.transaction() as s:
-        return outbox.claim_batch(crm, s, worker, 50, now or utcnow()).claims
+        return queue.claim_batch(crm, s, worker, 50, now or utcnow()).claims
 
 
-def _record(crm: Any, claims: Sequence[outbox.Claim], outcome: Outcome) -> outbox.Recorded:
+def _record(crm: Any, claims: Sequence[queue.Claim], outcome: Outcome) -> queue.Recorded:
     from crm_core.mail.transport import SendResult
 
     results = [SendResult(c.message.message_id, outcome, "scripted") for c in claims]
     with crm.transaction() as s:
-        return outbox.record_results(crm, s, claims, results, utcnow())
+        return queue.record_results(crm, s, claims, results, utcnow())
 
 
 def test_a_late_worker_cannot_overwrite_a_newer_claim(scripted: Any) -> None:
     crm, _ = scripted
-    outbox_id = queue(crm)
+    outbox_id = queue_mail(crm)
     old = _claim(crm, "worker-a")
     assert old and row(crm, outbox_id).state == "sending"
     with crm.transaction() as s:  # worker-a stalls past its lease; the reaper runs
-        reaped = outbox.reap_expired(s, utcnow() + timedelta(seconds=61))
+        reaped = queue.reap_expired(s, utcnow() + timedelta(seconds=61))
     assert reaped == [outbox_id]
     unknown = row(crm, outbox_id)
     assert unknown.state == "unknown" and unknown.last_code == "lease-expired"
     with crm.transaction() as s:
-        outbox.resolve(s, outbox_id, sent=False)
+        operations.resolve(s, outbox_id, sent=False)
     new = _claim(crm, "worker-b")
     assert new[0].token != old[0].token
     assert _record(crm, old, Outcome.SENT).stale == 1
@@ -358,20 +358,20 @@ def test_a_late_worker_cannot_overwrite_a_newer_claim(scripted: Any) -> None:
 
 def test_a_late_result_still_lands_when_nobody_else_touched_the_row(scripted: Any) -> None:
     crm, _ = scripted
-    outbox_id = queue(crm)
+    outbox_id = queue_mail(crm)
     claims = _claim(crm, "worker-a")
     with crm.transaction() as s:
-        outbox.reap_expired(s, utcnow() + timedelta(seconds=61))
+        queue.reap_expired(s, utcnow() + timedelta(seconds=61))
     assert _record(crm, claims, Outcome.SENT).counts == {"sent": 1}
     assert row(crm, outbox_id).state == "sent"
 
 
 def test_the_reaper_leaves_live_leases_alone(scripted: Any) -> None:
     crm, _ = scripted
-    queue(crm)
+    queue_mail(crm)
     _claim(crm, "worker-a")
     with crm.transaction() as s:
-        assert outbox.reap_expired(s, utcnow() + timedelta(seconds=30)) == []
+        assert queue.reap_expired(s, utcnow() + timedelta(seconds=30)) == []
     assert set(states(crm).values()) == {"sending"}
 
 
@@ -388,18 +388,18 @@ def test_a_slow_live_worker_keeps_its_lease(make_crm: Any) -> None:
         deadline = utcnow() + timedelta(seconds=2.5)  # well past the 1 s lease
         while utcnow() < deadline:
             with crm.transaction() as s:
-                reaped.extend(outbox.reap_expired(s, utcnow()))
+                reaped.extend(queue.reap_expired(s, utcnow()))
             threading.Event().wait(0.1)
 
     transport.hook = slow
-    outbox_id = queue(crm)
+    outbox_id = queue_mail(crm)
     assert Worker(crm).run_once().sent == 1
     assert reaped == [] and row(crm, outbox_id).state == "sent"
 
 
 def test_a_stopping_worker_releases_what_it_did_not_start(scripted: Any) -> None:
     crm, transport = scripted
-    outbox_id = queue(crm)
+    outbox_id = queue_mail(crm)
     claims = _claim(crm, "worker-a")
     stop = threading.Event()
     stop.set()  # SIGTERM arrived after the claim, before the send started
@@ -418,27 +418,27 @@ def test_a_stopping_worker_releases_what_it_did_not_start(scripted: Any) -> None
 def test_cancel_retry_and_resolve_follow_the_state_rules(scripted: Any) -> None:
     crm, transport = scripted
     transport.script["Perm"] = [PERM, SENT]
-    failed_id = queue(crm, subject="Perm")
+    failed_id = queue_mail(crm, subject="Perm")
     Worker(crm).run_once()
     with crm.transaction() as s:
         with pytest.raises(ValidationError, match="already final"):
-            outbox.cancel(s, failed_id)
+            operations.cancel(s, failed_id)
         with pytest.raises(ValidationError, match="only messages in state unknown"):
-            outbox.resolve(s, failed_id, sent=True)
-        outbox.retry(s, failed_id)
+            operations.resolve(s, failed_id, sent=True)
+        operations.retry(s, failed_id)
     assert row(crm, failed_id).attempts == 0  # a fresh budget
     assert Worker(crm).run_once().sent == 1
-    queued_id = queue(crm, subject="Cancel me")
+    queued_id = queue_mail(crm, subject="Cancel me")
     with crm.transaction() as s:
-        outbox.cancel(s, queued_id)
+        operations.cancel(s, queued_id)
     assert Worker(crm).run_once().claimed == 0
     assert row(crm, queued_id).state == "cancelled"
     transport.script["Amb"] = [(Outcome.AMBIGUOUS, "timeout after DATA", "", None), SENT]
-    a, b = queue(crm, subject="Amb"), queue(crm, subject="Amb")
+    a, b = queue_mail(crm, subject="Amb"), queue_mail(crm, subject="Amb")
     Worker(crm).run_once()
     with crm.transaction() as s:
-        outbox.resolve(s, a, sent=True)
-        outbox.resolve(s, b, sent=False)
+        operations.resolve(s, a, sent=True)
+        operations.resolve(s, b, sent=False)
     assert row(crm, a).state == "sent" and row(crm, b).state == "queued"
     Worker(crm).run_once()
     assert row(crm, b).state == "sent"
@@ -447,11 +447,11 @@ def test_cancel_retry_and_resolve_follow_the_state_rules(scripted: Any) -> None:
 def test_reconcile_asks_the_transport(scripted: Any) -> None:
     crm, transport = scripted
     transport.script["Amb"] = [(Outcome.AMBIGUOUS, "connection dropped", "", None)]
-    ids = [queue(crm, subject="Amb") for _ in range(3)]
+    ids = [queue_mail(crm, subject="Amb") for _ in range(3)]
     Worker(crm).run_once()
     message_ids = [row(crm, i).message_id for i in ids]
     transport.reconcile_answers = {message_ids[0]: True, message_ids[1]: False}
-    reports = {r.outbox_id: r for r in outbox.reconcile(crm)}
+    reports = {r.outbox_id: r for r in reconciler.reconcile(crm)}
     assert [reports[i].sent for i in ids] == [True, False, None]
     assert [row(crm, i).state for i in ids] == ["sent", "queued", "unknown"]
 
@@ -461,14 +461,14 @@ def test_reconcile_in_a_maildir_finds_what_was_written(make_crm: Any, tmp_path: 
     add_people(crm, "anna@example.se")
     with crm.transaction() as s:
         crm.set_system_setting(s, "maildir.path", str(tmp_path / "md"))
-    written, lost = queue(crm, subject="written"), queue(crm, subject="lost")
+    written, lost = queue_mail(crm, subject="written"), queue_mail(crm, subject="lost")
     assert Worker(crm).run_once().sent == 2
     with crm.transaction() as s:  # pretend both ended ambiguous; only one was lost
         s.execute(update(OutboxMessage).values(state="unknown"))
         s.execute(
             update(OutboxMessage).where(OutboxMessage.id == lost).values(message_id="<gone@x.se>")
         )
-    reports = outbox.reconcile(crm)
+    reports = reconciler.reconcile(crm)
     assert {r.outbox_id: r.sent for r in reports} == {written: True, lost: False}
     assert row(crm, written).state == "sent" and row(crm, lost).state == "queued"
 
@@ -480,8 +480,8 @@ def test_a_user_whose_product_line_was_removed_is_paused_not_a_crash(make_crm: A
     add_people(crm, "anna@example.se")
     with crm.transaction() as s:
         directory.add_user(s, "rut@example.se", "Rut", "rentals")
-    stranded = queue(crm, sender="rut@example.se")
-    fine = queue(crm)
+    stranded = queue_mail(crm, sender="rut@example.se")
+    fine = queue_mail(crm)
     only_commercial = SCRIPTED_CONFIG.split("[product_lines.rentals]")[0] + (
         "[outbox]" + SCRIPTED_CONFIG.split("[outbox]")[1]
     )
@@ -490,9 +490,9 @@ def test_a_user_whose_product_line_was_removed_is_paused_not_a_crash(make_crm: A
     assert (stats.sent, stats.paused_accounts) == (1, 1)
     assert row(later, fine).state == "sent" and row(later, stranded).state == "queued"
     with later.transaction() as s:
-        ((pause, email),) = outbox.pauses(s)
+        ((pause, email),) = pauses.pauses(s)
         with pytest.raises(MailValidationError, match="rentals"):
-            outbox.enqueue(later, s, _request(sender_email="rut@example.se"))
+            enqueue.enqueue(later, s, _request(sender_email="rut@example.se"))
     assert email == "rut@example.se" and "rentals" in pause.reason
 
 
@@ -512,7 +512,11 @@ def test_worker_signals_are_sent_after_commit(scripted: Any) -> None:
     for name, receiver in receivers.items():
         signals.signal_named(name).connect(receiver, sender=crm)
     try:
-        ok, perm, temp = queue(crm), queue(crm, subject="Perm"), queue(crm, subject="Temp")
+        ok, perm, temp = (
+            queue_mail(crm),
+            queue_mail(crm, subject="Perm"),
+            queue_mail(crm, subject="Temp"),
+        )
         Worker(crm).run_once()
     finally:
         for name, receiver in receivers.items():

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 
 from crm_core import directory, hookimpl
 from crm_core.app import Crm
-from crm_core.mail import outbox
+from crm_core.mail import enqueue
 from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import (
     Outcome,
@@ -121,9 +121,11 @@ def add_people(crm: Crm, *users: str) -> None:
         directory.add_person(session, "per@example.com", "Per Persson", "0701")
 
 
-def queue(crm: Crm, subject: str = "Hello", sender: str = "anna@example.se", **kw: object) -> int:
+def queue_mail(
+    crm: Crm, subject: str = "Hello", sender: str = "anna@example.se", **kw: object
+) -> int:
     """Queue one valid mail; its outbox id."""
-    request = outbox.MailRequest(
+    request = enqueue.MailRequest(
         sender_email=sender,
         to=kw.pop("to", ["per@example.com"]),  # type: ignore[arg-type]
         subject=subject,
@@ -131,7 +133,7 @@ def queue(crm: Crm, subject: str = "Hello", sender: str = "anna@example.se", **k
         **kw,  # type: ignore[arg-type]
     )
     with crm.transaction() as session:
-        return outbox.enqueue(crm, session, request).outbox_id
+        return enqueue.enqueue(crm, session, request).outbox_id
 
 
 def row(crm: Crm, outbox_id: int) -> OutboxMessage:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from crm_core.config import OutboxConfig
-from crm_core.mail.outbox import (
+from crm_core.mail.policy import (
     backoff_seconds,
     lease_expired,
     lease_until,

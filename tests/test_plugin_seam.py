@@ -30,7 +30,7 @@ from crm_core import (
     directory,
     hookimpl,
 )
-from crm_core.mail import outbox
+from crm_core.mail import enqueue
 from crm_core.mail.worker import Worker
 from tests.conftest import CrmFactory
 
@@ -109,9 +109,9 @@ def world(make_crm: CrmFactory, tmp_path: Path) -> tuple[Crm, Pigeon, Observer]:
 
 
 def send(crm: Crm, sender: str) -> None:
-    request = outbox.MailRequest(sender, ["per@example.com"], "Hej", "Hej Per")
+    request = enqueue.MailRequest(sender, ["per@example.com"], "Hej", "Hej Per")
     with crm.transaction() as session:
-        outbox.enqueue(crm, session, request)
+        enqueue.enqueue(crm, session, request)
 
 
 def account(crm: Crm, email: str) -> SenderAccount:

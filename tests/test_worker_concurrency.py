@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import select
 
 from crm_core import directory
-from crm_core.mail import outbox
+from crm_core.mail import enqueue
 from crm_core.models import OutboxAttempt, OutboxMessage
 from tests.servers.smtp import start_smtp_process
 from tests.test_worker_smtp import count_states, start_worker, wait_until
@@ -60,13 +60,13 @@ def test_four_workers_deliver_each_message_exactly_once(
         try:
             with crm.transaction() as s:  # one commit: every worker sees all of it at once
                 for i in range(total):
-                    request = outbox.MailRequest(
+                    request = enqueue.MailRequest(
                         sender_email=f"user{i % USERS}@example.se",
                         to=[f"rcpt{i}@example.com"],
                         subject=f"Message {i}",
                         text="Hej!",
                     )
-                    outbox.enqueue(crm, s, request)
+                    enqueue.enqueue(crm, s, request)
             wait_until(lambda: count_states(crm) == Counter({"sent": total}), 120, "all mail sent")
         finally:
             outputs = _stop(workers)

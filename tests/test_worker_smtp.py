@@ -28,11 +28,11 @@ from sqlalchemy import select
 
 from crm_core import directory
 from crm_core.app import Crm
-from crm_core.mail import outbox
+from crm_core.mail import enqueue, operations, reconciler
 from crm_core.mail.worker import Worker
 from crm_core.models import OutboxMessage, OutboxState
 from tests.servers.smtp import SmtpServer
-from tests.test_outbox_helpers import queue, time_passes
+from tests.test_outbox_helpers import queue_mail, time_passes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,7 +78,7 @@ def smtp_crm(make_crm: Any, port: int, lease: int = 60, batch: int = 50) -> Crm:
 
 def queue_many(crm: Crm, count: int) -> list[int]:
     """``count`` mails, each to its own recipient r<i>@example.com (faults can aim)."""
-    return [queue(crm, subject=f"m{i}", to=[f"r{i}@example.com"]) for i in range(count)]
+    return [queue_mail(crm, subject=f"m{i}", to=[f"r{i}@example.com"]) for i in range(count)]
 
 
 def drain(crm: Crm, rounds: int = 10) -> None:
@@ -129,9 +129,9 @@ def check_invariants(
 
 def test_dry_run_names_the_smtp_server(make_crm: Any, smtp_server: SmtpServer) -> None:
     crm = smtp_crm(make_crm, smtp_server.port)
-    request = outbox.MailRequest(SENDER, ["per@example.com"], "Visning", "Hej")
+    request = enqueue.MailRequest(SENDER, ["per@example.com"], "Visning", "Hej")
     with crm.transaction() as s:
-        found = outbox.plan(crm, s, request)
+        found = enqueue.plan(crm, s, request)
     assert found.ok and (found.product_line, found.transport) == ("commercial", "smtp")
     assert found.server == f"127.0.0.1:{smtp_server.port}"
     assert "security none" in found.notes and "auth none" in found.notes
@@ -201,10 +201,10 @@ def test_a_drop_after_the_final_dot_is_unknown_and_not_resent(
     assert "may or may not" in (unknown.last_error or "")
     assert {rows[i].state for i in (ids[0], ids[2], ids[3])} == {"sent"}
     assert Counter(smtp_server.message_ids())[unknown.message_id] == 1  # it did arrive
-    reports = outbox.reconcile(crm)  # SMTP cannot look: the operator decides
+    reports = reconciler.reconcile(crm)  # SMTP cannot look: the operator decides
     assert [(r.outbox_id, r.sent) for r in reports] == [(ids[1], None)]
     with crm.transaction() as s:
-        outbox.resolve(s, ids[1], sent=True)
+        operations.resolve(s, ids[1], sent=True)
     drain(crm)
     assert Counter(smtp_server.message_ids())[unknown.message_id] == 1
 
@@ -370,7 +370,7 @@ def test_a_worker_killed_mid_batch_leaves_unknown_and_the_next_worker_goes_on(
         # The operator resolves: what arrived is sent, the rest goes again.
         with crm.transaction() as s:
             for i in unknown:
-                outbox.resolve(s, i, sent=rows[i].message_id in delivered_before)
+                operations.resolve(s, i, sent=rows[i].message_id in delivered_before)
         Worker(crm).run_once()
         final = check_invariants(crm, smtp_server.message_ids())
         assert {r.state for r in final.values()} == {"sent"}

@@ -21,9 +21,10 @@ from types import FrameType
 import click
 
 from crm_core.cli import EXIT_REFUSED, Context, emit_json, fail, handled, pass_ctx
-from crm_core.mail import outbox
+from crm_core.mail import enqueue, operations, pauses, reconciler
+from crm_core.mail.enqueue import MailRequest, Plan
 from crm_core.mail.message import Attachment
-from crm_core.mail.outbox import MailRequest, MessageDetail, MessageView, Plan
+from crm_core.mail.operations import MessageDetail, MessageView
 from crm_core.mail.worker import Worker, WorkerStats
 from crm_core.models import OutboxState
 
@@ -89,13 +90,13 @@ def send(
         crm = ctx.crm()
         if dry_run:
             with crm.transaction() as session:
-                found = outbox.plan(crm, session, request)
+                found = enqueue.plan(crm, session, request)
             _print_plan(found, as_json)
             if not found.ok:
                 raise SystemExit(EXIT_REFUSED)
             return
         with crm.transaction() as session:
-            queued = outbox.enqueue(crm, session, request)
+            queued = enqueue.enqueue(crm, session, request)
     if as_json:
         emit_json(queued.__dict__)
         return
@@ -170,8 +171,8 @@ def outbox_list(ctx: Context, status: str | None, limit: int, as_json: bool) -> 
     with handled():
         crm = ctx.crm()
         with crm.transaction() as session:
-            views = outbox.list_messages(session, status, limit)
-            paused = outbox.pauses(session)
+            views = operations.list_messages(session, status, limit)
+            paused = pauses.pauses(session)
     if as_json:
         emit_json(
             {
@@ -216,7 +217,7 @@ def outbox_show(ctx: Context, outbox_id: int, as_json: bool) -> None:
     with handled():
         crm = ctx.crm()
         with crm.transaction() as session:
-            detail = outbox.show_message(session, outbox_id)
+            detail = operations.show_message(session, outbox_id)
     if as_json:
         emit_json(detail.as_dict())
         return
@@ -264,7 +265,7 @@ def outbox_retry(ctx: Context, outbox_id: int) -> None:
     with handled():
         crm = ctx.crm()
         with crm.transaction() as session:
-            row = outbox.retry(session, outbox_id)
+            row = operations.retry(session, outbox_id)
     click.echo(f"Outbox #{row.id} queued again.")
 
 
@@ -276,7 +277,7 @@ def outbox_cancel(ctx: Context, outbox_id: int) -> None:
     with handled():
         crm = ctx.crm()
         with crm.transaction() as session:
-            row = outbox.cancel(session, outbox_id)
+            row = operations.cancel(session, outbox_id)
     click.echo(f"Outbox #{row.id} cancelled.")
 
 
@@ -291,7 +292,7 @@ def outbox_resolve(ctx: Context, outbox_id: int, sent: bool | None) -> None:
     with handled():
         crm = ctx.crm()
         with crm.transaction() as session:
-            row = outbox.resolve(session, outbox_id, sent)
+            row = operations.resolve(session, outbox_id, sent)
     click.echo(f"Outbox #{row.id}: {'marked sent' if sent else 'queued again'}.")
 
 
@@ -303,7 +304,7 @@ def outbox_reconcile(ctx: Context, outbox_id: int | None, as_json: bool) -> None
     """Ask the transport whether ``unknown`` messages were sent (e.g. Sent Items)."""
     with handled():
         crm = ctx.crm()
-        reports = outbox.reconcile(crm, outbox_id)
+        reports = reconciler.reconcile(crm, outbox_id)
     if as_json:
         emit_json([r.__dict__ for r in reports])
         return
@@ -327,7 +328,7 @@ def outbox_resume(ctx: Context, email: str) -> None:
     with handled():
         crm = ctx.crm()
         with crm.transaction() as session:
-            lifted = outbox.resume(session, email)
+            lifted = pauses.resume(session, email)
     if lifted is None:
         click.echo(f"{email} is not paused.")
     else:
@@ -342,7 +343,7 @@ def outbox_pauses(ctx: Context, as_json: bool) -> None:
     with handled():
         crm = ctx.crm()
         with crm.transaction() as session:
-            found = outbox.pauses(session)
+            found = pauses.pauses(session)
     if as_json:
         emit_json(
             [

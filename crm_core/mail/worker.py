@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import DBAPIError
 
 from crm_core.errors import TransportError
-from crm_core.mail import outbox
-from crm_core.mail.outbox import Claim
+from crm_core.mail import policy, queue
+from crm_core.mail.queue import Claim
 from crm_core.mail.transport import Outcome, SendResult
 from crm_core.models import OutboxState
 
@@ -125,10 +125,10 @@ class Worker:
         """One round: reap expired leases, claim a batch, send it, record results."""
         stats = WorkerStats(polls=1)
         with self.crm.transaction() as session:
-            stats.reaped = len(outbox.reap_expired(session, outbox.db_now(session)))
+            stats.reaped = len(queue.reap_expired(session, policy.db_now(session)))
         with self.crm.transaction() as session:
-            claimed = outbox.claim_batch(
-                self.crm, session, self.name, self.config.batch_size, outbox.db_now(session)
+            claimed = queue.claim_batch(
+                self.crm, session, self.name, self.config.batch_size, policy.db_now(session)
             )
         stats.claimed = len(claimed.claims)
         stats.paused_accounts = claimed.paused_accounts
@@ -185,10 +185,10 @@ class Worker:
     def _record(self, group: _GroupResult, stats: WorkerStats) -> None:
         with self.crm.transaction() as session:
             if group.results is None:
-                stats.released += outbox.release(session, group.claims, outbox.db_now(session))
+                stats.released += queue.release(session, group.claims, policy.db_now(session))
                 return
-            recorded = outbox.record_results(
-                self.crm, session, group.claims, group.results, outbox.db_now(session)
+            recorded = queue.record_results(
+                self.crm, session, group.claims, group.results, policy.db_now(session)
             )
         counts = recorded.counts
         stats.sent += counts.get(OutboxState.SENT.value, 0)
@@ -201,8 +201,8 @@ class Worker:
 
     def _renew(self, token: str) -> None:
         with self.crm.transaction() as session:
-            until = outbox.lease_until(outbox.db_now(session), self.config.lease_seconds)
-            outbox.renew_leases(session, [token], until)
+            until = policy.lease_until(policy.db_now(session), self.config.lease_seconds)
+            queue.renew_leases(session, [token], until)
 
 
 def _outcome(value: Any) -> Outcome:

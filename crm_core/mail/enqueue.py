@@ -1,0 +1,357 @@
+"""Putting a mail in the outbox: validate everything, then write the row.
+
+Every function here takes a Session and never commits: :func:`enqueue` writes in the
+caller's transaction, so the CRM change and the mail commit together or not at all.
+:func:`plan` answers ``crm send --dry-run`` with the same checks and writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    select,
+)
+from sqlalchemy.orm import Session
+
+from crm_core import signals
+from crm_core.errors import CrmError, MailValidationError, Problem
+from crm_core.mail.addresses import Address, explain_address, header_problem, validate_addresses
+from crm_core.mail.message import Attachment, OutgoingMessage, make_message_id
+from crm_core.mail.policy import S, db_now
+from crm_core.mail.transport import SenderAccount
+from crm_core.models import (
+    AccountPause,
+    OutboxAttachment,
+    OutboxMessage,
+    Person,
+    PersonActivity,
+    User,
+)
+
+if TYPE_CHECKING:
+    from crm_core.app import Crm
+
+# --- enqueue ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MailRequest:
+    """What a caller wants sent. The From address is always the sender user's own."""
+
+    sender_email: str
+    to: Sequence[str]
+    subject: str
+    text: str
+    cc: Sequence[str] = ()
+    bcc: Sequence[str] = ()
+    reply_to: Sequence[str] = ()
+    html: str | None = None
+    attachments: Sequence[Attachment] = ()
+    person_email: str | None = None
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A message written to the outbox; ``paused`` says why it will wait, if it will."""
+
+    outbox_id: int
+    message_id: str
+    state: str
+    paused: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``crm send --dry-run`` reports: where the mail would go and what stops it."""
+
+    sender: str
+    product_line: str | None = None
+    product_line_label: str = ""
+    transport: str | None = None
+    transport_reason: str = ""
+    account: str = ""
+    server: str = ""
+    notes: tuple[str, ...] = ()
+    paused: str | None = None
+    problems: tuple[Problem, ...] = ()
+    size_bytes: int = 0
+    recipients: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when the mail would be queued."""
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "ok": self.ok,
+            "sender": self.sender,
+            "product_line": self.product_line,
+            "product_line_label": self.product_line_label,
+            "transport": self.transport,
+            "transport_reason": self.transport_reason,
+            "account": self.account,
+            "server": self.server,
+            "notes": list(self.notes),
+            "paused": self.paused,
+            "problems": [str(p) for p in self.problems],
+            "size_bytes": self.size_bytes,
+            "recipients": self.recipients,
+        }
+
+
+@dataclass
+class _Checked:
+    """The outcome of validating a request: resolved objects and every problem."""
+
+    problems: list[Problem] = field(default_factory=list)
+    user: User | None = None
+    account: SenderAccount | None = None
+    person: Person | None = None
+    message: OutgoingMessage | None = None
+
+
+def enqueue(crm: Crm, session: Session, request: MailRequest) -> Queued:
+    """Validate everything, then queue the mail in the caller's transaction.
+
+    Raises MailValidationError ("Error validating e-mail") listing every problem;
+    nothing is written then. On success the Message-ID is fixed for every attempt.
+    """
+    checked = _check(crm, session, request)
+    if checked.problems:
+        raise MailValidationError(checked.problems)
+    assert checked.user and checked.account and checked.message
+    row = _outbox_row(
+        checked.user, checked.account, checked.message, checked.person, db_now(session)
+    )
+    session.add(row)
+    session.flush()
+    if checked.person is not None:
+        session.add(
+            PersonActivity(
+                person_id=checked.person.id,
+                user_id=checked.user.id,
+                outbox_id=row.id,
+                kind="mail",
+                summary=f"Mail “{row.subject}” from {row.sender_email} (outbox #{row.id})",
+            )
+        )
+    signals.emit_after_commit(
+        session,
+        "mail-queued",
+        outbox_id=row.id,
+        message_id=row.message_id,
+        user_id=row.user_id,
+        person_id=row.person_id,
+    )
+    pause = session.get(AccountPause, checked.user.id)
+    return Queued(row.id, row.message_id, row.state, pause.reason if pause else None)
+
+
+def plan(crm: Crm, session: Session, request: MailRequest) -> Plan:
+    """Say which product line, transport, account and server would send, and why."""
+    checked = _check(crm, session, request)
+    user, account = checked.user, checked.account
+    if user is None or account is None:
+        return Plan(sender=request.sender_email, problems=tuple(checked.problems))
+    line = crm.config.product_line(user.product_line)
+    chosen = crm.settings_store().user_values(session, user.id).get("mail.transport")
+    reason = (
+        f"the user's setting mail.transport = {chosen!r}"
+        if chosen
+        else f"product line {line.name!r} default_transport = {line.default_transport!r}"
+    )
+    route = crm.describe_route(account) if account.transport in crm.transports(line.name) else None
+    pause = session.get(AccountPause, user.id)
+    message = checked.message
+    return Plan(
+        sender=account.email,
+        product_line=line.name,
+        product_line_label=line.label,
+        transport=account.transport,
+        transport_reason=reason,
+        account=route.account if route else account.email,
+        server=route.server if route else "(the transport does not say)",
+        notes=route.notes if route else (),
+        paused=pause.reason if pause else None,
+        problems=tuple(checked.problems),
+        size_bytes=message.size_estimate() if message else 0,
+        recipients=len(message.recipients) if message else 0,
+    )
+
+
+def _check(crm: Crm, session: Session, request: MailRequest) -> _Checked:
+    checked = _Checked()
+    checked.user = _sender_user(session, request.sender_email, checked.problems)
+    if checked.user is not None:
+        checked.account, problems = account_problems(crm, session, checked.user)
+        for problem in problems:
+            where = f"sender {checked.user.email}" + (f": {problem.key}" if problem.key else "")
+            checked.problems.append(Problem(where, problem.message, problem.fix))
+    to, cc, bcc, reply_to = (
+        _addresses(raw, name, checked.problems)
+        for raw, name in (
+            (request.to, "to"),
+            (request.cc, "cc"),
+            (request.bcc, "bcc"),
+            (request.reply_to, "reply-to"),
+        )
+    )
+    if not request.to:
+        checked.problems.append(Problem("to", "at least one To recipient is required"))
+    checked.problems.extend(_content_problems(request))
+    if request.person_email:
+        checked.person = session.scalar(
+            select(Person).where(Person.email == request.person_email.strip().lower())
+        )
+        if checked.person is None:
+            checked.problems.append(
+                Problem("person", f"no person with e-mail {request.person_email!r} in the register")
+            )
+    if checked.user is not None:
+        checked.message = OutgoingMessage(
+            outbox_id=0,
+            message_id=make_message_id(checked.user.email.rpartition("@")[2]),
+            sender=Address(checked.user.email, checked.user.name),
+            to=tuple(to),
+            cc=tuple(cc),
+            bcc=tuple(bcc),
+            reply_to=tuple(reply_to),
+            subject=request.subject.strip(),
+            text=request.text,
+            html=request.html,
+            attachments=tuple(request.attachments),
+        )
+        checked.problems.extend(_limit_problems(crm, checked.message))
+    return checked
+
+
+def account_problems(
+    crm: Crm, session: Session, user: User
+) -> tuple[SenderAccount | None, list[Problem]]:
+    """The user's sender account and what stops it from sending.
+
+    A configuration that no longer fits the user (a product line removed from
+    crm.toml) is one more problem of this account, not a crash of every worker.
+    """
+    try:
+        account = crm.sender_account(session, user)
+        return account, crm.sender_problems(account)
+    except CrmError as exc:
+        return None, [Problem("", str(exc))]
+
+
+def _sender_user(session: Session, raw: str, problems: list[Problem]) -> User | None:
+    reason = explain_address(raw)
+    if reason is not None:
+        problems.append(Problem(f"from {raw!r}", reason))
+        return None
+    user = session.scalar(select(User).where(User.email == raw.strip().lower()))
+    if user is None:
+        problems.append(
+            Problem(
+                f"from {raw.strip()!r}",
+                "is not a CRM user; mail can only be sent from a user's own address "
+                "(see `crm users list`)",
+            )
+        )
+    return user
+
+
+def _addresses(raws: Sequence[str], name: str, problems: list[Problem]) -> list[Address]:
+    if isinstance(raws, str):  # a lone string would be split into characters
+        raws = [raws]
+    good, bad = validate_addresses(raws, name)
+    problems.extend(bad)
+    return good
+
+
+def _content_problems(request: MailRequest) -> list[Problem]:
+    problems: list[Problem] = []
+    if not request.subject.strip():
+        problems.append(Problem("subject", "a subject is required"))
+    subject_problem = header_problem(request.subject, "subject")
+    if subject_problem:
+        problems.append(subject_problem)
+    for att in request.attachments:
+        where = f"attachment {att.filename!r}"
+        if not att.filename.strip():
+            problems.append(Problem("attachment", "a file name is required"))
+        name_problem = header_problem(att.filename, where)
+        if name_problem:
+            problems.append(name_problem)
+        main, _, sub = att.content_type.partition("/")
+        if not main or not sub or header_problem(att.content_type, "type"):
+            problems.append(
+                Problem(where, f"content type {att.content_type!r} is not type/subtype")
+            )
+    return problems
+
+
+def _limit_problems(crm: Crm, message: OutgoingMessage) -> list[Problem]:
+    limits = crm.config.mail
+    problems: list[Problem] = []
+    size = message.size_estimate()
+    if size > limits.max_message_bytes:
+        problems.append(
+            Problem(
+                "size",
+                f"the mail would be about {_mb(size)} with attachments; the limit is "
+                f"{_mb(limits.max_message_bytes)} ([mail] max_message_bytes)",
+            )
+        )
+    count = len(message.recipients)
+    if count > limits.max_recipients:
+        problems.append(
+            Problem(
+                "recipients",
+                f"{count} recipients; the limit is {limits.max_recipients} ([mail] max_recipients)",
+            )
+        )
+    return problems
+
+
+def _mb(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MB"
+
+
+def _outbox_row(
+    user: User,
+    account: SenderAccount,
+    message: OutgoingMessage,
+    person: Person | None,
+    now: datetime,
+) -> OutboxMessage:
+    return OutboxMessage(
+        message_id=message.message_id,
+        user_id=user.id,
+        person_id=person.id if person else None,
+        product_line=user.product_line,
+        transport=account.transport,
+        sender_email=user.email,
+        sender_name=user.name,
+        recipients={
+            "to": [[a.email, a.name] for a in message.to],
+            "cc": [[a.email, a.name] for a in message.cc],
+            "bcc": [[a.email, a.name] for a in message.bcc],
+            "reply_to": [[a.email, a.name] for a in message.reply_to],
+        },
+        subject=message.subject,
+        body_text=message.text,
+        body_html=message.html,
+        size_bytes=message.size_estimate(),
+        state=S.QUEUED.value,
+        attempts=0,
+        next_attempt_at=now,
+        created_at=now,
+        updated_at=now,
+        attachments=[
+            OutboxAttachment(filename=a.filename, content_type=a.content_type, data=a.data)
+            for a in message.attachments
+        ],
+    )

@@ -1,0 +1,281 @@
+"""What operators do with the outbox: list, show, retry, cancel, resolve.
+
+Every function here takes a Session and never commits (the CLI and the web app frame
+the unit of work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    select,
+)
+from sqlalchemy.orm import Session
+
+from crm_core import signals
+from crm_core.errors import NotFoundError, Problem, ValidationError
+from crm_core.models import (
+    AccountPause,
+    OutboxMessage,
+    Person,
+)
+
+if TYPE_CHECKING:
+    pass
+from crm_core.mail.policy import DUE_STATES, S, db_now
+
+# --- operators: list, show, retry, cancel, resolve ----------------------------------------
+
+
+@dataclass(frozen=True)
+class MessageView:
+    """One outbox row as operators see it (no bodies, no attachment data)."""
+
+    id: int
+    message_id: str
+    state: str
+    sender: str
+    to: tuple[str, ...]
+    subject: str
+    attempts: int
+    next_attempt_at: datetime
+    created_at: datetime
+    sent_at: datetime | None
+    last_outcome: str | None
+    last_error: str | None
+    last_code: str | None
+    transport: str
+    paused: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        data = dict(self.__dict__)
+        data["to"] = list(self.to)
+        return data
+
+
+@dataclass(frozen=True)
+class AttemptView:
+    """One recorded attempt."""
+
+    number: int
+    worker: str
+    transport: str
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str | None
+    error: str | None
+    code: str | None
+
+
+@dataclass(frozen=True)
+class MessageDetail:
+    """Everything about one outbox message, for ``crm outbox show``."""
+
+    view: MessageView
+    recipients: dict[str, list[str]]
+    attachments: tuple[tuple[str, str, int], ...]
+    person: str | None
+    lease_owner: str | None
+    lease_until: datetime | None
+    provider_ref: str | None
+    attempts: tuple[AttemptView, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            **self.view.as_dict(),
+            "recipients": self.recipients,
+            "attachments": [
+                {"filename": f, "content_type": t, "bytes": n} for f, t, n in self.attachments
+            ],
+            "person": self.person,
+            "lease_owner": self.lease_owner,
+            "lease_until": self.lease_until,
+            "provider_ref": self.provider_ref,
+            "attempt_log": [a.__dict__ for a in self.attempts],
+        }
+
+
+def list_messages(
+    session: Session, state: str | None = None, limit: int = 200
+) -> list[MessageView]:
+    """Outbox rows, newest first, optionally of one state."""
+    if state is not None and state not in {s.value for s in S}:
+        raise ValidationError(
+            "Unknown state",
+            [Problem("status", f"{state!r}; use one of {', '.join(s.value for s in S)}")],
+        )
+    query = select(OutboxMessage).order_by(OutboxMessage.id.desc()).limit(limit)
+    if state is not None:
+        query = query.where(OutboxMessage.state == state)
+    rows = list(session.scalars(query))
+    paused = {p.user_id: p.reason for p in session.scalars(select(AccountPause))}
+    return [_view(row, paused.get(row.user_id)) for row in rows]
+
+
+def _view(row: OutboxMessage, pause_reason: str | None) -> MessageView:
+    waiting = row.state in DUE_STATES
+    return MessageView(
+        id=row.id,
+        message_id=row.message_id,
+        state=row.state,
+        sender=row.sender_email,
+        to=tuple(e for e, _ in row.recipient_list("to")),
+        subject=row.subject,
+        attempts=row.attempts,
+        next_attempt_at=row.next_attempt_at,
+        created_at=row.created_at,
+        sent_at=row.sent_at,
+        last_outcome=row.last_outcome,
+        last_error=row.last_error,
+        last_code=row.last_code,
+        transport=row.transport,
+        paused=pause_reason if waiting else None,
+    )
+
+
+def get_message(session: Session, outbox_id: int) -> OutboxMessage:
+    """The outbox row, or NotFoundError."""
+    row = session.get(OutboxMessage, outbox_id)
+    if row is None:
+        raise NotFoundError(f"no outbox message #{outbox_id}; see `crm outbox list`")
+    return row
+
+
+def show_message(session: Session, outbox_id: int) -> MessageDetail:
+    """One message with its recipients, attachments and attempt log."""
+    row = get_message(session, outbox_id)
+    pause = session.get(AccountPause, row.user_id)
+    person = session.get(Person, row.person_id) if row.person_id else None
+    return MessageDetail(
+        view=_view(row, pause.reason if pause else None),
+        recipients={
+            k: [e for e, _ in row.recipient_list(k)] for k in ("to", "cc", "bcc", "reply_to")
+        },
+        attachments=tuple((a.filename, a.content_type, len(a.data)) for a in row.attachments),
+        person=person.email if person else None,
+        lease_owner=row.lease_owner,
+        lease_until=row.lease_until,
+        provider_ref=row.provider_ref,
+        attempts=tuple(
+            AttemptView(
+                a.number,
+                a.worker,
+                a.transport,
+                a.started_at,
+                a.finished_at,
+                a.outcome,
+                a.error,
+                a.code,
+            )
+            for a in row.attempt_log
+        ),
+    )
+
+
+def person_history(session: Session, person: Person) -> list[tuple[datetime, str, str]]:
+    """A person's activities, a mail's followed by its outbox state (via the link)."""
+    linked = [a.outbox_id for a in person.activities if a.outbox_id is not None]
+    found = session.execute(
+        select(OutboxMessage.id, OutboxMessage.state).where(OutboxMessage.id.in_(linked))
+    )
+    state_of = {row_id: state for row_id, state in found}
+    return [
+        (
+            a.created_at,
+            a.kind,
+            f"{a.summary} — {state_of[a.outbox_id]}" if a.outbox_id in state_of else a.summary,
+        )
+        for a in person.activities
+    ]
+
+
+def refusal(row: OutboxMessage, action: str, hint: str) -> ValidationError:
+    """The error for an action the message's state does not allow, with what to do."""
+    return ValidationError(
+        f"Cannot {action} outbox message #{row.id}",
+        [Problem(f"state {row.state}", hint)],
+    )
+
+
+def retry(session: Session, outbox_id: int, now: datetime | None = None) -> OutboxMessage:
+    """Queue a failed, cancelled or waiting message again, due now, with a fresh budget."""
+    now = now or db_now(session)
+    row = get_message(session, outbox_id)
+    if row.state == S.UNKNOWN.value:
+        raise refusal(
+            row,
+            "retry",
+            "it may already have been sent; check with `crm outbox reconcile`, or decide "
+            "with `crm outbox resolve ID --not-sent` (queues it again) or `--sent`",
+        )
+    if row.state in (S.SENDING.value, S.SENT.value):
+        raise refusal(row, "retry", "it is being sent or was sent")
+    _requeue(row, now, reset_budget=row.state != S.QUEUED.value)
+    return row
+
+
+def cancel(session: Session, outbox_id: int, now: datetime | None = None) -> OutboxMessage:
+    """Cancel a message that has not been sent (queued, retry or unknown)."""
+    now = now or db_now(session)
+    row = get_message(session, outbox_id)
+    if row.state not in (*DUE_STATES, S.UNKNOWN.value):
+        hint = (
+            "a worker is sending it right now; look again in a moment"
+            if row.state == S.SENDING.value
+            else "it is already final"
+        )
+        raise refusal(row, "cancel", hint)
+    row.state = S.CANCELLED.value
+    row.lease_owner = row.lease_token = None
+    row.lease_until = None
+    row.updated_at = now
+    signals.emit_after_commit(
+        session, "mail-cancelled", outbox_id=row.id, message_id=row.message_id, user_id=row.user_id
+    )
+    return row
+
+
+def resolve(
+    session: Session, outbox_id: int, sent: bool, now: datetime | None = None, why: str = ""
+) -> OutboxMessage:
+    """An operator's decision on an ``unknown`` message: sent, or not sent (requeued)."""
+    now = now or db_now(session)
+    row = get_message(session, outbox_id)
+    if row.state != S.UNKNOWN.value:
+        raise refusal(row, "resolve", "only messages in state unknown need a decision")
+    apply_resolution(session, row, sent, why or "decided by an operator", now)
+    return row
+
+
+def apply_resolution(
+    session: Session, row: OutboxMessage, sent: bool, why: str, now: datetime
+) -> None:
+    """Settle an ``unknown`` message: sent (final), or not sent (queued again)."""
+    if sent:
+        row.state = S.SENT.value
+        row.sent_at = now
+        row.last_error = f"Confirmed sent ({why})."
+        row.lease_owner = row.lease_token = None
+        row.lease_until = None
+        row.updated_at = now
+        signals.emit_after_commit(
+            session, "mail-sent", outbox_id=row.id, message_id=row.message_id, user_id=row.user_id
+        )
+        return
+    _requeue(row, now, reset_budget=False)
+    row.last_error = f"Not sent ({why}); queued again."
+
+
+def _requeue(row: OutboxMessage, now: datetime, reset_budget: bool) -> None:
+    row.state = S.QUEUED.value
+    row.next_attempt_at = now
+    row.lease_owner = row.lease_token = None
+    row.lease_until = None
+    row.updated_at = now
+    if reset_budget:
+        row.attempts = 0

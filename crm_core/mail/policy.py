@@ -1,0 +1,114 @@
+"""Outbox policy: the states a mail moves through, back-off, budget, leases, one clock.
+
+Pure functions (and :func:`db_now`, the one clock), so the rules can be read and
+tested without a database or a worker. The states::
+
+    queued ──claim──> sending ──sent──────────────> sent
+      ^                  │ ├──temporary──> retry ──(due)──> sending
+      │                  │ ├──permanent / budget spent──> failed
+      │                  │ ├──ambiguous / lease expired / plugin bug──> unknown
+      └──configuration───┘ └ (account paused; not an attempt against the budget)
+    unknown ──reconcile / resolve --sent──> sent
+    unknown ──reconcile / resolve --not-sent──> queued
+    queued | retry | unknown ──cancel──> cancelled
+    failed | cancelled | retry ──retry──> queued (fresh budget)
+
+Why a table and not a queue in memory: the mail must survive a crash and must not go
+twice by our doing (transactional-outbox pattern). :mod:`crm_core.mail.enqueue` writes
+the row in the caller's transaction; :mod:`crm_core.mail.queue` claims and records it
+for the worker; :mod:`crm_core.mail.pauses`, :mod:`crm_core.mail.operations` and
+:mod:`crm_core.mail.reconciler` hold the rest.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import (
+    func,
+    select,
+)
+from sqlalchemy.orm import Session
+
+from crm_core.config import OutboxConfig
+from crm_core.mail.transport import Outcome
+from crm_core.models import (
+    OutboxState,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    pass
+
+
+S = OutboxState
+DUE_STATES = (S.QUEUED.value, S.RETRY.value)
+FINAL_STATES = (S.SENT.value, S.FAILED.value, S.CANCELLED.value)
+
+
+# --- pure policy: back-off, budget, leases ------------------------------------------
+
+
+def backoff_seconds(attempt: int, base: float, cap: float, jitter: float) -> float:
+    """Delay before try ``attempt + 1``: exponential, capped, with "equal jitter".
+
+    Why equal jitter (half fixed, half random): many messages that failed together
+    (a server restart) spread out instead of returning in one burst, yet none comes
+    back sooner than half the exponential step. ``jitter`` is a number in [0, 1).
+    """
+    step = min(cap, base * 2.0 ** max(attempt - 1, 0))
+    return step / 2.0 + step / 2.0 * min(max(jitter, 0.0), 1.0)
+
+
+def retry_delay(
+    attempt: int, config: OutboxConfig, retry_after: float | None, jitter: float
+) -> float:
+    """The back-off, or the server's own ``retry_after`` when that is longer."""
+    delay = backoff_seconds(
+        attempt, config.backoff_base_seconds, config.backoff_max_seconds, jitter
+    )
+    return max(delay, retry_after or 0.0)
+
+
+def state_after(outcome: Outcome, attempts: int, max_attempts: int) -> OutboxState:
+    """The state a message moves to after one attempt ended with ``outcome``."""
+    if outcome is Outcome.SENT:
+        return S.SENT
+    if outcome is Outcome.PERMANENT:
+        return S.FAILED
+    if outcome is Outcome.AMBIGUOUS:
+        return S.UNKNOWN
+    if outcome is Outcome.CONFIGURATION:
+        return S.QUEUED  # waits for the paused account; not an attempt
+    return S.FAILED if attempts >= max_attempts else S.RETRY
+
+
+def lease_until(now: datetime, lease_seconds: float) -> datetime:
+    """When a claim made ``now`` expires."""
+    return now + timedelta(seconds=lease_seconds)
+
+
+def lease_expired(until: datetime | None, now: datetime) -> bool:
+    """True when a lease has run out (a lease without an end has run out)."""
+    return until is None or until <= now
+
+
+def db_now(session: Session) -> datetime:
+    """Now by the database's clock on PostgreSQL, else by this machine's.
+
+    Why: leases, back-off and due times are compared by workers on many machines; one
+    clock (the database server's) makes a skewed worker clock harmless. SQLite is
+    single-machine, so the local clock is that one clock.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        value = session.scalar(select(func.now()))
+        if isinstance(value, datetime):
+            return value.astimezone(UTC)
+    return utcnow()
+
+
+def new_token() -> str:
+    """A fresh lease token: unguessable and unique per claim."""
+    return secrets.token_hex(16)
