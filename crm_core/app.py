@@ -12,15 +12,16 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pluggy
-from sqlalchemy import event, inspect, select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from crm_core import db, signals
 from crm_core.config import Config, load_config
-from crm_core.errors import ConfigError, PluginError, Problem, SettingValueError
+from crm_core.errors import ConfigError, PluginError, Problem, SecretKeyError, SettingValueError
 from crm_core.fields import Scope, SettingField, SettingNotice, set_command
 from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import (
@@ -39,8 +40,14 @@ from crm_core.mail.transport import (
 )
 from crm_core.models import User
 from crm_core.plugins import installed_plugins, make_plugin_manager
-from crm_core.secret_box import SecretBox, load_keys
-from crm_core.settings import TRANSPORT_KEY, SaveOutcome, SettingsStore, core_fields
+from crm_core.secret_box import KEY_ENV, SecretBox, create_key_file, load_keys
+from crm_core.settings import (
+    TRANSPORT_KEY,
+    SaveOutcome,
+    SettingsStore,
+    core_fields,
+    count_secrets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +103,13 @@ class Crm:
         """Create or upgrade the schema (idempotent); (revision before, after)."""
         return db.upgrade(self.engine)
 
-    def database_ready(self) -> bool:
-        """True when the schema is at the newest revision."""
-        if not inspect(self.engine).has_table("alembic_version"):
-            return False
-        return db.current_revision(self.engine) == db.head_revision(self.engine)
+    def database_location(self) -> str:
+        """Where the database is, as shown to people (never its password)."""
+        return db.where(self.engine.url)
+
+    def check_database(self) -> None:
+        """Refuse a database that is missing, unreachable, foreign or of another schema."""
+        db.check_ready(self.engine)
 
     def _send_pending_signals(self, session: Session) -> None:
         pending = session.info.pop(signals.PENDING_KEY, [])
@@ -212,10 +221,33 @@ class Crm:
     # --- settings ---------------------------------------------------------------
 
     def secret_box(self) -> SecretBox:
-        """The installation's encryption for secrets (key loaded on first use)."""
+        """The installation's encryption for secrets (key loaded on first use).
+
+        Never creates a key: only ``crm init`` does (:meth:`create_key`), so a lost
+        key file is noticed instead of silently replaced by a new, useless key.
+        """
         if self._box is None:
             self._box = SecretBox(load_keys(self.config.key_file, self.environ))
         return self._box
+
+    def create_key(self) -> Path | None:
+        """Make the key file of a new installation (``crm init``); the file made, or None.
+
+        None when ``CRM_SECRET_KEY`` holds the key or the file exists. A database that
+        already holds secrets never gets a new key: they could not be read with it.
+        """
+        key_file = self.config.key_file
+        if self.environ.get(KEY_ENV, "").strip() or key_file is None or key_file.exists():
+            return None
+        with self.transaction() as session:
+            if count_secrets(session):
+                raise SecretKeyError(
+                    f"the key file {key_file} is missing, but the database holds encrypted "
+                    "secrets: restore the key file from your backup (or set "
+                    f"{KEY_ENV}); a new key could not read them"
+                )
+        create_key_file(key_file)
+        return key_file
 
     def settings_store(self) -> SettingsStore:
         """A settings store over every declared field."""
@@ -302,6 +334,18 @@ class Crm:
             system=store.system_values(session),
             user=user_values,
         )
+
+    def user_problems(self, session: Session, user: User) -> list[Problem]:
+        """What stops ``user`` from sending, a product line that is gone included."""
+        if user.product_line not in self.config.product_lines:
+            return [
+                Problem(
+                    "product_line",
+                    f"product line {user.product_line!r} is not in {self.config.source}",
+                    f"add [product_lines.{user.product_line}] to {self.config.source}",
+                )
+            ]
+        return self.sender_problems(self.sender_account(session, user))
 
     def sender_problems(self, account: SenderAccount) -> list[Problem]:
         """What stops this account from sending: the one answer everything asks.

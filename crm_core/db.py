@@ -11,38 +11,56 @@ SQLite file. PostgreSQL is for production and many workers (``CRM_DATABASE_URL``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import CursorResult, Engine, create_engine, event
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy import CursorResult, Engine, create_engine, event, inspect, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
-from crm_core.errors import ConfigError
+from crm_core.errors import ConfigError, DatabaseError
+from crm_core.migrations import REVISIONS
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for ``url`` with the settings this project relies on."""
+    """An engine for ``url`` with the settings this project relies on (no connection yet)."""
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
-        raise ConfigError(f"database URL is not valid: {exc}") from exc
-    if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(url, parsed.database)
-    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
-        url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    return create_engine(url, pool_pre_ping=True)
+        raise ConfigError(f"the database URL is not valid: {exc}") from exc
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            return _sqlite_engine(url)
+        if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+            url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+        return create_engine(url, pool_pre_ping=True)
+    except (NoSuchModuleError, ImportError) as exc:
+        raise ConfigError(
+            f"the database URL {where(parsed)} names a database this installation cannot "
+            f"use ({exc}); use sqlite:///path/crm.db or postgresql://user@host/name"
+        ) from exc
 
 
-def _sqlite_engine(url: str, database: str | None) -> Engine:
-    if database and database != ":memory:":
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+def where(url: URL | str) -> str:
+    """The database's URL as shown to people: never the password."""
+    parsed = make_url(url) if isinstance(url, str) else url
+    return parsed.render_as_string(hide_password=True)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (None for another database, or in memory)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database or "")
+
+
+def _sqlite_engine(url: str) -> Engine:
     engine = create_engine(url, connect_args={"timeout": 30})
 
     @event.listens_for(engine, "connect")
@@ -73,6 +91,8 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 
 def _alembic_config(engine: Engine) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig  # only `crm init` pays for Alembic
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.attributes["engine"] = engine
@@ -82,22 +102,78 @@ def _alembic_config(engine: Engine) -> AlembicConfig:
 def upgrade(engine: Engine) -> tuple[str | None, str]:
     """Create or upgrade the schema to the newest revision; idempotent.
 
-    Returns (revision before, revision after).
+    Returns (revision before, revision after). Refuses a database from a newer
+    crm-mail, whose schema this code does not know.
     """
+    from alembic import command
+
+    path = sqlite_file(str(engine.url))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     before = current_revision(engine)
+    if before is not None and before not in REVISIONS:
+        raise DatabaseError(newer_schema(engine, before))
     command.upgrade(_alembic_config(engine), "head")
-    return before, head_revision(engine)
+    return before, head_revision()
 
 
 def current_revision(engine: Engine) -> str | None:
     """The schema revision the database is at, or None for an empty database."""
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        found = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        return str(found) if found is not None else None
 
 
-def head_revision(engine: Engine) -> str:
+def head_revision() -> str:
     """The newest schema revision this code knows."""
-    head = ScriptDirectory.from_config(_alembic_config(engine)).get_current_head()
-    if head is None:
-        raise ConfigError("no database migrations are packaged with crm_core")
-    return head
+    return REVISIONS[-1]
+
+
+def newer_schema(engine: Engine, revision: str) -> str:
+    """The words for a database made by a newer crm-mail."""
+    return (
+        f"the database at {where(engine.url)} has schema {revision}, which is newer than "
+        f"this crm-mail knows (up to {head_revision()}); upgrade crm-mail before using it. "
+        "Nothing was changed"
+    )
+
+
+def check_ready(engine: Engine) -> None:
+    """Refuse, in words, a database that is missing, unreachable, foreign, old or new.
+
+    Why before any command touches it: a missing SQLite file would otherwise be created
+    empty, and every other case ends in a driver's traceback. Only ``crm init`` creates
+    or upgrades the database.
+    """
+    path = sqlite_file(str(engine.url))
+    if path is not None and not path.exists():
+        raise DatabaseError(f"no database at {path}: run `crm init`")
+    if path is not None and path.is_dir():
+        raise DatabaseError(f"{path} is a folder, not a database file; check the database URL")
+    try:
+        revision = current_revision(engine)
+    except DBAPIError as exc:
+        raise DatabaseError(unreachable(engine, exc)) from exc
+    if revision is None:
+        raise DatabaseError(f"the database at {where(engine.url)} is empty: run `crm init`")
+    if revision not in REVISIONS:
+        raise DatabaseError(newer_schema(engine, revision))
+    if revision != head_revision():
+        raise DatabaseError(
+            f"the database at {where(engine.url)} has schema {revision}; this crm-mail "
+            f"needs {head_revision()}: run `crm init` to upgrade it"
+        )
+
+
+def unreachable(engine: Engine, exc: DBAPIError) -> str:
+    """Why the database could not be used, from the driver's own first line."""
+    reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+    path = sqlite_file(str(engine.url))
+    if path is not None and "not a database" in reason:
+        return f"{path} is not a crm-mail database ({reason}); check the database URL"
+    return (
+        f"cannot use the database at {where(engine.url)}: {reason}; check CRM_DATABASE_URL "
+        "or [database] url in crm.toml"
+    )

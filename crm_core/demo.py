@@ -71,6 +71,7 @@ def prepare(folder: Path) -> Crm:
     crm = Crm(config, environ={})
     crm.check_plugins()
     crm.init_database()
+    crm.create_key()
     return crm
 
 

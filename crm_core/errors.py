@@ -5,6 +5,7 @@ boundary into these, with ``raise ... from exc``, so callers catch one documente
 
     CrmError
     ├── ConfigError                 crm.toml or environment is wrong; start-up stops
+    │   └── DatabaseError           the database is missing, unreachable, foreign or too new
     ├── PluginError                 a plugin is missing, broken or returned the wrong type
     ├── NotFoundError               a user, person or outbox message does not exist
     ├── ValidationError             input refused; nothing was written
@@ -34,6 +35,10 @@ class CrmError(Exception):
 
 class ConfigError(CrmError):
     """The configuration file or environment is invalid; names the file and key."""
+
+
+class DatabaseError(ConfigError):
+    """The database cannot be used as it is; says what to do (often: run ``crm init``)."""
 
 
 class PluginError(CrmError):

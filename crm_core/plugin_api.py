@@ -26,6 +26,7 @@ from crm_core.entra import (
 from crm_core.errors import (
     ConfigError,
     CrmError,
+    DatabaseError,
     MailValidationError,
     NotFoundError,
     PluginError,
@@ -69,6 +70,7 @@ __all__ = [
     "ConnectionReport",
     "ConnectionStep",
     "CrmError",
+    "DatabaseError",
     "FieldType",
     "MailValidationError",
     "NotFoundError",

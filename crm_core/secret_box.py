@@ -58,6 +58,12 @@ class Secret:
         raise TypeError("a Secret cannot be pickled")
 
 
+_FERNET_HINT = (
+    "each key is 44 url-safe base64 characters (as `crm init` writes them); several keys "
+    "are separated by commas, the newest first"
+)
+
+
 class SecretBox:
     """Encrypts and decrypts secrets with the installation's key(s)."""
 
@@ -68,8 +74,7 @@ class SecretBox:
             self._fernet = MultiFernet([Fernet(k) for k in keys])
         except (ValueError, TypeError) as exc:
             raise SecretKeyError(
-                f"{KEY_ENV} or the key file does not hold valid Fernet keys "
-                "(44 url-safe base64 characters each, comma separated)"
+                f"{KEY_ENV} or the key file does not hold valid keys: {_FERNET_HINT}"
             ) from exc
         self._primary = keys[0]
 
@@ -105,20 +110,43 @@ class SecretBox:
 
 
 def load_keys(key_file: Path | None, environ: Mapping[str, str] | None = None) -> list[bytes]:
-    """Keys from the environment, else from the key file (created on first use)."""
+    """Keys from the environment, else from the key file (never created here)."""
     env = os.environ if environ is None else environ
     from_env = env.get(KEY_ENV, "").strip()
     if from_env:
-        return [k.strip().encode("ascii") for k in from_env.split(",") if k.strip()]
+        return _keys(from_env.replace(",", " "), KEY_ENV)
     if key_file is None:
         raise SecretKeyError(f"set {KEY_ENV} or configure [secrets] key_file in crm.toml")
-    if not key_file.exists():
-        _create_key_file(key_file)
-    lines = key_file.read_text(encoding="ascii").split()
-    return [line.encode("ascii") for line in lines if line and not line.startswith("#")]
+    try:
+        return _keys(key_file.read_text(encoding="ascii"), f"the key file {key_file}")
+    except FileNotFoundError:
+        raise SecretKeyError(
+            f"no key file at {key_file}: run `crm init` for a new installation; otherwise "
+            f"restore the file from your backup (or set {KEY_ENV})"
+        ) from None
+    except IsADirectoryError:
+        raise SecretKeyError(
+            f"the key file {key_file} is a folder; it must be the file `crm init` made"
+        ) from None
+    except UnicodeDecodeError:
+        raise SecretKeyError(f"the key file {key_file} is not a key file (not text)") from None
+    except OSError as exc:
+        raise SecretKeyError(f"cannot read the key file {key_file}: {exc.strerror}") from None
 
 
-def _create_key_file(path: Path) -> None:
+def _keys(text: str, source: str) -> list[bytes]:
+    """Fernet keys from text (one per line or separated by blanks); refused in words."""
+    words = [
+        w for line in text.splitlines() if not line.lstrip().startswith("#") for w in line.split()
+    ]
+    if not words:
+        raise SecretKeyError(f"{source} holds no key")
+    if not all(w.isascii() for w in words):
+        raise SecretKeyError(f"{source} holds something that is not a key: {_FERNET_HINT}")
+    return [w.encode("ascii") for w in words]
+
+
+def create_key_file(path: Path) -> None:
     """Write a new key with mode 0600, never readable by others even for a moment."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from crm_core.errors import SettingValueError
@@ -271,6 +271,17 @@ def _existing_pem(text: str) -> str:
     if b"-----BEGIN CERTIFICATE-----" not in head:
         raise SettingValueError("tls.ca_bundle", f"{text} is not a PEM certificate file")
     return str(path.resolve())
+
+
+def count_secrets(session: Session) -> int:
+    """How many encrypted secrets the database holds (system and per-user)."""
+    system = session.scalar(
+        select(func.count()).select_from(SystemSetting).where(SystemSetting.secret.is_(True))
+    )
+    users = session.scalar(
+        select(func.count()).select_from(UserSetting).where(UserSetting.secret.is_(True))
+    )
+    return int(system or 0) + int(users or 0)
 
 
 def rotate_secrets(session: Session, box: SecretBox) -> int:

@@ -128,7 +128,7 @@ def make_crm(tmp_path: Path, database_url: str, secret_key: str) -> Iterator[Crm
 
 @dataclass
 class CliResult:
-    """What a ``crm`` subprocess printed and how it exited."""
+    """What a ``crm`` command printed and how it exited."""
 
     code: int
     stdout: str
@@ -141,7 +141,34 @@ class CliResult:
 
 
 @pytest.fixture
-def run_crm(tmp_path: Path) -> Callable[..., CliResult]:
+def run_crm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., CliResult]:
+    """Run the ``crm`` command in this process, in ``tmp_path``, as a user would type it.
+
+    In-process (click's CliRunner) for speed: every invocation opens a fresh Crm from
+    the configuration and closes it, exactly as a new process would; the environment
+    is the given one, with no CRM_ variable of the test runner's leaking in. The few
+    things only a real process shows (the README's commands, signals, a real
+    terminal's standard input) have subprocess tests of their own (``run_process``).
+    """
+    from click.testing import CliRunner
+
+    from crm_core.cli import main
+
+    def run(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> CliResult:
+        full_env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CRM_")}
+        full_env.update(env or {})
+        with monkeypatch.context() as patch:
+            patch.chdir(tmp_path)
+            result = CliRunner().invoke(
+                main, list(args), input=input, env=full_env, catch_exceptions=False
+            )
+        return CliResult(result.exit_code, result.stdout, result.stderr)
+
+    return run
+
+
+@pytest.fixture
+def run_process(tmp_path: Path) -> Callable[..., CliResult]:
     """Run the real ``crm`` command in a subprocess, in ``tmp_path``."""
 
     def run(

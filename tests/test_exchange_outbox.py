@@ -76,7 +76,7 @@ def test_configuration_error_pauses_the_account_and_keeps_the_mail(
     world.set_user("exchange.username", "anna@contoso.com")  # an alias
     [message_id] = queue_mail(world, 1)
     Worker(world.crm, name="test-worker").run_once(threading.Event())
-    pauses = json.loads(crm("outbox", "pauses", "--json").stdout)
+    pauses = json.loads(crm("outbox", "pauses", "--json").stdout)["paused_accounts"]
     assert [p["email"] for p in pauses] == [USER]
     assert "Exchange cannot find a mailbox for anna@contoso.com" in pauses[0]["reason"]
     with world.crm.transaction() as session:
@@ -120,7 +120,10 @@ def test_lost_answer_becomes_unknown_and_reconcile_never_resends(
 
     reconciled = crm("outbox", "reconcile", "--json")
     assert reconciled.code == 0, reconciled.output
-    verdicts = {r["message_id"]: (r["sent"], r["applied"]) for r in json.loads(reconciled.stdout)}
+    verdicts = {
+        r["message_id"]: (r["sent"], r["applied"])
+        for r in json.loads(reconciled.stdout)["messages"]
+    }
     assert verdicts == {lost[0]: (True, True), lost[1]: (True, True), never: (False, True)}
 
     Worker(world.crm, name="test-worker").run_once(threading.Event())

@@ -109,7 +109,7 @@ def test_dry_run_says_where_it_would_go_and_queues_nothing(cli: Any, tmp_path: P
     refused = cli(*SEND, "--to", "x@nodot", "--body", "Hej", "--dry-run", "--json")
     assert refused.code == 2
     plan = json.loads(refused.stdout)
-    assert plan["ok"] is False and any("x@nodot" in p for p in plan["problems"])
+    assert plan["ok"] is False and any("x@nodot" in p["key"] for p in plan["problems"])
     assert json.loads(cli("outbox", "list", "--json").stdout)["messages"] == []
 
 

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from crm_core import SecretKeyError, SettingField, SettingValueError, directory, hookimpl
 from crm_core.fields import FieldType, Scope
 from crm_core.models import SystemSetting, UserSetting
-from crm_core.secret_box import Secret, SecretBox, load_keys
+from crm_core.secret_box import Secret, SecretBox, create_key_file, load_keys
 from crm_core.settings import SettingsStore
 
 CONFIG = """
@@ -119,10 +119,18 @@ def test_invalid_value_writes_nothing(make_crm) -> None:  # type: ignore[no-unty
 
 def test_key_file_is_created_with_mode_0600(tmp_path: Path) -> None:
     key_file = tmp_path / "sub" / "crm-secret.key"
+    create_key_file(key_file)
     keys = load_keys(key_file, environ={})
     assert len(keys) == 1
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
     assert load_keys(key_file, environ={}) == keys
+
+
+def test_a_missing_key_file_is_never_made_on_reading(tmp_path: Path) -> None:
+    key_file = tmp_path / "crm-secret.key"
+    with pytest.raises(SecretKeyError, match=f"no key file at {key_file}: run `crm init`"):
+        load_keys(key_file, environ={})
+    assert not key_file.exists()
 
 
 def test_environment_key_wins_over_key_file(tmp_path: Path) -> None:
@@ -142,7 +150,7 @@ def test_wrong_key_says_what_happened() -> None:
 
 
 def test_malformed_key_is_refused() -> None:
-    with pytest.raises(SecretKeyError, match="Fernet"):
+    with pytest.raises(SecretKeyError, match="44 url-safe base64 characters"):
         SecretBox([b"not-a-key"])
 
 

@@ -35,8 +35,6 @@ from crm_core.models import (
 if TYPE_CHECKING:
     from crm_core.app import Crm
 
-# --- enqueue ------------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class MailRequest:
@@ -99,7 +97,7 @@ class Plan:
             "server": self.server,
             "notes": list(self.notes),
             "paused": self.paused,
-            "problems": [str(p) for p in self.problems],
+            "problems": [p.as_dict() for p in self.problems],
             "size_bytes": self.size_bytes,
             "recipients": self.recipients,
         }

@@ -8,26 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import (
-    select,
-)
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from crm_core import signals
 from crm_core.errors import NotFoundError, Problem, ValidationError
-from crm_core.models import (
-    AccountPause,
-    OutboxMessage,
-    Person,
-)
-
-if TYPE_CHECKING:
-    pass
 from crm_core.mail.policy import DUE_STATES, S, db_now
-
-# --- operators: list, show, retry, cancel, resolve ----------------------------------------
+from crm_core.models import AccountPause, OutboxMessage, Person, PersonActivity
 
 
 @dataclass(frozen=True)
@@ -138,6 +127,14 @@ def _view(row: OutboxMessage, pause_reason: str | None) -> MessageView:
     )
 
 
+def count_messages(session: Session, state: str | None = None) -> int:
+    """How many outbox rows there are (of one state), for "200 of 202"."""
+    query = select(func.count()).select_from(OutboxMessage)
+    if state is not None:
+        query = query.where(OutboxMessage.state == state)
+    return int(session.scalar(query) or 0)
+
+
 def get_message(session: Session, outbox_id: int) -> OutboxMessage:
     """The outbox row, or NotFoundError."""
     row = session.get(OutboxMessage, outbox_id)
@@ -177,21 +174,38 @@ def show_message(session: Session, outbox_id: int) -> MessageDetail:
     )
 
 
-def person_history(session: Session, person: Person) -> list[tuple[datetime, str, str]]:
-    """A person's activities, a mail's followed by its outbox state (via the link)."""
-    linked = [a.outbox_id for a in person.activities if a.outbox_id is not None]
-    found = session.execute(
-        select(OutboxMessage.id, OutboxMessage.state).where(OutboxMessage.id.in_(linked))
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One line of a person's history; a mail's carries its outbox state."""
+
+    at: datetime
+    kind: str
+    summary: str
+    outbox_id: int | None
+    state: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return dict(self.__dict__)
+
+
+def person_history(
+    session: Session, person: Person, limit: int = 50
+) -> tuple[list[HistoryEntry], int]:
+    """A person's newest activities (up to ``limit``) and how many there are in all."""
+    where = PersonActivity.person_id == person.id
+    total = session.scalar(select(func.count()).select_from(PersonActivity).where(where))
+    rows = session.execute(
+        select(PersonActivity, OutboxMessage.state)
+        .outerjoin(OutboxMessage, OutboxMessage.id == PersonActivity.outbox_id)
+        .where(where)
+        .order_by(PersonActivity.created_at.desc(), PersonActivity.id.desc())
+        .limit(limit)
     )
-    state_of = {row_id: state for row_id, state in found}
-    return [
-        (
-            a.created_at,
-            a.kind,
-            f"{a.summary} — {state_of[a.outbox_id]}" if a.outbox_id in state_of else a.summary,
-        )
-        for a in person.activities
+    entries = [
+        HistoryEntry(a.created_at, a.kind, a.summary, a.outbox_id, state) for a, state in rows
     ]
+    return entries, int(total or 0)
 
 
 def refusal(row: OutboxMessage, action: str, hint: str) -> ValidationError:

@@ -8,7 +8,6 @@ lifts when the user's or the system's settings change, or by an operator.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from sqlalchemy import (
     delete,
@@ -19,6 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from crm_core import signals
+from crm_core.db import rowcount
 from crm_core.errors import NotFoundError
 from crm_core.mail.transport import SenderAccount
 from crm_core.models import (
@@ -27,12 +27,6 @@ from crm_core.models import (
     User,
     UserSetting,
 )
-
-if TYPE_CHECKING:
-    pass
-from crm_core.db import rowcount
-
-# --- account pauses -------------------------------------------------------------------
 
 
 def pause_account(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
 from sqlalchemy import (
     func,
@@ -39,16 +38,9 @@ from crm_core.models import (
     utcnow,
 )
 
-if TYPE_CHECKING:
-    pass
-
-
 S = OutboxState
 DUE_STATES = (S.QUEUED.value, S.RETRY.value)
 FINAL_STATES = (S.SENT.value, S.FAILED.value, S.CANCELLED.value)
-
-
-# --- pure policy: back-off, budget, leases ------------------------------------------
 
 
 def backoff_seconds(attempt: int, base: float, cap: float, jitter: float) -> float:

@@ -79,9 +79,6 @@ def outgoing(row: OutboxMessage) -> OutgoingMessage:
     )
 
 
-# --- claiming, recording, reaping (the worker's short transactions) ----------------------
-
-
 @dataclass(frozen=True)
 class Claim:
     """One message a worker holds under a lease, with what it needs to send it."""

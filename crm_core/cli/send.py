@@ -1,0 +1,173 @@
+"""``crm send``: queue a mail from a CRM user, as the envelope button does."""
+
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from crm_core.cli.context import EXIT_REFUSED, Context, fail, json_option, pass_ctx
+from crm_core.cli.output import emit_json, printable
+
+if TYPE_CHECKING:
+    from crm_core.mail.enqueue import Plan
+    from crm_core.mail.message import Attachment
+
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+_ADDRESS = "name@example.se or 'Per Persson <per@example.se>'"
+
+
+@click.command()
+@click.option(
+    "--from",
+    "sender",
+    required=True,
+    metavar="EMAIL",
+    help="The sending CRM user's own e-mail; the mail leaves from their mailbox.",
+)
+@click.option(
+    "--to",
+    "to",
+    multiple=True,
+    required=True,
+    metavar="ADDRESS",
+    help=f"A recipient: {_ADDRESS}. Repeat --to for each one.",
+)
+@click.option("--cc", multiple=True, metavar="ADDRESS", help="A copy recipient (repeatable).")
+@click.option(
+    "--bcc", multiple=True, metavar="ADDRESS", help="A hidden copy recipient (repeatable)."
+)
+@click.option(
+    "--reply-to",
+    "reply_to",
+    multiple=True,
+    metavar="ADDRESS",
+    help="Where replies should go, if not to the sender (repeatable).",
+)
+@click.option("--subject", required=True, help="The subject line (one line).")
+@click.option("--body", default=None, help="The text of the mail (or use --body-file).")
+@click.option(
+    "--body-file", type=_FILE, default=None, help="Read the text from a UTF-8 file instead."
+)
+@click.option(
+    "--html-file",
+    type=_FILE,
+    default=None,
+    help="An HTML version, sent beside the text (UTF-8 file).",
+)
+@click.option("--attach", "attach", type=_FILE, multiple=True, help="Attach a file (repeatable).")
+@click.option(
+    "--person",
+    default=None,
+    metavar="EMAIL",
+    help="Record the mail on this person's history; their register name is used.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Queue nothing; say which account, transport and server would send, and why.",
+)
+@json_option
+@pass_ctx
+def send(
+    ctx: Context,
+    sender: str,
+    to: tuple[str, ...],
+    cc: tuple[str, ...],
+    bcc: tuple[str, ...],
+    reply_to: tuple[str, ...],
+    subject: str,
+    body: str | None,
+    body_file: Path | None,
+    html_file: Path | None,
+    attach: tuple[Path, ...],
+    person: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Queue a mail from a CRM user; every problem is listed and nothing is queued on error.
+
+    The worker (`crm outbox work`) sends it; `crm outbox show ID` follows it.
+    """
+    from crm_core.mail import enqueue
+
+    if (body is None) == (body_file is None):
+        fail("give exactly one of --body or --body-file")
+    request = enqueue.MailRequest(
+        sender_email=sender,
+        to=list(to),
+        cc=list(cc),
+        bcc=list(bcc),
+        reply_to=list(reply_to),
+        subject=subject,
+        text=body if body is not None else _read_text(body_file),
+        html=_read_text(html_file) if html_file else None,
+        attachments=[_attachment(p) for p in attach],
+        person_email=person,
+    )
+    crm = ctx.crm()
+    if dry_run:
+        with crm.transaction() as session:
+            found = enqueue.plan(crm, session, request)
+        _print_plan(found, as_json)
+        if not found.ok:
+            raise SystemExit(EXIT_REFUSED)
+        return
+    with crm.transaction() as session:
+        queued = enqueue.enqueue(crm, session, request)
+    if as_json:
+        emit_json({"ok": True, **queued.__dict__})
+        return
+    click.echo(f"Queued as outbox #{queued.outbox_id}, Message-ID {queued.message_id}")
+    if queued.paused:
+        click.echo(
+            f"Warning: the sender's account is paused, so it waits: {printable(queued.paused)}"
+        )
+
+
+def _read_text(path: Path | None) -> str:
+    assert path is not None
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        fail(f"{path} is not UTF-8 text")
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or exc}")
+
+
+def _attachment(path: Path) -> Attachment:
+    from crm_core.mail.message import Attachment
+
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    try:
+        return Attachment(path.name, content_type, path.read_bytes())
+    except OSError as exc:
+        fail(f"cannot read attachment {path}: {exc.strerror or exc}")
+
+
+def _print_plan(found: Plan, as_json: bool) -> None:
+    if as_json:
+        emit_json(found.as_dict())
+        return
+    click.echo("Dry run: nothing was queued.")
+    if found.product_line:
+        click.echo(f"  product line: {found.product_line} ({found.product_line_label})")
+        click.echo(f"  transport:    {found.transport} (because {found.transport_reason})")
+        click.echo(f"  account:      {found.account}")
+        click.echo(f"  server:       {found.server}")
+        for note in found.notes:
+            click.echo(f"  note:         {printable(note)}")
+        click.echo(f"  recipients:   {found.recipients}, about {found.size_bytes} bytes")
+    if found.paused:
+        click.echo(f"  paused:       the account is paused, so it would wait: {found.paused}")
+    if found.ok:
+        click.echo("It would be queued.")
+        return
+    click.echo("It would NOT be queued — Error validating e-mail:")
+    for problem in found.problems:
+        click.echo(f"  - {printable(str(problem))}")
+
+
+COMMANDS = (send,)
