@@ -22,8 +22,9 @@ from crm_core.mail.transport import Outcome
 from crm_core.secret_box import Secret
 from exchange_mail.auth import _Redact
 from exchange_mail.diagnostics import token_roles
-from exchange_mail.errors import classify, failed_before_sending
+from exchange_mail.errors import failed_before_sending
 from exchange_mail.ews import MAX_MESSAGES_PER_REQUEST, _requests
+from exchange_mail.ews_errors import classify
 from exchange_mail.settings import (
     EXAMPLE_URL as EXAMPLE,
 )

@@ -35,7 +35,8 @@ from crm_core.plugin_api import (
     is_guid,
     token_client,
 )
-from exchange_mail.errors import ADMIN_CONSENT_FIX, Classified, classify
+from exchange_mail.errors import ADMIN_CONSENT_FIX, Classified
+from exchange_mail.ews_errors import classify
 from exchange_mail.settings import (
     GUIDE_CREDENTIALS,
     SECRET_ID_WARNING,

@@ -81,7 +81,8 @@ from crm_core.plugin_api import (
     token_client,
 )
 from exchange_mail.auth import MsalBearerAuth, MsalOAuth2Credentials, install_redaction
-from exchange_mail.errors import Classified, classify, lookup_verdict, not_attempted, result_for
+from exchange_mail.errors import Classified, lookup_verdict, not_attempted, result_for
+from exchange_mail.ews_errors import classify
 from exchange_mail.settings import (
     CA_BUNDLE,
     EWS_CACHE,
