@@ -3,7 +3,7 @@
 The outbox needs an :class:`Outcome` (temporary, permanent, configuration, ambiguous)
 and the user needs a cause and a fix: a :class:`Classified`. Each API maps its own
 failures to one: :mod:`exchange_mail.ews_errors` (exchangelib's exceptions) and
-:mod:`exchange_mail.graph` (Graph's answers). What both need lives here: the type,
+:mod:`exchange_mail.graph_errors` (Graph's answers). What both need lives here: the type,
 the failures below the API (token, TLS, network, lost answer), the results built from
 a classification, and the verdict of a Sent Items lookup.
 
@@ -34,6 +34,11 @@ from exchange_mail.settings import (
 ADMIN_CONSENT_FIX = (
     "In Entra → App registrations → API permissions, add Office 365 Exchange Online → "
     "Application permissions → full_access_as_app, then click 'Grant admin consent'"
+)
+MAIL_SEND_FIX = (
+    "In Entra → App registrations → API permissions, add Microsoft Graph → Application "
+    "permissions → Mail.Send, then click 'Grant admin consent'; if the tenant scopes the "
+    "app with RBAC for Applications, include this mailbox"
 )
 
 

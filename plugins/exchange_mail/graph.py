@@ -30,7 +30,6 @@ import base64
 import json
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -52,22 +51,18 @@ from crm_core.plugin_api import (
     token_client,
 )
 from exchange_mail.errors import (
+    MAIL_SEND_FIX,
     Classified,
     lookup_verdict,
     not_attempted,
     result_for,
-    transport_failure,
 )
-from exchange_mail.settings import PLUGIN, USERNAME, ExchangeSettings
+from exchange_mail.graph_errors import MISSING, Answer, classify, classify_answer
+from exchange_mail.settings import PLUGIN, ExchangeSettings
 
 MAX_BATCH = 20
 MAX_REQUEST_BYTES = 3_500_000  # Graph refuses bodies over 4 MB; keep a margin
 TIMEOUT = (15, 120)  # connect, read (seconds)
-MAIL_SEND_FIX = (
-    "In Entra → App registrations → API permissions, add Microsoft Graph → Application "
-    "permissions → Mail.Send, then click 'Grant admin consent'; if the tenant scopes the "
-    "app with RBAC for Applications, include this mailbox"
-)
 _KNOWN_GRAPH_HOSTS = frozenset(
     {
         "graph.microsoft.com",
@@ -97,14 +92,6 @@ class GraphSession:
     def close(self) -> None:
         """Close the connection pool."""
         self.http.close()
-
-
-@dataclass(frozen=True)
-class _Answer:
-    status: int
-    code: str
-    message: str
-    retry_after: float | None
 
 
 class _Graph:
@@ -197,134 +184,6 @@ def _batches(
         yield chunk
 
 
-# --- answers ----------------------------------------------------------------------
-
-
-def _retry_after(headers: Any) -> float | None:
-    try:
-        value = float(headers.get("Retry-After", ""))
-    except (TypeError, ValueError):
-        return None
-    return value if value > 0 else None
-
-
-def _answer(status: int, body: Any, headers: Any) -> _Answer:
-    error = body.get("error", {}) if isinstance(body, dict) else {}
-    return _Answer(
-        status,
-        str(error.get("code", "")) if isinstance(error, dict) else "",
-        str(error.get("message", "")) if isinstance(error, dict) else "",
-        _retry_after(headers or {}),
-    )
-
-
-def _from_response(response: requests.Response) -> _Answer:
-    try:
-        body = response.json() if response.content else {}
-    except ValueError:
-        body = {}
-    return _answer(response.status_code, body, response.headers)
-
-
-def classify_answer(answer: _Answer, settings: ExchangeSettings) -> Classified:
-    """Graph's status and ``error.code`` (never its message text) → outcome, cause, fix."""
-    status, code = answer.status, answer.code
-    shown = f"HTTP {status} {code}".strip()
-    if 200 <= status < 300:
-        return Classified(Outcome.SENT, "", "sent via Microsoft Graph")
-    if status == 0:
-        return Classified(
-            Outcome.AMBIGUOUS,
-            code,
-            "Microsoft Graph's answer to the batch did not cover this message; it may have gone.",
-            "The outbox looks for the message in Sent Items before sending it again.",
-        )
-    if code == "ErrorInvalidUser" or (status == 404 and code == "Request_ResourceNotFound"):
-        return Classified(
-            Outcome.CONFIGURATION,
-            code,
-            f"Microsoft Graph cannot find the user {settings.mailbox}: the address is an alias, "
-            "in another domain or tenant, or not the user's sign-in name (UPN).",
-            f"Set {USERNAME} to the user's full primary address, the one they sign in with "
-            "(for example @vitecsoftware.com, not the alias @vitec.se).",
-            credentials=True,
-        )
-    if status == 401:
-        consent = code == "NoPermissionsInAccessToken"
-        return Classified(
-            Outcome.CONFIGURATION,
-            code or "HTTP 401",
-            "Microsoft Graph refused the app's token (HTTP 401"
-            + (
-                ": it carries no application permissions, so admin consent has not been granted)."
-                if consent
-                else ")."
-            ),
-            MAIL_SEND_FIX + ".",
-            credentials=True,
-        )
-    if code == "ErrorSendAsDenied":
-        return Classified(
-            Outcome.CONFIGURATION,
-            code,
-            f"The mailbox {settings.mailbox} may not send as the user's e-mail address "
-            "(ErrorSendAsDenied).",
-            f"The user's e-mail (tab Basic) must be an address of the mailbox {USERNAME}.",
-        )
-    if status == 403:
-        return Classified(
-            Outcome.CONFIGURATION,
-            code or "HTTP 403",
-            f"Microsoft Graph denies the app access to {settings.mailbox} ({shown}): the "
-            "Mail.Send application permission is missing, admin consent was not granted, or "
-            "the mailbox is outside the app's RBAC scope.",
-            MAIL_SEND_FIX + ".",
-            credentials=True,
-        )
-    if code == "ErrorInvalidRecipients":
-        return Classified(
-            Outcome.PERMANENT,
-            code,
-            f"Error validating e-mail: Exchange refused a recipient address ({code}: "
-            f"{answer.message[:200]}).",
-            "Check that the recipients' addresses are correct — an extra space or an invalid "
-            "character, for example — and send the mail again.",
-        )
-    if (
-        code == "ErrorMessageSizeExceeded"
-        or status == 413
-        or (
-            status == 400
-            and code in ("BadRequest", "RequestEntityTooLarge")
-            and "4MB" in answer.message
-        )
-    ):
-        return Classified(
-            Outcome.PERMANENT,
-            code or f"HTTP {status}",
-            "The message is larger than Microsoft Graph accepts.",
-            "Send smaller attachments (or a link) in a new mail.",
-        )
-    if status == 429 or status >= 500:
-        return Classified(
-            Outcome.TEMPORARY,
-            code or f"HTTP {status}",
-            f"Microsoft Graph is busy or unavailable ({shown}); the mail will be sent later.",
-            retry_after=answer.retry_after or (30.0 if status == 429 else 60.0),
-        )
-    return Classified(
-        Outcome.PERMANENT if status == 400 else Outcome.TEMPORARY,
-        code or f"HTTP {status}",
-        f"Microsoft Graph did not take the message ({shown}: {answer.message[:200]}).",
-        retry_after=None if status == 400 else 60.0,
-    )
-
-
-def _failure(exc: Exception, settings: ExchangeSettings) -> Classified:
-    host = urlsplit(settings.graph_url).hostname or settings.graph_url
-    return transport_failure(exc, host, "the network and exchange.graph_url")
-
-
 # --- sending ----------------------------------------------------------------------
 
 
@@ -355,7 +214,7 @@ def send(
         try:
             answers = _send_chunk(graph, chunk)
         except Exception as exc:  # requests or token failure for the whole request
-            found = _failure(exc, settings)
+            found = classify(exc, settings)
             for message, _ in chunk:
                 results[message.message_id] = result_for(message, found)
             later = [m for c in chunks[index + 1 :] for m, _ in c]
@@ -374,14 +233,14 @@ def send(
     return [results[m.message_id] for m in messages]
 
 
-def _send_chunk(graph: _Graph, chunk: list[tuple[OutgoingMessage, bytes]]) -> dict[str, _Answer]:
+def _send_chunk(graph: _Graph, chunk: list[tuple[OutgoingMessage, bytes]]) -> dict[str, Answer]:
     json_header = {"Content-Type": "application/json"}
     if len(chunk) == 1:
         message, body = chunk[0]
         response = graph.call(
             "POST", f"/users/{graph.user}/sendMail", data=body, headers=json_header
         )
-        return {message.message_id: _from_response(response)}
+        return {message.message_id: Answer.of(response)}
     ids = {str(i): message for i, (message, _) in enumerate(chunk, start=1)}
     batch = {
         "requests": [
@@ -402,17 +261,17 @@ def _send_chunk(graph: _Graph, chunk: list[tuple[OutgoingMessage, bytes]]) -> di
         headers=json_header,
     )
     if response.status_code != 200:  # the batch as a whole was refused: no item ran
-        whole = _from_response(response)
+        whole = Answer.of(response)
         return {m.message_id: whole for m in ids.values()}
-    answers: dict[str, _Answer] = {}
+    answers: dict[str, Answer] = {}
     for item in response.json().get("responses", []):
         owner = ids.get(str(item.get("id")))
         if owner is not None:
-            answers[owner.message_id] = _answer(
+            answers[owner.message_id] = Answer.parse(
                 int(item.get("status", 0)), item.get("body"), item.get("headers")
             )
     for owner in ids.values():  # an item the answer left out may have run
-        answers.setdefault(owner.message_id, _Answer(0, "missing-in-batch", "", None))
+        answers.setdefault(owner.message_id, MISSING)
     return answers
 
 
@@ -438,13 +297,13 @@ def reconcile(
                 "GET", f"/users/{graph.user}/mailFolders/sentitems/messages", params=params
             )
         except Exception as exc:
-            found = _failure(exc, settings)
+            found = classify(exc, settings)
             results.append(
                 ReconcileResult(message.message_id, None, f"Could not look: {found.text}")
             )
             continue
         if response.status_code != 200:
-            answer = _from_response(response)
+            answer = Answer.of(response)
             hint = (
                 " (reconciling needs the Mail.ReadBasic.All application permission)"
                 if response.status_code == 403
@@ -472,7 +331,7 @@ def check_mailbox(settings: ExchangeSettings, resources: Resources) -> tuple[Con
             "GET", f"/users/{graph.user}", params={"$select": "id,mail,userPrincipalName"}
         )
     except Exception as exc:
-        found = _failure(exc, settings)
+        found = classify(exc, settings)
         return ConnectionStep(
             "mailbox", StepStatus.FAILED, found.detail, found.fix
         ), found.credentials
@@ -483,7 +342,7 @@ def check_mailbox(settings: ExchangeSettings, resources: Resources) -> tuple[Con
             ),
             False,
         )
-    answer = _from_response(response)
+    answer = Answer.of(response)
     if response.status_code == 403 and answer.code == "Authorization_RequestDenied":
         return (
             ConnectionStep(
