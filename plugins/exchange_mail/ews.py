@@ -56,7 +56,6 @@ from exchangelib import (
 )
 from exchangelib import UTC as EWS_UTC
 from exchangelib.errors import ResponseMessageError, UnauthorizedError
-from exchangelib.folders import Root
 from exchangelib.items import SEND_AND_SAVE_COPY, SEND_TO_NONE
 from exchangelib.protocol import Protocol
 from exchangelib.services import CreateItem
@@ -227,10 +226,6 @@ class EwsMailbox:
                 raise
             self.tokens.evict()
             return action()
-
-    def check(self) -> None:
-        """One GetFolder of the mailbox root: proves endpoint, sign-in and impersonation."""
-        self.call(lambda: Root.get_distinguished(account=self.account))
 
     def close(self) -> None:
         """Close the HTTP session and drop the Protocol from exchangelib's global cache."""

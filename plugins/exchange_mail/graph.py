@@ -38,20 +38,17 @@ import requests
 
 from crm_core.plugin_api import (
     GRAPH_SCOPE,
-    ConnectionStep,
     Outcome,
     OutgoingMessage,
     ReconcileResult,
     Resources,
     SenderAccount,
     SendResult,
-    StepStatus,
     TokenClient,
     TrustAdapter,
     token_client,
 )
 from exchange_mail.errors import (
-    MAIL_SEND_FIX,
     Classified,
     lookup_verdict,
     not_attempted,
@@ -94,7 +91,7 @@ class GraphSession:
         self.http.close()
 
 
-class _Graph:
+class GraphClient:
     """Graph calls for one account: URLs, token, and the evict-and-retry-once rule."""
 
     def __init__(self, settings: ExchangeSettings, resources: Resources) -> None:
@@ -194,7 +191,7 @@ def send(
     resources: Resources,
 ) -> list[SendResult]:
     """Send a batch through Graph; one SendResult per message, never a blind resend."""
-    graph = _Graph(settings, resources)
+    graph = GraphClient(settings, resources)
     results: dict[str, SendResult] = {}
     bodies: list[tuple[OutgoingMessage, bytes]] = []
     for message in messages:
@@ -233,7 +230,9 @@ def send(
     return [results[m.message_id] for m in messages]
 
 
-def _send_chunk(graph: _Graph, chunk: list[tuple[OutgoingMessage, bytes]]) -> dict[str, Answer]:
+def _send_chunk(
+    graph: GraphClient, chunk: list[tuple[OutgoingMessage, bytes]]
+) -> dict[str, Answer]:
     json_header = {"Content-Type": "application/json"}
     if len(chunk) == 1:
         message, body = chunk[0]
@@ -275,7 +274,7 @@ def _send_chunk(graph: _Graph, chunk: list[tuple[OutgoingMessage, bytes]]) -> di
     return answers
 
 
-# --- reconciling and Test connection ------------------------------------------------
+# --- reconciling ------------------------------------------------------------------
 
 
 def reconcile(
@@ -286,7 +285,7 @@ def reconcile(
     now: datetime | None = None,
 ) -> list[ReconcileResult]:
     """Look for each Message-ID in the sender's Sent Items."""
-    graph = _Graph(settings, resources)
+    graph = GraphClient(settings, resources)
     now = now or datetime.now(UTC)
     results = []
     for message in messages:
@@ -321,55 +320,3 @@ def reconcile(
             lookup_verdict(message, bool(response.json().get("value")), settings.mailbox, now)
         )
     return results
-
-
-def check_mailbox(settings: ExchangeSettings, resources: Resources) -> tuple[ConnectionStep, bool]:
-    """Look the user up (needs User.Read.All); without that role, say what is unproven."""
-    graph = _Graph(settings, resources)
-    try:
-        response = graph.call(
-            "GET", f"/users/{graph.user}", params={"$select": "id,mail,userPrincipalName"}
-        )
-    except Exception as exc:
-        found = classify(exc, settings)
-        return ConnectionStep(
-            "mailbox", StepStatus.FAILED, found.detail, found.fix
-        ), found.credentials
-    if response.status_code == 200:
-        return (
-            ConnectionStep(
-                "mailbox", StepStatus.OK, f"Microsoft Graph knows the user {settings.mailbox}"
-            ),
-            False,
-        )
-    answer = Answer.of(response)
-    if response.status_code == 403 and answer.code == "Authorization_RequestDenied":
-        return (
-            ConnectionStep(
-                "mailbox",
-                StepStatus.WARNING,
-                f"the app may not read users (no User.Read.All), so {settings.mailbox} could "
-                "not be checked; the first mail will show whether it exists",
-                "Optional: grant Microsoft Graph → User.Read.All (application) for this check.",
-            ),
-            False,
-        )
-    found = classify_answer(answer, settings)
-    return ConnectionStep("mailbox", StepStatus.FAILED, found.detail, found.fix), found.credentials
-
-
-def permission_step(roles: tuple[str, ...] | None) -> tuple[ConnectionStep, bool]:
-    """Mail.Send in the token's roles (the only way to see it without sending)."""
-    if roles is None:
-        return ConnectionStep("permission", StepStatus.SKIPPED, "the token cannot be read"), False
-    if "Mail.Send" in roles:
-        return (
-            ConnectionStep("permission", StepStatus.OK, "the app holds Mail.Send (application)"),
-            False,
-        )
-    detail = (
-        "the token carries no application permissions, so admin consent has not been granted"
-        if not roles
-        else f"the token lacks Mail.Send (it holds {', '.join(roles)})"
-    )
-    return ConnectionStep("permission", StepStatus.FAILED, detail, MAIL_SEND_FIX + "."), True
