@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import re
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import partial
@@ -80,8 +79,8 @@ from crm_core.plugin_api import (
     token_client,
 )
 from exchange_mail.auth import MsalBearerAuth, MsalOAuth2Credentials, install_redaction
-from exchange_mail.errors import Classified, lookup_verdict, not_attempted, result_for
-from exchange_mail.ews_errors import classify
+from exchange_mail.errors import lookup_verdict, not_attempted, result_for
+from exchange_mail.ews_errors import NOT_COVERED, classify, unusable_message, unusable_settings
 from exchange_mail.settings import (
     CA_BUNDLE,
     EWS_CACHE,
@@ -282,11 +281,6 @@ def _to_ews(mailbox: EwsMailbox, account: SenderAccount, message: OutgoingMessag
     return item
 
 
-def _without_value(exc: Exception) -> str:
-    """exchangelib's reason without the refused value (which may be long)."""
-    return re.sub(r" value '.*' ", " value ", str(exc), flags=re.DOTALL)[:200]
-
-
 def _requests(messages: Sequence[OutgoingMessage]) -> Iterator[list[OutgoingMessage]]:
     """Group a batch into CreateItem requests, by count and by size."""
     chunk: list[OutgoingMessage] = []
@@ -314,26 +308,14 @@ def send(
     try:
         mailbox = mailbox_for(account, settings, resources)
     except (ValueError, TypeError) as exc:  # exchangelib checks the settings here; no I/O
-        found = Classified(
-            Outcome.CONFIGURATION,
-            type(exc).__name__,
-            f"The Exchange settings cannot be used: {str(exc)[:200]}",
-            f"Check {URL} and {USERNAME}.",
-        )
-        return [result_for(m, found) for m in messages]
+        return [result_for(m, unusable_settings(exc)) for m in messages]
     results: dict[str, SendResult] = {}
     items: dict[str, Any] = {}
     for message in messages:
         try:
             items[message.message_id] = _to_ews(mailbox, account, message)
         except (ValueError, TypeError) as exc:  # refused before any request
-            results[message.message_id] = SendResult(
-                message.message_id,
-                Outcome.PERMANENT,
-                f"Exchange cannot take this message as it is ({_without_value(exc)}). "
-                "Fix: correct it (e.g. a subject of at most 255 characters) and send it again.",
-                code="invalid-message",
-            )
+            results[message.message_id] = result_for(message, unusable_message(exc))
     requests_ = list(_requests([m for m in messages if m.message_id in items]))
     for index, chunk in enumerate(requests_):
         try:
@@ -352,12 +334,7 @@ def send(
                     message.message_id, Outcome.SENT, "sent via EWS"
                 )
         for message in chunk[len(answers) :]:  # the server answered for fewer messages
-            results[message.message_id] = SendResult(
-                message.message_id,
-                Outcome.AMBIGUOUS,
-                "Exchange's answer did not cover this message; it may have been sent.",
-                code="incomplete-answer",
-            )
+            results[message.message_id] = result_for(message, NOT_COVERED)
     return [results[m.message_id] for m in messages]
 
 

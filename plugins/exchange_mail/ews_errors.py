@@ -288,3 +288,36 @@ def ews_refused(settings: ExchangeSettings) -> Classified:
         "The Exchange administrator must allow EWS for the organisation and the mailbox "
         "(Set-OrganizationConfig / Set-CASMailbox -EwsEnabled $true).",
     )
+
+
+def unusable_settings(exc: Exception) -> Classified:
+    """exchangelib refused the settings while building the Account: no request left."""
+    return Classified(
+        Outcome.CONFIGURATION,
+        type(exc).__name__,
+        f"The Exchange settings cannot be used: {str(exc)[:200]}",
+        f"Check {URL} and {USERNAME}.",
+    )
+
+
+def unusable_message(exc: Exception) -> Classified:
+    """exchangelib refused one message before any request: sending it again cannot help."""
+    return Classified(
+        Outcome.PERMANENT,
+        "invalid-message",
+        f"Exchange cannot take this message as it is ({_without_value(exc)}).",
+        "correct it (e.g. a subject of at most 255 characters) and send it again.",
+    )
+
+
+def _without_value(exc: Exception) -> str:
+    """exchangelib's reason without the refused value (which may be long)."""
+    return re.sub(r" value '.*' ", " value ", str(exc), flags=re.DOTALL)[:200]
+
+
+NOT_COVERED = Classified(
+    Outcome.AMBIGUOUS,
+    "incomplete-answer",
+    "Exchange's answer did not cover this message; it may have been sent.",
+)
+"""A message of a CreateItem request that the answer left out: it may have gone."""

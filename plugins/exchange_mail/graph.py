@@ -54,7 +54,14 @@ from exchange_mail.errors import (
     not_attempted,
     result_for,
 )
-from exchange_mail.graph_errors import MISSING, Answer, classify, classify_answer
+from exchange_mail.graph_errors import (
+    MISSING,
+    TOO_LARGE,
+    Answer,
+    classify,
+    classify_answer,
+    lookup_refused,
+)
 from exchange_mail.settings import PLUGIN, ExchangeSettings
 
 MAX_BATCH = 20
@@ -197,13 +204,7 @@ def send(
     for message in messages:
         body = json.dumps(payload(account, message), ensure_ascii=False).encode("utf-8")
         if len(body) > MAX_REQUEST_BYTES:
-            results[message.message_id] = SendResult(
-                message.message_id,
-                Outcome.PERMANENT,
-                "The message is too large for Microsoft Graph sendMail (attachments over "
-                "about 3 MB need an upload session). Fix: send smaller attachments or a link.",
-                code="too-large-for-graph",
-            )
+            results[message.message_id] = result_for(message, TOO_LARGE)
         else:
             bodies.append((message, body))
     chunks = list(_batches(bodies))
@@ -302,19 +303,8 @@ def reconcile(
             )
             continue
         if response.status_code != 200:
-            answer = Answer.of(response)
-            hint = (
-                " (reconciling needs the Mail.ReadBasic.All application permission)"
-                if response.status_code == 403
-                else ""
-            )
-            results.append(
-                ReconcileResult(
-                    message.message_id,
-                    None,
-                    f"Could not look in Sent Items: HTTP {answer.status} {answer.code}{hint}",
-                )
-            )
+            refused = lookup_refused(Answer.of(response))
+            results.append(ReconcileResult(message.message_id, None, refused))
             continue
         results.append(
             lookup_verdict(message, bool(response.json().get("value")), settings.mailbox, now)

@@ -180,3 +180,23 @@ def classify(exc: Exception, settings: ExchangeSettings) -> Classified:
     """A request that got no answer from Graph (token, TLS, network, lost connection)."""
     host = urlsplit(settings.graph_url).hostname or settings.graph_url
     return transport_failure(exc, host, "the network and exchange.graph_url")
+
+
+TOO_LARGE = Classified(
+    Outcome.PERMANENT,
+    "too-large-for-graph",
+    "The message is too large for Microsoft Graph sendMail (attachments over about 3 MB "
+    "need an upload session).",
+    "send smaller attachments or a link.",
+)
+"""A message whose sendMail body exceeds Graph's 4 MB cap: never sent, never retried."""
+
+
+def lookup_refused(answer: Answer) -> str:
+    """Why a Sent Items lookup got no list; a 403 is most likely the missing read permission."""
+    hint = (
+        " (reconciling needs the Mail.ReadBasic.All application permission)"
+        if answer.status == 403
+        else ""
+    )
+    return f"Could not look in Sent Items: HTTP {answer.status} {answer.code}{hint}"
