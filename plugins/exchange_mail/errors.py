@@ -63,6 +63,47 @@ class Classified:
         return f"{self.detail} Fix: {self.fix}" if self.fix else self.detail
 
 
+@dataclass(frozen=True)
+class Says:
+    """A row of a classification table written as the user will read it.
+
+    Why templates: the table then shows each case's outcome, code and texts at a
+    glance. ``{name}`` placeholders name attributes of a *facts* object (the failure
+    and the settings, seen by one API); an attribute is read only when a text names
+    it, so a row never computes what it does not show.
+    """
+
+    outcome: Outcome
+    code: str
+    detail: str
+    fix: str = ""
+    retry_after: float | None = None
+    credentials: bool = False
+
+    def __call__(self, facts: object) -> Classified:
+        """The classification with the placeholders filled in from ``facts``."""
+        named = _Named(facts)
+        return Classified(
+            self.outcome,
+            self.code.format_map(named),
+            self.detail.format_map(named),
+            self.fix.format_map(named),
+            self.retry_after,
+            self.credentials,
+        )
+
+
+class _Named:
+    """``str.format_map``'s view of an object: ``{name}`` reads ``facts.name``."""
+
+    def __init__(self, facts: object) -> None:
+        self.facts = facts
+
+    def __getitem__(self, name: str) -> object:
+        """The attribute the placeholder names (a typo raises, and the row's test fails)."""
+        return getattr(self.facts, name)
+
+
 def token_failure(exc: TokenError) -> Classified:
     """Entra ID's refusal as :mod:`crm_core.entra` explained it."""
     return Classified(

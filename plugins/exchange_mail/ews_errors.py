@@ -29,18 +29,28 @@ anything else                                              temporary       (per 
                                                                             ambiguous (whole
                                                                             request)
 ========================================================  ==============  =================
+
+The rows of :data:`_RUNGS` follow this table's logic in the order they are tried.
+exchangelib is imported at the top, for the table: only the EWS path (ews.py and the
+EWS rung of Test connection) imports this module, so the Graph path never loads it.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import UnionType
+from typing import Any, ClassVar
 
 import requests
+from exchangelib import errors as ews
 
 from crm_core.plugin_api import CLIENT_ID, Outcome, TokenError
 from exchange_mail.errors import (
     ADMIN_CONSENT_FIX,
     Classified,
+    Says,
     chain,
     connect_failure,
     failed_before_sending,
@@ -69,195 +79,330 @@ def http_status(exc: BaseException) -> int | None:
 
 
 def _server_text(exc: BaseException) -> str:
+    """The server's own words, on one line and short enough for a SendResult."""
     text = " ".join(str(exc).split())
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def classify(exc: BaseException, settings: ExchangeSettings) -> Classified:
-    """Map an exception from a send, a lookup or a test to outcome, cause and fix."""
-    from exchangelib import errors as ews  # here: the Graph path never loads exchangelib
+@dataclass(frozen=True)
+class _Facts:
+    """One failure as the table's texts and tests see it; each fact is read on demand.
 
-    if isinstance(exc, TokenError):
-        return token_failure(exc)
-    for link in chain(exc):
-        if isinstance(link, ews.ErrorTimeoutExpired):
-            if failed_before_sending(link):
-                return connect_failure(settings.host, f"the network and {URL}")
-            return lost_answer(settings.host, "ErrorTimeoutExpired")
-    if isinstance(exc, ews.ErrorServerBusy):
-        back_off = exc.back_off if isinstance(exc.back_off, int | float) else None
-        return Classified(
-            Outcome.TEMPORARY,
-            "ErrorServerBusy",
-            f"Exchange at {settings.host} is busy or unavailable ({_server_text(exc)}); "
-            "the mail will be sent later.",
-            retry_after=max(float(back_off), 1.0) if back_off else 30.0,
-        )
-    if isinstance(exc, ews.UnauthorizedError):
-        return _unauthorized(settings)
-    if isinstance(exc, ews.ErrorNonExistentMailbox):
-        return Classified(
+    ``exc`` is typed Any: a row's ``catches`` guarantees the type its texts rely on
+    (``back_off`` of ErrorServerBusy, ``url`` of RedirectError).
+    """
+
+    exc: Any
+    settings: ExchangeSettings
+
+    ADMIN_CONSENT_FIX: ClassVar[str] = ADMIN_CONSENT_FIX
+    CLIENT_ID: ClassVar[str] = CLIENT_ID
+    DOMAIN: ClassVar[str] = DOMAIN
+    PASSWORD: ClassVar[str] = PASSWORD
+    SERVER_VERSION: ClassVar[str] = SERVER_VERSION
+    URL: ClassVar[str] = URL
+    USERNAME: ClassVar[str] = USERNAME
+
+    @property
+    def name(self) -> str:
+        """exchangelib's class name, which is the EWS response code."""
+        return type(self.exc).__name__
+
+    @property
+    def said(self) -> str:
+        """What the server said, shortened."""
+        return _server_text(self.exc)
+
+    @property
+    def status(self) -> int | None:
+        """The HTTP status of an unexpected answer, if that is what this is."""
+        return http_status(self.exc)
+
+    @property
+    def mailbox(self) -> str:
+        """The mailbox signed in to or impersonated."""
+        return self.settings.mailbox
+
+    @property
+    def host(self) -> str:
+        """The Exchange server's host name."""
+        return self.settings.host
+
+    @property
+    def url(self) -> str:
+        """The EWS URL as configured."""
+        return self.settings.url
+
+    @property
+    def redirect(self) -> str:
+        """Where a RedirectError points."""
+        return str(self.exc.url)
+
+    @property
+    def oauth(self) -> bool:
+        """App-only OAuth (impersonation) rather than the user's own password."""
+        return self.settings.mode is AuthMode.OAUTH
+
+
+def _always(facts: _Facts) -> bool:
+    """The default test of a row: its exception types say it all."""
+    return True
+
+
+@dataclass(frozen=True)
+class _Rung:
+    """One row: the exceptions it takes, a further test if needed, and what they mean."""
+
+    catches: type[BaseException] | UnionType
+    says: Callable[[_Facts], Classified]
+    when: Callable[[_Facts], bool] = _always
+
+
+def _timed_out(facts: _Facts) -> bool:
+    """A timeout anywhere in the chain (exchangelib re-raises it as other errors)."""
+    return any(isinstance(link, ews.ErrorTimeoutExpired) for link in chain(facts.exc))
+
+
+def _timeout(facts: _Facts) -> Classified:
+    """A timeout before the request left is a failed connection; after, a lost answer."""
+    link = next(x for x in chain(facts.exc) if isinstance(x, ews.ErrorTimeoutExpired))
+    if failed_before_sending(link):
+        return connect_failure(facts.host, f"the network and {URL}")
+    return lost_answer(facts.host, "ErrorTimeoutExpired")
+
+
+def _busy(facts: _Facts) -> Classified:
+    """Exchange asked us to back off: wait as long as it says (at least a second)."""
+    back_off = facts.exc.back_off if isinstance(facts.exc.back_off, int | float) else None
+    return Classified(
+        Outcome.TEMPORARY,
+        "ErrorServerBusy",
+        f"Exchange at {facts.host} is busy or unavailable ({facts.said}); "
+        "the mail will be sent later.",
+        retry_after=max(float(back_off), 1.0) if back_off else 30.0,
+    )
+
+
+def _untrusted(facts: _Facts) -> bool:
+    """The TLS handshake failed somewhere below exchangelib."""
+    return any(isinstance(link, requests.exceptions.SSLError) for link in chain(facts.exc))
+
+
+_RECIPIENT_REFUSED = (
+    ews.ErrorInvalidRecipients | ews.ErrorInvalidSmtpAddress | ews.ErrorMailRecipientNotFound
+)
+_PASSING_PROBLEM = (
+    ews.ErrorTooManyObjectsOpened
+    | ews.ErrorMailboxStoreUnavailable
+    | ews.ErrorMailboxMoveInProgress
+    | ews.ErrorConnectionFailed
+    | ews.ErrorInternalServerTransientError
+    | ews.ErrorExceededConnectionCount
+    | ews.CASError
+)
+_WRONG_SCHEMA = ews.ErrorInvalidSchemaVersionForMailboxVersion | ews.ErrorInvalidServerVersion
+
+# The first row that takes the exception decides, so order matters:
+# * a timeout anywhere in the chain decides before ErrorServerBusy (exchangelib turns
+#   a timeout into ErrorServerBusy when its pool has room: still a lost answer);
+# * a row with ``when=oauth`` comes before its twin for a password (same types);
+# * every Error* class is a subclass of ResponseMessageError, so the named ones, the
+#   TLS and HTTP-status rows (which read the chain and the text) all come before
+#   ResponseMessageError, the last row; HTTP 403 and 404 come before any other status.
+_RUNGS: tuple[_Rung, ...] = (
+    _Rung(TokenError, lambda facts: token_failure(facts.exc)),
+    _Rung(BaseException, when=_timed_out, says=_timeout),
+    _Rung(ews.ErrorServerBusy, _busy),
+    _Rung(
+        ews.UnauthorizedError,
+        when=lambda facts: facts.oauth,
+        says=Says(
+            Outcome.CONFIGURATION,
+            "HTTP 401",
+            "Exchange refused the app's token (HTTP 401): the app lacks the full_access_as_app "
+            "application permission, admin consent was not granted, or {CLIENT_ID} belongs to "
+            "another organisation.",
+            "{ADMIN_CONSENT_FIX}, and check Client ID and Tenant ID.",
+            credentials=True,
+        ),
+    ),
+    _Rung(
+        ews.UnauthorizedError,
+        Says(
+            Outcome.CONFIGURATION,
+            "HTTP 401",
+            "Exchange refused the username or password of {mailbox} (HTTP 401).",
+            "Check {USERNAME} and {PASSWORD} (the user's network login); for a server without "
+            "NTLM set exchange.onprem_auth basic.",
+            credentials=True,
+        ),
+    ),
+    _Rung(
+        ews.ErrorNonExistentMailbox,
+        Says(
             Outcome.CONFIGURATION,
             "ErrorNonExistentMailbox",
-            f"Exchange cannot find a mailbox for {settings.mailbox} in the domain: the "
-            "address is an alias, in another domain, or the tenant's codes belong to "
-            "another organisation.",
-            f"Set {USERNAME} to the user's full primary e-mail address (for example "
-            f"@vitecsoftware.com, not the alias @vitec.se), and check that {DOMAIN} is the "
+            "Exchange cannot find a mailbox for {mailbox} in the domain: the address is an "
+            "alias, in another domain, or the tenant's codes belong to another organisation.",
+            "Set {USERNAME} to the user's full primary e-mail address (for example "
+            "@vitecsoftware.com, not the alias @vitec.se), and check that {DOMAIN} is the "
             "domain the OAuth codes belong to.",
             credentials=True,
-        )
-    if isinstance(exc, ews.ErrorImpersonateUserDenied | ews.ErrorAccessDenied):
-        code = type(exc).__name__
-        if settings.mode is AuthMode.OAUTH:
-            return Classified(
-                Outcome.CONFIGURATION,
-                code,
-                f"Exchange does not let the app act as {settings.mailbox} ({code}): the "
-                "full_access_as_app application permission is missing or admin consent "
-                "was not granted.",
-                ADMIN_CONSENT_FIX + ".",
-                credentials=True,
-            )
-        return Classified(
+        ),
+    ),
+    _Rung(
+        ews.ErrorImpersonateUserDenied | ews.ErrorAccessDenied,
+        when=lambda facts: facts.oauth,
+        says=Says(
             Outcome.CONFIGURATION,
-            code,
-            f"Exchange refused access to the mailbox {settings.mailbox} ({code}).",
-            f"Check {USERNAME} and {PASSWORD}; the user must own the mailbox.",
+            "{name}",
+            "Exchange does not let the app act as {mailbox} ({name}): the full_access_as_app "
+            "application permission is missing or admin consent was not granted.",
+            "{ADMIN_CONSENT_FIX}.",
             credentials=True,
-        )
-    if isinstance(exc, ews.ErrorSendAsDenied):
-        return Classified(
+        ),
+    ),
+    _Rung(
+        ews.ErrorImpersonateUserDenied | ews.ErrorAccessDenied,
+        Says(
+            Outcome.CONFIGURATION,
+            "{name}",
+            "Exchange refused access to the mailbox {mailbox} ({name}).",
+            "Check {USERNAME} and {PASSWORD}; the user must own the mailbox.",
+            credentials=True,
+        ),
+    ),
+    _Rung(
+        ews.ErrorSendAsDenied,
+        Says(
             Outcome.CONFIGURATION,
             "ErrorSendAsDenied",
-            f"The mailbox {settings.mailbox} may not send as the user's e-mail address "
-            "(ErrorSendAsDenied).",
+            "The mailbox {mailbox} may not send as the user's e-mail address (ErrorSendAsDenied).",
             "The user's e-mail (tab Basic) must be an address of the mailbox named in "
-            f"{USERNAME}; correct one of them.",
-        )
-    if isinstance(
-        exc,
-        ews.ErrorInvalidRecipients | ews.ErrorInvalidSmtpAddress | ews.ErrorMailRecipientNotFound,
-    ):
-        code = type(exc).__name__
-        return Classified(
+            "{USERNAME}; correct one of them.",
+        ),
+    ),
+    _Rung(
+        _RECIPIENT_REFUSED,
+        Says(
             Outcome.PERMANENT,
-            code,
-            f"Error validating e-mail: Exchange refused a recipient address ({code}: "
-            f"{_server_text(exc)}).",
-            "Check that the recipients' addresses are correct — an extra space or an "
-            "invalid character, for example — and send the mail again.",
-        )
-    if isinstance(exc, ews.ErrorMessageSizeExceeded):
-        return Classified(
+            "{name}",
+            "Error validating e-mail: Exchange refused a recipient address ({name}: {said}).",
+            "Check that the recipients' addresses are correct — an extra space or an invalid "
+            "character, for example — and send the mail again.",
+        ),
+    ),
+    _Rung(
+        ews.ErrorMessageSizeExceeded,
+        Says(
             Outcome.PERMANENT,
             "ErrorMessageSizeExceeded",
             "The message is larger than Exchange accepts (ErrorMessageSizeExceeded).",
             "Send smaller attachments (or a link) in a new mail.",
-        )
-    if isinstance(exc, ews.ErrorSubmissionQuotaExceeded):
-        return Classified(
+        ),
+    ),
+    _Rung(
+        ews.ErrorSubmissionQuotaExceeded,
+        Says(
             Outcome.TEMPORARY,
             "ErrorSubmissionQuotaExceeded",
-            f"The mailbox {settings.mailbox} has reached Exchange's sending limit.",
+            "The mailbox {mailbox} has reached Exchange's sending limit.",
             "The mail is retried later; the limit resets within a day.",
             retry_after=3600.0,
-        )
-    if isinstance(exc, ews.ErrorQuotaExceeded):
-        return Classified(
+        ),
+    ),
+    _Rung(
+        ews.ErrorQuotaExceeded,
+        Says(
             Outcome.CONFIGURATION,
             "ErrorQuotaExceeded",
-            f"The mailbox {settings.mailbox} is full, so no copy can be saved in Sent Items.",
+            "The mailbox {mailbox} is full, so no copy can be saved in Sent Items.",
             "Free space in the mailbox (or raise its quota), then resume sending.",
-        )
-    if isinstance(
-        exc,
-        ews.ErrorTooManyObjectsOpened
-        | ews.ErrorMailboxStoreUnavailable
-        | ews.ErrorMailboxMoveInProgress
-        | ews.ErrorConnectionFailed
-        | ews.ErrorInternalServerTransientError
-        | ews.ErrorExceededConnectionCount
-        | ews.CASError,
-    ):
-        return Classified(
+        ),
+    ),
+    _Rung(
+        _PASSING_PROBLEM,
+        Says(
             Outcome.TEMPORARY,
-            type(exc).__name__,
-            f"Exchange reported a passing problem ({type(exc).__name__}); the mail will be "
-            "sent later.",
+            "{name}",
+            "Exchange reported a passing problem ({name}); the mail will be sent later.",
             retry_after=60.0,
-        )
-    if isinstance(
-        exc, ews.ErrorInvalidSchemaVersionForMailboxVersion | ews.ErrorInvalidServerVersion
-    ):
-        return Classified(
+        ),
+    ),
+    _Rung(
+        _WRONG_SCHEMA,
+        Says(
             Outcome.CONFIGURATION,
-            type(exc).__name__,
-            f"Exchange does not accept the pinned EWS schema version ({type(exc).__name__}).",
-            f"Set {SERVER_VERSION} to the server's version (2013, 2016, 2019 or online).",
-        )
-    if isinstance(exc, ews.RedirectError):
-        return Classified(
+            "{name}",
+            "Exchange does not accept the pinned EWS schema version ({name}).",
+            "Set {SERVER_VERSION} to the server's version (2013, 2016, 2019 or online).",
+        ),
+    ),
+    _Rung(
+        ews.RedirectError,
+        Says(
             Outcome.CONFIGURATION,
             "redirect",
-            f"{settings.url} redirects to {exc.url} instead of answering.",
-            f"Set {URL} to the server's EWS URL (it must end with /EWS/Exchange.asmx).",
-        )
-    if any(isinstance(link, requests.exceptions.SSLError) for link in chain(exc)):
-        return tls_failure(settings.host)
-    status = http_status(exc)
-    if status == 403:
-        return ews_refused(settings)
-    if status == 404:
-        return Classified(
+            "{url} redirects to {redirect} instead of answering.",
+            "Set {URL} to the server's EWS URL (it must end with /EWS/Exchange.asmx).",
+        ),
+    ),
+    _Rung(BaseException, when=_untrusted, says=lambda facts: tls_failure(facts.host)),
+    _Rung(
+        BaseException,
+        when=lambda facts: facts.status == 403,
+        says=lambda facts: ews_refused(facts.settings),
+    ),
+    _Rung(
+        BaseException,
+        when=lambda facts: facts.status == 404,
+        says=Says(
             Outcome.CONFIGURATION,
             "HTTP 404",
-            f"There is no EWS service at {settings.url} (HTTP 404).",
-            f"Check {URL}: it must be the server's address ending with exactly /EWS/Exchange.asmx.",
-        )
-    if status is not None:
-        return Classified(
+            "There is no EWS service at {url} (HTTP 404).",
+            "Check {URL}: it must be the server's address ending with exactly /EWS/Exchange.asmx.",
+        ),
+    ),
+    _Rung(
+        BaseException,
+        when=lambda facts: facts.status is not None,
+        says=Says(
             Outcome.TEMPORARY,
-            f"HTTP {status}",
-            f"Exchange at {settings.host} answered HTTP {status}; the mail will be sent later.",
+            "HTTP {status}",
+            "Exchange at {host} answered HTTP {status}; the mail will be sent later.",
             retry_after=60.0,
-        )
-    if isinstance(exc, ews.ResponseMessageError):
-        code = type(exc).__name__
-        return Classified(
+        ),
+    ),
+    _Rung(
+        ews.ResponseMessageError,
+        Says(
             Outcome.TEMPORARY,
-            code,
-            f"Exchange did not take the message ({code}: {_server_text(exc)}).",
+            "{name}",
+            "Exchange did not take the message ({name}: {said}).",
             retry_after=60.0,
-        )
-    return Classified(
-        Outcome.AMBIGUOUS,
-        type(exc).__name__,
-        f"The send to {settings.host} ended with an unexpected error ({type(exc).__name__}); "
-        "it may or may not have been sent.",
-        "The outbox looks for the message in Sent Items before sending it again.",
-    )
+        ),
+    ),
+)
+
+_UNEXPECTED = Says(
+    Outcome.AMBIGUOUS,
+    "{name}",
+    "The send to {host} ended with an unexpected error ({name}); it may or may not have been sent.",
+    "The outbox looks for the message in Sent Items before sending it again.",
+)
+"""No row took it: the request may have been processed, so it is reconciled, not resent."""
 
 
-def _unauthorized(settings: ExchangeSettings) -> Classified:
-    if settings.mode is AuthMode.OAUTH:
-        return Classified(
-            Outcome.CONFIGURATION,
-            "HTTP 401",
-            "Exchange refused the app's token (HTTP 401): the app lacks the "
-            "full_access_as_app application permission, admin consent was not granted, "
-            f"or {CLIENT_ID} belongs to another organisation.",
-            ADMIN_CONSENT_FIX + ", and check Client ID and Tenant ID.",
-            credentials=True,
-        )
-    return Classified(
-        Outcome.CONFIGURATION,
-        "HTTP 401",
-        f"Exchange refused the username or password of {settings.mailbox} (HTTP 401).",
-        f"Check {USERNAME} and {PASSWORD} (the user's network login); for a server "
-        "without NTLM set exchange.onprem_auth basic.",
-        credentials=True,
-    )
+def classify(exc: BaseException, settings: ExchangeSettings) -> Classified:
+    """Map an exception from a send, a lookup or a test to outcome, cause and fix.
+
+    The first row of :data:`_RUNGS` that takes it decides; no row: :data:`_UNEXPECTED`.
+    """
+    facts = _Facts(exc, settings)
+    for rung in _RUNGS:
+        if isinstance(exc, rung.catches) and rung.when(facts):
+            return rung.says(facts)
+    return _UNEXPECTED(facts)
 
 
 def ews_refused(settings: ExchangeSettings) -> Classified:
