@@ -28,14 +28,15 @@ anything else                                          temporary
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import requests
 
 from crm_core.plugin_api import Outcome
-from exchange_mail.errors import MAIL_SEND_FIX, Classified, transport_failure
+from exchange_mail.errors import MAIL_SEND_FIX, Classified, Says, transport_failure
 from exchange_mail.settings import USERNAME, ExchangeSettings
 
 
@@ -82,98 +83,204 @@ def _retry_after(headers: Any) -> float | None:
     return value if value > 0 else None
 
 
-def classify_answer(answer: Answer, settings: ExchangeSettings) -> Classified:
-    """Graph's status and ``error.code`` (never its message text) → outcome, cause, fix."""
-    status, code = answer.status, answer.code
-    shown = f"HTTP {status} {code}".strip()
-    if 200 <= status < 300:
-        return Classified(Outcome.SENT, "", "sent via Microsoft Graph")
-    if status == 0:
-        return Classified(
-            Outcome.AMBIGUOUS,
-            code,
-            "Microsoft Graph's answer to the batch did not cover this message; it may have gone.",
-            "The outbox looks for the message in Sent Items before sending it again.",
-        )
-    if code == "ErrorInvalidUser" or (status == 404 and code == "Request_ResourceNotFound"):
-        return Classified(
-            Outcome.CONFIGURATION,
-            code,
-            f"Microsoft Graph cannot find the user {settings.mailbox}: the address is an alias, "
-            "in another domain or tenant, or not the user's sign-in name (UPN).",
-            f"Set {USERNAME} to the user's full primary address, the one they sign in with "
-            "(for example @vitecsoftware.com, not the alias @vitec.se).",
-            credentials=True,
-        )
-    if status == 401:
-        consent = code == "NoPermissionsInAccessToken"
-        return Classified(
-            Outcome.CONFIGURATION,
-            code or "HTTP 401",
-            "Microsoft Graph refused the app's token (HTTP 401"
-            + (
-                ": it carries no application permissions, so admin consent has not been granted)."
-                if consent
-                else ")."
-            ),
-            MAIL_SEND_FIX + ".",
-            credentials=True,
-        )
-    if code == "ErrorSendAsDenied":
-        return Classified(
-            Outcome.CONFIGURATION,
-            code,
-            f"The mailbox {settings.mailbox} may not send as the user's e-mail address "
-            "(ErrorSendAsDenied).",
-            f"The user's e-mail (tab Basic) must be an address of the mailbox {USERNAME}.",
-        )
-    if status == 403:
-        return Classified(
-            Outcome.CONFIGURATION,
-            code or "HTTP 403",
-            f"Microsoft Graph denies the app access to {settings.mailbox} ({shown}): the "
-            "Mail.Send application permission is missing, admin consent was not granted, or "
-            "the mailbox is outside the app's RBAC scope.",
-            MAIL_SEND_FIX + ".",
-            credentials=True,
-        )
-    if code == "ErrorInvalidRecipients":
-        return Classified(
-            Outcome.PERMANENT,
-            code,
-            f"Error validating e-mail: Exchange refused a recipient address ({code}: "
-            f"{answer.message[:200]}).",
-            "Check that the recipients' addresses are correct — an extra space or an invalid "
-            "character, for example — and send the mail again.",
-        )
-    if (
-        code == "ErrorMessageSizeExceeded"
-        or status == 413
+@dataclass(frozen=True)
+class _Facts:
+    """One answer as the table's texts see it (the rows' tests read the Answer itself)."""
+
+    answer: Answer
+    settings: ExchangeSettings
+
+    MAIL_SEND_FIX: ClassVar[str] = MAIL_SEND_FIX
+    USERNAME: ClassVar[str] = USERNAME
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of the request or batch item."""
+        return self.answer.status
+
+    @property
+    def code(self) -> str:
+        """Graph's ``error.code`` (empty on success or a bare status)."""
+        return self.answer.code
+
+    @property
+    def code_or_status(self) -> str:
+        """The code for the SendResult: Graph's, or ``HTTP nnn`` when it gave none."""
+        return self.answer.code or f"HTTP {self.answer.status}"
+
+    @property
+    def shown(self) -> str:
+        """Status and code as the user reads them, e.g. ``HTTP 403 ErrorAccessDenied``."""
+        return f"HTTP {self.answer.status} {self.answer.code}".strip()
+
+    @property
+    def message(self) -> str:
+        """Graph's own message, shortened."""
+        return self.answer.message[:200]
+
+    @property
+    def mailbox(self) -> str:
+        """The mailbox sent as."""
+        return self.settings.mailbox
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One row: which answers it takes, and what they mean."""
+
+    when: Callable[[Answer], bool]
+    says: Callable[[_Facts], Classified]
+
+
+def _too_large(answer: Answer) -> bool:
+    """Graph's ways of saying the request body is over its 4 MB cap."""
+    return (
+        answer.code == "ErrorMessageSizeExceeded"
+        or answer.status == 413
         or (
-            status == 400
-            and code in ("BadRequest", "RequestEntityTooLarge")
+            answer.status == 400
+            and answer.code in ("BadRequest", "RequestEntityTooLarge")
             and "4MB" in answer.message
         )
-    ):
-        return Classified(
+    )
+
+
+def _busy(facts: _Facts) -> Classified:
+    """Throttled or down: wait as long as Graph asks, else 30 s (429) or a minute (5xx)."""
+    return Classified(
+        Outcome.TEMPORARY,
+        facts.code_or_status,
+        f"Microsoft Graph is busy or unavailable ({facts.shown}); the mail will be sent later.",
+        retry_after=facts.answer.retry_after or (30.0 if facts.status == 429 else 60.0),
+    )
+
+
+# The first row that takes the answer decides, so order matters (as in the ladder it
+# replaces): a row for an ``error.code`` comes before the bare status that code
+# arrives with (ErrorInvalidUser before 401/403, ErrorSendAsDenied before 403,
+# ErrorInvalidRecipients and the size codes before 400 and 5xx); the 401 without
+# consent before any 401; any other 400 last, as it is permanent and the rest is not.
+_ROWS: tuple[_Row, ...] = (
+    _Row(
+        when=lambda answer: 200 <= answer.status < 300,
+        says=Says(Outcome.SENT, "", "sent via Microsoft Graph"),
+    ),
+    _Row(
+        when=lambda answer: answer.status == 0,  # MISSING: no answer for a $batch item
+        says=Says(
+            Outcome.AMBIGUOUS,
+            "{code}",
+            "Microsoft Graph's answer to the batch did not cover this message; it may have gone.",
+            "The outbox looks for the message in Sent Items before sending it again.",
+        ),
+    ),
+    _Row(
+        when=lambda answer: (
+            answer.code == "ErrorInvalidUser"
+            or (answer.status == 404 and answer.code == "Request_ResourceNotFound")
+        ),
+        says=Says(
+            Outcome.CONFIGURATION,
+            "{code}",
+            "Microsoft Graph cannot find the user {mailbox}: the address is an alias, in "
+            "another domain or tenant, or not the user's sign-in name (UPN).",
+            "Set {USERNAME} to the user's full primary address, the one they sign in with "
+            "(for example @vitecsoftware.com, not the alias @vitec.se).",
+            credentials=True,
+        ),
+    ),
+    _Row(
+        when=lambda answer: answer.status == 401 and answer.code == "NoPermissionsInAccessToken",
+        says=Says(
+            Outcome.CONFIGURATION,
+            "{code}",
+            "Microsoft Graph refused the app's token (HTTP 401: it carries no application "
+            "permissions, so admin consent has not been granted).",
+            "{MAIL_SEND_FIX}.",
+            credentials=True,
+        ),
+    ),
+    _Row(
+        when=lambda answer: answer.status == 401,
+        says=Says(
+            Outcome.CONFIGURATION,
+            "{code_or_status}",
+            "Microsoft Graph refused the app's token (HTTP 401).",
+            "{MAIL_SEND_FIX}.",
+            credentials=True,
+        ),
+    ),
+    _Row(
+        when=lambda answer: answer.code == "ErrorSendAsDenied",
+        says=Says(
+            Outcome.CONFIGURATION,
+            "{code}",
+            "The mailbox {mailbox} may not send as the user's e-mail address (ErrorSendAsDenied).",
+            "The user's e-mail (tab Basic) must be an address of the mailbox {USERNAME}.",
+        ),
+    ),
+    _Row(
+        when=lambda answer: answer.status == 403,
+        says=Says(
+            Outcome.CONFIGURATION,
+            "{code_or_status}",
+            "Microsoft Graph denies the app access to {mailbox} ({shown}): the Mail.Send "
+            "application permission is missing, admin consent was not granted, or the "
+            "mailbox is outside the app's RBAC scope.",
+            "{MAIL_SEND_FIX}.",
+            credentials=True,
+        ),
+    ),
+    _Row(
+        when=lambda answer: answer.code == "ErrorInvalidRecipients",
+        says=Says(
             Outcome.PERMANENT,
-            code or f"HTTP {status}",
+            "{code}",
+            "Error validating e-mail: Exchange refused a recipient address ({code}: {message}).",
+            "Check that the recipients' addresses are correct — an extra space or an invalid "
+            "character, for example — and send the mail again.",
+        ),
+    ),
+    _Row(
+        when=_too_large,
+        says=Says(
+            Outcome.PERMANENT,
+            "{code_or_status}",
             "The message is larger than Microsoft Graph accepts.",
             "Send smaller attachments (or a link) in a new mail.",
-        )
-    if status == 429 or status >= 500:
-        return Classified(
-            Outcome.TEMPORARY,
-            code or f"HTTP {status}",
-            f"Microsoft Graph is busy or unavailable ({shown}); the mail will be sent later.",
-            retry_after=answer.retry_after or (30.0 if status == 429 else 60.0),
-        )
-    return Classified(
-        Outcome.PERMANENT if status == 400 else Outcome.TEMPORARY,
-        code or f"HTTP {status}",
-        f"Microsoft Graph did not take the message ({shown}: {answer.message[:200]}).",
-        retry_after=None if status == 400 else 60.0,
-    )
+        ),
+    ),
+    _Row(when=lambda answer: answer.status == 429 or answer.status >= 500, says=_busy),
+    _Row(
+        when=lambda answer: answer.status == 400,
+        says=Says(
+            Outcome.PERMANENT,
+            "{code_or_status}",
+            "Microsoft Graph did not take the message ({shown}: {message}).",
+        ),
+    ),
+)
+
+_OTHERWISE = Says(
+    Outcome.TEMPORARY,
+    "{code_or_status}",
+    "Microsoft Graph did not take the message ({shown}: {message}).",
+    retry_after=60.0,
+)
+"""No row took it: an answer we do not know, so try again later."""
+
+
+def classify_answer(answer: Answer, settings: ExchangeSettings) -> Classified:
+    """Graph's status and ``error.code`` → outcome, cause, fix.
+
+    The first row of :data:`_ROWS` that takes the answer decides; no row:
+    :data:`_OTHERWISE`.
+    """
+    facts = _Facts(answer, settings)
+    for row in _ROWS:
+        if row.when(answer):
+            return row.says(facts)
+    return _OTHERWISE(facts)
 
 
 def classify(exc: Exception, settings: ExchangeSettings) -> Classified:
