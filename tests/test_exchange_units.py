@@ -590,6 +590,11 @@ def test_each_rung_of_classify(
             True, id="invalid-user",
         ),
         pytest.param(
+            Answer(401, "ErrorInvalidUser", "", None),
+            Outcome.CONFIGURATION, "ErrorInvalidUser", "cannot find the user", None, True,
+            id="invalid-user-before-401",
+        ),
+        pytest.param(
             Answer(404, "Request_ResourceNotFound", "", None),
             Outcome.CONFIGURATION, "Request_ResourceNotFound", "cannot find the user", None,
             True, id="404-not-found",
@@ -614,6 +619,11 @@ def test_each_rung_of_classify(
             Outcome.CONFIGURATION, "ErrorAccessDenied",
             "denies the app access to anna@org.se (HTTP 403 ErrorAccessDenied)", None, True,
             id="403",
+        ),
+        pytest.param(
+            Answer(403, "ErrorInvalidRecipients", "", None),
+            Outcome.CONFIGURATION, "ErrorInvalidRecipients", "denies the app access", None,
+            True, id="403-before-invalid-recipients",
         ),
         pytest.param(
             Answer(400, "ErrorInvalidRecipients", "bad address", None),

@@ -155,11 +155,11 @@ def _busy(facts: _Facts) -> Classified:
     )
 
 
-# The first row that takes the answer decides, so order matters (as in the ladder it
-# replaces): a row for an ``error.code`` comes before the bare status that code
-# arrives with (ErrorInvalidUser before 401/403, ErrorSendAsDenied before 403,
-# ErrorInvalidRecipients and the size codes before 400 and 5xx); the 401 without
-# consent before any 401; any other 400 last, as it is permanent and the rest is not.
+# The first row that takes the answer decides, so order matters (the ladder's order,
+# kept): ErrorInvalidUser comes before 401 and 403, ErrorSendAsDenied before 403 (the
+# code names the cause better than the status); the 401 without consent before any
+# 401; a 401 or 403 before a recipient or size code; the size rows before 5xx and any
+# other 400.
 _ROWS: tuple[_Row, ...] = (
     _Row(
         when=lambda answer: 200 <= answer.status < 300,
