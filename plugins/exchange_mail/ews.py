@@ -126,6 +126,7 @@ class _EwsProtocol(Protocol):  # type: ignore[misc]
     ca_bundle: str | None = None
 
     def create_session(self) -> Any:
+        """A session with msal's bearer auth (OAuth) and our TLS trust on the endpoint."""
         credentials = self.credentials
         if isinstance(credentials, MsalOAuth2Credentials):
             # A plain session: no requests-oauthlib, so nothing can fetch or refresh a
@@ -255,6 +256,8 @@ def new_mailbox(settings: ExchangeSettings, resources: Resources) -> EwsMailbox:
 
 
 def _to_ews(mailbox: EwsMailbox, account: SenderAccount, message: OutgoingMessage) -> Any:
+    """The exchangelib Message, checked here so a bad one fails alone, not its request."""
+
     def boxes(addresses: Sequence[Any]) -> list[Any] | None:
         return [Mailbox(name=a.name or None, email_address=a.email) for a in addresses] or None
 
@@ -339,6 +342,7 @@ def send(
 
 
 def _create(mailbox: EwsMailbox, items: list[Any]) -> list[Any]:
+    """One CreateItem (send and save a copy): a result or an exception per item."""
     service = _CreateItemEach(account=mailbox.account)
     return list(
         service.call(

@@ -120,6 +120,7 @@ class GraphClient:
         return response
 
     def _once(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """One attempt with a fresh (or cached) token and an id Microsoft support can trace."""
         headers = {
             **kwargs.pop("headers", {}),
             "Authorization": f"Bearer {self.tokens.token(self.scope)}",
@@ -133,6 +134,7 @@ class GraphClient:
 
 
 def _recipients(addresses: Sequence[Any]) -> list[dict[str, Any]]:
+    """Graph's recipient objects, with a display name only when the address has one."""
     return [
         {"emailAddress": {"address": a.email, **({"name": a.name} if a.name else {})}}
         for a in addresses
@@ -176,6 +178,7 @@ def payload(account: SenderAccount, message: OutgoingMessage) -> dict[str, Any]:
 def _batches(
     bodies: list[tuple[OutgoingMessage, bytes]],
 ) -> Iterator[list[tuple[OutgoingMessage, bytes]]]:
+    """Group the bodies into $batch requests: at most 20 items and under the 4 MB cap."""
     chunk: list[tuple[OutgoingMessage, bytes]] = []
     size = 0
     for item in bodies:
@@ -234,6 +237,7 @@ def send(
 def _send_chunk(
     graph: GraphClient, chunk: list[tuple[OutgoingMessage, bytes]]
 ) -> dict[str, Answer]:
+    """One request for a chunk: a plain sendMail for one message, else a $batch."""
     json_header = {"Content-Type": "application/json"}
     if len(chunk) == 1:
         message, body = chunk[0]
@@ -241,6 +245,14 @@ def _send_chunk(
             "POST", f"/users/{graph.user}/sendMail", data=body, headers=json_header
         )
         return {message.message_id: Answer.of(response)}
+    return _send_batch(graph, chunk)
+
+
+def _send_batch(
+    graph: GraphClient, chunk: list[tuple[OutgoingMessage, bytes]]
+) -> dict[str, Answer]:
+    """A $batch of sendMail, one item per message, numbered so answers find their owner."""
+    json_header = {"Content-Type": "application/json"}
     ids = {str(i): message for i, (message, _) in enumerate(chunk, start=1)}
     batch = {
         "requests": [
@@ -263,8 +275,13 @@ def _send_chunk(
     if response.status_code != 200:  # the batch as a whole was refused: no item ran
         whole = Answer.of(response)
         return {m.message_id: whole for m in ids.values()}
+    return _batch_answers(response.json().get("responses", []), ids)
+
+
+def _batch_answers(items: list[Any], ids: dict[str, OutgoingMessage]) -> dict[str, Answer]:
+    """Each item's answer by its id (Graph answers in any order); a missing one may have run."""
     answers: dict[str, Answer] = {}
-    for item in response.json().get("responses", []):
+    for item in items:
         owner = ids.get(str(item.get("id")))
         if owner is not None:
             answers[owner.message_id] = Answer.parse(
