@@ -86,7 +86,7 @@ def _server_text(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class _Facts:
-    """One failure as the table's texts and tests see it; each fact is read on demand.
+    """One failure as the rows' tests and texts see it; each fact is read on demand.
 
     ``exc`` is typed Any: a row's ``catches`` guarantees the type its texts rely on
     (``back_off`` of ErrorServerBusy, ``url`` of RedirectError).
