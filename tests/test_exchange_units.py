@@ -22,8 +22,10 @@ from crm_core.mail.transport import Outcome, SenderAccount, SettingValue
 from crm_core.secret_box import Secret
 from exchange_mail.auth import _Redact
 from exchange_mail.diagnostics import token_roles
-from exchange_mail.errors import classify, failed_before_sending
+from exchange_mail.errors import failed_before_sending
 from exchange_mail.ews import MAX_MESSAGES_PER_REQUEST, _requests
+from exchange_mail.ews_errors import classify
+from exchange_mail.graph_errors import MISSING, Answer, classify_answer
 from exchange_mail.settings import (
     EXAMPLE_URL as EXAMPLE,
 )
@@ -402,6 +404,293 @@ def test_tls_failure() -> None:
     found = classify(tls, settings())
     assert (found.outcome, found.code) == (Outcome.CONFIGURATION, "tls")
     assert "tls.ca_bundle" in found.fix
+
+
+ONLINE = "https://outlook.office365.com/EWS/Exchange.asmx"
+UNKNOWN_403 = "Unknown failure in response. Code: 403 headers: {}"
+UNKNOWN_404 = "Unknown failure in response. Code: 404 headers: {}"
+UNKNOWN_502 = "Unknown failure in response. Code: 502 headers: {}"
+REFUSED = requests.exceptions.ConnectionError(
+    urllib3.exceptions.MaxRetryError(
+        None, "/", urllib3.exceptions.NewConnectionError(None, "refused")
+    )  # type: ignore[arg-type]
+)
+
+
+@pytest.mark.parametrize(
+    ("exc", "where", "outcome", "code", "says", "retry_after"),
+    [
+        pytest.param(
+            TokenError("Wrong secret.", "Copy the Value.", (7000215,)), "oauth",
+            Outcome.CONFIGURATION, "AADSTS7000215", "Wrong secret.", None, id="token",
+        ),
+        pytest.param(
+            raised_from(ews.ErrorTimeoutExpired, REFUSED, "x"), "oauth",
+            Outcome.TEMPORARY, "connect", "Could not connect to mail.org.se", 60.0,
+            id="timeout-before-sending",
+        ),
+        pytest.param(
+            raised_from(ews.ErrorTimeoutExpired, requests.exceptions.ReadTimeout(), "x"), "oauth",
+            Outcome.AMBIGUOUS, "ErrorTimeoutExpired", "was lost after the request", None,
+            id="timeout-after-sending",
+        ),
+        pytest.param(
+            ews.ErrorServerBusy("busy", back_off=2.5), "oauth",
+            Outcome.TEMPORARY, "ErrorServerBusy", "is busy or unavailable (busy)", 2.5, id="busy",
+        ),
+        pytest.param(
+            ews.UnauthorizedError("x"), "oauth",
+            Outcome.CONFIGURATION, "HTTP 401", "refused the app's token", None, id="401-oauth",
+        ),
+        pytest.param(
+            ews.UnauthorizedError("x"), "password",
+            Outcome.CONFIGURATION, "HTTP 401", "refused the username or password", None,
+            id="401-password",
+        ),
+        pytest.param(
+            ews.ErrorNonExistentMailbox("x"), "oauth",
+            Outcome.CONFIGURATION, "ErrorNonExistentMailbox", "cannot find a mailbox", None,
+            id="no-mailbox",
+        ),
+        pytest.param(
+            ews.ErrorImpersonateUserDenied("x"), "oauth",
+            Outcome.CONFIGURATION, "ErrorImpersonateUserDenied", "does not let the app act", None,
+            id="impersonation-oauth",
+        ),
+        pytest.param(
+            ews.ErrorAccessDenied("x"), "password",
+            Outcome.CONFIGURATION, "ErrorAccessDenied", "refused access to the mailbox", None,
+            id="access-password",
+        ),
+        pytest.param(
+            ews.ErrorSendAsDenied("x"), "oauth",
+            Outcome.CONFIGURATION, "ErrorSendAsDenied", "may not send as", None, id="send-as",
+        ),
+        *(
+            pytest.param(
+                error("x"), "oauth",
+                Outcome.PERMANENT, error.__name__, "Error validating e-mail", None,
+                id=error.__name__,
+            )
+            for error in (
+                ews.ErrorInvalidRecipients,
+                ews.ErrorInvalidSmtpAddress,
+                ews.ErrorMailRecipientNotFound,
+            )
+        ),
+        pytest.param(
+            ews.ErrorMessageSizeExceeded("x"), "oauth",
+            Outcome.PERMANENT, "ErrorMessageSizeExceeded", "larger than Exchange accepts", None,
+            id="size",
+        ),
+        pytest.param(
+            ews.ErrorSubmissionQuotaExceeded("x"), "oauth",
+            Outcome.TEMPORARY, "ErrorSubmissionQuotaExceeded", "sending limit", 3600.0,
+            id="sending-limit",
+        ),
+        pytest.param(
+            ews.ErrorQuotaExceeded("x"), "oauth",
+            Outcome.CONFIGURATION, "ErrorQuotaExceeded", "is full", None, id="mailbox-full",
+        ),
+        *(
+            pytest.param(
+                error("x") if error is not ews.CASError else error("x", None), "oauth",
+                Outcome.TEMPORARY, error.__name__, "a passing problem", 60.0, id=error.__name__,
+            )
+            for error in (
+                ews.ErrorTooManyObjectsOpened,
+                ews.ErrorMailboxStoreUnavailable,
+                ews.ErrorMailboxMoveInProgress,
+                ews.ErrorConnectionFailed,
+                ews.ErrorInternalServerTransientError,
+                ews.ErrorExceededConnectionCount,
+                ews.CASError,
+            )
+        ),
+        *(
+            pytest.param(
+                error("x"), "oauth",
+                Outcome.CONFIGURATION, error.__name__, "pinned EWS schema version", None,
+                id=error.__name__,
+            )
+            for error in (
+                ews.ErrorInvalidSchemaVersionForMailboxVersion,
+                ews.ErrorInvalidServerVersion,
+            )
+        ),
+        pytest.param(
+            ews.RedirectError("https://elsewhere.org.se/owa"), "oauth",
+            Outcome.CONFIGURATION, "redirect", "redirects to https://elsewhere.org.se/owa", None,
+            id="redirect",
+        ),
+        pytest.param(
+            raised_from(ews.TransportError, requests.exceptions.SSLError("VERIFY_FAILED"), "x"),
+            "oauth", Outcome.CONFIGURATION, "tls", "could not be verified", None, id="tls",
+        ),
+        pytest.param(
+            ews.MalformedResponseError(UNKNOWN_403), "online",
+            Outcome.CONFIGURATION, "HTTP 403", "Exchange Online refuses EWS", None,
+            id="403-online",
+        ),
+        pytest.param(
+            ews.MalformedResponseError(UNKNOWN_403), "password",
+            Outcome.CONFIGURATION, "HTTP 403", "refuses EWS access", None, id="403-onprem",
+        ),
+        pytest.param(
+            ews.MalformedResponseError(UNKNOWN_404), "oauth",
+            Outcome.CONFIGURATION, "HTTP 404", "There is no EWS service", None, id="404",
+        ),
+        pytest.param(
+            ews.MalformedResponseError(UNKNOWN_502), "oauth",
+            Outcome.TEMPORARY, "HTTP 502", "answered HTTP 502", 60.0, id="other-status",
+        ),
+        pytest.param(
+            ews.ErrorItemSave("x"), "oauth",
+            Outcome.TEMPORARY, "ErrorItemSave", "did not take the message", 60.0,
+            id="other-response-error",
+        ),
+        pytest.param(
+            RuntimeError("surprise"), "oauth",
+            Outcome.AMBIGUOUS, "RuntimeError", "ended with an unexpected error", None,
+            id="anything-else",
+        ),
+    ],
+)  # fmt: skip
+def test_each_rung_of_classify(
+    exc: BaseException,
+    where: str,
+    outcome: Outcome,
+    code: str,
+    says: str,
+    retry_after: float | None,
+) -> None:
+    """One case per row of the EWS table: dropping or reordering a row fails here."""
+    account = {
+        "oauth": settings(),
+        "password": settings(mode=AuthMode.PASSWORD),
+        "online": settings(ONLINE),
+    }[where]
+    found = classify(exc, account)
+    assert (found.outcome, found.code, found.retry_after) == (outcome, code, retry_after)
+    assert says in found.detail
+
+
+# --- classification of Microsoft Graph's answers -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome", "code", "says", "retry_after", "credentials"),
+    [
+        pytest.param(
+            Answer(202, "", "", None),
+            Outcome.SENT, "", "sent via Microsoft Graph", None, False, id="2xx",
+        ),
+        pytest.param(
+            MISSING,
+            Outcome.AMBIGUOUS, "missing-in-batch", "did not cover this message", None, False,
+            id="missing-in-batch",
+        ),
+        pytest.param(
+            Answer(404, "ErrorInvalidUser", "", None),
+            Outcome.CONFIGURATION, "ErrorInvalidUser", "cannot find the user anna@org.se", None,
+            True, id="invalid-user",
+        ),
+        pytest.param(
+            Answer(401, "ErrorInvalidUser", "", None),
+            Outcome.CONFIGURATION, "ErrorInvalidUser", "cannot find the user", None, True,
+            id="invalid-user-before-401",
+        ),
+        pytest.param(
+            Answer(404, "Request_ResourceNotFound", "", None),
+            Outcome.CONFIGURATION, "Request_ResourceNotFound", "cannot find the user", None,
+            True, id="404-not-found",
+        ),
+        pytest.param(
+            Answer(401, "NoPermissionsInAccessToken", "", None),
+            Outcome.CONFIGURATION, "NoPermissionsInAccessToken",
+            "it carries no application permissions", None, True, id="401-no-consent",
+        ),
+        pytest.param(
+            Answer(401, "", "", None),
+            Outcome.CONFIGURATION, "HTTP 401", "refused the app's token (HTTP 401).", None,
+            True, id="401",
+        ),
+        pytest.param(
+            Answer(403, "ErrorSendAsDenied", "", None),
+            Outcome.CONFIGURATION, "ErrorSendAsDenied", "may not send as", None, False,
+            id="send-as",
+        ),
+        pytest.param(
+            Answer(403, "ErrorAccessDenied", "", None),
+            Outcome.CONFIGURATION, "ErrorAccessDenied",
+            "denies the app access to anna@org.se (HTTP 403 ErrorAccessDenied)", None, True,
+            id="403",
+        ),
+        pytest.param(
+            Answer(403, "ErrorInvalidRecipients", "", None),
+            Outcome.CONFIGURATION, "ErrorInvalidRecipients", "denies the app access", None,
+            True, id="403-before-invalid-recipients",
+        ),
+        pytest.param(
+            Answer(400, "ErrorInvalidRecipients", "bad address", None),
+            Outcome.PERMANENT, "ErrorInvalidRecipients", "(ErrorInvalidRecipients: bad address)",
+            None, False, id="invalid-recipients",
+        ),
+        pytest.param(
+            Answer(400, "ErrorMessageSizeExceeded", "", None),
+            Outcome.PERMANENT, "ErrorMessageSizeExceeded", "larger than Microsoft Graph", None,
+            False, id="size-code",
+        ),
+        pytest.param(
+            Answer(413, "", "", None),
+            Outcome.PERMANENT, "HTTP 413", "larger than Microsoft Graph", None, False,
+            id="size-413",
+        ),
+        pytest.param(
+            Answer(400, "RequestEntityTooLarge", "over the 4MB limit", None),
+            Outcome.PERMANENT, "RequestEntityTooLarge", "larger than Microsoft Graph", None,
+            False, id="size-400-4MB",
+        ),
+        pytest.param(
+            Answer(429, "ApplicationThrottled", "", None),
+            Outcome.TEMPORARY, "ApplicationThrottled", "busy or unavailable", 30.0, False,
+            id="429",
+        ),
+        pytest.param(
+            Answer(429, "ApplicationThrottled", "", 7.0),
+            Outcome.TEMPORARY, "ApplicationThrottled", "busy or unavailable", 7.0, False,
+            id="429-retry-after",
+        ),
+        pytest.param(
+            Answer(503, "", "", None),
+            Outcome.TEMPORARY, "HTTP 503", "busy or unavailable (HTTP 503)", 60.0, False,
+            id="5xx",
+        ),
+        pytest.param(
+            Answer(400, "BadRequest", "over the 4 MB limit", None),
+            Outcome.PERMANENT, "BadRequest", "did not take the message", None, False,
+            id="other-400",
+        ),
+        pytest.param(
+            Answer(409, "Conflict", "", None),
+            Outcome.TEMPORARY, "Conflict", "did not take the message", 60.0, False,
+            id="anything-else",
+        ),
+    ],
+)  # fmt: skip
+def test_each_rung_of_classify_answer(
+    answer: Answer,
+    outcome: Outcome,
+    code: str,
+    says: str,
+    retry_after: float | None,
+    credentials: bool,
+) -> None:
+    """One case per row of the Graph table: dropping or reordering a row fails here."""
+    found = classify_answer(answer, settings())
+    assert (found.outcome, found.code, found.retry_after) == (outcome, code, retry_after)
+    assert says in found.detail
+    assert found.credentials is credentials
 
 
 # --- odds and ends ----------------------------------------------------------------------

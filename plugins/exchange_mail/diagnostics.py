@@ -37,7 +37,7 @@ from crm_core.plugin_api import (
     is_guid,
     token_client,
 )
-from exchange_mail.errors import ADMIN_CONSENT_FIX, Classified, classify
+from exchange_mail.errors import ADMIN_CONSENT_FIX, MAIL_SEND_FIX, Classified
 from exchange_mail.settings import (
     GUIDE_CREDENTIALS,
     SECRET_ID_WARNING,
@@ -130,15 +130,13 @@ def run(
             failures.append((step, credentials))
 
     if settings.api is Api.GRAPH and not failures:
-        from exchange_mail import graph
-
-        add(*graph.permission_step(roles))
+        add(*_permission_step(roles))
     if failures:
         steps.append(ConnectionStep(MAILBOX, StepStatus.SKIPPED, "an earlier step failed"))
     elif settings.api is Api.GRAPH:
-        add(*graph.check_mailbox(settings, resources))
+        add(*_graph_mailbox_step(settings, resources))
     else:
-        add(*_mailbox_step(settings, resources, roles))
+        add(*_ews_mailbox_step(settings, resources, roles))
 
     if unticked is None:
         steps.append(ConnectionStep(SYNC, StepStatus.OK, "'Sync with Exchange' is ticked"))
@@ -206,15 +204,26 @@ def _scope(settings: ExchangeSettings) -> str:
     return EXCHANGE_SCOPE
 
 
-def _mailbox_step(
+# --- the mailbox rung, EWS --------------------------------------------------------
+
+
+def _ews_mailbox_step(
     settings: ExchangeSettings, resources: Resources, roles: tuple[str, ...] | None
 ) -> tuple[ConnectionStep, bool]:
+    """One GetFolder of the mailbox root: proves endpoint, sign-in and impersonation.
+
+    An uncached mailbox, so every test really asks the server.
+    """
+    from exchangelib.folders import Root
+
     from exchange_mail import ews
+    from exchange_mail.ews_errors import classify
 
     mailbox: ews.EwsMailbox | None = None
     try:
         mailbox = ews.new_mailbox(settings, resources)
-        mailbox.check()
+        account = mailbox.account
+        mailbox.call(lambda: Root.get_distinguished(account=account))
     except Exception as exc:
         found = _sharpen(classify(exc, settings), roles)
         return ConnectionStep(
@@ -247,3 +256,63 @@ def _sharpen(found: Classified, roles: tuple[str, ...] | None) -> Classified:
     else:
         return found
     return Classified(found.outcome, found.code, detail, ADMIN_CONSENT_FIX + ".", credentials=True)
+
+
+# --- the permission and mailbox rungs, Graph ----------------------------------------
+
+
+def _permission_step(roles: tuple[str, ...] | None) -> tuple[ConnectionStep, bool]:
+    """Mail.Send in the token's roles (the only way to see it without sending)."""
+    if roles is None:
+        return ConnectionStep("permission", StepStatus.SKIPPED, "the token cannot be read"), False
+    if "Mail.Send" in roles:
+        return (
+            ConnectionStep("permission", StepStatus.OK, "the app holds Mail.Send (application)"),
+            False,
+        )
+    detail = (
+        "the token carries no application permissions, so admin consent has not been granted"
+        if not roles
+        else f"the token lacks Mail.Send (it holds {', '.join(roles)})"
+    )
+    return ConnectionStep("permission", StepStatus.FAILED, detail, MAIL_SEND_FIX + "."), True
+
+
+def _graph_mailbox_step(
+    settings: ExchangeSettings, resources: Resources
+) -> tuple[ConnectionStep, bool]:
+    """Look the user up (needs User.Read.All); without that role, say what is unproven."""
+    from exchange_mail.graph import GraphClient
+    from exchange_mail.graph_errors import Answer, classify, classify_answer
+
+    client = GraphClient(settings, resources)
+    try:
+        response = client.call(
+            "GET", f"/users/{client.user}", params={"$select": "id,mail,userPrincipalName"}
+        )
+    except Exception as exc:
+        found = classify(exc, settings)
+        return ConnectionStep(
+            MAILBOX, StepStatus.FAILED, found.detail, found.fix
+        ), found.credentials
+    if response.status_code == 200:
+        return (
+            ConnectionStep(
+                MAILBOX, StepStatus.OK, f"Microsoft Graph knows the user {settings.mailbox}"
+            ),
+            False,
+        )
+    answer = Answer.of(response)
+    if response.status_code == 403 and answer.code == "Authorization_RequestDenied":
+        return (
+            ConnectionStep(
+                MAILBOX,
+                StepStatus.WARNING,
+                f"the app may not read users (no User.Read.All), so {settings.mailbox} could "
+                "not be checked; the first mail will show whether it exists",
+                "Optional: grant Microsoft Graph → User.Read.All (application) for this check.",
+            ),
+            False,
+        )
+    found = classify_answer(answer, settings)
+    return ConnectionStep(MAILBOX, StepStatus.FAILED, found.detail, found.fix), found.credentials

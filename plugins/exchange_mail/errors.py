@@ -1,32 +1,11 @@
-"""What an Exchange failure means for the outbox, and what the user should do.
+"""What an Exchange failure means for the outbox: the pieces both APIs share.
 
-exchangelib raises one exception per failure; the outbox needs an :class:`Outcome`
-(temporary, permanent, configuration, ambiguous) and the user needs a cause and a fix.
-This module is the one place that maps one to the other:
-
-========================================================  ==============  =================
-exchangelib / server says                                 outcome         note
-========================================================  ==============  =================
-ErrorServerBusy (fault, BackOffMilliseconds), HTTP 503     temporary       retry_after = back-off
-ErrorTooManyObjectsOpened, ErrorMailboxStoreUnavailable,   temporary
-  ErrorMailboxMoveInProgress, ErrorConnectionFailed…
-ErrorSubmissionQuotaExceeded                               temporary       one hour back-off
-connection refused / DNS / connect timeout                 temporary       nothing was sent
-ErrorInvalidRecipients, ErrorInvalidSmtpAddress,           permanent       per message; the
-  ErrorMailRecipientNotFound                                                guide's "Error
-                                                                            validating e-mail"
-ErrorMessageSizeExceeded                                   permanent       per message
-HTTP 401 (after one token eviction and retry),             configuration   the guide's
-  ErrorNonExistentMailbox, ErrorImpersonateUserDenied,                     "TestConnection
-  ErrorAccessDenied, Entra token errors                                    error Credentials"
-HTTP 403 on Exchange Online (EWS blocked for the tenant)   configuration
-HTTP 404, redirect, TLS verification, ErrorSendAsDenied,   configuration
-  ErrorQuotaExceeded, schema version errors
-timeout / connection lost after the request was sent       ambiguous       reconcile, never resend
-anything else                                              temporary       (per message) or
-                                                                            ambiguous (whole
-                                                                            request)
-========================================================  ==============  =================
+The outbox needs an :class:`Outcome` (temporary, permanent, configuration, ambiguous)
+and the user needs a cause and a fix: a :class:`Classified`. Each API maps its own
+failures to one: :mod:`exchange_mail.ews_errors` (exchangelib's exceptions) and
+:mod:`exchange_mail.graph_errors` (Graph's answers). What both need lives here: the type,
+the failures below the API (token, TLS, network, lost answer), the results built from
+a classification, and the verdict of a Sent Items lookup.
 
 Texts never include a secret: exchangelib's messages carry URLs and server texts only,
 and token errors come from :mod:`crm_core.entra`, which never holds the secret in text.
@@ -34,7 +13,6 @@ and token errors come from :mod:`crm_core.entra`, which never holds the secret i
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -43,7 +21,6 @@ import requests
 import urllib3.exceptions
 
 from crm_core.plugin_api import (
-    CLIENT_ID,
     Outcome,
     OutgoingMessage,
     ReconcileResult,
@@ -51,20 +28,17 @@ from crm_core.plugin_api import (
     TokenError,
 )
 from exchange_mail.settings import (
-    API,
     CA_BUNDLE,
-    DOMAIN,
-    PASSWORD,
-    SERVER_VERSION,
-    URL,
-    USERNAME,
-    AuthMode,
-    ExchangeSettings,
 )
 
 ADMIN_CONSENT_FIX = (
     "In Entra → App registrations → API permissions, add Office 365 Exchange Online → "
     "Application permissions → full_access_as_app, then click 'Grant admin consent'"
+)
+MAIL_SEND_FIX = (
+    "In Entra → App registrations → API permissions, add Microsoft Graph → Application "
+    "permissions → Mail.Send, then click 'Grant admin consent'; if the tenant scopes the "
+    "app with RBAC for Applications, include this mailbox"
 )
 
 
@@ -87,6 +61,47 @@ class Classified:
     def text(self) -> str:
         """Cause and fix in one line, for a SendResult."""
         return f"{self.detail} Fix: {self.fix}" if self.fix else self.detail
+
+
+@dataclass(frozen=True)
+class Says:
+    """A row of a classification table written as the user will read it.
+
+    Why templates: the table then shows each case's outcome, code and texts at a
+    glance. ``{name}`` placeholders name attributes of a *facts* object (the failure
+    and the settings, seen by one API); an attribute is read only when a text names
+    it, so a row never computes what it does not show.
+    """
+
+    outcome: Outcome
+    code: str
+    detail: str
+    fix: str = ""
+    retry_after: float | None = None
+    credentials: bool = False
+
+    def __call__(self, facts: object) -> Classified:
+        """The classification with the placeholders filled in from ``facts``."""
+        named = _Named(facts)
+        return Classified(
+            self.outcome,
+            self.code.format_map(named),
+            self.detail.format_map(named),
+            self.fix.format_map(named),
+            self.retry_after,
+            self.credentials,
+        )
+
+
+class _Named:
+    """``str.format_map``'s view of an object: ``{name}`` reads ``facts.name``."""
+
+    def __init__(self, facts: object) -> None:
+        self.facts = facts
+
+    def __getitem__(self, name: str) -> object:
+        """The attribute the placeholder names (a typo raises, and the row's test fails)."""
+        return getattr(self.facts, name)
 
 
 def token_failure(exc: TokenError) -> Classified:
@@ -139,7 +154,7 @@ def transport_failure(exc: BaseException, host: str, check: str) -> Classified:
     """
     if isinstance(exc, TokenError):
         return token_failure(exc)
-    if any(isinstance(link, requests.exceptions.SSLError) for link in _chain(exc)):
+    if any(isinstance(link, requests.exceptions.SSLError) for link in chain(exc)):
         return tls_failure(host)
     if failed_before_sending(exc):
         return connect_failure(host, check)
@@ -169,7 +184,8 @@ def not_attempted(messages: Sequence[OutgoingMessage], cause: Classified) -> lis
     return [result_for(m, cause) for m in messages]
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from: libraries re-raise, the cause hides."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -180,7 +196,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 def failed_before_sending(exc: BaseException) -> bool:
     """True when the connection failed before any byte of the request left."""
-    for link in _chain(exc):
+    for link in chain(exc):
         if isinstance(
             link, requests.exceptions.ConnectTimeout | urllib3.exceptions.NewConnectionError
         ):
@@ -191,237 +207,6 @@ def failed_before_sending(exc: BaseException) -> bool:
                 if isinstance(reason, urllib3.exceptions.ConnectTimeoutError):
                     return True
     return False
-
-
-_HTTP_STATUS = re.compile(r"Unknown failure in response\. Code: (\d{3})")
-
-
-def http_status(exc: BaseException) -> int | None:
-    """The HTTP status exchangelib reports for an unexpected answer (403, 404, 502 …)."""
-    match = _HTTP_STATUS.match(str(exc))
-    return int(match.group(1)) if match else None
-
-
-def _server_text(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def classify(exc: BaseException, settings: ExchangeSettings) -> Classified:
-    """Map an exception from a send, a lookup or a test to outcome, cause and fix."""
-    from exchangelib import errors as ews  # here: the Graph path never loads exchangelib
-
-    if isinstance(exc, TokenError):
-        return token_failure(exc)
-    for link in _chain(exc):
-        if isinstance(link, ews.ErrorTimeoutExpired):
-            if failed_before_sending(link):
-                return connect_failure(settings.host, f"the network and {URL}")
-            return lost_answer(settings.host, "ErrorTimeoutExpired")
-    if isinstance(exc, ews.ErrorServerBusy):
-        back_off = exc.back_off if isinstance(exc.back_off, int | float) else None
-        return Classified(
-            Outcome.TEMPORARY,
-            "ErrorServerBusy",
-            f"Exchange at {settings.host} is busy or unavailable ({_server_text(exc)}); "
-            "the mail will be sent later.",
-            retry_after=max(float(back_off), 1.0) if back_off else 30.0,
-        )
-    if isinstance(exc, ews.UnauthorizedError):
-        return _unauthorized(settings)
-    if isinstance(exc, ews.ErrorNonExistentMailbox):
-        return Classified(
-            Outcome.CONFIGURATION,
-            "ErrorNonExistentMailbox",
-            f"Exchange cannot find a mailbox for {settings.mailbox} in the domain: the "
-            "address is an alias, in another domain, or the tenant's codes belong to "
-            "another organisation.",
-            f"Set {USERNAME} to the user's full primary e-mail address (for example "
-            f"@vitecsoftware.com, not the alias @vitec.se), and check that {DOMAIN} is the "
-            "domain the OAuth codes belong to.",
-            credentials=True,
-        )
-    if isinstance(exc, ews.ErrorImpersonateUserDenied | ews.ErrorAccessDenied):
-        code = type(exc).__name__
-        if settings.mode is AuthMode.OAUTH:
-            return Classified(
-                Outcome.CONFIGURATION,
-                code,
-                f"Exchange does not let the app act as {settings.mailbox} ({code}): the "
-                "full_access_as_app application permission is missing or admin consent "
-                "was not granted.",
-                ADMIN_CONSENT_FIX + ".",
-                credentials=True,
-            )
-        return Classified(
-            Outcome.CONFIGURATION,
-            code,
-            f"Exchange refused access to the mailbox {settings.mailbox} ({code}).",
-            f"Check {USERNAME} and {PASSWORD}; the user must own the mailbox.",
-            credentials=True,
-        )
-    if isinstance(exc, ews.ErrorSendAsDenied):
-        return Classified(
-            Outcome.CONFIGURATION,
-            "ErrorSendAsDenied",
-            f"The mailbox {settings.mailbox} may not send as the user's e-mail address "
-            "(ErrorSendAsDenied).",
-            "The user's e-mail (tab Basic) must be an address of the mailbox named in "
-            f"{USERNAME}; correct one of them.",
-        )
-    if isinstance(
-        exc,
-        ews.ErrorInvalidRecipients | ews.ErrorInvalidSmtpAddress | ews.ErrorMailRecipientNotFound,
-    ):
-        code = type(exc).__name__
-        return Classified(
-            Outcome.PERMANENT,
-            code,
-            f"Error validating e-mail: Exchange refused a recipient address ({code}: "
-            f"{_server_text(exc)}).",
-            "Check that the recipients' addresses are correct — an extra space or an "
-            "invalid character, for example — and send the mail again.",
-        )
-    if isinstance(exc, ews.ErrorMessageSizeExceeded):
-        return Classified(
-            Outcome.PERMANENT,
-            "ErrorMessageSizeExceeded",
-            "The message is larger than Exchange accepts (ErrorMessageSizeExceeded).",
-            "Send smaller attachments (or a link) in a new mail.",
-        )
-    if isinstance(exc, ews.ErrorSubmissionQuotaExceeded):
-        return Classified(
-            Outcome.TEMPORARY,
-            "ErrorSubmissionQuotaExceeded",
-            f"The mailbox {settings.mailbox} has reached Exchange's sending limit.",
-            "The mail is retried later; the limit resets within a day.",
-            retry_after=3600.0,
-        )
-    if isinstance(exc, ews.ErrorQuotaExceeded):
-        return Classified(
-            Outcome.CONFIGURATION,
-            "ErrorQuotaExceeded",
-            f"The mailbox {settings.mailbox} is full, so no copy can be saved in Sent Items.",
-            "Free space in the mailbox (or raise its quota), then resume sending.",
-        )
-    if isinstance(
-        exc,
-        ews.ErrorTooManyObjectsOpened
-        | ews.ErrorMailboxStoreUnavailable
-        | ews.ErrorMailboxMoveInProgress
-        | ews.ErrorConnectionFailed
-        | ews.ErrorInternalServerTransientError
-        | ews.ErrorExceededConnectionCount
-        | ews.CASError,
-    ):
-        return Classified(
-            Outcome.TEMPORARY,
-            type(exc).__name__,
-            f"Exchange reported a passing problem ({type(exc).__name__}); the mail will be "
-            "sent later.",
-            retry_after=60.0,
-        )
-    if isinstance(
-        exc, ews.ErrorInvalidSchemaVersionForMailboxVersion | ews.ErrorInvalidServerVersion
-    ):
-        return Classified(
-            Outcome.CONFIGURATION,
-            type(exc).__name__,
-            f"Exchange does not accept the pinned EWS schema version ({type(exc).__name__}).",
-            f"Set {SERVER_VERSION} to the server's version (2013, 2016, 2019 or online).",
-        )
-    if isinstance(exc, ews.RedirectError):
-        return Classified(
-            Outcome.CONFIGURATION,
-            "redirect",
-            f"{settings.url} redirects to {exc.url} instead of answering.",
-            f"Set {URL} to the server's EWS URL (it must end with /EWS/Exchange.asmx).",
-        )
-    if any(isinstance(link, requests.exceptions.SSLError) for link in _chain(exc)):
-        return tls_failure(settings.host)
-    status = http_status(exc)
-    if status == 403:
-        return ews_refused(settings)
-    if status == 404:
-        return Classified(
-            Outcome.CONFIGURATION,
-            "HTTP 404",
-            f"There is no EWS service at {settings.url} (HTTP 404).",
-            f"Check {URL}: it must be the server's address ending with exactly /EWS/Exchange.asmx.",
-        )
-    if status is not None:
-        return Classified(
-            Outcome.TEMPORARY,
-            f"HTTP {status}",
-            f"Exchange at {settings.host} answered HTTP {status}; the mail will be sent later.",
-            retry_after=60.0,
-        )
-    if isinstance(exc, ews.ResponseMessageError):
-        code = type(exc).__name__
-        return Classified(
-            Outcome.TEMPORARY,
-            code,
-            f"Exchange did not take the message ({code}: {_server_text(exc)}).",
-            retry_after=60.0,
-        )
-    return Classified(
-        Outcome.AMBIGUOUS,
-        type(exc).__name__,
-        f"The send to {settings.host} ended with an unexpected error ({type(exc).__name__}); "
-        "it may or may not have been sent.",
-        "The outbox looks for the message in Sent Items before sending it again.",
-    )
-
-
-def _unauthorized(settings: ExchangeSettings) -> Classified:
-    if settings.mode is AuthMode.OAUTH:
-        return Classified(
-            Outcome.CONFIGURATION,
-            "HTTP 401",
-            "Exchange refused the app's token (HTTP 401): the app lacks the "
-            "full_access_as_app application permission, admin consent was not granted, "
-            f"or {CLIENT_ID} belongs to another organisation.",
-            ADMIN_CONSENT_FIX + ", and check Client ID and Tenant ID.",
-            credentials=True,
-        )
-    return Classified(
-        Outcome.CONFIGURATION,
-        "HTTP 401",
-        f"Exchange refused the username or password of {settings.mailbox} (HTTP 401).",
-        f"Check {USERNAME} and {PASSWORD} (the user's network login); for a server "
-        "without NTLM set exchange.onprem_auth basic.",
-        credentials=True,
-    )
-
-
-def ews_refused(settings: ExchangeSettings) -> Classified:
-    """HTTP 403: Exchange refuses EWS itself, before looking at the mailbox.
-
-    App-only OAuth means Exchange Online (or a hybrid server trusting Entra ID), where
-    a 403 on EWS is the tenant's EWS block or allow-list; with a password it is the
-    on-premises EWSEnabled switch.
-    """
-    if settings.exchange_online or settings.mode is AuthMode.OAUTH:
-        client = settings.app.client_id if settings.app else "<Client ID>"
-        return Classified(
-            Outcome.CONFIGURATION,
-            "HTTP 403",
-            "Exchange Online refuses EWS for this app (HTTP 403 on every request): since "
-            "October 2026 EWS is blocked unless the tenant allows it and lists the app, or "
-            "the tenant has turned EWS off.",
-            "The tenant administrator can run Set-OrganizationConfig -EwsEnabled $true "
-            f"-EwsAllowedAppIDs @{{Add='{client}'}} (and Set-CASMailbox -EwsEnabled $true "
-            "for the mailbox); changes take up to 24 hours, and EWS ends for good on "
-            f"1 April 2027. Lasting fix: send through Microsoft Graph (crm settings set "
-            f"{API} graph, with the Mail.Send application permission).",
-        )
-    return Classified(
-        Outcome.CONFIGURATION,
-        "HTTP 403",
-        f"Exchange at {settings.host} refuses EWS access (HTTP 403).",
-        "The Exchange administrator must allow EWS for the organisation and the mailbox "
-        "(Set-OrganizationConfig / Set-CASMailbox -EwsEnabled $true).",
-    )
 
 
 SENT_ITEMS_LAG = timedelta(minutes=5)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import re
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import partial
@@ -56,7 +55,6 @@ from exchangelib import (
 )
 from exchangelib import UTC as EWS_UTC
 from exchangelib.errors import ResponseMessageError, UnauthorizedError
-from exchangelib.folders import Root
 from exchangelib.items import SEND_AND_SAVE_COPY, SEND_TO_NONE
 from exchangelib.protocol import Protocol
 from exchangelib.services import CreateItem
@@ -81,7 +79,8 @@ from crm_core.plugin_api import (
     token_client,
 )
 from exchange_mail.auth import MsalBearerAuth, MsalOAuth2Credentials, install_redaction
-from exchange_mail.errors import Classified, classify, lookup_verdict, not_attempted, result_for
+from exchange_mail.errors import lookup_verdict, not_attempted, result_for
+from exchange_mail.ews_errors import NOT_COVERED, classify, unusable_message, unusable_settings
 from exchange_mail.settings import (
     CA_BUNDLE,
     EWS_CACHE,
@@ -127,6 +126,7 @@ class _EwsProtocol(Protocol):  # type: ignore[misc]
     ca_bundle: str | None = None
 
     def create_session(self) -> Any:
+        """A session with msal's bearer auth (OAuth) and our TLS trust on the endpoint."""
         credentials = self.credentials
         if isinstance(credentials, MsalOAuth2Credentials):
             # A plain session: no requests-oauthlib, so nothing can fetch or refresh a
@@ -227,10 +227,6 @@ class EwsMailbox:
             self.tokens.evict()
             return action()
 
-    def check(self) -> None:
-        """One GetFolder of the mailbox root: proves endpoint, sign-in and impersonation."""
-        self.call(lambda: Root.get_distinguished(account=self.account))
-
     def close(self) -> None:
         """Close the HTTP session and drop the Protocol from exchangelib's global cache."""
         self.protocol.close()
@@ -261,6 +257,8 @@ def new_mailbox(settings: ExchangeSettings, resources: Resources) -> EwsMailbox:
 
 
 def _to_ews(mailbox: EwsMailbox, account: SenderAccount, message: OutgoingMessage) -> Any:
+    """The exchangelib Message, checked here so a bad one fails alone, not its request."""
+
     def boxes(addresses: Sequence[Any]) -> list[Any] | None:
         return [Mailbox(name=a.name or None, email_address=a.email) for a in addresses] or None
 
@@ -285,11 +283,6 @@ def _to_ews(mailbox: EwsMailbox, account: SenderAccount, message: OutgoingMessag
         )
     item.clean(version=mailbox.account.version)  # what exchangelib would refuse mid-batch
     return item
-
-
-def _without_value(exc: Exception) -> str:
-    """exchangelib's reason without the refused value (which may be long)."""
-    return re.sub(r" value '.*' ", " value ", str(exc), flags=re.DOTALL)[:200]
 
 
 def _requests(messages: Sequence[OutgoingMessage]) -> Iterator[list[OutgoingMessage]]:
@@ -319,26 +312,14 @@ def send(
     try:
         mailbox = mailbox_for(account, settings, resources)
     except (ValueError, TypeError) as exc:  # exchangelib checks the settings here; no I/O
-        found = Classified(
-            Outcome.CONFIGURATION,
-            type(exc).__name__,
-            f"The Exchange settings cannot be used: {str(exc)[:200]}",
-            f"Check {URL} and {USERNAME}.",
-        )
-        return [result_for(m, found) for m in messages]
+        return [result_for(m, unusable_settings(exc)) for m in messages]
     results: dict[str, SendResult] = {}
     items: dict[str, Any] = {}
     for message in messages:
         try:
             items[message.message_id] = _to_ews(mailbox, account, message)
         except (ValueError, TypeError) as exc:  # refused before any request
-            results[message.message_id] = SendResult(
-                message.message_id,
-                Outcome.PERMANENT,
-                f"Exchange cannot take this message as it is ({_without_value(exc)}). "
-                "Fix: correct it (e.g. a subject of at most 255 characters) and send it again.",
-                code="invalid-message",
-            )
+            results[message.message_id] = result_for(message, unusable_message(exc))
     requests_ = list(_requests([m for m in messages if m.message_id in items]))
     for index, chunk in enumerate(requests_):
         try:
@@ -357,16 +338,12 @@ def send(
                     message.message_id, Outcome.SENT, "sent via EWS"
                 )
         for message in chunk[len(answers) :]:  # the server answered for fewer messages
-            results[message.message_id] = SendResult(
-                message.message_id,
-                Outcome.AMBIGUOUS,
-                "Exchange's answer did not cover this message; it may have been sent.",
-                code="incomplete-answer",
-            )
+            results[message.message_id] = result_for(message, NOT_COVERED)
     return [results[m.message_id] for m in messages]
 
 
 def _create(mailbox: EwsMailbox, items: list[Any]) -> list[Any]:
+    """One CreateItem (send and save a copy): a result or an exception per item."""
     service = _CreateItemEach(account=mailbox.account)
     return list(
         service.call(

@@ -30,7 +30,6 @@ import base64
 import json
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -39,14 +38,12 @@ import requests
 
 from crm_core.plugin_api import (
     GRAPH_SCOPE,
-    ConnectionStep,
     Outcome,
     OutgoingMessage,
     ReconcileResult,
     Resources,
     SenderAccount,
     SendResult,
-    StepStatus,
     TokenClient,
     TrustAdapter,
     token_client,
@@ -56,18 +53,20 @@ from exchange_mail.errors import (
     lookup_verdict,
     not_attempted,
     result_for,
-    transport_failure,
 )
-from exchange_mail.settings import PLUGIN, USERNAME, ExchangeSettings
+from exchange_mail.graph_errors import (
+    MISSING,
+    TOO_LARGE,
+    Answer,
+    classify,
+    classify_answer,
+    lookup_refused,
+)
+from exchange_mail.settings import PLUGIN, ExchangeSettings
 
 MAX_BATCH = 20
 MAX_REQUEST_BYTES = 3_500_000  # Graph refuses bodies over 4 MB; keep a margin
 TIMEOUT = (15, 120)  # connect, read (seconds)
-MAIL_SEND_FIX = (
-    "In Entra → App registrations → API permissions, add Microsoft Graph → Application "
-    "permissions → Mail.Send, then click 'Grant admin consent'; if the tenant scopes the "
-    "app with RBAC for Applications, include this mailbox"
-)
 _KNOWN_GRAPH_HOSTS = frozenset(
     {
         "graph.microsoft.com",
@@ -103,15 +102,7 @@ class GraphSession:
         self.http.close()
 
 
-@dataclass(frozen=True)
-class _Answer:
-    status: int
-    code: str
-    message: str
-    retry_after: float | None
-
-
-class _Graph:
+class GraphClient:
     """Graph calls for one account: URLs, token, and the evict-and-retry-once rule."""
 
     def __init__(self, settings: ExchangeSettings, resources: Resources) -> None:
@@ -136,6 +127,7 @@ class _Graph:
         return response
 
     def _once(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """One attempt with a fresh (or cached) token and an id Microsoft support can trace."""
         headers = {
             **kwargs.pop("headers", {}),
             "Authorization": f"Bearer {self.tokens.token(self.scope)}",
@@ -149,6 +141,7 @@ class _Graph:
 
 
 def _recipients(addresses: Sequence[Any]) -> list[dict[str, Any]]:
+    """Graph's recipient objects, with a display name only when the address has one."""
     return [
         {"emailAddress": {"address": a.email, **({"name": a.name} if a.name else {})}}
         for a in addresses
@@ -192,6 +185,7 @@ def payload(account: SenderAccount, message: OutgoingMessage) -> dict[str, Any]:
 def _batches(
     bodies: list[tuple[OutgoingMessage, bytes]],
 ) -> Iterator[list[tuple[OutgoingMessage, bytes]]]:
+    """Group the bodies into $batch requests: at most 20 items and under the 4 MB cap."""
     chunk: list[tuple[OutgoingMessage, bytes]] = []
     size = 0
     for item in bodies:
@@ -204,134 +198,6 @@ def _batches(
         yield chunk
 
 
-# --- answers ----------------------------------------------------------------------
-
-
-def _retry_after(headers: Any) -> float | None:
-    try:
-        value = float(headers.get("Retry-After", ""))
-    except (TypeError, ValueError):
-        return None
-    return value if value > 0 else None
-
-
-def _answer(status: int, body: Any, headers: Any) -> _Answer:
-    error = body.get("error", {}) if isinstance(body, dict) else {}
-    return _Answer(
-        status,
-        str(error.get("code", "")) if isinstance(error, dict) else "",
-        str(error.get("message", "")) if isinstance(error, dict) else "",
-        _retry_after(headers or {}),
-    )
-
-
-def _from_response(response: requests.Response) -> _Answer:
-    try:
-        body = response.json() if response.content else {}
-    except ValueError:
-        body = {}
-    return _answer(response.status_code, body, response.headers)
-
-
-def classify_answer(answer: _Answer, settings: ExchangeSettings) -> Classified:
-    """Graph's status and ``error.code`` (never its message text) → outcome, cause, fix."""
-    status, code = answer.status, answer.code
-    shown = f"HTTP {status} {code}".strip()
-    if 200 <= status < 300:
-        return Classified(Outcome.SENT, "", "sent via Microsoft Graph")
-    if status == 0:
-        return Classified(
-            Outcome.AMBIGUOUS,
-            code,
-            "Microsoft Graph's answer to the batch did not cover this message; it may have gone.",
-            "The outbox looks for the message in Sent Items before sending it again.",
-        )
-    if code == "ErrorInvalidUser" or (status == 404 and code == "Request_ResourceNotFound"):
-        return Classified(
-            Outcome.CONFIGURATION,
-            code,
-            f"Microsoft Graph cannot find the user {settings.mailbox}: the address is an alias, "
-            "in another domain or tenant, or not the user's sign-in name (UPN).",
-            f"Set {USERNAME} to the user's full primary address, the one they sign in with "
-            "(for example @vitecsoftware.com, not the alias @vitec.se).",
-            credentials=True,
-        )
-    if status == 401:
-        consent = code == "NoPermissionsInAccessToken"
-        return Classified(
-            Outcome.CONFIGURATION,
-            code or "HTTP 401",
-            "Microsoft Graph refused the app's token (HTTP 401"
-            + (
-                ": it carries no application permissions, so admin consent has not been granted)."
-                if consent
-                else ")."
-            ),
-            MAIL_SEND_FIX + ".",
-            credentials=True,
-        )
-    if code == "ErrorSendAsDenied":
-        return Classified(
-            Outcome.CONFIGURATION,
-            code,
-            f"The mailbox {settings.mailbox} may not send as the user's e-mail address "
-            "(ErrorSendAsDenied).",
-            f"The user's e-mail (tab Basic) must be an address of the mailbox {USERNAME}.",
-        )
-    if status == 403:
-        return Classified(
-            Outcome.CONFIGURATION,
-            code or "HTTP 403",
-            f"Microsoft Graph denies the app access to {settings.mailbox} ({shown}): the "
-            "Mail.Send application permission is missing, admin consent was not granted, or "
-            "the mailbox is outside the app's RBAC scope.",
-            MAIL_SEND_FIX + ".",
-            credentials=True,
-        )
-    if code == "ErrorInvalidRecipients":
-        return Classified(
-            Outcome.PERMANENT,
-            code,
-            f"Error validating e-mail: Exchange refused a recipient address ({code}: "
-            f"{answer.message[:200]}).",
-            "Check that the recipients' addresses are correct — an extra space or an invalid "
-            "character, for example — and send the mail again.",
-        )
-    if (
-        code == "ErrorMessageSizeExceeded"
-        or status == 413
-        or (
-            status == 400
-            and code in ("BadRequest", "RequestEntityTooLarge")
-            and "4MB" in answer.message
-        )
-    ):
-        return Classified(
-            Outcome.PERMANENT,
-            code or f"HTTP {status}",
-            "The message is larger than Microsoft Graph accepts.",
-            "Send smaller attachments (or a link) in a new mail.",
-        )
-    if status == 429 or status >= 500:
-        return Classified(
-            Outcome.TEMPORARY,
-            code or f"HTTP {status}",
-            f"Microsoft Graph is busy or unavailable ({shown}); the mail will be sent later.",
-            retry_after=answer.retry_after or (30.0 if status == 429 else 60.0),
-        )
-    return Classified(
-        Outcome.PERMANENT if status == 400 else Outcome.TEMPORARY,
-        code or f"HTTP {status}",
-        f"Microsoft Graph did not take the message ({shown}: {answer.message[:200]}).",
-        retry_after=None if status == 400 else 60.0,
-    )
-
-
-def _failure(exc: Exception, settings: ExchangeSettings) -> Classified:
-    host = urlsplit(settings.graph_url).hostname or settings.graph_url
-    return transport_failure(exc, host, "the network and exchange.graph_url")
-
-
 # --- sending ----------------------------------------------------------------------
 
 
@@ -342,19 +208,13 @@ def send(
     resources: Resources,
 ) -> list[SendResult]:
     """Send a batch through Graph; one SendResult per message, never a blind resend."""
-    graph = _Graph(settings, resources)
+    graph = GraphClient(settings, resources)
     results: dict[str, SendResult] = {}
     bodies: list[tuple[OutgoingMessage, bytes]] = []
     for message in messages:
         body = json.dumps(payload(account, message), ensure_ascii=False).encode("utf-8")
         if len(body) > MAX_REQUEST_BYTES:
-            results[message.message_id] = SendResult(
-                message.message_id,
-                Outcome.PERMANENT,
-                "The message is too large for Microsoft Graph sendMail (attachments over "
-                "about 3 MB need an upload session). Fix: send smaller attachments or a link.",
-                code="too-large-for-graph",
-            )
+            results[message.message_id] = result_for(message, TOO_LARGE)
         else:
             bodies.append((message, body))
     chunks = list(_batches(bodies))
@@ -362,7 +222,7 @@ def send(
         try:
             answers = _send_chunk(graph, chunk)
         except Exception as exc:  # requests or token failure for the whole request
-            found = _failure(exc, settings)
+            found = classify(exc, settings)
             for message, _ in chunk:
                 results[message.message_id] = result_for(message, found)
             later = [m for c in chunks[index + 1 :] for m, _ in c]
@@ -381,14 +241,25 @@ def send(
     return [results[m.message_id] for m in messages]
 
 
-def _send_chunk(graph: _Graph, chunk: list[tuple[OutgoingMessage, bytes]]) -> dict[str, _Answer]:
+def _send_chunk(
+    graph: GraphClient, chunk: list[tuple[OutgoingMessage, bytes]]
+) -> dict[str, Answer]:
+    """One request for a chunk: a plain sendMail for one message, else a $batch."""
     json_header = {"Content-Type": "application/json"}
     if len(chunk) == 1:
         message, body = chunk[0]
         response = graph.call(
             "POST", f"/users/{graph.user}/sendMail", data=body, headers=json_header
         )
-        return {message.message_id: _from_response(response)}
+        return {message.message_id: Answer.of(response)}
+    return _send_batch(graph, chunk)
+
+
+def _send_batch(
+    graph: GraphClient, chunk: list[tuple[OutgoingMessage, bytes]]
+) -> dict[str, Answer]:
+    """A $batch of sendMail, one item per message, numbered so answers find their owner."""
+    json_header = {"Content-Type": "application/json"}
     ids = {str(i): message for i, (message, _) in enumerate(chunk, start=1)}
     batch = {
         "requests": [
@@ -409,21 +280,26 @@ def _send_chunk(graph: _Graph, chunk: list[tuple[OutgoingMessage, bytes]]) -> di
         headers=json_header,
     )
     if response.status_code != 200:  # the batch as a whole was refused: no item ran
-        whole = _from_response(response)
+        whole = Answer.of(response)
         return {m.message_id: whole for m in ids.values()}
-    answers: dict[str, _Answer] = {}
-    for item in response.json().get("responses", []):
+    return _batch_answers(response.json().get("responses", []), ids)
+
+
+def _batch_answers(items: list[Any], ids: dict[str, OutgoingMessage]) -> dict[str, Answer]:
+    """Each item's answer by its id (Graph answers in any order); a missing one may have run."""
+    answers: dict[str, Answer] = {}
+    for item in items:
         owner = ids.get(str(item.get("id")))
         if owner is not None:
-            answers[owner.message_id] = _answer(
+            answers[owner.message_id] = Answer.parse(
                 int(item.get("status", 0)), item.get("body"), item.get("headers")
             )
     for owner in ids.values():  # an item the answer left out may have run
-        answers.setdefault(owner.message_id, _Answer(0, "missing-in-batch", "", None))
+        answers.setdefault(owner.message_id, MISSING)
     return answers
 
 
-# --- reconciling and Test connection ------------------------------------------------
+# --- reconciling ------------------------------------------------------------------
 
 
 def reconcile(
@@ -434,7 +310,7 @@ def reconcile(
     now: datetime | None = None,
 ) -> list[ReconcileResult]:
     """Look for each Message-ID in the sender's Sent Items."""
-    graph = _Graph(settings, resources)
+    graph = GraphClient(settings, resources)
     now = now or datetime.now(UTC)
     results = []
     for message in messages:
@@ -445,79 +321,16 @@ def reconcile(
                 "GET", f"/users/{graph.user}/mailFolders/sentitems/messages", params=params
             )
         except Exception as exc:
-            found = _failure(exc, settings)
+            found = classify(exc, settings)
             results.append(
                 ReconcileResult(message.message_id, None, f"Could not look: {found.text}")
             )
             continue
         if response.status_code != 200:
-            answer = _from_response(response)
-            hint = (
-                " (reconciling needs the Mail.ReadBasic.All application permission)"
-                if response.status_code == 403
-                else ""
-            )
-            results.append(
-                ReconcileResult(
-                    message.message_id,
-                    None,
-                    f"Could not look in Sent Items: HTTP {answer.status} {answer.code}{hint}",
-                )
-            )
+            refused = lookup_refused(Answer.of(response))
+            results.append(ReconcileResult(message.message_id, None, refused))
             continue
         results.append(
             lookup_verdict(message, bool(response.json().get("value")), settings.mailbox, now)
         )
     return results
-
-
-def check_mailbox(settings: ExchangeSettings, resources: Resources) -> tuple[ConnectionStep, bool]:
-    """Look the user up (needs User.Read.All); without that role, say what is unproven."""
-    graph = _Graph(settings, resources)
-    try:
-        response = graph.call(
-            "GET", f"/users/{graph.user}", params={"$select": "id,mail,userPrincipalName"}
-        )
-    except Exception as exc:
-        found = _failure(exc, settings)
-        return ConnectionStep(
-            "mailbox", StepStatus.FAILED, found.detail, found.fix
-        ), found.credentials
-    if response.status_code == 200:
-        return (
-            ConnectionStep(
-                "mailbox", StepStatus.OK, f"Microsoft Graph knows the user {settings.mailbox}"
-            ),
-            False,
-        )
-    answer = _from_response(response)
-    if response.status_code == 403 and answer.code == "Authorization_RequestDenied":
-        return (
-            ConnectionStep(
-                "mailbox",
-                StepStatus.WARNING,
-                f"the app may not read users (no User.Read.All), so {settings.mailbox} could "
-                "not be checked; the first mail will show whether it exists",
-                "Optional: grant Microsoft Graph → User.Read.All (application) for this check.",
-            ),
-            False,
-        )
-    found = classify_answer(answer, settings)
-    return ConnectionStep("mailbox", StepStatus.FAILED, found.detail, found.fix), found.credentials
-
-
-def permission_step(roles: tuple[str, ...] | None) -> tuple[ConnectionStep, bool]:
-    """Mail.Send in the token's roles (the only way to see it without sending)."""
-    if roles is None:
-        return ConnectionStep("permission", StepStatus.SKIPPED, "the token cannot be read"), False
-    if "Mail.Send" in roles:
-        return (
-            ConnectionStep("permission", StepStatus.OK, "the app holds Mail.Send (application)"),
-            False,
-        )
-    detail = (
-        "the token carries no application permissions, so admin consent has not been granted"
-        if not roles
-        else f"the token lacks Mail.Send (it holds {', '.join(roles)})"
-    )
-    return ConnectionStep("permission", StepStatus.FAILED, detail, MAIL_SEND_FIX + "."), True

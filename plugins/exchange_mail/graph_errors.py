@@ -1,0 +1,309 @@
+"""What a Microsoft Graph answer means for the outbox, and what the user should do.
+
+Graph answers every request (and every item of a ``$batch``) with an HTTP status and,
+on failure, a JSON ``error.code``; :func:`classify_answer` maps the two to a
+:class:`Classified`, as :mod:`exchange_mail.ews_errors` does for exchangelib's
+exceptions. The message text, which Microsoft rewords, is only shown, except for a
+400 that says "4MB". A request that got
+no answer at all (token, TLS, network) is mapped by :func:`classify`.
+
+=====================================================  ==============  ==================
+Graph says                                             outcome         note
+=====================================================  ==============  ==================
+2xx                                                    sent
+(no answer for an item of a $batch)                    ambiguous       reconcile
+ErrorInvalidUser, 404 Request_ResourceNotFound         configuration   the guide's
+                                                                       "Credentials"
+401 (after one token eviction and retry)               configuration   "Credentials"
+ErrorSendAsDenied                                      configuration
+403                                                    configuration   "Credentials"
+ErrorInvalidRecipients                                 permanent       "Error validating
+                                                                       e-mail"
+ErrorMessageSizeExceeded, 413, 400 over 4 MB           permanent
+429, 5xx                                               temporary       Retry-After
+any other 400                                          permanent
+anything else                                          temporary
+=====================================================  ==============  ==================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+import requests
+
+from crm_core.plugin_api import Outcome
+from exchange_mail.errors import MAIL_SEND_FIX, Classified, Says, transport_failure
+from exchange_mail.settings import USERNAME, ExchangeSettings
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Graph's answer to one request or batch item: all that classification reads."""
+
+    status: int
+    code: str
+    message: str
+    retry_after: float | None
+
+    @classmethod
+    def parse(cls, status: int, body: Any, headers: Any) -> Answer:
+        """An answer from its parts (a $batch item carries them as plain JSON)."""
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        return cls(
+            status,
+            str(error.get("code", "")) if isinstance(error, dict) else "",
+            str(error.get("message", "")) if isinstance(error, dict) else "",
+            _retry_after(headers or {}),
+        )
+
+    @classmethod
+    def of(cls, response: requests.Response) -> Answer:
+        """The answer to a plain request; a body that is not JSON counts as empty."""
+        try:
+            body = response.json() if response.content else {}
+        except ValueError:
+            body = {}
+        return cls.parse(response.status_code, body, response.headers)
+
+
+MISSING = Answer(0, "missing-in-batch", "", None)
+"""The stand-in for a $batch item Graph's answer left out: it may have run."""
+
+
+def _retry_after(headers: Any) -> float | None:
+    """The server's Retry-After in seconds, when it gave a usable one."""
+    try:
+        value = float(headers.get("Retry-After", ""))
+    except (TypeError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """One answer as the table's texts see it (the rows' tests read the Answer itself)."""
+
+    answer: Answer
+    settings: ExchangeSettings
+
+    MAIL_SEND_FIX: ClassVar[str] = MAIL_SEND_FIX
+    USERNAME: ClassVar[str] = USERNAME
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of the request or batch item."""
+        return self.answer.status
+
+    @property
+    def code(self) -> str:
+        """Graph's ``error.code`` (empty on success or a bare status)."""
+        return self.answer.code
+
+    @property
+    def code_or_status(self) -> str:
+        """The code for the SendResult: Graph's, or ``HTTP nnn`` when it gave none."""
+        return self.answer.code or f"HTTP {self.answer.status}"
+
+    @property
+    def shown(self) -> str:
+        """Status and code as the user reads them, e.g. ``HTTP 403 ErrorAccessDenied``."""
+        return f"HTTP {self.answer.status} {self.answer.code}".strip()
+
+    @property
+    def message(self) -> str:
+        """Graph's own message, shortened."""
+        return self.answer.message[:200]
+
+    @property
+    def mailbox(self) -> str:
+        """The mailbox sent as."""
+        return self.settings.mailbox
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One row: which answers it takes, and what they mean."""
+
+    when: Callable[[Answer], bool]
+    says: Callable[[_Facts], Classified]
+
+
+def _too_large(answer: Answer) -> bool:
+    """Graph's ways of saying the request body is over its 4 MB cap."""
+    return (
+        answer.code == "ErrorMessageSizeExceeded"
+        or answer.status == 413
+        or (
+            answer.status == 400
+            and answer.code in ("BadRequest", "RequestEntityTooLarge")
+            and "4MB" in answer.message
+        )
+    )
+
+
+def _busy(facts: _Facts) -> Classified:
+    """Throttled or down: wait as long as Graph asks, else 30 s (429) or a minute (5xx)."""
+    return Classified(
+        Outcome.TEMPORARY,
+        facts.code_or_status,
+        f"Microsoft Graph is busy or unavailable ({facts.shown}); the mail will be sent later.",
+        retry_after=facts.answer.retry_after or (30.0 if facts.status == 429 else 60.0),
+    )
+
+
+# The first row that takes the answer decides, so order matters (the ladder's order,
+# kept): ErrorInvalidUser comes before 401 and 403, ErrorSendAsDenied before 403 (the
+# code names the cause better than the status); the 401 without consent before any
+# 401; a 401 or 403 before a recipient or size code; the size rows before 5xx and any
+# other 400.
+_ROWS: tuple[_Row, ...] = (
+    _Row(
+        when=lambda answer: 200 <= answer.status < 300,
+        says=Says(Outcome.SENT, "", "sent via Microsoft Graph"),
+    ),
+    _Row(
+        when=lambda answer: answer.status == 0,  # MISSING: no answer for a $batch item
+        says=Says(
+            Outcome.AMBIGUOUS,
+            "{code}",
+            "Microsoft Graph's answer to the batch did not cover this message; it may have gone.",
+            "The outbox looks for the message in Sent Items before sending it again.",
+        ),
+    ),
+    _Row(
+        when=lambda answer: (
+            answer.code == "ErrorInvalidUser"
+            or (answer.status == 404 and answer.code == "Request_ResourceNotFound")
+        ),
+        says=Says(
+            Outcome.CONFIGURATION,
+            "{code}",
+            "Microsoft Graph cannot find the user {mailbox}: the address is an alias, in "
+            "another domain or tenant, or not the user's sign-in name (UPN).",
+            "Set {USERNAME} to the user's full primary address, the one they sign in with "
+            "(for example @vitecsoftware.com, not the alias @vitec.se).",
+            credentials=True,
+        ),
+    ),
+    _Row(
+        when=lambda answer: answer.status == 401 and answer.code == "NoPermissionsInAccessToken",
+        says=Says(
+            Outcome.CONFIGURATION,
+            "{code}",
+            "Microsoft Graph refused the app's token (HTTP 401: it carries no application "
+            "permissions, so admin consent has not been granted).",
+            "{MAIL_SEND_FIX}.",
+            credentials=True,
+        ),
+    ),
+    _Row(
+        when=lambda answer: answer.status == 401,
+        says=Says(
+            Outcome.CONFIGURATION,
+            "{code_or_status}",
+            "Microsoft Graph refused the app's token (HTTP 401).",
+            "{MAIL_SEND_FIX}.",
+            credentials=True,
+        ),
+    ),
+    _Row(
+        when=lambda answer: answer.code == "ErrorSendAsDenied",
+        says=Says(
+            Outcome.CONFIGURATION,
+            "{code}",
+            "The mailbox {mailbox} may not send as the user's e-mail address (ErrorSendAsDenied).",
+            "The user's e-mail (tab Basic) must be an address of the mailbox {USERNAME}.",
+        ),
+    ),
+    _Row(
+        when=lambda answer: answer.status == 403,
+        says=Says(
+            Outcome.CONFIGURATION,
+            "{code_or_status}",
+            "Microsoft Graph denies the app access to {mailbox} ({shown}): the Mail.Send "
+            "application permission is missing, admin consent was not granted, or the "
+            "mailbox is outside the app's RBAC scope.",
+            "{MAIL_SEND_FIX}.",
+            credentials=True,
+        ),
+    ),
+    _Row(
+        when=lambda answer: answer.code == "ErrorInvalidRecipients",
+        says=Says(
+            Outcome.PERMANENT,
+            "{code}",
+            "Error validating e-mail: Exchange refused a recipient address ({code}: {message}).",
+            "Check that the recipients' addresses are correct — an extra space or an invalid "
+            "character, for example — and send the mail again.",
+        ),
+    ),
+    _Row(
+        when=_too_large,
+        says=Says(
+            Outcome.PERMANENT,
+            "{code_or_status}",
+            "The message is larger than Microsoft Graph accepts.",
+            "Send smaller attachments (or a link) in a new mail.",
+        ),
+    ),
+    _Row(when=lambda answer: answer.status == 429 or answer.status >= 500, says=_busy),
+    _Row(
+        when=lambda answer: answer.status == 400,
+        says=Says(
+            Outcome.PERMANENT,
+            "{code_or_status}",
+            "Microsoft Graph did not take the message ({shown}: {message}).",
+        ),
+    ),
+)
+
+_OTHERWISE = Says(
+    Outcome.TEMPORARY,
+    "{code_or_status}",
+    "Microsoft Graph did not take the message ({shown}: {message}).",
+    retry_after=60.0,
+)
+"""No row took it: an answer we do not know, so try again later."""
+
+
+def classify_answer(answer: Answer, settings: ExchangeSettings) -> Classified:
+    """Graph's status and ``error.code`` → outcome, cause, fix.
+
+    The first row of :data:`_ROWS` that takes the answer decides; no row:
+    :data:`_OTHERWISE`.
+    """
+    facts = _Facts(answer, settings)
+    for row in _ROWS:
+        if row.when(answer):
+            return row.says(facts)
+    return _OTHERWISE(facts)
+
+
+def classify(exc: Exception, settings: ExchangeSettings) -> Classified:
+    """A request that got no answer from Graph (token, TLS, network, lost connection)."""
+    host = urlsplit(settings.graph_url).hostname or settings.graph_url
+    return transport_failure(exc, host, "the network and exchange.graph_url")
+
+
+TOO_LARGE = Classified(
+    Outcome.PERMANENT,
+    "too-large-for-graph",
+    "The message is too large for Microsoft Graph sendMail (attachments over about 3 MB "
+    "need an upload session).",
+    "send smaller attachments or a link.",
+)
+"""A message whose sendMail body exceeds Graph's 4 MB cap: never sent, never retried."""
+
+
+def lookup_refused(answer: Answer) -> str:
+    """Why a Sent Items lookup got no list; a 403 is most likely the missing read permission."""
+    hint = (
+        " (reconciling needs the Mail.ReadBasic.All application permission)"
+        if answer.status == 403
+        else ""
+    )
+    return f"Could not look in Sent Items: HTTP {answer.status} {answer.code}{hint}"
