@@ -1,9 +1,10 @@
-"""Shared fixtures: a fresh database per test (SQLite, and PostgreSQL when available).
+"""Shared fixtures: a fresh database per test, on SQLite and on PostgreSQL.
 
-PostgreSQL: set ``CRM_TEST_POSTGRES_URL`` to a server's admin URL
-(``scripts/with-postgres`` starts a throwaway cluster and sets it). Every test that
-uses ``database_url`` then runs on both backends, each in a database of its own,
-dropped afterwards.
+Every test that uses ``database_url`` runs on both backends, each in a database of its
+own, dropped afterwards. PostgreSQL needs ``CRM_TEST_POSTGRES_URL``, a server's admin
+URL (``scripts/with-postgres`` starts a throwaway cluster and sets it); without it the
+PostgreSQL cases are reported as skipped, with the reason, not left out. They carry
+the ``postgres`` marker, so ``-m "not postgres"`` deselects them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
@@ -25,11 +27,25 @@ from crm_core.plugins import installed_plugins
 
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_ENV = "CRM_TEST_POSTGRES_URL"
+POSTGRES_SKIP_REASON = (
+    "PostgreSQL not available: set CRM_TEST_POSTGRES_URL or run via scripts/with-postgres "
+    "(make test does)"
+)
 
 
-def backends() -> list[str]:
-    """Database backends to run on: SQLite always, PostgreSQL when configured."""
-    return ["sqlite", "postgres"] if os.environ.get(POSTGRES_ENV) else ["sqlite"]
+def backends() -> list[Any]:
+    """Both database backends; PostgreSQL is marked ``postgres`` and skipped without a server."""
+    return [
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param(
+            "postgres",
+            id="postgres",
+            marks=[
+                pytest.mark.postgres,
+                pytest.mark.skipif(not os.environ.get(POSTGRES_ENV), reason=POSTGRES_SKIP_REASON),
+            ],
+        ),
+    ]
 
 
 def _postgres_database(admin_url: str) -> Iterator[str]:

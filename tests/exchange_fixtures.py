@@ -1,6 +1,6 @@
 """Helpers shared by the Exchange transport's tests: stand-ins, a configured Crm, mail.
 
-The fixtures (``database_url``, ``ca``, ``world``) are imported by each test module that
+The fixtures (``database_url``, ``ca``, ``world``, ``sleeps``) are imported by each test module that
 uses them, with a redundant alias (``from tests.exchange_fixtures import ca as ca``) so
 that ruff sees an explicit re-export rather than an unused or redefined name. Defined in
 the test module's namespace, each keeps its scope there: ``ca`` is one CA per test
@@ -18,6 +18,9 @@ for a private CA); ``REQUESTS_CA_BUNDLE`` keeps the machine's value.
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -288,3 +291,34 @@ def world(make_crm: CrmFactory, ca: TestCA) -> Iterator[ExchangeWorld]:
     """The stand-ins and a Crm configured as the guide says."""
     with exchange_world(make_crm(), ca) as w:
         yield w
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """One ``time.sleep`` call: how long, on which thread, from where."""
+
+    seconds: float
+    thread: str
+    caller: str
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[Sleep]:
+    """Every ``time.sleep`` made during the test, on any thread (it still sleeps).
+
+    Why: "the transport passes the server's back-off on and does not wait it out" is a
+    statement about sleeping, so the test asserts that nothing slept, instead of timing
+    the send. exchangelib (``FaultTolerance``) and urllib3 (``Retry``) both sleep through
+    ``time.sleep``. Stand-ins sleep only for an injected ``delay()``.
+    """
+    calls: list[Sleep] = []
+    real_sleep = time.sleep
+
+    def spy(seconds: float) -> None:
+        frame = traceback.extract_stack(limit=2)[0]
+        caller = f"{frame.filename}:{frame.lineno}"
+        calls.append(Sleep(seconds, threading.current_thread().name, caller))
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", spy)
+    return calls

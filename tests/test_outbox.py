@@ -375,25 +375,44 @@ def test_the_reaper_leaves_live_leases_alone(scripted: Any) -> None:
     assert set(states(crm).values()) == {"sending"}
 
 
-def test_a_slow_live_worker_keeps_its_lease(make_crm: Any) -> None:
+def test_a_slow_live_worker_keeps_its_lease(make_crm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.test_outbox_helpers import SCRIPTED_CONFIG
 
     crm, transport = scripted_crm(
         make_crm, SCRIPTED_CONFIG.replace("lease_seconds = 60", "lease_seconds = 1")
     )
     add_people(crm, "anna@example.se")
+    renewed = threading.Event()
+    real_renew = Worker._renew
+
+    def renew(self: Worker, token: str) -> None:
+        real_renew(self, token)  # committed when it returns
+        renewed.set()
+
+    monkeypatch.setattr(Worker, "_renew", renew)
+    seen: list[tuple[bool, Any, Any]] = []
     reaped: list[int] = []
 
+    def lease(s: Any) -> Any:
+        return s.scalar(select(OutboxMessage.lease_until).where(OutboxMessage.id == outbox_id))
+
     def slow(account: SenderAccount, messages: Sequence[OutgoingMessage]) -> None:
-        deadline = utcnow() + timedelta(seconds=2.5)  # well past the 1 s lease
-        while utcnow() < deadline:
-            with crm.transaction() as s:
-                reaped.extend(queue.reap_expired(s, utcnow()))
-            threading.Event().wait(0.1)
+        # The send goes on until the worker has renewed its lease; then a reaper runs
+        # with the clock just past the lease the claim took (``now`` is its argument,
+        # so no second has to pass in real time).
+        with crm.transaction() as s:
+            first = lease(s)
+        got = renewed.wait(30)  # fires only if the worker never renews
+        with crm.transaction() as s:
+            reaped.extend(queue.reap_expired(s, first + timedelta(milliseconds=1)))
+            seen.append((got, first, lease(s)))
 
     transport.hook = slow
     outbox_id = queue_mail(crm)
     assert Worker(crm).run_once().sent == 1
+    [(got, first, then)] = seen
+    assert got, "the worker never renewed the lease of a send in progress"
+    assert then > first
     assert reaped == [] and row(crm, outbox_id).state == "sent"
 
 

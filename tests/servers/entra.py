@@ -30,7 +30,6 @@ import base64
 import json
 import re
 import threading
-import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from datetime import UTC, datetime
 from secrets import compare_digest, token_bytes
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .clock import SYSTEM_CLOCK, Clock
 from .http_base import Headers, HttpsStandIn, Response
 from .tls import TestCA
 
@@ -77,11 +77,7 @@ class TokenInfo:
     roles: tuple[str, ...]
     audience: str
     scope: str
-    expires_at: float  # epoch seconds
-
-    @property
-    def expired(self) -> bool:
-        return time.time() >= self.expires_at
+    expires_at: float  # epoch seconds, on the registry's clock
 
 
 class TokenRegistry:
@@ -89,10 +85,12 @@ class TokenRegistry:
 
     Why: the stand-ins do not verify JWT signatures; a token is valid if and only if
     the registry knows it and it has not expired. Tests can revoke or expire every
-    token to provoke 401s at the resource without touching the client.
+    token to provoke 401s at the resource without touching the client. Expiry is read
+    from ``clock``: with a ``FakeClock``, ``clock.advance(lifetime)`` expires a token.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.clock = clock
         self._lock = threading.Lock()
         self._tokens: dict[str, TokenInfo] = {}
 
@@ -106,7 +104,7 @@ class TokenRegistry:
         scope: str | None = None,
     ) -> TokenInfo:
         """Mint a JWT-shaped access token and remember it."""
-        now = int(time.time())
+        now = int(self.clock.time())
         expires_at = now + lifetime
         header = {"typ": "JWT", "alg": "RS256", "kid": "stand-in"}
         claims: dict[str, object] = {
@@ -153,7 +151,7 @@ class TokenRegistry:
     def validate(self, token: str) -> TokenInfo | None:
         """The token's record if it is known and not expired, else ``None``."""
         info = self.lookup(token)
-        if info is None or info.expired:
+        if info is None or self.clock.time() >= info.expires_at:
             return None
         return info
 
@@ -164,7 +162,7 @@ class TokenRegistry:
 
     def expire_all(self) -> None:
         """Mark every token expired now (clients still believe they are valid)."""
-        past = time.time() - 1
+        past = self.clock.time() - 1
         with self._lock:
             self._tokens = {
                 k: TokenInfo(
@@ -240,11 +238,19 @@ class EntraServer(HttpsStandIn):
     Endpoints: ``GET /{tenant}/v2.0/.well-known/openid-configuration``,
     ``POST /{tenant}/oauth2/v2.0/token`` (client credentials) and
     ``GET /common/discovery/instance``. ``{tenant}`` is a tenant GUID or one of its
-    domains. All URLs in discovery documents point back at this server.
+    domains. All URLs in discovery documents point back at this server. Its clock
+    (secret expiry, timestamps) is the registry's unless ``clock`` is given.
     """
 
-    def __init__(self, ca: TestCA, registry: TokenRegistry, *, token_lifetime: int = 3599) -> None:
-        super().__init__(ca)
+    def __init__(
+        self,
+        ca: TestCA,
+        registry: TokenRegistry,
+        *,
+        token_lifetime: int = 3599,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__(ca, clock=registry.clock if clock is None else clock)
         self.registry = registry
         self.token_lifetime = token_lifetime
         self._tenants: dict[str, _Tenant] = {}
@@ -416,12 +422,15 @@ class EntraServer(HttpsStandIn):
                 has_client_secret="client_secret" in form or "authorization" in headers,
                 status=response.status,
                 error_code=error_code,
-                time=time.time(),
+                time=self.clock.time(),
             )
         )
         return response
 
     # endpoints -------------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.time(), UTC)
 
     def _json(
         self, status: int, payload: object, headers: dict[str, str] | None = None
@@ -443,7 +452,7 @@ class EntraServer(HttpsStandIn):
     ) -> Response:
         """Entra's documented error body."""
         trace_id = str(uuid.uuid4())
-        now = datetime.now(UTC)
+        now = self._now()
         stamp = now.strftime("%Y-%m-%d %H:%M:%SZ")
         description = (
             f"AADSTS{code}: {message}\r\nTrace ID: {trace_id}\r\n"
@@ -648,7 +657,7 @@ class EntraServer(HttpsStandIn):
                 f"app '{client_id}'.",
                 correlation_id,
             )
-        now = datetime.now(UTC)
+        now = self._now()
         if all(s.expires <= now for s in matching):
             expired_on = max(s.expires for s in matching).strftime("%Y-%m-%d %H:%M:%SZ")
             return self._error(

@@ -43,7 +43,6 @@ import base64
 import binascii
 import re
 import secrets
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -57,8 +56,9 @@ from pathlib import Path
 
 from lxml import etree  # type: ignore[import-untyped]
 
+from .clock import SYSTEM_CLOCK, Clock
 from .entra import TokenInfo, TokenRegistry
-from .http_base import Headers, HttpsStandIn, Response, sleep_unless
+from .http_base import Headers, HttpsStandIn, Response
 from .tls import TestCA
 
 __all__ = [
@@ -215,7 +215,8 @@ class EwsRequestRecord:
     messages: int  # <t:Message> elements in a CreateItem
     user_agent: str | None
     dropped: bool
-    time: float
+    received: float  # the stand-in's clock when the request arrived
+    time: float  # ... and when it was answered (an injected delay lies between)
 
 
 class _Fault(Exception):
@@ -285,8 +286,9 @@ class EwsServer(HttpsStandIn):
         ),
         ews_roles: Sequence[str] = ("full_access_as_app", "EWS.AccessAsApp"),
         windows_domain: str = "CONTOSO",
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        super().__init__(ca)
+        super().__init__(ca, clock=clock)
         self.registry = registry
         self.max_message_bytes = max_message_bytes
         self.accepted_audiences = tuple(a.rstrip("/") for a in accepted_audiences)
@@ -395,7 +397,8 @@ class EwsServer(HttpsStandIn):
             self._faults.drop = n
 
     def delay(self, seconds: float) -> None:
-        """Every request sleeps ``seconds`` before it is processed (0 to turn off)."""
+        """Every request sleeps ``seconds`` on the stand-in's clock before it is processed
+        (0 to turn off); its log record shows the hold as ``time - received``."""
         with self._lock:
             self._faults.delay = seconds
 
@@ -465,6 +468,7 @@ class EwsServer(HttpsStandIn):
         if path.split("?", 1)[0] != EWS_PATH:
             return _iis_404()
         trace = _Trace()
+        received = self.clock.time()
         response = Response(500, b"", "text/plain")
         try:
             response = self._handle(method, headers, body, trace, connection_state)
@@ -482,7 +486,8 @@ class EwsServer(HttpsStandIn):
                     messages=trace.messages,
                     user_agent=headers.get("User-Agent"),
                     dropped=response.drop,
-                    time=time.time(),
+                    received=received,
+                    time=self.clock.time(),
                 )
             )
 
@@ -504,7 +509,7 @@ class EwsServer(HttpsStandIn):
                 html = b"<html><body><h1>Service Unavailable</h1></body></html>"
                 return Response(503, html, "text/html", extra)
             delay = faults.delay
-        sleep_unless(delay)
+        self.clock.sleep(delay)
         auth = self._authenticate(headers, connection_state)
         if isinstance(auth, Response):
             return auth

@@ -96,7 +96,6 @@ import binascii
 import json
 import re
 import secrets
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -110,9 +109,10 @@ from email.utils import getaddresses
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
+from .clock import SYSTEM_CLOCK, Clock
 from .entra import TokenInfo, TokenRegistry
 from .ews import is_smtp_address
-from .http_base import Headers, HttpsStandIn, Response, sleep_unless
+from .http_base import Headers, HttpsStandIn, Response
 from .tls import TestCA
 
 __all__ = [
@@ -458,8 +458,9 @@ class GraphServer(HttpsStandIn):
         concurrency_retry_after: int = 1,
         accepted_audiences: Iterable[str] = (GRAPH_AUDIENCE, GRAPH_APP_ID),
         reverse_batch_responses: bool = True,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        super().__init__(ca)
+        super().__init__(ca, clock=clock)
         self.registry = registry
         self.max_message_bytes = max_message_bytes
         self.max_request_bytes = max_request_bytes
@@ -562,12 +563,14 @@ class GraphServer(HttpsStandIn):
             self._faults.drop_only_sends = only_sends
 
     def delay(self, seconds: float) -> None:
-        """Every request sleeps ``seconds`` (mailbox requests hold their concurrency slot)."""
+        """Every request sleeps ``seconds`` on the stand-in's clock (mailbox requests hold
+        their concurrency slot meanwhile; a held ``FakeClock`` holds them until released)."""
         with self._lock:
             self._faults.delay = seconds
 
     def sent_items_lag(self, seconds: float) -> None:
-        """Sent Items copies (and Inbox copies) appear in queries only after ``seconds``."""
+        """Sent Items copies (and Inbox copies) appear in queries only ``seconds`` later on
+        the stand-in's clock (with a ``FakeClock``: once the test advances it that far)."""
         with self._lock:
             self._faults.sent_items_lag = seconds
 
@@ -706,7 +709,7 @@ class GraphServer(HttpsStandIn):
             batch_id=call.batch_id,
             item_id=call.item_id,
             dropped=dropped,
-            time=time.time(),
+            time=self.clock.time(),
         )
         with self._lock:
             self._requests.append(record)
@@ -930,7 +933,7 @@ class GraphServer(HttpsStandIn):
         try:
             with self._lock:
                 delay = self._faults.delay
-            sleep_unless(delay)
+            self.clock.sleep(delay)
             try:
                 return work()
             except _GraphError as err:
@@ -1156,7 +1159,7 @@ class GraphServer(HttpsStandIn):
         )
         with self._lock:
             self._delivered.append(delivered)
-            visible_at = time.time() + self._faults.sent_items_lag
+            visible_at = self.clock.time() + self._faults.sent_items_lag
         conversation = base64.b64encode(secrets.token_bytes(36)).decode()
         targets: list[tuple[_Mailbox, str, bool]] = []
         if outgoing.save:
@@ -1207,7 +1210,7 @@ class GraphServer(HttpsStandIn):
         skip = _int_option(params, "$skip", 0, 0, 10**9)
 
         def work() -> Response:
-            now = time.time()
+            now = self.clock.time()
             with self._lock:
                 names = [folder_key] if folder_key else list(_WELL_KNOWN_FOLDERS)
                 items = [
@@ -1309,7 +1312,7 @@ class GraphServer(HttpsStandIn):
             )
         with self._lock:
             delay = self._faults.delay
-        sleep_unless(delay)
+        self.clock.sleep(delay)
         given, _, _ = mailbox.display_name.partition(" ")
         values: dict[str, Any] = {
             "businessPhones": [],

@@ -12,13 +12,13 @@ import contextlib
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar, Self, TypeAlias
 
+from .clock import SYSTEM_CLOCK, Clock
 from .tls import TestCA
 
 #: Request headers as the stdlib parses them (case-insensitive ``get``).
@@ -163,15 +163,18 @@ class HttpsStandIn:
     """Base class: lifecycle (start/stop/context manager) and ``base_url``.
 
     Subclasses implement ``handle()``; it runs in a per-connection thread, so all
-    shared state must be guarded by ``self._lock``.
+    shared state must be guarded by ``self._lock``. ``clock`` is what the stand-in
+    reads time from and sleeps on (injected delays); tests pass a ``FakeClock``.
     """
 
     hostnames: ClassVar[tuple[str, ...]] = ("127.0.0.1", "localhost")
 
-    def __init__(self, ca: TestCA, host: str = "127.0.0.1") -> None:
+    def __init__(self, ca: TestCA, host: str = "127.0.0.1", *, clock: Clock = SYSTEM_CLOCK) -> None:
         self.ca = ca
         self.host = host
+        self.clock = clock
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
         self._httpd: TlsHttpServer | None = None
         self._thread: threading.Thread | None = None
         self._connection_errors = 0
@@ -237,6 +240,17 @@ class HttpsStandIn:
     def record_connection_error(self) -> None:
         with self._lock:
             self._connection_errors += 1
+            self._changed.notify_all()
+
+    def wait_for_connection_errors(self, count: int, timeout: float = 10.0) -> int:
+        """Block until ``count`` connections failed below HTTP; the number now.
+
+        Why: the server thread records a refused TLS handshake after the client has
+        already raised, so a test waits for the record instead of sleeping.
+        """
+        with self._lock:
+            self._changed.wait_for(lambda: self._connection_errors >= count, timeout)
+            return self._connection_errors
 
     def close_client_connections(self) -> None:
         """Cut every open keep-alive connection (the server keeps listening)."""
@@ -255,9 +269,3 @@ class HttpsStandIn:
     ) -> Response:
         """Answer one request; ``connection_state`` lives as long as the TCP connection."""
         raise NotImplementedError
-
-
-def sleep_unless(seconds: float) -> None:
-    """``time.sleep`` that tolerates zero/negative values (used for injected delays)."""
-    if seconds > 0:
-        time.sleep(seconds)

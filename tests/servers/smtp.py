@@ -13,8 +13,10 @@ Two ways to run it:
 
       python -m tests.servers.smtp --port 0 --security none --record FILE
 
-  which prints ``READY <port>`` and appends each accepted Message-ID to ``FILE``.
-  ``start_smtp_process()`` wraps that for tests.
+  which prints ``READY <port>``, then ``ACCEPTED <Message-ID>`` for each accepted
+  message as it is accepted (and appends the Message-ID to ``FILE``).
+  ``start_smtp_process()`` wraps that for tests: its ``wait_for()`` waits on those
+  lines, so nothing polls.
 """
 
 from __future__ import annotations
@@ -26,22 +28,19 @@ import binascii
 import contextlib
 import email
 import email.policy
-import os
 import re
-import selectors
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
-from types import FrameType, MappingProxyType, TracebackType
+from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, AnyStr, Literal, Self, get_args
 
 from aiosmtpd.controller import Controller
@@ -480,7 +479,8 @@ class SmtpServer:
     PLAIN+LOGIN when ``users`` are given plus XOAUTH2 when a validator is; pass ``()``
     to offer no AUTH at all. With ``auth_require_tls`` (default) AUTH is only offered
     and accepted on an encrypted connection. ``store=False`` skips parsing and keeps
-    only Message-IDs (process mode).
+    only Message-IDs (process mode). ``on_accept(message_id)`` is called on the server
+    thread, in order, for each accepted message that has a Message-ID.
     """
 
     def __init__(
@@ -501,6 +501,7 @@ class SmtpServer:
         data_size_limit: int | None = EXCHANGE_SIZE_LIMIT,
         store: bool = True,
         faults: Iterable[Fault] = (),
+        on_accept: Callable[[str], None] | None = None,
     ) -> None:
         if security not in get_args(Security):
             raise ValueError(f"security must be one of {get_args(Security)}, not {security!r}")
@@ -527,6 +528,7 @@ class SmtpServer:
         self.port = port
         self.data_size_limit = data_size_limit
         self.store = store
+        self.on_accept = on_accept
 
         self._cond = threading.Condition(threading.RLock())
         self._received: list[Received] = []
@@ -819,6 +821,8 @@ class SmtpServer:
                 self._message_ids.append(message_id)
             self._accepted_total += 1
             self._cond.notify_all()
+        if message_id is not None and self.on_accept is not None:
+            self.on_accept(message_id)
 
 
 # -- process mode ------------------------------------------------------------------
@@ -831,7 +835,11 @@ def _tls_context_from_files(certfile: str, keyfile: str | None) -> ssl.SSLContex
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the server until SIGTERM, appending accepted Message-IDs to ``--record``."""
+    """Run the server until SIGTERM or SIGINT, reporting each accepted Message-ID at once.
+
+    Each one is appended to ``--record`` and printed as ``ACCEPTED <Message-ID>`` (after
+    ``READY <port>``), both flushed before the next message is handled.
+    """
     parser = argparse.ArgumentParser(prog="python -m tests.servers.smtp", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
@@ -850,77 +858,127 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--security {args.security} needs --certfile")
         ssl_context = _tls_context_from_files(args.certfile, args.keyfile)
     users = {args.auth_user: args.auth_password} if args.auth_user else {}
-    server = SmtpServer(
-        security=args.security,
-        ssl_context=ssl_context,
-        users=users,
-        auth_required=bool(users),
-        auth_require_tls=args.security != "none",
-        hostname=args.hostname,
-        host=args.host,
-        port=args.port,
-        store=False,
-    )
-    stopping = threading.Event()
+    # Block the stop signals in every thread (the server's inherits this mask) and take
+    # them with sigwait() below: no handler, no wake-up loop.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    say = threading.Lock()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
+    def report(line: str) -> None:
+        with say:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    written = 0
     with args.record.open("a", encoding="utf-8") as record:
 
-        def flush() -> None:
-            nonlocal written
-            ids = server.message_ids(written)
-            if ids:
-                record.write("".join(f"{message_id}\n" for message_id in ids))
-                written += len(ids)
+        def accepted(message_id: str) -> None:
+            record.write(f"{message_id}\n")
             record.flush()
+            report(f"ACCEPTED {message_id}")
 
+        server = SmtpServer(
+            security=args.security,
+            ssl_context=ssl_context,
+            users=users,
+            auth_required=bool(users),
+            auth_require_tls=args.security != "none",
+            hostname=args.hostname,
+            host=args.host,
+            port=args.port,
+            store=False,
+            on_accept=accepted,
+        )
         server.start()
         try:
-            print(f"READY {server.port}", flush=True)
-            while not stopping.wait(0.1):
-                flush()
+            report(f"READY {server.port}")
+            signal.sigwait(stop_signals)
         finally:
             server.stop()
-            flush()
     return 0
 
 
 class SmtpProcess:
-    """A ``python -m tests.servers.smtp`` child process (see ``start_smtp_process``)."""
+    """A ``python -m tests.servers.smtp`` child process (see ``start_smtp_process``).
 
-    def __init__(
-        self, process: subprocess.Popen[bytes], port: int, record_path: Path, log_path: Path
-    ) -> None:
+    A reader thread takes the child's stdout line by line: ``READY <port>``, then one
+    ``ACCEPTED <Message-ID>`` per accepted message. ``wait_for`` waits on those lines
+    (a condition), so a test waits exactly as long as the server takes.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes], record_path: Path, log_path: Path) -> None:
         self.process = process
         self.host = "127.0.0.1"
-        self.port = port
+        self.port = 0
         self.record_path = record_path
         self.log_path = log_path
+        self._cond = threading.Condition()
+        self._ready: int | None = None
+        self._accepted: list[str] = []
+        self._unexpected: list[str] = []
+        self._closed = False
+        self._reader = threading.Thread(
+            target=self._read, name=f"smtp-process-{process.pid}-stdout", daemon=True
+        )
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        try:
+            for raw in self.process.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                kind, _, rest = line.partition(" ")
+                with self._cond:
+                    if kind == "READY" and self._ready is None:
+                        self._ready = int(rest)
+                    elif kind == "ACCEPTED":
+                        self._accepted.append(rest)
+                    else:
+                        self._unexpected.append(line)
+                    self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+
+    def wait_ready(self, timeout: float) -> int:
+        """The port, once the child printed ``READY``; raise if it exits or says else."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._ready is not None or self._closed or bool(self._unexpected),
+                timeout,
+            )
+            ready, unexpected, closed = self._ready, list(self._unexpected), self._closed
+        if ready is not None:
+            self.port = ready
+            return ready
+        if unexpected:
+            raise RuntimeError(f"unexpected first line from SMTP process: {unexpected[0]!r}")
+        if closed:
+            raise RuntimeError(f"SMTP process exited early (code {self.process.wait()})")
+        raise TimeoutError(f"SMTP process not READY after {timeout}s")
 
     def message_ids(self) -> list[str]:
-        """Message-IDs recorded so far (flushed by the child at least every 0.2 s)."""
+        """Message-IDs in the record file (each written before it is reported)."""
         if not self.record_path.exists():
             return []
         return self.record_path.read_text(encoding="utf-8").splitlines()
 
+    def accepted(self) -> list[str]:
+        """Message-IDs reported so far, in order of acceptance."""
+        with self._cond:
+            return list(self._accepted)
+
     def wait_for(self, count: int, timeout: float = 10.0) -> list[str]:
-        """Poll the record file until it holds ``count`` Message-IDs."""
-        deadline = time.monotonic() + timeout
-        while True:
-            ids = self.message_ids()
-            if len(ids) >= count:
-                return ids
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"expected {count} Message-IDs, got {len(ids)}")
-            time.sleep(0.02)
+        """Block until ``count`` Message-IDs were reported; the timeout means failure."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._accepted) >= count or self._closed, timeout)
+            got = list(self._accepted)
+        if len(got) < count:
+            raise TimeoutError(f"expected {count} Message-IDs, got {len(got)}")
+        return got
 
     def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM the child (it flushes its record) and reap it; returns its exit code."""
+        """SIGTERM the child and reap it; returns its exit code."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -928,7 +986,8 @@ class SmtpProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self.process.stdout is not None:
+        self._reader.join(timeout)  # the child is gone: its stdout ends
+        if self.process.stdout is not None and not self._reader.is_alive():
             self.process.stdout.close()
         return self.process.returncode
 
@@ -942,27 +1001,6 @@ class SmtpProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def _wait_ready(process: subprocess.Popen[bytes], timeout: float) -> int:
-    assert process.stdout is not None
-    fd = process.stdout.fileno()
-    buffer = b""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while b"\n" not in buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not selector.select(remaining):
-                raise TimeoutError(f"SMTP process not READY after {timeout}s")
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise RuntimeError(f"SMTP process exited early (code {process.wait()})")
-            buffer += chunk
-    line = buffer.split(b"\n", 1)[0].decode()
-    if not line.startswith("READY "):
-        raise RuntimeError(f"unexpected first line from SMTP process: {line!r}")
-    return int(line.split()[1])
 
 
 def start_smtp_process(
@@ -1011,9 +1049,9 @@ def start_smtp_process(
         process = subprocess.Popen(
             command, cwd=_REPO_ROOT, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL
         )
-    smtp_process = SmtpProcess(process, 0, record_path, log_path)
+    smtp_process = SmtpProcess(process, record_path, log_path)
     try:
-        smtp_process.port = _wait_ready(process, ready_timeout)
+        smtp_process.wait_ready(ready_timeout)
     except BaseException:
         smtp_process.stop(timeout=2)
         raise

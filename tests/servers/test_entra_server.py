@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +17,7 @@ import msal
 import pytest
 import requests
 
+from .clock import FakeClock
 from .entra import EntraServer, Secret, TokenRegistry
 from .tls import TestCA, make_test_ca
 
@@ -237,16 +237,22 @@ def test_fail_next_503_raises_and_is_replayed(entra: EntraServer, ca: TestCA) ->
     assert "access_token" in make_app(entra, ca).acquire_token_for_client(scopes=SCOPE)
 
 
-def test_throttle_next_429(entra: EntraServer, ca: TestCA) -> None:
+def test_throttle_next_429(entra: EntraServer, ca: TestCA, monkeypatch: pytest.MonkeyPatch) -> None:
+    # msal's HTTP throttle cache reads ``time.time()`` through its module's ``time``: give
+    # it a clock the test moves, instead of sleeping through the Retry-After. Only msal's
+    # view of time changes; what it does with it is its own code.
+    clock = FakeClock()
+    monkeypatch.setattr(msal.individual_cache, "time", clock)
     app = make_app(entra, ca)
-    entra.throttle_next(1, retry_after=1)
+    entra.throttle_next(1, retry_after=2)
     result = app.acquire_token_for_client(scopes=SCOPE)
     assert result["error"] == "temporarily_unavailable"
     assert result["error_codes"] == [90055]
-    again = app.acquire_token_for_client(scopes=SCOPE)  # replayed from msal's cache
+    clock.advance(1)  # still inside Retry-After: replayed from msal's cache
+    again = app.acquire_token_for_client(scopes=SCOPE)
     assert again["error"] == "temporarily_unavailable"
     assert entra.token_requests == 1
-    time.sleep(1.1)
+    clock.advance(1)  # Retry-After is over: msal asks the server again
     assert "access_token" in app.acquire_token_for_client(scopes=SCOPE)
     assert entra.token_requests == 2
 
@@ -292,6 +298,33 @@ def test_registry_revoke_and_expire(
     assert registry.lookup(token) is None and len(registry) == 0
 
 
+def test_tokens_expire_on_the_registrys_clock(ca: TestCA) -> None:
+    clock = FakeClock()
+    registry = TokenRegistry(clock)
+    with EntraServer(ca, registry, token_lifetime=600) as entra:
+        entra.add_tenant(TENANT)
+        entra.add_app(TENANT, CLIENT, secrets=[Secret(SECRET)])
+        token = make_app(entra, ca).acquire_token_for_client(scopes=SCOPE)["access_token"]
+        assert entra.log[-1].time == clock.time()  # the log is on the same clock
+    clock.advance(599)
+    assert registry.validate(token) is not None
+    clock.advance(1)
+    assert registry.validate(token) is None  # expired, as resources will now answer 401
+    assert registry.lookup(token) is not None
+
+
+def test_secret_expiry_follows_the_servers_clock(ca: TestCA) -> None:
+    clock = FakeClock()
+    with EntraServer(ca, TokenRegistry(clock)) as entra:
+        entra.add_tenant(TENANT)
+        expires = datetime.fromtimestamp(clock.time(), UTC) + timedelta(days=1)
+        entra.add_app(TENANT, CLIENT, secrets=[Secret(SECRET, expires=expires)])
+        assert "access_token" in make_app(entra, ca).acquire_token_for_client(scopes=SCOPE)
+        clock.advance(timedelta(days=1).total_seconds())
+        result = make_app(entra, ca).acquire_token_for_client(scopes=SCOPE)
+        assert result["error_codes"] == [7000222]
+
+
 def test_keep_alive_and_tls(entra: EntraServer, ca: TestCA) -> None:
     with requests.Session() as session:
         for _ in range(3):
@@ -301,10 +334,8 @@ def test_keep_alive_and_tls(entra: EntraServer, ca: TestCA) -> None:
     with requests.Session() as untrusting, pytest.raises(requests.exceptions.SSLError):
         untrusting.trust_env = False  # ignore REQUESTS_CA_BUNDLE: system CAs only
         untrusting.get(f"{entra.base_url}/{TENANT}/v2.0/.well-known/openid-configuration")
-    deadline = time.monotonic() + 2
-    while entra.connection_errors == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert entra.connection_errors == 1
+    # The server thread records the refused handshake after the client has raised.
+    assert entra.wait_for_connection_errors(1) == 1
 
 
 def test_unknown_path_is_404(entra: EntraServer) -> None:

@@ -50,6 +50,7 @@ from exchangelib.protocol import FailFast, close_connections
 from exchangelib.version import EXCHANGE_O365
 from oauthlib.oauth2 import OAuth2Token
 
+from .clock import FakeClock
 from .entra import EntraServer, Secret, TokenRegistry
 from .ews import EWS_PATH, EwsServer
 from .tls import TestCA, make_test_ca
@@ -136,8 +137,14 @@ def entra(ca: TestCA, registry: TokenRegistry) -> Iterator[EntraServer]:
 
 
 @pytest.fixture
-def ews(ca: TestCA, registry: TokenRegistry) -> Iterator[EwsServer]:
-    server = EwsServer(ca, registry)
+def clock() -> FakeClock:
+    """The EWS stand-in's clock: injected delays are recorded, not slept."""
+    return FakeClock()
+
+
+@pytest.fixture
+def ews(ca: TestCA, registry: TokenRegistry, clock: FakeClock) -> Iterator[EwsServer]:
+    server = EwsServer(ca, registry, clock=clock)
     server.add_mailbox(ANNA, aliases=[ANNA_ALIAS], tenant_id=TENANT)
     server.add_mailbox(BO, password="B0-pa55word", logon_name="bo")
     with server:
@@ -540,13 +547,19 @@ def test_drop_after_request_delivers_but_client_sees_error(
     assert a.sent.filter(message_id="<ambiguous@crm>").exists()
 
 
-def test_delay(ews: EwsServer, account: Callable[..., Account]) -> None:
+def test_delay_holds_each_request_before_answering(
+    ews: EwsServer, clock: FakeClock, account: Callable[..., Account]
+) -> None:
     a = account()
     mail(a).send_and_save()
+    warm = len(ews.requests)
     ews.delay(0.3)
-    start = time.monotonic()
-    mail(a, message_id="<slow@crm>").send_and_save()
-    assert time.monotonic() - start >= 0.3
+    mail(a, message_id="<slow@crm>").send_and_save()  # folders cached: one CreateItem
+    held = [r.time - r.received for r in ews.requests]
+    assert held[:warm] == [0.0] * warm
+    assert [r.operation for r in ews.requests[warm:]] == ["CreateItem"]
+    assert held[warm:] == [pytest.approx(0.3)]
+    assert clock.sleeps == [0.3]
 
 
 def test_soap_fault_shape(ews: EwsServer, registry: TokenRegistry) -> None:

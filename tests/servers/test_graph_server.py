@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import threading
-import time
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -20,6 +19,7 @@ import msal
 import pytest
 import requests
 
+from .clock import FakeClock
 from .entra import EntraServer, Secret, TokenRegistry
 from .graph import GraphServer
 from .tls import TestCA, make_test_ca
@@ -88,8 +88,8 @@ def graph(ca: TestCA, registry: TokenRegistry) -> Iterator[GraphServer]:
         yield server
 
 
-def make_graph(ca: TestCA, registry: TokenRegistry) -> GraphServer:
-    server = GraphServer(ca, registry)
+def make_graph(ca: TestCA, registry: TokenRegistry, **options: Any) -> GraphServer:
+    server = GraphServer(ca, registry, **options)
     server.add_mailbox(ANNA, aliases=[ANNA_ALIAS], tenant_id=TENANT, display_name="Anna Berg")
     server.add_mailbox(BO, tenant_id=TENANT)
     server.add_mailbox(EVE, tenant_id=OTHER_TENANT)
@@ -406,12 +406,18 @@ def test_reconcile_errors(graph: GraphServer, ca: TestCA, token: str) -> None:
     assert error(bad_folder)[:2] == (400, "ErrorInvalidIdMalformed")
 
 
-def test_sent_items_lag_hides_the_copy_briefly(graph: GraphServer, ca: TestCA, token: str) -> None:
-    graph.sent_items_lag(0.4)
-    assert send(graph, ca, token, message(internetMessageId="<lag@crm>")).status_code == 202
-    assert reconcile(graph, ca, token, "<lag@crm>").json()["value"] == []  # not yet!
-    time.sleep(0.5)
-    assert len(reconcile(graph, ca, token, "<lag@crm>").json()["value"]) == 1
+def test_sent_items_lag_hides_the_copy_for_a_while(
+    ca: TestCA, registry: TokenRegistry, token: str
+) -> None:
+    clock = FakeClock()
+    with make_graph(ca, registry, clock=clock) as graph:
+        graph.sent_items_lag(30)
+        assert send(graph, ca, token, message(internetMessageId="<lag@crm>")).status_code == 202
+        assert reconcile(graph, ca, token, "<lag@crm>").json()["value"] == []  # not yet!
+        clock.advance(29.9)
+        assert reconcile(graph, ca, token, "<lag@crm>").json()["value"] == []
+        clock.advance(0.1)
+        assert len(reconcile(graph, ca, token, "<lag@crm>").json()["value"]) == 1
 
 
 # --------------------------------------------------------------------------- users
@@ -770,29 +776,38 @@ def test_throttle_then_success(graph: GraphServer, ca: TestCA, token: str) -> No
     assert [r.error_code for r in graph.requests][:2] == ["ApplicationThrottled"] * 2
 
 
-def test_mailbox_concurrency_limit(graph: GraphServer, ca: TestCA, token: str) -> None:
-    graph.delay(0.6)
+def test_mailbox_concurrency_limit(ca: TestCA, registry: TokenRegistry, token: str) -> None:
+    clock = FakeClock()
     statuses: list[int] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(8)
+    answered = threading.Condition()
 
-    def worker() -> None:
-        barrier.wait()
+    def worker(graph: GraphServer) -> None:
         reply = send(graph, ca, token)
-        with lock:
+        with answered:
             statuses.append(reply.status_code)
+            answered.notify_all()
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert time.monotonic() - started >= 0.6  # delay() held the slots
-    assert graph.peak_mailbox_concurrency == 4
-    assert statuses.count(429) >= 1
-    assert statuses.count(202) + statuses.count(429) == 8
-    assert len(graph.delivered) == statuses.count(202)
+    with make_graph(ca, registry, clock=clock) as graph:
+        graph.delay(0.6)  # each admitted request sleeps in its slot, on the clock,
+        clock.hold()  # which keeps the sleepers asleep until released
+        threads = [threading.Thread(target=worker, args=(graph,)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        try:
+            # Four requests hold the mailbox's four slots; the other four are refused
+            # while they do (the timeouts only fire when that never happens).
+            assert clock.wait_for_sleepers(4) == 4
+            with answered:
+                answered.wait_for(lambda: len(statuses) == 4, timeout=10)
+                assert statuses == [429] * 4
+        finally:
+            clock.release()
+            for thread in threads:
+                thread.join()
+        assert sorted(statuses) == [202] * 4 + [429] * 4
+        assert graph.peak_mailbox_concurrency == 4
+        assert clock.sleeps == [0.6] * 4  # only the admitted ones were held
+        assert len(graph.delivered) == 4
 
 
 def test_http_503(graph: GraphServer, ca: TestCA, token: str) -> None:
