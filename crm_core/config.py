@@ -135,12 +135,25 @@ def load_config(
     if found is None:
         source, text, base = "<embedded default>", EMBEDDED_DEFAULT, Path.cwd()
     else:
-        source, text, base = str(found), found.read_text(encoding="utf-8"), found.parent
+        source, text, base = str(found), _read(found), found.parent
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
     return parse_config(raw, source, base, available_plugins, env)
+
+
+def _read(path: Path) -> str:
+    """The configuration file's text, or a ConfigError that says what to do."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at position "
+            f"{exc.start}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the configuration file {path}: {exc.strerror}") from None
 
 
 def parse_config(
