@@ -7,6 +7,7 @@ when typed, a JSON failure in another shape than the success.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
@@ -378,3 +379,62 @@ def test_a_secret_is_read_from_standard_input(run_process: Run, tmp_path: Path) 
     assert saved.stdout.strip() == "exchange.client_secret: saved (it will not be shown again)."
     shown = run_process("settings", "show", "--json", env=env).stdout
     assert "s3cret" not in shown
+
+
+# --- crm outbox work shows what it does --------------------------------------------------
+
+
+def test_the_worker_prints_a_line_per_batch_and_with_v_each_attempt(
+    run_crm: Run, tmp_path: Path
+) -> None:
+    _maildir_user(run_crm, tmp_path)
+    for n in range(3):
+        _queue(run_crm, f"Visning {n}")
+    worked = run_crm("outbox", "work", "--once")
+    assert worked.code == 0, worked.output
+    batches = [line for line in worked.stderr.splitlines() if " batch for " in line]
+    assert len(batches) == 1
+    assert (
+        batches[0].endswith(" s")
+        and "anna@contoso.se via maildir: 3 message(s), sent 3" in (batches[0])
+    )
+    assert " attempt 1: sent" not in worked.output
+    _queue(run_crm, "Visning 4")
+    verbose = run_crm("-v", "outbox", "work", "--once")
+    assert verbose.code == 0
+    assert "#4 <" in verbose.stderr and "> attempt 1: sent" in verbose.stderr
+    assert verbose.stderr.count(" batch for ") == 1
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, as stderr is when a person watches."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_in_a_terminal_a_live_line_shows_sent_failed_remaining_and_rate() -> None:
+    from crm_core.cli.progress import Progress
+    from crm_core.mail.worker import BatchReport
+
+    ticks = iter([0.0, 2.0, 4.0, 5.0])
+    left = iter([7, 6, 5])
+    screen = Terminal()
+    progress = Progress(screen, lambda: next(left), clock=lambda: next(ticks))
+    progress.batch(BatchReport("anna@contoso.se", "smtp", {"sent": 3}, 0.4))
+    progress.line("12:00:01 batch for bo@contoso.se via smtp: 2 message(s)")
+    progress.batch(BatchReport("bo@contoso.se", "smtp", {"sent": 1, "failed": 1}, 0.2))
+    progress.close()
+    assert screen.getvalue() == (
+        "\r\x1b[Ksent 3 · failed 0 · remaining 7 · 1.5 mail/s"
+        "\r\x1b[K12:00:01 batch for bo@contoso.se via smtp: 2 message(s)\n"
+        "\r\x1b[Ksent 3 · failed 0 · remaining 6 · 0.8 mail/s"
+        "\r\x1b[Ksent 4 · failed 1 · remaining 5 · 0.8 mail/s"
+        "\n"
+    )
+    plain = io.StringIO()  # not a terminal: lines only, no live line
+    quiet = Progress(plain, lambda: 0)
+    quiet.batch(BatchReport("anna@contoso.se", "smtp", {"sent": 3}, 0.4))
+    quiet.line("a batch line")
+    quiet.close()
+    assert plain.getvalue() == "a batch line\n"

@@ -63,6 +63,7 @@ class CrmGroup(click.Group):
 def main(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     """crm-mail: a CRM core whose mail transports (Exchange, SMTP) are plugins."""
     state = Context(config_path)
+    state.verbose = verbose
     ctx.obj = state
     ctx.call_on_close(state.close)
     if verbose:

@@ -56,6 +56,7 @@ class Context:
     def __init__(self, config_path: str | None) -> None:
         self.config_path = config_path
         self.json = False
+        self.verbose = 0
         self._crm: Crm | None = None
 
     def crm(self, *, database: bool = True, check_users: bool = True) -> Crm:

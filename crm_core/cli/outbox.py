@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
@@ -14,8 +15,10 @@ import click
 
 from crm_core.cli.context import Context, fail, json_option, pass_ctx
 from crm_core.cli.output import emit_json, printable, shortened, table, when
+from crm_core.cli.progress import Progress, ProgressHandler
 
 if TYPE_CHECKING:
+    from crm_core.app import Crm
     from crm_core.mail.operations import MessageDetail, MessageView
     from crm_core.mail.worker import WorkerStats
 
@@ -286,13 +289,19 @@ def outbox_pauses(ctx: Context, as_json: bool) -> None:
 def outbox_work(
     ctx: Context, once: bool, concurrency: int, name: str | None, as_json: bool
 ) -> None:
-    """Run a worker: claim due mail, send it, record results. SIGTERM stops it cleanly."""
+    """Run a worker: claim due mail, send it, record results. SIGTERM stops it cleanly.
+
+    Each batch is a line on stderr (account, count, outcomes, time); in a terminal a
+    live line shows sent, failed and remaining mail and the rate. `crm -v outbox work`
+    adds a line per attempt.
+    """
     from crm_core.mail.worker import Worker
 
     ctx.json = as_json
     crm = ctx.crm()
-    worker = Worker(crm, name=name, concurrency=concurrency)
-    with _stop_on_signals() as stop:
+    progress = Progress(sys.stderr, lambda: _remaining(crm))
+    worker = Worker(crm, name=name, concurrency=concurrency, on_batch=progress.batch)
+    with _stop_on_signals() as stop, _batch_lines(progress, ctx.verbose):
         # Said only once SIGTERM is handled, so a supervisor (or a test) that waits
         # for this line knows a stop request from now on is a clean stop.
         # With --json it goes to stderr, so stdout stays one JSON document.
@@ -300,6 +309,33 @@ def outbox_work(
         (sys.stderr if as_json else sys.stdout).flush()
         stats = worker.run_once(stop) if once else worker.run(stop)
     _print_stats(worker.name, stats, as_json)
+
+
+def _remaining(crm: Crm) -> int:
+    from crm_core.mail import operations
+
+    with crm.transaction() as session:
+        return operations.count_waiting(session)
+
+
+@contextmanager
+def _batch_lines(progress: Progress, verbose: int) -> Iterator[None]:
+    """Batch lines through the progress display; with -v the root log shows them."""
+    worker_log = logging.getLogger("crm_core.mail.worker")
+    handler = ProgressHandler(progress)
+    if not verbose:
+        worker_log.addHandler(handler)
+        level = worker_log.level
+        worker_log.setLevel(logging.INFO)
+    else:
+        progress.live = False  # -v prints many lines; a live line would tangle them
+    try:
+        yield
+    finally:
+        progress.close()
+        if not verbose:
+            worker_log.removeHandler(handler)
+            worker_log.setLevel(level)
 
 
 @contextmanager

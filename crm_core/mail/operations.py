@@ -135,6 +135,13 @@ def count_messages(session: Session, state: str | None = None) -> int:
     return int(session.scalar(query) or 0)
 
 
+def count_waiting(session: Session) -> int:
+    """How many messages are still to be sent (queued, retry or being sent)."""
+    waiting = (*DUE_STATES, S.SENDING.value)
+    query = select(func.count()).select_from(OutboxMessage).where(OutboxMessage.state.in_(waiting))
+    return int(session.scalar(query) or 0)
+
+
 def get_message(session: Session, outbox_id: int) -> OutboxMessage:
     """The outbox row, or NotFoundError."""
     row = session.get(OutboxMessage, outbox_id)

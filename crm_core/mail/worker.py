@@ -21,8 +21,9 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from crm_core.app import Crm
 
 log = logging.getLogger(__name__)
+attempts = logging.getLogger("crm_core.mail.attempts")
+"""Each attempt's outcome: shown by ``crm -v outbox work``."""
 
 
 @dataclass
@@ -72,6 +75,29 @@ class WorkerStats:
 class _GroupResult:
     claims: Sequence[Claim]
     results: Sequence[SendResult] | None  # None: released unsent (stopping)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """One account's batch, as recorded: for the log line and a live progress display."""
+
+    email: str
+    transport: str
+    counts: dict[str, int]
+    seconds: float
+
+    @property
+    def messages(self) -> int:
+        """How many messages the batch held."""
+        return sum(self.counts.values())
+
+    def __str__(self) -> str:
+        outcomes = ", ".join(f"{state} {n}" for state, n in sorted(self.counts.items()))
+        return (
+            f"batch for {self.email} via {self.transport}: {self.messages} message(s), "
+            f"{outcomes or 'none recorded'}, in {self.seconds:.2f} s"
+        )
 
 
 def default_name() -> str:
@@ -82,13 +108,20 @@ def default_name() -> str:
 class Worker:
     """Sends what the outbox holds; one per process, or several on many machines."""
 
-    def __init__(self, crm: Crm, name: str | None = None, concurrency: int = 1) -> None:
+    def __init__(
+        self,
+        crm: Crm,
+        name: str | None = None,
+        concurrency: int = 1,
+        on_batch: Callable[[BatchReport], None] | None = None,
+    ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.crm = crm
         self.name = name or default_name()
         self.concurrency = concurrency
         self.config = crm.config.outbox
+        self.on_batch = on_batch
         crm.resources.set_pool_size(concurrency)  # shared HTTP pools fit the threads
 
     def run_once(self, stop: threading.Event | None = None) -> WorkerStats:
@@ -165,6 +198,7 @@ class Worker:
             return _GroupResult(claims, None)
         account = claims[0].account
         messages = [c.message for c in claims]
+        started = time.monotonic()  # for the batch's log line, never for a decision
         try:
             results = self.crm.send_mail(account, messages)
         except TransportError as exc:
@@ -180,7 +214,7 @@ class Worker:
                 SendResult(m.message_id, Outcome.AMBIGUOUS, detail, "plugin-error")
                 for m in messages
             ]
-        return _GroupResult(claims, results)
+        return _GroupResult(claims, results, time.monotonic() - started)
 
     def _record(self, group: _GroupResult, stats: WorkerStats) -> None:
         with self.crm.transaction() as session:
@@ -191,6 +225,7 @@ class Worker:
                 self.crm, session, group.claims, group.results, policy.db_now(session)
             )
         counts = recorded.counts
+        self._report(group, dict(counts))
         stats.sent += counts.get(OutboxState.SENT.value, 0)
         stats.retry += counts.get(OutboxState.RETRY.value, 0)
         stats.failed += counts.get(OutboxState.FAILED.value, 0)
@@ -198,6 +233,25 @@ class Worker:
         stats.deferred += counts.get(OutboxState.QUEUED.value, 0)
         stats.stale += recorded.stale
         stats.paused_accounts += recorded.paused_accounts
+
+    def _report(self, group: _GroupResult, counts: dict[str, int]) -> None:
+        """One INFO line per batch; one line per attempt on ``crm_core.mail.attempts``."""
+        account = group.claims[0].account
+        report = BatchReport(account.email, account.transport, counts, group.seconds)
+        log.info("%s", report)
+        for claim, result in zip(group.claims, group.results or (), strict=False):
+            code = f" [{result.code}]" if result.code else ""
+            attempts.info(
+                "#%d %s attempt %d: %s%s %s",
+                claim.outbox_id,
+                claim.message.message_id,
+                claim.attempt,
+                result.outcome.value,
+                code,
+                result.detail,
+            )
+        if self.on_batch is not None:
+            self.on_batch(report)
 
     def _renew(self, token: str) -> None:
         with self.crm.transaction() as session:
