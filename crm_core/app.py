@@ -462,8 +462,12 @@ class Crm:
         if not isinstance(report, ConnectionReport):
             raise PluginError(f"test_connection for {account.transport!r} returned {report!r}")
         # No database change is involved, so there is no commit to wait for.
-        signals.connection_tested.send(
-            self, user_id=account.user_id, transport=account.transport, ok=report.ok
+        signals.send_now(
+            self,
+            "connection-tested",
+            user_id=account.user_id,
+            transport=account.transport,
+            ok=report.ok,
         )
         return report
 

@@ -8,10 +8,16 @@ take ``**extra`` so that new arguments do not break them.
 Services never send these directly: they call :func:`emit_after_commit`, which
 queues the event on the session; the ``Crm`` sends the queue after commit and drops it
 on rollback, so no receiver ever hears of a change that did not happen.
+
+Every signal's payload is declared in :data:`PAYLOADS` and checked on every send, so
+the table in docs/plugins.md (which a test compares with it) is the contract a
+receiver can rely on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from blinker import Namespace
@@ -35,13 +41,51 @@ connection_tested = _signals.signal("connection-tested")
 
 PENDING_KEY = "crm_pending_signals"
 
+_RESULT = ("outbox_id", "message_id", "user_id", "attempt", "outcome", "reason", "code")
+"""A mail's fate: ``attempt`` and ``outcome`` are None when no transport decided it
+(an expired lease, an operator's or reconciler's decision); ``code`` may be empty."""
+
+PAYLOADS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "person-created": ("person_id", "email"),
+        "user-created": ("user_id", "email"),
+        "system-settings-changed": ("keys",),
+        "user-settings-changed": ("user_id", "email", "keys"),
+        "mail-queued": ("outbox_id", "message_id", "user_id", "person_id"),
+        "mail-sent": _RESULT,
+        "mail-retry-scheduled": (*_RESULT, "next_attempt_at"),
+        "mail-failed": _RESULT,
+        "mail-unknown": _RESULT,
+        "mail-cancelled": ("outbox_id", "message_id", "user_id"),
+        "account-paused": ("user_id", "email", "transport", "reason"),
+        "account-resumed": ("user_id", "email", "why"),
+        "connection-tested": ("user_id", "transport", "ok"),
+    }
+)
+"""Each signal's keyword arguments, exactly."""
+
+
+def checked(signal_name: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """``payload`` if it is exactly what ``signal_name`` declares; a bug otherwise."""
+    expected = PAYLOADS.get(signal_name)
+    if expected is None or signal_name not in _signals:
+        raise KeyError(f"unknown signal {signal_name!r}")
+    if set(payload) != set(expected):
+        raise TypeError(
+            f"signal {signal_name!r} takes {', '.join(expected)}; got {', '.join(sorted(payload))}"
+        )
+    return dict(payload)
+
 
 def emit_after_commit(session: Session, signal_name: str, **payload: Any) -> None:
     """Queue ``signal_name`` with ``payload`` to be sent after ``session`` commits."""
-    if signal_name not in _signals:
-        raise KeyError(f"unknown signal {signal_name!r}")
     pending: list[tuple[str, dict[str, Any]]] = session.info.setdefault(PENDING_KEY, [])
-    pending.append((signal_name, payload))
+    pending.append((signal_name, checked(signal_name, payload)))
+
+
+def send_now(sender: object, signal_name: str, **payload: Any) -> None:
+    """Send a signal that no transaction waits for (Test connection changes nothing)."""
+    _signals[signal_name].send(sender, **checked(signal_name, payload))
 
 
 def signal_named(name: str) -> Any:

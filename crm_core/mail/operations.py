@@ -285,7 +285,15 @@ def apply_resolution(
         row.lease_until = None
         row.updated_at = now
         signals.emit_after_commit(
-            session, "mail-sent", outbox_id=row.id, message_id=row.message_id, user_id=row.user_id
+            session,
+            "mail-sent",
+            outbox_id=row.id,
+            message_id=row.message_id,
+            user_id=row.user_id,
+            attempt=None,
+            outcome=None,
+            reason=row.last_error,
+            code="",
         )
         return
     _requeue(row, now, reset_budget=False)

@@ -267,9 +267,12 @@ def reap_expired(session: Session, now: datetime) -> list[int]:
         execution_options={"synchronize_session": False},
     )
     for row in session.execute(
-        select(OutboxMessage.id, OutboxMessage.message_id, OutboxMessage.user_id).where(
-            OutboxMessage.id.in_(ids)
-        )
+        select(
+            OutboxMessage.id,
+            OutboxMessage.message_id,
+            OutboxMessage.user_id,
+            OutboxMessage.attempts,
+        ).where(OutboxMessage.id.in_(ids))
     ):
         signals.emit_after_commit(
             session,
@@ -277,7 +280,10 @@ def reap_expired(session: Session, now: datetime) -> list[int]:
             outbox_id=row.id,
             message_id=row.message_id,
             user_id=row.user_id,
+            attempt=row.attempts,
+            outcome=None,
             reason=LEASE_EXPIRED_REASON,
+            code="lease-expired",
         )
     return ids
 
@@ -493,6 +499,7 @@ def _emit_result(
     name = _SIGNAL_FOR.get(state)
     if name is None:
         return
+    extra = {"next_attempt_at": values["next_attempt_at"]} if state is S.RETRY else {}
     signals.emit_after_commit(
         session,
         name,
@@ -503,6 +510,7 @@ def _emit_result(
         outcome=result.outcome.value,
         reason=values.get("last_error"),
         code=result.code,
+        **extra,
     )
 
 
