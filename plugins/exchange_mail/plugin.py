@@ -1,10 +1,13 @@
 """Hook implementations of the Exchange transport (``mail.transport = exchange``).
 
-The hooks stay thin: settings live in :mod:`exchange_mail.settings`, sending and
-reconciling in :mod:`exchange_mail.ews`, the Test connection ladder in
-:mod:`exchange_mail.diagnostics`, the mapping of failures in
-:mod:`exchange_mail.errors`. Everything cached (msal clients, exchangelib Accounts)
-lives in the Crm's :class:`Resources`, never in this module.
+The hooks stay thin: settings and what stops sending live in
+:mod:`exchange_mail.settings`; sending and reconciling in :mod:`exchange_mail.ews`
+and :mod:`exchange_mail.graph`, which mirror each other; the mapping of failures in
+:mod:`exchange_mail.ews_errors` and :mod:`exchange_mail.graph_errors` (tables, with
+what both share in :mod:`exchange_mail.errors`); the Test connection ladder in
+:mod:`exchange_mail.diagnostics`. The core calls these hooks only for accounts whose
+transport is ``exchange``. Everything cached (msal clients, exchangelib Accounts,
+Graph sessions) lives in the Crm's :class:`Resources`, never in this module.
 
 exchangelib (about a third of a second to import) is imported by the hooks that send,
 test or reconcile, so ``crm settings``/``crm users`` commands do not pay for it.
