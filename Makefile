@@ -32,7 +32,7 @@ lint: setup
 	$(BIN)/ruff format --check crm_core plugins tests bench
 
 typecheck: setup
-	$(BIN)/mypy crm_core plugins
+	$(BIN)/mypy crm_core plugins tests
 
 pytest: setup
 	scripts/with-postgres $(BIN)/pytest

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from crm_core.config import load_config
+from crm_core.config import Config, load_config
 from crm_core.errors import ConfigError
 
 PLUGINS = ("exchange_mail", "smtp_mail", "maildir_mail")
@@ -18,7 +18,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def load(path: Path, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+def load(path: Path, env: dict[str, str] | None = None) -> Config:
     return load_config(path, available_plugins=PLUGINS, environ=env or {})
 
 

@@ -44,7 +44,8 @@ class Shell:
     """Runs ``crm`` like a person at a terminal and keeps everything it printed."""
 
     def __init__(self, run: Callable[..., CliResult], env: dict[str, str]) -> None:
-        self.run_crm, self.env, self.transcript = run, env, []
+        self.run_crm, self.env = run, env
+        self.transcript: list[str] = []
 
     def __call__(self, *args: str, input: str | None = None) -> CliResult:
         result = self.run_crm(*args, input=input, env=self.env)

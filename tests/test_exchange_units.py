@@ -123,7 +123,7 @@ def test_secret_expiry_warns_from_30_days_before(expires: date, expected: str | 
 
 
 def test_system_notices() -> None:
-    system = {
+    system: dict[str, SettingValue] = {
         "exchange.client_secret": Secret("3e1d9c2b-7a6f-4e5d-8c9b-0a1b2c3d4e5f"),
         "exchange.client_secret_expires": date(2026, 12, 10),
         "exchange.url": "https://outlook.office365.com/EWS/Exchange.asmx",
@@ -297,12 +297,16 @@ def test_server_busy_back_off() -> None:
     )
 
 
+def refused_connection() -> urllib3.exceptions.MaxRetryError:
+    """urllib3's own error for a refused connection, as requests wraps it."""
+    pool = urllib3.HTTPConnectionPool("mail.example.se")
+    connection = urllib3.connection.HTTPConnection("mail.example.se")
+    reason = urllib3.exceptions.NewConnectionError(connection, "refused")
+    return urllib3.exceptions.MaxRetryError(pool, "/", reason)
+
+
 def test_timeout_before_and_after_sending() -> None:
-    refused = requests.exceptions.ConnectionError(
-        urllib3.exceptions.MaxRetryError(
-            None, "/", urllib3.exceptions.NewConnectionError(None, "refused")
-        )  # type: ignore[arg-type]
-    )
+    refused = requests.exceptions.ConnectionError(refused_connection())
     before = raised_from(ews.ErrorTimeoutExpired, refused, "Reraised from ConnectionError")
     assert failed_before_sending(before)
     assert classify(before, settings()).outcome is Outcome.TEMPORARY
@@ -410,11 +414,7 @@ ONLINE = "https://outlook.office365.com/EWS/Exchange.asmx"
 UNKNOWN_403 = "Unknown failure in response. Code: 403 headers: {}"
 UNKNOWN_404 = "Unknown failure in response. Code: 404 headers: {}"
 UNKNOWN_502 = "Unknown failure in response. Code: 502 headers: {}"
-REFUSED = requests.exceptions.ConnectionError(
-    urllib3.exceptions.MaxRetryError(
-        None, "/", urllib3.exceptions.NewConnectionError(None, "refused")
-    )  # type: ignore[arg-type]
-)
+REFUSED = requests.exceptions.ConnectionError(refused_connection())
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from crm_core import (
     ConnectionReport,
     ConnectionStep,
+    Crm,
     Outcome,
     OutgoingMessage,
     PluginError,
@@ -38,6 +40,7 @@ from crm_core import (
 from crm_core.fields import Scope
 from crm_core.mail.addresses import Address
 from crm_core.signals import user_settings_changed as user_settings_changed_signal
+from tests.conftest import CrmFactory
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = """
@@ -51,7 +54,7 @@ class ProbeMail:
     """A complete in-test transport that records how the core calls it."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, object]] = []
+        self.calls: list[tuple[str, Any]] = []
         self.veto = False
 
     @hookimpl
@@ -128,15 +131,15 @@ def probe() -> ProbeMail:
 
 
 @pytest.fixture
-def crm(make_crm, probe: ProbeMail):  # type: ignore[no-untyped-def]
+def crm(make_crm: CrmFactory, probe: ProbeMail) -> Crm:
     return make_crm(CONFIG, extra_plugins=(("probe_mail", probe),))
 
 
-def add_user(crm) -> SenderAccount:  # type: ignore[no-untyped-def]
+def add_user(crm: Crm) -> SenderAccount:
     with crm.transaction() as session:
         user = directory.add_user(session, "anna@example.se", "Anna", "sales")
         crm.set_system_setting(session, "probe.server", "mx.example")
-        return crm.sender_account(session, user)  # type: ignore[no-any-return]
+        return crm.sender_account(session, user)
 
 
 def message(n: int = 1) -> OutgoingMessage:
@@ -150,21 +153,21 @@ def message(n: int = 1) -> OutgoingMessage:
     )
 
 
-def test_hook_register_transports(crm) -> None:  # type: ignore[no-untyped-def]
+def test_hook_register_transports(crm: Crm) -> None:
     transports = crm.transports("sales")
     assert list(transports) == ["probe"]
     assert transports["probe"].plugin == "probe_mail"
     assert transports["probe"].label == "Send via probe"
 
 
-def test_hook_register_settings(crm) -> None:  # type: ignore[no-untyped-def]
+def test_hook_register_settings(crm: Crm) -> None:
     fields = crm.settings_fields()
     assert fields["probe.server"].plugin == "probe_mail"
     assert fields["probe.account"].scope is Scope.USER
     assert "mail.transport" in fields  # the core's own
 
 
-def test_hook_check_settings(crm) -> None:  # type: ignore[no-untyped-def]
+def test_hook_check_settings(crm: Crm) -> None:
     add_user(crm)
     with crm.transaction() as session:
         crm.set_system_setting(session, "probe.server", "old.example")
@@ -174,7 +177,7 @@ def test_hook_check_settings(crm) -> None:  # type: ignore[no-untyped-def]
         crm.set_system_setting(session, "probe.server", "old.example")
 
 
-def test_hook_sending_problems(crm, probe: ProbeMail) -> None:  # type: ignore[no-untyped-def]
+def test_hook_sending_problems(crm: Crm, probe: ProbeMail) -> None:
     account = add_user(crm)
     assert crm.sender_problems(account) == []
     with (
@@ -199,7 +202,7 @@ def test_hook_sending_problems(crm, probe: ProbeMail) -> None:  # type: ignore[n
     ]
 
 
-def test_hook_user_settings_changed(crm, probe: ProbeMail) -> None:  # type: ignore[no-untyped-def]
+def test_hook_user_settings_changed(crm: Crm, probe: ProbeMail) -> None:
     add_user(crm)
     heard: list[dict[str, object]] = []
 
@@ -224,12 +227,12 @@ def test_hook_user_settings_changed(crm, probe: ProbeMail) -> None:  # type: ign
     assert ("user_settings_changed", ("anna@example.se", ("probe.account",))) in probe.calls
 
 
-def test_hook_system_settings_changed(crm, probe: ProbeMail) -> None:  # type: ignore[no-untyped-def]
+def test_hook_system_settings_changed(crm: Crm, probe: ProbeMail) -> None:
     add_user(crm)
     assert ("system_settings_changed", ("probe.server",)) in probe.calls
 
 
-def test_hook_send_mail(crm, probe: ProbeMail) -> None:  # type: ignore[no-untyped-def]
+def test_hook_send_mail(crm: Crm, probe: ProbeMail) -> None:
     account = add_user(crm)
     results = crm.send_mail(account, [message(1), message(2)])
     assert [r.outcome for r in results] == [Outcome.SENT, Outcome.SENT]
@@ -239,10 +242,10 @@ def test_hook_send_mail(crm, probe: ProbeMail) -> None:  # type: ignore[no-untyp
     assert sends[0][1][2] == sends[1][1][2]  # the per-Crm Resources kept the "connection"
 
 
-def test_hook_send_mail_must_answer_for_every_message(make_crm) -> None:  # type: ignore[no-untyped-def]
+def test_hook_send_mail_must_answer_for_every_message(make_crm: CrmFactory) -> None:
     class Forgetful(ProbeMail):
         @hookimpl
-        def send_mail(
+        def send_mail(  # type: ignore[override]  # answers with fewer arguments on purpose
             self, account: SenderAccount, messages: Sequence[OutgoingMessage]
         ) -> list[SendResult]:
             return [SendResult(messages[0].message_id, Outcome.SENT)]
@@ -253,19 +256,19 @@ def test_hook_send_mail_must_answer_for_every_message(make_crm) -> None:  # type
         crm.send_mail(account, [message(1), message(2)])
 
 
-def test_hook_test_connection(crm) -> None:  # type: ignore[no-untyped-def]
+def test_hook_test_connection(crm: Crm) -> None:
     account = add_user(crm)
     report = crm.test_connection(account)
     assert report.ok and report.summary == "Connected to probe"
 
 
-def test_hook_reconcile_mail(crm) -> None:  # type: ignore[no-untyped-def]
+def test_hook_reconcile_mail(crm: Crm) -> None:
     account = add_user(crm)
     found = crm.reconcile_mail(account, [message(1)])
     assert found == [ReconcileResult("<m1@example.se>", True, "found")]
 
 
-def test_hook_describe_route(crm) -> None:  # type: ignore[no-untyped-def]
+def test_hook_describe_route(crm: Crm) -> None:
     account = add_user(crm)
     assert crm.describe_route(account) == RouteInfo("probe", "mx.example", "anna@example.se")
 

@@ -19,6 +19,7 @@ from crm_core import CrmError, directory
 from crm_core.cli import main
 from crm_core.fields import Scope
 from crm_core.secret_box import SecretBox
+from tests.conftest import CrmFactory
 
 CLIENT_SECRET = "Kq8~vT.client-secret-VALUE-5c1f0e9a"
 USER_PASSWORD = "hunter2-Lösenord-äö!"
@@ -38,7 +39,7 @@ def assert_clean(text: str) -> None:
         assert secret[:8] not in text
 
 
-def test_cli_never_prints_a_secret(make_crm) -> None:  # type: ignore[no-untyped-def]
+def test_cli_never_prints_a_secret(make_crm: CrmFactory) -> None:
     make_crm(CONFIG)
     runner = CliRunner(env=make_crm.env)
     outputs = []
@@ -104,8 +105,7 @@ def test_cli_never_prints_a_secret(make_crm) -> None:  # type: ignore[no-untyped
 
 
 def test_logs_and_exceptions_never_carry_a_secret(
-    make_crm,
-    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+    make_crm: CrmFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     crm = make_crm(CONFIG)

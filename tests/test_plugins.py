@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from crm_core import ConfigError, PluginError, SettingField, TransportSpec, hook
 from crm_core.config import ProductLineConfig
 from crm_core.fields import Scope
 from crm_core.plugins import installed_plugins, make_plugin_manager
+from tests.conftest import CliResult, CrmFactory
 
 PROBE = """
 import json, sys
@@ -102,7 +104,7 @@ def test_a_hook_name_typo_stops_start_up() -> None:
         make_plugin_manager(line, extra=[("typo", Typo())])
 
 
-def test_default_transport_not_offered_stops_start_up(make_crm) -> None:  # type: ignore[no-untyped-def]
+def test_default_transport_not_offered_stops_start_up(make_crm: CrmFactory) -> None:
     config = "[product_lines.boplats]\nplugins=['smtp_mail']\ndefault_transport='exchange'\n"
     with pytest.raises(ConfigError) as info:
         make_crm(config)
@@ -111,7 +113,7 @@ def test_default_transport_not_offered_stops_start_up(make_crm) -> None:  # type
     assert "'exchange'" in message and "offer: smtp" in message
 
 
-def test_two_plugins_offering_one_transport_stop_start_up(make_crm) -> None:  # type: ignore[no-untyped-def]
+def test_two_plugins_offering_one_transport_stop_start_up(make_crm: CrmFactory) -> None:
     class Clash:
         @hookimpl
         def register_transports(self) -> list[TransportSpec]:
@@ -124,7 +126,7 @@ def test_two_plugins_offering_one_transport_stop_start_up(make_crm) -> None:  # 
         make_crm(config, extra_plugins=(("clash", Clash()),))
 
 
-def test_conflicting_setting_declarations_stop_start_up(make_crm) -> None:  # type: ignore[no-untyped-def]
+def test_conflicting_setting_declarations_stop_start_up(make_crm: CrmFactory) -> None:
     class Clash:
         @hookimpl
         def register_settings(self) -> list[SettingField]:
@@ -137,7 +139,7 @@ def test_conflicting_setting_declarations_stop_start_up(make_crm) -> None:  # ty
         make_crm(config, extra_plugins=(("clash", Clash()),))
 
 
-def test_wrong_return_type_is_a_plugin_error(make_crm) -> None:  # type: ignore[no-untyped-def]
+def test_wrong_return_type_is_a_plugin_error(make_crm: CrmFactory) -> None:
     class Sloppy:
         @hookimpl
         def register_transports(self) -> object:
@@ -151,8 +153,7 @@ def test_wrong_return_type_is_a_plugin_error(make_crm) -> None:  # type: ignore[
 
 
 def test_user_on_a_transport_the_line_does_not_enable_stops_start_up(
-    make_crm,
-    run_crm,  # type: ignore[no-untyped-def]
+    make_crm: CrmFactory, run_crm: Callable[..., CliResult]
 ) -> None:
     wide = (
         "[product_lines.sales]\nplugins=['smtp_mail','maildir_mail']\ndefault_transport='maildir'\n"
@@ -172,7 +173,7 @@ def test_user_on_a_transport_the_line_does_not_enable_stops_start_up(
     assert "crm.toml" in result.stderr
 
 
-def test_choosing_a_transport_the_line_does_not_offer_is_refused(make_crm) -> None:  # type: ignore[no-untyped-def]
+def test_choosing_a_transport_the_line_does_not_offer_is_refused(make_crm: CrmFactory) -> None:
     crm = make_crm(
         "[product_lines.boplats]\nplugins=['maildir_mail']\ndefault_transport='maildir'\n"
     )

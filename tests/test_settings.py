@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,12 @@ from cryptography.fernet import Fernet
 from sqlalchemy import select
 
 from crm_core import SecretKeyError, SettingField, SettingValueError, directory, hookimpl
+from crm_core.app import Crm
 from crm_core.fields import FieldType, Scope
 from crm_core.models import SystemSetting, UserSetting
 from crm_core.secret_box import Secret, SecretBox, create_key_file, load_keys
 from crm_core.settings import SettingsStore
+from tests.conftest import CrmFactory
 
 CONFIG = """
 [product_lines.sales]
@@ -36,20 +39,19 @@ class Vault:
 
 
 @pytest.fixture
-def make_crm(make_crm):  # type: ignore[no-untyped-def]
+def make_crm(make_crm: CrmFactory) -> Callable[..., Crm]:
     """The shared factory, with the Vault plugin available."""
 
-    def make(config: str = CONFIG):  # type: ignore[no-untyped-def]
+    def make(config: str = CONFIG) -> Crm:
         return make_crm(config, extra_plugins=(("vault", Vault()),))
 
-    make.secret_key = make_crm.secret_key  # type: ignore[attr-defined]
     return make
 
 
 SECRET = "Zx8~Q.superSecretValue-1234567890abc"
 
 
-def test_secret_is_encrypted_at_rest_and_never_read_back(make_crm) -> None:  # type: ignore[no-untyped-def]
+def test_secret_is_encrypted_at_rest_and_never_read_back(make_crm: Callable[..., Crm]) -> None:
     crm = make_crm(CONFIG)
     with crm.transaction() as session:
         crm.set_system_setting(session, "vault.client_secret", SECRET)
@@ -69,7 +71,7 @@ def test_secret_is_encrypted_at_rest_and_never_read_back(make_crm) -> None:  # t
     assert SECRET not in repr(values) and SECRET not in str(secret)
 
 
-def test_empty_value_keeps_the_stored_secret(make_crm) -> None:  # type: ignore[no-untyped-def]
+def test_empty_value_keeps_the_stored_secret(make_crm: Callable[..., Crm]) -> None:
     crm = make_crm(CONFIG)
     with crm.transaction() as session:
         crm.set_system_setting(session, "vault.client_secret", SECRET)
@@ -81,7 +83,7 @@ def test_empty_value_keeps_the_stored_secret(make_crm) -> None:  # type: ignore[
     assert isinstance(value, Secret) and value.reveal() == SECRET
 
 
-def test_same_secret_again_is_unchanged_and_new_one_replaces(make_crm) -> None:  # type: ignore[no-untyped-def]
+def test_same_secret_again_is_unchanged_and_new_one_replaces(make_crm: Callable[..., Crm]) -> None:
     crm = make_crm(CONFIG)
     with crm.transaction() as session:
         first = crm.set_system_setting(session, "vault.client_secret", SECRET)
@@ -90,7 +92,7 @@ def test_same_secret_again_is_unchanged_and_new_one_replaces(make_crm) -> None: 
     assert first.changed and not again.changed and other.changed
 
 
-def test_user_secret_is_encrypted_too(make_crm) -> None:  # type: ignore[no-untyped-def]
+def test_user_secret_is_encrypted_too(make_crm: Callable[..., Crm]) -> None:
     crm = make_crm(CONFIG)
     with crm.transaction() as session:
         user = directory.add_user(session, "anna@example.se", "Anna", "sales")
@@ -100,7 +102,7 @@ def test_user_secret_is_encrypted_too(make_crm) -> None:  # type: ignore[no-unty
     assert rows and all(SECRET not in r.value for r in rows)
 
 
-def test_unknown_key_lists_the_known_ones(make_crm) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_key_lists_the_known_ones(make_crm: Callable[..., Crm]) -> None:
     crm = make_crm(CONFIG)
     with pytest.raises(SettingValueError) as info, crm.transaction() as session:
         crm.set_system_setting(session, "maildir.pth", "/tmp/x")
@@ -108,7 +110,7 @@ def test_unknown_key_lists_the_known_ones(make_crm) -> None:  # type: ignore[no-
     assert "maildir.path" in str(info.value)
 
 
-def test_invalid_value_writes_nothing(make_crm) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_value_writes_nothing(make_crm: Callable[..., Crm]) -> None:
     crm = make_crm(CONFIG)
     with pytest.raises(SettingValueError, match="YYYY-MM-DD"), crm.transaction() as session:
         crm.set_system_setting(session, "vault.client_secret", SECRET)
@@ -154,13 +156,13 @@ def test_malformed_key_is_refused() -> None:
         SecretBox([b"not-a-key"])
 
 
-def test_rotation_keeps_secrets_readable(make_crm) -> None:  # type: ignore[no-untyped-def]
+def test_rotation_keeps_secrets_readable(make_crm: Callable[..., Crm], secret_key: str) -> None:
     crm = make_crm(CONFIG)
     with crm.transaction() as session:
         crm.set_system_setting(session, "vault.client_secret", SECRET)
     old = crm.secret_box()
     new_key = Fernet.generate_key()
-    rotated = SecretBox([new_key, *[k.encode() for k in [make_crm.secret_key]]])
+    rotated = SecretBox([new_key, secret_key.encode()])
     from crm_core.settings import rotate_secrets
 
     with crm.transaction() as session:
@@ -174,7 +176,7 @@ def test_rotation_keeps_secrets_readable(make_crm) -> None:  # type: ignore[no-u
     assert old is not only_new
 
 
-def test_field_scope_is_enforced(make_crm) -> None:  # type: ignore[no-untyped-def]
+def test_field_scope_is_enforced(make_crm: Callable[..., Crm]) -> None:
     crm = make_crm(CONFIG)
     store = crm.settings_store()
     assert store.field("maildir.path", Scope.SYSTEM).key == "maildir.path"

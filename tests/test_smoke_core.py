@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from crm_core import directory
+from tests.conftest import CrmFactory
 
 
-def test_user_and_person_round_trip(make_crm) -> None:  # type: ignore[no-untyped-def]
+def test_user_and_person_round_trip(make_crm: CrmFactory) -> None:
     crm = make_crm()
     with crm.transaction() as session:
         directory.add_user(session, "Anna@Example.se", "Anna", "commercial")
