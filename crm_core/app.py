@@ -211,10 +211,14 @@ class Crm:
                 )
                 continue
             transport = self.user_transport(store.user_values(session, user.id), user)
-            if transport not in self.transports(user.product_line):
+            offered = self.transports(user.product_line)
+            if transport not in offered:
+                line = self.config.product_line(user.product_line)
                 problems.append(
                     f"user {user.email}: mail.transport {transport!r} is not enabled for "
-                    f"product line {user.product_line!r} in {self.config.source}"
+                    f"product line {user.product_line!r} in {self.config.source} (fix: "
+                    f"{set_command(user.email, TRANSPORT_KEY, Scope.USER, line.default_transport)}"
+                    f", or enable it in {self.config.source})"
                 )
         return problems
 

@@ -171,6 +171,11 @@ def test_user_on_a_transport_the_line_does_not_enable_stops_start_up(
     assert "ella@example.se" in result.stderr
     assert "mail.transport 'smtp' is not enabled for product line 'sales'" in result.stderr
     assert "crm.toml" in result.stderr
+    fix = "crm users set ella@example.se mail.transport maildir"
+    assert f"(fix: {fix}, or enable it in " in result.stderr
+    typed = run_crm(*fix.split()[1:], env=make_crm.env)  # the hint works as typed
+    assert typed.code == 0, typed.output
+    assert run_crm("outbox", "list", env=make_crm.env).code == 0
 
 
 def test_choosing_a_transport_the_line_does_not_offer_is_refused(make_crm: CrmFactory) -> None:

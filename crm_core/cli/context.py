@@ -86,12 +86,7 @@ class Context:
         with crm.transaction() as session:
             problems = crm.check_users(session)
         if problems:
-            raise ConfigError(
-                "start-up stopped: "
-                + "; ".join(problems)
-                + " (choose an enabled transport with `crm users set EMAIL mail.transport "
-                "NAME`, or enable it in the configuration file)"
-            )
+            raise ConfigError("start-up stopped: " + "; ".join(problems))
 
     def close(self) -> None:
         """Release the database and transport clients."""

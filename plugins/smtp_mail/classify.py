@@ -75,11 +75,17 @@ def _text(reply: bytes | str) -> str:
 
 
 def reply_failure(
-    phase: Phase, code: int, reply: bytes | str, subject: str = "", oauth: bool = False
+    phase: Phase,
+    code: int,
+    reply: bytes | str,
+    subject: str = "",
+    oauth: bool = False,
+    email: str = "",
 ) -> Failure:
-    """Classify a negative reply to a command (``subject``: the address concerned)."""
+    """Classify a negative reply to a command (``subject``: the address concerned;
+    ``email``: the sending user, named in the fix)."""
     text = _text(reply)
-    hint = explain(code, text, oauth)
+    hint = explain(code, text, oauth, email)
     said = f"the server answered {code} {text}".rstrip()
     if phase is Phase.AUTH:
         return _auth_failure(code, said, hint)

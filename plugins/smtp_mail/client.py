@@ -244,7 +244,8 @@ class SmtpClient:
         else:
             raise SmtpFailure(self._no_mechanism(offered, "PLAIN or LOGIN"), Phase.AUTH)
         if code not in (235, 503):
-            raise SmtpFailure(reply_failure(Phase.AUTH, code, reply), Phase.AUTH)
+            failure = reply_failure(Phase.AUTH, code, reply, email=self.settings.email)
+            raise SmtpFailure(failure, Phase.AUTH)
 
     def _login_xoauth2(self, conn: _Wire, offered: Sequence[str]) -> None:
         if "XOAUTH2" not in offered:

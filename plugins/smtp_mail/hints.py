@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from crm_core.plugin_api import Scope, set_command
+
 _ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 
 _OAUTH_FIX = (
@@ -46,8 +48,11 @@ def reply_code(code: int, text: str) -> str:
     return f"{code} {enhanced}".strip() if code else enhanced
 
 
-def explain(code: int, text: str, oauth: bool = False) -> Hint | None:
-    """A hint for a reply we recognise, or None; ``oauth``: the login used XOAUTH2."""
+def explain(code: int, text: str, oauth: bool = False, email: str = "") -> Hint | None:
+    """A hint for a reply we recognise, or None; ``oauth``: the login used XOAUTH2.
+
+    ``email`` is the sending user's address, so that a fix is a command to type.
+    """
     enhanced = enhanced_code(text)
     lowered = text.lower()
     if enhanced == "5.7.139":
@@ -80,7 +85,7 @@ def explain(code: int, text: str, oauth: bool = False) -> Hint | None:
             "or xoauth2 for Microsoft 365.",
         )
     if enhanced in ("5.7.8", "5.7.3") or code == 535:
-        return _credentials_hint(oauth)
+        return _credentials_hint(oauth, email)
     if enhanced == "5.7.9" or "application-specific password" in lowered:
         return Hint(
             "Google requires an app password for this account.",
@@ -164,7 +169,7 @@ def _m365_auth_blocked(lowered: str) -> Hint:
     return Hint(meaning, fix)
 
 
-def _credentials_hint(oauth: bool) -> Hint:
+def _credentials_hint(oauth: bool, email: str) -> Hint:
     if oauth:
         return Hint(
             "The server refused the OAuth token.",
@@ -175,5 +180,5 @@ def _credentials_hint(oauth: bool) -> Hint:
     return Hint(
         "The server refused the username or password.",
         "Check smtp.username (usually the full e-mail address) and save the password "
-        "again with `crm users set EMAIL smtp.password`.",
+        f"again: {set_command(email, 'smtp.password', Scope.USER)}",
     )
