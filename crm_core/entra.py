@@ -6,34 +6,24 @@ and the mapping of Entra's ``error_codes`` to advice live in one place. msal is
 imported only when a token is first needed, so a product line that sends with SMTP
 passwords never imports it.
 
-Tokens: one msal ConfidentialClientApplication per (authority, tenant, client id,
-secret), kept in the Crm's :class:`Resources`; msal's own cache serves the token until
-five minutes before it expires, so one token request serves a whole token lifetime.
+The token client itself is in :mod:`crm_core.tokens` and TLS trust in
+:mod:`crm_core.trust`: they need requests, and this module is imported whenever a
+Microsoft transport's settings are read, which must stay cheap.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import ssl
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
-
-import requests
-import requests.adapters
 
 from crm_core.errors import SettingValueError, TokenError
 from crm_core.fields import FieldType, Scope, SettingField
 from crm_core.mail.transport import Outcome, Resources, SenderAccount
 from crm_core.secret_box import Secret
-
-if TYPE_CHECKING:
-    from requests.adapters import _HostParams, _PoolKwargs
 
 DEFAULT_AUTHORITY = "https://login.microsoftonline.com"
 KNOWN_AUTHORITY_HOSTS = frozenset(
@@ -290,161 +280,6 @@ def tenant_not_found(creds: AppCredentials, codes: tuple[int, ...] = (90002,)) -
         codes,
         "invalid_tenant",
     )
-
-
-class TrustAdapter(requests.adapters.HTTPAdapter):
-    """An HTTPS adapter that verifies against the system store plus a private CA.
-
-    Why not ``verify=path``: requests lets ``REQUESTS_CA_BUNDLE`` override a session's
-    ``verify``, and a path *replaces* the trust store, so a private CA for an
-    on-premises Exchange would make Microsoft's public endpoints fail. Here trust is
-    the union of the operating system's store (``ssl.create_default_context``), the
-    bundle requests chose (``REQUESTS_CA_BUNDLE`` when set) and ``tls.ca_bundle``.
-    The adapter is mounted on our own sessions only, so no global state of requests,
-    msal or exchangelib is changed. ``verify=False`` is never passed by our code.
-    """
-
-    def __init__(self, ca_bundle: str | None = None, **kwargs: Any) -> None:
-        self._ca_bundle = ca_bundle
-        self._contexts: dict[str, ssl.SSLContext] = {}
-        self._context_lock = threading.Lock()
-        super().__init__(**kwargs)
-
-    def ssl_context(self, requested: str | None) -> ssl.SSLContext:
-        """The verifying context for the bundle requests chose (made once per bundle)."""
-        key = requested or ""
-        with self._context_lock:
-            context = self._contexts.get(key)
-            if context is None:
-                context = ssl.create_default_context()
-                for extra in (requested, self._ca_bundle):
-                    if extra:
-                        if os.path.isdir(extra):
-                            context.load_verify_locations(capath=extra)
-                        else:
-                            context.load_verify_locations(cafile=extra)
-                self._contexts[key] = context
-            return context
-
-    def build_connection_pool_key_attributes(
-        self,
-        request: requests.PreparedRequest,
-        verify: bool | str,
-        cert: str | tuple[str, str] | None = None,
-    ) -> tuple[_HostParams, _PoolKwargs]:
-        host, pool = super().build_connection_pool_key_attributes(request, verify, cert)
-        if verify is not False and host.get("scheme") == "https":
-            pool.pop("ca_certs", None)
-            pool.pop("ca_cert_dir", None)
-            pool["ssl_context"] = self.ssl_context(verify if isinstance(verify, str) else None)
-        return host, pool
-
-    def cert_verify(self, conn: Any, url: str, verify: bool | str, cert: Any) -> None:
-        super().cert_verify(conn, url, verify, cert)  # type: ignore[no-untyped-call]
-        if verify is not False:
-            # The trust anchors are in the pool's ssl_context; keep urllib3 from loading
-            # certifi into that shared context on every new connection.
-            conn.ca_certs = None
-            conn.ca_cert_dir = None
-
-
-class _TokenSession(requests.Session):
-    """The HTTP client msal uses: our TLS trust and a timeout on every request."""
-
-    def __init__(self, ca_bundle: str | None) -> None:
-        super().__init__()
-        self.mount("https://", TrustAdapter(ca_bundle))
-
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("timeout", 30)
-        return super().request(method, url, *args, **kwargs)
-
-
-class TokenClient:
-    """One msal confidential client and the lock that serialises its use."""
-
-    def __init__(self, creds: AppCredentials) -> None:
-        self.creds = creds
-        self._app: Any = None
-        self._lock = threading.Lock()
-        self._session = _TokenSession(creds.ca_bundle)
-
-    def _application(self) -> Any:
-        if self._app is None:
-            import msal  # deferred: only transports that use OAuth pay for msal
-
-            try:
-                self._app = msal.ConfidentialClientApplication(
-                    self.creds.client_id,
-                    client_credential=self.creds.secret.reveal(),
-                    authority=self.creds.authority_url,
-                    http_client=self._session,
-                    instance_discovery=self.creds.well_known_host,
-                    timeout=30,
-                )
-            except ValueError as exc:
-                raise tenant_not_found(self.creds) from exc
-            except requests.RequestException as exc:
-                raise _network_error(self.creds, exc) from exc
-        return self._app
-
-    def token(self, scope: str) -> str:
-        """An access token for ``scope`` (from msal's cache while it is fresh)."""
-        with self._lock:
-            app = self._application()
-            try:
-                result = app.acquire_token_for_client(scopes=[scope])
-            except requests.RequestException as exc:
-                raise _network_error(self.creds, exc) from exc
-            except Exception as exc:  # msal raises MsalServiceError on HTTP 5xx
-                if type(exc).__module__.startswith("msal"):
-                    raise TokenError(
-                        "Entra ID answered with a server error; the request will be retried.",
-                        "No action needed unless this persists.",
-                        outcome=Outcome.TEMPORARY,
-                        error=type(exc).__name__,
-                    ) from exc
-                raise
-        if "access_token" in result:
-            return str(result["access_token"])
-        raise explain_token_error(result, self.creds)
-
-    def evict(self) -> None:
-        """Forget cached tokens (after the resource refused one with 401)."""
-        with self._lock:
-            if self._app is not None:
-                self._app.remove_tokens_for_client()
-
-    def close(self) -> None:
-        """Close the HTTP session."""
-        self._session.close()
-
-
-def _network_error(creds: AppCredentials, exc: requests.RequestException) -> TokenError:
-    if isinstance(exc, requests.exceptions.SSLError):
-        return TokenError(
-            f"The TLS certificate of {creds.authority} could not be verified.",
-            "If a proxy or private CA is in the path, set tls.ca_bundle to its CA file.",
-            error="tls",
-        )
-    return TokenError(
-        f"Entra ID at {creds.authority} could not be reached ({type(exc).__name__}).",
-        f"Check the network and {AUTHORITY}; the request will be retried.",
-        error="network",
-        outcome=Outcome.TEMPORARY,
-    )
-
-
-def token_client(resources: Resources, creds: AppCredentials) -> TokenClient:
-    """The shared msal client of this app registration, made on first use.
-
-    Keyed per app registration (authority, tenant, client), so that every mailbox the
-    app sends for shares one token; a new secret or CA bundle makes a new client and
-    closes the old one instead of leaving it open under a key nobody asks for.
-    """
-    key = ("entra", creds.authority, creds.tenant, creds.client_id)
-    secret = hashlib.sha256(creds.secret.reveal().encode()).hexdigest()
-    return resources.current(key, (secret, creds.ca_bundle), lambda: TokenClient(creds))
 
 
 def forget_clients(resources: Resources) -> None:

@@ -4,7 +4,15 @@ Why one module: a plugin that reaches into the core's private modules breaks whe
 the core is reorganised. Bundled plugins import only from here (a test enforces it), and
 third-party plugins should do the same; what is listed in ``__all__`` keeps its name
 and meaning across releases.
+
+The token client and the TLS adapter load on first use (PEP 562): they need requests,
+and a plugin's hooks module, imported by every command, should not pay for it.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from crm_core.entra import (
     CLIENT_ID,
@@ -14,14 +22,11 @@ from crm_core.entra import (
     SECRET_EXPIRES,
     TENANT_ID,
     AppCredentials,
-    TokenClient,
-    TrustAdapter,
     credentials_for,
     entra_fields,
     forget_clients,
     is_guid,
     missing_credentials,
-    token_client,
 )
 from crm_core.errors import (
     ConfigError,
@@ -55,6 +60,27 @@ from crm_core.mail.transport import (
 )
 from crm_core.outcome import Outcome
 from crm_core.secret_box import Secret
+
+if TYPE_CHECKING:
+    from crm_core.tokens import TokenClient as TokenClient
+    from crm_core.tokens import token_client as token_client
+    from crm_core.trust import TrustAdapter as TrustAdapter
+
+_ON_FIRST_USE = {
+    "TokenClient": "crm_core.tokens",
+    "TrustAdapter": "crm_core.trust",
+    "token_client": "crm_core.tokens",
+}
+"""Names whose modules load when a plugin first asks for them."""
+
+
+def __getattr__(name: str) -> Any:
+    """Import a name that loads on first use (see the module docstring)."""
+    home = _ON_FIRST_USE.get(name)
+    if home is None:
+        raise AttributeError(f"module 'crm_core.plugin_api' has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)
+
 
 __all__ = [
     "CLIENT_ID",

@@ -370,6 +370,8 @@ def test_help_and_version_import_no_database_layer(tmp_path: Path) -> None:
     assert "alembic" in _imports(["init"], tmp_path)
     loaded = _imports(["users", "list"], tmp_path)
     assert "sqlalchemy" in loaded and "alembic" not in loaded
+    # Transports' network stacks load when they send or test, not for every command.
+    assert not loaded & {"requests", "msal", "exchangelib", "smtplib"}, loaded
 
 
 def test_a_secret_is_read_from_standard_input(run_process: Run, tmp_path: Path) -> None:

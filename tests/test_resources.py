@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from crm_core.entra import AppCredentials, token_client
+from crm_core.entra import AppCredentials
 from crm_core.mail.transport import Resources
 from crm_core.mail.worker import Worker
 from crm_core.secret_box import Secret
+from crm_core.tokens import token_client
 from tests.conftest import CrmFactory
 
 

@@ -16,7 +16,7 @@ Choices, and why:
   ``Protocol`` (one HTTP session), and is removed from exchangelib's global protocol
   cache when closed.
 * **Our own Protocol subclass** builds the HTTP sessions: the msal bearer auth (see
-  :mod:`exchange_mail.auth`) and :class:`crm_core.entra.TrustAdapter` for TLS trust,
+  :mod:`exchange_mail.auth`) and :class:`crm_core.trust.TrustAdapter` for TLS trust,
   which honours ``tls.ca_bundle`` without touching ``BaseProtocol.HTTP_ADAPTER_CLS`` or
   any other global exchangelib state shared with other accounts.
 * **Batches with per-message results.** exchangelib's ``bulk_create`` raises on a

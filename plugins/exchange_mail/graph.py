@@ -8,7 +8,7 @@ the plugin (settings, outcomes, Test connection) is shared.
 
 Choices, and why:
 
-* **Plain requests** with the shared TLS trust (:class:`crm_core.entra.TrustAdapter`):
+* **Plain requests** with the shared TLS trust (:class:`crm_core.trust.TrustAdapter`):
   three endpoints do not justify the Graph SDK's 42 packages.
 * **$batch of up to 20 sendMail** per request, each with its own status matched by
   ``id`` (Graph may answer in any order). A batch-level failure (401, 429, 5xx, 400)

@@ -1,4 +1,4 @@
-"""XOAUTH2 tokens from the core's shared msal client (crm_core.entra).
+"""XOAUTH2 tokens from the core's shared msal client (crm_core.tokens).
 
 Why a thin wrapper: the SMTP client should not know msal or Entra's error codes; it
 asks for a token, and a refusal arrives already explained (which of Client ID, Tenant

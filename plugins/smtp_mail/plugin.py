@@ -1,4 +1,9 @@
-"""Hook implementations of the SMTP transport."""
+"""Hook implementations of the SMTP transport.
+
+The session, token and Test connection modules are imported by the hooks that use
+them: every ``crm`` command loads this module, and only the worker and Test connection
+need smtplib, TLS and msal's HTTP client.
+"""
 
 from __future__ import annotations
 
@@ -24,9 +29,6 @@ from crm_core.plugin_api import (
     forget_clients,
     hookimpl,
 )
-from smtp_mail import diagnostics
-from smtp_mail.client import SmtpClient
-from smtp_mail.oauth import EntraTokens
 from smtp_mail.settings import (
     CA_BUNDLE,
     TRANSPORT,
@@ -89,6 +91,9 @@ def send_mail(
     account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
 ) -> list[SendResult]:
     """Send the batch over one connection (one AUTH); one classified result per message."""
+    from smtp_mail.client import SmtpClient
+    from smtp_mail.oauth import EntraTokens
+
     settings = resolve(account)
     tokens = EntraTokens.for_account(account, resources)
     if settings.auth is not AuthMode.XOAUTH2:
@@ -120,6 +125,8 @@ def test_connection(
     account: SenderAccount, resources: Resources, problems: Sequence[Problem]
 ) -> ConnectionReport:
     """Settings, resolve, connect, TLS, (token,) AUTH, MAIL FROM the user's address, RSET."""
+    from smtp_mail import diagnostics
+
     return diagnostics.test_connection(account, resources, problems)
 
 
