@@ -14,7 +14,7 @@ from crm_core import SecretKeyError, SettingField, SettingValueError, directory,
 from crm_core.fields import FieldType, Scope
 from crm_core.models import SystemSetting, UserSetting
 from crm_core.secret_box import Secret, SecretBox, load_keys
-from crm_core.settings import SettingsStore
+from crm_core.settings import SettingsStore, private_domains_allowed
 
 CONFIG = """
 [product_lines.sales]
@@ -172,3 +172,16 @@ def test_field_scope_is_enforced(make_crm) -> None:  # type: ignore[no-untyped-d
     assert store.field("maildir.path", Scope.SYSTEM).key == "maildir.path"
     with pytest.raises(SettingValueError, match="no such user setting"):
         store.field("maildir.path", Scope.USER)
+
+
+def test_allow_private_domains_is_a_system_yes_no_that_defaults_to_off(make_crm) -> None:  # type: ignore[no-untyped-def]
+    crm = make_crm(CONFIG)
+    spec = crm.settings_store().field("mail.allow_private_domains", Scope.SYSTEM)
+    assert spec.type is FieldType.BOOL and "corp.local" in spec.help
+    with crm.transaction() as session:
+        assert private_domains_allowed(session) is False
+        assert crm.settings_store().system_values(session)["mail.allow_private_domains"] is False
+        with pytest.raises(SettingValueError, match="yes/no"):
+            crm.set_system_setting(session, "mail.allow_private_domains", "sometimes")
+        crm.set_system_setting(session, "mail.allow_private_domains", "yes")
+        assert private_domains_allowed(session) is True
