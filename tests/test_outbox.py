@@ -240,6 +240,19 @@ def test_users_on_a_private_domain_need_the_setting_to_exist_and_to_send(scripte
     assert to_problem.key == "to 'bo@corp.local'"
 
 
+def test_the_persons_register_name_is_the_display_name(scripted: Any) -> None:
+    crm, transport = scripted
+    queue_mail(
+        crm,
+        to=["Pelle <PER@example.com>", "Bo <bo@example.org>"],
+        cc=["cia@example.org"],
+        person_email="Per P <per@example.com>",
+    )
+    (mime,) = _sent_headers(crm, transport)
+    assert mime["To"] == "Per Persson <PER@example.com>, Bo <bo@example.org>"
+    assert mime["Cc"] == "cia@example.org"
+
+
 def test_the_sender_is_found_by_the_address_in_a_named_from(scripted: Any) -> None:
     crm, transport = scripted
     queue_mail(crm, sender="Someone Else <anna@example.se>")

@@ -125,12 +125,13 @@ def test_addresses_as_a_newcomer_types_them(cli: Any, tmp_path: Path) -> None:
         *SEND,
         "--to", "IT-support <it@corp.local>",
         "--to", "Pelle <per@example.com>",
+        "--person", "per@example.com",
         "--body", "Hej",
     )  # fmt: skip
     assert sent.code == 0, sent.output
     assert cli("outbox", "work", "--once").code == 0
     (message,) = mailbox.Maildir(tmp_path / "maildir", create=False)
-    assert message["To"] == "IT-support <it@corp.local>, Pelle <per@example.com>"
+    assert message["To"] == "IT-support <it@corp.local>, Per Persson <per@example.com>"
 
 
 def test_body_is_required_once(cli: Any) -> None:

@@ -7,6 +7,7 @@ caller's transaction, so the CRM change and the mail commit together or not at a
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -45,7 +46,9 @@ class MailRequest:
 
     Every address may carry a display name (``Per Persson <per@example.se>``), which
     is kept; one value holds one address. The sender's typed name is not used: From
-    carries the user's name from the register.
+    carries the user's name from the register. With ``person_email``, that person's
+    name from the register is the display name of their address among the
+    recipients, replacing a typed one, so the mail greets them as the CRM knows them.
     Private domains (corp.local) are refused for the sender and every recipient
     unless ``mail.allow_private_domains`` is set: one rule for the installation, the
     same one the register applies when users and persons are added.
@@ -222,10 +225,10 @@ def _check(crm: Crm, session: Session, request: MailRequest) -> _Checked:
             outbox_id=0,
             message_id=make_message_id(checked.user.email.rpartition("@")[2]),
             sender=Address(checked.user.email, checked.user.name),
-            to=tuple(to),
-            cc=tuple(cc),
-            bcc=tuple(bcc),
-            reply_to=tuple(reply_to),
+            to=_named(to, checked.person),
+            cc=_named(cc, checked.person),
+            bcc=_named(bcc, checked.person),
+            reply_to=_named(reply_to, checked.person),
             subject=request.subject.strip(),
             text=request.text,
             html=request.html,
@@ -287,6 +290,18 @@ def _addresses(
     good, bad = validate_addresses(raws, name, allow_private=allow_private)
     problems.extend(bad)
     return good
+
+
+def _named(addresses: list[Address], person: Person | None) -> tuple[Address, ...]:
+    """The person's own address carries their name from the register.
+
+    Always, even over a typed name: the register is where names are kept right; a
+    typed one may be a nickname, a typo or a copy from another mail.
+    """
+    if person is None or not person.name.strip():
+        return tuple(addresses)
+    name = unicodedata.normalize("NFC", person.name.strip())
+    return tuple(replace(a, name=name) if a.email.lower() == person.email else a for a in addresses)
 
 
 def _content_problems(request: MailRequest) -> list[Problem]:
