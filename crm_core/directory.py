@@ -14,13 +14,18 @@ from sqlalchemy.orm import Session
 from crm_core.errors import MailValidationError, NotFoundError, Problem, ValidationError
 from crm_core.mail.addresses import header_problem, parse_address
 from crm_core.models import Person, Role, User
+from crm_core.settings import private_domains_allowed
 from crm_core.signals import emit_after_commit
 
 
-def normalise_email(raw: str, field: str) -> str:
-    """A validated, lower-cased address for identity lookups, or ValidationError."""
+def normalise_email(raw: str, field: str, allow_private: bool = False) -> str:
+    """A validated, lower-cased address for identity lookups, or ValidationError.
+
+    ``allow_private`` follows mail.allow_private_domains: on an on-premises network
+    the users and persons of corp.local must be in the register to send and receive.
+    """
     try:
-        return parse_address(raw).email.lower()
+        return parse_address(raw, allow_private=allow_private).email.lower()
     except MailValidationError as exc:
         raise ValidationError(f"Invalid {field}", exc.problems) from None
 
@@ -35,7 +40,7 @@ def _check_name(name: str) -> None:
 
 def add_person(session: Session, email: str, name: str, mobile: str | None = None) -> Person:
     """Add a contact to the register; the e-mail must be valid and not yet registered."""
-    address = normalise_email(email, "person e-mail")
+    address = normalise_email(email, "person e-mail", private_domains_allowed(session))
     _check_name(name)
     if session.scalar(select(Person).where(Person.email == address)) is not None:
         raise ValidationError(
@@ -65,7 +70,7 @@ def add_user(
     session: Session, email: str, name: str, product_line: str, admin: bool = False
 ) -> User:
     """Add a CRM user; ``email`` becomes the sender address of their mail."""
-    address = normalise_email(email, "user e-mail")
+    address = normalise_email(email, "user e-mail", private_domains_allowed(session))
     _check_name(name)
     if session.scalar(select(User).where(User.email == address)) is not None:
         raise ValidationError(

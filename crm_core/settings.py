@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from crm_core.errors import SettingValueError
 from crm_core.fields import FieldType, Scope, SettingField, parse_value, validate_text
+from crm_core.mail.addresses import ALLOW_PRIVATE_DOMAINS
 from crm_core.mail.transport import SettingValue
 from crm_core.models import SystemSetting, User, UserSetting, utcnow
 from crm_core.secret_box import SecretBox
@@ -239,7 +240,7 @@ def _view(spec: SettingField, row: SystemSetting | UserSetting | None) -> Settin
 
 
 def core_fields() -> list[SettingField]:
-    """Fields the core itself owns (the transport choice, the private CA bundle)."""
+    """Fields the core itself owns (transport choice, private CA, private domains)."""
     return [
         SettingField(
             key=TRANSPORT_KEY,
@@ -260,7 +261,34 @@ def core_fields() -> list[SettingField]:
             validator=_existing_pem,
             plugin="crm_core",
         ),
+        _private_domains_field(),
     ]
+
+
+def _private_domains_field() -> SettingField:
+    return SettingField(
+        key=ALLOW_PRIVATE_DOMAINS,
+        scope=Scope.SYSTEM,
+        label="Allow private mail domains",
+        type=FieldType.BOOL,
+        default="false",
+        help="Accept addresses on private and special-use domains (such as corp.local, "
+        ".lan, .internal, .test, or a name without a dot) for users, persons and mail. "
+        "For on-premises networks whose own mail server delivers an internal domain "
+        "such as corp.local. Off, such an address is refused: from the internet it "
+        "cannot be reached, so it is usually a typing mistake.",
+        plugin="crm_core",
+    )
+
+
+def private_domains_allowed(session: Session) -> bool:
+    """Whether mail.allow_private_domains is on.
+
+    Read from its own row: the register (which has no Crm) needs it too, and every
+    mail asks, where reading all system settings would decrypt every secret.
+    """
+    row = session.get(SystemSetting, ALLOW_PRIVATE_DOMAINS)
+    return row is not None and parse_value(_private_domains_field(), row.value) is True
 
 
 def _existing_pem(text: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email_validator
 import pytest
 
 from crm_core.errors import MailValidationError
@@ -9,6 +10,7 @@ from crm_core.mail.addresses import (
     check_header_text,
     explain_address,
     parse_address,
+    special_domain,
     validate_addresses,
 )
 
@@ -77,3 +79,149 @@ def test_header_injection_is_rejected(text: str) -> None:
         check_header_text(text, "subject")
     with pytest.raises(MailValidationError, match="line break"):
         parse_address("anna@example.se", name=text)
+
+
+# --- display names ("Per Persson <per@example.se>") ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "email", "name"),
+    [
+        ("Per Persson <per@example.se>", "per@example.se", "Per Persson"),
+        ('"Persson, Per" <per@example.se>', "per@example.se", "Persson, Per"),
+        ('"Per \\"P\\" Persson" <per@example.se>', "per@example.se", 'Per "P" Persson'),
+        ("  Åsa Öberg  < asa@Example.se >  ", "asa@example.se", "Åsa Öberg"),
+        ("<per@example.se>", "per@example.se", ""),
+        ('"per@example.se" <per@example.se>', "per@example.se", "per@example.se"),
+    ],
+)
+def test_an_address_with_a_display_name_keeps_the_name(raw: str, email: str, name: str) -> None:
+    address = parse_address(raw)
+    assert (address.email, address.name) == (email, name)
+    assert parse_address(str(address)) == address  # str() reads back as typed
+
+
+def test_the_display_name_is_normalised_nfc() -> None:
+    assert parse_address("A\u0308sa <asa@example.se>").name == "\u00c4sa"
+
+
+def test_a_name_given_by_the_caller_wins_over_the_typed_one() -> None:
+    assert parse_address("Pelle <per@example.se>", name="Per Persson").name == "Per Persson"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("Persson, Per <per@example.se>", "double quotes"),
+        ('"Per" Persson <per@example.se>', "inside the double quotes"),
+        ('"Per Persson <per@example.se>', "not closed"),
+        ("Per <per@example.se> extra", "text after the >"),
+        ("Per <per@example.se", "no closing >"),
+        ("per@example.se>", "without a <"),
+        ('"Per Persson"', "angle brackets"),
+        ("Per <per @example.se>", "space"),
+        ("Per <per@nodot>", "no dot"),
+        ("Per\r\nBcc: victim@example.com <per@example.se>", "line break"),
+    ],
+)
+def test_a_malformed_name_form_says_why(raw: str, reason: str) -> None:
+    good, problems = validate_addresses([raw], "to")
+    assert good == []
+    (problem,) = problems
+    assert problem.key == f"to {raw!r}"
+    assert reason in problem.message
+
+
+def test_a_name_typed_without_angle_brackets_gets_a_hint() -> None:
+    _, (problem,) = validate_addresses(["Per Persson per@example.se"], "to")
+    assert "space" in problem.message
+    assert problem.fix.endswith("Per Persson <per@example.se>")
+
+
+# --- one value, one address ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "a@example.se, c@example.se",
+        "a@example.se; c@example.se",
+        "a@example.se c@example.se",
+        "A <a@example.se>, C <c@example.se>",
+    ],
+)
+def test_a_value_holding_several_addresses_is_refused_with_a_hint(raw: str) -> None:
+    good, (problem,) = validate_addresses([raw], "cc")
+    assert good == []
+    assert "2 addresses" in problem.message
+    assert problem.fix.startswith("give each address its own --cc")
+    assert problem.fix.count("--cc ") == 2  # one for each address
+
+
+def test_a_quoted_comma_in_a_name_is_one_address() -> None:
+    good, problems = validate_addresses(['"Persson, Per" <per@example.se>'], "to")
+    assert problems == [] and good[0].name == "Persson, Per"
+
+
+# --- private and special-use domains -------------------------------------------------
+
+PRIVATE = [
+    "it@corp.local",
+    "it@mail.localhost",
+    "it@ci.test",
+    "it@corp.internal",
+    "it@router.home.arpa",
+    "it@srv.lan",
+    "it@ad.corp",
+    "it@nas.home",
+    "it@portal.intranet",
+    "it@mail.private",
+    "it@mailhost",
+    "it@CORP.LOCAL",
+]
+
+
+@pytest.mark.parametrize("raw", PRIVATE)
+def test_a_private_domain_is_refused_by_default_with_the_setting_as_fix(raw: str) -> None:
+    _, (problem,) = validate_addresses([raw], "to")
+    domain = raw.partition("@")[2]
+    assert repr(domain) in problem.message
+    assert "private network" in problem.message
+    assert problem.fix.endswith("crm settings set mail.allow_private_domains true")
+
+
+@pytest.mark.parametrize("raw", PRIVATE)
+def test_a_private_domain_is_accepted_when_allowed(raw: str) -> None:
+    good, problems = validate_addresses([raw], "to", allow_private=True)
+    assert problems == []
+    assert good[0].email == raw.lower()
+
+
+def test_an_allowed_private_domain_is_still_checked_for_typing_mistakes() -> None:
+    _, (problem,) = validate_addresses(["it@exa_mple.local"], "to", allow_private=True)
+    assert "character" in problem.message
+
+
+@pytest.mark.parametrize("raw", ["x@never.invalid", "x@abc.onion", "x@1.0.0.10.in-addr.arpa"])
+def test_domains_no_network_delivers_to_are_refused_even_when_allowed(raw: str) -> None:
+    _, (problem,) = validate_addresses([raw], "to", allow_private=True)
+    assert "no mail server delivers" in problem.message
+    assert problem.fix == ""
+
+
+@pytest.mark.parametrize("raw", ["a@example.com", "a@example.se", "a@example.org", "a@corp.se"])
+def test_sample_and_ordinary_domains_are_not_private(raw: str) -> None:
+    assert special_domain(raw.partition("@")[2]) is None
+    assert explain_address(raw) is None
+
+
+def test_every_name_email_validator_treats_as_special_use_has_a_rule() -> None:
+    """So an upgrade that adds a name is noticed here, not as a puzzling refusal."""
+    for name in email_validator.SPECIAL_USE_DOMAIN_NAMES:
+        assert special_domain(f"host.{name}") is not None, name
+
+
+def test_explain_address_for_plugins_names_the_private_domain() -> None:
+    reason = explain_address("anna@corp.local")
+    assert reason is not None and "'corp.local'" in reason
+    assert explain_address("anna@corp.local", allow_private=True) is None

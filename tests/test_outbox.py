@@ -151,6 +151,115 @@ def test_queue_is_part_of_the_callers_transaction(scripted: Any) -> None:
     assert queued.message_id.startswith("<crm.") and queued.message_id.endswith("@example.se>")
 
 
+# --- addresses as a newcomer types them -----------------------------------------------
+
+ALLOW_PRIVATE = "crm settings set mail.allow_private_domains true"
+
+
+def _sent_headers(crm: Any, transport: Any) -> list[Any]:
+    """Run the worker once; the rendered MIME of every message the transport got."""
+    seen: list[OutgoingMessage] = []
+    transport.hook = lambda account, messages: seen.extend(messages)
+    Worker(crm).run_once()
+    return [m.to_email_message() for m in seen]
+
+
+def _refused(crm: Any, request: enqueue.MailRequest) -> list[Any]:
+    """The problems enqueue refuses ``request`` with (and the dry run's, the same)."""
+    before = _count(crm, OutboxMessage)
+    with pytest.raises(MailValidationError) as caught, crm.transaction() as s:
+        enqueue.enqueue(crm, s, request)
+    with crm.transaction() as s:
+        assert [str(p) for p in enqueue.plan(crm, s, request).problems] == [
+            str(p) for p in caught.value.problems
+        ]
+    assert _count(crm, OutboxMessage) == before
+    return list(caught.value.problems)
+
+
+def test_display_names_are_kept_through_to_the_sent_message(scripted: Any) -> None:
+    crm, transport = scripted
+    queue_mail(
+        crm,
+        to=['"Andersson, Bo" <bo@example.org>', "Cia <cia@example.org>"],
+        cc=["Dan Dahl <dan@example.org>"],
+        reply_to=["Säljteamet <salj@example.se>"],
+    )
+    (mime,) = _sent_headers(crm, transport)
+    assert mime["To"] == '"Andersson, Bo" <bo@example.org>, Cia <cia@example.org>'
+    assert mime["Cc"] == "Dan Dahl <dan@example.org>"
+    assert mime["Reply-To"] == "Säljteamet <salj@example.se>"
+
+
+def test_a_value_with_several_addresses_says_give_each_its_own_option(scripted: Any) -> None:
+    crm, _ = scripted
+    (to, bcc) = _refused(
+        crm, _request(to=["bo@example.org, cia@example.org"], bcc=["a@example.org; b@x.se"])
+    )
+    assert to.key == "to 'bo@example.org, cia@example.org'"
+    assert "2 addresses" in to.message
+    assert to.fix == "give each address its own --to: --to bo@example.org --to cia@example.org"
+    assert bcc.fix.startswith("give each address its own --bcc")
+
+
+def test_a_private_domain_is_refused_with_the_setting_as_fix(scripted: Any) -> None:
+    crm, _ = scripted
+    (problem,) = _refused(crm, _request(to=["it@corp.local"]))
+    assert problem.key == "to 'it@corp.local'"
+    assert "'corp.local'" in problem.message and "private network" in problem.message
+    assert problem.fix == ALLOW_PRIVATE
+    assert f"(fix: {ALLOW_PRIVATE})" in str(MailValidationError([problem]))
+
+
+def test_the_setting_accepts_private_domains(scripted: Any) -> None:
+    crm, transport = scripted
+    with crm.transaction() as s:
+        crm.set_system_setting(s, "mail.allow_private_domains", "true")
+    queue_mail(crm, to=["IT-support <it@corp.local>"], cc=["backup@nas"])
+    (mime,) = _sent_headers(crm, transport)
+    assert mime["To"] == "IT-support <it@corp.local>" and mime["Cc"] == "backup@nas"
+
+
+def test_users_on_a_private_domain_need_the_setting_to_exist_and_to_send(scripted: Any) -> None:
+    crm, transport = scripted
+    with pytest.raises(ValidationError) as caught, crm.transaction() as s:
+        directory.add_user(s, "eva@corp.local", "Eva", "commercial")
+    assert ALLOW_PRIVATE in str(caught.value)
+    with crm.transaction() as s:
+        crm.set_system_setting(s, "mail.allow_private_domains", "true")
+        directory.add_user(s, "eva@corp.local", "Eva", "commercial")
+    queue_mail(crm, sender="eva@corp.local", to=["bo@corp.local"])
+    (mime,) = _sent_headers(crm, transport)
+    assert mime["From"] == "Eva <eva@corp.local>" and mime["To"] == "bo@corp.local"
+    with crm.transaction() as s:
+        crm.settings_store().unset_system(s, "mail.allow_private_domains")
+    (from_problem, to_problem) = _refused(
+        crm, _request(sender_email="eva@corp.local", to=["bo@corp.local"])
+    )
+    assert from_problem.key == "from 'eva@corp.local'" and from_problem.fix == ALLOW_PRIVATE
+    assert to_problem.key == "to 'bo@corp.local'"
+
+
+def test_the_persons_register_name_is_the_display_name(scripted: Any) -> None:
+    crm, transport = scripted
+    queue_mail(
+        crm,
+        to=["Pelle <PER@example.com>", "Bo <bo@example.org>"],
+        cc=["cia@example.org"],
+        person_email="Per P <per@example.com>",
+    )
+    (mime,) = _sent_headers(crm, transport)
+    assert mime["To"] == "Per Persson <PER@example.com>, Bo <bo@example.org>"
+    assert mime["Cc"] == "cia@example.org"
+
+
+def test_the_sender_is_found_by_the_address_in_a_named_from(scripted: Any) -> None:
+    crm, transport = scripted
+    queue_mail(crm, sender="Someone Else <anna@example.se>")
+    (mime,) = _sent_headers(crm, transport)
+    assert mime["From"] == "Anna <anna@example.se>"  # the user's name from the register
+
+
 # --- states ---------------------------------------------------------------------------
 
 

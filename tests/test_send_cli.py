@@ -113,6 +113,27 @@ def test_dry_run_says_where_it_would_go_and_queues_nothing(cli: Any, tmp_path: P
     assert json.loads(cli("outbox", "list", "--json").stdout)["messages"] == []
 
 
+def test_addresses_as_a_newcomer_types_them(cli: Any, tmp_path: Path) -> None:
+    both = cli(*SEND, "--to", "per@example.com, bo@example.org", "--body", "Hej")
+    assert both.code == 2 and "give each address its own --to" in both.stderr
+    private = cli(*SEND, "--to", "it@corp.local", "--body", "Hej")
+    fix = "crm settings set mail.allow_private_domains true"
+    assert private.code == 2 and "'corp.local'" in private.stderr and fix in private.stderr
+    allowed = cli(*fix.split()[1:])  # the fix works as typed
+    assert allowed.code == 0, allowed.output
+    sent = cli(
+        *SEND,
+        "--to", "IT-support <it@corp.local>",
+        "--to", "Pelle <per@example.com>",
+        "--person", "per@example.com",
+        "--body", "Hej",
+    )  # fmt: skip
+    assert sent.code == 0, sent.output
+    assert cli("outbox", "work", "--once").code == 0
+    (message,) = mailbox.Maildir(tmp_path / "maildir", create=False)
+    assert message["To"] == "IT-support <it@corp.local>, Per Persson <per@example.com>"
+
+
 def test_body_is_required_once(cli: Any) -> None:
     neither = cli(*SEND, "--to", "per@example.com")
     assert neither.code == 2 and "--body" in neither.stderr

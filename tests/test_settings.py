@@ -16,7 +16,7 @@ from crm_core.app import Crm
 from crm_core.fields import FieldType, Scope
 from crm_core.models import SystemSetting, UserSetting
 from crm_core.secret_box import Secret, SecretBox, create_key_file, load_keys
-from crm_core.settings import SettingsStore
+from crm_core.settings import SettingsStore, private_domains_allowed
 from tests.conftest import CrmFactory
 
 CONFIG = """
@@ -182,3 +182,18 @@ def test_field_scope_is_enforced(make_crm: Callable[..., Crm]) -> None:
     assert store.field("maildir.path", Scope.SYSTEM).key == "maildir.path"
     with pytest.raises(SettingValueError, match="no such user setting"):
         store.field("maildir.path", Scope.USER)
+
+
+def test_allow_private_domains_is_a_system_yes_no_that_defaults_to_off(
+    make_crm: Callable[..., Crm],
+) -> None:
+    crm = make_crm(CONFIG)
+    spec = crm.settings_store().field("mail.allow_private_domains", Scope.SYSTEM)
+    assert spec.type is FieldType.BOOL and "corp.local" in spec.help
+    with crm.transaction() as session:
+        assert private_domains_allowed(session) is False
+        assert crm.settings_store().system_values(session)["mail.allow_private_domains"] is False
+        with pytest.raises(SettingValueError, match="yes/no"):
+            crm.set_system_setting(session, "mail.allow_private_domains", "sometimes")
+        crm.set_system_setting(session, "mail.allow_private_domains", "yes")
+        assert private_domains_allowed(session) is True

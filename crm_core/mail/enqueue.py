@@ -7,8 +7,9 @@ caller's transaction, so the CRM change and the mail commit together or not at a
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from crm_core import signals
 from crm_core.errors import CrmError, MailValidationError, Problem
-from crm_core.mail.addresses import Address, explain_address, header_problem, validate_addresses
+from crm_core.mail.addresses import Address, header_problem, read_address, validate_addresses
 from crm_core.mail.message import Attachment, OutgoingMessage, make_message_id
 from crm_core.mail.policy import S, db_now
 from crm_core.mail.transport import SenderAccount
@@ -31,6 +32,7 @@ from crm_core.models import (
     PersonActivity,
     User,
 )
+from crm_core.settings import private_domains_allowed
 
 if TYPE_CHECKING:
     from crm_core.app import Crm
@@ -38,7 +40,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class MailRequest:
-    """What a caller wants sent. The From address is always the sender user's own."""
+    """What a caller wants sent. The From address is always the sender user's own.
+
+    Every address may carry a display name (``Per Persson <per@example.se>``), which
+    is kept; one value holds one address. The sender's typed name is not used: From
+    carries the user's name from the register. With ``person_email``, that person's
+    name from the register is the display name of their address among the
+    recipients, replacing a typed one, so the mail greets them as the CRM knows them.
+    Private domains (corp.local) are refused for the sender and every recipient
+    unless ``mail.allow_private_domains`` is set: one rule for the installation, the
+    same one the register applies when users and persons are added.
+    """
 
     sender_email: str
     to: Sequence[str]
@@ -185,14 +197,15 @@ def plan(crm: Crm, session: Session, request: MailRequest) -> Plan:
 
 def _check(crm: Crm, session: Session, request: MailRequest) -> _Checked:
     checked = _Checked()
-    checked.user = _sender_user(session, request.sender_email, checked.problems)
+    allow_private = private_domains_allowed(session)
+    checked.user = _sender_user(session, request.sender_email, allow_private, checked.problems)
     if checked.user is not None:
         checked.account, problems = account_problems(crm, session, checked.user)
         for problem in problems:
             where = f"sender {checked.user.email}" + (f": {problem.key}" if problem.key else "")
             checked.problems.append(Problem(where, problem.message, problem.fix))
     to, cc, bcc, reply_to = (
-        _addresses(raw, name, checked.problems)
+        _addresses(raw, name, allow_private, checked.problems)
         for raw, name in (
             (request.to, "to"),
             (request.cc, "cc"),
@@ -204,22 +217,16 @@ def _check(crm: Crm, session: Session, request: MailRequest) -> _Checked:
         checked.problems.append(Problem("to", "at least one To recipient is required"))
     checked.problems.extend(_content_problems(request))
     if request.person_email:
-        checked.person = session.scalar(
-            select(Person).where(Person.email == request.person_email.strip().lower())
-        )
-        if checked.person is None:
-            checked.problems.append(
-                Problem("person", f"no person with e-mail {request.person_email!r} in the register")
-            )
+        checked.person = _person(session, request.person_email, checked.problems)
     if checked.user is not None:
         checked.message = OutgoingMessage(
             outbox_id=0,
             message_id=make_message_id(checked.user.email.rpartition("@")[2]),
             sender=Address(checked.user.email, checked.user.name),
-            to=tuple(to),
-            cc=tuple(cc),
-            bcc=tuple(bcc),
-            reply_to=tuple(reply_to),
+            to=_named(to, checked.person),
+            cc=_named(cc, checked.person),
+            bcc=_named(bcc, checked.person),
+            reply_to=_named(reply_to, checked.person),
             subject=request.subject.strip(),
             text=request.text,
             html=request.html,
@@ -244,12 +251,14 @@ def account_problems(
         return None, [Problem("", str(exc))]
 
 
-def _sender_user(session: Session, raw: str, problems: list[Problem]) -> User | None:
-    reason = explain_address(raw)
-    if reason is not None:
-        problems.append(Problem(f"from {raw!r}", reason))
+def _sender_user(
+    session: Session, raw: str, allow_private: bool, problems: list[Problem]
+) -> User | None:
+    found = read_address(raw, allow_private=allow_private)
+    if isinstance(found, Problem):
+        problems.append(replace(found, key=f"from {raw!r}"))
         return None
-    user = session.scalar(select(User).where(User.email == raw.strip().lower()))
+    user = session.scalar(select(User).where(User.email == found.email.lower()))
     if user is None:
         problems.append(
             Problem(
@@ -261,12 +270,36 @@ def _sender_user(session: Session, raw: str, problems: list[Problem]) -> User | 
     return user
 
 
-def _addresses(raws: Sequence[str], name: str, problems: list[Problem]) -> list[Address]:
+def _person(session: Session, raw: str, problems: list[Problem]) -> Person | None:
+    """The register's person for ``crm send --person`` (which may carry a name too)."""
+    found = read_address(raw, allow_private=True)  # a lookup: the register decides
+    email = found.email if isinstance(found, Address) else raw.strip()
+    person = session.scalar(select(Person).where(Person.email == email.lower()))
+    if person is None:
+        problems.append(Problem("person", f"no person with e-mail {raw!r} in the register"))
+    return person
+
+
+def _addresses(
+    raws: Sequence[str], name: str, allow_private: bool, problems: list[Problem]
+) -> list[Address]:
     if isinstance(raws, str):  # a lone string would be split into characters
         raws = [raws]
-    good, bad = validate_addresses(raws, name)
+    good, bad = validate_addresses(raws, name, allow_private=allow_private)
     problems.extend(bad)
     return good
+
+
+def _named(addresses: list[Address], person: Person | None) -> tuple[Address, ...]:
+    """The person's own address carries their name from the register.
+
+    Always, even over a typed name: the register is where names are kept right; a
+    typed one may be a nickname, a typo or a copy from another mail.
+    """
+    if person is None or not person.name.strip():
+        return tuple(addresses)
+    name = unicodedata.normalize("NFC", person.name.strip())
+    return tuple(replace(a, name=name) if a.email.lower() == person.email else a for a in addresses)
 
 
 def _content_problems(request: MailRequest) -> list[Problem]:
