@@ -32,7 +32,7 @@ def test_demo_sends_a_mail_that_lands_in_the_maildir(
     assert set(ids) <= set(messages)
     mail = messages[ids[0]]
     assert mail["From"] == "Anna Andersson <anna.andersson@example.se>"
-    assert "per.persson@example.com" in mail["To"]
+    assert mail["To"] == "Per Persson <per.persson@example.com>"  # the register name (--person)
     assert mail.get_content_type() == "multipart/alternative"
 
     hints = second.stdout.split("Look around (from this folder):\n")[1].splitlines()
