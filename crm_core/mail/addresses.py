@@ -30,7 +30,6 @@ import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-import email_validator
 import idna
 
 from crm_core.errors import MailValidationError, Problem
@@ -165,10 +164,9 @@ def _checked(raw: str, allow_private: bool) -> str | Problem:
         return Problem("", "the part before the @ is missing")
     if not domain:
         return Problem("", "the domain after the @ is missing")
-    try:
-        normalized = _validated(text)
-    except email_validator.EmailNotValidError as exc:
-        return Problem("", _plain_reason(str(exc)))
+    normalized = _validated(text)
+    if isinstance(normalized, Problem):
+        return normalized
     return _domain_problem(domain, allow_private) or unicodedata.normalize("NFC", normalized)
 
 
@@ -213,8 +211,8 @@ def _domain_problem(domain: str, allow_private: bool) -> Problem | None:
     )
 
 
-def _validated(text: str) -> str:
-    """email-validator's normalised form of a bare address (or EmailNotValidError).
+def _validated(text: str) -> str | Problem:
+    """email-validator's normalised form of a bare address, or why it is refused.
 
     email-validator refuses special-use names (.local, .test, ...) whatever its
     options, and its list is module state that must not be changed at run time. So a
@@ -222,12 +220,19 @@ def _validated(text: str) -> str:
     removed again afterwards: every other rule (characters, label lengths, IDNA) still
     applies, and :func:`_domain_problem` decides about the name itself. (The label's
     four characters count towards the 254-character limit; no real address is near.)
+    Imported here: the library compiles its grammar on import, and commands that only
+    list or show need no address checked.
     """
+    import email_validator
+
     suffix = _STAND_IN if special_domain(text.rpartition("@")[2]) else ""
-    normalized = email_validator.validate_email(
-        text + suffix, check_deliverability=False, allow_smtputf8=True
-    ).normalized
-    return normalized.removesuffix(suffix)
+    try:
+        normalized = email_validator.validate_email(
+            text + suffix, check_deliverability=False, allow_smtputf8=True
+        ).normalized
+    except email_validator.EmailNotValidError as exc:
+        return Problem("", _plain_reason(str(exc)))
+    return str(normalized).removesuffix(suffix)
 
 
 def read_address(raw: str, allow_private: bool = False, option: str = "") -> Address | Problem:
