@@ -105,14 +105,16 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
     Returns (revision before, revision after). Refuses a database from a newer
     crm-mail, whose schema this code does not know.
     """
-    from alembic import command
-
     path = sqlite_file(str(engine.url))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     before = current_revision(engine)
     if before is not None and before not in REVISIONS:
         raise DatabaseError(newer_schema(engine, before))
+    if before == head_revision():
+        return before, before  # up to date: Alembic need not even be loaded
+    from alembic import command  # only `crm init` pays for Alembic
+
     command.upgrade(_alembic_config(engine), "head")
     return before, head_revision()
 

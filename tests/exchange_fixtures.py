@@ -18,6 +18,7 @@ for a private CA); ``REQUESTS_CA_BUNDLE`` keeps the machine's value.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import threading
 import time
 import traceback
@@ -35,7 +36,7 @@ from crm_core.app import Crm
 from crm_core.mail.addresses import parse_address
 from crm_core.mail.message import Attachment, OutgoingMessage, make_message_id
 from crm_core.mail.transport import ConnectionReport, SenderAccount, SendResult
-from tests.conftest import CrmFactory
+from tests.conftest import CrmFactory, SchemaTemplates
 from tests.servers.entra import EntraServer, Secret, TokenRegistry
 from tests.servers.ews import EWS_PATH, EwsServer
 from tests.servers.graph import GraphServer
@@ -274,10 +275,12 @@ def days_from_today(days: int) -> str:
 
 
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
+def database_url(tmp_path: Path, schema_templates: SchemaTemplates) -> str:
     """SQLite only: the transport does not depend on the database backend (the outbox
     end-to-end test runs on both)."""
-    return f"sqlite:///{tmp_path / 'crm.db'}"
+    path = tmp_path / "crm.db"
+    shutil.copyfile(schema_templates.sqlite(), path)  # the newest schema, made once
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ modules that import it.
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from crm_core.app import Crm
 from crm_core.mail.addresses import parse_address
 from crm_core.mail.message import Attachment, OutgoingMessage, make_message_id
 from crm_core.mail.transport import ConnectionReport, SenderAccount, SendResult
-from tests.conftest import CrmFactory
+from tests.conftest import CrmFactory, SchemaTemplates
 from tests.servers.smtp import SmtpServer
 from tests.servers.tls import TestCA, make_test_ca
 
@@ -190,10 +191,12 @@ def tls_server(running: Servers, ca: TestCA, **kwargs: object) -> SmtpServer:
 
 
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
+def database_url(tmp_path: Path, schema_templates: SchemaTemplates) -> str:
     """SQLite only: the transport's behaviour does not depend on the database backend
     (the core's and the outbox's tests cover PostgreSQL; test_smtp_cli runs on both)."""
-    return f"sqlite:///{tmp_path / 'crm.db'}"
+    path = tmp_path / "crm.db"
+    shutil.copyfile(schema_templates.sqlite(), path)  # the newest schema, made once
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture(scope="module")

@@ -440,3 +440,16 @@ def test_in_a_terminal_a_live_line_shows_sent_failed_remaining_and_rate() -> Non
     quiet.line("a batch line")
     quiet.close()
     assert plain.getvalue() == "a batch line\n"
+
+
+def test_the_schema_revisions_the_code_knows_are_alembics_history() -> None:
+    from alembic.script import ScriptDirectory
+
+    from crm_core import db
+    from crm_core.migrations import REVISIONS
+
+    engine = db.make_engine("sqlite://")
+    script = ScriptDirectory.from_config(db._alembic_config(engine))
+    history = [r.revision for r in reversed(list(script.walk_revisions()))]
+    assert tuple(history) == REVISIONS
+    assert script.get_current_head() == db.head_revision()
