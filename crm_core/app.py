@@ -339,17 +339,23 @@ class Crm:
             user=user_values,
         )
 
-    def user_problems(self, session: Session, user: User) -> list[Problem]:
-        """What stops ``user`` from sending, a product line that is gone included."""
+    def sender_state(
+        self, session: Session, user: User
+    ) -> tuple[SenderAccount | None, list[Problem]]:
+        """The user's sender account (None when it cannot be made) and what stops it.
+
+        A product line removed from the configuration is one more problem of this
+        user, not a crash of every worker: claim, dry run and ``crm check`` ask here.
+        """
         if user.product_line not in self.config.product_lines:
-            return [
-                Problem(
-                    "product_line",
-                    f"product line {user.product_line!r} is not in {self.config.source}",
-                    f"add [product_lines.{user.product_line}] to {self.config.source}",
-                )
-            ]
-        return self.sender_problems(self.sender_account(session, user))
+            problem = Problem(
+                "product_line",
+                f"product line {user.product_line!r} is not in {self.config.source}",
+                f"add [product_lines.{user.product_line}] to {self.config.source}",
+            )
+            return None, [problem]
+        account = self.sender_account(session, user)
+        return account, self.sender_problems(account)
 
     def sender_problems(self, account: SenderAccount) -> list[Problem]:
         """What stops this account from sending: the one answer everything asks.
@@ -455,13 +461,12 @@ class Crm:
     def test_connection(self, account: SenderAccount) -> ConnectionReport:
         """Run the transport's Test connection ladder; never sends a mail."""
         problems = self.sender_problems(account)
+        report = None
         if account.transport in self.transports(account.product_line):
             report = self._owner(account, "test_connection")(
                 account=account, resources=self.resources, problems=problems
             )
-        else:
-            report = _settings_report(account.transport, problems)
-        if report is None:
+        if report is None:  # not enabled, or the plugin has no ladder
             report = _settings_report(account.transport, problems)
         if not isinstance(report, ConnectionReport):
             raise PluginError(f"test_connection for {account.transport!r} returned {report!r}")

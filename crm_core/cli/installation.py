@@ -79,7 +79,7 @@ def _users(crm: Crm, session: Session) -> list[dict[str, Any]]:
 
     found = []
     for user in session.scalars(select(User).order_by(User.email)):
-        problems = crm.user_problems(session, user)
+        _, problems = crm.sender_state(session, user)
         pause = session.get(AccountPause, user.id)
         if pause is not None:
             problems.append(

@@ -19,7 +19,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from crm_core import signals
-from crm_core.errors import CrmError, MailValidationError, Problem
+from crm_core.errors import MailValidationError, Problem
 from crm_core.mail.addresses import Address, header_problem, read_address, validate_addresses
 from crm_core.mail.message import Attachment, OutgoingMessage, make_message_id
 from crm_core.mail.policy import S, db_now
@@ -200,7 +200,7 @@ def _check(crm: Crm, session: Session, request: MailRequest) -> _Checked:
     allow_private = private_domains_allowed(session)
     checked.user = _sender_user(session, request.sender_email, allow_private, checked.problems)
     if checked.user is not None:
-        checked.account, problems = account_problems(crm, session, checked.user)
+        checked.account, problems = crm.sender_state(session, checked.user)
         for problem in problems:
             where = f"sender {checked.user.email}" + (f": {problem.key}" if problem.key else "")
             checked.problems.append(Problem(where, problem.message, problem.fix))
@@ -234,21 +234,6 @@ def _check(crm: Crm, session: Session, request: MailRequest) -> _Checked:
         )
         checked.problems.extend(_limit_problems(crm, checked.message))
     return checked
-
-
-def account_problems(
-    crm: Crm, session: Session, user: User
-) -> tuple[SenderAccount | None, list[Problem]]:
-    """The user's sender account and what stops it from sending.
-
-    A configuration that no longer fits the user (a product line removed from
-    crm.toml) is one more problem of this account, not a crash of every worker.
-    """
-    try:
-        account = crm.sender_account(session, user)
-        return account, crm.sender_problems(account)
-    except CrmError as exc:
-        return None, [Problem("", str(exc))]
 
 
 def _sender_user(

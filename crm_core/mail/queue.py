@@ -33,7 +33,6 @@ from crm_core import signals
 from crm_core.config import OutboxConfig
 from crm_core.db import rowcount
 from crm_core.mail.addresses import Address
-from crm_core.mail.enqueue import account_problems
 from crm_core.mail.message import Attachment, OutgoingMessage
 from crm_core.mail.pauses import lift_changed_pauses, pause_account
 from crm_core.mail.policy import (
@@ -158,7 +157,7 @@ def _accounts_for(
     for user_id in dict.fromkeys(r.user_id for r in rows):
         user = session.get(User, user_id)
         assert user is not None  # a foreign key guarantees it
-        account, problems = account_problems(crm, session, user)
+        account, problems = crm.sender_state(session, user)
         if account is None:
             account = SenderAccount(user.id, user.email, user.name, user.product_line, "?")
         if problems:
