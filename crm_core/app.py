@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -437,12 +438,16 @@ class Crm:
         return caller
 
     def send_mail(
-        self, account: SenderAccount, messages: Sequence[OutgoingMessage]
+        self,
+        account: SenderAccount,
+        messages: Sequence[OutgoingMessage],
+        report: Callable[[Sequence[SendResult]], None] | None = None,
     ) -> list[SendResult]:
         """Hand a batch to the transport that owns ``account.transport``.
 
         An account that cannot send gets a configuration result for every message
         without its plugin being asked, so no transport has to check its settings.
+        ``report`` hears results as the transport learns them (see the hook).
         """
         problems = self.sender_problems(account)
         if problems:
@@ -452,7 +457,10 @@ class Crm:
                 for m in messages
             ]
         results = self._owner(account, "send_mail")(
-            account=account, messages=list(messages), resources=self.resources
+            account=account,
+            messages=list(messages),
+            resources=self.resources,
+            report=report or _ignore,
         )
         if results is None:
             raise PluginError(f"the plugin of {account.transport!r} does not send mail")
@@ -481,11 +489,12 @@ class Crm:
         return report
 
     def reconcile_mail(
-        self, account: SenderAccount, messages: Sequence[OutgoingMessage]
+        self, account: SenderAccount, messages: Sequence[OutgoingMessage], now: datetime
     ) -> list[ReconcileResult]:
-        """Ask the transport whether ``unknown`` messages were sent."""
+        """Ask the transport whether ``unknown`` messages were sent (``now``: the
+        database's clock, against which "too soon to tell" is measured)."""
         found = self._owner(account, "reconcile_mail")(
-            account=account, messages=list(messages), resources=self.resources
+            account=account, messages=list(messages), resources=self.resources, now=now
         )
         if found is None:
             return [
@@ -510,6 +519,10 @@ OWNER_HOOKS = (
     "describe_route",
 )
 """Hooks the core calls on the owner of an account's transport alone."""
+
+
+def _ignore(results: Sequence[SendResult]) -> None:
+    """The ``report`` for callers that only want the returned list."""
 
 
 def _settings_report(transport: str, problems: Sequence[Problem]) -> ConnectionReport:

@@ -25,7 +25,8 @@ Families:
 # mypy: disable-error-code="empty-body"
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -140,7 +141,10 @@ def system_settings_changed(changed: Sequence[str], resources: Resources) -> Non
 
 @hookspec(firstresult=True)
 def send_mail(
-    account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+    account: SenderAccount,
+    messages: Sequence[OutgoingMessage],
+    resources: Resources,
+    report: Callable[[Sequence[SendResult]], None],
 ) -> list[SendResult]:
     """Send a batch of messages for one sender account.
 
@@ -151,7 +155,14 @@ def send_mail(
     :class:`SendResult` per message, classifying each failure (temporary, permanent,
     configuration, ambiguous) so that the outbox never loses a mail and never resends
     one that may have gone. Raise only for programming errors; the core then marks
-    the batch ``unknown`` because it cannot tell what was sent.
+    what was not reported ``unknown`` because it cannot tell what was sent.
+
+    Call ``report`` with results as soon as the server has answered them (each SMTP
+    message, each Exchange request): the core records them there and then, so a
+    worker killed mid-batch leaves only what was in flight ``unknown``. The returned
+    list still holds every result; a result already reported is not recorded twice.
+    One message that cannot be rendered or encoded is ``PERMANENT`` on its own; the
+    rest of the batch goes on.
     """
 
 
@@ -171,13 +182,19 @@ def test_connection(
 
 @hookspec(firstresult=True)
 def reconcile_mail(
-    account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+    account: SenderAccount,
+    messages: Sequence[OutgoingMessage],
+    resources: Resources,
+    now: datetime,
 ) -> list[ReconcileResult]:
     """Find out whether messages in state ``unknown`` were sent.
 
     Return one :class:`ReconcileResult` per message (``sent=None`` when you cannot
-    tell, e.g. SMTP, which has no way to look). A plugin that does not implement it
-    leaves every message for an operator to decide.
+    tell, e.g. SMTP, which has no way to look). ``now`` is the database's clock; a
+    message's ``handed_over_at`` is the start of the attempt whose answer was lost, so
+    "too soon to tell" (a copy not yet filed in Sent Items) is measured between the
+    two, never from the enqueue. A plugin that does not implement it leaves every
+    message for an operator to decide.
     """
 
 

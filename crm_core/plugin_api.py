@@ -49,6 +49,8 @@ from crm_core.mail.message import Attachment, OutgoingMessage
 from crm_core.mail.transport import (
     ConnectionReport,
     ConnectionStep,
+    RecipientResult,
+    RecipientStatus,
     ReconcileResult,
     Resources,
     RouteInfo,
@@ -104,6 +106,8 @@ __all__ = [
     "OutgoingMessage",
     "PluginError",
     "Problem",
+    "RecipientResult",
+    "RecipientStatus",
     "ReconcileResult",
     "Resources",
     "RouteInfo",

@@ -15,6 +15,7 @@ import pytest
 from crm_core.mail.addresses import Address
 from crm_core.mail.message import Attachment
 from crm_core.mail.transport import Outcome
+from crm_core.models import utcnow
 from tests.conftest import CrmFactory
 from tests.exchange_fixtures import (
     ALIAS,
@@ -139,7 +140,7 @@ def test_lost_answer_is_ambiguous_and_reconcile_finds_the_mails(world: ExchangeW
     assert len(graph.delivered) == 2  # both went
 
     never = make_message(3, age=timedelta(minutes=10))
-    found = world.crm.reconcile_mail(world.account(), [*lost, never])
+    found = world.crm.reconcile_mail(world.account(), [*lost, never], utcnow())
     assert [r.sent for r in found] == [True, True, False]
     assert len(graph.delivered) == 2  # looking sends nothing
 
@@ -150,7 +151,7 @@ def test_reconcile_right_after_a_send_waits_for_the_sent_items_copy(world: Excha
     graph.drop_after_request(1)
     message = make_message()
     assert world.send_one(message).outcome is Outcome.AMBIGUOUS
-    [found] = world.crm.reconcile_mail(world.account(), [message])
+    [found] = world.crm.reconcile_mail(world.account(), [message], utcnow())
     assert found.sent is None  # not "not sent": that would send it twice
     assert "look again later" in found.detail
 

@@ -15,6 +15,7 @@ import pytest
 from crm_core.mail.addresses import Address
 from crm_core.mail.message import Attachment
 from crm_core.mail.transport import Outcome
+from crm_core.models import utcnow
 from tests.conftest import CrmFactory
 from tests.exchange_fixtures import (
     ALIAS,
@@ -230,7 +231,7 @@ def test_dropped_answer_is_ambiguous_and_reconcile_finds_the_mail(world: Exchang
     assert "may or may not" in result.detail
     assert lost.message_id in {d.internet_message_id for d in world.ews.delivered}
 
-    found = world.crm.reconcile_mail(world.account(), [lost, never, just_queued])
+    found = world.crm.reconcile_mail(world.account(), [lost, never, just_queued], utcnow())
     assert [(r.message_id, r.sent) for r in found] == [
         (lost.message_id, True),
         (never.message_id, False),

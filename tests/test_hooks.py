@@ -39,6 +39,7 @@ from crm_core import (
 )
 from crm_core.fields import Scope
 from crm_core.mail.addresses import Address
+from crm_core.models import utcnow
 from crm_core.signals import user_settings_changed as user_settings_changed_signal
 from tests.conftest import CrmFactory
 
@@ -264,7 +265,7 @@ def test_hook_test_connection(crm: Crm) -> None:
 
 def test_hook_reconcile_mail(crm: Crm) -> None:
     account = add_user(crm)
-    found = crm.reconcile_mail(account, [message(1)])
+    found = crm.reconcile_mail(account, [message(1)], utcnow())
     assert found == [ReconcileResult("<m1@example.se>", True, "found")]
 
 

@@ -32,6 +32,7 @@ from crm_core import (
 )
 from crm_core.mail import enqueue
 from crm_core.mail.worker import Worker
+from crm_core.models import utcnow
 from tests.conftest import CrmFactory
 
 CONFIG = """
@@ -131,7 +132,7 @@ def test_a_guardless_plugin_never_receives_another_transports_mail(
     anna = account(crm, "anna@example.se")
     crm.test_connection(anna)
     crm.describe_route(anna)
-    crm.reconcile_mail(anna, [])
+    crm.reconcile_mail(anna, [], utcnow())
     assert crm.sender_problems(anna) == []
 
     # Only pigeon accounts: Bo's, and the installation's own (no user) when the

@@ -16,6 +16,7 @@ from crm_core.errors import Problem, SettingValueError
 from crm_core.fields import Scope
 from crm_core.mail.message import Attachment
 from crm_core.mail.transport import Outcome, SenderAccount, SettingValue
+from crm_core.models import utcnow
 from crm_core.secret_box import Secret
 from smtp_mail.classify import Phase, connection_failure, disconnected, reply_failure
 from smtp_mail.client import mask
@@ -424,7 +425,7 @@ def test_describe_route_and_reconcile_without_network(make_crm: CrmFactory) -> N
     account = setup.account()
 
     route = setup.crm.describe_route(account)
-    (reconciled,) = setup.crm.reconcile_mail(account, [make_message()])
+    (reconciled,) = setup.crm.reconcile_mail(account, [make_message()], utcnow())
 
     assert route is not None
     assert (route.transport, route.server, route.account) == (

@@ -37,6 +37,12 @@ class OutgoingMessage:
     ``message_id`` was made once at enqueue (with angle brackets) and is reused by
     every attempt, so that a resend can be recognised (and reconciled in Exchange's
     Sent Items by its InternetMessageId).
+
+    ``envelope`` names the recipients this attempt is for, when it is not all of them
+    (a later attempt for recipients that were deferred); the headers still show every
+    To and Cc. ``handed_over_at`` is when the message was last handed to a transport
+    (the start of its latest attempt), on the database's clock: a lookup of a lost
+    answer measures "too soon to tell" from it, never from the enqueue.
     """
 
     outbox_id: int
@@ -51,11 +57,13 @@ class OutgoingMessage:
     html: str | None = None
     attachments: tuple[Attachment, ...] = ()
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    envelope: tuple[Address, ...] = ()
+    handed_over_at: datetime | None = None
 
     @property
     def recipients(self) -> tuple[Address, ...]:
-        """Every envelope recipient: To, Cc and Bcc."""
-        return self.to + self.cc + self.bcc
+        """The envelope recipients of this attempt: To, Cc and Bcc, or ``envelope``."""
+        return self.envelope or (self.to + self.cc + self.bcc)
 
     @property
     def needs_smtputf8(self) -> bool:

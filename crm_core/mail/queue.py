@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from crm_core.app import Crm
 
 
-def outgoing(row: OutboxMessage) -> OutgoingMessage:
+def outgoing(row: OutboxMessage, handed_over_at: datetime | None = None) -> OutgoingMessage:
     """The row as a transport sees it (same Message-ID and Date on every attempt)."""
 
     def addresses(kind: str) -> tuple[Address, ...]:
@@ -75,6 +75,7 @@ def outgoing(row: OutboxMessage) -> OutgoingMessage:
         html=row.body_html,
         attachments=tuple(Attachment(a.filename, a.content_type, a.data) for a in row.attachments),
         created_at=row.created_at,
+        handed_over_at=handed_over_at,
     )
 
 

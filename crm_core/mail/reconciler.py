@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import (
-    select,
-)
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from crm_core.mail.message import OutgoingMessage
@@ -21,10 +20,7 @@ from crm_core.mail.operations import apply_resolution, get_message, refusal
 from crm_core.mail.policy import S, db_now
 from crm_core.mail.queue import outgoing
 from crm_core.mail.transport import SenderAccount
-from crm_core.models import (
-    OutboxMessage,
-    User,
-)
+from crm_core.models import OutboxAttempt, OutboxMessage, User
 
 if TYPE_CHECKING:
     from crm_core.app import Crm
@@ -50,13 +46,14 @@ def reconcile(crm: Crm, outbox_id: int | None = None) -> list[ReconcileReport]:
     """
     with crm.transaction() as session:
         snapshot = _unknown_for_reconcile(crm, session, outbox_id)
+        now = db_now(session)
     answers: list[tuple[int, str | None, str, bool | None, str]] = []
     groups: dict[str, list[tuple[int, str | None, OutgoingMessage, SenderAccount]]] = {}
     for item in snapshot:
         groups.setdefault(item[3].key, []).append(item)
     for group in groups.values():
         account = group[0][3]
-        found = _ask_transport(crm, account, [m for _, _, m, _ in group])
+        found = _ask_transport(crm, account, [m for _, _, m, _ in group], now)
         for row_id, token, message, _ in group:
             sent, detail = found.get(message.message_id, (None, "the transport gave no answer"))
             answers.append((row_id, token, message.message_id, sent, detail))
@@ -86,22 +83,37 @@ def _unknown_for_reconcile(
         query = query.where(OutboxMessage.id == outbox_id)
     items = []
     accounts: dict[int, SenderAccount] = {}
-    for row in session.scalars(query.options(selectinload(OutboxMessage.attachments))):
+    rows = list(session.scalars(query.options(selectinload(OutboxMessage.attachments))))
+    handed_over = _last_attempt_starts(session, [row.id for row in rows])
+    for row in rows:
         if row.user_id not in accounts:
             user = session.get(User, row.user_id)
             assert user is not None
             accounts[row.user_id] = crm.sender_account(session, user)
         # Ask the transport that tried to send it, even if the user switched since.
         account = replace(accounts[row.user_id], transport=row.transport)
-        items.append((row.id, row.lease_token, outgoing(row), account))
+        message = outgoing(row, handed_over.get(row.id))
+        items.append((row.id, row.lease_token, message, account))
     return items
 
 
+def _last_attempt_starts(session: Session, ids: Sequence[int]) -> dict[int, datetime]:
+    """When each message was last handed to a transport (its latest attempt's start)."""
+    if not ids:
+        return {}
+    found = session.execute(
+        select(OutboxAttempt.outbox_id, func.max(OutboxAttempt.started_at))
+        .where(OutboxAttempt.outbox_id.in_(ids))
+        .group_by(OutboxAttempt.outbox_id)
+    )
+    return {int(outbox_id): started for outbox_id, started in found if started is not None}
+
+
 def _ask_transport(
-    crm: Crm, account: SenderAccount, messages: Sequence[OutgoingMessage]
+    crm: Crm, account: SenderAccount, messages: Sequence[OutgoingMessage], now: datetime
 ) -> dict[str, tuple[bool | None, str]]:
     try:
-        results = crm.reconcile_mail(account, messages)
+        results = crm.reconcile_mail(account, messages, now)
     except Exception as exc:  # a transport that cannot look must not stop the others
         return {
             m.message_id: (None, f"could not look: {type(exc).__name__}: {exc}") for m in messages

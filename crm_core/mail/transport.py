@@ -103,6 +103,27 @@ class SenderAccount:
         return f"SenderAccount({self.email!r}, transport={self.transport!r})"
 
 
+class RecipientStatus(StrEnum):
+    """What became of one recipient of a message, as the server answered for it."""
+
+    DELIVERED = "delivered"
+    """The server took the message for this recipient."""
+    DEFERRED = "deferred"
+    """Refused for now (a 4xx, e.g. ``452 4.5.3 too many recipients``): tried again
+    later, for this recipient alone, with the same Message-ID."""
+    REFUSED = "refused"
+    """Refused for good (a 5xx): never tried again."""
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """One envelope recipient's fate in one attempt, with the server's own words."""
+
+    address: str
+    status: RecipientStatus
+    reply: str = ""
+
+
 @dataclass(frozen=True)
 class SendResult:
     """The outcome for one message of a batch.
@@ -110,7 +131,16 @@ class SendResult:
     ``detail`` is written for the person who sent the mail (what happened and what
     to do); ``code`` is the server's own code for support (``550 5.1.1``,
     ``ErrorInvalidRecipients``, ``AADSTS7000222``). ``retry_after`` (seconds) lets a
-    transport pass on a server's requested back-off.
+    transport pass on a server's requested back-off. ``reply`` is the server's own
+    answer to a sent message (``250 2.0.0 Ok: queued as 4Xb…``), or for a lost one its
+    last words; it is kept and shown, because it is what a mail administrator asks
+    for.
+
+    ``recipients`` tells each envelope recipient's fate when they differ (SMTP's
+    answer to each RCPT); empty means every recipient shares the message's outcome.
+    With recipients, ``outcome`` is ``SENT`` when the server took the message for at
+    least one of them; the outbox then tries the deferred ones again, alone, and
+    records the refused ones with their reasons.
     """
 
     message_id: str
@@ -119,6 +149,8 @@ class SendResult:
     code: str = ""
     retry_after: float | None = None
     provider_ref: str = ""
+    reply: str = ""
+    recipients: tuple[RecipientResult, ...] = ()
 
 
 class StepStatus(StrEnum):
