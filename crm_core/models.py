@@ -81,6 +81,8 @@ class OutboxState(StrEnum):
     FAILED = "failed"
     UNKNOWN = "unknown"
     CANCELLED = "cancelled"
+    PARTIAL = "partial"
+    """Final: delivered to some recipients, refused (or given up) for the others."""
 
 
 class Person(Base):
@@ -185,6 +187,10 @@ class OutboxMessage(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     last_code: Mapped[str | None] = mapped_column(String(120))
     provider_ref: Mapped[str | None] = mapped_column(String(250))
+    server_reply: Mapped[str | None] = mapped_column(Text)
+    recipient_states: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """Each recipient's fate so far: address -> {"state", "reply", "at"}; None before
+    any attempt answered per recipient (all share the message's state)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None]

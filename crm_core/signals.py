@@ -31,6 +31,7 @@ system_settings_changed = _signals.signal("system-settings-changed")
 user_settings_changed = _signals.signal("user-settings-changed")
 mail_queued = _signals.signal("mail-queued")
 mail_sent = _signals.signal("mail-sent")
+mail_partly_sent = _signals.signal("mail-partly-sent")
 mail_retry_scheduled = _signals.signal("mail-retry-scheduled")
 mail_failed = _signals.signal("mail-failed")
 mail_unknown = _signals.signal("mail-unknown")
@@ -53,6 +54,7 @@ PAYLOADS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "user-settings-changed": ("user_id", "email", "keys"),
         "mail-queued": ("outbox_id", "message_id", "user_id", "person_id"),
         "mail-sent": _RESULT,
+        "mail-partly-sent": _RESULT,
         "mail-retry-scheduled": (*_RESULT, "next_attempt_at"),
         "mail-failed": _RESULT,
         "mail-unknown": _RESULT,

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from crm_core.mail.operations import MessageDetail, MessageView
     from crm_core.mail.worker import WorkerStats
 
-STATES = ("queued", "sending", "sent", "retry", "failed", "unknown", "cancelled")
+STATES = ("queued", "sending", "sent", "partial", "retry", "failed", "unknown", "cancelled")
 """The outbox states (crm_core.models.OutboxState), named here so --help needs no ORM."""
 
 

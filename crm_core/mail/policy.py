@@ -8,6 +8,7 @@ tested without a database or a worker. The states::
       │                  │ ├──permanent / budget spent──> failed
       │                  │ ├──ambiguous / lease expired / plugin bug──> unknown
       └──configuration───┘ └ (account paused; not an attempt against the budget)
+    retry ──(some recipients delivered, the rest refused or given up)──> partial
     unknown ──reconcile / resolve --sent──> sent
     unknown ──reconcile / resolve --not-sent──> queued
     queued | retry | unknown ──cancel──> cancelled
@@ -40,7 +41,7 @@ from crm_core.models import (
 
 S = OutboxState
 DUE_STATES = (S.QUEUED.value, S.RETRY.value)
-FINAL_STATES = (S.SENT.value, S.FAILED.value, S.CANCELLED.value)
+FINAL_STATES = (S.SENT.value, S.PARTIAL.value, S.FAILED.value, S.CANCELLED.value)
 
 
 def backoff_seconds(attempt: int, base: float, cap: float, jitter: float) -> float:

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, selectinload
 from crm_core import signals
 from crm_core.config import OutboxConfig
 from crm_core.db import rowcount
+from crm_core.mail import recipients
 from crm_core.mail.addresses import Address
 from crm_core.mail.message import Attachment, OutgoingMessage
 from crm_core.mail.pauses import lift_changed_pauses, pause_account
@@ -57,11 +58,20 @@ if TYPE_CHECKING:
 
 
 def outgoing(row: OutboxMessage, handed_over_at: datetime | None = None) -> OutgoingMessage:
-    """The row as a transport sees it (same Message-ID and Date on every attempt)."""
+    """The row as a transport sees it (same Message-ID and Date on every attempt).
+
+    A later attempt's envelope holds only the recipients still owed the mail (neither
+    delivered nor refused); the headers keep every To and Cc.
+    """
 
     def addresses(kind: str) -> tuple[Address, ...]:
         return tuple(Address(email, name) for email, name in row.recipient_list(kind))
 
+    envelope: tuple[Address, ...] = ()
+    if row.recipient_states:
+        everyone = addresses("to") + addresses("cc") + addresses("bcc")
+        owed = set(recipients.pending(row.recipient_states, [a.email for a in everyone]))
+        envelope = tuple(a for a in everyone if a.email in owed)
     return OutgoingMessage(
         outbox_id=row.id,
         message_id=row.message_id,
@@ -75,6 +85,7 @@ def outgoing(row: OutboxMessage, handed_over_at: datetime | None = None) -> Outg
         html=row.body_html,
         attachments=tuple(Attachment(a.filename, a.content_type, a.data) for a in row.attachments),
         created_at=row.created_at,
+        envelope=envelope,
         handed_over_at=handed_over_at,
     )
 
@@ -89,6 +100,8 @@ class Claim:
     attempt: int
     message: OutgoingMessage
     account: SenderAccount
+    ledger: dict[str, Any] | None = None
+    """The recipients' fates before this attempt (None: no per-recipient answer yet)."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +214,15 @@ def _claim_rows(
         attempts.append((row, attempt))
     session.flush()
     return [
-        Claim(row.id, token, attempt.id, row.attempts, outgoing(row), accounts[row.user_id])
+        Claim(
+            row.id,
+            token,
+            attempt.id,
+            row.attempts,
+            outgoing(row, now),
+            accounts[row.user_id],
+            row.recipient_states,
+        )
         for row, attempt in attempts
     ]
 
@@ -300,6 +321,13 @@ class Recorded:
         """Count one message that moved to ``state``."""
         self.counts[state] = self.counts.get(state, 0) + 1
 
+    def merge(self, other: Recorded) -> None:
+        """Add another recording's counts (results recorded as they came)."""
+        for state, n in other.counts.items():
+            self.counts[state] = self.counts.get(state, 0) + n
+        self.paused_accounts += other.paused_accounts
+        self.stale += other.stale
+
 
 def record_results(
     crm: Crm,
@@ -320,8 +348,12 @@ def record_results(
     planned = []
     for claim in claims:
         result = by_id[claim.message.message_id]
-        state = state_after(result.outcome, claim.attempt, crm.config.outbox.max_attempts)
+        ledger = _ledger_after(claim, result, now)
+        state = _state(crm.config.outbox, claim, result, ledger)
         values = _result_values(crm.config.outbox, claim, result, state, now, jitter())
+        if ledger is not None:
+            values["recipient_states"] = ledger
+            values["last_error"] = _with_tally(values["last_error"], claim, ledger, state)
         planned.append((claim, result, state, values))
     applied = _fenced_updates(session, [(claim, values) for claim, _, _, values in planned])
     _finish_attempts(
@@ -340,6 +372,56 @@ def record_results(
             )
         _emit_result(session, claim, result, state, values)
     return recorded
+
+
+def _ledger_after(claim: Claim, result: SendResult, now: datetime) -> dict[str, Any] | None:
+    """The recipients' fates after this attempt, when they differ or differed before.
+
+    None (the common case) when every recipient shares the message's outcome and
+    always did: the message's state then says it for each of them.
+    """
+    if claim.ledger is None and not result.recipients:
+        return None
+    envelope = [a.email for a in claim.message.recipients]
+    return recipients.merge(claim.ledger, envelope, result, now)
+
+
+def _everyone(message: OutgoingMessage) -> list[str]:
+    return [a.email for a in (*message.to, *message.cc, *message.bcc)]
+
+
+def _state(
+    config: OutboxConfig, claim: Claim, result: SendResult, ledger: dict[str, Any] | None
+) -> OutboxState:
+    """The message's state: from its outcome, or from every recipient's fate.
+
+    With per-recipient fates, the message is sent when every recipient has it,
+    failed when none will, partial when some do and the rest are refused (or given
+    up on), and otherwise waits to try the deferred ones again.
+    """
+    by_outcome = state_after(result.outcome, claim.attempt, config.max_attempts)
+    if ledger is None or result.outcome in (Outcome.AMBIGUOUS, Outcome.CONFIGURATION):
+        return by_outcome
+    count = recipients.tally(ledger, _everyone(claim.message))
+    if count.waiting:
+        again = state_after(Outcome.TEMPORARY, claim.attempt, config.max_attempts)
+        if again is S.RETRY:
+            return S.RETRY
+    if not count.delivered:
+        return S.FAILED
+    return S.SENT if len(count.delivered) == count.total else S.PARTIAL
+
+
+def _with_tally(
+    reason: str | None, claim: Claim, ledger: dict[str, Any], state: OutboxState
+) -> str | None:
+    """The reason, with who has the mail and who does not when that is mixed."""
+    count = recipients.tally(ledger, _everyone(claim.message))
+    if state is S.SENT or not (count.delivered or count.refused):
+        return reason
+    if state is S.PARTIAL:
+        return f"Partly sent: {count.summary()}."
+    return f"{count.summary()}. {reason or ''}".strip()
 
 
 def _result_values(
@@ -361,7 +443,9 @@ def _result_values(
     if state is not S.UNKNOWN:
         values["lease_owner"] = None
         values["lease_token"] = None
-    if state is S.SENT:
+    if result.reply:
+        values["server_reply"] = result.reply
+    if state in (S.SENT, S.PARTIAL):
         values.update(sent_at=now, provider_ref=result.provider_ref or None, last_error=None)
     elif state is S.RETRY:
         delay = retry_delay(claim.attempt, config, result.retry_after, jitter)
@@ -483,6 +567,7 @@ def _finish_attempts(
 
 _SIGNAL_FOR = {
     S.SENT: "mail-sent",
+    S.PARTIAL: "mail-partly-sent",
     S.RETRY: "mail-retry-scheduled",
     S.FAILED: "mail-failed",
     S.UNKNOWN: "mail-unknown",

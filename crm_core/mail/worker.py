@@ -25,7 +25,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError
@@ -52,6 +52,7 @@ class WorkerStats:
     reaped: int = 0
     claimed: int = 0
     sent: int = 0
+    partial: int = 0
     retry: int = 0
     failed: int = 0
     unknown: int = 0
@@ -75,7 +76,49 @@ class WorkerStats:
 class _GroupResult:
     claims: Sequence[Claim]
     results: Sequence[SendResult] | None  # None: released unsent (stopping)
+    recorded: queue.Recorded = field(default_factory=queue.Recorded)
+    released: int = 0
     seconds: float = 0.0
+
+
+class _Recorder:
+    """Records one group's results as they come, each message once.
+
+    Why: a transport reports results while it sends (``report``), then returns them
+    all; whatever was recorded already is not recorded again, and a result for a
+    message that is not in this group is ignored.
+    """
+
+    def __init__(self, crm: Crm, claims: Sequence[Claim]) -> None:
+        self.crm = crm
+        self.claims = {c.message.message_id: c for c in claims}
+        self.results: dict[str, SendResult] = {}
+        self.recorded = queue.Recorded()
+        self.lock = threading.Lock()
+
+    def record(self, results: Sequence[SendResult]) -> None:
+        """Write the results not written yet, in one short transaction."""
+        with self.lock:
+            fresh = [
+                r
+                for r in results
+                if r.message_id in self.claims and r.message_id not in self.results
+            ]
+            if not fresh:
+                return
+            claims = [self.claims[r.message_id] for r in fresh]
+            with self.crm.transaction() as session:
+                done = queue.record_results(
+                    self.crm, session, claims, fresh, policy.db_now(session)
+                )
+            self.results.update((r.message_id, r) for r in fresh)
+            self.recorded.merge(done)
+
+    def finish(self, seconds: float) -> _GroupResult:
+        """The group's results (in claim order) and what recording them did."""
+        ordered = [self.results[m] for m in self.claims if m in self.results]
+        claims = list(self.claims.values())
+        return _GroupResult(claims, ordered, self.recorded, seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -188,19 +231,27 @@ class Worker:
         while pending:
             done, pending = wait(pending, timeout=renew_every, return_when=FIRST_COMPLETED)
             for future in done:
-                self._record(future.result(), stats)
+                self._count(future.result(), stats)
             if pending:
                 self._renew(token)
 
     def _send_group(self, claims: Sequence[Claim], stop: threading.Event) -> _GroupResult:
-        """Hand one account's messages to its transport (in a pool thread, no transaction)."""
+        """Send one account's messages and record each result as the transport learns it.
+
+        Runs in a pool thread. Results the transport reports while it sends are
+        recorded there and then (each in a short transaction of its own), so a worker
+        killed mid-batch leaves only the messages in flight to the reaper.
+        """
         if stop.is_set():
-            return _GroupResult(claims, None)
+            with self.crm.transaction() as session:
+                released = queue.release(session, claims, policy.db_now(session))
+            return _GroupResult(claims, None, released=released)
         account = claims[0].account
         messages = [c.message for c in claims]
+        recorder = _Recorder(self.crm, claims)
         started = time.monotonic()  # for the batch's log line, never for a decision
         try:
-            results = self.crm.send_mail(account, messages)
+            results = self.crm.send_mail(account, messages, recorder.record)
         except TransportError as exc:
             outcome = _outcome(exc.outcome)
             results = [SendResult(m.message_id, outcome, str(exc), exc.code) for m in messages]
@@ -214,32 +265,33 @@ class Worker:
                 SendResult(m.message_id, Outcome.AMBIGUOUS, detail, "plugin-error")
                 for m in messages
             ]
-        return _GroupResult(claims, results, time.monotonic() - started)
+        recorder.record(results)  # what the transport did not report as it went
+        return recorder.finish(time.monotonic() - started)
 
-    def _record(self, group: _GroupResult, stats: WorkerStats) -> None:
-        with self.crm.transaction() as session:
-            if group.results is None:
-                stats.released += queue.release(session, group.claims, policy.db_now(session))
-                return
-            recorded = queue.record_results(
-                self.crm, session, group.claims, group.results, policy.db_now(session)
-            )
-        counts = recorded.counts
+    def _count(self, group: _GroupResult, stats: WorkerStats) -> None:
+        """Add one group's recorded results to the poll's totals, and say so."""
+        stats.released += group.released
+        if group.results is None:
+            return
+        counts = group.recorded.counts
         self._report(group, dict(counts))
         stats.sent += counts.get(OutboxState.SENT.value, 0)
+        stats.partial += counts.get(OutboxState.PARTIAL.value, 0)
         stats.retry += counts.get(OutboxState.RETRY.value, 0)
         stats.failed += counts.get(OutboxState.FAILED.value, 0)
         stats.unknown += counts.get(OutboxState.UNKNOWN.value, 0)
         stats.deferred += counts.get(OutboxState.QUEUED.value, 0)
-        stats.stale += recorded.stale
-        stats.paused_accounts += recorded.paused_accounts
+        stats.stale += group.recorded.stale
+        stats.paused_accounts += group.recorded.paused_accounts
 
     def _report(self, group: _GroupResult, counts: dict[str, int]) -> None:
         """One INFO line per batch; one line per attempt on ``crm_core.mail.attempts``."""
         account = group.claims[0].account
         report = BatchReport(account.email, account.transport, counts, group.seconds)
         log.info("%s", report)
-        for claim, result in zip(group.claims, group.results or (), strict=False):
+        by_id = {c.message.message_id: c for c in group.claims}
+        for result in group.results or ():
+            claim = by_id[result.message_id]
             code = f" [{result.code}]" if result.code else ""
             attempts.info(
                 "#%d %s attempt %d: %s%s %s",
