@@ -20,6 +20,8 @@ from crm_core.mail import enqueue
 from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import (
     Outcome,
+    RecipientResult,
+    RecipientStatus,
     ReconcileResult,
     Resources,
     SenderAccount,
@@ -57,6 +59,12 @@ class Scripted:
     attempt (the last one repeats). ``calls`` records every batch as
     (account email, [Message-ID]); ``delivered`` every Message-ID reported sent.
     ``hook`` runs inside send_mail before answering (to stall or inspect).
+
+    ``per_recipient[subject]`` is, per attempt, the status of each address (the others
+    of the envelope are delivered): the transport then answers per recipient, as
+    SMTP does, and ``received`` counts each (Message-ID, address) delivered.
+    ``report_each`` makes it report every result as soon as it has it, as the real
+    transports do; ``fail_after`` makes it raise after that many messages.
     """
 
     script: dict[str, list[tuple[Outcome, str, str, float | None]]] = field(default_factory=dict)
@@ -67,6 +75,11 @@ class Scripted:
     reconcile_answers: dict[str, bool | None] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     seen: dict[str, int] = field(default_factory=dict)
+    per_recipient: dict[str, list[dict[str, RecipientStatus]]] = field(default_factory=dict)
+    received: list[tuple[str, str]] = field(default_factory=list)
+    envelopes: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    report_each: bool = False
+    fail_after: int | None = None
 
     @hookimpl
     def register_transports(self) -> list[TransportSpec]:
@@ -74,7 +87,11 @@ class Scripted:
 
     @hookimpl
     def send_mail(
-        self, account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+        self,
+        account: SenderAccount,
+        messages: Sequence[OutgoingMessage],
+        resources: Resources,
+        report: Callable[[Sequence[SendResult]], None],
     ) -> list[SendResult]:
         with self.lock:
             self.calls.append((account.email, [m.message_id for m in messages]))
@@ -82,17 +99,65 @@ class Scripted:
             self.hook(account, messages)
         if self.raise_error is not None:
             raise self.raise_error
-        return [self._result(m) for m in messages]
+        results: list[SendResult] = []
+        for message in messages:
+            if self.fail_after is not None and len(results) >= self.fail_after:
+                raise RuntimeError("the transport broke down mid-batch")
+            results.append(self._result(message))
+            if self.report_each:
+                report(results[-1:])
+        return results
 
     def _result(self, message: OutgoingMessage) -> SendResult:
         with self.lock:
             n = self.seen.get(message.message_id, 0)
             self.seen[message.message_id] = n + 1
+            envelope = tuple(a.email for a in message.recipients)
+            self.envelopes.append((message.message_id, envelope))
+            per_attempt = self.per_recipient.get(message.subject)
+            if per_attempt is not None:
+                return self._per_recipient(message, per_attempt[min(n, len(per_attempt) - 1)])
             steps = self.script.get(message.subject) or [(Outcome.SENT, "", "", None)]
             outcome, detail, code, retry_after = steps[min(n, len(steps) - 1)]
             if outcome is Outcome.SENT:
                 self.delivered.append(message.message_id)
-        return SendResult(message.message_id, outcome, detail, code, retry_after, "ref")
+                self.received.extend((message.message_id, a) for a in envelope)
+        reply = "250 2.0.0 Ok: queued as 4XbScripted" if outcome is Outcome.SENT else ""
+        return SendResult(message.message_id, outcome, detail, code, retry_after, "ref", reply)
+
+    def _per_recipient(
+        self, message: OutgoingMessage, statuses: dict[str, RecipientStatus]
+    ) -> SendResult:
+        """Answer for each recipient, as SMTP answers each RCPT (the lock is held)."""
+        answers = []
+        for address in (a.email for a in message.recipients):
+            status = statuses.get(address, RecipientStatus.DELIVERED)
+            reply = {
+                RecipientStatus.DELIVERED: "250 2.1.5 Ok",
+                RecipientStatus.DEFERRED: "452 4.5.3 Error: too many recipients",
+                RecipientStatus.REFUSED: f"550 5.1.1 <{address}>: Recipient address rejected",
+            }[status]
+            answers.append(RecipientResult(address, status, reply))
+            if status is RecipientStatus.DELIVERED:
+                self.received.append((message.message_id, address))
+        delivered = any(a.status is RecipientStatus.DELIVERED for a in answers)
+        deferred = any(a.status is RecipientStatus.DEFERRED for a in answers)
+        outcome = (
+            Outcome.SENT if delivered else Outcome.TEMPORARY if deferred else Outcome.PERMANENT
+        )
+        if delivered:
+            self.delivered.append(message.message_id)
+        reply = "250 2.0.0 Ok: queued as 4XbScripted" if delivered else ""
+        return SendResult(
+            message.message_id,
+            outcome,
+            "" if delivered else "no recipient accepted",
+            "",
+            None,
+            "ref",
+            reply,
+            tuple(answers),
+        )
 
     @hookimpl
     def reconcile_mail(

@@ -95,6 +95,8 @@ def _row(view: MessageView) -> tuple[str, ...]:
 
 
 def _note(view: MessageView) -> str:
+    if view.recipients_summary and view.state in ("partial", "retry", "failed"):
+        return view.recipients_summary
     if view.paused:
         return f"waiting: the account is paused: {view.paused}"
     if view.state == "retry":
@@ -130,6 +132,11 @@ def _print_detail(detail: MessageDetail) -> None:
     for kind, addresses in detail.recipients.items():
         if addresses:
             say(f"  {kind + ':':<11} {printable(', '.join(addresses))}")
+    if view.recipients_summary:
+        say(f"  Recipients: {printable(view.recipients_summary)}")
+    for address, fate in detail.recipient_states.items():
+        reply = f": {fate['reply']}" if fate.get("reply") else ""
+        say(f"    {address}: {fate['state']}{printable(reply)}")
     say(f"  Subject:    {printable(view.subject)}")
     for name, content_type, size in detail.attachments:
         say(f"  Attachment: {printable(name)} ({content_type}, {size} bytes)")
@@ -138,6 +145,8 @@ def _print_detail(detail: MessageDetail) -> None:
     say(f"  Queued:     {when(view.created_at)}; attempts counted: {view.attempts}")
     if view.sent_at:
         say(f"  Sent:       {when(view.sent_at)}")
+    if detail.server_reply:
+        say(f"  Server:     {printable(detail.server_reply)}")
     if view.state == "retry":
         say(f"  Next try:   {when(view.next_attempt_at)}")
     if view.state == "sending":

@@ -82,6 +82,8 @@ def persons_show(ctx: Context, email: str, limit: int, as_json: bool) -> None:
     )
     for entry in history:
         state = f" — {entry.state}" if entry.state else ""
+        if entry.recipients:
+            state += f" ({entry.recipients})"
         click.echo(f"  {when(entry.at)} {entry.kind}: {printable(entry.summary)}{state}")
     cut = shortened(total, len(history), "use --limit to see more")
     if cut:

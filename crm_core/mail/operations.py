@@ -6,7 +6,7 @@ the unit of work).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from crm_core import signals
 from crm_core.errors import NotFoundError, Problem, ValidationError
+from crm_core.mail import recipients
 from crm_core.mail.policy import DUE_STATES, S, db_now
 from crm_core.models import AccountPause, OutboxMessage, Person, PersonActivity
 
@@ -38,6 +39,8 @@ class MessageView:
     last_code: str | None
     transport: str
     paused: str | None
+    recipients_summary: str | None = None
+    """``sent to 3 of 5; refused: …`` when the recipients fared differently."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -72,12 +75,18 @@ class MessageDetail:
     lease_until: datetime | None
     provider_ref: str | None
     attempts: tuple[AttemptView, ...]
+    server_reply: str | None = None
+    recipient_states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Every envelope recipient's fate: state (delivered, deferred, refused, unknown,
+    waiting, cancelled), the server's words and when."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {
             **self.view.as_dict(),
             "recipients": self.recipients,
+            "recipient_states": self.recipient_states,
+            "server_reply": self.server_reply,
             "attachments": [
                 {"filename": f, "content_type": t, "bytes": n} for f, t, n in self.attachments
             ],
@@ -124,7 +133,37 @@ def _view(row: OutboxMessage, pause_reason: str | None) -> MessageView:
         last_code=row.last_code,
         transport=row.transport,
         paused=pause_reason if waiting else None,
+        recipients_summary=_summary(row),
     )
+
+
+def _everyone(row: OutboxMessage) -> list[str]:
+    return [e for kind in ("to", "cc", "bcc") for e, _ in row.recipient_list(kind)]
+
+
+def _summary(row: OutboxMessage) -> str | None:
+    """Who has the mail and who not, when the recipients fared differently."""
+    if not row.recipient_states:
+        return None
+    return recipients.tally(row.recipient_states, _everyone(row)).summary()
+
+
+_SHARED_FATE = {
+    S.SENT.value: recipients.DELIVERED,
+    S.FAILED.value: recipients.REFUSED,
+    S.UNKNOWN.value: recipients.UNKNOWN,
+    S.CANCELLED.value: "cancelled",
+}
+
+
+def recipient_states(row: OutboxMessage) -> dict[str, dict[str, Any]]:
+    """Each envelope recipient's fate; without a ledger, the message's own fate."""
+    ledger = row.recipient_states or {}
+    shared = _SHARED_FATE.get(row.state, "waiting")
+    return {
+        address: dict(ledger.get(address) or {"state": shared, "reply": "", "at": None})
+        for address in _everyone(row)
+    }
 
 
 def count_messages(session: Session, state: str | None = None) -> int:
@@ -142,9 +181,17 @@ def count_waiting(session: Session) -> int:
     return int(session.scalar(query) or 0)
 
 
-def get_message(session: Session, outbox_id: int) -> OutboxMessage:
-    """The outbox row, or NotFoundError."""
-    row = session.get(OutboxMessage, outbox_id)
+def get_message(session: Session, outbox_id: int, lock: bool = False) -> OutboxMessage:
+    """The outbox row, or NotFoundError.
+
+    ``lock`` reads it afresh under a row lock, held until the caller's transaction
+    ends: an operator's retry, cancel or resolve then decides on the row as it is,
+    and no worker can claim it or record a result in between (on PostgreSQL a claim
+    skips a locked row; a late result waits and then finds the new state).
+    """
+    row = session.get(
+        OutboxMessage, outbox_id, with_for_update=lock or None, populate_existing=lock
+    )
     if row is None:
         raise NotFoundError(f"no outbox message #{outbox_id}; see `crm outbox list`")
     return row
@@ -165,6 +212,8 @@ def show_message(session: Session, outbox_id: int) -> MessageDetail:
         lease_owner=row.lease_owner,
         lease_until=row.lease_until,
         provider_ref=row.provider_ref,
+        server_reply=row.server_reply,
+        recipient_states=recipient_states(row),
         attempts=tuple(
             AttemptView(
                 a.number,
@@ -190,6 +239,8 @@ class HistoryEntry:
     summary: str
     outbox_id: int | None
     state: str | None
+    recipients: str | None = None
+    """``sent to 3 of 5; refused: …`` when the recipients fared differently."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -203,14 +254,22 @@ def person_history(
     where = PersonActivity.person_id == person.id
     total = session.scalar(select(func.count()).select_from(PersonActivity).where(where))
     rows = session.execute(
-        select(PersonActivity, OutboxMessage.state)
+        select(PersonActivity, OutboxMessage)
         .outerjoin(OutboxMessage, OutboxMessage.id == PersonActivity.outbox_id)
         .where(where)
         .order_by(PersonActivity.created_at.desc(), PersonActivity.id.desc())
         .limit(limit)
     )
     entries = [
-        HistoryEntry(a.created_at, a.kind, a.summary, a.outbox_id, state) for a, state in rows
+        HistoryEntry(
+            a.created_at,
+            a.kind,
+            a.summary,
+            a.outbox_id,
+            mail.state if mail else None,
+            _summary(mail) if mail else None,
+        )
+        for a, mail in rows
     ]
     return entries, int(total or 0)
 
@@ -224,9 +283,12 @@ def refusal(row: OutboxMessage, action: str, hint: str) -> ValidationError:
 
 
 def retry(session: Session, outbox_id: int, now: datetime | None = None) -> OutboxMessage:
-    """Queue a failed, cancelled or waiting message again, due now, with a fresh budget."""
+    """Queue a failed, cancelled or waiting message again, due now, with a fresh budget.
+
+    A partly sent message is queued again for the recipients who do not have it.
+    """
     now = now or db_now(session)
-    row = get_message(session, outbox_id)
+    row = get_message(session, outbox_id, lock=True)
     if row.state == S.UNKNOWN.value:
         raise refusal(
             row,
@@ -236,14 +298,21 @@ def retry(session: Session, outbox_id: int, now: datetime | None = None) -> Outb
         )
     if row.state in (S.SENDING.value, S.SENT.value):
         raise refusal(row, "retry", "it is being sent or was sent")
+    if row.state == S.PARTIAL.value and row.recipient_states:
+        row.recipient_states = _forget_refusals(row.recipient_states)
     _requeue(row, now, reset_budget=row.state != S.QUEUED.value)
     return row
+
+
+def _forget_refusals(ledger: dict[str, Any]) -> dict[str, Any]:
+    """The ledger with refused recipients owed the mail again (an operator retries)."""
+    return {a: e for a, e in ledger.items() if e.get("state") == recipients.DELIVERED}
 
 
 def cancel(session: Session, outbox_id: int, now: datetime | None = None) -> OutboxMessage:
     """Cancel a message that has not been sent (queued, retry or unknown)."""
     now = now or db_now(session)
-    row = get_message(session, outbox_id)
+    row = get_message(session, outbox_id, lock=True)
     if row.state not in (*DUE_STATES, S.UNKNOWN.value):
         hint = (
             "a worker is sending it right now; look again in a moment"
@@ -266,7 +335,7 @@ def resolve(
 ) -> OutboxMessage:
     """An operator's decision on an ``unknown`` message: sent, or not sent (requeued)."""
     now = now or db_now(session)
-    row = get_message(session, outbox_id)
+    row = get_message(session, outbox_id, lock=True)
     if row.state != S.UNKNOWN.value:
         raise refusal(row, "resolve", "only messages in state unknown need a decision")
     apply_resolution(session, row, sent, why or "decided by an operator", now)
@@ -281,6 +350,8 @@ def apply_resolution(
         row.state = S.SENT.value
         row.sent_at = now
         row.last_error = f"Confirmed sent ({why})."
+        if row.recipient_states:
+            row.recipient_states = _all_delivered(row, why, now)
         row.lease_owner = row.lease_token = None
         row.lease_until = None
         row.updated_at = now
@@ -298,6 +369,14 @@ def apply_resolution(
         return
     _requeue(row, now, reset_budget=False)
     row.last_error = f"Not sent ({why}); queued again."
+
+
+def _all_delivered(row: OutboxMessage, why: str, now: datetime) -> dict[str, Any]:
+    """The ledger once an unknown attempt is settled as sent: its recipients have it."""
+    ledger = dict(row.recipient_states or {})
+    for address in recipients.pending(ledger, _everyone(row)):
+        ledger[address] = {"state": recipients.DELIVERED, "reply": why, "at": now.isoformat()}
+    return ledger
 
 
 def _requeue(row: OutboxMessage, now: datetime, reset_budget: bool) -> None:
