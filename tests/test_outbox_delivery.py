@@ -229,3 +229,43 @@ def test_resolve_cannot_requeue_a_mail_whose_result_landed_meanwhile(
             operations.resolve(operator, outbox_id, sent=False)
     with crm.transaction() as session:
         assert operations.get_message(session, outbox_id).state == "sent"
+
+
+def test_unknown_mail_can_be_settled_in_bulk_after_a_preview(
+    make_crm: CrmFactory, run_crm: Callable[..., CliResult]
+) -> None:
+    crm, transport = scripted_crm(make_crm)
+    add_people(crm, "anna@example.se")
+    lost = (Outcome.AMBIGUOUS, "connection lost after the final dot; last reply: none", "", None)
+    for n in range(3):
+        transport.script[f"Lost {n}"] = [lost]
+        queue_five(crm, f"Lost {n}")
+    Worker(crm).run_once()
+    make_crm(LINES_WITHOUT_THE_TEST_TRANSPORT, init=False)
+    preview = run_crm("outbox", "resolve", "--unknown", "--dry-run", env=make_crm.env)
+    assert preview.code == 0, preview.output
+    assert preview.stdout.count("connection lost after the final dot") == 3
+    assert preview.stdout.splitlines()[-1] == "3 unknown message(s) would be decided."
+    assert (
+        json.loads(run_crm("outbox", "list", "--json", env=make_crm.env).stdout)["messages"][0][
+            "state"
+        ]
+        == "unknown"
+    )  # the preview changed nothing
+    later = run_crm(
+        "outbox", "resolve", "--unknown", "--since", "2999-01-01", "--sent", env=make_crm.env
+    )
+    assert later.stdout.splitlines()[-1] == "0 unknown message(s) were marked sent."
+    done = run_crm("outbox", "resolve", "--unknown", "--sent", env=make_crm.env)
+    assert done.stdout.splitlines()[-1] == "3 unknown message(s) were marked sent."
+    states = {
+        m["state"]
+        for m in json.loads(run_crm("outbox", "list", "--json", env=make_crm.env).stdout)[
+            "messages"
+        ]
+    }
+    assert states == {"sent"}
+    refused = run_crm(
+        "outbox", "resolve", "--unknown", "--since", "yesterday", "--sent", env=make_crm.env
+    )
+    assert refused.code == 2 and "is not a time" in refused.stderr

@@ -8,6 +8,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -191,19 +192,75 @@ def outbox_cancel(ctx: Context, outbox_id: int) -> None:
 
 
 @outbox_group.command("resolve")
-@click.argument("outbox_id", type=int)
+@click.argument("outbox_id", type=int, required=False)
 @click.option("--sent/--not-sent", "sent", default=None, help="Your decision.")
+@click.option(
+    "--unknown",
+    "every_unknown",
+    is_flag=True,
+    help="Decide every message in state unknown (with --since: those since then).",
+)
+@click.option(
+    "--since",
+    metavar="TIME",
+    default=None,
+    help="With --unknown: only those that became unknown at or after TIME "
+    "(ISO 8601, e.g. 2026-12-05T10:00+01:00 or 2026-12-05; without a zone: UTC).",
+)
+@click.option("--dry-run", is_flag=True, help="Show what would be decided; change nothing.")
 @pass_ctx
-def outbox_resolve(ctx: Context, outbox_id: int, sent: bool | None) -> None:
-    """Decide an ``unknown`` message: --sent (done) or --not-sent (queued again)."""
+def outbox_resolve(
+    ctx: Context,
+    outbox_id: int | None,
+    sent: bool | None,
+    every_unknown: bool,
+    since: str | None,
+    dry_run: bool,
+) -> None:
+    """Decide ``unknown`` mail: --sent (done) or --not-sent (queued again).
+
+    One message by ID, or with --unknown every one (since --since), after checking
+    with the recipients' side: SMTP cannot look in a Sent folder. --dry-run lists them
+    with the evidence (the step where the connection was lost, the server's last
+    words) and changes nothing.
+    """
     from crm_core.mail import operations
 
-    if sent is None:
-        fail(f"say --sent or --not-sent, e.g. `crm outbox resolve {outbox_id} --sent`")
+    if (outbox_id is None) == (not every_unknown):
+        fail("give an outbox ID, or --unknown for every unknown message (see --help)")
+    if sent is None and not dry_run:
+        example = f"{outbox_id}" if outbox_id is not None else "--unknown"
+        fail(f"say --sent or --not-sent, e.g. `crm outbox resolve {example} --sent`")
     crm = ctx.crm()
+    if outbox_id is not None:
+        if dry_run:
+            fail("--dry-run previews --unknown; `crm outbox show ID` shows one message")
+        with crm.transaction() as session:
+            row = operations.resolve(session, outbox_id, bool(sent))
+        click.echo(f"Outbox #{row.id}: {'marked sent' if sent else 'queued again'}.")
+        return
+    start = _time(since) if since else None
     with crm.transaction() as session:
-        row = operations.resolve(session, outbox_id, sent)
-    click.echo(f"Outbox #{row.id}: {'marked sent' if sent else 'queued again'}.")
+        if dry_run:
+            rows = operations.unknown_since(session, start)
+        else:
+            rows = operations.resolve_unknown(session, start, bool(sent))
+        shown = [(r.id, r.message_id, r.sender_email, r.updated_at, r.last_error) for r in rows]
+    verb = "would be" if dry_run else "were"
+    decision = "marked sent" if sent else "queued again" if sent is False else "decided"
+    for row_id, message_id, sender, at, evidence in shown:
+        click.echo(f"#{row_id} {printable(message_id)} from {sender}, unknown since {when(at)}")
+        click.echo(f"    {printable(evidence or '')}")
+    click.echo(f"{len(shown)} unknown message(s) {verb} {decision}.")
+
+
+def _time(text: str) -> datetime:
+    """An ISO 8601 time or date; without a zone it is UTC."""
+    try:
+        found = datetime.fromisoformat(text)
+    except ValueError:
+        fail(f"--since {text!r} is not a time; write it as 2026-12-05T10:00+01:00 or 2026-12-05")
+    return found if found.tzinfo else found.replace(tzinfo=UTC)
 
 
 @outbox_group.command("reconcile")

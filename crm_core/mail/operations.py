@@ -342,6 +342,38 @@ def resolve(
     return row
 
 
+def unknown_since(
+    session: Session, since: datetime | None, lock: bool = False
+) -> list[OutboxMessage]:
+    """Messages in state ``unknown`` that became so at or after ``since`` (oldest first).
+
+    ``lock`` holds them under row locks until the caller's transaction ends, so a bulk
+    decision applies to exactly the messages it was shown.
+    """
+    query = select(OutboxMessage).where(OutboxMessage.state == S.UNKNOWN.value)
+    if since is not None:
+        query = query.where(OutboxMessage.updated_at >= since)
+    query = query.order_by(OutboxMessage.updated_at, OutboxMessage.id)
+    if lock:
+        query = query.with_for_update(of=OutboxMessage).execution_options(populate_existing=True)
+    return list(session.scalars(query))
+
+
+def resolve_unknown(
+    session: Session, since: datetime | None, sent: bool, now: datetime | None = None
+) -> list[OutboxMessage]:
+    """An operator's decision on every ``unknown`` message since ``since`` at once.
+
+    Why: SMTP cannot look anywhere to settle a lost answer, so after an outage an
+    operator who has checked with the recipients' side settles them together.
+    """
+    now = now or db_now(session)
+    rows = unknown_since(session, since, lock=True)
+    for row in rows:
+        apply_resolution(session, row, sent, "decided by an operator, with others", now)
+    return rows
+
+
 def apply_resolution(
     session: Session, row: OutboxMessage, sent: bool, why: str, now: datetime
 ) -> None:
