@@ -12,7 +12,11 @@ The rule of thumb (see :class:`crm_core.mail.transport.Outcome`):
   denied, TLS certificate failures, unknown host, STARTTLS or AUTH not offered, and any
   5xx whose enhanced code is about the account, e.g. 5.7.57 or 5.7.64 on RCPT);
 * the connection was lost after the final dot, before the server's answer →
-  ``ambiguous``: the server may have taken the message.
+  ``ambiguous``: the server may have taken the message;
+* a reply about the order of commands (503 bad sequence, enhanced X.5.1) to our own
+  MAIL, RCPT or DATA → ``temporary``: the session was out of step, not the account;
+  the client resets it (RSET) and the message goes again later. Never
+  ``configuration``: pausing an account for our own session state helps nobody.
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ def reply_failure(
     if phase is Phase.AUTH:
         return _auth_failure(code, said, hint)
     about = f" for {subject}" if subject else ""
+    if phase in _TRANSACTION and out_of_sequence(code, text):
+        return _out_of_sequence(phase, about, said, reply_code(code, text))
     if 400 <= code < 500:
         return Failure(
             Outcome.TEMPORARY,
@@ -102,6 +108,31 @@ def reply_failure(
     if hint:
         detail = f"{detail} {hint.meaning}"
     return Failure(outcome, detail, hint.fix if hint else "", reply_code(code, text))
+
+
+_TRANSACTION = frozenset({Phase.MAIL, Phase.RCPT, Phase.DATA})
+
+
+def out_of_sequence(code: int, text: str) -> bool:
+    """A reply about the order of commands, not about the message: 503, or X.5.1.
+
+    Why both: 503 is "bad sequence of commands" (RFC 5321), and RFC 3463's X.5.1
+    ("invalid command") is what Postfix puts on 503 and on "554 5.5.1 Error: no valid
+    recipients".
+    """
+    return code == 503 or (code >= 500 and enhanced_code(text) == "5.5.1")
+
+
+def _out_of_sequence(phase: Phase, about: str, said: str, code: str) -> Failure:
+    return Failure(
+        Outcome.TEMPORARY,
+        f"{_PHASE_WORDS[phase]}{about} was not taken because the SMTP session was out of "
+        f"step ({said}); this is about the order of commands, not the message or the "
+        "account. The session is reset.",
+        "Nothing; it will be tried again later. If it keeps happening, send the server's "
+        "answer to its administrator.",
+        code,
+    )
 
 
 _PHASE_WORDS: Mapping[Phase, str] = MappingProxyType(

@@ -56,13 +56,17 @@ class TokenSource(Protocol):
 
 
 class _Wire(smtplib.SMTP):
-    """smtplib.SMTP that notes whether the final dot of DATA has left.
+    """smtplib.SMTP that notes whether the final dot of DATA has left, and whether the
+    session must be reset before the next message.
 
     Why: a connection lost before the dot means the server has nothing (temporary);
-    lost after it, the server may have accepted the message (ambiguous).
+    lost after it, the server may have accepted the message (ambiguous). After a 4xx
+    or 5xx to MAIL, RCPT or the end of DATA a server may keep the transaction open
+    (Postfix does), and the next MAIL would get ``503 nested MAIL command``.
     """
 
     dot_sent = False
+    needs_reset = False
     _in_data = False
     _host: str
 
@@ -338,6 +342,7 @@ class SmtpClient:
         conn = self._require()
         envelope = prepare(message, conn.esmtp_features, self.settings.server)
         mid = message.message_id
+        self._reset_if_needed(conn)
         try:
             code, reply = conn.mail(envelope.sender, envelope.options)
         except (smtplib.SMTPException, OSError) as exc:
@@ -345,9 +350,25 @@ class SmtpClient:
         if code == 421:
             raise _Stale
         if code != 250:
-            self._reset(conn)
+            conn.needs_reset = True
             return reply_failure(Phase.MAIL, code, reply, envelope.sender).result(mid)
         return self._recipients_and_data(conn, envelope, mid)
+
+    def _reset_if_needed(self, conn: _Wire) -> None:
+        """RSET after a refused transaction, as smtplib's own sendmail() does.
+
+        Why before the next message rather than at once: nothing of this message has
+        left yet, so a connection found dead here is simply reopened for it.
+        """
+        if not conn.needs_reset:
+            return
+        try:
+            code, _ = conn.rset()
+        except (smtplib.SMTPException, OSError) as exc:
+            raise _Stale from exc
+        if code != 250:
+            raise _Stale
+        conn.needs_reset = False
 
     def _recipients_and_data(self, conn: _Wire, envelope: Envelope, mid: str) -> SendResult:
         refused: dict[str, tuple[int, bytes]] = {}
@@ -359,30 +380,25 @@ class SmtpClient:
                     self._drop()
                     return reply_failure(Phase.RCPT, code, reply, rcpt).result(mid)
                 if code not in (250, 251):
+                    conn.needs_reset = True
                     refused[rcpt] = (code, reply)
             if len(refused) == len(envelope.recipients):
-                self._reset(conn)
                 return _all_refused(refused).result(mid)
             phase = Phase.DATA
             code, reply = conn.data(envelope.data)
         except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
-            self._reset(conn)
+            conn.needs_reset = True
             return reply_failure(Phase.DATA, exc.smtp_code, exc.smtp_error).result(mid)
         except (smtplib.SMTPException, OSError):
             dot_sent = conn.dot_sent
             self._drop()
             return disconnected(phase, dot_sent, self.settings.server).result(mid)
         if code != 250:
+            conn.needs_reset = True
             if code == 421:
                 self._drop()
             return reply_failure(Phase.DATA, code, reply).result(mid)
         return _sent(mid, reply, refused)
-
-    def _reset(self, conn: _Wire) -> None:
-        try:
-            conn.rset()
-        except (smtplib.SMTPException, OSError):
-            self._drop()
 
 
 class _Stale(Exception):
