@@ -10,11 +10,16 @@ recipient, that nothing was lost or delivered twice.
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import replace
+
 import pytest
 
-from crm_core.mail.transport import Outcome
+from crm_core.mail.message import OutgoingMessage
+from crm_core.mail.transport import Outcome, RecipientResult, RecipientStatus, SendResult
 from tests.servers.smtp import SmtpServer
 from tests.smtp_fixtures import (
+    RECIPIENT,
     Servers,
     SmtpCrm,
     check_delivery,
@@ -56,6 +61,165 @@ def test_a_refusal_at_end_of_data_resets_the_session_for_the_next_message(
     assert sent.outcome is Outcome.SENT, sent.detail  # not 503, not a paused account
     assert server.connections == 1 and server.rsets == 1
     assert server.message_ids() == [messages[1].message_id]
+    check_delivery(server, messages, results)
+
+
+# --- 2. each recipient has its own fate --------------------------------------------------
+
+DELIVERED, DEFERRED, REFUSED = (
+    RecipientStatus.DELIVERED,
+    RecipientStatus.DEFERRED,
+    RecipientStatus.REFUSED,
+)
+BUSY = "451 4.3.0 Temporary server error. Please try again later"
+GONE = "550 5.1.1 User unknown; recipient address rejected"
+
+
+def fates(result: SendResult) -> list[tuple[str, RecipientStatus]]:
+    return [(r.address, r.status) for r in result.recipients]
+
+
+def still_owed(message: OutgoingMessage, result: SendResult) -> OutgoingMessage | None:
+    """The next attempt, as the core makes it: for the deferred recipients alone."""
+    waiting = {r.address for r in result.recipients if r.status is DEFERRED}
+    envelope = tuple(a for a in message.recipients if a.email in waiting)
+    return replace(message, envelope=envelope) if envelope else None
+
+
+def test_each_recipient_has_its_own_fate_in_the_servers_words(
+    setup: SmtpCrm, running: Servers
+) -> None:
+    server = plain_server(setup, running)
+    server.inject("rcpt_temporary", address="busy@example.org")
+    server.inject("rcpt_permanent", address="gone@example.org")
+    message = make_message(to=[RECIPIENT], cc=["busy@example.org"], bcc=["gone@example.org"])
+
+    result = setup.send_one(message)
+
+    (got,) = server.received
+    assert result.outcome is Outcome.SENT
+    assert result.recipients == (
+        RecipientResult(RECIPIENT, DELIVERED, f"250 2.0.0 Ok: queued as {got.queue_id}"),
+        RecipientResult("busy@example.org", DEFERRED, BUSY),
+        RecipientResult("gone@example.org", REFUSED, GONE),
+    )
+    assert f"not delivered to: gone@example.org ({GONE})" in result.detail
+    assert "deferred for: busy@example.org" in result.detail
+    check_delivery(server, [message], [result])
+
+
+def test_too_many_recipients_defers_the_rest_for_a_later_attempt_of_their_own(
+    setup: SmtpCrm, running: Servers
+) -> None:
+    server = plain_server(setup, running, recipient_limit=2)
+    to, cc, bcc = (
+        ["a@example.org", "b@example.org"],
+        ["c@example.org", "d@example.org"],
+        ["e@x.org"],
+    )
+    message: OutgoingMessage | None = make_message(to=to, cc=cc, bcc=bcc)
+
+    results: list[SendResult] = []
+    while message is not None:  # the core's later attempts, for the deferred alone
+        results.append(setup.send_one(message))
+        check_delivery(server, [message], results[-1:])
+        message = still_owed(message, results[-1])
+
+    first = results[0]
+    assert [r.outcome for r in results] == [Outcome.SENT] * 3
+    assert fates(first) == [
+        ("a@example.org", DELIVERED),
+        ("b@example.org", DELIVERED),
+        ("c@example.org", DEFERRED),
+        ("d@example.org", DEFERRED),
+        ("e@x.org", DEFERRED),
+    ]
+    assert {r.reply for r in first.recipients[2:]} == {"452 4.5.3 Error: too many recipients"}
+    assert fates(results[2]) == [("e@x.org", DELIVERED)]
+    assert server.rcpt_commands == 3 + 3 + 1  # no RCPT after a 452 4.5.3
+    arrived = Counter((g.message_id, r) for g in server.received for r in g.rcpt_tos)
+    assert set(arrived.values()) == {1} and len(arrived) == 5
+    assert len({g.message_id for g in server.received}) == 1  # the same Message-ID
+    for got in server.received:  # every attempt shows every To and Cc, never the Bcc
+        assert [a.addr_spec for a in got.message["To"].addresses] == to
+        assert [a.addr_spec for a in got.message["Cc"].addresses] == cc
+        assert b"e@x.org" not in got.data
+
+
+@pytest.mark.parametrize(
+    ("replies", "outcome", "statuses"),
+    [
+        (
+            {"busy@example.org": BUSY, "gone@example.org": GONE},
+            Outcome.TEMPORARY,
+            [DEFERRED, REFUSED],
+        ),
+        (
+            {"gone@example.org": GONE, "left@example.org": GONE},
+            Outcome.PERMANENT,
+            [REFUSED, REFUSED],
+        ),
+        (
+            {"a@example.org": "550 5.7.64 TenantAttribution; Relay Access Denied"},
+            Outcome.CONFIGURATION,
+            [DEFERRED],  # about the account: the recipient waits until it is fixed
+        ),
+    ],
+    ids=["deferred-and-refused", "all-refused", "refused-for-the-account"],
+)
+def test_when_no_recipient_is_accepted_no_data_is_sent_and_the_outcome_follows_them(
+    setup: SmtpCrm,
+    running: Servers,
+    replies: dict[str, str],
+    outcome: Outcome,
+    statuses: list[RecipientStatus],
+) -> None:
+    server = plain_server(setup, running)
+    for address, reply in replies.items():
+        server.inject("rcpt_permanent", address=address, response=reply)
+    message = make_message(to=list(replies))
+
+    result = setup.send_one(message)
+
+    assert result.outcome is outcome, result.detail
+    assert fates(result) == list(zip(replies, statuses, strict=True))
+    assert [r.reply for r in result.recipients] == list(replies.values())
+    assert server.data_commands == 0
+    check_delivery(server, [message], [result])
+
+
+def test_a_refusal_after_the_dot_is_temporary_while_a_recipient_waits(
+    setup: SmtpCrm, running: Servers
+) -> None:
+    server = plain_server(setup, running)
+    server.inject("rcpt_temporary", address="busy@example.org")
+    server.inject("data_permanent", times=1)
+    message = make_message(to=[RECIPIENT, "busy@example.org"])
+
+    result = setup.send_one(message)
+
+    rejected = "554 5.6.0 Message rejected: invalid content"
+    assert result.outcome is Outcome.TEMPORARY, result.detail
+    assert result.recipients == (
+        RecipientResult(RECIPIENT, REFUSED, rejected),
+        RecipientResult("busy@example.org", DEFERRED, BUSY),
+    )
+    assert result.reply == rejected and result.code == "554 5.6.0"
+    check_delivery(server, [message], [result])
+
+
+# --- 4. the server's reply is kept ------------------------------------------------------------
+
+
+def test_the_servers_reply_is_kept_for_every_sent_message(setup: SmtpCrm, running: Servers) -> None:
+    server = plain_server(setup, running)
+    messages = [make_message(n) for n in (1, 2, 3)]
+
+    results = setup.send(messages)
+
+    queued = [f"250 2.0.0 Ok: queued as {got.queue_id}" for got in server.received]
+    assert [r.reply for r in results] == queued
+    assert len(set(queued)) == 3
     check_delivery(server, messages, results)
 
 

@@ -26,7 +26,7 @@ import smtplib
 import socket
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from types import MappingProxyType
 
@@ -48,17 +48,23 @@ class Phase(StrEnum):
 
 @dataclass(frozen=True)
 class Failure:
-    """A classified failure: outcome, what happened, what to do, the server's code."""
+    """A classified failure: outcome, what happened, what to do, the server's code,
+    and the server's own reply line (kept: a mail administrator asks for it)."""
 
     outcome: Outcome
     detail: str
     fix: str = ""
     code: str = ""
+    reply: str = ""
+
+    @property
+    def text(self) -> str:
+        """Detail and fix in one text, for the person who sent the mail."""
+        return f"{self.detail} What to do: {self.fix}" if self.fix else self.detail
 
     def result(self, message_id: str) -> SendResult:
-        """The failure as one message's SendResult (detail and fix in one text)."""
-        text = f"{self.detail} What to do: {self.fix}" if self.fix else self.detail
-        return SendResult(message_id, self.outcome, text, self.code)
+        """The failure as one message's SendResult."""
+        return SendResult(message_id, self.outcome, self.text, self.code, reply=self.reply)
 
 
 class SmtpFailure(Exception):
@@ -75,6 +81,25 @@ def _text(reply: bytes | str) -> str:
     return " ".join(raw.split())
 
 
+def said(code: int, reply: bytes | str) -> str:
+    """A reply as the server said it, on one line: ``250 2.0.0 Ok: queued as 4Xb``."""
+    return f"{code} {_text(reply)}".strip()
+
+
+def too_many_recipients(code: int, reply: bytes | str) -> bool:
+    """Postfix's ``452 4.5.3 Error: too many recipients`` (or the older 552 form).
+
+    Why it is not about the recipient: the server takes no more RCPTs in this
+    transaction, so the rest of the envelope waits for another attempt (RFC 5321
+    4.5.3.1.10 asks clients to treat the 552 form as temporary too).
+    """
+    text = _text(reply)
+    lowered = text.lower()
+    return code in (452, 552) and (
+        enhanced_code(text) in ("4.5.3", "5.5.3") or "too many recipients" in lowered
+    )
+
+
 # --- replies ---------------------------------------------------------------------------
 
 
@@ -88,23 +113,29 @@ def reply_failure(
 ) -> Failure:
     """Classify a negative reply to a command (``subject``: the address concerned;
     ``email``: the sending user, named in the fix)."""
-    text = _text(reply)
+    failure = _classify_reply(phase, code, _text(reply), subject, oauth, email)
+    return replace(failure, reply=said(code, reply))
+
+
+def _classify_reply(
+    phase: Phase, code: int, text: str, subject: str, oauth: bool, email: str
+) -> Failure:
     hint = explain(code, text, oauth, email)
-    said = f"the server answered {code} {text}".rstrip()
+    answered = f"the server answered {code} {text}".rstrip()
     if phase is Phase.AUTH:
-        return _auth_failure(code, said, hint)
+        return _auth_failure(code, answered, hint)
     about = f" for {subject}" if subject else ""
     if phase in _TRANSACTION and out_of_sequence(code, text):
-        return _out_of_sequence(phase, about, said, reply_code(code, text))
+        return _out_of_sequence(phase, about, answered, reply_code(code, text))
     if 400 <= code < 500:
         return Failure(
             Outcome.TEMPORARY,
-            f"{_PHASE_WORDS[phase]}{about} was deferred: {said}.",
+            f"{_PHASE_WORDS[phase]}{about} was deferred: {answered}.",
             hint.fix if hint else "Nothing; it will be tried again later.",
             reply_code(code, text),
         )
     outcome = _permanent_outcome(phase, code, text, hint)
-    detail = f"{_PHASE_WORDS[phase]}{about} was refused: {said}."
+    detail = f"{_PHASE_WORDS[phase]}{about} was refused: {answered}."
     if hint:
         detail = f"{detail} {hint.meaning}"
     return Failure(outcome, detail, hint.fix if hint else "", reply_code(code, text))
@@ -123,11 +154,11 @@ def out_of_sequence(code: int, text: str) -> bool:
     return code == 503 or (code >= 500 and enhanced_code(text) == "5.5.1")
 
 
-def _out_of_sequence(phase: Phase, about: str, said: str, code: str) -> Failure:
+def _out_of_sequence(phase: Phase, about: str, answered: str, code: str) -> Failure:
     return Failure(
         Outcome.TEMPORARY,
         f"{_PHASE_WORDS[phase]}{about} was not taken because the SMTP session was out of "
-        f"step ({said}); this is about the order of commands, not the message or the "
+        f"step ({answered}); this is about the order of commands, not the message or the "
         "account. The session is reset.",
         "Nothing; it will be tried again later. If it keeps happening, send the server's "
         "answer to its administrator.",

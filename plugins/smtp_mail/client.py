@@ -27,8 +27,11 @@ from smtp_mail.classify import (
     SmtpFailure,
     connection_failure,
     disconnected,
+    out_of_sequence,
     reply_failure,
+    too_many_recipients,
 )
+from smtp_mail.recipients import Tally
 from smtp_mail.render import Envelope, Unsendable, prepare
 from smtp_mail.settings import AUTH, CA_BUNDLE, AuthMode, Security, SmtpSettings
 
@@ -371,34 +374,53 @@ class SmtpClient:
         conn.needs_reset = False
 
     def _recipients_and_data(self, conn: _Wire, envelope: Envelope, mid: str) -> SendResult:
-        refused: dict[str, tuple[int, bytes]] = {}
+        """RCPT for each recipient, then DATA when the server accepted at least one."""
+        tally = Tally(envelope)
         phase = Phase.RCPT
         try:
-            for rcpt in envelope.recipients:
-                code, reply = conn.rcpt(rcpt)
-                if code == 421:
-                    self._drop()
-                    return reply_failure(Phase.RCPT, code, reply, rcpt).result(mid)
-                if code not in (250, 251):
-                    conn.needs_reset = True
-                    refused[rcpt] = (code, reply)
-            if len(refused) == len(envelope.recipients):
-                return _all_refused(refused).result(mid)
+            ended = self._name_recipients(conn, tally)
+            if ended is not None or not tally.accepted:
+                return tally.ended(mid, ended)
             phase = Phase.DATA
-            code, reply = conn.data(envelope.data)
-        except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
-            conn.needs_reset = True
-            return reply_failure(Phase.DATA, exc.smtp_code, exc.smtp_error).result(mid)
+            return self._data(conn, tally, mid)
         except (smtplib.SMTPException, OSError):
             dot_sent = conn.dot_sent
             self._drop()
-            return disconnected(phase, dot_sent, self.settings.server).result(mid)
-        if code != 250:
+            failure = disconnected(phase, dot_sent, self.settings.server)
+            return tally.lost(mid, failure) if dot_sent else tally.ended(mid, failure)
+
+    def _name_recipients(self, conn: _Wire, tally: Tally) -> Failure | None:
+        """RCPT TO each recipient; the failure that ends the transaction, if one does."""
+        rcpts = tally.envelope.recipients
+        for index, rcpt in enumerate(rcpts):
+            code, reply = conn.rcpt(rcpt)
+            if code in (250, 251):
+                tally.accept(rcpt)
+                continue
             conn.needs_reset = True
-            if code == 421:
-                self._drop()
-            return reply_failure(Phase.DATA, code, reply).result(mid)
-        return _sent(mid, reply, refused)
+            if code == 421 or out_of_sequence(code, reply.decode("utf-8", "replace")):
+                if code == 421:
+                    self._drop()
+                return reply_failure(Phase.RCPT, code, reply, tally.names[rcpt])
+            if too_many_recipients(code, reply):
+                tally.defer_rest(rcpts[index:], code, reply)
+                return None
+            tally.refuse(rcpt, code, reply)
+        return None
+
+    def _data(self, conn: _Wire, tally: Tally, mid: str) -> SendResult:
+        """DATA and the message; the reply after the final dot decides for the accepted."""
+        try:
+            code, reply = conn.data(tally.envelope.data)
+        except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
+            conn.needs_reset = True
+            return tally.ended(mid, reply_failure(Phase.DATA, exc.smtp_code, exc.smtp_error))
+        if code == 250:
+            return tally.delivered(mid, code, reply)
+        conn.needs_reset = True
+        if code == 421:
+            self._drop()
+        return tally.ended(mid, reply_failure(Phase.DATA, code, reply))
 
 
 class _Stale(Exception):
@@ -457,37 +479,3 @@ def mask(reply: bytes, secrets: Sequence[bytes]) -> bytes:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def _all_refused(refused: dict[str, tuple[int, bytes]]) -> Failure:
-    """Every recipient refused: temporary if any refusal was, else permanent."""
-    failures = [reply_failure(Phase.RCPT, c, r, a) for a, (c, r) in refused.items()]
-    order = (Outcome.CONFIGURATION, Outcome.TEMPORARY, Outcome.PERMANENT)
-    outcome = next(o for o in order if any(f.outcome is o for f in failures))
-    detail = " ".join(f.detail for f in failures)
-    fixes = " ".join(dict.fromkeys(f.fix for f in failures if f.fix))
-    return Failure(outcome, detail, fixes, failures[0].code)
-
-
-def _sent(mid: str, reply: bytes, refused: dict[str, tuple[int, bytes]]) -> SendResult:
-    """Sent; recipients the server refused are named (the mail went to the others).
-
-    Why not retry or fail: the accepted recipients already have the message, and a
-    resend would give them a duplicate; the sender is told whom it did not reach.
-    """
-    queued = " ".join(reply.decode("utf-8", "replace").split())
-    if not refused:
-        return SendResult(mid, Outcome.SENT, "", "", provider_ref=queued)
-    missed = "; ".join(
-        f"{addr} ({reply_failure(Phase.RCPT, c, r, addr).code}: "
-        f"{' '.join(r.decode('utf-8', 'replace').split())})"
-        for addr, (c, r) in refused.items()
-    )
-    first = next(iter(refused.items()))
-    return SendResult(
-        mid,
-        Outcome.SENT,
-        f"Sent, but not delivered to: {missed}.",
-        reply_failure(Phase.RCPT, first[1][0], first[1][1]).code,
-        provider_ref=queued,
-    )

@@ -28,16 +28,26 @@ _ADDRESS_HEADERS = ("From", "To", "Cc", "Reply-To")
 
 @dataclass(frozen=True)
 class Envelope:
-    """What MAIL FROM, RCPT TO and DATA carry for one message."""
+    """What MAIL FROM, RCPT TO and DATA carry for one message.
+
+    ``recipients`` are the RCPT addresses as written on the wire (IDNA domains
+    without SMTPUTF8), each once; ``addresses`` the same recipients as the outbox
+    knows them (``Address.email``), in the same order, for the results.
+    """
 
     sender: str
     recipients: tuple[str, ...]
     data: bytes
     options: tuple[str, ...]
+    addresses: tuple[str, ...] = ()
 
 
 def prepare(message: OutgoingMessage, features: Mapping[str, str], server: str) -> Envelope:
-    """The envelope for this server; raises SmtpUnsendable when it cannot carry it."""
+    """The envelope for this server; raises Unsendable when it cannot carry it."""
+    if not message.recipients:
+        raise Unsendable(
+            Failure(Outcome.PERMANENT, "The message has no recipients.", "", "no-recipients")
+        )
     international = message.needs_smtputf8
     if international and "smtputf8" not in features:
         raise Unsendable(_no_smtputf8(message, server))
@@ -78,11 +88,15 @@ def _finish(
         raise Unsendable(_too_large(len(data), limit, server))
     if "size" in features:
         options.insert(0, f"SIZE={len(data)}")
+    rcpts: dict[str, str] = {}  # one RCPT per mailbox, even when it is both To and Cc
+    for addr in message.recipients:
+        rcpts.setdefault(_wire_address(addr, international), addr.email)
     return Envelope(
         sender=_wire_address(message.sender, international),
-        recipients=tuple(_wire_address(a, international) for a in message.recipients),
+        recipients=tuple(rcpts),
         data=data,
         options=tuple(options),
+        addresses=tuple(rcpts.values()),
     )
 
 
