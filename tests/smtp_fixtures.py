@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from collections import Counter
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,9 +68,13 @@ class SmtpCrm:
         with self.crm.transaction() as session:
             return self.crm.sender_account(session, directory.find_user(session, self.email))
 
-    def send(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+    def send(
+        self,
+        messages: Sequence[OutgoingMessage],
+        report: Callable[[Sequence[SendResult]], None] | None = None,
+    ) -> list[SendResult]:
         """Send through the core's typed hook caller, as the worker does."""
-        return self.crm.send_mail(self.account(), messages)
+        return self.crm.send_mail(self.account(), messages, report)
 
     def send_one(self, message: OutgoingMessage | None = None) -> SendResult:
         """Send one message (a default one when none is given)."""

@@ -11,6 +11,7 @@ recipient, that nothing was lost or delivered twice.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
@@ -206,6 +207,34 @@ def test_a_refusal_after_the_dot_is_temporary_while_a_recipient_waits(
     )
     assert result.reply == rejected and result.code == "554 5.6.0"
     check_delivery(server, [message], [result])
+
+
+# --- 3. each result is recorded as it happens ----------------------------------------------
+
+
+def test_each_result_is_reported_as_its_final_reply_arrives(
+    setup: SmtpCrm, running: Servers
+) -> None:
+    server = plain_server(setup, running)
+    server.inject("data_permanent", address="r2@example.org", times=1)  # refusals too
+    messages = [make_message(n, to=[f"r{n}@example.org"]) for n in (1, 2, 3)]
+    ids = [m.message_id for m in messages]
+    reported: list[SendResult] = []
+    seen: list[tuple[str, list[str], int]] = []  # what the server had at each report
+
+    def report(results: Sequence[SendResult]) -> None:
+        reported.extend(results)
+        seen.extend((r.message_id, server.message_ids(), server.data_commands) for r in results)
+
+    results = setup.send(messages, report=report)
+
+    assert seen == [
+        (ids[0], ids[:1], 1),
+        (ids[1], ids[:1], 2),  # its refusal came before the next MAIL went out
+        (ids[2], [ids[0], ids[2]], 3),
+    ]
+    assert reported == results
+    check_delivery(server, messages, results)
 
 
 # --- 4. the server's reply is kept ------------------------------------------------------------

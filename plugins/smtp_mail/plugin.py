@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from crm_core.plugin_api import (
     ConnectionReport,
@@ -88,9 +88,16 @@ def sending_problems(account: SenderAccount) -> list[Problem]:
 
 @hookimpl
 def send_mail(
-    account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+    account: SenderAccount,
+    messages: Sequence[OutgoingMessage],
+    resources: Resources,
+    report: Callable[[Sequence[SendResult]], None],
 ) -> list[SendResult]:
-    """Send the batch over one connection (one AUTH); one classified result per message."""
+    """Send the batch over one connection (one AUTH); one classified result per message.
+
+    Each result is reported as the server's final reply for it arrives, so a worker
+    killed mid-batch leaves only the message in flight unknown.
+    """
     from smtp_mail.client import SmtpClient
     from smtp_mail.oauth import EntraTokens
 
@@ -98,8 +105,20 @@ def send_mail(
     tokens = EntraTokens.for_account(account, resources)
     if settings.auth is not AuthMode.XOAUTH2:
         tokens = None
+    results: list[SendResult] = []
     with SmtpClient(settings, tokens) as client:
-        results = [client.send(m) for m in messages]
+        for message in messages:
+            result = client.send(message)
+            report([result])
+            results.append(result)
+    _log_batch(account, settings.server, results, client.connections)
+    return results
+
+
+def _log_batch(
+    account: SenderAccount, server: str, results: Sequence[SendResult], connections: int
+) -> None:
+    """One line per message that was not simply sent, and one for the batch."""
     for result in results:
         if result.outcome is not Outcome.SENT or result.detail:
             log.info(
@@ -113,11 +132,10 @@ def send_mail(
     log.info(
         "SMTP batch for %s via %s: %s over %d connection(s)",
         account.email,
-        settings.server,
+        server,
         dict(counts),
-        client.connections,
+        connections,
     )
-    return results
 
 
 @hookimpl
