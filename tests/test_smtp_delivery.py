@@ -18,6 +18,7 @@ import pytest
 
 from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import Outcome, RecipientResult, RecipientStatus, SendResult
+from crm_core.models import utcnow
 from tests.servers.smtp import SmtpServer
 from tests.smtp_fixtures import (
     RECIPIENT,
@@ -249,6 +250,57 @@ def test_the_servers_reply_is_kept_for_every_sent_message(setup: SmtpCrm, runnin
     queued = [f"250 2.0.0 Ok: queued as {got.queue_id}" for got in server.received]
     assert [r.reply for r in results] == queued
     assert len(set(queued)) == 3
+    check_delivery(server, messages, results)
+
+
+# --- 5. an unknown comes with its evidence ---------------------------------------------------
+
+
+def test_a_reply_lost_after_the_dot_is_unknown_with_the_step_and_the_servers_last_words(
+    setup: SmtpCrm, running: Servers
+) -> None:
+    server = plain_server(setup, running)
+    server.inject("rcpt_temporary", address="busy@example.org", times=1)
+    server.inject("drop_after_data", times=1)
+    messages = [make_message(1, to=[RECIPIENT, "busy@example.org"]), make_message(2)]
+
+    lost, sent = results = setup.send(messages)
+
+    assert lost.outcome is Outcome.AMBIGUOUS and sent.outcome is Outcome.SENT
+    assert lost.reply == "354 End data with <CR><LF>.<CR><LF>"
+    assert "after the final dot of DATA" in lost.detail
+    assert "The server's last reply was: 354 End data" in lost.detail
+    assert "Connection unexpectedly closed" in lost.detail
+    assert fates(lost) == [("busy@example.org", DEFERRED)]  # known; kund@ is unknown
+    check_delivery(server, messages, results, ambiguous={messages[0].message_id})
+
+    (settled,) = setup.crm.reconcile_mail(setup.account(), messages[:1], utcnow())
+
+    assert settled.sent is None
+    assert "keeps no Sent folder" in settled.detail
+    assert messages[0].message_id in settled.detail  # what to look for in the server's log
+    assert "look in the mailbox's Sent folder" not in settled.detail
+
+
+def test_a_connection_lost_while_naming_recipients_is_temporary_with_its_evidence(
+    setup: SmtpCrm, running: Servers
+) -> None:
+    # The message before it was sent: its final dot must not make this one "unknown".
+    server = plain_server(setup, running)
+    server.inject("drop_at_rcpt", address="b@example.org", times=1)
+    messages = [
+        make_message(1),
+        make_message(2, to=["a@example.org", "b@example.org"]),
+        make_message(3),
+    ]
+
+    first, cut, third = results = setup.send(messages)
+
+    assert cut.outcome is Outcome.TEMPORARY and cut.code == "disconnected", cut.detail
+    assert "while naming the recipients (RCPT TO)" in cut.detail
+    assert cut.reply == "250 2.1.5 Recipient OK"  # the server's answer for a@
+    assert fates(cut) == [("a@example.org", DEFERRED), ("b@example.org", DEFERRED)]
+    assert (first.outcome, third.outcome) == (Outcome.SENT, Outcome.SENT)
     check_delivery(server, messages, results)
 
 

@@ -183,9 +183,9 @@ _WHILE: Mapping[Phase, str] = MappingProxyType(
         Phase.CONNECT: "while connecting",
         Phase.TLS: "while setting up encryption",
         Phase.AUTH: "while logging in",
-        Phase.MAIL: "at the start of the message",
-        Phase.RCPT: "while naming the recipients",
-        Phase.DATA: "while sending the message",
+        Phase.MAIL: "at the start of the message (MAIL FROM)",
+        Phase.RCPT: "while naming the recipients (RCPT TO)",
+        Phase.DATA: "while sending the message (DATA, before its final dot)",
     }
 )
 
@@ -214,22 +214,41 @@ def _auth_failure(code: int, said: str, hint: Hint | None) -> Failure:
     return Failure(Outcome.CONFIGURATION, f"{meaning} ({said})", fix, reply_code(code, said))
 
 
-def disconnected(phase: Phase, dot_sent: bool, server: str) -> Failure:
-    """The connection was lost; after the final dot nobody knows if the mail went."""
+def disconnected(
+    phase: Phase, dot_sent: bool, server: str, last_reply: str = "", cause: str = ""
+) -> Failure:
+    """The connection was lost; after the final dot nobody knows if the mail went.
+
+    Why the step, the server's last reply (kept as the result's ``reply``) and the
+    client's ``cause``: they are the evidence for whoever settles an unknown message,
+    since SMTP has no Sent folder to look in.
+    """
+    evidence = _evidence(last_reply, cause)
     if dot_sent:
         return Failure(
             Outcome.AMBIGUOUS,
-            f"The connection to {server} was lost after the whole message was sent, "
-            "before the server confirmed it; it may or may not have been delivered.",
-            "Check with the recipient before sending again.",
+            f"The connection to {server} was lost after the whole message was sent (after "
+            "the final dot of DATA, waiting for the server's confirmation); it may or may "
+            f"not have been delivered.{evidence}",
+            "Ask the recipient whether it arrived, or ask the mail server's administrator "
+            "to look for its Message-ID in the server's log, before sending it again.",
             "disconnected-after-data",
+            last_reply,
         )
     return Failure(
         Outcome.TEMPORARY,
-        f"The connection to {server} was lost {_WHILE[phase]}, before the message was handed over.",
+        f"The connection to {server} was lost {_WHILE[phase]}, before the message was "
+        f"handed over.{evidence}",
         "Nothing; it will be tried again later.",
         "disconnected",
+        last_reply,
     )
+
+
+def _evidence(last_reply: str, cause: str) -> str:
+    said_last = f" The server's last reply was: {last_reply}." if last_reply else ""
+    ended = f" The connection ended with: {cause}." if cause else ""
+    return said_last + ended
 
 
 # --- exceptions while connecting -------------------------------------------------------

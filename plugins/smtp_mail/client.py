@@ -29,6 +29,7 @@ from smtp_mail.classify import (
     disconnected,
     out_of_sequence,
     reply_failure,
+    said,
     too_many_recipients,
 )
 from smtp_mail.recipients import Tally
@@ -70,6 +71,7 @@ class _Wire(smtplib.SMTP):
 
     dot_sent = False
     needs_reset = False
+    last_reply = ""
     _in_data = False
     _host: str
 
@@ -93,6 +95,13 @@ class _Wire(smtplib.SMTP):
         super().send(s)
         if self._in_data and isinstance(s, bytes) and s.endswith(b"\r\n.\r\n"):
             self.dot_sent = True
+
+    def getreply(self) -> tuple[int, bytes]:
+        # Kept as evidence for a connection lost mid-transaction. Only replies after
+        # AUTH are ever shown (MAIL, RCPT, DATA), never a SASL exchange.
+        code, reply = super().getreply()
+        self.last_reply = said(code, reply)
+        return code, reply
 
 
 class _WireSSL(_Wire, smtplib.SMTP_SSL):
@@ -383,11 +392,17 @@ class SmtpClient:
                 return tally.ended(mid, ended)
             phase = Phase.DATA
             return self._data(conn, tally, mid)
-        except (smtplib.SMTPException, OSError):
-            dot_sent = conn.dot_sent
-            self._drop()
-            failure = disconnected(phase, dot_sent, self.settings.server)
-            return tally.lost(mid, failure) if dot_sent else tally.ended(mid, failure)
+        except (smtplib.SMTPException, OSError) as exc:
+            return self._lost(conn, tally, mid, phase, exc)
+
+    def _lost(
+        self, conn: _Wire, tally: Tally, mid: str, phase: Phase, exc: BaseException
+    ) -> SendResult:
+        """The connection broke mid-transaction: unknown after the final dot, else temporary."""
+        dot_sent = phase is Phase.DATA and conn.dot_sent  # not a dot of an earlier message
+        self._drop()
+        failure = disconnected(phase, dot_sent, self.settings.server, conn.last_reply, str(exc))
+        return tally.lost(mid, failure) if dot_sent else tally.ended(mid, failure)
 
     def _name_recipients(self, conn: _Wire, tally: Tally) -> Failure | None:
         """RCPT TO each recipient; the failure that ends the transaction, if one does."""

@@ -152,13 +152,22 @@ def test_connection(
 def reconcile_mail(
     account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
 ) -> list[ReconcileResult]:
-    """SMTP cannot look into the sender's Sent folder, so it can never tell."""
+    """SMTP cannot tell: a server keeps no Sent folder that a client could search.
+
+    Why not "look in the Sent folder": mail sent over SMTP is not filed there, so the
+    advice would mislead. The evidence is the attempt's own result (the step at which
+    the connection was lost and the server's last reply); the server's log has the rest.
+    """
     return [
         ReconcileResult(
             m.message_id,
             None,
-            "SMTP has no way to look up whether a message arrived; ask the recipient "
-            "or look in the mailbox's Sent folder before sending again.",
+            "SMTP cannot look up whether a message was delivered: an SMTP server keeps no "
+            "Sent folder to search, and mail sent through it is not filed in one. The last "
+            "attempt's result shows the step at which the connection was lost and the "
+            "server's last reply. Ask the recipient, or ask the mail server's administrator "
+            f"to look for Message-ID {m.message_id} in the server's log; then mark it sent "
+            "or send it again.",
         )
         for m in messages
     ]
