@@ -11,11 +11,12 @@ recipient, that nothing was lost or delivered twice.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import pytest
 
+from crm_core.mail.addresses import Address
 from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import Outcome, RecipientResult, RecipientStatus, SendResult
 from crm_core.models import utcnow
@@ -301,6 +302,47 @@ def test_a_connection_lost_while_naming_recipients_is_temporary_with_its_evidenc
     assert cut.reply == "250 2.1.5 Recipient OK"  # the server's answer for a@
     assert fates(cut) == [("a@example.org", DEFERRED), ("b@example.org", DEFERRED)]
     assert (first.outcome, third.outcome) == (Outcome.SENT, Outcome.SENT)
+    check_delivery(server, messages, results)
+
+
+# --- 6. one bad message never poisons its batch ---------------------------------------------
+
+
+def _bad(**changes: object) -> Callable[[OutgoingMessage], OutgoingMessage]:
+    """Build the bad message directly: enqueue would refuse it before any transport."""
+    return lambda message: replace(message, **changes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "code"),
+    [
+        pytest.param(_bad(subject="Offer\vnext"), "bad-header", id="vertical-tab-in-subject"),
+        pytest.param(
+            _bad(subject="Offer\nBcc: all@example.org"), "bad-header", id="line-feed-in-subject"
+        ),
+        pytest.param(
+            _bad(to=(Address(RECIPIENT, "Per\vPersson"),)), "bad-header", id="vertical-tab-in-name"
+        ),
+        pytest.param(_bad(text="Hej \udcff\n"), "unencodable", id="text-no-charset-encodes"),
+    ],
+)
+def test_a_message_that_cannot_be_rendered_fails_alone_and_the_batch_goes_on(
+    setup: SmtpCrm,
+    running: Servers,
+    spoil: Callable[[OutgoingMessage], OutgoingMessage],
+    code: str,
+) -> None:
+    server = plain_server(setup, running)
+    messages = [make_message(1), spoil(make_message(2)), make_message(3)]
+    reported: list[SendResult] = []
+
+    results = setup.send(messages, report=reported.extend)
+
+    assert [r.outcome for r in results] == [Outcome.SENT, Outcome.PERMANENT, Outcome.SENT]
+    assert results[1].code == code and "send the message again" in results[1].detail
+    assert reported == results  # each recorded; none left unknown
+    assert server.message_ids() == [messages[0].message_id, messages[2].message_id]
+    assert server.connections == 1
     check_delivery(server, messages, results)
 
 
