@@ -301,6 +301,8 @@ def test_a_connection_lost_while_naming_recipients_is_temporary_with_its_evidenc
     assert "while naming the recipients (RCPT TO)" in cut.detail
     assert cut.reply == "250 2.1.5 Recipient OK"  # the server's answer for a@
     assert fates(cut) == [("a@example.org", DEFERRED), ("b@example.org", DEFERRED)]
+    lost = "no reply: the connection was lost while naming the recipients (RCPT TO)"
+    assert {r.reply for r in cut.recipients} == {lost}
     assert (first.outcome, third.outcome) == (Outcome.SENT, Outcome.SENT)
     check_delivery(server, messages, results)
 

@@ -245,6 +245,11 @@ def disconnected(
     )
 
 
+def lost_while(phase: Phase) -> str:
+    """What a recipient is told when the connection broke before its message went."""
+    return f"no reply: the connection was lost {_WHILE[phase]}"
+
+
 def _evidence(last_reply: str, cause: str) -> str:
     said_last = f" The server's last reply was: {last_reply}." if last_reply else ""
     ended = f" The connection ended with: {cause}." if cause else ""

@@ -27,6 +27,7 @@ from smtp_mail.classify import (
     SmtpFailure,
     connection_failure,
     disconnected,
+    lost_while,
     out_of_sequence,
     reply_failure,
     said,
@@ -402,7 +403,9 @@ class SmtpClient:
         dot_sent = phase is Phase.DATA and conn.dot_sent  # not a dot of an earlier message
         self._drop()
         failure = disconnected(phase, dot_sent, self.settings.server, conn.last_reply, str(exc))
-        return tally.lost(mid, failure) if dot_sent else tally.ended(mid, failure)
+        if dot_sent:
+            return tally.lost(mid, failure)
+        return tally.ended(mid, failure, why=lost_while(phase))
 
     def _name_recipients(self, conn: _Wire, tally: Tally) -> Failure | None:
         """RCPT TO each recipient; the failure that ends the transaction, if one does."""

@@ -79,19 +79,21 @@ class Tally:
             recipients=self._results((RecipientStatus.DELIVERED, final), None),
         )
 
-    def ended(self, message_id: str, failure: Failure | None) -> SendResult:
+    def ended(self, message_id: str, failure: Failure | None, why: str = "") -> SendResult:
         """The transaction ended without the message.
 
         ``failure`` is what ended it (the reply after the dot, a 421 or 503, the
         connection lost before the dot); None when no recipient was accepted.
-        Recipients it leaves unanswered share its fate.
+        Recipients it leaves unanswered share its fate, with ``why`` as their reply
+        (the failure's reply line when the server gave one).
         """
         if failure is None:
             recipients = self._results(None, None)
             summary = _combined([f for _, f in self.answered.values()])
         else:
-            fate = (_status(failure), failure.reply)
-            recipients = self._results(fate, (RecipientStatus.DEFERRED, failure.reply))
+            words = why or failure.reply
+            fate = (_status(failure), words)
+            recipients = self._results(fate, (RecipientStatus.DEFERRED, words))
             summary = self._with_answered(failure)
         causes = [f for _, f in self.answered.values()] + ([failure] if failure else [])
         outcome = _unsent_outcome(recipients, causes)
