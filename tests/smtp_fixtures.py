@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,15 @@ import pytest
 
 from crm_core import directory
 from crm_core.app import Crm
-from crm_core.mail.addresses import parse_address
+from crm_core.mail.addresses import Address, parse_address
 from crm_core.mail.message import Attachment, OutgoingMessage, make_message_id
-from crm_core.mail.transport import ConnectionReport, SenderAccount, SendResult
+from crm_core.mail.transport import (
+    ConnectionReport,
+    Outcome,
+    RecipientStatus,
+    SenderAccount,
+    SendResult,
+)
 from tests.conftest import CrmFactory, SchemaTemplates
 from tests.servers.smtp import SmtpServer
 from tests.servers.tls import TestCA, make_test_ca
@@ -61,9 +68,13 @@ class SmtpCrm:
         with self.crm.transaction() as session:
             return self.crm.sender_account(session, directory.find_user(session, self.email))
 
-    def send(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+    def send(
+        self,
+        messages: Sequence[OutgoingMessage],
+        report: Callable[[Sequence[SendResult]], None] | None = None,
+    ) -> list[SendResult]:
         """Send through the core's typed hook caller, as the worker does."""
-        return self.crm.send_mail(self.account(), messages)
+        return self.crm.send_mail(self.account(), messages, report)
 
     def send_one(self, message: OutgoingMessage | None = None) -> SendResult:
         """Send one message (a default one when none is given)."""
@@ -141,6 +152,52 @@ def make_message(
         html=html,
         attachments=tuple(attachments),
     )
+
+
+def check_delivery(
+    server: SmtpServer,
+    messages: Sequence[OutgoingMessage],
+    results: Sequence[SendResult],
+    ambiguous: Collection[str] = (),
+) -> None:
+    """The invariant after a fault, counted at the server by Message-ID and recipient.
+
+    Each recipient of each message arrived exactly once, or was refused or deferred
+    with the server's words, or its message is unknown with evidence (the step and the
+    server's last reply); nothing arrived that was not sent, and nothing twice unless
+    its Message-ID is in ``ambiguous`` (an ambiguous fault was injected for it).
+    """
+    arrived = Counter((got.message_id, rcpt) for got in server.received for rcpt in got.rcpt_tos)
+    assert {mid for mid, _ in arrived} <= {m.message_id for m in messages}, "stray mail"
+    by_id = {r.message_id: r for r in results}
+    for message in messages:
+        result = by_id[message.message_id]
+        for address in message.recipients:
+            times = _arrivals(arrived, message.message_id, address)
+            _check_recipient(result, address, times)
+            if message.message_id not in ambiguous:
+                assert times <= 1, f"{address.email} got {message.message_id} {times} times"
+
+
+def _arrivals(arrived: Counter[tuple[str | None, str]], mid: str, address: Address) -> int:
+    wire = {address.email, address.ascii_email or address.email}
+    return sum(arrived[(mid, w)] for w in wire)
+
+
+def _check_recipient(result: SendResult, address: Address, times: int) -> None:
+    fate = next((f for f in result.recipients if f.address == address.email), None)
+    who = f"{address.email} of {result.message_id}"
+    if fate is not None:
+        if fate.status is RecipientStatus.DELIVERED:
+            assert times == 1 and fate.reply.startswith("250"), (who, times, fate)
+        else:
+            assert times == 0 and fate.reply, (who, times, fate)
+    elif result.outcome is Outcome.SENT:
+        assert times == 1, (who, times)
+    elif result.outcome is Outcome.AMBIGUOUS:
+        assert times <= 1 and result.detail and result.reply, (who, result)
+    else:
+        assert times == 0 and result.detail, (who, times, result)
 
 
 @dataclass

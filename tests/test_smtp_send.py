@@ -95,7 +95,7 @@ def test_starttls_password_multipart_attachments_and_unicode(
     attachment = found["Offert Östermalm.pdf"]
     assert attachment.get_content_type() == "application/pdf"
     assert attachment.get_content() == pdf
-    assert result.provider_ref.startswith("2.0.0 OK queued")
+    assert result.provider_ref == f"2.0.0 Ok: queued as {got.queue_id}"
 
 
 def test_implicit_tls_and_auth_login_only(setup: SmtpCrm, running: Servers, ca: TestCA) -> None:

@@ -434,7 +434,7 @@ def test_describe_route_and_reconcile_without_network(make_crm: CrmFactory) -> N
         "anna@contoso.se",
     )
     assert route.notes == ("security starttls", "auth password")
-    assert reconciled.sent is None and "Sent folder" in reconciled.detail
+    assert reconciled.sent is None and "SMTP cannot look up" in reconciled.detail
 
 
 def test_user_may_override_the_server(make_crm: CrmFactory) -> None:

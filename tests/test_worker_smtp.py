@@ -187,6 +187,23 @@ def test_5xx_on_data_fails_at_once_and_is_never_retried(
     assert len(smtp_server.message_ids()) == 3
 
 
+def test_a_refusal_at_end_of_data_does_not_pause_the_account(
+    make_crm: Any, smtp_server: SmtpServer
+) -> None:
+    # The stand-in keeps the refused transaction open, as Postfix does: without RSET the
+    # next MAIL gets "503 5.5.1 Error: nested MAIL command".
+    crm = smtp_crm(make_crm, smtp_server.port)
+    ids = queue_many(crm, 3)
+    smtp_server.inject("data_temporary", address="r0@example.com", times=1)
+    stats = Worker(crm).run_once()
+    assert (stats.paused_accounts, stats.retry, stats.sent) == (0, 1, 2)
+    assert smtp_server.connections == 1 and smtp_server.rsets == 1
+    drain(crm)
+    rows = check_invariants(crm, smtp_server.message_ids())
+    assert {rows[i].state for i in ids} == {"sent"}
+    assert [a.outcome for a in rows[ids[0]].attempt_log] == ["temporary", "sent"]
+
+
 def test_a_drop_after_the_final_dot_is_unknown_and_not_resent(
     make_crm: Any, smtp_server: SmtpServer
 ) -> None:

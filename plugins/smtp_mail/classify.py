@@ -12,7 +12,11 @@ The rule of thumb (see :class:`crm_core.mail.transport.Outcome`):
   denied, TLS certificate failures, unknown host, STARTTLS or AUTH not offered, and any
   5xx whose enhanced code is about the account, e.g. 5.7.57 or 5.7.64 on RCPT);
 * the connection was lost after the final dot, before the server's answer →
-  ``ambiguous``: the server may have taken the message.
+  ``ambiguous``: the server may have taken the message;
+* a reply about the order of commands (503 bad sequence, enhanced X.5.1) to our own
+  MAIL, RCPT or DATA → ``temporary``: the session was out of step, not the account;
+  the client resets it (RSET) and the message goes again later. Never
+  ``configuration``: pausing an account for our own session state helps nobody.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import smtplib
 import socket
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from types import MappingProxyType
 
@@ -44,17 +48,23 @@ class Phase(StrEnum):
 
 @dataclass(frozen=True)
 class Failure:
-    """A classified failure: outcome, what happened, what to do, the server's code."""
+    """A classified failure: outcome, what happened, what to do, the server's code,
+    and the server's own reply line (kept: a mail administrator asks for it)."""
 
     outcome: Outcome
     detail: str
     fix: str = ""
     code: str = ""
+    reply: str = ""
+
+    @property
+    def text(self) -> str:
+        """Detail and fix in one text, for the person who sent the mail."""
+        return f"{self.detail} What to do: {self.fix}" if self.fix else self.detail
 
     def result(self, message_id: str) -> SendResult:
-        """The failure as one message's SendResult (detail and fix in one text)."""
-        text = f"{self.detail} What to do: {self.fix}" if self.fix else self.detail
-        return SendResult(message_id, self.outcome, text, self.code)
+        """The failure as one message's SendResult."""
+        return SendResult(message_id, self.outcome, self.text, self.code, reply=self.reply)
 
 
 class SmtpFailure(Exception):
@@ -71,6 +81,25 @@ def _text(reply: bytes | str) -> str:
     return " ".join(raw.split())
 
 
+def said(code: int, reply: bytes | str) -> str:
+    """A reply as the server said it, on one line: ``250 2.0.0 Ok: queued as 4Xb``."""
+    return f"{code} {_text(reply)}".strip()
+
+
+def too_many_recipients(code: int, reply: bytes | str) -> bool:
+    """Postfix's ``452 4.5.3 Error: too many recipients`` (or the older 552 form).
+
+    Why it is not about the recipient: the server takes no more RCPTs in this
+    transaction, so the rest of the envelope waits for another attempt (RFC 5321
+    4.5.3.1.10 asks clients to treat the 552 form as temporary too).
+    """
+    text = _text(reply)
+    lowered = text.lower()
+    return code in (452, 552) and (
+        enhanced_code(text) in ("4.5.3", "5.5.3") or "too many recipients" in lowered
+    )
+
+
 # --- replies ---------------------------------------------------------------------------
 
 
@@ -84,24 +113,57 @@ def reply_failure(
 ) -> Failure:
     """Classify a negative reply to a command (``subject``: the address concerned;
     ``email``: the sending user, named in the fix)."""
-    text = _text(reply)
+    failure = _classify_reply(phase, code, _text(reply), subject, oauth, email)
+    return replace(failure, reply=said(code, reply))
+
+
+def _classify_reply(
+    phase: Phase, code: int, text: str, subject: str, oauth: bool, email: str
+) -> Failure:
     hint = explain(code, text, oauth, email)
-    said = f"the server answered {code} {text}".rstrip()
+    answered = f"the server answered {code} {text}".rstrip()
     if phase is Phase.AUTH:
-        return _auth_failure(code, said, hint)
+        return _auth_failure(code, answered, hint)
     about = f" for {subject}" if subject else ""
+    if phase in _TRANSACTION and out_of_sequence(code, text):
+        return _out_of_sequence(phase, about, answered, reply_code(code, text))
     if 400 <= code < 500:
         return Failure(
             Outcome.TEMPORARY,
-            f"{_PHASE_WORDS[phase]}{about} was deferred: {said}.",
+            f"{_PHASE_WORDS[phase]}{about} was deferred: {answered}.",
             hint.fix if hint else "Nothing; it will be tried again later.",
             reply_code(code, text),
         )
     outcome = _permanent_outcome(phase, code, text, hint)
-    detail = f"{_PHASE_WORDS[phase]}{about} was refused: {said}."
+    detail = f"{_PHASE_WORDS[phase]}{about} was refused: {answered}."
     if hint:
         detail = f"{detail} {hint.meaning}"
     return Failure(outcome, detail, hint.fix if hint else "", reply_code(code, text))
+
+
+_TRANSACTION = frozenset({Phase.MAIL, Phase.RCPT, Phase.DATA})
+
+
+def out_of_sequence(code: int, text: str) -> bool:
+    """A reply about the order of commands, not about the message: 503, or X.5.1.
+
+    Why both: 503 is "bad sequence of commands" (RFC 5321), and RFC 3463's X.5.1
+    ("invalid command") is what Postfix puts on 503 and on "554 5.5.1 Error: no valid
+    recipients".
+    """
+    return code == 503 or (code >= 500 and enhanced_code(text) == "5.5.1")
+
+
+def _out_of_sequence(phase: Phase, about: str, answered: str, code: str) -> Failure:
+    return Failure(
+        Outcome.TEMPORARY,
+        f"{_PHASE_WORDS[phase]}{about} was not taken because the SMTP session was out of "
+        f"step ({answered}); this is about the order of commands, not the message or the "
+        "account. The session is reset.",
+        "Nothing; it will be tried again later. If it keeps happening, send the server's "
+        "answer to its administrator.",
+        code,
+    )
 
 
 _PHASE_WORDS: Mapping[Phase, str] = MappingProxyType(
@@ -121,9 +183,9 @@ _WHILE: Mapping[Phase, str] = MappingProxyType(
         Phase.CONNECT: "while connecting",
         Phase.TLS: "while setting up encryption",
         Phase.AUTH: "while logging in",
-        Phase.MAIL: "at the start of the message",
-        Phase.RCPT: "while naming the recipients",
-        Phase.DATA: "while sending the message",
+        Phase.MAIL: "at the start of the message (MAIL FROM)",
+        Phase.RCPT: "while naming the recipients (RCPT TO)",
+        Phase.DATA: "while sending the message (DATA, before its final dot)",
     }
 )
 
@@ -152,22 +214,46 @@ def _auth_failure(code: int, said: str, hint: Hint | None) -> Failure:
     return Failure(Outcome.CONFIGURATION, f"{meaning} ({said})", fix, reply_code(code, said))
 
 
-def disconnected(phase: Phase, dot_sent: bool, server: str) -> Failure:
-    """The connection was lost; after the final dot nobody knows if the mail went."""
+def disconnected(
+    phase: Phase, dot_sent: bool, server: str, last_reply: str = "", cause: str = ""
+) -> Failure:
+    """The connection was lost; after the final dot nobody knows if the mail went.
+
+    Why the step, the server's last reply (kept as the result's ``reply``) and the
+    client's ``cause``: they are the evidence for whoever settles an unknown message,
+    since SMTP has no Sent folder to look in.
+    """
+    evidence = _evidence(last_reply, cause)
     if dot_sent:
         return Failure(
             Outcome.AMBIGUOUS,
-            f"The connection to {server} was lost after the whole message was sent, "
-            "before the server confirmed it; it may or may not have been delivered.",
-            "Check with the recipient before sending again.",
+            f"The connection to {server} was lost after the whole message was sent (after "
+            "the final dot of DATA, waiting for the server's confirmation); it may or may "
+            f"not have been delivered.{evidence}",
+            "Ask the recipient whether it arrived, or ask the mail server's administrator "
+            "to look for its Message-ID in the server's log, before sending it again.",
             "disconnected-after-data",
+            last_reply,
         )
     return Failure(
         Outcome.TEMPORARY,
-        f"The connection to {server} was lost {_WHILE[phase]}, before the message was handed over.",
+        f"The connection to {server} was lost {_WHILE[phase]}, before the message was "
+        f"handed over.{evidence}",
         "Nothing; it will be tried again later.",
         "disconnected",
+        last_reply,
     )
+
+
+def lost_while(phase: Phase) -> str:
+    """What a recipient is told when the connection broke before its message went."""
+    return f"no reply: the connection was lost {_WHILE[phase]}"
+
+
+def _evidence(last_reply: str, cause: str) -> str:
+    said_last = f" The server's last reply was: {last_reply}." if last_reply else ""
+    ended = f" The connection ended with: {cause}." if cause else ""
+    return said_last + ended
 
 
 # --- exceptions while connecting -------------------------------------------------------

@@ -27,8 +27,13 @@ from smtp_mail.classify import (
     SmtpFailure,
     connection_failure,
     disconnected,
+    lost_while,
+    out_of_sequence,
     reply_failure,
+    said,
+    too_many_recipients,
 )
+from smtp_mail.recipients import Tally
 from smtp_mail.render import Envelope, Unsendable, prepare
 from smtp_mail.settings import AUTH, CA_BUNDLE, AuthMode, Security, SmtpSettings
 
@@ -56,13 +61,18 @@ class TokenSource(Protocol):
 
 
 class _Wire(smtplib.SMTP):
-    """smtplib.SMTP that notes whether the final dot of DATA has left.
+    """smtplib.SMTP that notes whether the final dot of DATA has left, and whether the
+    session must be reset before the next message.
 
     Why: a connection lost before the dot means the server has nothing (temporary);
-    lost after it, the server may have accepted the message (ambiguous).
+    lost after it, the server may have accepted the message (ambiguous). After a 4xx
+    or 5xx to MAIL, RCPT or the end of DATA a server may keep the transaction open
+    (Postfix does), and the next MAIL would get ``503 nested MAIL command``.
     """
 
     dot_sent = False
+    needs_reset = False
+    last_reply = ""
     _in_data = False
     _host: str
 
@@ -86,6 +96,13 @@ class _Wire(smtplib.SMTP):
         super().send(s)
         if self._in_data and isinstance(s, bytes) and s.endswith(b"\r\n.\r\n"):
             self.dot_sent = True
+
+    def getreply(self) -> tuple[int, bytes]:
+        # Kept as evidence for a connection lost mid-transaction. Only replies after
+        # AUTH are ever shown (MAIL, RCPT, DATA), never a SASL exchange.
+        code, reply = super().getreply()
+        self.last_reply = said(code, reply)
+        return code, reply
 
 
 class _WireSSL(_Wire, smtplib.SMTP_SSL):
@@ -338,6 +355,7 @@ class SmtpClient:
         conn = self._require()
         envelope = prepare(message, conn.esmtp_features, self.settings.server)
         mid = message.message_id
+        self._reset_if_needed(conn)
         try:
             code, reply = conn.mail(envelope.sender, envelope.options)
         except (smtplib.SMTPException, OSError) as exc:
@@ -345,44 +363,82 @@ class SmtpClient:
         if code == 421:
             raise _Stale
         if code != 250:
-            self._reset(conn)
+            conn.needs_reset = True
             return reply_failure(Phase.MAIL, code, reply, envelope.sender).result(mid)
         return self._recipients_and_data(conn, envelope, mid)
 
+    def _reset_if_needed(self, conn: _Wire) -> None:
+        """RSET after a refused transaction, as smtplib's own sendmail() does.
+
+        Why before the next message rather than at once: nothing of this message has
+        left yet, so a connection found dead here is simply reopened for it.
+        """
+        if not conn.needs_reset:
+            return
+        try:
+            code, _ = conn.rset()
+        except (smtplib.SMTPException, OSError) as exc:
+            raise _Stale from exc
+        if code != 250:
+            raise _Stale
+        conn.needs_reset = False
+
     def _recipients_and_data(self, conn: _Wire, envelope: Envelope, mid: str) -> SendResult:
-        refused: dict[str, tuple[int, bytes]] = {}
+        """RCPT for each recipient, then DATA when the server accepted at least one."""
+        tally = Tally(envelope)
         phase = Phase.RCPT
         try:
-            for rcpt in envelope.recipients:
-                code, reply = conn.rcpt(rcpt)
+            ended = self._name_recipients(conn, tally)
+            if ended is not None or not tally.accepted:
+                return tally.ended(mid, ended)
+            phase = Phase.DATA
+            return self._data(conn, tally, mid)
+        except (smtplib.SMTPException, OSError) as exc:
+            return self._lost(conn, tally, mid, phase, exc)
+
+    def _lost(
+        self, conn: _Wire, tally: Tally, mid: str, phase: Phase, exc: BaseException
+    ) -> SendResult:
+        """The connection broke mid-transaction: unknown after the final dot, else temporary."""
+        dot_sent = phase is Phase.DATA and conn.dot_sent  # not a dot of an earlier message
+        self._drop()
+        failure = disconnected(phase, dot_sent, self.settings.server, conn.last_reply, str(exc))
+        if dot_sent:
+            return tally.lost(mid, failure)
+        return tally.ended(mid, failure, why=lost_while(phase))
+
+    def _name_recipients(self, conn: _Wire, tally: Tally) -> Failure | None:
+        """RCPT TO each recipient; the failure that ends the transaction, if one does."""
+        rcpts = tally.envelope.recipients
+        for index, rcpt in enumerate(rcpts):
+            code, reply = conn.rcpt(rcpt)
+            if code in (250, 251):
+                tally.accept(rcpt)
+                continue
+            conn.needs_reset = True
+            if code == 421 or out_of_sequence(code, reply.decode("utf-8", "replace")):
                 if code == 421:
                     self._drop()
-                    return reply_failure(Phase.RCPT, code, reply, rcpt).result(mid)
-                if code not in (250, 251):
-                    refused[rcpt] = (code, reply)
-            if len(refused) == len(envelope.recipients):
-                self._reset(conn)
-                return _all_refused(refused).result(mid)
-            phase = Phase.DATA
-            code, reply = conn.data(envelope.data)
-        except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
-            self._reset(conn)
-            return reply_failure(Phase.DATA, exc.smtp_code, exc.smtp_error).result(mid)
-        except (smtplib.SMTPException, OSError):
-            dot_sent = conn.dot_sent
-            self._drop()
-            return disconnected(phase, dot_sent, self.settings.server).result(mid)
-        if code != 250:
-            if code == 421:
-                self._drop()
-            return reply_failure(Phase.DATA, code, reply).result(mid)
-        return _sent(mid, reply, refused)
+                return reply_failure(Phase.RCPT, code, reply, tally.names[rcpt])
+            if too_many_recipients(code, reply):
+                tally.defer_rest(rcpts[index:], code, reply)
+                return None
+            tally.refuse(rcpt, code, reply)
+        return None
 
-    def _reset(self, conn: _Wire) -> None:
+    def _data(self, conn: _Wire, tally: Tally, mid: str) -> SendResult:
+        """DATA and the message; the reply after the final dot decides for the accepted."""
         try:
-            conn.rset()
-        except (smtplib.SMTPException, OSError):
+            code, reply = conn.data(tally.envelope.data)
+        except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
+            conn.needs_reset = True
+            return tally.ended(mid, reply_failure(Phase.DATA, exc.smtp_code, exc.smtp_error))
+        if code == 250:
+            return tally.delivered(mid, code, reply)
+        conn.needs_reset = True
+        if code == 421:
             self._drop()
+        return tally.ended(mid, reply_failure(Phase.DATA, code, reply))
 
 
 class _Stale(Exception):
@@ -441,37 +497,3 @@ def mask(reply: bytes, secrets: Sequence[bytes]) -> bytes:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def _all_refused(refused: dict[str, tuple[int, bytes]]) -> Failure:
-    """Every recipient refused: temporary if any refusal was, else permanent."""
-    failures = [reply_failure(Phase.RCPT, c, r, a) for a, (c, r) in refused.items()]
-    order = (Outcome.CONFIGURATION, Outcome.TEMPORARY, Outcome.PERMANENT)
-    outcome = next(o for o in order if any(f.outcome is o for f in failures))
-    detail = " ".join(f.detail for f in failures)
-    fixes = " ".join(dict.fromkeys(f.fix for f in failures if f.fix))
-    return Failure(outcome, detail, fixes, failures[0].code)
-
-
-def _sent(mid: str, reply: bytes, refused: dict[str, tuple[int, bytes]]) -> SendResult:
-    """Sent; recipients the server refused are named (the mail went to the others).
-
-    Why not retry or fail: the accepted recipients already have the message, and a
-    resend would give them a duplicate; the sender is told whom it did not reach.
-    """
-    queued = " ".join(reply.decode("utf-8", "replace").split())
-    if not refused:
-        return SendResult(mid, Outcome.SENT, "", "", provider_ref=queued)
-    missed = "; ".join(
-        f"{addr} ({reply_failure(Phase.RCPT, c, r, addr).code}: "
-        f"{' '.join(r.decode('utf-8', 'replace').split())})"
-        for addr, (c, r) in refused.items()
-    )
-    first = next(iter(refused.items()))
-    return SendResult(
-        mid,
-        Outcome.SENT,
-        f"Sent, but not delivered to: {missed}.",
-        reply_failure(Phase.RCPT, first[1][0], first[1][1]).code,
-        provider_ref=queued,
-    )

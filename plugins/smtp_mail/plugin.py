@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from crm_core.plugin_api import (
     ConnectionReport,
@@ -88,9 +88,16 @@ def sending_problems(account: SenderAccount) -> list[Problem]:
 
 @hookimpl
 def send_mail(
-    account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+    account: SenderAccount,
+    messages: Sequence[OutgoingMessage],
+    resources: Resources,
+    report: Callable[[Sequence[SendResult]], None],
 ) -> list[SendResult]:
-    """Send the batch over one connection (one AUTH); one classified result per message."""
+    """Send the batch over one connection (one AUTH); one classified result per message.
+
+    Each result is reported as the server's final reply for it arrives, so a worker
+    killed mid-batch leaves only the message in flight unknown.
+    """
     from smtp_mail.client import SmtpClient
     from smtp_mail.oauth import EntraTokens
 
@@ -98,8 +105,20 @@ def send_mail(
     tokens = EntraTokens.for_account(account, resources)
     if settings.auth is not AuthMode.XOAUTH2:
         tokens = None
+    results: list[SendResult] = []
     with SmtpClient(settings, tokens) as client:
-        results = [client.send(m) for m in messages]
+        for message in messages:
+            result = client.send(message)
+            report([result])
+            results.append(result)
+    _log_batch(account, settings.server, results, client.connections)
+    return results
+
+
+def _log_batch(
+    account: SenderAccount, server: str, results: Sequence[SendResult], connections: int
+) -> None:
+    """One line per message that was not simply sent, and one for the batch."""
     for result in results:
         if result.outcome is not Outcome.SENT or result.detail:
             log.info(
@@ -113,11 +132,10 @@ def send_mail(
     log.info(
         "SMTP batch for %s via %s: %s over %d connection(s)",
         account.email,
-        settings.server,
+        server,
         dict(counts),
-        client.connections,
+        connections,
     )
-    return results
 
 
 @hookimpl
@@ -134,13 +152,22 @@ def test_connection(
 def reconcile_mail(
     account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
 ) -> list[ReconcileResult]:
-    """SMTP cannot look into the sender's Sent folder, so it can never tell."""
+    """SMTP cannot tell: a server keeps no Sent folder that a client could search.
+
+    Why not "look in the Sent folder": mail sent over SMTP is not filed there, so the
+    advice would mislead. The evidence is the attempt's own result (the step at which
+    the connection was lost and the server's last reply); the server's log has the rest.
+    """
     return [
         ReconcileResult(
             m.message_id,
             None,
-            "SMTP has no way to look up whether a message arrived; ask the recipient "
-            "or look in the mailbox's Sent folder before sending again.",
+            "SMTP cannot look up whether a message was delivered: an SMTP server keeps no "
+            "Sent folder to search, and mail sent through it is not filed in one. The last "
+            "attempt's result shows the step at which the connection was lost and the "
+            "server's last reply. Ask the recipient, or ask the mail server's administrator "
+            f"to look for Message-ID {m.message_id} in the server's log; then mark it sent "
+            "or send it again.",
         )
         for m in messages
     ]

@@ -66,6 +66,7 @@ FaultName = Literal[
     "data_permanent",
     "drop_after_data",
     "drop_before_data",
+    "drop_at_rcpt",
     "auth_response",
     "close_idle",
 ]
@@ -79,6 +80,8 @@ COUNTER_NAMES = (
     "starttls_count",
     "ehlo_count",
     "rsets",
+    "rcpt_commands",
+    "data_commands",
 )
 
 #: Reply lines used when a fault has no ``response`` of its own. Wording follows
@@ -94,6 +97,7 @@ DEFAULT_FAULT_RESPONSES: Mapping[str, str | None] = MappingProxyType(
         "data_permanent": "554 5.6.0 Message rejected: invalid content",
         "drop_after_data": None,
         "drop_before_data": None,
+        "drop_at_rcpt": None,
         "auth_response": (
             "535 5.7.139 Authentication unsuccessful, "
             "SmtpClientAuthentication is disabled for the Tenant."
@@ -103,6 +107,10 @@ DEFAULT_FAULT_RESPONSES: Mapping[str, str | None] = MappingProxyType(
 )
 
 XOAUTH2_FAILURE = "535 5.7.3 Authentication unsuccessful"
+#: Postfix's answer once a transaction has ``smtpd_recipient_limit`` recipients.
+TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
+#: Postfix's answer to a command out of sequence (aiosmtpd's lacks the enhanced code).
+_BAD_SEQUENCE = ("503 Error: ", "503 5.5.1 Error: ")
 AUTH_SUCCESS = "235 2.7.0 Authentication successful"
 #: Exchange Online's maximum message size (36 MiB), advertised with SIZE.
 EXCHANGE_SIZE_LIMIT = 37_748_736
@@ -129,6 +137,11 @@ def find_message_id(data: bytes) -> str | None:
     return value.decode("utf-8", "replace") or None
 
 
+def _queue_id() -> str:
+    """A Postfix-like queue id, different for every accepted message."""
+    return uuid.uuid4().hex[:11].upper()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` where (at the moment) nothing listens.
 
@@ -153,6 +166,7 @@ class Received:
     tls: bool
     smtp_utf8: bool
     mail_options: list[str] = field(default_factory=list)
+    queue_id: str = ""
 
 
 @dataclass
@@ -205,10 +219,14 @@ class _Session(Session):
 
 
 class _Protocol(SMTP):
-    """One SMTP connection: aiosmtpd's SMTP plus connection ids and real drops.
+    """One SMTP connection: aiosmtpd's SMTP plus connection ids, real drops, and
+    Postfix's session state.
 
     Why a subclass: the handler hooks cannot close a connection before the reply is
-    sent, nor act on the DATA command itself; these overrides can.
+    sent, nor act on the DATA command itself; these overrides can. Like Postfix (and
+    unlike aiosmtpd), a 4xx or 5xx after the final dot leaves the transaction open
+    until RSET, so a client that sends MAIL next gets ``503 5.5.1 Error: nested MAIL
+    command``; a client that resets is served as before.
     """
 
     # RFC 4954 section 4: SASL response lines may be up to 12288 octets, and a real
@@ -222,6 +240,7 @@ class _Protocol(SMTP):
         self.connection_id = 0
         self.accepted = 0
         self.dropped = False
+        self.hold_transaction = False
 
     def _create_session(self) -> Session:
         return _Session(self.loop)
@@ -240,7 +259,20 @@ class _Protocol(SMTP):
     async def push(self, status: AnyStr) -> None:
         if self.dropped:  # the connection is gone: never let a reply slip out
             return
+        if isinstance(status, str) and status.startswith(_BAD_SEQUENCE[0]):
+            await super().push(status.replace(*_BAD_SEQUENCE, 1))
+            return
         await super().push(status)
+
+    def _set_post_data_state(self) -> None:
+        if self.hold_transaction:  # refused after the dot: Postfix keeps it until RSET
+            self.hold_transaction = False
+            return
+        self.envelope = self._create_envelope()  # what aiosmtpd's own does
+
+    def _set_rset_state(self) -> None:
+        self.hold_transaction = False
+        self._set_post_data_state()
 
     def drop(self) -> None:
         """Close the TCP connection now, without any reply or TLS close_notify."""
@@ -273,7 +305,12 @@ class _Protocol(SMTP):
         self.owner._bump("auth_attempts")
         await super().smtp_AUTH(arg)
 
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self.owner._bump("rcpt_commands")
+        await super().smtp_RCPT(arg)
+
     async def smtp_DATA(self, arg: str) -> None:
+        self.owner._bump("data_commands")
         envelope = self.envelope
         if (
             envelope is not None
@@ -353,10 +390,16 @@ class _Handler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        if self.owner._take_fault("drop_at_rcpt", [address]):
+            server.drop()
+            return ""
         for name in ("rcpt_permanent", "rcpt_temporary"):
             fault = self.owner._take_fault(name, [address])
             if fault is not None:
                 return fault.reply or ""
+        limit = self.owner.recipient_limit
+        if limit is not None and len(envelope.rcpt_tos) >= limit:
+            return TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Recipient OK"
@@ -366,12 +409,14 @@ class _Handler:
         for name in ("data_permanent", "data_temporary"):
             fault = self.owner._take_fault(name, addresses)
             if fault is not None:
+                server.hold_transaction = True
                 return fault.reply or ""
-        self.owner._record(server, session, envelope)
+        queue_id = _queue_id()
+        self.owner._record(server, session, envelope, queue_id)
         server.accepted += 1
         if self.owner._take_fault("drop_after_data", addresses):
             server.drop()
-        return f"250 2.0.0 OK queued as {server.connection_id}.{server.accepted}"
+        return f"250 2.0.0 Ok: queued as {queue_id}"
 
     async def handle_exception(self, error: Exception) -> str:
         self.owner._record_error(error)
@@ -478,7 +523,10 @@ class SmtpServer:
     ``token_validator(user, token)`` serves XOAUTH2. ``auth_mechanisms`` defaults to
     PLAIN+LOGIN when ``users`` are given plus XOAUTH2 when a validator is; pass ``()``
     to offer no AUTH at all. With ``auth_require_tls`` (default) AUTH is only offered
-    and accepted on an encrypted connection. ``store=False`` skips parsing and keeps
+    and accepted on an encrypted connection. ``recipient_limit`` is Postfix's
+    ``smtpd_recipient_limit``: RCPTs beyond it in one transaction get ``452 4.5.3``.
+    Accepted messages are answered ``250 2.0.0 Ok: queued as <queue id>`` (Postfix's
+    words; the id is in :attr:`Received.queue_id`). ``store=False`` skips parsing and keeps
     only Message-IDs (process mode). ``on_accept(message_id)`` is called on the server
     thread, in order, for each accepted message that has a Message-ID.
     """
@@ -499,6 +547,7 @@ class SmtpServer:
         host: str = "127.0.0.1",
         port: int = 0,
         data_size_limit: int | None = EXCHANGE_SIZE_LIMIT,
+        recipient_limit: int | None = None,
         store: bool = True,
         faults: Iterable[Fault] = (),
         on_accept: Callable[[str], None] | None = None,
@@ -527,6 +576,7 @@ class SmtpServer:
         self.host = host
         self.port = port
         self.data_size_limit = data_size_limit
+        self.recipient_limit = recipient_limit
         self.store = store
         self.on_accept = on_accept
 
@@ -712,6 +762,16 @@ class SmtpServer:
         """RSET commands received."""
         return self._count("rsets")
 
+    @property
+    def rcpt_commands(self) -> int:
+        """RCPT commands received, whatever the answer."""
+        return self._count("rcpt_commands")
+
+    @property
+    def data_commands(self) -> int:
+        """DATA commands received, whatever the answer."""
+        return self._count("data_commands")
+
     # -- internals, called from the event-loop thread ------------------------------
 
     def _make_protocol(self, loop: asyncio.AbstractEventLoop) -> _Protocol:
@@ -795,7 +855,9 @@ class SmtpServer:
         self._bump("auth_successes")
         return AuthResult(success=True, auth_data=user, message=AUTH_SUCCESS)
 
-    def _record(self, protocol: _Protocol, session: Session, envelope: Envelope) -> None:
+    def _record(
+        self, protocol: _Protocol, session: Session, envelope: Envelope, queue_id: str
+    ) -> None:
         data: bytes = envelope.original_content or b""
         message_id = find_message_id(data)
         received: Received | None = None
@@ -813,6 +875,7 @@ class SmtpServer:
                 tls=protocol.uses_tls(),
                 smtp_utf8=bool(envelope.smtp_utf8),
                 mail_options=list(envelope.mail_options),
+                queue_id=queue_id,
             )
         with self._cond:
             if received is not None:

@@ -307,6 +307,57 @@ def test_data_faults(server: SmtpServer, name: str, code: int) -> None:
     assert server.message_ids() == ["<msg-2@crm.test>"]
 
 
+def test_a_refusal_after_the_dot_keeps_the_transaction_open_like_postfix(
+    server: SmtpServer,
+) -> None:
+    server.inject("data_permanent", times=1)
+    with connect(server) as client:
+        client.ehlo()
+        assert client.mail(SENDER)[0] == 250
+        assert client.rcpt("a@example.org")[0] == 250
+        assert client.data(make_message().as_bytes())[0] == 554
+        assert client.mail(SENDER) == (503, b"5.5.1 Error: nested MAIL command")
+        assert client.rset()[0] == 250
+        assert client.mail(SENDER)[0] == 250
+        assert client.rcpt("b@example.org")[0] == 250
+        code, reply = client.data(make_message(2).as_bytes())
+    (got,) = server.received
+    assert (code, got.rcpt_tos) == (250, ["b@example.org"])
+    assert reply == f"2.0.0 Ok: queued as {got.queue_id}".encode()
+    assert server.rsets == 1
+
+
+def test_bad_sequence_replies_carry_postfixs_enhanced_code(server: SmtpServer) -> None:
+    with connect(server) as client:
+        client.ehlo()
+        assert client.rcpt("a@example.org") == (503, b"5.5.1 Error: need MAIL command")
+        client.mail(SENDER)
+        assert client.docmd("DATA") == (503, b"5.5.1 Error: need RCPT command")
+
+
+def test_recipient_limit_answers_452_4_5_3_like_postfix() -> None:
+    with SmtpServer(recipient_limit=2) as server, connect(server) as client:
+        client.ehlo()
+        client.mail(SENDER)
+        replies = [client.rcpt(f"r{i}@example.org") for i in range(3)]
+        code, _ = client.data(make_message().as_bytes())
+        assert [c for c, _ in replies] == [250, 250, 452]
+        assert replies[2][1] == b"4.5.3 Error: too many recipients"
+        assert (code, server.rcpt_commands, server.data_commands) == (250, 3, 1)
+        assert server.received[0].rcpt_tos == ["r0@example.org", "r1@example.org"]
+
+
+def test_drop_at_rcpt(server: SmtpServer) -> None:
+    server.inject("drop_at_rcpt", address="b@example.org", times=1)
+    client = connect(server)
+    try:
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            client.sendmail(SENDER, ["a@example.org", "b@example.org"], b"Subject: x\r\n\r\nx")
+    finally:
+        client.close()
+    assert server.received == [] and server.data_commands == 0
+
+
 def test_drop_after_data_is_ambiguous(server: SmtpServer) -> None:
     server.inject("drop_after_data", times=1)
     client = connect(server)
