@@ -153,9 +153,17 @@ class Crm:
                         f"transport {spec.name!r} is offered by both "
                         f"{found[spec.name].plugin!r} and {plugin!r}"
                     )
-                found[spec.name] = TransportSpec(spec.name, spec.label, plugin, spec.description)
+                found[spec.name] = replace(spec, plugin=plugin)
         _check_owner_hooks(manager, {spec.plugin for spec in found.values()})
         return found
+
+    def in_flight_windows(self) -> dict[str, int]:
+        """Each transport's in-flight window (see :class:`TransportSpec`), by name."""
+        return {
+            name: spec.in_flight
+            for line in self.config.product_lines
+            for name, spec in self.transports(line).items()
+        }
 
     def settings_fields(self) -> dict[str, SettingField]:
         """Every field the core and the enabled plugins declare, by key.

@@ -26,7 +26,13 @@ from crm_core.mail.transport import Outcome, RecipientStatus, SendResult
 from crm_core.mail.worker import Worker
 from crm_core.models import OutboxMessage, utcnow
 from tests.conftest import POSTGRES_ENV, CliResult, CrmFactory
-from tests.test_outbox_helpers import Scripted, add_people, scripted_crm, time_passes
+from tests.test_outbox_helpers import (
+    SCRIPTED_CONFIG,
+    Scripted,
+    add_people,
+    scripted_crm,
+    time_passes,
+)
 
 D, F, R = RecipientStatus.DELIVERED, RecipientStatus.DEFERRED, RecipientStatus.REFUSED
 TO = ["per@example.com", "eva@example.com"]
@@ -137,8 +143,6 @@ def test_a_refused_recipient_makes_the_mail_partly_sent_everywhere_it_shows(
 
 def _same_database(make_crm: CrmFactory, transport: Scripted) -> tuple[Crm, Scripted]:
     """A Crm with the scripted transport again, on the test's database."""
-    from tests.test_outbox_helpers import SCRIPTED_CONFIG
-
     return make_crm(SCRIPTED_CONFIG, extra_plugins=(("test_transport", transport),)), transport
 
 
@@ -269,3 +273,25 @@ def test_unknown_mail_can_be_settled_in_bulk_after_a_preview(
         "outbox", "resolve", "--unknown", "--since", "yesterday", "--sent", env=make_crm.env
     )
     assert refused.code == 2 and "is not a time" in refused.stderr
+
+
+@pytest.mark.parametrize(("in_flight", "unknown"), [(0, 3), (1, 1)])
+def test_a_dead_workers_unreported_mail_beyond_the_transports_window_goes_again(
+    make_crm: CrmFactory, in_flight: int, unknown: int
+) -> None:
+    transport = Scripted(in_flight=in_flight)
+    crm = make_crm(SCRIPTED_CONFIG, extra_plugins=(("test_transport", transport),))
+    add_people(crm, "anna@example.se")
+    ids = [queue_five(crm, f"Mail {n}") for n in range(4)]
+    claims = _claim(crm)
+    with crm.transaction() as session:  # the first result was reported, then the worker died
+        sent = SendResult(claims[0].message.message_id, Outcome.SENT)
+        queue.record_results(crm, session, claims[:1], [sent], utcnow())
+    with crm.transaction() as session:
+        reaped = queue.reap_expired(session, utcnow().replace(year=3000), crm.in_flight_windows())
+    with crm.transaction() as session:
+        states = [operations.get_message(session, i).state for i in ids]
+        attempts = [operations.get_message(session, i).attempts for i in ids]
+    assert len(reaped) == unknown
+    assert states == ["sent", *["unknown"] * unknown, *["queued"] * (3 - unknown)]
+    assert attempts == [1, *[1] * unknown, *[0] * (3 - unknown)]  # no try spent

@@ -80,10 +80,11 @@ class Scripted:
     envelopes: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     report_each: bool = False
     fail_after: int | None = None
+    in_flight: int = 0
 
     @hookimpl
     def register_transports(self) -> list[TransportSpec]:
-        return [TransportSpec(SCRIPTED, "Scripted test transport")]
+        return [TransportSpec(SCRIPTED, "Scripted test transport", in_flight=self.in_flight)]
 
     @hookimpl
     def send_mail(

@@ -349,7 +349,8 @@ def test_a_worker_killed_mid_batch_leaves_unknown_and_the_next_worker_goes_on(
         first = start_worker(make_crm.env, "doomed")
         try:
             assert relay.held.wait(30), "the worker never blocked inside its first batch"
-            assert count_states(crm)["sending"] == 5  # the whole first batch is held
+            # Two results were recorded as they came; three are held (one in flight).
+            assert count_states(crm) == Counter({"sent": 2, "sending": 3, "queued": 7})
             first.send_signal(signal.SIGKILL)
             first.wait(10)
         finally:
@@ -362,9 +363,11 @@ def test_a_worker_killed_mid_batch_leaves_unknown_and_the_next_worker_goes_on(
         leases_expire(crm)  # the dead worker's leases run out (not slept through)
         second = start_worker(make_crm.env, "successor")
         try:
-            # Its first poll reaps the expired leases, then it claims and sends the seven
-            # others: wait for the server to have them (the timeout means failure).
-            smtp_server.wait_for(len(delivered_before) + 7, timeout=60)
+            # Its first poll reaps the expired leases: the two delivered were recorded as
+            # they went, the one in flight is unknown, and the two never handed over are
+            # queued again; then it sends those two and the seven others (the timeout
+            # means failure).
+            smtp_server.wait_for(len(delivered_before) + 9, timeout=60)
         finally:
             second.send_signal(signal.SIGTERM)
             out, err = second.communicate(timeout=30)
@@ -372,10 +375,12 @@ def test_a_worker_killed_mid_batch_leaves_unknown_and_the_next_worker_goes_on(
         assert "successor stopped" in out
         rows = check_invariants(crm, smtp_server.message_ids())
         unknown = sorted(i for i, r in rows.items() if r.state == "unknown")
-        assert unknown == ids[:5]  # the killed batch: reaped, never resent by itself
+        assert unknown == ids[2:3]  # only the message in flight: never resent by itself
         assert all(rows[i].last_code == "lease-expired" for i in unknown)
-        assert {rows[i].state for i in ids[5:]} == {"sent"}
-        assert all(a.worker == "successor" for i in ids[5:] for a in rows[i].attempt_log)
+        assert {rows[i].state for i in ids[:2]} == {"sent"}  # recorded before the kill
+        assert all(a.worker == "doomed" for i in ids[:2] for a in rows[i].attempt_log)
+        assert {rows[i].state for i in ids[3:]} == {"sent"}
+        assert all(a.worker == "successor" for i in ids[3:] for a in rows[i].attempt_log)
         # The operator resolves: what arrived is sent, the rest goes again.
         with crm.transaction() as s:
             for i in unknown:

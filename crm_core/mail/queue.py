@@ -258,15 +258,76 @@ LEASE_EXPIRED_REASON = (
 )
 
 
-def reap_expired(session: Session, now: datetime) -> list[int]:
-    """Turn ``sending`` rows whose lease expired into ``unknown`` (never resent silently)."""
-    ids = list(
-        session.scalars(
-            select(OutboxMessage.id)
+NEVER_STARTED_REASON = "Queued again: the worker stopped before handing it over."
+
+
+def reap_expired(
+    session: Session, now: datetime, in_flight: Mapping[str, int] | None = None
+) -> list[int]:
+    """Settle ``sending`` rows whose lease expired: the worker holding them is gone.
+
+    Of each account's unreported rows under one lease, in the order they were handed
+    to the transport, the first ``in_flight[transport]`` may have gone and become
+    ``unknown`` (never resent silently); the rest were never handed over and are
+    queued again without spending a try. A transport with no window (0) counts all
+    of them as possibly gone.
+    """
+    rows = list(
+        session.execute(
+            select(
+                OutboxMessage.id,
+                OutboxMessage.lease_token,
+                OutboxMessage.user_id,
+                OutboxMessage.transport,
+            )
             .where(OutboxMessage.state == S.SENDING.value, OutboxMessage.lease_until < now)
+            .order_by(OutboxMessage.next_attempt_at, OutboxMessage.id)
             .with_for_update(skip_locked=True, of=OutboxMessage)
         )
     )
+    if not rows:
+        return []
+    windows = in_flight or {}
+    seen: dict[tuple[str | None, int], int] = {}
+    gone: list[int] = []
+    unstarted: list[int] = []
+    for row_id, token, user_id, transport in rows:
+        place = seen.get((token, user_id), 0)
+        seen[(token, user_id)] = place + 1
+        window = windows.get(transport, 0)
+        (gone if not window or place < window else unstarted).append(row_id)
+    _requeue_unstarted(session, unstarted, now)
+    return _mark_unknown(session, gone, now)
+
+
+def _requeue_unstarted(session: Session, ids: Sequence[int], now: datetime) -> None:
+    """Rows a dead worker claimed but never handed over: queued again, no try spent."""
+    if not ids:
+        return
+    session.execute(
+        update(OutboxMessage)
+        .where(OutboxMessage.id.in_(ids), OutboxMessage.state == S.SENDING.value)
+        .values(
+            state=S.QUEUED.value,
+            attempts=OutboxMessage.attempts - 1,
+            lease_owner=None,
+            lease_token=None,
+            lease_until=None,
+            last_error=NEVER_STARTED_REASON,
+            updated_at=now,
+        ),
+        execution_options={"synchronize_session": False},
+    )
+    session.execute(
+        delete(OutboxAttempt).where(
+            OutboxAttempt.outbox_id.in_(ids), OutboxAttempt.finished_at.is_(None)
+        ),
+        execution_options={"synchronize_session": False},
+    )
+
+
+def _mark_unknown(session: Session, ids: Sequence[int], now: datetime) -> list[int]:
+    """Rows a dead worker may have sent: ``unknown``, with why, never resent by itself."""
     if not ids:
         return []
     session.execute(
@@ -306,7 +367,7 @@ def reap_expired(session: Session, now: datetime) -> list[int]:
             reason=LEASE_EXPIRED_REASON,
             code="lease-expired",
         )
-    return ids
+    return list(ids)
 
 
 @dataclass

@@ -25,12 +25,21 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class TransportSpec:
-    """A transport a plugin offers: its name (a user's ``mail.transport``) and label."""
+    """A transport a plugin offers: its name (a user's ``mail.transport``) and label.
+
+    ``in_flight`` is how many of one account's messages the transport hands over
+    before it reports their results, when it sends them in the order given (SMTP: one
+    message at a time; EWS: one request of up to 50). When a worker dies, only that
+    many of its unreported messages per account can have gone; the rest were never
+    handed over and are queued again. 0 (the default, and the safe answer for a
+    transport that does not say) counts every unreported message as possibly gone.
+    """
 
     name: str
     label: str
     plugin: str = ""
     description: str = ""
+    in_flight: int = 0
 
 
 @dataclass(frozen=True)

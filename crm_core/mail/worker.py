@@ -201,7 +201,8 @@ class Worker:
         """One round: reap expired leases, claim a batch, send it, record results."""
         stats = WorkerStats(polls=1)
         with self.crm.transaction() as session:
-            stats.reaped = len(queue.reap_expired(session, policy.db_now(session)))
+            now = policy.db_now(session)
+            stats.reaped = len(queue.reap_expired(session, now, self.crm.in_flight_windows()))
         with self.crm.transaction() as session:
             claimed = queue.claim_batch(
                 self.crm, session, self.name, self.config.batch_size, policy.db_now(session)

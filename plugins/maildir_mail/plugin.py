@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mailbox
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from crm_core.plugin_api import (
@@ -34,7 +34,7 @@ PATH_KEY = "maildir.path"
 @hookimpl
 def register_transports() -> list[TransportSpec]:
     """Offer the ``maildir`` transport."""
-    return [TransportSpec(TRANSPORT, "Write to a Maildir folder (development)")]
+    return [TransportSpec(TRANSPORT, "Write to a Maildir folder (development)", in_flight=1)]
 
 
 @hookimpl
@@ -76,12 +76,17 @@ def _folder(account: SenderAccount) -> Path:
 
 @hookimpl
 def send_mail(
-    account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+    account: SenderAccount,
+    messages: Sequence[OutgoingMessage],
+    resources: Resources,
+    report: Callable[[Sequence[SendResult]], None],
 ) -> list[SendResult]:
     """Write each message (with its Bcc recipients as X-Envelope-To) into the folder.
 
     No check that the folder is set: the core declares ``maildir.path`` required for
     this transport and never hands over a batch while a required field is missing.
+    Each result is reported as soon as the file is written, in the order given, as
+    the transport's ``in_flight=1`` promises.
     """
     folder = _folder(account)
     try:
@@ -93,15 +98,21 @@ def send_mail(
         ]
     results = []
     for message in messages:
+        results.append(_write(box, message))
+        report(results[-1:])
+    return results
+
+
+def _write(box: mailbox.Maildir, message: OutgoingMessage) -> SendResult:
+    """One message into the folder; a failure to write is temporary for it alone."""
+    try:
         mime = message.to_email_message()
         mime["X-Envelope-To"] = ", ".join(a.email for a in message.recipients)
-        try:
-            key = box.add(mime.as_bytes())
-        except OSError as exc:
-            results.append(SendResult(message.message_id, Outcome.TEMPORARY, str(exc)))
-            continue
-        results.append(SendResult(message.message_id, Outcome.SENT, provider_ref=key))
-    return results
+        key = box.add(mime.as_bytes())
+    except (OSError, ValueError) as exc:
+        outcome = Outcome.TEMPORARY if isinstance(exc, OSError) else Outcome.PERMANENT
+        return SendResult(message.message_id, outcome, str(exc))
+    return SendResult(message.message_id, Outcome.SENT, provider_ref=key, reply=f"written {key}")
 
 
 @hookimpl

@@ -49,6 +49,7 @@ def register_transports() -> list[TransportSpec]:
         TransportSpec(
             TRANSPORT,
             "Send via SMTP",
+            in_flight=1,  # one message at a time on a connection, each reported
             description="Any SMTP server: Microsoft 365 (OAuth), Google, a company relay, "
             "an on-premises Exchange receive connector.",
         )
