@@ -22,7 +22,7 @@ from crm_core.mail import enqueue, operations, pauses, queue, reconciler
 from crm_core.mail.message import Attachment, OutgoingMessage
 from crm_core.mail.transport import Outcome, SenderAccount
 from crm_core.mail.worker import Worker, WorkerStats
-from crm_core.models import AccountPause, OutboxMessage, Person, PersonActivity, utcnow
+from crm_core.models import AccountPause, OutboxMessage, Person, PersonActivity, User, utcnow
 from tests.test_outbox_helpers import add_people, queue_mail, row, scripted_crm, states, time_passes
 
 TEMP = (Outcome.TEMPORARY, "451 4.3.0 try later", "451", None)
@@ -258,6 +258,51 @@ def test_the_sender_is_found_by_the_address_in_a_named_from(scripted: Any) -> No
     queue_mail(crm, sender="Someone Else <anna@example.se>")
     (mime,) = _sent_headers(crm, transport)
     assert mime["From"] == "Anna <anna@example.se>"  # the user's name from the register
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "named"),
+    [
+        ({"subject": "Visning\x0bimorgon"}, "subject", "U+000B vertical tab"),
+        ({"subject": "Visning\x9b"}, "subject", "U+009B C1 control"),
+        ({"to": ["Per\x1fPersson <per@example.com>"]}, "to 'Per\\x1fPersson <per@example.com>'",
+         "U+001F unit separator"),
+        ({"cc": ["Bo\x0c <bo@example.org>"]}, "cc 'Bo\\x0c <bo@example.org>'", "U+000C form feed"),
+        ({"reply_to": ["Salj\x7f <salj@example.se>"]}, "reply-to 'Salj\\x7f <salj@example.se>'",
+         "U+007F delete"),
+        ({"sender_email": "Anna\x1c <anna@example.se>"}, "from 'Anna\\x1c <anna@example.se>'",
+         "U+001C file separator"),
+        ({"attachments": [Attachment("plan\x85.pdf", "application/pdf", b"%PDF")]},
+         "attachment 'plan\\x85.pdf'", "U+0085 next line"),
+    ],
+)  # fmt: skip
+def test_a_control_character_in_a_header_is_refused_by_name(
+    scripted: Any, overrides: dict[str, Any], key: str, named: str
+) -> None:
+    """Refused at enqueue, so the worker never holds a message that cannot be rendered."""
+    crm, _ = scripted
+    (problem,) = _refused(crm, _request(**overrides))
+    assert (problem.key, problem.message) == (
+        key,
+        f"contains a control character ({named}); remove it",
+    )
+
+
+def test_a_control_character_in_a_register_name_is_refused_at_enqueue(scripted: Any) -> None:
+    """Names saved before the register refused control characters are display names too."""
+    crm, _ = scripted
+    with crm.transaction() as s:
+        s.execute(update(User).where(User.email == "anna@example.se").values(name="Anna\x1e"))
+        s.execute(update(Person).values(name="Per\x0bPersson"))
+    sender, person = _refused(crm, _request(person_email="per@example.com"))
+    assert str(sender) == (
+        "sender anna@example.se: name: contains a control character "
+        "(U+001E record separator); remove it"
+    )
+    assert str(person) == (
+        "person per@example.com: name: contains a control character "
+        "(U+000B vertical tab); remove it"
+    )
 
 
 # --- states ---------------------------------------------------------------------------

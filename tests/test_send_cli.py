@@ -134,6 +134,24 @@ def test_addresses_as_a_newcomer_types_them(cli: Any, tmp_path: Path) -> None:
     assert message["To"] == "IT-support <it@corp.local>, Per Persson <per@example.com>"
 
 
+def test_a_control_character_is_refused_by_name_with_exit_2(cli: Any, tmp_path: Path) -> None:
+    plan = tmp_path / "plan\x0b.pdf"
+    plan.write_bytes(b"%PDF-1.4 test")
+    cases = [
+        (("--subject", "Visning\x0cimorgon"), "subject: contains a control character "
+         "(U+000C form feed); remove it"),
+        (("--to", "Per\x1fPersson <per@example.com>"), "to 'Per\\x1fPersson <per@example.com>': "
+         "contains a control character (U+001F unit separator); remove it"),
+        (("--attach", str(plan)), "attachment 'plan\\x0b.pdf': contains a control character "
+         "(U+000B vertical tab); remove it"),
+    ]  # fmt: skip
+    for args, said in cases:
+        refused = cli(*SEND, "--to", "per@example.com", "--body", "Hej", *args)
+        assert refused.code == 2, refused.output
+        assert "Error validating e-mail" in refused.stderr and said in refused.stderr
+    assert json.loads(cli("outbox", "list", "--json").stdout)["messages"] == []
+
+
 def test_body_is_required_once(cli: Any) -> None:
     neither = cli(*SEND, "--to", "per@example.com")
     assert neither.code == 2 and "--body" in neither.stderr

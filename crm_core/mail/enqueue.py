@@ -218,6 +218,7 @@ def _check(crm: Crm, session: Session, request: MailRequest) -> _Checked:
     checked.problems.extend(_content_problems(request))
     if request.person_email:
         checked.person = _person(session, request.person_email, checked.problems)
+    checked.problems.extend(_register_name_problems(checked.user, checked.person))
     if checked.user is not None:
         checked.message = OutgoingMessage(
             outbox_id=0,
@@ -263,6 +264,17 @@ def _person(session: Session, raw: str, problems: list[Problem]) -> Person | Non
     if person is None:
         problems.append(Problem("person", f"no person with e-mail {raw!r} in the register"))
     return person
+
+
+def _register_name_problems(user: User | None, person: Person | None) -> list[Problem]:
+    """The register's names become display names (From, the person's To): checked
+    here too, because a name saved before the register refused control characters
+    would otherwise break the worker's batch."""
+    named = [(f"sender {user.email}: name", user.name)] if user else []
+    if person is not None:
+        named.append((f"person {person.email}: name", person.name))
+    found = (header_problem(name, where) for where, name in named)
+    return [problem for problem in found if problem is not None]
 
 
 def _addresses(
