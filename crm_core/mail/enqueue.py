@@ -163,6 +163,13 @@ def enqueue(crm: Crm, session: Session, request: MailRequest) -> Queued:
     return Queued(row.id, row.message_id, row.state, pause.reason if pause else None)
 
 
+def is_queued(session: Session, message_id: str) -> bool:
+    """Whether the outbox holds the mail with this Message-ID (committed, or in this
+    session): what a caller interrupted mid-commit asks before it tries again."""
+    found = session.scalar(select(OutboxMessage.id).where(OutboxMessage.message_id == message_id))
+    return found is not None
+
+
 def plan(crm: Crm, session: Session, request: MailRequest) -> Plan:
     """Say which product line, transport, account and server would send, and why."""
     checked = _check(crm, session, request)
