@@ -39,7 +39,7 @@ from crm_core.mail.transport import (
     TransportSpec,
     check_results,
 )
-from crm_core.models import User
+from crm_core.models import User, utcnow
 from crm_core.plugins import installed_plugins, make_plugin_manager
 from crm_core.secret_box import KEY_ENV, SecretBox, create_key_file, load_keys
 from crm_core.settings import (
@@ -62,8 +62,11 @@ class Crm:
         *,
         environ: Mapping[str, str] | None = None,
         extra_plugins: Iterable[tuple[str, object]] = (),
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.config = config
+        self.clock = clock
+        """This host's clock (aware UTC), for every time the application stamps itself."""
         self.environ = os.environ if environ is None else environ
         self.engine = db.make_engine(config.database_url)
         self.sessions = db.make_sessionmaker(self.engine)
@@ -256,7 +259,7 @@ class Crm:
 
     def settings_store(self) -> SettingsStore:
         """A settings store over every declared field."""
-        return SettingsStore(self.settings_fields(), self.secret_box())
+        return SettingsStore(self.settings_fields(), self.secret_box(), self.clock)
 
     def user_transport(self, user_values: Mapping[str, SettingValue], user: User) -> str:
         """The user's chosen transport, else the product line's default."""

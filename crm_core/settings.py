@@ -71,9 +71,15 @@ class SaveOutcome:
 class SettingsStore:
     """Reads and writes settings rows for declared fields; takes the caller's session."""
 
-    def __init__(self, fields: Mapping[str, SettingField], box: SecretBox) -> None:
+    def __init__(
+        self,
+        fields: Mapping[str, SettingField],
+        box: SecretBox,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
         self.fields = fields
         self.box = box
+        self.clock = clock
 
     def field(self, key: str, scope: Scope) -> SettingField:
         """The declared field, or a clear error listing the keys of that scope."""
@@ -148,7 +154,7 @@ class SettingsStore:
         row.value = stored
         row.secret = spec.secret
         row.fingerprint = fingerprint
-        row.updated_at = utcnow()
+        row.updated_at = self.clock()
         session.flush()
         return SaveOutcome(spec.key, changed=True)
 

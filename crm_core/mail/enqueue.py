@@ -229,7 +229,7 @@ def _check(crm: Crm, session: Session, request: MailRequest) -> _Checked:
     if checked.user is not None:
         checked.message = OutgoingMessage(
             outbox_id=0,
-            message_id=make_message_id(checked.user.email.rpartition("@")[2]),
+            message_id=make_message_id(checked.user.email.rpartition("@")[2], crm.clock()),
             sender=Address(checked.user.email, checked.user.name),
             to=_named(to, checked.person),
             cc=_named(cc, checked.person),
