@@ -66,7 +66,11 @@ class Crm:
     ) -> None:
         self.config = config
         self.clock = clock
-        """This host's clock (aware UTC), for every time the application stamps itself."""
+        """This host's clock (aware UTC), for what the application stamps for itself and
+        nobody compares: the readable date in a Message-ID. Every time that is stored
+        and compared (settings, pauses, leases, due times) is the database's
+        (:func:`crm_core.mail.policy.db_now`), so a host whose clock is off changes
+        nothing that matters."""
         self.environ = os.environ if environ is None else environ
         self.engine = db.make_engine(config.database_url)
         self.sessions = db.make_sessionmaker(self.engine)
@@ -259,7 +263,7 @@ class Crm:
 
     def settings_store(self) -> SettingsStore:
         """A settings store over every declared field."""
-        return SettingsStore(self.settings_fields(), self.secret_box(), self.clock)
+        return SettingsStore(self.settings_fields(), self.secret_box())
 
     def user_transport(self, user_values: Mapping[str, SettingValue], user: User) -> str:
         """The user's chosen transport, else the product line's default."""

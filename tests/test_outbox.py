@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -451,6 +451,55 @@ def test_a_settings_change_lifts_the_pause(scripted: Any) -> None:
     stats = Worker(crm).run_once()
     assert (stats.resumed_accounts, stats.sent) == (1, 1)
     assert row(crm, outbox_id).state == "sent"
+
+
+AHEAD = datetime(2100, 1, 1, tzinfo=UTC)
+BEHIND = datetime(2000, 1, 1, tzinfo=UTC)
+"""What the clocks of application hosts that are far off say (the database's is right)."""
+WRONG_PASSWORD = (Outcome.CONFIGURATION, "535 5.7.8 wrong password", "535", None)
+
+
+def _save_a_setting_on(make_crm: Any, clock: datetime, value: str) -> None:
+    """Another host on the same database, whose clock says ``clock``, saves a setting."""
+    crm, _ = scripted_crm(make_crm, clock=lambda: clock)
+    with crm.transaction() as s:
+        crm.set_system_setting(s, "mail.allow_private_domains", value)
+
+
+def test_a_change_saved_before_the_pause_does_not_lift_it_early(make_crm: Any) -> None:
+    """A host whose clock is ahead must not make an older change look newer than the
+    pause (the account would be tried again at once, and paused again)."""
+    crm, transport = scripted_crm(make_crm, clock=lambda: BEHIND)
+    add_people(crm, "anna@example.se")
+    transport.script["Hello"] = [WRONG_PASSWORD, SENT]
+    _save_a_setting_on(make_crm, AHEAD, "true")
+    outbox_id = queue_mail(crm)
+    paused = Worker(crm).run_once()
+    assert (paused.paused_accounts, paused.resumed_accounts, paused.sent) == (1, 0, 0)
+    assert Worker(crm).run_once().claimed == 0
+    assert row(crm, outbox_id).state == "queued" and len(transport.calls) == 1
+    _save_a_setting_on(make_crm, AHEAD, "false")
+    lifted = Worker(crm).run_once()
+    assert (lifted.resumed_accounts, lifted.sent) == (1, 1)
+    assert row(crm, outbox_id).state == "sent" and len(transport.calls) == 2
+
+
+def test_a_change_saved_after_the_pause_lifts_it_however_late_the_hosts_clock(
+    make_crm: Any,
+) -> None:
+    """A host whose clock is behind must still lift the pause with a newer change
+    (else the account would wait until an operator resumed it)."""
+    crm, transport = scripted_crm(make_crm, clock=lambda: AHEAD)
+    add_people(crm, "anna@example.se")
+    transport.script["Hello"] = [WRONG_PASSWORD, SENT]
+    outbox_id = queue_mail(crm)
+    paused = Worker(crm).run_once()
+    assert (paused.paused_accounts, paused.resumed_accounts, paused.sent) == (1, 0, 0)
+    assert Worker(crm).run_once().claimed == 0
+    _save_a_setting_on(make_crm, BEHIND, "true")
+    lifted = Worker(crm).run_once()
+    assert (lifted.resumed_accounts, lifted.sent) == (1, 1)
+    assert row(crm, outbox_id).state == "sent" and len(transport.calls) == 2
 
 
 def test_incomplete_settings_pause_before_any_attempt(make_crm: Any, tmp_path: Any) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
@@ -105,11 +105,14 @@ class Scripted:
 
 
 def scripted_crm(
-    make_crm: Callable[..., Crm], config: str = SCRIPTED_CONFIG
+    make_crm: Callable[..., Crm],
+    config: str = SCRIPTED_CONFIG,
+    clock: Callable[[], datetime] | None = None,
 ) -> tuple[Crm, Scripted]:
-    """A Crm whose product lines send through a fresh Scripted transport."""
+    """A Crm whose product lines send through a fresh Scripted transport (``clock``:
+    the host's own, e.g. a skewed one)."""
     transport = Scripted()
-    crm = make_crm(config, extra_plugins=(("test_transport", transport),))
+    crm = make_crm(config, extra_plugins=(("test_transport", transport),), clock=clock)
     return crm, transport
 
 

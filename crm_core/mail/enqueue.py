@@ -136,9 +136,8 @@ def enqueue(crm: Crm, session: Session, request: MailRequest) -> Queued:
     if checked.problems:
         raise MailValidationError(checked.problems)
     assert checked.user and checked.account and checked.message
-    row = _outbox_row(
-        checked.user, checked.account, checked.message, checked.person, db_now(session)
-    )
+    now = db_now(session)
+    row = _outbox_row(checked.user, checked.account, checked.message, checked.person, now)
     session.add(row)
     session.flush()
     if checked.person is not None:
@@ -149,6 +148,7 @@ def enqueue(crm: Crm, session: Session, request: MailRequest) -> Queued:
                 outbox_id=row.id,
                 kind="mail",
                 summary=f"Mail “{row.subject}” from {row.sender_email} (outbox #{row.id})",
+                created_at=now,
             )
         )
     signals.emit_after_commit(

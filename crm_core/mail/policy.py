@@ -33,10 +33,7 @@ from sqlalchemy.orm import Session
 
 from crm_core.config import OutboxConfig
 from crm_core.mail.transport import Outcome
-from crm_core.models import (
-    OutboxState,
-    utcnow,
-)
+from crm_core.models import OutboxState
 
 S = OutboxState
 DUE_STATES = (S.QUEUED.value, S.RETRY.value)
@@ -88,17 +85,21 @@ def lease_expired(until: datetime | None, now: datetime) -> bool:
 
 
 def db_now(session: Session) -> datetime:
-    """Now by the database's clock on PostgreSQL, else by this machine's.
+    """Now by the database's clock: what every stored time is written and compared by.
 
-    Why: leases, back-off and due times are compared by workers on many machines; one
-    clock (the database server's) makes a skewed worker clock harmless. SQLite is
-    single-machine, so the local clock is that one clock.
+    Why: settings, pauses, leases and due times are written and compared by processes
+    on many machines; one clock (the database server's) makes a skewed application
+    host harmless: it cannot lift a pause early or never, nor take over a live lease.
+    PostgreSQL: ``now()``, the start of the transaction, so one transaction's stamps
+    are one instant. SQLite has no server: its clock is the operating system's on the
+    machine that holds the file (what SQLite's own ``'now'`` reads; read here to the
+    microsecond rather than its millisecond), never a Crm's ``clock``.
     """
     if session.get_bind().dialect.name == "postgresql":
         value = session.scalar(select(func.now()))
         if isinstance(value, datetime):
             return value.astimezone(UTC)
-    return utcnow()
+    return datetime.now(UTC)
 
 
 def new_token() -> str:
