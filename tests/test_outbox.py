@@ -17,13 +17,31 @@ import pytest
 from sqlalchemy import func, select, update
 
 from crm_core import directory, signals
+from crm_core.config import OutboxConfig
 from crm_core.errors import MailValidationError, ValidationError
 from crm_core.mail import enqueue, operations, pauses, queue, reconciler
 from crm_core.mail.message import Attachment, OutgoingMessage
-from crm_core.mail.transport import Outcome, SenderAccount
+from crm_core.mail.transport import Outcome, SenderAccount, SendResult
 from crm_core.mail.worker import Worker, WorkerStats
-from crm_core.models import AccountPause, OutboxMessage, Person, PersonActivity, User, utcnow
-from tests.test_outbox_helpers import add_people, queue_mail, row, scripted_crm, states, time_passes
+from crm_core.models import (
+    AccountPause,
+    OutboxMessage,
+    OutboxState,
+    Person,
+    PersonActivity,
+    User,
+    utcnow,
+)
+from tests.test_outbox_helpers import (
+    SCRIPTED_CONFIG,
+    add_people,
+    enqueued_ago,
+    queue_mail,
+    row,
+    scripted_crm,
+    states,
+    time_passes,
+)
 
 TEMP = (Outcome.TEMPORARY, "451 4.3.0 try later", "451", None)
 PERM = (Outcome.PERMANENT, "550 5.1.1 per@example.com: no such mailbox", "550 5.1.1", None)
@@ -352,6 +370,93 @@ def test_spent_budget_fails_with_the_last_reason(scripted: Any) -> None:
     assert failed.state == "failed" and len(transport.calls) == 3  # max_attempts = 3
     assert (failed.last_error or "").startswith("Gave up after 3 attempts")
     assert "451 4.3.0 try later" in (failed.last_error or "")
+
+
+LIFETIME_CONFIG = SCRIPTED_CONFIG.replace("max_attempts = 3\n", "")
+"""The scripted set-up with the default budget: a lifetime of 2 days, no attempt count."""
+DEFERRED = (
+    Outcome.TEMPORARY,
+    "The recipient per@example.com was deferred: the server answered 451 4.3.0 try later. "
+    "What to do: Nothing; it will be tried again later.",
+    "451 4.3.0",
+    None,
+)
+
+
+@pytest.fixture
+def lifetime(make_crm: Any) -> Any:
+    crm, transport = scripted_crm(make_crm, LIFETIME_CONFIG)
+    add_people(crm, "anna@example.se")
+    return crm, transport
+
+
+def test_an_outage_longer_than_eight_attempts_is_waited_out(lifetime: Any) -> None:
+    """Eight attempts with a back-off capped at an hour last 30 to 60 minutes: an SMTP
+    server's or Entra ID's outage of that length must not fail every queued mail."""
+    crm, transport = lifetime
+    transport.script["Hello"] = [DEFERRED] * 12 + [SENT]
+    outbox_id = queue_mail(crm)
+    for _ in range(12):
+        assert Worker(crm).run_once().retry == 1
+        time_passes(crm)
+    assert Worker(crm).run_once().sent == 1
+    assert len(row(crm, outbox_id).attempt_log) == 13
+
+
+def test_a_temporary_failure_after_the_lifetime_fails_saying_how_long(lifetime: Any) -> None:
+    crm, transport = lifetime
+    transport.script["Hello"] = [DEFERRED]
+    outbox_id = queue_mail(crm)
+    assert Worker(crm).run_once().retry == 1
+    enqueued_ago(crm, outbox_id, timedelta(days=2, hours=1))
+    time_passes(crm)
+    assert Worker(crm).run_once().failed == 1
+    failed = row(crm, outbox_id)
+    assert failed.state == "failed" and failed.last_error == (
+        "Gave up after trying for 2 days 1 hour (2 attempts; [outbox] give_up_after is "
+        "2 days). The last attempt failed with: The recipient per@example.com was "
+        "deferred: the server answered 451 4.3.0 try later."
+    )
+
+
+def test_a_retry_is_due_at_the_end_of_the_lifetime_at_the_latest(lifetime: Any) -> None:
+    """The last try comes as the lifetime ends, not days after it (a server's long
+    Retry-After included), so the mail fails on time with the server's answer."""
+    crm, transport = lifetime
+    transport.script["Hello"] = [(Outcome.TEMPORARY, "throttled", "429", 3 * 86400.0)]
+    outbox_id = queue_mail(crm)
+    Worker(crm).run_once()
+    waiting = row(crm, outbox_id)
+    assert waiting.state == "retry"
+    assert waiting.next_attempt_at == waiting.created_at + timedelta(days=2)
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        DEFERRED[1],
+        "ACME could not be reached; it will be tried again",
+        "Entra ID is busy or unavailable; the request will be retried.",
+        "The mailbox anna@example.se has reached Exchange's sending limit. What to do: The "
+        "mail is retried later; the limit resets within a day.",
+    ],
+)
+def test_a_failed_mails_reason_never_says_it_will_be_tried_again(detail: str) -> None:
+    """Transports write their temporary failures for a mail that will be retried."""
+    result = SendResult("<m@example.se>", Outcome.TEMPORARY, detail, "451")
+    reason = queue.explain(result, OutboxState.FAILED, 30, timedelta(days=2), OutboxConfig())
+    assert reason.startswith("Gave up after trying for 2 days (30 attempts;")
+    assert "tried again" not in reason and "retried" not in reason
+    assert detail.split(";")[0].split(" What to do")[0] in reason
+
+
+def test_a_failed_mails_reason_keeps_the_servers_own_answer() -> None:
+    result = SendResult(
+        "<m@example.se>", Outcome.TEMPORARY, "Deferred.", "451", reply="451 4.7.1 Greylisted"
+    )
+    reason = queue.explain(result, OutboxState.FAILED, 9, timedelta(days=3), OutboxConfig())
+    assert reason.endswith("The last attempt failed with: Deferred. The server's last answer: "
+                           "451 4.7.1 Greylisted")  # fmt: skip
 
 
 def test_server_retry_after_wins_when_longer(scripted: Any) -> None:

@@ -166,6 +166,14 @@ def time_passes(crm: Crm) -> None:
         )
 
 
+def enqueued_ago(crm: Crm, outbox_id: int, age: timedelta) -> None:
+    """Move a message's enqueue ``age`` further into the past (instead of waiting)."""
+    with crm.transaction() as session:
+        found = session.get(OutboxMessage, outbox_id)
+        assert found is not None
+        found.created_at -= age
+
+
 def leases_expire(crm: Crm) -> None:
     """Make every lease of a ``sending`` row run out now (instead of sleeping through it)."""
     with crm.transaction() as session:
