@@ -39,7 +39,7 @@ from crm_core.mail.transport import (
     TransportSpec,
     check_results,
 )
-from crm_core.models import User
+from crm_core.models import User, utcnow
 from crm_core.plugins import installed_plugins, make_plugin_manager
 from crm_core.secret_box import KEY_ENV, SecretBox, create_key_file, load_keys
 from crm_core.settings import (
@@ -62,8 +62,15 @@ class Crm:
         *,
         environ: Mapping[str, str] | None = None,
         extra_plugins: Iterable[tuple[str, object]] = (),
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.config = config
+        self.clock = clock
+        """This host's clock (aware UTC), for what the application stamps for itself and
+        nobody compares: the readable date in a Message-ID. Every time that is stored
+        and compared (settings, pauses, leases, due times) is the database's
+        (:func:`crm_core.mail.policy.db_now`), so a host whose clock is off changes
+        nothing that matters."""
         self.environ = os.environ if environ is None else environ
         self.engine = db.make_engine(config.database_url)
         self.sessions = db.make_sessionmaker(self.engine)

@@ -12,9 +12,12 @@ Where the file is found: ``--config`` on the command line, else ``CRM_CONFIG``, 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +63,19 @@ class ProductLineConfig:
 
 @dataclass(frozen=True)
 class OutboxConfig:
-    """Outbox tuning; see the README's operations section for what each does."""
+    """Outbox tuning; see the README's operations section for what each does.
+
+    ``give_up_after`` is the retry budget: how long after its enqueue a mail that keeps
+    failing for now is still tried (a mail server's queue lifetime; Postfix's
+    ``maximal_queue_lifetime`` is 5 days). A count of attempts is the wrong budget:
+    with the back-off capped, a few attempts span an hour, and an outage of the
+    server or of Entra ID that long failed every queued mail. ``max_attempts`` is an
+    extra bound, off (None) unless set.
+    """
 
     lease_seconds: int = 300
-    max_attempts: int = 8
+    give_up_after: timedelta = timedelta(days=2)
+    max_attempts: int | None = None
     backoff_base_seconds: float = 30.0
     backoff_max_seconds: float = 3600.0
     batch_size: int = 50
@@ -226,18 +238,48 @@ def _product_lines(
 def _dataclass_from(cls: Any, table: Mapping[str, Any], source: str, where: str) -> Any:
     allowed = tuple(cls.__dataclass_fields__)
     _reject_unknown(table, allowed, source, where)
-    values: dict[str, Any] = {}
-    defaults = cls()
-    for key, value in table.items():
-        expected = type(getattr(defaults, key))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(
-                f"{source}: {where}.{key} must be a positive {expected.__name__}, got {value!r}"
-            )
-        values[key] = value
+    hints = typing.get_type_hints(cls)
+    values = {
+        key: _typed(value, hints[key], f"{source}: {where}.{key}") for key, value in table.items()
+    }
     return cls(**values)
+
+
+def _typed(value: Any, hint: Any, name: str) -> Any:
+    """``value`` as the field's type (an ``int | None`` field takes an int)."""
+    expected = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+    if expected is timedelta:
+        return parse_duration(value, name)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive {expected.__name__}, got {value!r}")
+    return value
+
+
+_DURATION = re.compile(r"(?:\s*\d+\s*[wdhms])+\s*")
+_DURATION_PART = re.compile(r"(\d+)\s*([wdhms])")
+_UNIT_SECONDS = (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+DURATION_FORMAT = 'a duration such as "2d", "36h", "90m" or "1d 12h" (units: w, d, h, m, s)'
+
+
+def parse_duration(value: object, name: str) -> timedelta:
+    """A duration as crm.toml writes it (``"2d"``, ``"36h"``, ``"1d 12h"``), or a
+    ConfigError naming ``name`` and saying how to write it.
+
+    Why a unit is required: a bare number is seconds to some programs and days to
+    others (Postfix's ``maximal_queue_lifetime = 5``), so it is refused, not guessed.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        as_seconds = f'"{value}s" for seconds, or ' if isinstance(value, int) else ""
+        raise ConfigError(f'{name} needs a unit: write {as_seconds}e.g. "2d" or "36h"')
+    if not isinstance(value, str) or not _DURATION.fullmatch(value.lower()):
+        raise ConfigError(f"{name} must be {DURATION_FORMAT}, got {value!r}")
+    units = dict(_UNIT_SECONDS)
+    seconds = sum(int(n) * units[u] for n, u in _DURATION_PART.findall(value.lower()))
+    if seconds <= 0:
+        raise ConfigError(f"{name} must be longer than 0, got {value!r}")
+    return timedelta(seconds=seconds)
 
 
 def _reject_unknown(

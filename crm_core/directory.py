@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from crm_core.errors import MailValidationError, NotFoundError, Problem, ValidationError
 from crm_core.mail.addresses import header_problem, parse_address
+from crm_core.mail.policy import db_now
 from crm_core.models import Person, Role, User
 from crm_core.settings import private_domains_allowed
 from crm_core.signals import emit_after_commit
@@ -46,7 +47,12 @@ def add_person(session: Session, email: str, name: str, mobile: str | None = Non
         raise ValidationError(
             "Person already exists", [Problem(address, "a person with this e-mail is registered")]
         )
-    person = Person(email=address, name=name.strip(), mobile=(mobile or "").strip() or None)
+    person = Person(
+        email=address,
+        name=name.strip(),
+        mobile=(mobile or "").strip() or None,
+        created_at=db_now(session),
+    )
     session.add(person)
     session.flush()
     emit_after_commit(session, "person-created", person_id=person.id, email=person.email)
@@ -81,6 +87,7 @@ def add_user(
         name=name.strip(),
         product_line=product_line,
         role=(Role.ADMIN if admin else Role.USER).value,
+        created_at=db_now(session),
     )
     session.add(user)
     session.flush()

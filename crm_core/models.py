@@ -2,7 +2,11 @@
 
 Every timestamp is stored and returned as an aware UTC datetime (SQLite keeps no time
 zone, so :class:`UTCDateTime` restores it), because lease and back-off arithmetic
-across machines must not depend on local time.
+across machines must not depend on local time. No timestamp has a default: the
+service that makes a row writes each one from :func:`crm_core.mail.policy.db_now`,
+the database's clock, so no application host's clock decides what is compared
+(settings with pauses, leases, due times), and a forgotten one fails the insert (NOT
+NULL) instead of quietly taking this machine's time.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def utcnow() -> datetime:
-    """Now, aware, in UTC."""
+    """Now by this machine's clock, aware, in UTC (the default of ``Crm.clock``)."""
     return datetime.now(UTC)
 
 
@@ -94,7 +98,7 @@ class Person(Base):
     name: Mapped[str] = mapped_column(String(200))
     email: Mapped[str] = mapped_column(String(320), unique=True)
     mobile: Mapped[str | None] = mapped_column(String(40))
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime]
 
     activities: Mapped[list[PersonActivity]] = relationship(
         back_populates="person", order_by="PersonActivity.id"
@@ -114,7 +118,7 @@ class User(Base):
     email: Mapped[str] = mapped_column(String(320), unique=True)
     product_line: Mapped[str] = mapped_column(String(40))
     role: Mapped[str] = mapped_column(String(20), default=Role.USER.value)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime]
 
     def __repr__(self) -> str:
         return f"User(id={self.id!r}, email={self.email!r}, product_line={self.product_line!r})"
@@ -129,7 +133,7 @@ class SystemSetting(Base):
     value: Mapped[str] = mapped_column(Text)
     secret: Mapped[bool] = mapped_column(Boolean, default=False)
     fingerprint: Mapped[str | None] = mapped_column(String(16))
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime]
 
     def __repr__(self) -> str:
         return f"SystemSetting({self.key!r}, secret={self.secret!r})"
@@ -147,7 +151,7 @@ class UserSetting(Base):
     value: Mapped[str] = mapped_column(Text)
     secret: Mapped[bool] = mapped_column(Boolean, default=False)
     fingerprint: Mapped[str | None] = mapped_column(String(16))
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime]
 
     def __repr__(self) -> str:
         return f"UserSetting(user_id={self.user_id!r}, {self.key!r}, secret={self.secret!r})"
@@ -179,7 +183,7 @@ class OutboxMessage(Base):
     size_bytes: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[str] = mapped_column(String(20), default=OutboxState.QUEUED.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    next_attempt_at: Mapped[datetime]
     lease_owner: Mapped[str | None] = mapped_column(String(120))
     lease_token: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None]
@@ -191,8 +195,8 @@ class OutboxMessage(Base):
     recipient_states: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     """Each recipient's fate so far: address -> {"state", "reply", "at"}; None before
     any attempt answered per recipient (all share the message's state)."""
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
     sent_at: Mapped[datetime | None]
 
     attachments: Mapped[list[OutboxAttachment]] = relationship(
@@ -241,7 +245,7 @@ class OutboxAttempt(Base):
     number: Mapped[int] = mapped_column(Integer)
     worker: Mapped[str] = mapped_column(String(120))
     transport: Mapped[str] = mapped_column(String(40))
-    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
     outcome: Mapped[str | None] = mapped_column(String(20))
     error: Mapped[str | None] = mapped_column(Text)
@@ -264,7 +268,7 @@ class AccountPause(Base):
     transport: Mapped[str] = mapped_column(String(40))
     reason: Mapped[str] = mapped_column(Text)
     code: Mapped[str | None] = mapped_column(String(120))
-    paused_at: Mapped[datetime] = mapped_column(default=utcnow)
+    paused_at: Mapped[datetime]
 
     def __repr__(self) -> str:
         return f"AccountPause(user_id={self.user_id!r}, {self.transport!r})"
@@ -283,7 +287,7 @@ class PersonActivity(Base):
     outbox_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("outbox.id"))
     kind: Mapped[str] = mapped_column(String(40))
     summary: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime]
 
     person: Mapped[Person] = relationship(back_populates="activities")
 

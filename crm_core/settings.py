@@ -19,8 +19,9 @@ from sqlalchemy.orm import Session
 from crm_core.errors import SettingValueError
 from crm_core.fields import FieldType, Scope, SettingField, parse_value, validate_text
 from crm_core.mail.addresses import ALLOW_PRIVATE_DOMAINS
+from crm_core.mail.policy import db_now
 from crm_core.mail.transport import SettingValue
-from crm_core.models import SystemSetting, User, UserSetting, utcnow
+from crm_core.models import SystemSetting, User, UserSetting
 from crm_core.secret_box import SecretBox
 
 SAVED = "saved"
@@ -142,13 +143,14 @@ class SettingsStore:
                 )
             if row is not None and row.value == stored:
                 return SaveOutcome(spec.key, changed=False)
+        now = db_now(session)  # compared with pauses' paused_at: the one clock
         if row is None:
             row = make_row()
             session.add(row)
         row.value = stored
         row.secret = spec.secret
         row.fingerprint = fingerprint
-        row.updated_at = utcnow()
+        row.updated_at = now
         session.flush()
         return SaveOutcome(spec.key, changed=True)
 

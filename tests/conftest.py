@@ -16,6 +16,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -176,13 +177,14 @@ class CrmFactory:
         config_text: str = DEFAULT_TEST_CONFIG,
         extra_plugins: tuple[tuple[str, object], ...] = (),
         init: bool = True,
+        clock: Callable[[], datetime] | None = None,
     ) -> Crm:
         path = self.tmp_path / "crm.toml"
         path.write_text(config_text, encoding="utf-8")
         env = {"CRM_DATABASE_URL": self.database_url, "CRM_SECRET_KEY": self.secret_key}
         available = (*installed_plugins(), *(name for name, _ in extra_plugins))
         config = load_config(path, available_plugins=available, environ=env)
-        crm = Crm(config, environ=env, extra_plugins=extra_plugins)
+        crm = Crm(config, environ=env, extra_plugins=extra_plugins, **_clock(clock))
         crm.check_plugins()
         if init:
             crm.init_database()
@@ -197,6 +199,11 @@ class CrmFactory:
             "CRM_SECRET_KEY": self.secret_key,
             "CRM_CONFIG": str(self.tmp_path / "crm.toml"),
         }
+
+
+def _clock(clock: Callable[[], datetime] | None) -> dict[str, Callable[[], datetime]]:
+    """Crm's own default clock unless a test gives one (a skewed host's, say)."""
+    return {"clock": clock} if clock is not None else {}
 
 
 @pytest.fixture

@@ -73,12 +73,46 @@ def test_every_bad_address_in_a_list_is_reported() -> None:
     assert "also-bad@" in str(problems[1]) and "domain" in str(problems[1])
 
 
-@pytest.mark.parametrize("text", ["Hello\r\nBcc: victim@example.com", "a\nb", "x\ry", "nul\x00"])
+@pytest.mark.parametrize("text", ["Hello\r\nBcc: victim@example.com", "a\nb", "x\ry"])
 def test_header_injection_is_rejected(text: str) -> None:
     with pytest.raises(MailValidationError, match="line break"):
         check_header_text(text, "subject")
     with pytest.raises(MailValidationError, match="line break"):
         parse_address("anna@example.se", name=text)
+
+
+@pytest.mark.parametrize(
+    ("char", "named"),
+    [
+        ("\x00", "U+0000 null"),
+        ("\x0b", "U+000B vertical tab"),
+        ("\x0c", "U+000C form feed"),
+        ("\x1b", "U+001B escape"),
+        ("\x1c", "U+001C file separator"),
+        ("\x1f", "U+001F unit separator"),
+        ("\x7f", "U+007F delete"),
+        ("\x85", "U+0085 next line"),
+        ("\x9b", "U+009B C1 control"),
+        ("\u2028", "U+2028 line separator"),
+    ],
+)
+def test_a_control_character_is_refused_by_name(char: str, named: str) -> None:
+    """Python's email package reads VT, FF, \\x1c-\\x1e, NEL and U+2028 as line breaks and
+    refuses a subject or file name holding one, mid-batch; the others reach screens."""
+    with pytest.raises(MailValidationError) as caught:
+        check_header_text(f"Visning{char}imorgon", "subject")
+    (problem,) = caught.value.problems
+    assert problem.key == "subject"
+    assert problem.message == f"contains a control character ({named}); remove it"
+    _, (bad,) = validate_addresses([f"Per{char}Persson <per@example.se>"], "to")
+    assert bad.message == f"contains a control character ({named}); remove it"
+
+
+def test_a_tab_is_blank_but_a_vertical_tab_is_refused() -> None:
+    check_header_text("Visning\timorgon", "subject")  # a header may fold at a tab
+    assert parse_address("Per\tPersson <per@example.se>").name == "Per\tPersson"
+    with pytest.raises(MailValidationError, match="U\\+000B vertical tab"):
+        parse_address("per@example.se", name="Per\x0bPersson")
 
 
 # --- display names ("Per Persson <per@example.se>") ---------------------------------

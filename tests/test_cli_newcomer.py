@@ -314,18 +314,18 @@ def test_outbox_list_has_a_header_columns_and_says_when_it_cut(
 ) -> None:
     _maildir_user(run_crm, tmp_path)
     for n in range(3):
-        _queue(run_crm, f"Visning {n}\x1b[2J")
+        _queue(run_crm, f"Visning {n}\u202e")  # a control character is refused at enqueue
     listed = run_crm("outbox", "list", "--limit", "2")
     lines = listed.stdout.splitlines()
     assert lines[0].split() == ["ID", "STATE", "QUEUED", "FROM", "TO", "SUBJECT", "TRIES", "NOTE"]
     assert lines[1].index("queued") == lines[0].index("STATE")  # aligned
     assert lines[1].startswith("#3 ") and lines[2].startswith("#2 ")
     assert lines[-1] == "2 of 3; use --limit to see more"
-    assert "\x1b" not in listed.stdout and "Visning 2\\x1b[2J" in listed.stdout
+    assert "\u202e" not in listed.stdout and "Visning 2\\u202e" in listed.stdout
     as_json = json.loads(run_crm("outbox", "list", "--limit", "2", "--json").stdout)
     assert as_json["total"] == 3 and len(as_json["messages"]) == 2
     shown = run_crm("outbox", "show", "1").stdout
-    assert "\x1b" not in shown
+    assert "\u202e" not in shown
     queued_at = next(line for line in shown.splitlines() if "Queued:" in line)
     assert "+00:00;" in queued_at and "T" in queued_at.split()[1]  # ISO 8601 with the zone
 

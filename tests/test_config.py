@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,49 @@ def test_bad_values_are_refused(tmp_path: Path, text: str) -> None:
     with pytest.raises(ConfigError) as info:
         load(write(tmp_path, text))
     assert str(tmp_path / "crm.toml") in str(info.value)
+
+
+def test_the_outbox_gives_up_after_a_lifetime_not_a_count_by_default(tmp_path: Path) -> None:
+    outbox = load(write(tmp_path, "")).outbox
+    assert (outbox.give_up_after, outbox.max_attempts) == (timedelta(days=2), None)
+
+
+@pytest.mark.parametrize(
+    ("written", "lifetime"),
+    [
+        ('"2d"', timedelta(days=2)),
+        ('"36h"', timedelta(hours=36)),
+        ('"90m"', timedelta(minutes=90)),
+        ('"1d 12h"', timedelta(days=1, hours=12)),
+        ('"1w"', timedelta(weeks=1)),
+        ('"3600s"', timedelta(hours=1)),
+    ],
+)
+def test_give_up_after_is_a_duration_with_units(
+    tmp_path: Path, written: str, lifetime: timedelta
+) -> None:
+    text = f"[outbox]\ngive_up_after = {written}\nmax_attempts = 20\n"
+    outbox = load(write(tmp_path, text)).outbox
+    assert (outbox.give_up_after, outbox.max_attempts) == (lifetime, 20)
+
+
+@pytest.mark.parametrize(
+    ("written", "said"),
+    [
+        ("172800", 'a unit: write "172800s" for seconds, or e.g. "2d" or "36h"'),
+        ('"2 days"', 'a duration such as "2d", "36h", "90m" or "1d 12h"'),
+        ('"2x"', "units: w, d, h, m, s"),
+        ('"0h"', "longer than 0"),
+        ('""', 'a duration such as "2d"'),
+        ("true", 'a duration such as "2d"'),
+    ],
+)
+def test_a_bad_give_up_after_says_how_to_write_it(tmp_path: Path, written: str, said: str) -> None:
+    path = write(tmp_path, f"[outbox]\ngive_up_after = {written}\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: outbox.give_up_after ") and said in message
 
 
 def test_environment_overrides_database(tmp_path: Path) -> None:

@@ -10,20 +10,38 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
 
 from crm_core import directory, signals
+from crm_core.config import OutboxConfig
 from crm_core.errors import MailValidationError, ValidationError
 from crm_core.mail import enqueue, operations, pauses, queue, reconciler
 from crm_core.mail.message import Attachment, OutgoingMessage
-from crm_core.mail.transport import Outcome, SenderAccount
+from crm_core.mail.transport import Outcome, SenderAccount, SendResult
 from crm_core.mail.worker import Worker, WorkerStats
-from crm_core.models import AccountPause, OutboxMessage, Person, PersonActivity, utcnow
-from tests.test_outbox_helpers import add_people, queue_mail, row, scripted_crm, states, time_passes
+from crm_core.models import (
+    AccountPause,
+    OutboxMessage,
+    OutboxState,
+    Person,
+    PersonActivity,
+    User,
+    utcnow,
+)
+from tests.test_outbox_helpers import (
+    SCRIPTED_CONFIG,
+    add_people,
+    enqueued_ago,
+    queue_mail,
+    row,
+    scripted_crm,
+    states,
+    time_passes,
+)
 
 TEMP = (Outcome.TEMPORARY, "451 4.3.0 try later", "451", None)
 PERM = (Outcome.PERMANENT, "550 5.1.1 per@example.com: no such mailbox", "550 5.1.1", None)
@@ -260,6 +278,51 @@ def test_the_sender_is_found_by_the_address_in_a_named_from(scripted: Any) -> No
     assert mime["From"] == "Anna <anna@example.se>"  # the user's name from the register
 
 
+@pytest.mark.parametrize(
+    ("overrides", "key", "named"),
+    [
+        ({"subject": "Visning\x0bimorgon"}, "subject", "U+000B vertical tab"),
+        ({"subject": "Visning\x9b"}, "subject", "U+009B C1 control"),
+        ({"to": ["Per\x1fPersson <per@example.com>"]}, "to 'Per\\x1fPersson <per@example.com>'",
+         "U+001F unit separator"),
+        ({"cc": ["Bo\x0c <bo@example.org>"]}, "cc 'Bo\\x0c <bo@example.org>'", "U+000C form feed"),
+        ({"reply_to": ["Salj\x7f <salj@example.se>"]}, "reply-to 'Salj\\x7f <salj@example.se>'",
+         "U+007F delete"),
+        ({"sender_email": "Anna\x1c <anna@example.se>"}, "from 'Anna\\x1c <anna@example.se>'",
+         "U+001C file separator"),
+        ({"attachments": [Attachment("plan\x85.pdf", "application/pdf", b"%PDF")]},
+         "attachment 'plan\\x85.pdf'", "U+0085 next line"),
+    ],
+)  # fmt: skip
+def test_a_control_character_in_a_header_is_refused_by_name(
+    scripted: Any, overrides: dict[str, Any], key: str, named: str
+) -> None:
+    """Refused at enqueue, so the worker never holds a message that cannot be rendered."""
+    crm, _ = scripted
+    (problem,) = _refused(crm, _request(**overrides))
+    assert (problem.key, problem.message) == (
+        key,
+        f"contains a control character ({named}); remove it",
+    )
+
+
+def test_a_control_character_in_a_register_name_is_refused_at_enqueue(scripted: Any) -> None:
+    """Names saved before the register refused control characters are display names too."""
+    crm, _ = scripted
+    with crm.transaction() as s:
+        s.execute(update(User).where(User.email == "anna@example.se").values(name="Anna\x1e"))
+        s.execute(update(Person).values(name="Per\x0bPersson"))
+    sender, person = _refused(crm, _request(person_email="per@example.com"))
+    assert str(sender) == (
+        "sender anna@example.se: name: contains a control character "
+        "(U+001E record separator); remove it"
+    )
+    assert str(person) == (
+        "person per@example.com: name: contains a control character "
+        "(U+000B vertical tab); remove it"
+    )
+
+
 # --- states ---------------------------------------------------------------------------
 
 
@@ -307,6 +370,93 @@ def test_spent_budget_fails_with_the_last_reason(scripted: Any) -> None:
     assert failed.state == "failed" and len(transport.calls) == 3  # max_attempts = 3
     assert (failed.last_error or "").startswith("Gave up after 3 attempts")
     assert "451 4.3.0 try later" in (failed.last_error or "")
+
+
+LIFETIME_CONFIG = SCRIPTED_CONFIG.replace("max_attempts = 3\n", "")
+"""The scripted set-up with the default budget: a lifetime of 2 days, no attempt count."""
+DEFERRED = (
+    Outcome.TEMPORARY,
+    "The recipient per@example.com was deferred: the server answered 451 4.3.0 try later. "
+    "What to do: Nothing; it will be tried again later.",
+    "451 4.3.0",
+    None,
+)
+
+
+@pytest.fixture
+def lifetime(make_crm: Any) -> Any:
+    crm, transport = scripted_crm(make_crm, LIFETIME_CONFIG)
+    add_people(crm, "anna@example.se")
+    return crm, transport
+
+
+def test_an_outage_longer_than_eight_attempts_is_waited_out(lifetime: Any) -> None:
+    """Eight attempts with a back-off capped at an hour last 30 to 60 minutes: an SMTP
+    server's or Entra ID's outage of that length must not fail every queued mail."""
+    crm, transport = lifetime
+    transport.script["Hello"] = [DEFERRED] * 12 + [SENT]
+    outbox_id = queue_mail(crm)
+    for _ in range(12):
+        assert Worker(crm).run_once().retry == 1
+        time_passes(crm)
+    assert Worker(crm).run_once().sent == 1
+    assert len(row(crm, outbox_id).attempt_log) == 13
+
+
+def test_a_temporary_failure_after_the_lifetime_fails_saying_how_long(lifetime: Any) -> None:
+    crm, transport = lifetime
+    transport.script["Hello"] = [DEFERRED]
+    outbox_id = queue_mail(crm)
+    assert Worker(crm).run_once().retry == 1
+    enqueued_ago(crm, outbox_id, timedelta(days=2, hours=1))
+    time_passes(crm)
+    assert Worker(crm).run_once().failed == 1
+    failed = row(crm, outbox_id)
+    assert failed.state == "failed" and failed.last_error == (
+        "Gave up after trying for 2 days 1 hour (2 attempts; [outbox] give_up_after is "
+        "2 days). The last attempt failed with: The recipient per@example.com was "
+        "deferred: the server answered 451 4.3.0 try later."
+    )
+
+
+def test_a_retry_is_due_at_the_end_of_the_lifetime_at_the_latest(lifetime: Any) -> None:
+    """The last try comes as the lifetime ends, not days after it (a server's long
+    Retry-After included), so the mail fails on time with the server's answer."""
+    crm, transport = lifetime
+    transport.script["Hello"] = [(Outcome.TEMPORARY, "throttled", "429", 3 * 86400.0)]
+    outbox_id = queue_mail(crm)
+    Worker(crm).run_once()
+    waiting = row(crm, outbox_id)
+    assert waiting.state == "retry"
+    assert waiting.next_attempt_at == waiting.created_at + timedelta(days=2)
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        DEFERRED[1],
+        "ACME could not be reached; it will be tried again",
+        "Entra ID is busy or unavailable; the request will be retried.",
+        "The mailbox anna@example.se has reached Exchange's sending limit. What to do: The "
+        "mail is retried later; the limit resets within a day.",
+    ],
+)
+def test_a_failed_mails_reason_never_says_it_will_be_tried_again(detail: str) -> None:
+    """Transports write their temporary failures for a mail that will be retried."""
+    result = SendResult("<m@example.se>", Outcome.TEMPORARY, detail, "451")
+    reason = queue.explain(result, OutboxState.FAILED, 30, timedelta(days=2), OutboxConfig())
+    assert reason.startswith("Gave up after trying for 2 days (30 attempts;")
+    assert "tried again" not in reason and "retried" not in reason
+    assert detail.split(";")[0].split(" What to do")[0] in reason
+
+
+def test_a_failed_mails_reason_keeps_the_servers_own_answer() -> None:
+    result = SendResult(
+        "<m@example.se>", Outcome.TEMPORARY, "Deferred.", "451", reply="451 4.7.1 Greylisted"
+    )
+    reason = queue.explain(result, OutboxState.FAILED, 9, timedelta(days=3), OutboxConfig())
+    assert reason.endswith("The last attempt failed with: Deferred. The server's last answer: "
+                           "451 4.7.1 Greylisted")  # fmt: skip
 
 
 def test_server_retry_after_wins_when_longer(scripted: Any) -> None:
@@ -406,6 +556,55 @@ def test_a_settings_change_lifts_the_pause(scripted: Any) -> None:
     stats = Worker(crm).run_once()
     assert (stats.resumed_accounts, stats.sent) == (1, 1)
     assert row(crm, outbox_id).state == "sent"
+
+
+AHEAD = datetime(2100, 1, 1, tzinfo=UTC)
+BEHIND = datetime(2000, 1, 1, tzinfo=UTC)
+"""What the clocks of application hosts that are far off say (the database's is right)."""
+WRONG_PASSWORD = (Outcome.CONFIGURATION, "535 5.7.8 wrong password", "535", None)
+
+
+def _save_a_setting_on(make_crm: Any, clock: datetime, value: str) -> None:
+    """Another host on the same database, whose clock says ``clock``, saves a setting."""
+    crm, _ = scripted_crm(make_crm, clock=lambda: clock)
+    with crm.transaction() as s:
+        crm.set_system_setting(s, "mail.allow_private_domains", value)
+
+
+def test_a_change_saved_before_the_pause_does_not_lift_it_early(make_crm: Any) -> None:
+    """A host whose clock is ahead must not make an older change look newer than the
+    pause (the account would be tried again at once, and paused again)."""
+    crm, transport = scripted_crm(make_crm, clock=lambda: BEHIND)
+    add_people(crm, "anna@example.se")
+    transport.script["Hello"] = [WRONG_PASSWORD, SENT]
+    _save_a_setting_on(make_crm, AHEAD, "true")
+    outbox_id = queue_mail(crm)
+    paused = Worker(crm).run_once()
+    assert (paused.paused_accounts, paused.resumed_accounts, paused.sent) == (1, 0, 0)
+    assert Worker(crm).run_once().claimed == 0
+    assert row(crm, outbox_id).state == "queued" and len(transport.calls) == 1
+    _save_a_setting_on(make_crm, AHEAD, "false")
+    lifted = Worker(crm).run_once()
+    assert (lifted.resumed_accounts, lifted.sent) == (1, 1)
+    assert row(crm, outbox_id).state == "sent" and len(transport.calls) == 2
+
+
+def test_a_change_saved_after_the_pause_lifts_it_however_late_the_hosts_clock(
+    make_crm: Any,
+) -> None:
+    """A host whose clock is behind must still lift the pause with a newer change
+    (else the account would wait until an operator resumed it)."""
+    crm, transport = scripted_crm(make_crm, clock=lambda: AHEAD)
+    add_people(crm, "anna@example.se")
+    transport.script["Hello"] = [WRONG_PASSWORD, SENT]
+    outbox_id = queue_mail(crm)
+    paused = Worker(crm).run_once()
+    assert (paused.paused_accounts, paused.resumed_accounts, paused.sent) == (1, 0, 0)
+    assert Worker(crm).run_once().claimed == 0
+    _save_a_setting_on(make_crm, BEHIND, "true")
+    lifted = Worker(crm).run_once()
+    assert (lifted.resumed_accounts, lifted.sent) == (1, 1)
+    assert row(crm, outbox_id).state == "sent" and len(transport.calls) == 2
 
 
 def test_incomplete_settings_pause_before_any_attempt(make_crm: Any, tmp_path: Any) -> None:

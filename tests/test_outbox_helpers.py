@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
@@ -171,11 +171,14 @@ class Scripted:
 
 
 def scripted_crm(
-    make_crm: Callable[..., Crm], config: str = SCRIPTED_CONFIG
+    make_crm: Callable[..., Crm],
+    config: str = SCRIPTED_CONFIG,
+    clock: Callable[[], datetime] | None = None,
 ) -> tuple[Crm, Scripted]:
-    """A Crm whose product lines send through a fresh Scripted transport."""
+    """A Crm whose product lines send through a fresh Scripted transport (``clock``:
+    the host's own, e.g. a skewed one)."""
     transport = Scripted()
-    crm = make_crm(config, extra_plugins=(("test_transport", transport),))
+    crm = make_crm(config, extra_plugins=(("test_transport", transport),), clock=clock)
     return crm, transport
 
 
@@ -227,6 +230,14 @@ def time_passes(crm: Crm) -> None:
             .where(OutboxMessage.state == OutboxState.RETRY.value)
             .values(next_attempt_at=utcnow() - timedelta(seconds=1))
         )
+
+
+def enqueued_ago(crm: Crm, outbox_id: int, age: timedelta) -> None:
+    """Move a message's enqueue ``age`` further into the past (instead of waiting)."""
+    with crm.transaction() as session:
+        found = session.get(OutboxMessage, outbox_id)
+        assert found is not None
+        found.created_at -= age
 
 
 def leases_expire(crm: Crm) -> None:

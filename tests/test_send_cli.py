@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event
+from sqlalchemy.orm import Session
 
-from crm_core import directory
+from crm_core import directory, signals
+from crm_core.models import OutboxMessage
 
 # Only the Maildir plugin: each `crm` call then starts without importing exchangelib.
 CONFIG = """\
@@ -132,6 +135,79 @@ def test_addresses_as_a_newcomer_types_them(cli: Any, tmp_path: Path) -> None:
     assert cli("outbox", "work", "--once").code == 0
     (message,) = mailbox.Maildir(tmp_path / "maildir", create=False)
     assert message["To"] == "IT-support <it@corp.local>, Per Persson <per@example.com>"
+
+
+def test_a_control_character_is_refused_by_name_with_exit_2(cli: Any, tmp_path: Path) -> None:
+    plan = tmp_path / "plan\x0b.pdf"
+    plan.write_bytes(b"%PDF-1.4 test")
+    cases = [
+        (("--subject", "Visning\x0cimorgon"), "subject: contains a control character "
+         "(U+000C form feed); remove it"),
+        (("--to", "Per\x1fPersson <per@example.com>"), "to 'Per\\x1fPersson <per@example.com>': "
+         "contains a control character (U+001F unit separator); remove it"),
+        (("--attach", str(plan)), "attachment 'plan\\x0b.pdf': contains a control character "
+         "(U+000B vertical tab); remove it"),
+    ]  # fmt: skip
+    for args, said in cases:
+        refused = cli(*SEND, "--to", "per@example.com", "--body", "Hej", *args)
+        assert refused.code == 2, refused.output
+        assert "Error validating e-mail" in refused.stderr and said in refused.stderr
+    assert json.loads(cli("outbox", "list", "--json").stdout)["messages"] == []
+
+
+def _interrupt_after_commit(_sender: object, **_payload: Any) -> None:
+    """A mail-queued receiver: blinker sends mail-queued after the commit."""
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_after_the_commit_says_the_outbox_id_and_exits_0(cli: Any) -> None:
+    """A wrapper that retries a failed command must not queue the mail a second time."""
+    signals.mail_queued.connect(_interrupt_after_commit)
+    try:
+        sent = cli(*SEND, "--to", "per@example.com", "--body", "Hej")
+    finally:
+        signals.mail_queued.disconnect(_interrupt_after_commit)
+    assert sent.code == 0, sent.output
+    assert sent.stdout.startswith("Queued as outbox #1, Message-ID <crm.")
+    assert "Interrupted after the mail was queued" in sent.stderr
+    listed = json.loads(cli("outbox", "list", "--json").stdout)["messages"]
+    assert [m["id"] for m in listed] == [1]
+
+
+def _interrupt_at_the_first_transaction(_session: Session, *_args: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupt_while_flushing_the_mail(session: Session, *_args: Any) -> None:
+    if any(isinstance(obj, OutboxMessage) for obj in session.new):
+        raise KeyboardInterrupt
+
+
+def _interrupt_before_committing_the_mail(session: Session) -> None:
+    if any(name == "mail-queued" for name, _ in session.info.get(signals.PENDING_KEY, [])):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    ("moment", "interrupt"),
+    [
+        ("after_begin", _interrupt_at_the_first_transaction),
+        ("before_flush", _interrupt_while_flushing_the_mail),
+        ("before_commit", _interrupt_before_committing_the_mail),
+    ],
+)
+def test_ctrl_c_before_the_commit_queues_nothing_and_exits_130(
+    cli: Any, moment: str, interrupt: Any
+) -> None:
+    """Before the commit nothing is queued, so the exit is the interrupt's: 128 + SIGINT."""
+    event.listen(Session, moment, interrupt)
+    try:
+        sent = cli(*SEND, "--to", "per@example.com", "--body", "Hej")
+    finally:
+        event.remove(Session, moment, interrupt)
+    assert sent.code == 130, sent.output
+    assert "Queued as" not in sent.stdout and "Error: interrupted" in sent.stderr
+    assert json.loads(cli("outbox", "list", "--json").stdout)["messages"] == []
 
 
 def test_body_is_required_once(cli: Any) -> None:

@@ -27,12 +27,13 @@ from crm_core.cli import (
     settings,
     users,
 )
-from crm_core.cli.context import Context, handle
+from crm_core.cli.context import EXIT_INTERRUPTED, Context, fail, handle
 
 EPILOG = """\b
 Exit status: 0 done; 1 the operation ran and found a problem (Test connection red,
 a user who cannot send); 2 the input or the configuration was refused, nothing was
-written; 3 an internal error (run again with -vv and report it).
+written; 3 an internal error (run again with -vv and report it); 130 interrupted
+(crm send: nothing was queued; interrupted after queueing, it exits 0).
 Start here: crm init, then crm check. Every command takes --help.
 """
 
@@ -45,6 +46,8 @@ class CrmGroup(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except KeyboardInterrupt:  # not click's "Aborted!" and 1: that is "found a problem"
+            fail("interrupted (Ctrl-C)", EXIT_INTERRUPTED)
         except Exception as exc:  # the one place that turns any failure into words
             handle(exc)
 

@@ -2,12 +2,16 @@
 
 Exit status:
 
-- 0: done.
+- 0: done. Also ``crm send`` interrupted (Ctrl-C) after the mail was queued: the mail
+  stays queued, once, and the outbox id is printed as usual, so that a wrapper that
+  retries a failed command does not queue it twice.
 - 1: the operation ran and found something wrong (Test connection red, ``crm check``
   found a user who cannot send).
 - 2: the input or the configuration was refused (nothing was written), including a
   database that is missing, unreachable, of another schema, or a key that is missing.
 - 3: an internal error, a bug in crm-mail or a plugin; ``-vv`` shows the traceback.
+- 130: interrupted (Ctrl-C; 128 + SIGINT, as a shell reports it). What the command had
+  committed stays; ``crm send`` exits 130 only when nothing was queued.
 
 Why one handler at the root: every foreseeable condition becomes one line that says
 what is wrong and what to do, never a traceback, whichever command met it. With
@@ -42,6 +46,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_REFUSED = 2
 EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
 
 REFUSED = (ValidationError, ConfigError, NotFoundError, PluginError, SecretKeyError)
 """Errors that mean: the input or the installation's set-up is not right (exit 2)."""

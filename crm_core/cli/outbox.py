@@ -169,7 +169,11 @@ def _print_detail(detail: MessageDetail) -> None:
 @click.argument("outbox_id", type=int)
 @pass_ctx
 def outbox_retry(ctx: Context, outbox_id: int) -> None:
-    """Queue a failed, cancelled or waiting message again, due now, with a fresh budget."""
+    """Queue a failed, cancelled or waiting message again, due now.
+
+    Attempts are counted from 0 again; a mail older than [outbox] give_up_after gets
+    one more try.
+    """
     from crm_core.mail import operations
 
     crm = ctx.crm()

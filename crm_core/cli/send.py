@@ -8,11 +8,19 @@ from typing import TYPE_CHECKING
 
 import click
 
-from crm_core.cli.context import EXIT_REFUSED, Context, fail, json_option, pass_ctx
+from crm_core.cli.context import (
+    EXIT_INTERRUPTED,
+    EXIT_REFUSED,
+    Context,
+    fail,
+    json_option,
+    pass_ctx,
+)
 from crm_core.cli.output import emit_json, printable
 
 if TYPE_CHECKING:
-    from crm_core.mail.enqueue import Plan
+    from crm_core.app import Crm
+    from crm_core.mail.enqueue import MailRequest, Plan, Queued
     from crm_core.mail.message import Attachment
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -115,8 +123,7 @@ def send(
         if not found.ok:
             raise SystemExit(EXIT_REFUSED)
         return
-    with crm.transaction() as session:
-        queued = enqueue.enqueue(crm, session, request)
+    queued = _queue(crm, request)
     if as_json:
         emit_json({"ok": True, **queued.__dict__})
         return
@@ -125,6 +132,40 @@ def send(
         click.echo(
             f"Warning: the sender's account is paused, so it waits: {printable(queued.paused)}"
         )
+
+
+def _queue(crm: Crm, request: MailRequest) -> Queued:
+    """Queue the mail; after Ctrl-C, go by whether the database holds it.
+
+    Why: a wrapper that retries a failed ``crm send`` must not queue the mail twice.
+    An interrupt before ``enqueue`` returned cannot have committed (the commit comes
+    after it), so nothing was queued: exit 130. One during or after the commit (a
+    ``mail-queued`` receiver runs after it) may have committed, so the database is
+    asked for the Message-ID: there, the mail stays queued and the command goes on
+    to print its outbox id and exit 0.
+    """
+    from crm_core.mail import enqueue
+
+    queued: Queued | None = None
+    try:
+        with crm.transaction() as session:
+            queued = enqueue.enqueue(crm, session, request)
+    except KeyboardInterrupt:
+        if queued is None or not _in_outbox(crm, queued.message_id):
+            fail("interrupted before the mail was queued; nothing was queued", EXIT_INTERRUPTED)
+        click.echo(
+            f"Interrupted after the mail was queued: it stays queued once, as outbox "
+            f"#{queued.outbox_id}; do not send it again.",
+            err=True,
+        )
+    return queued
+
+
+def _in_outbox(crm: Crm, message_id: str) -> bool:
+    from crm_core.mail import enqueue
+
+    with crm.transaction() as session:
+        return enqueue.is_queued(session, message_id)
 
 
 def _read_text(path: Path | None) -> str:

@@ -34,7 +34,18 @@ import idna
 
 from crm_core.errors import MailValidationError, Problem
 
-_FORBIDDEN_HEADER_CHARS = ("\r", "\n", "\x00")
+_LINE_BREAKS = ("\r", "\n")
+_C0_NAMES = (
+    "null", "start of heading", "start of text", "end of text", "end of transmission",
+    "enquiry", "acknowledge", "bell", "backspace", "tab", "line feed", "vertical tab",
+    "form feed", "carriage return", "shift out", "shift in", "data link escape",
+    "device control one", "device control two", "device control three",
+    "device control four", "negative acknowledge", "synchronous idle",
+    "end of transmission block", "cancel", "end of medium", "substitute", "escape",
+    "file separator", "group separator", "record separator", "unit separator",
+)  # fmt: skip
+"""The C0 control characters' names, by code point (Unicode's aliases, in lower case;
+:mod:`unicodedata` has no names for control characters)."""
 _NAME_SPECIALS = frozenset('()<>[]:;@\\,"')
 """Characters that a display name may hold only inside double quotes (RFC 5322)."""
 _EXAMPLE = '"Persson, Per" <per@example.se>'
@@ -244,8 +255,9 @@ def read_address(raw: str, allow_private: bool = False, option: str = "") -> Add
     (e.g. ``--to``) makes the hint say how to give several.
     """
     text = raw.strip()
-    if any(ch in text for ch in _FORBIDDEN_HEADER_CHARS):
-        return Problem("", "contains a line break; it must be on one line")
+    unsafe = header_problem(text, "")
+    if unsafe is not None:
+        return unsafe
     several = _several_addresses(text)
     if several:
         return _several_problem(several, option)
@@ -419,10 +431,41 @@ def validate_addresses(
 
 
 def header_problem(text: str, what: str) -> Problem | None:
-    """A Problem if ``text`` could inject a header (CR, LF or NUL), else None."""
-    if any(ch in text for ch in _FORBIDDEN_HEADER_CHARS):
+    """A Problem naming ``what`` if ``text`` cannot be a header's text, else None.
+
+    CR and LF could inject a header. Every other control character (a tab aside) is
+    refused too, by name: Python's email package reads VT, FF, \\x1c-\\x1e, NEL and
+    U+2028/U+2029 as line breaks and refuses the header when the worker renders the
+    mail, and the rest would reach the recipient's screen. Refused at enqueue, no
+    such message ever reaches a batch.
+    """
+    if any(ch in text for ch in _LINE_BREAKS):
         return Problem(what, "contains a line break; it must be on one line")
+    found = next((ch for ch in text if _is_control(ch)), None)
+    if found is not None:
+        return Problem(what, f"contains a control character ({character_name(found)}); remove it")
     return None
+
+
+def _is_control(ch: str) -> bool:
+    """A control character (C0, DEL, C1) or a line or paragraph separator; not a tab."""
+    return ch != "\t" and unicodedata.category(ch) in ("Cc", "Zl", "Zp")
+
+
+def character_name(ch: str) -> str:
+    """``U+000B vertical tab``: the code point and a name a person can look up."""
+    code = ord(ch)
+    if code < len(_C0_NAMES):
+        name = _C0_NAMES[code]
+    elif code == 0x7F:
+        name = "delete"
+    elif code == 0x85:
+        name = "next line"
+    elif 0x80 <= code < 0xA0:
+        name = "C1 control"
+    else:
+        name = unicodedata.name(ch, "").lower()
+    return f"U+{code:04X} {name}".rstrip()
 
 
 def check_header_text(text: str, what: str) -> None:

@@ -136,9 +136,8 @@ def enqueue(crm: Crm, session: Session, request: MailRequest) -> Queued:
     if checked.problems:
         raise MailValidationError(checked.problems)
     assert checked.user and checked.account and checked.message
-    row = _outbox_row(
-        checked.user, checked.account, checked.message, checked.person, db_now(session)
-    )
+    now = db_now(session)
+    row = _outbox_row(checked.user, checked.account, checked.message, checked.person, now)
     session.add(row)
     session.flush()
     if checked.person is not None:
@@ -149,6 +148,7 @@ def enqueue(crm: Crm, session: Session, request: MailRequest) -> Queued:
                 outbox_id=row.id,
                 kind="mail",
                 summary=f"Mail “{row.subject}” from {row.sender_email} (outbox #{row.id})",
+                created_at=now,
             )
         )
     signals.emit_after_commit(
@@ -161,6 +161,13 @@ def enqueue(crm: Crm, session: Session, request: MailRequest) -> Queued:
     )
     pause = session.get(AccountPause, checked.user.id)
     return Queued(row.id, row.message_id, row.state, pause.reason if pause else None)
+
+
+def is_queued(session: Session, message_id: str) -> bool:
+    """Whether the outbox holds the mail with this Message-ID (committed, or in this
+    session): what a caller interrupted mid-commit asks before it tries again."""
+    found = session.scalar(select(OutboxMessage.id).where(OutboxMessage.message_id == message_id))
+    return found is not None
 
 
 def plan(crm: Crm, session: Session, request: MailRequest) -> Plan:
@@ -218,10 +225,11 @@ def _check(crm: Crm, session: Session, request: MailRequest) -> _Checked:
     checked.problems.extend(_content_problems(request))
     if request.person_email:
         checked.person = _person(session, request.person_email, checked.problems)
+    checked.problems.extend(_register_name_problems(checked.user, checked.person))
     if checked.user is not None:
         checked.message = OutgoingMessage(
             outbox_id=0,
-            message_id=make_message_id(checked.user.email.rpartition("@")[2]),
+            message_id=make_message_id(checked.user.email.rpartition("@")[2], crm.clock()),
             sender=Address(checked.user.email, checked.user.name),
             to=_named(to, checked.person),
             cc=_named(cc, checked.person),
@@ -263,6 +271,17 @@ def _person(session: Session, raw: str, problems: list[Problem]) -> Person | Non
     if person is None:
         problems.append(Problem("person", f"no person with e-mail {raw!r} in the register"))
     return person
+
+
+def _register_name_problems(user: User | None, person: Person | None) -> list[Problem]:
+    """The register's names become display names (From, the person's To): checked
+    here too, because a name saved before the register refused control characters
+    would otherwise break the worker's batch."""
+    named = [(f"sender {user.email}: name", user.name)] if user else []
+    if person is not None:
+        named.append((f"person {person.email}: name", person.name))
+    found = (header_problem(name, where) for where, name in named)
+    return [problem for problem in found if problem is not None]
 
 
 def _addresses(

@@ -111,9 +111,13 @@ def _header_address(addr: Address) -> HeaderAddress:
     return HeaderAddress(display_name=addr.name, username=local, domain=domain)
 
 
-def make_message_id(sender_domain: str) -> str:
-    """A new globally unique Message-ID in the sender's domain, with angle brackets."""
-    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+def make_message_id(sender_domain: str, now: datetime | None = None) -> str:
+    """A new globally unique Message-ID in the sender's domain, with angle brackets.
+
+    ``now`` (default: this machine's clock) is only the readable part; the random
+    token makes it unique.
+    """
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d%H%M%S")
     token = secrets.token_hex(12)
     domain = ascii_domain(sender_domain) if sender_domain else "crm.invalid"
     return f"<crm.{stamp}.{token}@{domain}>"

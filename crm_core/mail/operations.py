@@ -283,9 +283,11 @@ def refusal(row: OutboxMessage, action: str, hint: str) -> ValidationError:
 
 
 def retry(session: Session, outbox_id: int, now: datetime | None = None) -> OutboxMessage:
-    """Queue a failed, cancelled or waiting message again, due now, with a fresh budget.
+    """Queue a failed, cancelled or waiting message again, due now.
 
     A partly sent message is queued again for the recipients who do not have it.
+    Attempts are counted from 0 again; the lifetime (``[outbox] give_up_after``) still
+    runs from the enqueue, so a mail past it gets one more try.
     """
     now = now or db_now(session)
     row = get_message(session, outbox_id, lock=True)

@@ -5,14 +5,20 @@ tested without a database or a worker. The states::
 
     queued ──claim──> sending ──sent──────────────> sent
       ^                  │ ├──temporary──> retry ──(due)──> sending
-      │                  │ ├──permanent / budget spent──> failed
+      │                  │ ├──permanent / lifetime spent──> failed
       │                  │ ├──ambiguous / lease expired / plugin bug──> unknown
       └──configuration───┘ └ (account paused; not an attempt against the budget)
     retry ──(some recipients delivered, the rest refused or given up)──> partial
     unknown ──reconcile / resolve --sent──> sent
     unknown ──reconcile / resolve --not-sent──> queued
     queued | retry | unknown ──cancel──> cancelled
-    failed | cancelled | retry ──retry──> queued (fresh budget)
+    failed | cancelled | retry ──retry──> queued (attempts counted from 0 again)
+
+The budget is a lifetime: a mail that keeps failing for now is tried until
+``[outbox] give_up_after`` (2 days) after its enqueue, on the database's clock, its
+last try due as that lifetime ends at the latest; ``max_attempts``, when set, is an
+extra bound. An operator's retry counts attempts from 0 again but keeps the lifetime
+(it runs from the enqueue), so a mail past it gets one more try.
 
 Why a table and not a queue in memory: the mail must survive a crash and must not go
 twice by our doing (transactional-outbox pattern). :mod:`crm_core.mail.enqueue` writes
@@ -34,10 +40,7 @@ from sqlalchemy.orm import Session
 
 from crm_core.config import OutboxConfig
 from crm_core.mail.transport import Outcome
-from crm_core.models import (
-    OutboxState,
-    utcnow,
-)
+from crm_core.models import OutboxState
 
 S = OutboxState
 DUE_STATES = (S.QUEUED.value, S.RETRY.value)
@@ -65,8 +68,11 @@ def retry_delay(
     return max(delay, retry_after or 0.0)
 
 
-def state_after(outcome: Outcome, attempts: int, max_attempts: int) -> OutboxState:
-    """The state a message moves to after one attempt ended with ``outcome``."""
+def state_after(
+    outcome: Outcome, attempts: int, config: OutboxConfig, age: timedelta
+) -> OutboxState:
+    """The state a message moves to after its ``attempts``-th attempt ended with
+    ``outcome``, ``age`` after its enqueue."""
     if outcome is Outcome.SENT:
         return S.SENT
     if outcome is Outcome.PERMANENT:
@@ -75,7 +81,58 @@ def state_after(outcome: Outcome, attempts: int, max_attempts: int) -> OutboxSta
         return S.UNKNOWN
     if outcome is Outcome.CONFIGURATION:
         return S.QUEUED  # waits for the paused account; not an attempt
-    return S.FAILED if attempts >= max_attempts else S.RETRY
+    return S.FAILED if budget_spent(attempts, age, config) else S.RETRY
+
+
+def budget_spent(attempts: int, age: timedelta, config: OutboxConfig) -> bool:
+    """True when a mail failing for now is not tried again: its lifetime is over, or
+    it had ``max_attempts`` attempts (when that is set)."""
+    if age >= config.give_up_after:
+        return True
+    return config.max_attempts is not None and attempts >= config.max_attempts
+
+
+def next_attempt_at(
+    now: datetime, created_at: datetime, delay: float, config: OutboxConfig
+) -> datetime:
+    """When to try again: after ``delay`` seconds, but no later than the end of the
+    lifetime, so the last try comes as it ends (a server's long Retry-After too)."""
+    return min(now + timedelta(seconds=delay), created_at + config.give_up_after)
+
+
+def gave_up(attempts: int, age: timedelta, config: OutboxConfig) -> str:
+    """Why a mail failing for now is not tried again, with how long it was tried."""
+    tried = _plural(attempts, "attempt")
+    if age >= config.give_up_after:
+        lifetime = duration_text(config.give_up_after)
+        return (
+            f"Gave up after trying for {duration_text(age)} ({tried}; [outbox] "
+            f"give_up_after is {lifetime})"
+        )
+    return (
+        f"Gave up after {tried} in {duration_text(age)} ([outbox] max_attempts is "
+        f"{config.max_attempts})"
+    )
+
+
+_UNITS = (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
+
+
+def duration_text(span: timedelta) -> str:
+    """``2 days 1 hour``: the largest unit and the next one, when it is not 0."""
+    rest = max(round(span.total_seconds()), 0)
+    counts = []
+    for name, size in _UNITS:
+        count, rest = divmod(rest, size)
+        counts.append((count, name))
+    first = next((i for i, (count, _) in enumerate(counts) if count), None)
+    if first is None:
+        return "0 seconds"
+    return " ".join(_plural(n, name) for n, name in counts[first : first + 2] if n)
+
+
+def _plural(count: int, name: str) -> str:
+    return f"{count} {name}{'s' if count != 1 else ''}"
 
 
 def lease_until(now: datetime, lease_seconds: float) -> datetime:
@@ -89,17 +146,21 @@ def lease_expired(until: datetime | None, now: datetime) -> bool:
 
 
 def db_now(session: Session) -> datetime:
-    """Now by the database's clock on PostgreSQL, else by this machine's.
+    """Now by the database's clock: what every stored time is written and compared by.
 
-    Why: leases, back-off and due times are compared by workers on many machines; one
-    clock (the database server's) makes a skewed worker clock harmless. SQLite is
-    single-machine, so the local clock is that one clock.
+    Why: settings, pauses, leases and due times are written and compared by processes
+    on many machines; one clock (the database server's) makes a skewed application
+    host harmless: it cannot lift a pause early or never, nor take over a live lease.
+    PostgreSQL: ``now()``, the start of the transaction, so one transaction's stamps
+    are one instant. SQLite has no server: its clock is the operating system's on the
+    machine that holds the file (what SQLite's own ``'now'`` reads; read here to the
+    microsecond rather than its millisecond), never a Crm's ``clock``.
     """
     if session.get_bind().dialect.name == "postgresql":
         value = session.scalar(select(func.now()))
         if isinstance(value, datetime):
             return value.astimezone(UTC)
-    return utcnow()
+    return datetime.now(UTC)
 
 
 def new_token() -> str:

@@ -13,6 +13,7 @@ best knowledge and may land, until anyone else (a new claim, an operator) touche
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -39,8 +40,10 @@ from crm_core.mail.pauses import lift_changed_pauses, pause_account
 from crm_core.mail.policy import (
     DUE_STATES,
     S,
+    gave_up,
     lease_until,
     new_token,
+    next_attempt_at,
     retry_delay,
     state_after,
 )
@@ -410,7 +413,7 @@ def record_results(
     for claim in claims:
         result = by_id[claim.message.message_id]
         ledger = _ledger_after(claim, result, now)
-        state = _state(crm.config.outbox, claim, result, ledger)
+        state = _state(crm.config.outbox, claim, result, ledger, now)
         values = _result_values(crm.config.outbox, claim, result, state, now, jitter())
         if ledger is not None:
             values["recipient_states"] = ledger
@@ -447,12 +450,21 @@ def _ledger_after(claim: Claim, result: SendResult, now: datetime) -> dict[str, 
     return recipients.merge(claim.ledger, envelope, result, now)
 
 
+def _age(claim: Claim, now: datetime) -> timedelta:
+    """How long ago the claimed message was enqueued (both on the database's clock)."""
+    return now - claim.message.created_at
+
+
 def _everyone(message: OutgoingMessage) -> list[str]:
     return [a.email for a in (*message.to, *message.cc, *message.bcc)]
 
 
 def _state(
-    config: OutboxConfig, claim: Claim, result: SendResult, ledger: dict[str, Any] | None
+    config: OutboxConfig,
+    claim: Claim,
+    result: SendResult,
+    ledger: dict[str, Any] | None,
+    now: datetime,
 ) -> OutboxState:
     """The message's state: from its outcome, or from every recipient's fate.
 
@@ -460,12 +472,13 @@ def _state(
     failed when none will, partial when some do and the rest are refused (or given
     up on), and otherwise waits to try the deferred ones again.
     """
-    by_outcome = state_after(result.outcome, claim.attempt, config.max_attempts)
+    age = _age(claim, now)
+    by_outcome = state_after(result.outcome, claim.attempt, config, age)
     if ledger is None or result.outcome in (Outcome.AMBIGUOUS, Outcome.CONFIGURATION):
         return by_outcome
     count = recipients.tally(ledger, _everyone(claim.message))
     if count.waiting:
-        again = state_after(Outcome.TEMPORARY, claim.attempt, config.max_attempts)
+        again = state_after(Outcome.TEMPORARY, claim.attempt, config, age)
         if again is S.RETRY:
             return S.RETRY
     if not count.delivered:
@@ -497,7 +510,7 @@ def _result_values(
         "state": state.value,
         "last_outcome": result.outcome.value,
         "last_code": result.code or None,
-        "last_error": explain(result, state, claim.attempt),
+        "last_error": explain(result, state, claim.attempt, _age(claim, now), config),
         "lease_until": None,
         "updated_at": now,
     }
@@ -510,19 +523,31 @@ def _result_values(
         values.update(sent_at=now, provider_ref=result.provider_ref or None, last_error=None)
     elif state is S.RETRY:
         delay = retry_delay(claim.attempt, config, result.retry_after, jitter)
-        values["next_attempt_at"] = now + timedelta(seconds=delay)
+        values["next_attempt_at"] = next_attempt_at(now, claim.message.created_at, delay, config)
     elif state is S.QUEUED:  # configuration: the account is paused, the try is not spent
         values.update(attempts=claim.attempt - 1, next_attempt_at=now)
     return values
 
 
-def explain(result: SendResult, state: OutboxState, attempt: int) -> str:
-    """The reason kept on the row, in words the sender understands."""
+def explain(
+    result: SendResult,
+    state: OutboxState,
+    attempt: int,
+    age: timedelta = timedelta(0),
+    config: OutboxConfig | None = None,
+) -> str:
+    """The reason kept on the row, in words the sender understands.
+
+    ``age`` is how long ago the mail was enqueued: a mail given up on says how long it
+    was tried, against ``config``'s budget.
+    """
     detail = result.detail or "no detail given by the transport"
-    if state is S.FAILED and result.outcome is Outcome.TEMPORARY:
-        return f"Gave up after {attempt} attempts; the last one failed with: {detail}"
     if state is S.FAILED:
-        return f"The mail cannot be sent as it is: {detail}"
+        last = _last_answer(result)
+        if result.outcome is Outcome.TEMPORARY:
+            tried = gave_up(attempt, age, config or OutboxConfig())
+            return f"{tried}. The last attempt failed with: {last}"
+        return f"The mail cannot be sent as it is: {last}"
     if state is S.RETRY:
         return f"Attempt {attempt} failed for now and will be retried: {detail}"
     if state is S.UNKNOWN:
@@ -534,6 +559,29 @@ def explain(result: SendResult, state: OutboxState, attempt: int) -> str:
     if state is S.QUEUED:
         return f"The sender's account is paused until its settings are fixed: {detail}"
     return detail
+
+
+_RETRY_PROMISE = re.compile(
+    r"[,;]?\s*(?:\bNothing;\s*)?\b(?:[\w'-]+\s+){0,3}?(?:will be|is|are)\s+"
+    r"(?:tried again|retried)\b[^.;]*[.;]?",
+    re.IGNORECASE,
+)
+"""A transport's "; it will be tried again later" (its words for a temporary failure)."""
+_EMPTY_ADVICE = re.compile(r"\s*What to do:\s*$")
+
+
+def _last_answer(result: SendResult) -> str:
+    """What a failed mail's reason quotes: the transport's words without any promise
+    of another try (written for a mail that was to be retried, untrue on a failed
+    one), and the server's own answer when the transport kept it apart."""
+    said = result.detail or "no detail given by the transport"
+    kept = _EMPTY_ADVICE.sub("", _RETRY_PROMISE.sub("", said)).strip()
+    if kept != said:
+        kept = kept or "no other detail given by the transport"
+        said = kept if kept.endswith((".", "!", "?")) else f"{kept}."
+    if result.reply and result.reply not in said:
+        said = f"{said} The server's last answer: {result.reply}"
+    return said
 
 
 def _fenced_update(session: Session, claim: Claim, values: Mapping[str, Any]) -> bool:
