@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 import requests
@@ -22,7 +22,7 @@ from crm_core.mail.transport import Outcome, SenderAccount, SettingValue
 from crm_core.secret_box import Secret
 from exchange_mail.auth import _Redact
 from exchange_mail.diagnostics import token_roles
-from exchange_mail.errors import failed_before_sending
+from exchange_mail.errors import SENT_ITEMS_LAG, failed_before_sending, lookup_verdict
 from exchange_mail.ews import MAX_MESSAGES_PER_REQUEST, _requests
 from exchange_mail.ews_errors import classify
 from exchange_mail.graph_errors import MISSING, Answer, classify_answer
@@ -691,6 +691,46 @@ def test_each_rung_of_classify_answer(
     assert (found.outcome, found.code, found.retry_after) == (outcome, code, retry_after)
     assert says in found.detail
     assert found.credentials is credentials
+
+
+# --- the verdict of a lookup ------------------------------------------------------------
+
+NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("where", "handed_over", "sent", "says"),
+    [
+        pytest.param("Outbox", None, True, "found in anna@org.se's Outbox", id="outbox"),
+        pytest.param(
+            "Sent Items", None, True, "found in anna@org.se's Sent Items", id="sent-items"
+        ),
+        pytest.param(None, timedelta(0), None, "look again later", id="just-handed-over"),
+        pytest.param(
+            None, SENT_ITEMS_LAG - timedelta(seconds=1), None, "299 s after", id="in-window"
+        ),
+        pytest.param(None, SENT_ITEMS_LAG, False, "not in anna@org.se's", id="window-over"),
+        # Never handed to Exchange: there is no copy on its way.
+        pytest.param(None, None, False, "Outbox or Sent Items", id="never-handed-over"),
+    ],
+)
+def test_lookup_verdict_counts_from_the_last_hand_over(
+    where: str | None, handed_over: timedelta | None, sent: bool | None, says: str
+) -> None:
+    # Queued a day ago: the enqueue never counts.
+    message = make_message(age=timedelta(days=1))
+    at = None if handed_over is None else NOW - handed_over
+    message = type(message)(**{**message.__dict__, "handed_over_at": at})
+    verdict = lookup_verdict(message, where, "anna@org.se", NOW)
+    assert verdict.sent is sent
+    assert says in verdict.detail
+
+
+def test_lookup_verdict_takes_a_naive_hand_over_as_utc() -> None:
+    message = make_message()
+    naive = (NOW - timedelta(minutes=1)).replace(tzinfo=None)
+    message = type(message)(**{**message.__dict__, "handed_over_at": naive})
+    assert lookup_verdict(message, None, "anna@org.se", NOW).sent is None
 
 
 # --- odds and ends ----------------------------------------------------------------------

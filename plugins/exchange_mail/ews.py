@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -79,7 +79,7 @@ from crm_core.plugin_api import (
     token_client,
 )
 from exchange_mail.auth import MsalBearerAuth, MsalOAuth2Credentials, install_redaction
-from exchange_mail.errors import lookup_verdict, not_attempted, result_for
+from exchange_mail.errors import look_up, not_attempted, result_for
 from exchange_mail.ews_errors import NOT_COVERED, classify, unusable_message, unusable_settings
 from exchange_mail.settings import (
     CA_BUNDLE,
@@ -363,25 +363,22 @@ def reconcile(
     settings: ExchangeSettings,
     messages: Sequence[OutgoingMessage],
     resources: Resources,
+    now: datetime,
 ) -> list[ReconcileResult]:
-    """Look for each Message-ID in the sender's Sent Items (and Outbox: submitted, not yet sent)."""
-    wanted = [m.message_id for m in messages]
-    found: set[str] = set()
-    try:
+    """Look for each Message-ID in the sender's Outbox and Sent Items (see :func:`look_up`)."""
+
+    def look(folder: str, ids: Sequence[str]) -> set[str]:
         mailbox = mailbox_for(account, settings, resources)
+        return mailbox.call(partial(_find, mailbox, folder, ids))
 
-        def look() -> None:
-            for folder in (mailbox.account.sent, mailbox.account.outbox):
-                for start in range(0, len(wanted), RECONCILE_IDS_PER_QUERY):
-                    ids = wanted[start : start + RECONCILE_IDS_PER_QUERY]
-                    query = folder.filter(message_id__in=ids).only("message_id")
-                    found.update(str(item.message_id) for item in query)
+    return look_up(messages, settings.mailbox, now, look, lambda exc: classify(exc, settings).text)
 
-        mailbox.call(look)
-    except Exception as exc:
-        cause = classify(exc, settings)
-        return [
-            ReconcileResult(m, None, f"Could not look in Sent Items: {cause.text}") for m in wanted
-        ]
-    now = datetime.now(UTC)
-    return [lookup_verdict(m, m.message_id in found, settings.mailbox, now) for m in messages]
+
+def _find(mailbox: EwsMailbox, folder: str, ids: Sequence[str]) -> set[str]:
+    """Which of ``ids`` are in the well-known ``folder`` (FindItem, a few ids per query)."""
+    where = mailbox.account.outbox if folder == "outbox" else mailbox.account.sent
+    found: set[str] = set()
+    for start in range(0, len(ids), RECONCILE_IDS_PER_QUERY):
+        query = where.filter(message_id__in=list(ids[start : start + RECONCILE_IDS_PER_QUERY]))
+        found.update(str(item.message_id) for item in query.only("message_id"))
+    return found

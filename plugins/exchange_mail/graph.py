@@ -19,9 +19,10 @@ Choices, and why:
   as permanent: it needs an upload session (Mail.ReadWrite), not done here.
 * **401 → evict and retry once**, as for EWS. **429/503** are temporary with the
   server's ``Retry-After``.
-* **Reconcile** filters the sender's Sent Items by ``internetMessageId`` (needs
-  ``Mail.ReadBasic.All`` or ``Mail.Read``); see :func:`exchange_mail.errors.lookup_verdict`
-  for why a fresh "not found" is not yet "not sent".
+* **Reconcile** filters the sender's Outbox and Sent Items by ``internetMessageId``
+  (needs ``Mail.ReadBasic.All`` or ``Mail.Read``), under the lookup contract EWS shares
+  (:func:`exchange_mail.errors.look_up`, which also says why a fresh "not found" is not
+  yet "not sent").
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import base64
 import json
 import uuid
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -50,7 +51,8 @@ from crm_core.plugin_api import (
 )
 from exchange_mail.errors import (
     Classified,
-    lookup_verdict,
+    LookupRefused,
+    look_up,
     not_attempted,
     result_for,
 )
@@ -303,34 +305,30 @@ def _batch_answers(items: list[Any], ids: dict[str, OutgoingMessage]) -> dict[st
 
 
 def reconcile(
-    account: SenderAccount,
     settings: ExchangeSettings,
     messages: Sequence[OutgoingMessage],
     resources: Resources,
-    now: datetime | None = None,
+    now: datetime,
 ) -> list[ReconcileResult]:
-    """Look for each Message-ID in the sender's Sent Items."""
+    """Look for each Message-ID in the sender's Outbox and Sent Items (see :func:`look_up`)."""
     graph = GraphClient(settings, resources)
-    now = now or datetime.now(UTC)
-    results = []
-    for message in messages:
-        escaped = message.message_id.replace("'", "''")
-        params = {"$filter": f"internetMessageId eq '{escaped}'", "$select": "id,internetMessageId"}
-        try:
-            response = graph.call(
-                "GET", f"/users/{graph.user}/mailFolders/sentitems/messages", params=params
-            )
-        except Exception as exc:
-            found = classify(exc, settings)
-            results.append(
-                ReconcileResult(message.message_id, None, f"Could not look: {found.text}")
-            )
-            continue
-        if response.status_code != 200:
-            refused = lookup_refused(Answer.of(response))
-            results.append(ReconcileResult(message.message_id, None, refused))
-            continue
-        results.append(
-            lookup_verdict(message, bool(response.json().get("value")), settings.mailbox, now)
-        )
-    return results
+
+    def look(folder: str, ids: Sequence[str]) -> set[str]:
+        return {message_id for message_id in ids if _in_folder(graph, folder, message_id)}
+
+    def why_not(exc: Exception) -> str:
+        return str(exc) if isinstance(exc, LookupRefused) else classify(exc, settings).text
+
+    return look_up(messages, settings.mailbox, now, look, why_not)
+
+
+def _in_folder(graph: GraphClient, folder: str, message_id: str) -> bool:
+    """Whether a message with this internetMessageId is in the well-known ``folder``."""
+    escaped = message_id.replace("'", "''")
+    params = {"$filter": f"internetMessageId eq '{escaped}'", "$select": "id,internetMessageId"}
+    response = graph.call(
+        "GET", f"/users/{graph.user}/mailFolders/{folder}/messages", params=params
+    )
+    if response.status_code != 200:
+        raise LookupRefused(lookup_refused(Answer.of(response)))
+    return bool(response.json().get("value"))

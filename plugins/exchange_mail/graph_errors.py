@@ -300,10 +300,10 @@ TOO_LARGE = Classified(
 
 
 def lookup_refused(answer: Answer) -> str:
-    """Why a Sent Items lookup got no list; a 403 is most likely the missing read permission."""
+    """Why a folder lookup got no list; a 403 is most likely the missing read permission."""
     hint = (
         " (reconciling needs the Mail.ReadBasic.All application permission)"
         if answer.status == 403
         else ""
     )
-    return f"Could not look in Sent Items: HTTP {answer.status} {answer.code}{hint}"
+    return f"HTTP {answer.status} {answer.code}{hint}".rstrip()

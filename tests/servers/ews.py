@@ -249,6 +249,7 @@ class _Faults:
     http_503: int = 0
     retry_after: int | None = None
     drop: int = 0
+    drop_only_sends: bool = False
     delay: float = 0.0
     after_status: int = 0
     after: int = 0
@@ -410,10 +411,15 @@ class EwsServer(HttpsStandIn):
             self._faults.http_503 = n
             self._faults.retry_after = retry_after
 
-    def drop_after_request(self, n: int = 1) -> None:
-        """Next ``n`` requests are processed (mail delivered!) but never answered."""
+    def drop_after_request(self, n: int = 1, *, only_sends: bool = False) -> None:
+        """Next ``n`` requests are processed (mail delivered!) but never answered.
+
+        ``only_sends``: count only CreateItem and SendItem, so the folder lookups of a
+        fresh Account (or a reconcile's FindItem) in between are answered normally.
+        """
         with self._lock:
             self._faults.drop = n
+            self._faults.drop_only_sends = only_sends
 
     def fail_after_processing(
         self, status: int, n: int = 1, *, close: bool = False, retry_after: int | None = None
@@ -607,11 +613,12 @@ class EwsServer(HttpsStandIn):
         except _Fault as fault:
             trace.codes = (fault.code,)
             response = _fault_response(fault)
+        sends = trace.op in ("CreateItem", "SendItem")
         with self._lock:
-            if faults.drop > 0:
+            if faults.drop > 0 and (sends or not faults.drop_only_sends):
                 faults.drop -= 1
                 return Response(drop=True)
-            if faults.after > 0 and trace.op in ("CreateItem", "SendItem"):
+            if faults.after > 0 and sends:
                 faults.after -= 1
                 trace.codes = ()
                 return _error_page(

@@ -1,0 +1,187 @@
+"""Delivery guarantees against the stand-ins (issue 10): once, or refused, or unknown.
+
+Each fault test ends with the invariant: every mail went exactly once (the stand-ins
+count deliveries per Message-ID), or was refused with a reason, or is unknown with
+evidence; none is lost, stuck or sent twice unless the test injected an ambiguous
+fault. The outbox tests go through the real outbox (enqueue, ``Worker.run_once``,
+``reconcile``) on both database backends; time moves on the stand-ins' clock
+(filing lags) and, for "long ago", by moving the outbox's own timestamps back, never
+by sleeping.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from crm_core.mail import enqueue
+from crm_core.mail.enqueue import MailRequest
+from crm_core.mail.reconciler import reconcile
+from crm_core.mail.worker import Worker, WorkerStats
+from crm_core.models import OutboxAttempt, OutboxMessage
+from tests.conftest import CrmFactory
+from tests.exchange_fixtures import (
+    RECIPIENT,
+    USER,
+    ExchangeWorld,
+    exchange_world,
+    with_graph,
+)
+from tests.exchange_fixtures import ca as ca
+from tests.servers.clock import FakeClock
+from tests.servers.ews import EwsServer
+from tests.servers.graph import GraphServer
+from tests.servers.tls import TestCA
+
+APIS = ("ews", "graph")
+FILING = 600.0  # seconds Exchange takes to file the mail in the tests that say so
+
+
+@dataclass
+class Rig:
+    """The stand-ins on a clock the test moves, and the Crm that sends through them."""
+
+    world: ExchangeWorld
+    clock: FakeClock
+    api: str
+
+    @property
+    def server(self) -> EwsServer | GraphServer:
+        """The stand-in the transport sends to."""
+        return self.world.graph if self.world.graph is not None else self.world.ews
+
+    def deliveries(self) -> Counter[str]:
+        """Deliveries per Message-ID."""
+        return Counter(d.internet_message_id for d in self.server.delivered)
+
+    def send_requests(self) -> int:
+        """Requests that carried mail: EWS CreateItem, Graph sendMail or $batch (outer)."""
+        if isinstance(self.server, EwsServer):
+            return self.server.ops["CreateItem"]
+        return sum(
+            1
+            for r in self.server.requests
+            if r.batch_id is None and r.operation in ("sendMail", "$batch")
+        )
+
+    def work(self) -> WorkerStats:
+        """One drain of the outbox by a worker."""
+        return Worker(self.world.crm, name="test-worker").run_once()
+
+
+@pytest.fixture(params=APIS)
+def rig(request: pytest.FixtureRequest, make_crm: CrmFactory, ca: TestCA) -> Iterator[Rig]:
+    clock = FakeClock()
+    with exchange_world(make_crm(), ca, clock=clock) as world:
+        if request.param == "graph":
+            with with_graph(world, clock=clock):
+                yield Rig(world, clock, "graph")
+        else:
+            yield Rig(world, clock, "ews")
+
+
+# --- the outbox, and moving its clock back ------------------------------------------
+
+
+def queue_mail(rig: Rig, n: int) -> list[str]:
+    """Queue ``n`` mails from the user; their Message-IDs."""
+    ids = []
+    with rig.world.crm.transaction() as session:
+        for i in range(n):
+            request = MailRequest(USER, [RECIPIENT], f"Offer {i}", f"Offer {i}\n")
+            ids.append(enqueue.enqueue(rig.world.crm, session, request).message_id)
+    return ids
+
+
+def backdate(rig: Rig, *, queued: timedelta, handed_over: timedelta = timedelta(0)) -> None:
+    """Move every mail's enqueue (and every attempt's start) that far into the past."""
+    with rig.world.crm.transaction() as session:
+        for row in session.scalars(select(OutboxMessage)):
+            row.created_at -= queued
+        for attempt in session.scalars(select(OutboxAttempt)):
+            attempt.started_at -= handed_over
+
+
+def states(rig: Rig) -> dict[str, str]:
+    """Each mail's state in the outbox, by Message-ID."""
+    with rig.world.crm.transaction() as session:
+        return {r.message_id: r.state for r in session.scalars(select(OutboxMessage))}
+
+
+def assert_each_sent_once(rig: Rig, ids: Sequence[str]) -> None:
+    """The invariant after a fault that left nothing refused: every mail went once, and
+    the outbox says so."""
+    assert {m: rig.deliveries()[m] for m in ids} == dict.fromkeys(ids, 1)
+    assert states(rig) == dict.fromkeys(ids, "sent")
+
+
+# --- 1. "too soon to tell" is measured from the last hand-over ----------------------
+
+
+def test_a_lost_answer_is_measured_from_the_hand_over_not_the_enqueue(rig: Rig) -> None:
+    ids = queue_mail(rig, 3)
+    backdate(rig, queued=timedelta(hours=1))  # queued while the workers were down
+    rig.server.outbox_lag(FILING)  # Exchange files the mail only 10 minutes later
+    rig.server.sent_items_lag(FILING)
+    rig.server.drop_after_request(1, only_sends=True)
+    assert rig.work().unknown == 3
+    assert rig.deliveries() == dict.fromkeys(ids, 1)
+
+    # Handed over seconds ago (by the database's clock) and filed nowhere yet: too
+    # soon to tell, although each mail was queued an hour ago.
+    early = reconcile(rig.world.crm)
+    assert {(r.sent, r.applied) for r in early} == {(None, False)}, early
+    assert all("look again later" in r.detail for r in early)
+    rig.work()
+    assert rig.deliveries() == dict.fromkeys(ids, 1)  # nothing sent again
+
+    rig.clock.advance(FILING)  # filed now
+    assert {(r.sent, r.applied) for r in reconcile(rig.world.crm)} == {(True, True)}
+    rig.work()
+    assert_each_sent_once(rig, ids)
+
+
+def test_a_claim_whose_worker_died_is_sent_once_after_the_window(rig: Rig) -> None:
+    from crm_core.mail import queue
+    from crm_core.models import utcnow
+
+    [never] = queue_mail(rig, 1)
+    with rig.world.crm.transaction() as session:
+        claimed = queue.claim_batch(rig.world.crm, session, "crashed-worker", 10, utcnow())
+        assert [c.message.message_id for c in claimed.claims] == [never]
+    with rig.world.crm.transaction() as session:
+        queue.reap_expired(session, utcnow() + timedelta(hours=1))
+    assert states(rig) == {never: "unknown"}
+
+    # Handed over (claimed) seconds ago: too soon to call it not sent.
+    [early] = reconcile(rig.world.crm)
+    assert (early.sent, early.applied) == (None, False)
+    # Handed over an hour ago and found nowhere: not sent; queued again and sent once
+    # (today's window counted from the enqueue, a minute ago, so it stayed unknown).
+    backdate(rig, queued=timedelta(0), handed_over=timedelta(hours=1))
+    [late] = reconcile(rig.world.crm)
+    assert (late.sent, late.applied) == (False, True), late
+    rig.work()
+    assert_each_sent_once(rig, [never])
+
+
+# --- 3. both APIs look in the Outbox as well as in Sent Items -------------------------
+
+
+def test_reconcile_finds_a_mail_still_waiting_in_the_outbox(rig: Rig) -> None:
+    ids = queue_mail(rig, 2)
+    rig.server.sent_items_lag(3600)  # stuck in the Outbox for an hour
+    rig.server.drop_after_request(1, only_sends=True)
+    assert rig.work().unknown == 2
+    backdate(rig, queued=timedelta(minutes=30), handed_over=timedelta(minutes=30))
+
+    reports = reconcile(rig.world.crm)
+    assert {(r.sent, r.applied) for r in reports} == {(True, True)}, reports
+    assert {r.detail for r in reports} == {f"found in {USER}'s Outbox"}
+    rig.work()
+    assert_each_sent_once(rig, ids)
