@@ -11,6 +11,7 @@ by sleeping.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -74,15 +75,34 @@ class Rig:
         return Worker(self.world.crm, name="test-worker").run_once()
 
 
-@pytest.fixture(params=APIS)
-def rig(request: pytest.FixtureRequest, make_crm: CrmFactory, ca: TestCA) -> Iterator[Rig]:
+@contextlib.contextmanager
+def rig_for(api: str, make_crm: CrmFactory, ca: TestCA) -> Iterator[Rig]:
+    """The stand-ins for ``api`` ("ews" or "graph") on a fake clock, and a configured Crm."""
     clock = FakeClock()
     with exchange_world(make_crm(), ca, clock=clock) as world:
-        if request.param == "graph":
+        if api == "graph":
             with with_graph(world, clock=clock):
-                yield Rig(world, clock, "graph")
+                yield Rig(world, clock, api)
         else:
-            yield Rig(world, clock, "ews")
+            yield Rig(world, clock, api)
+
+
+@pytest.fixture(params=APIS)
+def rig(request: pytest.FixtureRequest, make_crm: CrmFactory, ca: TestCA) -> Iterator[Rig]:
+    with rig_for(request.param, make_crm, ca) as made:
+        yield made
+
+
+@pytest.fixture
+def ews_rig(make_crm: CrmFactory, ca: TestCA) -> Iterator[Rig]:
+    with rig_for("ews", make_crm, ca) as made:
+        yield made
+
+
+@pytest.fixture
+def graph_rig(make_crm: CrmFactory, ca: TestCA) -> Iterator[Rig]:
+    with rig_for("graph", make_crm, ca) as made:
+        yield made
 
 
 # --- the outbox, and moving its clock back ------------------------------------------
@@ -168,6 +188,72 @@ def test_a_claim_whose_worker_died_is_sent_once_after_the_window(rig: Rig) -> No
     assert (late.sent, late.applied) == (False, True), late
     rig.work()
     assert_each_sent_once(rig, [never])
+
+
+# --- 2. a server error after the request left is ambiguous --------------------------
+
+
+def fails_after_processing(rig: Rig, status: int) -> None:
+    """The next request that carries mail is carried out, then answered ``status``."""
+    rig.server.fail_after_processing(status)
+
+
+def after_the_server_error(rig: Rig, ids: Sequence[str]) -> None:
+    """Each mail is unknown, never sent blindly, then found and marked sent: once each."""
+    assert rig.deliveries() == dict.fromkeys(ids, 1)  # Exchange took them all the same
+    rig.work()  # nothing is due: an unknown mail is never sent blindly
+    assert {(r.sent, r.applied) for r in reconcile(rig.world.crm)} == {(True, True)}
+    rig.work()
+    assert_each_sent_once(rig, ids)
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+@pytest.mark.parametrize("count", [1, 3], ids=["one-mail", "three-mails"])
+def test_a_server_error_after_the_mail_went_is_unknown_then_reconciled(
+    rig: Rig, status: int, count: int
+) -> None:
+    """EWS CreateItem; Graph sendMail (one mail) or $batch (three)."""
+    ids = queue_mail(rig, count)
+    fails_after_processing(rig, status)
+    stats = rig.work()
+    assert (stats.unknown, stats.retry, stats.sent) == (count, 0, 0), stats
+    after_the_server_error(rig, ids)
+
+
+def test_a_proxys_error_page_with_connection_close_is_not_a_busy_server(ews_rig: Rig) -> None:
+    """exchangelib calls any error answer with Connection: close "busy, OK to retry"."""
+    assert isinstance(ews_rig.server, EwsServer)
+    ids = queue_mail(ews_rig, 2)
+    ews_rig.server.fail_after_processing(502, close=True)
+    stats = ews_rig.work()
+    assert (stats.unknown, stats.retry) == (2, 0), stats
+    after_the_server_error(ews_rig, ids)
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_a_server_error_for_one_batch_item_makes_that_mail_alone_unknown(
+    graph_rig: Rig, status: int
+) -> None:
+    assert isinstance(graph_rig.server, GraphServer)
+    ids = queue_mail(graph_rig, 3)
+    graph_rig.server.fail_after_processing(status, in_batch=True)
+    stats = graph_rig.work()
+    assert (stats.sent, stats.unknown, stats.retry) == (2, 1, 0), stats
+    after_the_server_error(graph_rig, ids)
+
+
+def test_503_with_retry_after_stays_temporary(rig: Rig) -> None:
+    """Nothing ran (the service says to come back later): retried, not reconciled."""
+    ids = queue_mail(rig, 1)
+    rig.server.http_503(1, retry_after=30)
+    stats = rig.work()
+    assert (stats.retry, stats.unknown) == (1, 0)
+    assert rig.deliveries() == Counter()
+    with rig.world.crm.transaction() as session:
+        for row in session.scalars(select(OutboxMessage)):
+            row.next_attempt_at = row.created_at  # due now
+    rig.work()
+    assert_each_sent_once(rig, ids)
 
 
 # --- 3. both APIs look in the Outbox as well as in Sent Items -------------------------

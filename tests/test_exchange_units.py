@@ -24,7 +24,7 @@ from exchange_mail.auth import _Redact
 from exchange_mail.diagnostics import token_roles
 from exchange_mail.errors import SENT_ITEMS_LAG, failed_before_sending, lookup_verdict
 from exchange_mail.ews import MAX_MESSAGES_PER_REQUEST, _requests
-from exchange_mail.ews_errors import classify
+from exchange_mail.ews_errors import ServerError, classify
 from exchange_mail.graph_errors import MISSING, Answer, classify_answer
 from exchange_mail.settings import (
     EXAMPLE_URL as EXAMPLE,
@@ -359,9 +359,20 @@ def test_timeout_before_and_after_sending() -> None:
         ),
         (
             ews.MalformedResponseError("Unknown failure in response. Code: 502 headers: {}"),
-            Outcome.TEMPORARY,
+            Outcome.AMBIGUOUS,
             "HTTP 502",
         ),
+        (
+            ews.MalformedResponseError("Unknown failure in response. Code: 400 headers: {}"),
+            Outcome.TEMPORARY,
+            "HTTP 400",
+        ),
+        (ServerError(500, None, "Internal Server Error"), Outcome.AMBIGUOUS, "HTTP 500"),
+        (ServerError(502, None, "Bad Gateway"), Outcome.AMBIGUOUS, "HTTP 502"),
+        (ServerError(504, None, "Gateway Timeout"), Outcome.AMBIGUOUS, "HTTP 504"),
+        (ServerError(503, None, "Service Unavailable"), Outcome.AMBIGUOUS, "HTTP 503"),
+        (ServerError(503, 30.0, "Service Unavailable"), Outcome.TEMPORARY, "HTTP 503"),
+        (ews.ErrorInternalServerError("x"), Outcome.AMBIGUOUS, "ErrorInternalServerError"),
         (RuntimeError("surprise"), Outcome.AMBIGUOUS, "RuntimeError"),
     ],
 )
@@ -414,6 +425,7 @@ ONLINE = "https://outlook.office365.com/EWS/Exchange.asmx"
 UNKNOWN_403 = "Unknown failure in response. Code: 403 headers: {}"
 UNKNOWN_404 = "Unknown failure in response. Code: 404 headers: {}"
 UNKNOWN_502 = "Unknown failure in response. Code: 502 headers: {}"
+UNKNOWN_400 = "Unknown failure in response. Code: 400 headers: {}"
 REFUSED = requests.exceptions.ConnectionError(refused_connection())
 
 
@@ -541,8 +553,28 @@ REFUSED = requests.exceptions.ConnectionError(refused_connection())
             Outcome.CONFIGURATION, "HTTP 404", "There is no EWS service", None, id="404",
         ),
         pytest.param(
+            ServerError(503, 45.0, "Service Unavailable"), "oauth",
+            Outcome.TEMPORARY, "HTTP 503", "asks to come back later", 45.0,
+            id="503-retry-after",
+        ),
+        pytest.param(
+            ServerError(504, None, "Gateway Timeout"), "oauth",
+            Outcome.AMBIGUOUS, "HTTP 504", "may have been carried out", None,
+            id="server-error",
+        ),
+        pytest.param(
+            ews.ErrorInternalServerError("x"), "oauth",
+            Outcome.AMBIGUOUS, "ErrorInternalServerError", "internal error (x)", None,
+            id="internal-server-error",
+        ),
+        pytest.param(
             ews.MalformedResponseError(UNKNOWN_502), "oauth",
-            Outcome.TEMPORARY, "HTTP 502", "answered HTTP 502", 60.0, id="other-status",
+            Outcome.AMBIGUOUS, "HTTP 502", "may have been carried out", None,
+            id="server-error-status",
+        ),
+        pytest.param(
+            ews.MalformedResponseError(UNKNOWN_400), "oauth",
+            Outcome.TEMPORARY, "HTTP 400", "answered HTTP 400", 60.0, id="other-status",
         ),
         pytest.param(
             ews.ErrorItemSave("x"), "oauth",
@@ -662,9 +694,20 @@ def test_each_rung_of_classify(
             id="429-retry-after",
         ),
         pytest.param(
+            Answer(503, "serviceNotAvailable", "", 12.0),
+            Outcome.TEMPORARY, "serviceNotAvailable",
+            "busy or unavailable (HTTP 503 serviceNotAvailable)", 12.0, False,
+            id="503-retry-after",
+        ),
+        pytest.param(
             Answer(503, "", "", None),
-            Outcome.TEMPORARY, "HTTP 503", "busy or unavailable (HTTP 503)", 60.0, False,
-            id="5xx",
+            Outcome.AMBIGUOUS, "HTTP 503", "answered HTTP 503 (a server error)", None, False,
+            id="503-without-retry-after",
+        ),
+        pytest.param(
+            Answer(504, "GatewayTimeout", "", None),
+            Outcome.AMBIGUOUS, "GatewayTimeout", "may have been carried out all the same",
+            None, False, id="5xx",
         ),
         pytest.param(
             Answer(400, "BadRequest", "over the 4 MB limit", None),

@@ -170,18 +170,19 @@ def result_for(message: OutgoingMessage, found: Classified) -> SendResult:
     )  # fmt: skip
 
 
-def not_attempted(messages: Sequence[OutgoingMessage], cause: Classified) -> list[SendResult]:
-    """Messages of later requests of a batch, after an earlier request failed.
+def not_attempted(
+    messages: Sequence[OutgoingMessage],
+    cause: Classified,
+    why: str = "Not attempted: the answer to an earlier request of this batch was lost.",
+) -> list[SendResult]:
+    """Messages that never left, because an earlier request (of this batch, or one made to
+    prepare it) failed.
 
-    They were not sent: the same outcome as the cause, except after a lost answer,
-    where they are simply temporary (they never left).
+    They were not sent: the same outcome as the cause, except where the cause is
+    ambiguous, which they are not: then they are simply temporary, said ``why``.
     """
     if cause.outcome is Outcome.AMBIGUOUS:
-        cause = Classified(
-            Outcome.TEMPORARY,
-            cause.code,
-            "Not attempted: the answer to an earlier request of this batch was lost.",
-        )
+        cause = Classified(Outcome.TEMPORARY, cause.code, why)
     return [result_for(m, cause) for m in messages]
 
 

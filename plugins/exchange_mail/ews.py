@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from functools import partial
@@ -58,6 +59,7 @@ from exchangelib.errors import ResponseMessageError, UnauthorizedError
 from exchangelib.items import SEND_AND_SAVE_COPY, SEND_TO_NONE
 from exchangelib.protocol import Protocol
 from exchangelib.services import CreateItem
+from exchangelib.util import is_xml
 from exchangelib.version import (
     EXCHANGE_2013,
     EXCHANGE_2013_SP1,
@@ -80,7 +82,13 @@ from crm_core.plugin_api import (
 )
 from exchange_mail.auth import MsalBearerAuth, MsalOAuth2Credentials, install_redaction
 from exchange_mail.errors import look_up, not_attempted, result_for
-from exchange_mail.ews_errors import NOT_COVERED, classify, unusable_message, unusable_settings
+from exchange_mail.ews_errors import (
+    NOT_COVERED,
+    ServerError,
+    classify,
+    unusable_message,
+    unusable_settings,
+)
 from exchange_mail.settings import (
     CA_BUNDLE,
     EWS_CACHE,
@@ -151,6 +159,64 @@ class _EwsProtocol(Protocol):  # type: ignore[misc]
         return session
 
 
+class _FailFastByStatus(FailFast):  # type: ignore[misc]
+    """FailFast that reads a server error by its HTTP status before exchangelib guesses,
+    and keeps each answer's ``request-id`` for the result.
+
+    Why: exchangelib calls a 503, an ASP.NET error page, or any error answer with
+    ``Connection: close``, a busy server ("OK to retry"), yet a 500, 502 or 504 can come
+    after Exchange took the mail. :class:`ServerError` keeps the status and Retry-After,
+    so :mod:`exchange_mail.ews_errors` can tell. The request-id is per thread, as a
+    cached mailbox may serve a send and a reconcile at once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen = threading.local()
+
+    def raise_response_errors(self, response: Any) -> None:
+        """Remember the request-id; raise ServerError for a 5xx that is not SOAP."""
+        self._seen.request_id = response.headers.get("request-id", "")
+        if _server_error(response):
+            retry_after = _retry_after(response.headers.get("Retry-After"))
+            raise ServerError(response.status_code, retry_after, response.reason or "")
+        super().raise_response_errors(response)
+
+    @property
+    def request_id(self) -> str:
+        """The ``request-id`` of the last answer this thread got."""
+        return str(getattr(self._seen, "request_id", ""))
+
+
+def _server_error(response: Any) -> bool:
+    """A 5xx that exchangelib would not read as EWS's own answer.
+
+    Left to exchangelib: a SOAP fault (HTTP 500 with XML), the 500 that names a wrong
+    schema version (a setting to fix), and a front end's refusal with X-CasErrorCode.
+    """
+    status = response.status_code
+    if status < 500 or response.headers.get("X-CasErrorCode"):
+        return False
+    content = response.content or b""
+    return not (
+        status == 500
+        and (
+            is_xml(content)
+            or b"The specified server version is invalid" in content
+            or b"ErrorInvalidSchemaVersionForMailboxVersion" in content
+        )
+    )
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds, when it is a positive number."""
+    try:
+        seconds = float(value or "")
+    except ValueError:
+        return None
+    return seconds if seconds > 0 else None
+
+
 class _CreateItemEach(CreateItem):  # type: ignore[misc]
     """CreateItem that returns every per-message error as a value instead of raising.
 
@@ -189,6 +255,7 @@ class EwsMailbox:
             password = text.encode("utf-8") if auth_type == BASIC else text
             credentials = _PasswordCredentials(settings.mailbox, password)
             access = DELEGATE
+        self.policy = _FailFastByStatus()
         build = _BUILDS.get(settings.server_version) or (
             EXCHANGE_O365 if tokens is not None else EXCHANGE_2016
         )
@@ -197,7 +264,7 @@ class EwsMailbox:
             service_endpoint=settings.url,
             auth_type=auth_type,
             version=Version(build=build),
-            retry_policy=FailFast(),
+            retry_policy=self.policy,
             max_connections=1,
         )
         self.protocol = _EwsProtocol(config=self.config)
@@ -321,9 +388,18 @@ def send(
         except (ValueError, TypeError) as exc:  # refused before any request
             results[message.message_id] = result_for(message, unusable_message(exc))
     requests_ = list(_requests([m for m in messages if m.message_id in items]))
+    try:  # the folder lookups come first, so their failure is never taken for a send's
+        sent_folder = mailbox.call(lambda: mailbox.account.sent)
+    except Exception as exc:
+        ready = [m for chunk in requests_ for m in chunk]
+        for result in not_attempted(ready, classify(exc, settings), NOT_YET):
+            results[result.message_id] = result
+        requests_ = []
     for index, chunk in enumerate(requests_):
         try:
-            answers = mailbox.call(partial(_create, mailbox, [items[m.message_id] for m in chunk]))
+            answers = mailbox.call(
+                partial(_create, mailbox, sent_folder, [items[m.message_id] for m in chunk])
+            )
         except Exception as exc:
             found = classify(exc, settings)
             later = [m for c in requests_[index + 1 :] for m in c]
@@ -342,13 +418,16 @@ def send(
     return [results[m.message_id] for m in messages]
 
 
-def _create(mailbox: EwsMailbox, items: list[Any]) -> list[Any]:
-    """One CreateItem (send and save a copy): a result or an exception per item."""
+NOT_YET = "Not sent: Exchange failed while the mailbox's folders were looked up."
+
+
+def _create(mailbox: EwsMailbox, folder: Any, items: list[Any]) -> list[Any]:
+    """One CreateItem (send, and save a copy in ``folder``): a result or an exception per item."""
     service = _CreateItemEach(account=mailbox.account)
     return list(
         service.call(
             items=items,
-            folder=mailbox.account.sent,
+            folder=folder,
             message_disposition=SEND_AND_SAVE_COPY,
             send_meeting_invitations=SEND_TO_NONE,
         )

@@ -11,14 +11,15 @@ Choices, and why:
 * **Plain requests** with the shared TLS trust (:class:`crm_core.trust.TrustAdapter`):
   three endpoints do not justify the Graph SDK's 42 packages.
 * **$batch of up to 20 sendMail** per request, each with its own status matched by
-  ``id`` (Graph may answer in any order). A batch-level failure (401, 429, 5xx, 400)
-  means no item ran. A lost answer makes that batch's messages ambiguous; nothing is
-  ever resent here. A single message goes as a plain ``sendMail``.
+  ``id`` (Graph may answer in any order). A batch-level refusal (401, 429, 400) means no
+  item ran; a batch-level server error, like a lost answer, makes that batch's messages
+  ambiguous, and an item's own 5xx makes that message ambiguous. Nothing is ever resent
+  here. A single message goes as a plain ``sendMail``.
 * **Size.** A request body is capped at 4 MB, so a batch is also split by size, and a
   single message whose JSON exceeds the cap (attachments over about 3 MB) is refused
   as permanent: it needs an upload session (Mail.ReadWrite), not done here.
-* **401 → evict and retry once**, as for EWS. **429/503** are temporary with the
-  server's ``Retry-After``.
+* **401 → evict and retry once**, as for EWS. **429**, and **503** with ``Retry-After``,
+  are temporary with the server's ``Retry-After``.
 * **Reconcile** filters the sender's Outbox and Sent Items by ``internetMessageId``
   (needs ``Mail.ReadBasic.All`` or ``Mail.Read``), under the lookup contract EWS shares
   (:func:`exchange_mail.errors.look_up`, which also says why a fresh "not found" is not
@@ -281,7 +282,7 @@ def _send_batch(
         data=json.dumps(batch, ensure_ascii=False).encode("utf-8"),
         headers=json_header,
     )
-    if response.status_code != 200:  # the batch as a whole was refused: no item ran
+    if response.status_code != 200:  # one answer for every item (a 5xx may come after they ran)
         whole = Answer.of(response)
         return {m.message_id: whole for m in ids.values()}
     return _batch_answers(response.json().get("responses", []), ids)

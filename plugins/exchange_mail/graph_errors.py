@@ -4,7 +4,10 @@ Graph answers every request (and every item of a ``$batch``) with an HTTP status
 on failure, a JSON ``error.code``; :func:`classify_answer` maps the two to a
 :class:`Classified`, as :mod:`exchange_mail.ews_errors` does for exchangelib's
 exceptions. The message text, which Microsoft rewords, is only shown, except for a
-400 that says "4MB". A request that got
+400 that says "4MB". A server error is ambiguous: Microsoft's staff say 5xx answers
+to sendMail "are not necessarily proofs the message wasn't delivered", so only a 429
+and a 503 that says when to come back (Retry-After) are taken for "nothing ran". A
+request that got
 no answer at all (token, TLS, network) is mapped by :func:`classify`.
 
 =====================================================  ==============  ==================
@@ -20,7 +23,9 @@ ErrorSendAsDenied                                      configuration
 ErrorInvalidRecipients                                 permanent       "Error validating
                                                                        e-mail"
 ErrorMessageSizeExceeded, 413, 400 over 4 MB           permanent
-429, 5xx                                               temporary       Retry-After
+429, 503 with Retry-After                              temporary       Retry-After
+any other 5xx (500, 502, 504, 503 without Retry-After) ambiguous       may come after
+                                                                       the mail went
 any other 400                                          permanent
 anything else                                          temporary
 =====================================================  ==============  ==================
@@ -146,13 +151,18 @@ def _too_large(answer: Answer) -> bool:
 
 
 def _busy(facts: _Facts) -> Classified:
-    """Throttled or down: wait as long as Graph asks, else 30 s (429) or a minute (5xx)."""
+    """Throttled or down: wait as long as Graph asks, else 30 s (a 429 without Retry-After)."""
     return Classified(
         Outcome.TEMPORARY,
         facts.code_or_status,
         f"Microsoft Graph is busy or unavailable ({facts.shown}); the mail will be sent later.",
-        retry_after=facts.answer.retry_after or (30.0 if facts.status == 429 else 60.0),
+        retry_after=facts.answer.retry_after or 30.0,
     )
+
+
+def _nothing_ran(answer: Answer) -> bool:
+    """Throttled (429), or unavailable with a time to come back (503 with Retry-After)."""
+    return answer.status == 429 or (answer.status == 503 and answer.retry_after is not None)
 
 
 # The first row that takes the answer decides, so order matters (the ladder's order,
@@ -250,7 +260,17 @@ _ROWS: tuple[_Row, ...] = (
             "Send smaller attachments (or a link) in a new mail.",
         ),
     ),
-    _Row(when=lambda answer: answer.status == 429 or answer.status >= 500, says=_busy),
+    _Row(when=_nothing_ran, says=_busy),
+    _Row(
+        when=lambda answer: answer.status >= 500,
+        says=Says(
+            Outcome.AMBIGUOUS,
+            "{code_or_status}",
+            "Microsoft Graph answered {shown} (a server error): the request may have been "
+            "carried out all the same.",
+            "A mail in it is looked for in the Outbox and Sent Items before it is sent again.",
+        ),
+    ),
     _Row(
         when=lambda answer: answer.status == 400,
         says=Says(
