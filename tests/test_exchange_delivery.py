@@ -12,9 +12,10 @@ by sleeping.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import pytest
@@ -22,7 +23,9 @@ from sqlalchemy import select
 
 from crm_core.mail import enqueue
 from crm_core.mail.enqueue import MailRequest
+from crm_core.mail.message import Attachment, OutgoingMessage
 from crm_core.mail.reconciler import reconcile
+from crm_core.mail.transport import Outcome, SendResult
 from crm_core.mail.worker import Worker, WorkerStats
 from crm_core.models import OutboxAttempt, OutboxMessage
 from tests.conftest import CrmFactory
@@ -31,6 +34,7 @@ from tests.exchange_fixtures import (
     USER,
     ExchangeWorld,
     exchange_world,
+    make_message,
     with_graph,
 )
 from tests.exchange_fixtures import ca as ca
@@ -271,3 +275,112 @@ def test_reconcile_finds_a_mail_still_waiting_in_the_outbox(rig: Rig) -> None:
     assert {r.detail for r in reports} == {f"found in {USER}'s Outbox"}
     rig.work()
     assert_each_sent_once(rig, ids)
+
+
+# --- 4. results are reported as they happen -----------------------------------------
+
+
+@dataclass
+class Heard:
+    """What ``report`` heard, and how many mail-carrying requests had left by then.
+
+    ``then`` runs after the first report: a fault for the requests still to come.
+    """
+
+    rig: Rig
+    then: Callable[[], None] = lambda: None
+    calls: list[tuple[int, list[SendResult]]] = field(default_factory=list)
+
+    def __call__(self, results: Sequence[SendResult]) -> None:
+        self.calls.append((self.rig.send_requests(), list(results)))
+        if len(self.calls) == 1:
+            self.then()
+
+
+def test_each_request_is_reported_before_the_next_one_leaves(rig: Rig) -> None:
+    per_request = 50 if rig.api == "ews" else 20
+    messages = [make_message(n) for n in range(2 * per_request + 5)]  # three requests
+    # The second request's answer is lost: a worker killed while waiting for it leaves
+    # only that request's mails unknown, because the first request's were reported.
+    heard = Heard(rig, then=lambda: rig.server.drop_after_request(1, only_sends=True))
+    results = rig.world.crm.send_mail(rig.world.account(), messages, report=heard)
+
+    assert [(n, len(batch)) for n, batch in heard.calls] == [
+        (1, per_request),
+        (2, per_request + 5),
+    ]
+    first, second = (batch for _, batch in heard.calls)
+    assert {r.outcome for r in first} == {Outcome.SENT}
+    assert [r.outcome for r in second] == [Outcome.AMBIGUOUS] * per_request + [
+        Outcome.TEMPORARY
+    ] * 5  # the third request was never made
+    assert sorted(first + second, key=lambda r: r.message_id) == sorted(
+        results, key=lambda r: r.message_id
+    )
+    assert rig.deliveries() == {m.message_id: 1 for m in messages[: 2 * per_request]}
+
+
+# --- 5. one bad message never poisons its batch -------------------------------------
+
+
+def unencodable() -> list[OutgoingMessage]:
+    """Messages no API can encode: text decoded with surrogateescape (undecodable bytes)."""
+    bad_subject = make_message(2, subject="Offert \udce5")
+    bad_text = make_message(3, text="Hej \udcf6!\n")
+    bad_file = make_message(
+        4, attachments=[Attachment("offert-\udce4.pdf", "application/pdf", b"x")]
+    )
+    return [bad_subject, bad_text, bad_file]
+
+
+def test_a_message_that_cannot_be_encoded_fails_alone(rig: Rig) -> None:
+    good = [make_message(1), make_message(5), make_message(6)]
+    bad = unencodable()
+    messages = [good[0], *bad, *good[1:]]
+    heard = Heard(rig)
+    results = rig.world.crm.send_mail(rig.world.account(), messages, report=heard)
+    by_id = {r.message_id: r for r in results}
+    assert [by_id[m.message_id].outcome for m in good] == [Outcome.SENT] * 3
+    for message in bad:
+        refused = by_id[message.message_id]
+        assert (refused.outcome, refused.code) == (Outcome.PERMANENT, "invalid-message"), refused
+        assert "cannot take this message" in refused.detail
+    assert rig.deliveries() == {m.message_id: 1 for m in good}
+    assert not any(r.outcome is Outcome.AMBIGUOUS for r in results)
+    # The refused ones are reported before any request leaves.
+    assert heard.calls[0][0] == 0
+    assert {r.message_id for r in heard.calls[0][1]} == {m.message_id for m in bad}
+
+
+# --- 6. the server's answer is kept ---------------------------------------------------
+
+
+REQUEST_ID = re.compile(r"request-id ([0-9a-f-]{36})")
+
+
+def test_each_sent_message_keeps_the_servers_answer(rig: Rig) -> None:
+    [one] = rig.world.send([make_message(1)])
+    rid = REQUEST_ID.search(one.reply)
+    assert rid is not None, one.reply
+    assert rid.group(1) == rig.server.requests[-1].request_id
+    if rig.api == "ews":
+        assert one.reply.startswith("NoError"), one.reply
+    else:
+        assert one.reply.startswith("202 Accepted"), one.reply
+        assert "client-request-id" in one.reply
+    several = rig.world.send([make_message(n) for n in range(2, 5)])
+    assert all(r.outcome is Outcome.SENT and REQUEST_ID.search(r.reply) for r in several)
+    assert len({r.reply for r in several}) == (1 if rig.api == "ews" else 3)  # items named
+    assert all(len(r.reply) < 200 for r in [one, *several])
+
+
+def test_a_refusal_keeps_the_servers_words(rig: Rig) -> None:
+    if isinstance(rig.server, EwsServer):
+        rig.server.set_invalid_smtp_addresses("fel@example.org")
+        code = "ErrorInvalidSmtpAddress"
+    else:
+        rig.server.reject_recipients("fel@example.org")
+        code = "400 ErrorInvalidRecipients"
+    [refused] = rig.world.send([make_message(1, to=["fel@example.org"])])
+    assert refused.outcome is Outcome.PERMANENT
+    assert refused.reply.startswith(code) and REQUEST_ID.search(refused.reply), refused.reply

@@ -18,12 +18,13 @@ from exchangelib import errors as ews
 from crm_core.entra import AppCredentials, explain_token_error
 from crm_core.errors import Problem, SettingValueError, TokenError
 from crm_core.fields import Scope
+from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import Outcome, SenderAccount, SettingValue
 from crm_core.secret_box import Secret
 from exchange_mail.auth import _Redact
 from exchange_mail.diagnostics import token_roles
 from exchange_mail.errors import SENT_ITEMS_LAG, failed_before_sending, lookup_verdict
-from exchange_mail.ews import MAX_MESSAGES_PER_REQUEST, _requests
+from exchange_mail.ews import MAX_MESSAGES_PER_REQUEST, _Ready, _requests
 from exchange_mail.ews_errors import ServerError, classify
 from exchange_mail.graph_errors import MISSING, Answer, classify_answer
 from exchange_mail.settings import (
@@ -795,7 +796,10 @@ def test_token_roles() -> None:
 def test_requests_are_split_by_count_and_size() -> None:
     from crm_core.mail.message import Attachment
 
-    many = [make_message(n) for n in range(2 * MAX_MESSAGES_PER_REQUEST + 1)]
+    def ready(*messages: OutgoingMessage) -> list[_Ready]:
+        return [_Ready(m, None, m.size_estimate()) for m in messages]
+
+    many = ready(*(make_message(n) for n in range(2 * MAX_MESSAGES_PER_REQUEST + 1)))
     assert [len(c) for c in _requests(many)] == [
         MAX_MESSAGES_PER_REQUEST,
         MAX_MESSAGES_PER_REQUEST,
@@ -804,7 +808,7 @@ def test_requests_are_split_by_count_and_size() -> None:
     big = make_message(
         attachments=[Attachment("b.bin", "application/octet-stream", b"x" * 6_000_000)]
     )
-    assert [len(c) for c in _requests([big, big, make_message()])] == [1, 2]
+    assert [len(c) for c in _requests(ready(big, big, make_message()))] == [1, 2]
 
 
 @pytest.mark.parametrize(

@@ -162,12 +162,47 @@ def transport_failure(exc: BaseException, host: str, check: str) -> Classified:
     return lost_answer(host, type(exc).__name__)
 
 
-def result_for(message: OutgoingMessage, found: Classified) -> SendResult:
-    """The SendResult that carries a classification."""
+def result_for(message: OutgoingMessage, found: Classified, reply: str = "") -> SendResult:
+    """The SendResult that carries a classification, and the server's own answer."""
     return SendResult(
         message.message_id, found.outcome, found.text, code=found.code,
-        retry_after=found.retry_after,
+        retry_after=found.retry_after, reply=reply,
     )  # fmt: skip
+
+
+def unusable_message(reason: str) -> Classified:
+    """One message the API cannot take as it is (refused before any request): sending it
+    again cannot help, and it never holds up the rest of its batch."""
+    shown = reason.encode("utf-8", "backslashreplace").decode("utf-8")[:200]
+    return Classified(
+        Outcome.PERMANENT,
+        "invalid-message",
+        f"Exchange cannot take this message as it is ({shown}).",
+        "correct it (e.g. a subject of at most 255 characters, text without undecodable "
+        "characters) and send it again.",
+    )
+
+
+class Results:
+    """One batch's results as they become known, each passed to ``report`` at once.
+
+    Why: the core records reported results there and then, so a worker killed
+    mid-batch leaves only the request in flight ``unknown``.
+    """
+
+    def __init__(self, report: Callable[[Sequence[SendResult]], None]) -> None:
+        self._report = report
+        self._known: dict[str, SendResult] = {}
+
+    def add(self, results: Sequence[SendResult]) -> None:
+        """Keep these results and report them (nothing is reported for none)."""
+        if results:
+            self._known.update((r.message_id, r) for r in results)
+            self._report(list(results))
+
+    def in_order(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        """Every message's result, in the batch's order (what send_mail returns)."""
+        return [self._known[m.message_id] for m in messages]
 
 
 def not_attempted(

@@ -22,9 +22,15 @@ Choices, and why:
 * **Batches with per-message results.** exchangelib's ``bulk_create`` raises on a
   mixed answer (e.g. one ErrorInvalidRecipients among successes), which hides the
   messages that did go. :class:`_CreateItemEach` returns every per-message error as
-  a value, so each message's fate is known; a request-level failure (SOAP fault,
-  HTTP error) means the server processed none of the request's messages, and a lost
-  answer makes only that request's messages ambiguous. Nothing is ever resent here.
+  a value, so each message's fate is known; a request-level refusal (a SOAP fault)
+  means the server processed none of the request's messages, while a lost answer or a
+  server error makes only that request's messages ambiguous. Nothing is ever resent
+  here. Each request's results are reported as soon as its answer is read, so a
+  worker killed mid-batch leaves at most that one request ``unknown``.
+* **One bad message fails alone.** Each message is rendered to XML before any request;
+  one exchangelib refuses or cannot write (undecodable text) is permanent on its own.
+* **Exchange's words are kept**: ``NoError`` (or the error code) and the answer's
+  ``request-id``, which Microsoft support asks for, in each result's ``reply``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import contextlib
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
@@ -59,7 +66,7 @@ from exchangelib.errors import ResponseMessageError, UnauthorizedError
 from exchangelib.items import SEND_AND_SAVE_COPY, SEND_TO_NONE
 from exchangelib.protocol import Protocol
 from exchangelib.services import CreateItem
-from exchangelib.util import is_xml
+from exchangelib.util import is_xml, xml_to_str
 from exchangelib.version import (
     EXCHANGE_2013,
     EXCHANGE_2013_SP1,
@@ -81,7 +88,7 @@ from crm_core.plugin_api import (
     token_client,
 )
 from exchange_mail.auth import MsalBearerAuth, MsalOAuth2Credentials, install_redaction
-from exchange_mail.errors import look_up, not_attempted, result_for
+from exchange_mail.errors import Classified, Results, look_up, not_attempted, result_for
 from exchange_mail.ews_errors import (
     NOT_COVERED,
     ServerError,
@@ -186,6 +193,10 @@ class _FailFastByStatus(FailFast):  # type: ignore[misc]
     def request_id(self) -> str:
         """The ``request-id`` of the last answer this thread got."""
         return str(getattr(self._seen, "request_id", ""))
+
+    def forget(self) -> None:
+        """Before a request: no answer seen yet."""
+        self._seen.request_id = ""
 
 
 def _server_error(response: Any) -> bool:
@@ -323,6 +334,15 @@ def new_mailbox(settings: ExchangeSettings, resources: Resources) -> EwsMailbox:
 # --- sending ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Ready:
+    """A message checked and rendered for CreateItem, with its size for grouping."""
+
+    message: OutgoingMessage
+    item: Any
+    size: int
+
+
 def _to_ews(mailbox: EwsMailbox, account: SenderAccount, message: OutgoingMessage) -> Any:
     """The exchangelib Message, checked here so a bad one fails alone, not its request."""
 
@@ -349,24 +369,47 @@ def _to_ews(mailbox: EwsMailbox, account: SenderAccount, message: OutgoingMessag
             )
         )
     item.clean(version=mailbox.account.version)  # what exchangelib would refuse mid-batch
+    # ... and what it could not write (undecodable text), which would fail the request.
+    xml_to_str(item.to_xml(version=mailbox.account.version), encoding="utf-8")
     return item
 
 
-def _requests(messages: Sequence[OutgoingMessage]) -> Iterator[list[OutgoingMessage]]:
-    """Group a batch into CreateItem requests, by count and by size."""
-    chunk: list[OutgoingMessage] = []
-    size = 0
+def _prepare(
+    mailbox: EwsMailbox,
+    account: SenderAccount,
+    messages: Sequence[OutgoingMessage],
+    results: Results,
+) -> list[_Ready]:
+    """Render each message; one that cannot be rendered is refused (and reported) alone."""
+    ready: list[_Ready] = []
+    refused: list[SendResult] = []
     for message in messages:
-        estimate = message.size_estimate()
+        try:
+            item = _to_ews(mailbox, account, message)
+            ready.append(_Ready(message, item, message.size_estimate()))
+        except (ValueError, TypeError) as exc:  # UnicodeError is a ValueError
+            refused.append(result_for(message, unusable_message(exc)))
+    results.add(refused)
+    return ready
+
+
+def _requests(ready: Sequence[_Ready]) -> Iterator[list[_Ready]]:
+    """Group a batch into CreateItem requests, by count and by size."""
+    chunk: list[_Ready] = []
+    size = 0
+    for one in ready:
         if chunk and (
-            len(chunk) >= MAX_MESSAGES_PER_REQUEST or size + estimate > MAX_BYTES_PER_REQUEST
+            len(chunk) >= MAX_MESSAGES_PER_REQUEST or size + one.size > MAX_BYTES_PER_REQUEST
         ):
             yield chunk
             chunk, size = [], 0
-        chunk.append(message)
-        size += estimate
+        chunk.append(one)
+        size += one.size
     if chunk:
         yield chunk
+
+
+NOT_YET = "Not sent: Exchange failed while the mailbox's folders were looked up."
 
 
 def send(
@@ -374,55 +417,79 @@ def send(
     settings: ExchangeSettings,
     messages: Sequence[OutgoingMessage],
     resources: Resources,
+    report: Callable[[Sequence[SendResult]], None],
 ) -> list[SendResult]:
-    """Send a batch for one sender; one SendResult per message, never a blind resend."""
+    """Send a batch for one sender: each request's results reported as soon as Exchange
+    answers it; one SendResult per message; never a blind resend."""
+    results = Results(report)
     try:
         mailbox = mailbox_for(account, settings, resources)
     except (ValueError, TypeError) as exc:  # exchangelib checks the settings here; no I/O
-        return [result_for(m, unusable_settings(exc)) for m in messages]
-    results: dict[str, SendResult] = {}
-    items: dict[str, Any] = {}
-    for message in messages:
-        try:
-            items[message.message_id] = _to_ews(mailbox, account, message)
-        except (ValueError, TypeError) as exc:  # refused before any request
-            results[message.message_id] = result_for(message, unusable_message(exc))
-    requests_ = list(_requests([m for m in messages if m.message_id in items]))
+        results.add([result_for(m, unusable_settings(exc)) for m in messages])
+        return results.in_order(messages)
+    chunks = list(_requests(_prepare(mailbox, account, messages, results)))
     try:  # the folder lookups come first, so their failure is never taken for a send's
-        sent_folder = mailbox.call(lambda: mailbox.account.sent)
+        folder = mailbox.call(lambda: mailbox.account.sent)
     except Exception as exc:
-        ready = [m for chunk in requests_ for m in chunk]
-        for result in not_attempted(ready, classify(exc, settings), NOT_YET):
-            results[result.message_id] = result
-        requests_ = []
-    for index, chunk in enumerate(requests_):
-        try:
-            answers = mailbox.call(
-                partial(_create, mailbox, sent_folder, [items[m.message_id] for m in chunk])
-            )
-        except Exception as exc:
-            found = classify(exc, settings)
-            later = [m for c in requests_[index + 1 :] for m in c]
-            for result in [*(result_for(m, found) for m in chunk), *not_attempted(later, found)]:
-                results[result.message_id] = result
+        ready = [one.message for chunk in chunks for one in chunk]
+        results.add(not_attempted(ready, classify(exc, settings), NOT_YET))
+        return results.in_order(messages)
+    for index, chunk in enumerate(chunks):
+        done, stop = _send_request(mailbox, settings, folder, chunk)
+        if stop is not None:  # the request failed as a whole: the later ones never leave
+            later = [one.message for c in chunks[index + 1 :] for one in c]
+            done += not_attempted(later, stop)
+        results.add(done)
+        if stop is not None:
             break
-        for message, answer in zip(chunk, answers, strict=False):
-            if isinstance(answer, Exception):
-                results[message.message_id] = result_for(message, classify(answer, settings))
-            else:
-                results[message.message_id] = SendResult(
-                    message.message_id, Outcome.SENT, "sent via EWS"
-                )
-        for message in chunk[len(answers) :]:  # the server answered for fewer messages
-            results[message.message_id] = result_for(message, NOT_COVERED)
-    return [results[m.message_id] for m in messages]
+    return results.in_order(messages)
 
 
-NOT_YET = "Not sent: Exchange failed while the mailbox's folders were looked up."
+def _send_request(
+    mailbox: EwsMailbox, settings: ExchangeSettings, folder: Any, chunk: list[_Ready]
+) -> tuple[list[SendResult], Classified | None]:
+    """One CreateItem: a result per message, and the cause if the request failed as a whole."""
+    try:
+        answers = mailbox.call(partial(_create, mailbox, folder, [one.item for one in chunk]))
+    except Exception as exc:
+        found = classify(exc, settings)
+        reply = _with_id(found.code, mailbox.policy.request_id)
+        return [result_for(one.message, found, reply) for one in chunk], found
+    request_id = mailbox.policy.request_id
+    done = [
+        _result(one.message, answer, settings, request_id)
+        for one, answer in zip(chunk, answers, strict=False)
+    ]
+    # The server answered for fewer messages than it was sent: the rest may have gone.
+    done += [result_for(one.message, NOT_COVERED) for one in chunk[len(answers) :]]
+    return done, None
+
+
+def _result(
+    message: OutgoingMessage, answer: Any, settings: ExchangeSettings, request_id: str
+) -> SendResult:
+    """One message's result from its part of a CreateItem answer, with Exchange's words."""
+    if isinstance(answer, Exception):
+        said = f"{type(answer).__name__}: {' '.join(str(answer).split())[:120]}"
+        return result_for(message, classify(answer, settings), _with_id(said, request_id))
+    item = getattr(answer, "id", None)
+    words = f"NoError; item {item}" if item else "NoError"
+    return SendResult(
+        message.message_id, Outcome.SENT, "sent via EWS", reply=_with_id(words, request_id)
+    )
+
+
+def _with_id(words: str, request_id: str) -> str:
+    """Exchange's words with the request-id its answer carried (what Microsoft asks for);
+    empty when no answer came."""
+    if not request_id:
+        return ""
+    return f"{words}; request-id {request_id}"
 
 
 def _create(mailbox: EwsMailbox, folder: Any, items: list[Any]) -> list[Any]:
     """One CreateItem (send, and save a copy in ``folder``): a result or an exception per item."""
+    mailbox.policy.forget()  # so a lost answer is not credited with an earlier request-id
     service = _CreateItemEach(account=mailbox.account)
     return list(
         service.call(

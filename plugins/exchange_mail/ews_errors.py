@@ -66,6 +66,7 @@ from exchange_mail.errors import (
     tls_failure,
     token_failure,
 )
+from exchange_mail.errors import unusable_message as refused_message
 from exchange_mail.settings import (
     API,
     DOMAIN,
@@ -508,13 +509,8 @@ def unusable_settings(exc: Exception) -> Classified:
 
 
 def unusable_message(exc: Exception) -> Classified:
-    """exchangelib refused one message before any request: sending it again cannot help."""
-    return Classified(
-        Outcome.PERMANENT,
-        "invalid-message",
-        f"Exchange cannot take this message as it is ({_without_value(exc)}).",
-        "correct it (e.g. a subject of at most 255 characters) and send it again.",
-    )
+    """exchangelib refused (or could not render) one message before any request."""
+    return refused_message(_without_value(exc))
 
 
 def _without_value(exc: Exception) -> str:

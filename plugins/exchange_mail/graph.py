@@ -15,6 +15,10 @@ Choices, and why:
   item ran; a batch-level server error, like a lost answer, makes that batch's messages
   ambiguous, and an item's own 5xx makes that message ambiguous. Nothing is ever resent
   here. A single message goes as a plain ``sendMail``.
+* **As it happens.** Each request's results are reported as soon as its answer is
+  read (a killed worker leaves at most one request ``unknown``), each with Graph's own
+  answer kept as ``reply``: status, code, ``request-id`` and ``client-request-id``. A
+  message that cannot be encoded (undecodable text) is permanent on its own.
 * **Size.** A request body is capped at 4 MB, so a batch is also split by size, and a
   single message whose JSON exceeds the cap (attachments over about 3 MB) is refused
   as permanent: it needs an upload session (Mail.ReadWrite), not done here.
@@ -31,7 +35,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -53,9 +57,11 @@ from crm_core.plugin_api import (
 from exchange_mail.errors import (
     Classified,
     LookupRefused,
+    Results,
     look_up,
     not_attempted,
     result_for,
+    unusable_message,
 )
 from exchange_mail.graph_errors import (
     MISSING,
@@ -64,6 +70,7 @@ from exchange_mail.graph_errors import (
     classify,
     classify_answer,
     lookup_refused,
+    trace_of,
 )
 from exchange_mail.settings import PLUGIN, ExchangeSettings
 
@@ -185,6 +192,31 @@ def payload(account: SenderAccount, message: OutgoingMessage) -> dict[str, Any]:
     return {"message": mail, "saveToSentItems": True}
 
 
+def _encode(account: SenderAccount, message: OutgoingMessage) -> bytes | Classified:
+    """The sendMail body as sent, or why this message cannot go (alone: never its batch)."""
+    try:
+        body = json.dumps(payload(account, message), ensure_ascii=False).encode("utf-8")
+    except (ValueError, TypeError) as exc:  # undecodable text: UnicodeError is a ValueError
+        return unusable_message(str(exc))
+    return TOO_LARGE if len(body) > MAX_REQUEST_BYTES else body
+
+
+def _prepare(
+    account: SenderAccount, messages: Sequence[OutgoingMessage], results: Results
+) -> list[tuple[OutgoingMessage, bytes]]:
+    """Each message's body; the ones that cannot go are refused (and reported) at once."""
+    bodies: list[tuple[OutgoingMessage, bytes]] = []
+    refused: list[SendResult] = []
+    for message in messages:
+        body = _encode(account, message)
+        if isinstance(body, Classified):
+            refused.append(result_for(message, body))
+        else:
+            bodies.append((message, body))
+    results.add(refused)
+    return bodies
+
+
 def _batches(
     bodies: list[tuple[OutgoingMessage, bytes]],
 ) -> Iterator[list[tuple[OutgoingMessage, bytes]]]:
@@ -209,39 +241,46 @@ def send(
     settings: ExchangeSettings,
     messages: Sequence[OutgoingMessage],
     resources: Resources,
+    report: Callable[[Sequence[SendResult]], None],
 ) -> list[SendResult]:
-    """Send a batch through Graph; one SendResult per message, never a blind resend."""
+    """Send a batch through Graph: each request's results reported as soon as Graph
+    answers it; one SendResult per message; never a blind resend."""
     graph = GraphClient(settings, resources)
-    results: dict[str, SendResult] = {}
-    bodies: list[tuple[OutgoingMessage, bytes]] = []
-    for message in messages:
-        body = json.dumps(payload(account, message), ensure_ascii=False).encode("utf-8")
-        if len(body) > MAX_REQUEST_BYTES:
-            results[message.message_id] = result_for(message, TOO_LARGE)
-        else:
-            bodies.append((message, body))
-    chunks = list(_batches(bodies))
+    results = Results(report)
+    chunks = list(_batches(_prepare(account, messages, results)))
     for index, chunk in enumerate(chunks):
-        try:
-            answers = _send_chunk(graph, chunk)
-        except Exception as exc:  # requests or token failure for the whole request
-            found = classify(exc, settings)
-            for message, _ in chunk:
-                results[message.message_id] = result_for(message, found)
+        done, stop = _send_request(graph, settings, chunk)
+        if stop is not None:  # the later requests never leave
             later = [m for c in chunks[index + 1 :] for m, _ in c]
-            results.update((r.message_id, r) for r in not_attempted(later, found))
+            done += not_attempted(later, stop)
+        results.add(done)
+        if stop is not None:
             break
-        stop: Classified | None = None
-        for message, _ in chunk:
-            found = classify_answer(answers[message.message_id], settings)
-            results[message.message_id] = result_for(message, found)
-            if found.outcome is Outcome.CONFIGURATION:
-                stop = found
-        if stop is not None:  # the account is paused: do not go on
-            later = [m for c in chunks[index + 1 :] for m, _ in c]
-            results.update((r.message_id, r) for r in not_attempted(later, stop))
-            break
-    return [results[m.message_id] for m in messages]
+    return results.in_order(messages)
+
+
+def _send_request(
+    graph: GraphClient, settings: ExchangeSettings, chunk: list[tuple[OutgoingMessage, bytes]]
+) -> tuple[list[SendResult], Classified | None]:
+    """One request: a result per message, and the cause that stops the batch, if any.
+
+    It stops when no answer came (token, network, lost answer) or the account must be
+    paused (a configuration answer).
+    """
+    try:
+        answers = _send_chunk(graph, chunk)
+    except Exception as exc:  # requests or token failure for the whole request
+        found = classify(exc, settings)
+        return [result_for(message, found) for message, _ in chunk], found
+    done: list[SendResult] = []
+    stop: Classified | None = None
+    for message, _ in chunk:
+        answer = answers[message.message_id]
+        found = classify_answer(answer, settings)
+        done.append(result_for(message, found, answer.reply))
+        if found.outcome is Outcome.CONFIGURATION:
+            stop = found
+    return done, stop
 
 
 def _send_chunk(
@@ -285,17 +324,20 @@ def _send_batch(
     if response.status_code != 200:  # one answer for every item (a 5xx may come after they ran)
         whole = Answer.of(response)
         return {m.message_id: whole for m in ids.values()}
-    return _batch_answers(response.json().get("responses", []), ids)
+    return _batch_answers(response, ids)
 
 
-def _batch_answers(items: list[Any], ids: dict[str, OutgoingMessage]) -> dict[str, Answer]:
+def _batch_answers(
+    response: requests.Response, ids: dict[str, OutgoingMessage]
+) -> dict[str, Answer]:
     """Each item's answer by its id (Graph answers in any order); a missing one may have run."""
     answers: dict[str, Answer] = {}
-    for item in items:
+    for item in response.json().get("responses", []):
         owner = ids.get(str(item.get("id")))
         if owner is not None:
+            trace = trace_of(response, str(item.get("id")))
             answers[owner.message_id] = Answer.parse(
-                int(item.get("status", 0)), item.get("body"), item.get("headers")
+                int(item.get("status", 0)), item.get("body"), item.get("headers"), trace
             )
     for owner in ids.values():  # an item the answer left out may have run
         answers.setdefault(owner.message_id, MISSING)

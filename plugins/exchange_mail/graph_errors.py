@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -47,15 +48,17 @@ from exchange_mail.settings import USERNAME, ExchangeSettings
 
 @dataclass(frozen=True)
 class Answer:
-    """Graph's answer to one request or batch item: all that classification reads."""
+    """Graph's answer to one request or batch item: all that classification reads, and
+    ``trace`` (Microsoft's ids for it) for the reply a mail administrator quotes."""
 
     status: int
     code: str
     message: str
     retry_after: float | None
+    trace: str = ""
 
     @classmethod
-    def parse(cls, status: int, body: Any, headers: Any) -> Answer:
+    def parse(cls, status: int, body: Any, headers: Any, trace: str = "") -> Answer:
         """An answer from its parts (a $batch item carries them as plain JSON)."""
         error = body.get("error", {}) if isinstance(body, dict) else {}
         return cls(
@@ -63,6 +66,7 @@ class Answer:
             str(error.get("code", "")) if isinstance(error, dict) else "",
             str(error.get("message", "")) if isinstance(error, dict) else "",
             _retry_after(headers or {}),
+            trace,
         )
 
     @classmethod
@@ -72,7 +76,33 @@ class Answer:
             body = response.json() if response.content else {}
         except ValueError:
             body = {}
-        return cls.parse(response.status_code, body, response.headers)
+        return cls.parse(response.status_code, body, response.headers, trace_of(response))
+
+    @property
+    def reply(self) -> str:
+        """Status, code and Microsoft's ids, e.g. ``202 Accepted; request-id …``; empty
+        for no answer at all."""
+        if not self.status:
+            return ""
+        said = self.code or _phrase(self.status)
+        return "; ".join(part for part in (f"{self.status} {said}".strip(), self.trace) if part)
+
+
+def trace_of(response: requests.Response, item: str = "") -> str:
+    """Microsoft's ids for an answer (and the $batch item it is for), as support asks."""
+    ids = [f"$batch item {item}"] if item else []
+    for name in ("request-id", "client-request-id"):
+        if response.headers.get(name):
+            ids.append(f"{name} {response.headers[name]}")
+    return "; ".join(ids)
+
+
+def _phrase(status: int) -> str:
+    """HTTP's reason phrase (``Accepted``), or nothing for a status it does not know."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 MISSING = Answer(0, "missing-in-batch", "", None)

@@ -15,7 +15,7 @@ test or reconcile, so ``crm settings``/``crm users`` commands do not pay for it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, datetime
 
 from crm_core.plugin_api import (
@@ -99,17 +99,21 @@ def sending_problems(account: SenderAccount) -> list[Problem]:
 
 @hookimpl
 def send_mail(
-    account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+    account: SenderAccount,
+    messages: Sequence[OutgoingMessage],
+    resources: Resources,
+    report: Callable[[Sequence[SendResult]], None],
 ) -> list[SendResult]:
-    """Send one sender's batch through EWS or Graph; a result per message."""
+    """Send one sender's batch through EWS or Graph; a result per message, each request's
+    results reported as soon as Exchange answers it."""
     settings = resolve(account)
     if settings.api is Api.GRAPH:
         from exchange_mail import graph
 
-        return graph.send(account, settings, messages, resources)
+        return graph.send(account, settings, messages, resources, report)
     from exchange_mail import ews
 
-    return ews.send(account, settings, messages, resources)
+    return ews.send(account, settings, messages, resources, report)
 
 
 @hookimpl
