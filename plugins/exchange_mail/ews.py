@@ -449,6 +449,7 @@ def _send_request(
     mailbox: EwsMailbox, settings: ExchangeSettings, folder: Any, chunk: list[_Ready]
 ) -> tuple[list[SendResult], Classified | None]:
     """One CreateItem: a result per message, and the cause if the request failed as a whole."""
+    mailbox.policy.forget()  # a failure before any answer (a token) has no request-id
     try:
         answers = mailbox.call(partial(_create, mailbox, folder, [one.item for one in chunk]))
     except Exception as exc:
@@ -489,7 +490,7 @@ def _with_id(words: str, request_id: str) -> str:
 
 def _create(mailbox: EwsMailbox, folder: Any, items: list[Any]) -> list[Any]:
     """One CreateItem (send, and save a copy in ``folder``): a result or an exception per item."""
-    mailbox.policy.forget()  # so a lost answer is not credited with an earlier request-id
+    mailbox.policy.forget()  # a lost answer is not credited with an earlier request-id
     service = _CreateItemEach(account=mailbox.account)
     return list(
         service.call(
