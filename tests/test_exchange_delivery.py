@@ -21,13 +21,13 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from crm_core.mail import enqueue
+from crm_core.mail import enqueue, queue
 from crm_core.mail.enqueue import MailRequest
 from crm_core.mail.message import Attachment, OutgoingMessage
 from crm_core.mail.reconciler import reconcile
 from crm_core.mail.transport import Outcome, SendResult
 from crm_core.mail.worker import Worker, WorkerStats
-from crm_core.models import OutboxAttempt, OutboxMessage
+from crm_core.models import OutboxAttempt, OutboxMessage, utcnow
 from tests.conftest import CrmFactory
 from tests.exchange_fixtures import (
     RECIPIENT,
@@ -171,9 +171,6 @@ def test_a_lost_answer_is_measured_from_the_hand_over_not_the_enqueue(rig: Rig) 
 
 
 def test_a_claim_whose_worker_died_is_sent_once_after_the_window(rig: Rig) -> None:
-    from crm_core.mail import queue
-    from crm_core.models import utcnow
-
     [never] = queue_mail(rig, 1)
     with rig.world.crm.transaction() as session:
         claimed = queue.claim_batch(rig.world.crm, session, "crashed-worker", 10, utcnow())
@@ -185,8 +182,8 @@ def test_a_claim_whose_worker_died_is_sent_once_after_the_window(rig: Rig) -> No
     # Handed over (claimed) seconds ago: too soon to call it not sent.
     [early] = reconcile(rig.world.crm)
     assert (early.sent, early.applied) == (None, False)
-    # Handed over an hour ago and found nowhere: not sent; queued again and sent once
-    # (today's window counted from the enqueue, a minute ago, so it stayed unknown).
+    # Handed over an hour ago and found nowhere: not sent; queued again and sent once.
+    # (A window counted from the enqueue, a moment ago, kept it unknown: stuck.)
     backdate(rig, queued=timedelta(0), handed_over=timedelta(hours=1))
     [late] = reconcile(rig.world.crm)
     assert (late.sent, late.applied) == (False, True), late
@@ -195,11 +192,6 @@ def test_a_claim_whose_worker_died_is_sent_once_after_the_window(rig: Rig) -> No
 
 
 # --- 2. a server error after the request left is ambiguous --------------------------
-
-
-def fails_after_processing(rig: Rig, status: int) -> None:
-    """The next request that carries mail is carried out, then answered ``status``."""
-    rig.server.fail_after_processing(status)
 
 
 def after_the_server_error(rig: Rig, ids: Sequence[str]) -> None:
@@ -218,7 +210,7 @@ def test_a_server_error_after_the_mail_went_is_unknown_then_reconciled(
 ) -> None:
     """EWS CreateItem; Graph sendMail (one mail) or $batch (three)."""
     ids = queue_mail(rig, count)
-    fails_after_processing(rig, status)
+    rig.server.fail_after_processing(status)  # carried out, then answered with the error
     stats = rig.work()
     assert (stats.unknown, stats.retry, stats.sent) == (count, 0, 0), stats
     after_the_server_error(rig, ids)
