@@ -37,6 +37,7 @@ from crm_core.mail.addresses import parse_address
 from crm_core.mail.message import Attachment, OutgoingMessage, make_message_id
 from crm_core.mail.transport import ConnectionReport, SenderAccount, SendResult
 from tests.conftest import CrmFactory, SchemaTemplates
+from tests.servers.clock import SYSTEM_CLOCK, Clock
 from tests.servers.entra import EntraServer, Secret, TokenRegistry
 from tests.servers.ews import EWS_PATH, EwsServer
 from tests.servers.graph import GraphServer
@@ -176,11 +177,16 @@ def add_standard_directory(entra: EntraServer, ews: EwsServer) -> None:
 
 
 @contextlib.contextmanager
-def exchange_world(crm: Crm, ca: TestCA, *, configure: bool = True) -> Iterator[ExchangeWorld]:
-    """Start the stand-ins; add the user and type in the guide's settings (``configure``)."""
+def exchange_world(
+    crm: Crm, ca: TestCA, *, configure: bool = True, clock: Clock = SYSTEM_CLOCK
+) -> Iterator[ExchangeWorld]:
+    """Start the stand-ins; add the user and type in the guide's settings (``configure``).
+
+    ``clock`` is the EWS stand-in's (filing lags, delays); tokens keep real time.
+    """
     registry = TokenRegistry()
     entra = EntraServer(ca, registry)
-    ews = EwsServer(ca, registry)
+    ews = EwsServer(ca, registry, clock=clock)
     add_standard_directory(entra, ews)
     with entra, ews:
         world = ExchangeWorld(crm, ca, registry, entra, ews)
@@ -218,10 +224,12 @@ GRAPH_ROLES = ("full_access_as_app", "Mail.Send", "Mail.ReadBasic.All", "User.Re
 
 
 @contextlib.contextmanager
-def with_graph(world: ExchangeWorld, roles: Sequence[str] = GRAPH_ROLES) -> Iterator[GraphServer]:
+def with_graph(
+    world: ExchangeWorld, roles: Sequence[str] = GRAPH_ROLES, clock: Clock = SYSTEM_CLOCK
+) -> Iterator[GraphServer]:
     """Add the Graph stand-in (Anna's mailbox, same tenant) and switch to exchange.api graph."""
     world.entra.set_app(TENANT, CLIENT, roles=roles)
-    graph = GraphServer(world.ca, world.registry)
+    graph = GraphServer(world.ca, world.registry, clock=clock)
     graph.add_mailbox(USER, aliases=[ALIAS], tenant_id=TENANT, display_name=USER_NAME)
     with graph:
         world.graph = graph
@@ -243,9 +251,12 @@ def make_message(
     html: str | None = None,
     attachments: Sequence[Attachment] = (),
     age: timedelta = timedelta(0),
+    handed_over: timedelta | None = None,
 ) -> OutgoingMessage:
-    """An outbox message as the worker hands it to the transport (queued ``age`` ago)."""
+    """An outbox message as the worker hands it to the transport (queued ``age`` ago),
+    or as the reconciler sees it (last handed to the transport ``handed_over`` ago)."""
     from_address = parse_address(sender, sender_name)
+    now = datetime.now(UTC)
     return OutgoingMessage(
         outbox_id=n,
         message_id=make_message_id(from_address.domain),
@@ -257,7 +268,8 @@ def make_message(
         text=text if text is not None else f"Hello, here is offer {n}.\n",
         html=html,
         attachments=tuple(attachments),
-        created_at=datetime.now(UTC) - age,
+        created_at=now - age,
+        handed_over_at=None if handed_over is None else now - handed_over,
     )
 
 

@@ -139,7 +139,7 @@ def test_lost_answer_is_ambiguous_and_reconcile_finds_the_mails(world: ExchangeW
     assert {r.outcome for r in results} == {Outcome.AMBIGUOUS}
     assert len(graph.delivered) == 2  # both went
 
-    never = make_message(3, age=timedelta(minutes=10))
+    never = make_message(3, handed_over=timedelta(minutes=10))
     found = world.crm.reconcile_mail(world.account(), [*lost, never], utcnow())
     assert [r.sent for r in found] == [True, True, False]
     assert len(graph.delivered) == 2  # looking sends nothing
@@ -147,11 +147,13 @@ def test_lost_answer_is_ambiguous_and_reconcile_finds_the_mails(world: ExchangeW
 
 def test_reconcile_right_after_a_send_waits_for_the_sent_items_copy(world: ExchangeWorld) -> None:
     graph = graph_of(world)
+    graph.outbox_lag(30)  # filed nowhere yet: not even in the Outbox
     graph.sent_items_lag(30)
     graph.drop_after_request(1)
-    message = make_message()
+    message = make_message(age=timedelta(hours=1))
     assert world.send_one(message).outcome is Outcome.AMBIGUOUS
-    [found] = world.crm.reconcile_mail(world.account(), [message], utcnow())
+    handed_over = type(message)(**{**message.__dict__, "handed_over_at": utcnow()})
+    [found] = world.crm.reconcile_mail(world.account(), [handed_over], utcnow())
     assert found.sent is None  # not "not sent": that would send it twice
     assert "look again later" in found.detail
 

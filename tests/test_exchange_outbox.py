@@ -20,7 +20,7 @@ from sqlalchemy import select
 from crm_core.mail import enqueue, queue
 from crm_core.mail.enqueue import MailRequest
 from crm_core.mail.worker import Worker
-from crm_core.models import OutboxMessage, OutboxState, utcnow
+from crm_core.models import OutboxAttempt, OutboxMessage, OutboxState, utcnow
 from tests.conftest import CliResult, CrmFactory
 from tests.exchange_fixtures import RECIPIENT, SECRETS, USER, ExchangeWorld
 from tests.exchange_fixtures import ca as ca
@@ -114,9 +114,10 @@ def test_lost_answer_becomes_unknown_and_reconcile_never_resends(
         assert [c.message.message_id for c in claimed.claims] == [never]
     with world.crm.transaction() as session:
         queue.reap_expired(session, utcnow() + timedelta(hours=1))
-        # An hour passes: past the time Exchange may take to file a Sent Items copy.
-        for row in session.scalars(select(OutboxMessage)):
-            row.created_at -= timedelta(hours=1)
+        # An hour passes: past the time Exchange may take to file a Sent Items copy,
+        # counted from each mail's last hand-over (the start of its attempt).
+        for attempt in session.scalars(select(OutboxAttempt)):
+            attempt.started_at -= timedelta(hours=1)
 
     reconciled = crm("outbox", "reconcile", "--json")
     assert reconciled.code == 0, reconciled.output

@@ -222,8 +222,11 @@ def test_later_requests_of_a_batch_wait_after_a_busy_server(world: ExchangeWorld
 
 def test_dropped_answer_is_ambiguous_and_reconcile_finds_the_mail(world: ExchangeWorld) -> None:
     world.send_one()
-    lost, never = make_message(2), make_message(3, age=timedelta(minutes=10))
-    just_queued = make_message(4)
+    lost = make_message(2, handed_over=timedelta(0))
+    # Handed over ten minutes ago, although queued just now: the window is over.
+    never = make_message(3, handed_over=timedelta(minutes=10))
+    # Queued long ago, handed over just now: the window is on.
+    just_handed_over = make_message(4, age=timedelta(hours=1), handed_over=timedelta(0))
     world.ews.drop_after_request(1)
     [result] = world.send([lost])
 
@@ -231,12 +234,12 @@ def test_dropped_answer_is_ambiguous_and_reconcile_finds_the_mail(world: Exchang
     assert "may or may not" in result.detail
     assert lost.message_id in {d.internet_message_id for d in world.ews.delivered}
 
-    found = world.crm.reconcile_mail(world.account(), [lost, never, just_queued], utcnow())
+    found = world.crm.reconcile_mail(world.account(), [lost, never, just_handed_over], utcnow())
     assert [(r.message_id, r.sent) for r in found] == [
         (lost.message_id, True),
         (never.message_id, False),
         # Exchange files the Sent Items copy asynchronously: too early to say "not sent".
-        (just_queued.message_id, None),
+        (just_handed_over.message_id, None),
     ]
     assert found[0].detail == f"found in {USER}'s Sent Items"
     assert "look again later" in found[2].detail

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 import requests
@@ -18,13 +18,14 @@ from exchangelib import errors as ews
 from crm_core.entra import AppCredentials, explain_token_error
 from crm_core.errors import Problem, SettingValueError, TokenError
 from crm_core.fields import Scope
+from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import Outcome, SenderAccount, SettingValue
 from crm_core.secret_box import Secret
 from exchange_mail.auth import _Redact
 from exchange_mail.diagnostics import token_roles
-from exchange_mail.errors import failed_before_sending
-from exchange_mail.ews import MAX_MESSAGES_PER_REQUEST, _requests
-from exchange_mail.ews_errors import classify
+from exchange_mail.errors import SENT_ITEMS_LAG, failed_before_sending, lookup_verdict
+from exchange_mail.ews import MAX_MESSAGES_PER_REQUEST, _Ready, _requests
+from exchange_mail.ews_errors import ServerError, classify
 from exchange_mail.graph_errors import MISSING, Answer, classify_answer
 from exchange_mail.settings import (
     EXAMPLE_URL as EXAMPLE,
@@ -359,9 +360,20 @@ def test_timeout_before_and_after_sending() -> None:
         ),
         (
             ews.MalformedResponseError("Unknown failure in response. Code: 502 headers: {}"),
-            Outcome.TEMPORARY,
+            Outcome.AMBIGUOUS,
             "HTTP 502",
         ),
+        (
+            ews.MalformedResponseError("Unknown failure in response. Code: 400 headers: {}"),
+            Outcome.TEMPORARY,
+            "HTTP 400",
+        ),
+        (ServerError(500, None, "Internal Server Error"), Outcome.AMBIGUOUS, "HTTP 500"),
+        (ServerError(502, None, "Bad Gateway"), Outcome.AMBIGUOUS, "HTTP 502"),
+        (ServerError(504, None, "Gateway Timeout"), Outcome.AMBIGUOUS, "HTTP 504"),
+        (ServerError(503, None, "Service Unavailable"), Outcome.AMBIGUOUS, "HTTP 503"),
+        (ServerError(503, 30.0, "Service Unavailable"), Outcome.TEMPORARY, "HTTP 503"),
+        (ews.ErrorInternalServerError("x"), Outcome.AMBIGUOUS, "ErrorInternalServerError"),
         (RuntimeError("surprise"), Outcome.AMBIGUOUS, "RuntimeError"),
     ],
 )
@@ -414,6 +426,7 @@ ONLINE = "https://outlook.office365.com/EWS/Exchange.asmx"
 UNKNOWN_403 = "Unknown failure in response. Code: 403 headers: {}"
 UNKNOWN_404 = "Unknown failure in response. Code: 404 headers: {}"
 UNKNOWN_502 = "Unknown failure in response. Code: 502 headers: {}"
+UNKNOWN_400 = "Unknown failure in response. Code: 400 headers: {}"
 REFUSED = requests.exceptions.ConnectionError(refused_connection())
 
 
@@ -541,8 +554,28 @@ REFUSED = requests.exceptions.ConnectionError(refused_connection())
             Outcome.CONFIGURATION, "HTTP 404", "There is no EWS service", None, id="404",
         ),
         pytest.param(
+            ServerError(503, 45.0, "Service Unavailable"), "oauth",
+            Outcome.TEMPORARY, "HTTP 503", "asks to come back later", 45.0,
+            id="503-retry-after",
+        ),
+        pytest.param(
+            ServerError(504, None, "Gateway Timeout"), "oauth",
+            Outcome.AMBIGUOUS, "HTTP 504", "may have been carried out", None,
+            id="server-error",
+        ),
+        pytest.param(
+            ews.ErrorInternalServerError("x"), "oauth",
+            Outcome.AMBIGUOUS, "ErrorInternalServerError", "internal error (x)", None,
+            id="internal-server-error",
+        ),
+        pytest.param(
             ews.MalformedResponseError(UNKNOWN_502), "oauth",
-            Outcome.TEMPORARY, "HTTP 502", "answered HTTP 502", 60.0, id="other-status",
+            Outcome.AMBIGUOUS, "HTTP 502", "may have been carried out", None,
+            id="server-error-status",
+        ),
+        pytest.param(
+            ews.MalformedResponseError(UNKNOWN_400), "oauth",
+            Outcome.TEMPORARY, "HTTP 400", "answered HTTP 400", 60.0, id="other-status",
         ),
         pytest.param(
             ews.ErrorItemSave("x"), "oauth",
@@ -662,9 +695,20 @@ def test_each_rung_of_classify(
             id="429-retry-after",
         ),
         pytest.param(
+            Answer(503, "serviceNotAvailable", "", 12.0),
+            Outcome.TEMPORARY, "serviceNotAvailable",
+            "busy or unavailable (HTTP 503 serviceNotAvailable)", 12.0, False,
+            id="503-retry-after",
+        ),
+        pytest.param(
             Answer(503, "", "", None),
-            Outcome.TEMPORARY, "HTTP 503", "busy or unavailable (HTTP 503)", 60.0, False,
-            id="5xx",
+            Outcome.AMBIGUOUS, "HTTP 503", "answered HTTP 503 (a server error)", None, False,
+            id="503-without-retry-after",
+        ),
+        pytest.param(
+            Answer(504, "GatewayTimeout", "", None),
+            Outcome.AMBIGUOUS, "GatewayTimeout", "may have been carried out all the same",
+            None, False, id="5xx",
         ),
         pytest.param(
             Answer(400, "BadRequest", "over the 4 MB limit", None),
@@ -693,6 +737,46 @@ def test_each_rung_of_classify_answer(
     assert found.credentials is credentials
 
 
+# --- the verdict of a lookup ------------------------------------------------------------
+
+NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("where", "handed_over", "sent", "says"),
+    [
+        pytest.param("Outbox", None, True, "found in anna@org.se's Outbox", id="outbox"),
+        pytest.param(
+            "Sent Items", None, True, "found in anna@org.se's Sent Items", id="sent-items"
+        ),
+        pytest.param(None, timedelta(0), None, "look again later", id="just-handed-over"),
+        pytest.param(
+            None, SENT_ITEMS_LAG - timedelta(seconds=1), None, "299 s after", id="in-window"
+        ),
+        pytest.param(None, SENT_ITEMS_LAG, False, "not in anna@org.se's", id="window-over"),
+        # Never handed to Exchange: there is no copy on its way.
+        pytest.param(None, None, False, "Outbox or Sent Items", id="never-handed-over"),
+    ],
+)
+def test_lookup_verdict_counts_from_the_last_hand_over(
+    where: str | None, handed_over: timedelta | None, sent: bool | None, says: str
+) -> None:
+    # Queued a day ago: the enqueue never counts.
+    message = make_message(age=timedelta(days=1))
+    at = None if handed_over is None else NOW - handed_over
+    message = type(message)(**{**message.__dict__, "handed_over_at": at})
+    verdict = lookup_verdict(message, where, "anna@org.se", NOW)
+    assert verdict.sent is sent
+    assert says in verdict.detail
+
+
+def test_lookup_verdict_takes_a_naive_hand_over_as_utc() -> None:
+    message = make_message()
+    naive = (NOW - timedelta(minutes=1)).replace(tzinfo=None)
+    message = type(message)(**{**message.__dict__, "handed_over_at": naive})
+    assert lookup_verdict(message, None, "anna@org.se", NOW).sent is None
+
+
 # --- odds and ends ----------------------------------------------------------------------
 
 
@@ -712,7 +796,10 @@ def test_token_roles() -> None:
 def test_requests_are_split_by_count_and_size() -> None:
     from crm_core.mail.message import Attachment
 
-    many = [make_message(n) for n in range(2 * MAX_MESSAGES_PER_REQUEST + 1)]
+    def ready(*messages: OutgoingMessage) -> list[_Ready]:
+        return [_Ready(m, None, m.size_estimate()) for m in messages]
+
+    many = ready(*(make_message(n) for n in range(2 * MAX_MESSAGES_PER_REQUEST + 1)))
     assert [len(c) for c in _requests(many)] == [
         MAX_MESSAGES_PER_REQUEST,
         MAX_MESSAGES_PER_REQUEST,
@@ -721,7 +808,7 @@ def test_requests_are_split_by_count_and_size() -> None:
     big = make_message(
         attachments=[Attachment("b.bin", "application/octet-stream", b"x" * 6_000_000)]
     )
-    assert [len(c) for c in _requests([big, big, make_message()])] == [1, 2]
+    assert [len(c) for c in _requests(ready(big, big, make_message()))] == [1, 2]
 
 
 @pytest.mark.parametrize(

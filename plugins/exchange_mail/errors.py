@@ -5,7 +5,8 @@ and the user needs a cause and a fix: a :class:`Classified`. Each API maps its o
 failures to one: :mod:`exchange_mail.ews_errors` (exchangelib's exceptions) and
 :mod:`exchange_mail.graph_errors` (Graph's answers). What both need lives here: the type,
 the failures below the API (token, TLS, network, lost answer), the results built from
-a classification, and the verdict of a Sent Items lookup.
+a classification, and the one lookup contract of a reconcile (:func:`look_up`: the
+Outbox and Sent Items, then the "too soon to tell" window).
 
 Texts never include a secret: exchangelib's messages carry URLs and server texts only,
 and token errors come from :mod:`crm_core.entra`, which never holds the secret in text.
@@ -13,9 +14,9 @@ and token errors come from :mod:`crm_core.entra`, which never holds the secret i
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import requests
 import urllib3.exceptions
@@ -161,26 +162,62 @@ def transport_failure(exc: BaseException, host: str, check: str) -> Classified:
     return lost_answer(host, type(exc).__name__)
 
 
-def result_for(message: OutgoingMessage, found: Classified) -> SendResult:
-    """The SendResult that carries a classification."""
+def result_for(message: OutgoingMessage, found: Classified, reply: str = "") -> SendResult:
+    """The SendResult that carries a classification, and the server's own answer."""
     return SendResult(
         message.message_id, found.outcome, found.text, code=found.code,
-        retry_after=found.retry_after,
+        retry_after=found.retry_after, reply=reply,
     )  # fmt: skip
 
 
-def not_attempted(messages: Sequence[OutgoingMessage], cause: Classified) -> list[SendResult]:
-    """Messages of later requests of a batch, after an earlier request failed.
+def unusable_message(reason: str) -> Classified:
+    """One message the API cannot take as it is (refused before any request): sending it
+    again cannot help, and it never holds up the rest of its batch."""
+    shown = reason.encode("utf-8", "backslashreplace").decode("utf-8")[:200]
+    return Classified(
+        Outcome.PERMANENT,
+        "invalid-message",
+        f"Exchange cannot take this message as it is ({shown}).",
+        "correct it (e.g. a subject of at most 255 characters, text without undecodable "
+        "characters) and send it again.",
+    )
 
-    They were not sent: the same outcome as the cause, except after a lost answer,
-    where they are simply temporary (they never left).
+
+class Results:
+    """One batch's results as they become known, each passed to ``report`` at once.
+
+    Why: the core records reported results there and then, so a worker killed
+    mid-batch leaves only the request in flight ``unknown``.
+    """
+
+    def __init__(self, report: Callable[[Sequence[SendResult]], None]) -> None:
+        self._report = report
+        self._known: dict[str, SendResult] = {}
+
+    def add(self, results: Sequence[SendResult]) -> None:
+        """Keep these results and report them (nothing is reported for none)."""
+        if results:
+            self._known.update((r.message_id, r) for r in results)
+            self._report(list(results))
+
+    def in_order(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        """Every message's result, in the batch's order (what send_mail returns)."""
+        return [self._known[m.message_id] for m in messages]
+
+
+def not_attempted(
+    messages: Sequence[OutgoingMessage],
+    cause: Classified,
+    why: str = "Not attempted: the answer to an earlier request of this batch was lost.",
+) -> list[SendResult]:
+    """Messages that never left, because an earlier request (of this batch, or one made to
+    prepare it) failed.
+
+    They were not sent: the same outcome as the cause, except where the cause is
+    ambiguous, which they are not: then they are simply temporary, said ``why``.
     """
     if cause.outcome is Outcome.AMBIGUOUS:
-        cause = Classified(
-            Outcome.TEMPORARY,
-            cause.code,
-            "Not attempted: the answer to an earlier request of this batch was lost.",
-        )
+        cause = Classified(Outcome.TEMPORARY, cause.code, why)
     return [result_for(m, cause) for m in messages]
 
 
@@ -210,26 +247,83 @@ def failed_before_sending(exc: BaseException) -> bool:
 
 
 SENT_ITEMS_LAG = timedelta(minutes=5)
-"""How long Exchange may take to file the Sent Items copy of a submitted message."""
+"""How long Exchange may take to file a submitted mail (in the Outbox, then in Sent
+Items), counted from the start of the attempt that handed it over."""
+
+FOLDERS = (("outbox", "Outbox"), ("sentitems", "Sent Items"))
+"""Where a mail Exchange took can be found, as (well-known name, label), in the order
+looked: a mail only moves from the Outbox to Sent Items, so looking in the Outbox first
+cannot miss one that moves between the two looks."""
+
+Look = Callable[[str, Sequence[str]], Iterable[str]]
+"""One API's lookup: which of these Message-IDs are in this well-known folder."""
+
+
+class LookupRefused(Exception):
+    """The server answered a lookup without a list; the text says why, for the operator."""
+
+
+def look_up(
+    messages: Sequence[OutgoingMessage],
+    mailbox: str,
+    now: datetime,
+    look: Look,
+    why_not: Callable[[Exception], str],
+) -> list[ReconcileResult]:
+    """The one lookup contract of both APIs: look for the Message-IDs in the Outbox and
+    in Sent Items, then judge each with :func:`lookup_verdict`.
+
+    A lookup that fails tells nothing: every message is "cannot tell", with the reason
+    ``why_not`` gives.
+    """
+    found: dict[str, str] = {}
+    try:
+        for folder, label in FOLDERS:
+            wanted = [m.message_id for m in messages if m.message_id not in found]
+            if wanted:
+                found.update((mid, label) for mid in look(folder, wanted) if mid in wanted)
+    except Exception as exc:  # the server or the network; nothing is concluded
+        reason = f"Could not look in the Outbox and Sent Items: {why_not(exc)}"
+        return [ReconcileResult(m.message_id, None, reason) for m in messages]
+    return [lookup_verdict(m, found.get(m.message_id), mailbox, now) for m in messages]
 
 
 def lookup_verdict(
-    message: OutgoingMessage, found: bool, mailbox: str, now: datetime
+    message: OutgoingMessage, where: str | None, mailbox: str, now: datetime
 ) -> ReconcileResult:
-    """What finding (or not finding) a Message-ID in Sent Items means.
+    """What finding (or not finding) a Message-ID in the Outbox or Sent Items means.
 
-    Found: sent. Not found: not sent, unless the message is younger than
-    :data:`SENT_ITEMS_LAG` (Exchange files the copy asynchronously, so an early look can
-    miss a mail that went); then "cannot tell yet", and the outbox asks again later
-    instead of sending a second copy.
+    Found: sent (from the Outbox Exchange sends it on its own). Not found: not sent,
+    unless the attempt that handed it over started less than :data:`SENT_ITEMS_LAG`
+    before ``now`` (both on the database's clock); then "cannot tell yet", and the
+    outbox asks again later instead of sending a second copy. The enqueue time does not
+    count: a mail queued long ago may have been handed over a second ago. A message
+    never handed over (no ``handed_over_at``) has no copy on its way, so not found means
+    not sent.
     """
-    if found:
-        return ReconcileResult(message.message_id, True, f"found in {mailbox}'s Sent Items")
-    if now - message.created_at < SENT_ITEMS_LAG:
+    if where is not None:
+        return ReconcileResult(message.message_id, True, f"found in {mailbox}'s {where}")
+    since = _since_hand_over(message, now)
+    if since is not None and since < SENT_ITEMS_LAG:
         return ReconcileResult(
             message.message_id,
             None,
-            f"not in {mailbox}'s Sent Items yet; Exchange files the copy with a delay, "
-            "so look again later",
+            f"not in {mailbox}'s Outbox or Sent Items yet, {int(since.total_seconds())} s "
+            "after it was handed over; Exchange files a mail with a delay, so look again later",
         )
-    return ReconcileResult(message.message_id, False, f"not in {mailbox}'s Sent Items")
+    return ReconcileResult(message.message_id, False, f"not in {mailbox}'s Outbox or Sent Items")
+
+
+def _since_hand_over(message: OutgoingMessage, now: datetime) -> timedelta | None:
+    """Time from the last hand-over to ``now``; None when the message was never handed over.
+
+    A naive timestamp is taken as UTC (the outbox stores UTC).
+    """
+    handed = message.handed_over_at
+    if handed is None:
+        return None
+    if handed.tzinfo is None:
+        handed = handed.replace(tzinfo=UTC)
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    return now - handed

@@ -22,17 +22,25 @@ Choices, and why:
 * **Batches with per-message results.** exchangelib's ``bulk_create`` raises on a
   mixed answer (e.g. one ErrorInvalidRecipients among successes), which hides the
   messages that did go. :class:`_CreateItemEach` returns every per-message error as
-  a value, so each message's fate is known; a request-level failure (SOAP fault,
-  HTTP error) means the server processed none of the request's messages, and a lost
-  answer makes only that request's messages ambiguous. Nothing is ever resent here.
+  a value, so each message's fate is known; a request-level refusal (a SOAP fault)
+  means the server processed none of the request's messages, while a lost answer or a
+  server error makes only that request's messages ambiguous. Nothing is ever resent
+  here. Each request's results are reported as soon as its answer is read, so a
+  worker killed mid-batch leaves at most that one request ``unknown``.
+* **One bad message fails alone.** Each message is rendered to XML before any request;
+  one exchangelib refuses or cannot write (undecodable text) is permanent on its own.
+* **Exchange's words are kept**: ``NoError`` (or the error code) and the answer's
+  ``request-id``, which Microsoft support asks for, in each result's ``reply``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -58,6 +66,7 @@ from exchangelib.errors import ResponseMessageError, UnauthorizedError
 from exchangelib.items import SEND_AND_SAVE_COPY, SEND_TO_NONE
 from exchangelib.protocol import Protocol
 from exchangelib.services import CreateItem
+from exchangelib.util import is_xml, xml_to_str
 from exchangelib.version import (
     EXCHANGE_2013,
     EXCHANGE_2013_SP1,
@@ -79,8 +88,14 @@ from crm_core.plugin_api import (
     token_client,
 )
 from exchange_mail.auth import MsalBearerAuth, MsalOAuth2Credentials, install_redaction
-from exchange_mail.errors import lookup_verdict, not_attempted, result_for
-from exchange_mail.ews_errors import NOT_COVERED, classify, unusable_message, unusable_settings
+from exchange_mail.errors import Classified, Results, look_up, not_attempted, result_for
+from exchange_mail.ews_errors import (
+    NOT_COVERED,
+    ServerError,
+    classify,
+    unusable_message,
+    unusable_settings,
+)
 from exchange_mail.settings import (
     CA_BUNDLE,
     EWS_CACHE,
@@ -151,6 +166,68 @@ class _EwsProtocol(Protocol):  # type: ignore[misc]
         return session
 
 
+class _FailFastByStatus(FailFast):  # type: ignore[misc]
+    """FailFast that reads a server error by its HTTP status before exchangelib guesses,
+    and keeps each answer's ``request-id`` for the result.
+
+    Why: exchangelib calls a 503, an ASP.NET error page, or any error answer with
+    ``Connection: close``, a busy server ("OK to retry"), yet a 500, 502 or 504 can come
+    after Exchange took the mail. :class:`ServerError` keeps the status and Retry-After,
+    so :mod:`exchange_mail.ews_errors` can tell. The request-id is per thread, as a
+    cached mailbox may serve a send and a reconcile at once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen = threading.local()
+
+    def raise_response_errors(self, response: Any) -> None:
+        """Remember the request-id; raise ServerError for a 5xx that is not SOAP."""
+        self._seen.request_id = response.headers.get("request-id", "")
+        if _server_error(response):
+            retry_after = _retry_after(response.headers.get("Retry-After"))
+            raise ServerError(response.status_code, retry_after, response.reason or "")
+        super().raise_response_errors(response)
+
+    @property
+    def request_id(self) -> str:
+        """The ``request-id`` of the last answer this thread got."""
+        return str(getattr(self._seen, "request_id", ""))
+
+    def forget(self) -> None:
+        """Before a request: no answer seen yet."""
+        self._seen.request_id = ""
+
+
+def _server_error(response: Any) -> bool:
+    """A 5xx that exchangelib would not read as EWS's own answer.
+
+    Left to exchangelib: a SOAP fault (HTTP 500 with XML), the 500 that names a wrong
+    schema version (a setting to fix), and a front end's refusal with X-CasErrorCode.
+    """
+    status = response.status_code
+    if status < 500 or response.headers.get("X-CasErrorCode"):
+        return False
+    content = response.content or b""
+    return not (
+        status == 500
+        and (
+            is_xml(content)
+            or b"The specified server version is invalid" in content
+            or b"ErrorInvalidSchemaVersionForMailboxVersion" in content
+        )
+    )
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds, when it is a positive number."""
+    try:
+        seconds = float(value or "")
+    except ValueError:
+        return None
+    return seconds if seconds > 0 else None
+
+
 class _CreateItemEach(CreateItem):  # type: ignore[misc]
     """CreateItem that returns every per-message error as a value instead of raising.
 
@@ -189,6 +266,7 @@ class EwsMailbox:
             password = text.encode("utf-8") if auth_type == BASIC else text
             credentials = _PasswordCredentials(settings.mailbox, password)
             access = DELEGATE
+        self.policy = _FailFastByStatus()
         build = _BUILDS.get(settings.server_version) or (
             EXCHANGE_O365 if tokens is not None else EXCHANGE_2016
         )
@@ -197,7 +275,7 @@ class EwsMailbox:
             service_endpoint=settings.url,
             auth_type=auth_type,
             version=Version(build=build),
-            retry_policy=FailFast(),
+            retry_policy=self.policy,
             max_connections=1,
         )
         self.protocol = _EwsProtocol(config=self.config)
@@ -256,6 +334,15 @@ def new_mailbox(settings: ExchangeSettings, resources: Resources) -> EwsMailbox:
 # --- sending ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Ready:
+    """A message checked and rendered for CreateItem, with its size for grouping."""
+
+    message: OutgoingMessage
+    item: Any
+    size: int
+
+
 def _to_ews(mailbox: EwsMailbox, account: SenderAccount, message: OutgoingMessage) -> Any:
     """The exchangelib Message, checked here so a bad one fails alone, not its request."""
 
@@ -282,24 +369,47 @@ def _to_ews(mailbox: EwsMailbox, account: SenderAccount, message: OutgoingMessag
             )
         )
     item.clean(version=mailbox.account.version)  # what exchangelib would refuse mid-batch
+    # ... and what it could not write (undecodable text), which would fail the request.
+    xml_to_str(item.to_xml(version=mailbox.account.version), encoding="utf-8")
     return item
 
 
-def _requests(messages: Sequence[OutgoingMessage]) -> Iterator[list[OutgoingMessage]]:
-    """Group a batch into CreateItem requests, by count and by size."""
-    chunk: list[OutgoingMessage] = []
-    size = 0
+def _prepare(
+    mailbox: EwsMailbox,
+    account: SenderAccount,
+    messages: Sequence[OutgoingMessage],
+    results: Results,
+) -> list[_Ready]:
+    """Render each message; one that cannot be rendered is refused (and reported) alone."""
+    ready: list[_Ready] = []
+    refused: list[SendResult] = []
     for message in messages:
-        estimate = message.size_estimate()
+        try:
+            item = _to_ews(mailbox, account, message)
+            ready.append(_Ready(message, item, message.size_estimate()))
+        except (ValueError, TypeError) as exc:  # UnicodeError is a ValueError
+            refused.append(result_for(message, unusable_message(exc)))
+    results.add(refused)
+    return ready
+
+
+def _requests(ready: Sequence[_Ready]) -> Iterator[list[_Ready]]:
+    """Group a batch into CreateItem requests, by count and by size."""
+    chunk: list[_Ready] = []
+    size = 0
+    for one in ready:
         if chunk and (
-            len(chunk) >= MAX_MESSAGES_PER_REQUEST or size + estimate > MAX_BYTES_PER_REQUEST
+            len(chunk) >= MAX_MESSAGES_PER_REQUEST or size + one.size > MAX_BYTES_PER_REQUEST
         ):
             yield chunk
             chunk, size = [], 0
-        chunk.append(message)
-        size += estimate
+        chunk.append(one)
+        size += one.size
     if chunk:
         yield chunk
+
+
+NOT_YET = "Not sent: Exchange failed while the mailbox's folders were looked up."
 
 
 def send(
@@ -307,48 +417,85 @@ def send(
     settings: ExchangeSettings,
     messages: Sequence[OutgoingMessage],
     resources: Resources,
+    report: Callable[[Sequence[SendResult]], None],
 ) -> list[SendResult]:
-    """Send a batch for one sender; one SendResult per message, never a blind resend."""
+    """Send a batch for one sender: each request's results reported as soon as Exchange
+    answers it; one SendResult per message; never a blind resend."""
+    results = Results(report)
     try:
         mailbox = mailbox_for(account, settings, resources)
     except (ValueError, TypeError) as exc:  # exchangelib checks the settings here; no I/O
-        return [result_for(m, unusable_settings(exc)) for m in messages]
-    results: dict[str, SendResult] = {}
-    items: dict[str, Any] = {}
-    for message in messages:
-        try:
-            items[message.message_id] = _to_ews(mailbox, account, message)
-        except (ValueError, TypeError) as exc:  # refused before any request
-            results[message.message_id] = result_for(message, unusable_message(exc))
-    requests_ = list(_requests([m for m in messages if m.message_id in items]))
-    for index, chunk in enumerate(requests_):
-        try:
-            answers = mailbox.call(partial(_create, mailbox, [items[m.message_id] for m in chunk]))
-        except Exception as exc:
-            found = classify(exc, settings)
-            later = [m for c in requests_[index + 1 :] for m in c]
-            for result in [*(result_for(m, found) for m in chunk), *not_attempted(later, found)]:
-                results[result.message_id] = result
+        results.add([result_for(m, unusable_settings(exc)) for m in messages])
+        return results.in_order(messages)
+    chunks = list(_requests(_prepare(mailbox, account, messages, results)))
+    try:  # the folder lookups come first, so their failure is never taken for a send's
+        folder = mailbox.call(lambda: mailbox.account.sent)
+    except Exception as exc:
+        ready = [one.message for chunk in chunks for one in chunk]
+        results.add(not_attempted(ready, classify(exc, settings), NOT_YET))
+        return results.in_order(messages)
+    for index, chunk in enumerate(chunks):
+        done, stop = _send_request(mailbox, settings, folder, chunk)
+        if stop is not None:  # the request failed as a whole: the later ones never leave
+            later = [one.message for c in chunks[index + 1 :] for one in c]
+            done += not_attempted(later, stop)
+        results.add(done)
+        if stop is not None:
             break
-        for message, answer in zip(chunk, answers, strict=False):
-            if isinstance(answer, Exception):
-                results[message.message_id] = result_for(message, classify(answer, settings))
-            else:
-                results[message.message_id] = SendResult(
-                    message.message_id, Outcome.SENT, "sent via EWS"
-                )
-        for message in chunk[len(answers) :]:  # the server answered for fewer messages
-            results[message.message_id] = result_for(message, NOT_COVERED)
-    return [results[m.message_id] for m in messages]
+    return results.in_order(messages)
 
 
-def _create(mailbox: EwsMailbox, items: list[Any]) -> list[Any]:
-    """One CreateItem (send and save a copy): a result or an exception per item."""
+def _send_request(
+    mailbox: EwsMailbox, settings: ExchangeSettings, folder: Any, chunk: list[_Ready]
+) -> tuple[list[SendResult], Classified | None]:
+    """One CreateItem: a result per message, and the cause if the request failed as a whole."""
+    mailbox.policy.forget()  # a failure before any answer (a token) has no request-id
+    try:
+        answers = mailbox.call(partial(_create, mailbox, folder, [one.item for one in chunk]))
+    except Exception as exc:
+        found = classify(exc, settings)
+        reply = _with_id(found.code, mailbox.policy.request_id)
+        return [result_for(one.message, found, reply) for one in chunk], found
+    request_id = mailbox.policy.request_id
+    done = [
+        _result(one.message, answer, settings, request_id)
+        for one, answer in zip(chunk, answers, strict=False)
+    ]
+    # The server answered for fewer messages than it was sent: the rest may have gone.
+    done += [result_for(one.message, NOT_COVERED) for one in chunk[len(answers) :]]
+    return done, None
+
+
+def _result(
+    message: OutgoingMessage, answer: Any, settings: ExchangeSettings, request_id: str
+) -> SendResult:
+    """One message's result from its part of a CreateItem answer, with Exchange's words."""
+    if isinstance(answer, Exception):
+        said = f"{type(answer).__name__}: {' '.join(str(answer).split())[:120]}"
+        return result_for(message, classify(answer, settings), _with_id(said, request_id))
+    item = getattr(answer, "id", None)
+    words = f"NoError; item {item}" if item else "NoError"
+    return SendResult(
+        message.message_id, Outcome.SENT, "sent via EWS", reply=_with_id(words, request_id)
+    )
+
+
+def _with_id(words: str, request_id: str) -> str:
+    """Exchange's words with the request-id its answer carried (what Microsoft asks for);
+    empty when no answer came."""
+    if not request_id:
+        return ""
+    return f"{words}; request-id {request_id}"
+
+
+def _create(mailbox: EwsMailbox, folder: Any, items: list[Any]) -> list[Any]:
+    """One CreateItem (send, and save a copy in ``folder``): a result or an exception per item."""
+    mailbox.policy.forget()  # a lost answer is not credited with an earlier request-id
     service = _CreateItemEach(account=mailbox.account)
     return list(
         service.call(
             items=items,
-            folder=mailbox.account.sent,
+            folder=folder,
             message_disposition=SEND_AND_SAVE_COPY,
             send_meeting_invitations=SEND_TO_NONE,
         )
@@ -363,25 +510,22 @@ def reconcile(
     settings: ExchangeSettings,
     messages: Sequence[OutgoingMessage],
     resources: Resources,
+    now: datetime,
 ) -> list[ReconcileResult]:
-    """Look for each Message-ID in the sender's Sent Items (and Outbox: submitted, not yet sent)."""
-    wanted = [m.message_id for m in messages]
-    found: set[str] = set()
-    try:
+    """Look for each Message-ID in the sender's Outbox and Sent Items (see :func:`look_up`)."""
+
+    def look(folder: str, ids: Sequence[str]) -> set[str]:
         mailbox = mailbox_for(account, settings, resources)
+        return mailbox.call(partial(_find, mailbox, folder, ids))
 
-        def look() -> None:
-            for folder in (mailbox.account.sent, mailbox.account.outbox):
-                for start in range(0, len(wanted), RECONCILE_IDS_PER_QUERY):
-                    ids = wanted[start : start + RECONCILE_IDS_PER_QUERY]
-                    query = folder.filter(message_id__in=ids).only("message_id")
-                    found.update(str(item.message_id) for item in query)
+    return look_up(messages, settings.mailbox, now, look, lambda exc: classify(exc, settings).text)
 
-        mailbox.call(look)
-    except Exception as exc:
-        cause = classify(exc, settings)
-        return [
-            ReconcileResult(m, None, f"Could not look in Sent Items: {cause.text}") for m in wanted
-        ]
-    now = datetime.now(UTC)
-    return [lookup_verdict(m, m.message_id in found, settings.mailbox, now) for m in messages]
+
+def _find(mailbox: EwsMailbox, folder: str, ids: Sequence[str]) -> set[str]:
+    """Which of ``ids`` are in the well-known ``folder`` (FindItem, a few ids per query)."""
+    where = mailbox.account.outbox if folder == "outbox" else mailbox.account.sent
+    found: set[str] = set()
+    for start in range(0, len(ids), RECONCILE_IDS_PER_QUERY):
+        query = where.filter(message_id__in=list(ids[start : start + RECONCILE_IDS_PER_QUERY]))
+        found.update(str(item.message_id) for item in query.only("message_id"))
+    return found

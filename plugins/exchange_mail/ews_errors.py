@@ -9,7 +9,8 @@ mapped in :mod:`exchange_mail.graph_errors`; the shared pieces are in
 ========================================================  ==============  =================
 exchangelib / server says                                 outcome         note
 ========================================================  ==============  =================
-ErrorServerBusy (fault, BackOffMilliseconds), HTTP 503     temporary       retry_after = back-off
+ErrorServerBusy (fault, BackOffMilliseconds),              temporary       retry_after = back-off
+  HTTP 503 with Retry-After
 ErrorTooManyObjectsOpened, ErrorMailboxStoreUnavailable,   temporary
   ErrorMailboxMoveInProgress, ErrorConnectionFailed…
 ErrorSubmissionQuotaExceeded                               temporary       one hour back-off
@@ -25,10 +26,17 @@ HTTP 403 on Exchange Online (EWS blocked for the tenant)   configuration
 HTTP 404, redirect, TLS verification, ErrorSendAsDenied,   configuration
   ErrorQuotaExceeded, schema version errors
 timeout / connection lost after the request was sent       ambiguous       reconcile, never resend
+HTTP 500, 502, 504 (any 5xx but a 503 with Retry-After),   ambiguous       may come after
+  ErrorInternalServerError                                                 Exchange took it
 anything else                                              temporary       (per message) or
                                                                             ambiguous (whole
                                                                             request)
 ========================================================  ==============  =================
+
+A server error is read by its HTTP status (:class:`ServerError`, raised by the
+transport's retry policy before exchangelib guesses): exchangelib calls a 503, an
+ASP.NET error page or any error answer with ``Connection: close`` a busy server, "OK to
+retry", yet a 500, 502 or 504 can come after Exchange took the mail.
 
 The rows of :data:`_RUNGS` follow this table's logic in the order they are tried.
 exchangelib is imported at the top, for the table: only the EWS path (ews.py and the
@@ -58,6 +66,7 @@ from exchange_mail.errors import (
     tls_failure,
     token_failure,
 )
+from exchange_mail.errors import unusable_message as refused_message
 from exchange_mail.settings import (
     API,
     DOMAIN,
@@ -76,6 +85,15 @@ def http_status(exc: BaseException) -> int | None:
     """The HTTP status exchangelib reports for an unexpected answer (403, 404, 502 …)."""
     match = _HTTP_STATUS.match(str(exc))
     return int(match.group(1)) if match else None
+
+
+class ServerError(ews.TransportError):  # type: ignore[misc]
+    """An HTTP 5xx that is not a SOAP answer, with the status and Retry-After it came with."""
+
+    def __init__(self, status: int, retry_after: float | None, said: str) -> None:
+        super().__init__(f"HTTP {status}: {said}" if said else f"HTTP {status}")
+        self.status = status
+        self.retry_after = retry_after
 
 
 def _server_text(exc: BaseException) -> str:
@@ -116,6 +134,8 @@ class _Facts:
     @property
     def status(self) -> int | None:
         """The HTTP status of an unexpected answer, if that is what this is."""
+        if isinstance(self.exc, ServerError):
+            return self.exc.status
         return http_status(self.exc)
 
     @property
@@ -183,6 +203,36 @@ def _busy(facts: _Facts) -> Classified:
     )
 
 
+def _unavailable(facts: _Facts) -> bool:
+    """A 503 with Retry-After: the service says it did nothing and when to come back."""
+    return facts.status == 503 and getattr(facts.exc, "retry_after", None) is not None
+
+
+def _come_back(facts: _Facts) -> Classified:
+    """A 503 with Retry-After: temporary, after the time the server asked for."""
+    return Classified(
+        Outcome.TEMPORARY,
+        "HTTP 503",
+        f"Exchange at {facts.host} is unavailable (HTTP 503) and asks to come back later; "
+        "the mail will be sent later.",
+        retry_after=max(float(facts.exc.retry_after), 1.0),
+    )
+
+
+def _server_failed(facts: _Facts) -> bool:
+    """Any other 5xx: it may have come after Exchange carried the request out."""
+    return facts.status is not None and facts.status >= 500
+
+
+_AFTER_SERVER_ERROR = Says(
+    Outcome.AMBIGUOUS,
+    "HTTP {status}",
+    "Exchange at {host} answered HTTP {status} (a server error): the request may have been "
+    "carried out all the same.",
+    "A mail in it is looked for in the Outbox and Sent Items before it is sent again.",
+)
+
+
 def _untrusted(facts: _Facts) -> bool:
     """The TLS handshake failed somewhere below exchangelib."""
     return any(isinstance(link, requests.exceptions.SSLError) for link in chain(facts.exc))
@@ -213,6 +263,18 @@ _RUNGS: tuple[_Rung, ...] = (
     _Rung(TokenError, lambda facts: token_failure(facts.exc)),
     _Rung(BaseException, when=_timed_out, says=_timeout),
     _Rung(ews.ErrorServerBusy, _busy),
+    _Rung(ServerError, when=_unavailable, says=_come_back),
+    _Rung(ServerError, when=_server_failed, says=_AFTER_SERVER_ERROR),
+    _Rung(
+        ews.ErrorInternalServerError,
+        Says(
+            Outcome.AMBIGUOUS,
+            "ErrorInternalServerError",
+            "Exchange reported an internal error ({said}): the request may have been carried "
+            "out all the same.",
+            "A mail in it is looked for in the Outbox and Sent Items before it is sent again.",
+        ),
+    ),
     _Rung(
         ews.UnauthorizedError,
         when=lambda facts: facts.oauth,
@@ -363,6 +425,7 @@ _RUNGS: tuple[_Rung, ...] = (
             "Check {URL}: it must be the server's address ending with exactly /EWS/Exchange.asmx.",
         ),
     ),
+    _Rung(BaseException, when=_server_failed, says=_AFTER_SERVER_ERROR),
     _Rung(
         BaseException,
         when=lambda facts: facts.status is not None,
@@ -446,13 +509,8 @@ def unusable_settings(exc: Exception) -> Classified:
 
 
 def unusable_message(exc: Exception) -> Classified:
-    """exchangelib refused one message before any request: sending it again cannot help."""
-    return Classified(
-        Outcome.PERMANENT,
-        "invalid-message",
-        f"Exchange cannot take this message as it is ({_without_value(exc)}).",
-        "correct it (e.g. a subject of at most 255 characters) and send it again.",
-    )
+    """exchangelib refused (or could not render) one message before any request."""
+    return refused_message(_without_value(exc))
 
 
 def _without_value(exc: Exception) -> str:

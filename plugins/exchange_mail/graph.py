@@ -11,17 +11,23 @@ Choices, and why:
 * **Plain requests** with the shared TLS trust (:class:`crm_core.trust.TrustAdapter`):
   three endpoints do not justify the Graph SDK's 42 packages.
 * **$batch of up to 20 sendMail** per request, each with its own status matched by
-  ``id`` (Graph may answer in any order). A batch-level failure (401, 429, 5xx, 400)
-  means no item ran. A lost answer makes that batch's messages ambiguous; nothing is
-  ever resent here. A single message goes as a plain ``sendMail``.
+  ``id`` (Graph may answer in any order). A batch-level refusal (401, 429, 400) means no
+  item ran; a batch-level server error, like a lost answer, makes that batch's messages
+  ambiguous, and an item's own 5xx makes that message ambiguous. Nothing is ever resent
+  here. A single message goes as a plain ``sendMail``.
+* **As it happens.** Each request's results are reported as soon as its answer is
+  read (a killed worker leaves at most one request ``unknown``), each with Graph's own
+  answer kept as ``reply``: status, code, ``request-id`` and ``client-request-id``. A
+  message that cannot be encoded (undecodable text) is permanent on its own.
 * **Size.** A request body is capped at 4 MB, so a batch is also split by size, and a
   single message whose JSON exceeds the cap (attachments over about 3 MB) is refused
   as permanent: it needs an upload session (Mail.ReadWrite), not done here.
-* **401 → evict and retry once**, as for EWS. **429/503** are temporary with the
-  server's ``Retry-After``.
-* **Reconcile** filters the sender's Sent Items by ``internetMessageId`` (needs
-  ``Mail.ReadBasic.All`` or ``Mail.Read``); see :func:`exchange_mail.errors.lookup_verdict`
-  for why a fresh "not found" is not yet "not sent".
+* **401 → evict and retry once**, as for EWS. **429**, and **503** with ``Retry-After``,
+  are temporary with the server's ``Retry-After``.
+* **Reconcile** filters the sender's Outbox and Sent Items by ``internetMessageId``
+  (needs ``Mail.ReadBasic.All`` or ``Mail.Read``), under the lookup contract EWS shares
+  (:func:`exchange_mail.errors.look_up`, which also says why a fresh "not found" is not
+  yet "not sent").
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -50,9 +56,12 @@ from crm_core.plugin_api import (
 )
 from exchange_mail.errors import (
     Classified,
-    lookup_verdict,
+    LookupRefused,
+    Results,
+    look_up,
     not_attempted,
     result_for,
+    unusable_message,
 )
 from exchange_mail.graph_errors import (
     MISSING,
@@ -61,6 +70,7 @@ from exchange_mail.graph_errors import (
     classify,
     classify_answer,
     lookup_refused,
+    trace_of,
 )
 from exchange_mail.settings import PLUGIN, ExchangeSettings
 
@@ -182,6 +192,31 @@ def payload(account: SenderAccount, message: OutgoingMessage) -> dict[str, Any]:
     return {"message": mail, "saveToSentItems": True}
 
 
+def _encode(account: SenderAccount, message: OutgoingMessage) -> bytes | Classified:
+    """The sendMail body as sent, or why this message cannot go (alone: never its batch)."""
+    try:
+        body = json.dumps(payload(account, message), ensure_ascii=False).encode("utf-8")
+    except (ValueError, TypeError) as exc:  # undecodable text: UnicodeError is a ValueError
+        return unusable_message(str(exc))
+    return TOO_LARGE if len(body) > MAX_REQUEST_BYTES else body
+
+
+def _prepare(
+    account: SenderAccount, messages: Sequence[OutgoingMessage], results: Results
+) -> list[tuple[OutgoingMessage, bytes]]:
+    """Each message's body; the ones that cannot go are refused (and reported) at once."""
+    bodies: list[tuple[OutgoingMessage, bytes]] = []
+    refused: list[SendResult] = []
+    for message in messages:
+        body = _encode(account, message)
+        if isinstance(body, Classified):
+            refused.append(result_for(message, body))
+        else:
+            bodies.append((message, body))
+    results.add(refused)
+    return bodies
+
+
 def _batches(
     bodies: list[tuple[OutgoingMessage, bytes]],
 ) -> Iterator[list[tuple[OutgoingMessage, bytes]]]:
@@ -206,39 +241,46 @@ def send(
     settings: ExchangeSettings,
     messages: Sequence[OutgoingMessage],
     resources: Resources,
+    report: Callable[[Sequence[SendResult]], None],
 ) -> list[SendResult]:
-    """Send a batch through Graph; one SendResult per message, never a blind resend."""
+    """Send a batch through Graph: each request's results reported as soon as Graph
+    answers it; one SendResult per message; never a blind resend."""
     graph = GraphClient(settings, resources)
-    results: dict[str, SendResult] = {}
-    bodies: list[tuple[OutgoingMessage, bytes]] = []
-    for message in messages:
-        body = json.dumps(payload(account, message), ensure_ascii=False).encode("utf-8")
-        if len(body) > MAX_REQUEST_BYTES:
-            results[message.message_id] = result_for(message, TOO_LARGE)
-        else:
-            bodies.append((message, body))
-    chunks = list(_batches(bodies))
+    results = Results(report)
+    chunks = list(_batches(_prepare(account, messages, results)))
     for index, chunk in enumerate(chunks):
-        try:
-            answers = _send_chunk(graph, chunk)
-        except Exception as exc:  # requests or token failure for the whole request
-            found = classify(exc, settings)
-            for message, _ in chunk:
-                results[message.message_id] = result_for(message, found)
+        done, stop = _send_request(graph, settings, chunk)
+        if stop is not None:  # the later requests never leave
             later = [m for c in chunks[index + 1 :] for m, _ in c]
-            results.update((r.message_id, r) for r in not_attempted(later, found))
+            done += not_attempted(later, stop)
+        results.add(done)
+        if stop is not None:
             break
-        stop: Classified | None = None
-        for message, _ in chunk:
-            found = classify_answer(answers[message.message_id], settings)
-            results[message.message_id] = result_for(message, found)
-            if found.outcome is Outcome.CONFIGURATION:
-                stop = found
-        if stop is not None:  # the account is paused: do not go on
-            later = [m for c in chunks[index + 1 :] for m, _ in c]
-            results.update((r.message_id, r) for r in not_attempted(later, stop))
-            break
-    return [results[m.message_id] for m in messages]
+    return results.in_order(messages)
+
+
+def _send_request(
+    graph: GraphClient, settings: ExchangeSettings, chunk: list[tuple[OutgoingMessage, bytes]]
+) -> tuple[list[SendResult], Classified | None]:
+    """One request: a result per message, and the cause that stops the batch, if any.
+
+    It stops when no answer came (token, network, lost answer) or the account must be
+    paused (a configuration answer).
+    """
+    try:
+        answers = _send_chunk(graph, chunk)
+    except Exception as exc:  # requests or token failure for the whole request
+        found = classify(exc, settings)
+        return [result_for(message, found) for message, _ in chunk], found
+    done: list[SendResult] = []
+    stop: Classified | None = None
+    for message, _ in chunk:
+        answer = answers[message.message_id]
+        found = classify_answer(answer, settings)
+        done.append(result_for(message, found, answer.reply))
+        if found.outcome is Outcome.CONFIGURATION:
+            stop = found
+    return done, stop
 
 
 def _send_chunk(
@@ -279,20 +321,23 @@ def _send_batch(
         data=json.dumps(batch, ensure_ascii=False).encode("utf-8"),
         headers=json_header,
     )
-    if response.status_code != 200:  # the batch as a whole was refused: no item ran
+    if response.status_code != 200:  # one answer for every item (a 5xx may come after they ran)
         whole = Answer.of(response)
         return {m.message_id: whole for m in ids.values()}
-    return _batch_answers(response.json().get("responses", []), ids)
+    return _batch_answers(response, ids)
 
 
-def _batch_answers(items: list[Any], ids: dict[str, OutgoingMessage]) -> dict[str, Answer]:
+def _batch_answers(
+    response: requests.Response, ids: dict[str, OutgoingMessage]
+) -> dict[str, Answer]:
     """Each item's answer by its id (Graph answers in any order); a missing one may have run."""
     answers: dict[str, Answer] = {}
-    for item in items:
+    for item in response.json().get("responses", []):
         owner = ids.get(str(item.get("id")))
         if owner is not None:
+            trace = trace_of(response, str(item.get("id")))
             answers[owner.message_id] = Answer.parse(
-                int(item.get("status", 0)), item.get("body"), item.get("headers")
+                int(item.get("status", 0)), item.get("body"), item.get("headers"), trace
             )
     for owner in ids.values():  # an item the answer left out may have run
         answers.setdefault(owner.message_id, MISSING)
@@ -303,34 +348,30 @@ def _batch_answers(items: list[Any], ids: dict[str, OutgoingMessage]) -> dict[st
 
 
 def reconcile(
-    account: SenderAccount,
     settings: ExchangeSettings,
     messages: Sequence[OutgoingMessage],
     resources: Resources,
-    now: datetime | None = None,
+    now: datetime,
 ) -> list[ReconcileResult]:
-    """Look for each Message-ID in the sender's Sent Items."""
+    """Look for each Message-ID in the sender's Outbox and Sent Items (see :func:`look_up`)."""
     graph = GraphClient(settings, resources)
-    now = now or datetime.now(UTC)
-    results = []
-    for message in messages:
-        escaped = message.message_id.replace("'", "''")
-        params = {"$filter": f"internetMessageId eq '{escaped}'", "$select": "id,internetMessageId"}
-        try:
-            response = graph.call(
-                "GET", f"/users/{graph.user}/mailFolders/sentitems/messages", params=params
-            )
-        except Exception as exc:
-            found = classify(exc, settings)
-            results.append(
-                ReconcileResult(message.message_id, None, f"Could not look: {found.text}")
-            )
-            continue
-        if response.status_code != 200:
-            refused = lookup_refused(Answer.of(response))
-            results.append(ReconcileResult(message.message_id, None, refused))
-            continue
-        results.append(
-            lookup_verdict(message, bool(response.json().get("value")), settings.mailbox, now)
-        )
-    return results
+
+    def look(folder: str, ids: Sequence[str]) -> set[str]:
+        return {message_id for message_id in ids if _in_folder(graph, folder, message_id)}
+
+    def why_not(exc: Exception) -> str:
+        return str(exc) if isinstance(exc, LookupRefused) else classify(exc, settings).text
+
+    return look_up(messages, settings.mailbox, now, look, why_not)
+
+
+def _in_folder(graph: GraphClient, folder: str, message_id: str) -> bool:
+    """Whether a message with this internetMessageId is in the well-known ``folder``."""
+    escaped = message_id.replace("'", "''")
+    params = {"$filter": f"internetMessageId eq '{escaped}'", "$select": "id,internetMessageId"}
+    response = graph.call(
+        "GET", f"/users/{graph.user}/mailFolders/{folder}/messages", params=params
+    )
+    if response.status_code != 200:
+        raise LookupRefused(lookup_refused(Answer.of(response)))
+    return bool(response.json().get("value"))

@@ -4,7 +4,10 @@ Graph answers every request (and every item of a ``$batch``) with an HTTP status
 on failure, a JSON ``error.code``; :func:`classify_answer` maps the two to a
 :class:`Classified`, as :mod:`exchange_mail.ews_errors` does for exchangelib's
 exceptions. The message text, which Microsoft rewords, is only shown, except for a
-400 that says "4MB". A request that got
+400 that says "4MB". A server error is ambiguous: Microsoft's staff say 5xx answers
+to sendMail "are not necessarily proofs the message wasn't delivered", so only a 429
+and a 503 that says when to come back (Retry-After) are taken for "nothing ran". A
+request that got
 no answer at all (token, TLS, network) is mapped by :func:`classify`.
 
 =====================================================  ==============  ==================
@@ -20,7 +23,9 @@ ErrorSendAsDenied                                      configuration
 ErrorInvalidRecipients                                 permanent       "Error validating
                                                                        e-mail"
 ErrorMessageSizeExceeded, 413, 400 over 4 MB           permanent
-429, 5xx                                               temporary       Retry-After
+429, 503 with Retry-After                              temporary       Retry-After
+any other 5xx (500, 502, 504, 503 without Retry-After) ambiguous       may come after
+                                                                       the mail went
 any other 400                                          permanent
 anything else                                          temporary
 =====================================================  ==============  ==================
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -42,15 +48,17 @@ from exchange_mail.settings import USERNAME, ExchangeSettings
 
 @dataclass(frozen=True)
 class Answer:
-    """Graph's answer to one request or batch item: all that classification reads."""
+    """Graph's answer to one request or batch item: all that classification reads, and
+    ``trace`` (Microsoft's ids for it) for the reply a mail administrator quotes."""
 
     status: int
     code: str
     message: str
     retry_after: float | None
+    trace: str = ""
 
     @classmethod
-    def parse(cls, status: int, body: Any, headers: Any) -> Answer:
+    def parse(cls, status: int, body: Any, headers: Any, trace: str = "") -> Answer:
         """An answer from its parts (a $batch item carries them as plain JSON)."""
         error = body.get("error", {}) if isinstance(body, dict) else {}
         return cls(
@@ -58,6 +66,7 @@ class Answer:
             str(error.get("code", "")) if isinstance(error, dict) else "",
             str(error.get("message", "")) if isinstance(error, dict) else "",
             _retry_after(headers or {}),
+            trace,
         )
 
     @classmethod
@@ -67,7 +76,33 @@ class Answer:
             body = response.json() if response.content else {}
         except ValueError:
             body = {}
-        return cls.parse(response.status_code, body, response.headers)
+        return cls.parse(response.status_code, body, response.headers, trace_of(response))
+
+    @property
+    def reply(self) -> str:
+        """Status, code and Microsoft's ids, e.g. ``202 Accepted; request-id …``; empty
+        for no answer at all."""
+        if not self.status:
+            return ""
+        said = self.code or _phrase(self.status)
+        return "; ".join(part for part in (f"{self.status} {said}".strip(), self.trace) if part)
+
+
+def trace_of(response: requests.Response, item: str = "") -> str:
+    """Microsoft's ids for an answer (and the $batch item it is for), as support asks."""
+    ids = [f"$batch item {item}"] if item else []
+    for name in ("request-id", "client-request-id"):
+        if response.headers.get(name):
+            ids.append(f"{name} {response.headers[name]}")
+    return "; ".join(ids)
+
+
+def _phrase(status: int) -> str:
+    """HTTP's reason phrase (``Accepted``), or nothing for a status it does not know."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 MISSING = Answer(0, "missing-in-batch", "", None)
@@ -146,13 +181,18 @@ def _too_large(answer: Answer) -> bool:
 
 
 def _busy(facts: _Facts) -> Classified:
-    """Throttled or down: wait as long as Graph asks, else 30 s (429) or a minute (5xx)."""
+    """Throttled or down: wait as long as Graph asks, else 30 s (a 429 without Retry-After)."""
     return Classified(
         Outcome.TEMPORARY,
         facts.code_or_status,
         f"Microsoft Graph is busy or unavailable ({facts.shown}); the mail will be sent later.",
-        retry_after=facts.answer.retry_after or (30.0 if facts.status == 429 else 60.0),
+        retry_after=facts.answer.retry_after or 30.0,
     )
+
+
+def _nothing_ran(answer: Answer) -> bool:
+    """Throttled (429), or unavailable with a time to come back (503 with Retry-After)."""
+    return answer.status == 429 or (answer.status == 503 and answer.retry_after is not None)
 
 
 # The first row that takes the answer decides, so order matters (the ladder's order,
@@ -250,7 +290,17 @@ _ROWS: tuple[_Row, ...] = (
             "Send smaller attachments (or a link) in a new mail.",
         ),
     ),
-    _Row(when=lambda answer: answer.status == 429 or answer.status >= 500, says=_busy),
+    _Row(when=_nothing_ran, says=_busy),
+    _Row(
+        when=lambda answer: answer.status >= 500,
+        says=Says(
+            Outcome.AMBIGUOUS,
+            "{code_or_status}",
+            "Microsoft Graph answered {shown} (a server error): the request may have been "
+            "carried out all the same.",
+            "A mail in it is looked for in the Outbox and Sent Items before it is sent again.",
+        ),
+    ),
     _Row(
         when=lambda answer: answer.status == 400,
         says=Says(
@@ -300,10 +350,10 @@ TOO_LARGE = Classified(
 
 
 def lookup_refused(answer: Answer) -> str:
-    """Why a Sent Items lookup got no list; a 403 is most likely the missing read permission."""
+    """Why a folder lookup got no list; a 403 is most likely the missing read permission."""
     hint = (
         " (reconciling needs the Mail.ReadBasic.All application permission)"
         if answer.status == 403
         else ""
     )
-    return f"Could not look in Sent Items: HTTP {answer.status} {answer.code}{hint}"
+    return f"HTTP {answer.status} {answer.code}{hint}".rstrip()

@@ -15,8 +15,8 @@ test or reconcile, so ``crm settings``/``crm users`` commands do not pay for it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import date
+from collections.abc import Callable, Sequence
+from datetime import date, datetime
 
 from crm_core.plugin_api import (
     ConnectionReport,
@@ -99,17 +99,21 @@ def sending_problems(account: SenderAccount) -> list[Problem]:
 
 @hookimpl
 def send_mail(
-    account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+    account: SenderAccount,
+    messages: Sequence[OutgoingMessage],
+    resources: Resources,
+    report: Callable[[Sequence[SendResult]], None],
 ) -> list[SendResult]:
-    """Send one sender's batch through EWS or Graph; a result per message."""
+    """Send one sender's batch through EWS or Graph; a result per message, each request's
+    results reported as soon as Exchange answers it."""
     settings = resolve(account)
     if settings.api is Api.GRAPH:
         from exchange_mail import graph
 
-        return graph.send(account, settings, messages, resources)
+        return graph.send(account, settings, messages, resources, report)
     from exchange_mail import ews
 
-    return ews.send(account, settings, messages, resources)
+    return ews.send(account, settings, messages, resources, report)
 
 
 @hookimpl
@@ -124,9 +128,14 @@ def test_connection(
 
 @hookimpl
 def reconcile_mail(
-    account: SenderAccount, messages: Sequence[OutgoingMessage], resources: Resources
+    account: SenderAccount,
+    messages: Sequence[OutgoingMessage],
+    resources: Resources,
+    now: datetime,
 ) -> list[ReconcileResult]:
-    """Look for messages of unknown fate in the sender's Sent Items by Message-ID."""
+    """Look for messages of unknown fate in the sender's Outbox and Sent Items by
+    Message-ID; ``now`` (the database's clock) against each last hand-over decides
+    whether "not found" can mean "not sent" yet."""
     settings = resolve(account)
     reachable = settings.mailbox and (settings.url or settings.api is Api.GRAPH)
     if blocking_problems(account, settings) and not reachable:
@@ -136,10 +145,10 @@ def reconcile_mail(
     if settings.api is Api.GRAPH:
         from exchange_mail import graph
 
-        return graph.reconcile(account, settings, messages, resources)
+        return graph.reconcile(settings, messages, resources, now)
     from exchange_mail import ews
 
-    return ews.reconcile(account, settings, messages, resources)
+    return ews.reconcile(account, settings, messages, resources, now)
 
 
 @hookimpl

@@ -33,14 +33,24 @@ marked [choice]):
   pyspnego's acceptor; like IIS, a completed handshake authenticates the connection.
 
 Faults (all settable at run time, thread-safe): ``server_busy``, ``http_503``,
-``ews_disabled``, ``drop_after_request``, ``delay``; per-message errors for invalid
-recipients, ``max_message_bytes`` and ``invalid_smtp_addresses``.
+``ews_disabled``, ``drop_after_request``, ``fail_after_processing`` (the mail goes, the
+answer is a 500/502/503/504 error page, as from IIS or a proxy in front of it),
+``delay``; per-message errors for invalid recipients, ``max_message_bytes`` and
+``invalid_smtp_addresses``.
+
+Filing [R: Exchange submits asynchronously]: a sent mail waits in the Outbox, then
+moves to Sent Items. ``sent_items_lag`` is when the Sent Items copy shows in FindItem;
+until then the mail is in the Outbox, from ``outbox_lag`` on (0: at once). Both are
+measured on the stand-in's clock and default to 0 (filed at once, never seen in the
+Outbox). Every answer carries a ``request-id`` header, as Exchange's do.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import math
 import re
 import secrets
 import uuid
@@ -176,6 +186,8 @@ class StoredItem:
     is_draft: bool
     headers: list[tuple[str, str]] = field(default_factory=list)
     reply_to: list[str] = field(default_factory=list)
+    visible_from: float = 0.0  # the stand-in's clock: FindItem shows it from then ...
+    visible_until: float = math.inf  # ... until then (an Outbox copy that moved on)
 
 
 @dataclass
@@ -217,6 +229,7 @@ class EwsRequestRecord:
     dropped: bool
     received: float  # the stand-in's clock when the request arrived
     time: float  # ... and when it was answered (an injected delay lies between)
+    request_id: str = ""  # the ``request-id`` header of the answer
 
 
 class _Fault(Exception):
@@ -236,7 +249,14 @@ class _Faults:
     http_503: int = 0
     retry_after: int | None = None
     drop: int = 0
+    drop_only_sends: bool = False
     delay: float = 0.0
+    after_status: int = 0
+    after: int = 0
+    after_close: bool = False
+    after_retry_after: int | None = None
+    sent_items_lag: float = 0.0
+    outbox_lag: float = 0.0
 
 
 @dataclass
@@ -391,10 +411,43 @@ class EwsServer(HttpsStandIn):
             self._faults.http_503 = n
             self._faults.retry_after = retry_after
 
-    def drop_after_request(self, n: int = 1) -> None:
-        """Next ``n`` requests are processed (mail delivered!) but never answered."""
+    def drop_after_request(self, n: int = 1, *, only_sends: bool = False) -> None:
+        """Next ``n`` requests are processed (mail delivered!) but never answered.
+
+        ``only_sends``: count only CreateItem and SendItem, so the folder lookups of a
+        fresh Account (or a reconcile's FindItem) in between are answered normally.
+        """
         with self._lock:
             self._faults.drop = n
+            self._faults.drop_only_sends = only_sends
+
+    def fail_after_processing(
+        self, status: int, n: int = 1, *, close: bool = False, retry_after: int | None = None
+    ) -> None:
+        """Next ``n`` CreateItem/SendItem requests are processed (mail delivered!) and then
+        answered with HTTP ``status`` (500, 502, 503 or 504) and an IIS-style error page.
+
+        ``close`` adds ``Connection: close`` (as proxies often do on errors);
+        ``retry_after`` a ``Retry-After`` header.
+        """
+        if status not in _ERROR_PAGES:
+            raise ValueError(f"not a server error: {status}")
+        with self._lock:
+            self._faults.after_status, self._faults.after = status, n
+            self._faults.after_close = close
+            self._faults.after_retry_after = retry_after
+
+    def sent_items_lag(self, seconds: float) -> None:
+        """A sent mail's Sent Items copy shows in FindItem only ``seconds`` later on the
+        stand-in's clock; meanwhile it waits in the Outbox (see :meth:`outbox_lag`)."""
+        with self._lock:
+            self._faults.sent_items_lag = seconds
+
+    def outbox_lag(self, seconds: float) -> None:
+        """A sent mail shows in the Outbox only ``seconds`` after it was accepted (before,
+        in no folder); with this lag at least the Sent Items lag, it skips the Outbox."""
+        with self._lock:
+            self._faults.outbox_lag = seconds
 
     def delay(self, seconds: float) -> None:
         """Every request sleeps ``seconds`` on the stand-in's clock before it is processed
@@ -445,12 +498,14 @@ class EwsServer(HttpsStandIn):
             return list(self._messages_per_request)
 
     def folder_items(self, address: str, folder: str = "sentitems") -> list[StoredItem]:
-        """Items in a mailbox's distinguished folder (a copy of the list)."""
+        """Items in a mailbox's distinguished folder (a copy of the list): those there now
+        or still to show up (lags ignored), not an Outbox copy that has moved on."""
         mailbox = self._find_mailbox(address, primary_only=False)
         if mailbox is None:
             raise KeyError(address)
+        now = self.clock.time()
         with self._lock:
-            return list(mailbox.folders[folder].items)
+            return [i for i in mailbox.folders[folder].items if i.visible_until > now]
 
     def sent_items(self, address: str) -> list[StoredItem]:
         return self.folder_items(address, "sentitems")
@@ -469,9 +524,11 @@ class EwsServer(HttpsStandIn):
             return _iis_404()
         trace = _Trace()
         received = self.clock.time()
+        request_id = str(uuid.uuid4())
         response = Response(500, b"", "text/plain")
         try:
             response = self._handle(method, headers, body, trace, connection_state)
+            response.headers = {**response.headers, "request-id": request_id}
             return response
         finally:
             self._record(
@@ -488,6 +545,7 @@ class EwsServer(HttpsStandIn):
                     dropped=response.drop,
                     received=received,
                     time=self.clock.time(),
+                    request_id=request_id,
                 )
             )
 
@@ -555,10 +613,17 @@ class EwsServer(HttpsStandIn):
         except _Fault as fault:
             trace.codes = (fault.code,)
             response = _fault_response(fault)
+        sends = trace.op in ("CreateItem", "SendItem")
         with self._lock:
-            if faults.drop > 0:
+            if faults.drop > 0 and (sends or not faults.drop_only_sends):
                 faults.drop -= 1
                 return Response(drop=True)
+            if faults.after > 0 and sends:
+                faults.after -= 1
+                trace.codes = ()
+                return _error_page(
+                    faults.after_status, faults.after_close, faults.after_retry_after
+                )
         return response
 
     def _record(self, record: EwsRequestRecord) -> None:
@@ -905,21 +970,42 @@ class EwsServer(HttpsStandIn):
             msg = etree.SubElement(items, _t("Message"))
             etree.SubElement(msg, _t("ItemId"), Id=item.item_id, ChangeKey=item.change_key)
             return message
+        saved: _Folder | None = None
         if disposition == "SendAndSaveCopy":
-            folder = (
+            saved = (
                 self._resolve_folder(saved_folder_elem[0], ctx)
                 if saved_folder_elem is not None and len(saved_folder_elem)
                 else ctx.target.folders["sentitems"]
             )
-            item.is_draft = False
-            item.sent = datetime.now(UTC)
-            self._store(item, folder)
         elif disposition != "SendOnly":
             raise _MessageError(
                 "ErrorInvalidRequest", f"Unknown MessageDisposition {disposition!r}."
             )
+        item.is_draft = False
+        item.sent = datetime.now(UTC)
+        self._file_sent(item, saved, ctx.target)
         self._deliver(item, ctx.target.primary)
         return message
+
+    def _file_sent(self, item: StoredItem, folder: _Folder | None, mailbox: _Mailbox) -> None:
+        """File a sent mail as Exchange does, after the lags: in the Outbox, then in
+        ``folder`` (Sent Items; None when no copy is kept)."""
+        now = self.clock.time()
+        with self._lock:
+            outbox_at = now + self._faults.outbox_lag
+            filed_at = now + self._faults.sent_items_lag
+        if outbox_at < filed_at:
+            waiting = dataclasses.replace(
+                item,
+                item_id=_new_id("itm"),
+                change_key=_new_id("ck")[:16],
+                visible_from=outbox_at,
+                visible_until=filed_at,
+            )
+            self._store(waiting, mailbox.folders["outbox"])
+        if folder is not None:
+            item.visible_from = filed_at
+            self._store(item, folder)
 
     def _check_sendable(self, item: StoredItem) -> None:
         recipients = [a for _, a in item.to + item.cc + item.bcc]
@@ -1010,13 +1096,14 @@ class EwsServer(HttpsStandIn):
                     del self._items[item.item_id]
                 item.is_draft = False
                 item.sent = datetime.now(UTC)
+                saved: _Folder | None = None
                 if save:
-                    folder = (
+                    saved = (
                         self._resolve_folder(saved_folder_elem[0], ctx)
                         if saved_folder_elem is not None and len(saved_folder_elem)
                         else ctx.target.folders["sentitems"]
                     )
-                    self._store(item, folder)
+                self._file_sent(item, saved, ctx.target)
                 self._deliver(item, ctx.target.primary)
                 out.append(_response_message("SendItem"))
             except _MessageError as err:
@@ -1125,8 +1212,9 @@ class EwsServer(HttpsStandIn):
         for folder_elem in parents if parents is not None else []:
             try:
                 folder = self._resolve_folder(folder_elem, ctx)
+                now = self.clock.time()
                 with self._lock:
-                    items = list(folder.items)
+                    items = [i for i in folder.items if i.visible_from <= now < i.visible_until]
                 if restriction is not None and len(restriction):
                     items = [i for i in items if _matches(restriction[0], i)]
                 items = _sorted(items, order)
@@ -1280,6 +1368,23 @@ def _iis_404() -> Response:
         b"unavailable.</h3></body></html>"
     )
     return Response(404, body, "text/html")
+
+
+#: fail_after_processing's answers: IIS's own page for 500, ARR's (a proxy) for 502 and 504.
+_ERROR_PAGES = {
+    500: "500 - Internal server error.",
+    502: "502 - Web server received an invalid response acting as a gateway or proxy server.",
+    503: "503 - Service Unavailable.",
+    504: "504 - Gateway Timeout.",
+}
+
+
+def _error_page(status: int, close: bool, retry_after: int | None) -> Response:
+    """An HTML error page (not SOAP): what IIS or a proxy answers when the app failed."""
+    title = _ERROR_PAGES[status]
+    body = f"<html><head><title>{title}</title></head><body><h2>{title}</h2></body></html>"
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+    return Response(status, body.encode(), "text/html", headers, close=close)
 
 
 def _ews_blocked() -> Response:

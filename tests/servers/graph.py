@@ -75,9 +75,16 @@ branch on the HTTP status and ``error.code``, never on ``error.message``.
   next ``n`` mailbox requests (sendMail and message queries, in a batch too).
   ``http_503(n)`` is a gateway 503 ``serviceNotAvailable``.
 * Ambiguity. ``drop_after_request(n)`` processes the request (a sendMail *delivers*),
-  then closes the socket without answering. ``sent_items_lag(seconds)`` makes the Sent
-  Items copy visible only after that long: a reconcile query right after an
-  unanswered send can be falsely empty, as Exchange files the copy asynchronously.
+  then closes the socket without answering. ``fail_after_processing(status)`` processes
+  it and then answers 500, 502, 503 or 504 (for a whole request, or with
+  ``in_batch=True`` for one item of a ``$batch``): Microsoft staff say such answers to
+  sendMail "are not necessarily proofs the message wasn't delivered" [R: MS Q&A
+  5629476; the error codes are a choice]. Exchange files a sent mail asynchronously
+  [R]: it waits in the Outbox, then moves to Sent Items. ``sent_items_lag(seconds)``
+  is when the Sent Items copy shows; until then the mail is in the Outbox, from
+  ``outbox_lag(seconds)`` on (0: at once). A reconcile query that looks in Sent Items
+  alone right after an unanswered send is falsely empty; one that looks before the
+  Outbox copy shows finds nothing anywhere.
 * ``$batch`` [R: /graph/json-batching]. ``requests`` is required. More than 20
   requests, duplicate ids (case-insensitive) and an unparsable payload get 400 for the
   whole batch; the wordings are [choice]. A write request without a body or
@@ -94,6 +101,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 import secrets
 import uuid
@@ -238,6 +246,15 @@ _SELECTABLE_USER_FIELDS = frozenset(
 #: Well-known folder names Graph accepts in ``mailFolders/{name}``.
 _WELL_KNOWN_FOLDERS = ("inbox", "sentitems", "drafts", "deleteditems", "outbox", "junkemail")
 
+#: fail_after_processing's answers: status -> (error.code, message). [choice] Graph's
+#: codes for these are not documented; sendMail callers report these, among others.
+_SERVER_ERRORS = {
+    500: ("ErrorInternalServerError", "An internal server error occurred. The operation failed."),
+    502: ("BadGateway", "The server received an invalid response from an upstream server."),
+    503: ("ErrorServerBusy", "The server cannot service this request right now."),
+    504: ("GatewayTimeout", "The upstream server did not answer in time."),
+}
+
 _JSON_TYPE = (
     "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;"
     "charset=utf-8"
@@ -336,7 +353,8 @@ class StoredMessage:
     headers: list[tuple[str, str]]
     importance: str
     created: datetime
-    visible_at: float  # epoch seconds: hidden from queries before (sent_items_lag)
+    visible_at: float  # epoch seconds: hidden from queries before (the lags)
+    hidden_at: float = math.inf  # ... and from then on (an Outbox copy that moved on)
 
 
 @dataclass(frozen=True)
@@ -355,6 +373,7 @@ class GraphRequestRecord:
     item_id: str | None  # the inner request's "id"
     dropped: bool
     time: float
+    request_id: str = ""  # the ``request-id`` the answer carried
 
 
 @dataclass
@@ -381,6 +400,12 @@ class _Faults:
     drop_only_sends: bool = True
     delay: float = 0.0
     sent_items_lag: float = 0.0
+    outbox_lag: float = 0.0
+    after_status: int = 0
+    after: int = 0
+    item_after_status: int = 0
+    item_after: int = 0
+    after_retry_after: int | None = None
 
 
 @dataclass
@@ -570,9 +595,35 @@ class GraphServer(HttpsStandIn):
 
     def sent_items_lag(self, seconds: float) -> None:
         """Sent Items copies (and Inbox copies) appear in queries only ``seconds`` later on
-        the stand-in's clock (with a ``FakeClock``: once the test advances it that far)."""
+        the stand-in's clock (with a ``FakeClock``: once the test advances it that far);
+        meanwhile the mail waits in the sender's Outbox (see :meth:`outbox_lag`)."""
         with self._lock:
             self._faults.sent_items_lag = seconds
+
+    def outbox_lag(self, seconds: float) -> None:
+        """An accepted mail shows in the sender's Outbox only ``seconds`` after the 202
+        (before that it is in no folder), and leaves it for Sent Items at the
+        :meth:`sent_items_lag`; with this lag at least as long, it skips the Outbox."""
+        with self._lock:
+            self._faults.outbox_lag = seconds
+
+    def fail_after_processing(
+        self, status: int, n: int = 1, *, in_batch: bool = False, retry_after: int | None = None
+    ) -> None:
+        """Next ``n`` sendMail or ``$batch`` requests are processed (mail delivered!) and
+        then answered with HTTP ``status`` (500, 502, 503 or 504) and Graph's error body.
+
+        ``in_batch``: the next ``n`` sendMail *items of a $batch* instead; the batch
+        itself is answered 200, with ``status`` for those items.
+        """
+        if status not in _SERVER_ERRORS:
+            raise ValueError(f"not a server error: {status}")
+        with self._lock:
+            if in_batch:
+                self._faults.item_after_status, self._faults.item_after = status, n
+            else:
+                self._faults.after_status, self._faults.after = status, n
+            self._faults.after_retry_after = retry_after
 
     def clear_faults(self) -> None:
         """Drop every injected fault; mailboxes, deny and reject lists stay."""
@@ -615,12 +666,14 @@ class GraphServer(HttpsStandIn):
             return self._peak_concurrency
 
     def folder_items(self, address: str, folder: str = "sentitems") -> list[StoredMessage]:
-        """Items in a mailbox's well-known folder, newest last, lag ignored (a copy)."""
+        """Items in a mailbox's well-known folder, newest last (a copy): those there now or
+        still to show up (lags ignored), not an Outbox copy that has moved on."""
         mailbox = self._find_local(address)
         if mailbox is None:
             raise KeyError(address)
+        now = self.clock.time()
         with self._lock:
-            return list(mailbox.folders[folder.lower()])
+            return [i for i in mailbox.folders[folder.lower()] if i.hidden_at > now]
 
     def sent_items(self, address: str) -> list[StoredMessage]:
         return self.folder_items(address, "sentitems")
@@ -689,8 +742,16 @@ class GraphServer(HttpsStandIn):
             )
             if drop:
                 faults.drop -= 1
+            fail = faults.after_status if call.operation in ("sendMail", "$batch") else 0
+            if fail and faults.after > 0:
+                faults.after -= 1
+            else:
+                fail = 0
         if drop:
             return Response(drop=True)
+        if fail:
+            call.answer = self._server_error(fail, call, faults.after_retry_after)
+            return call.answer
         return response
 
     def _record(
@@ -710,6 +771,7 @@ class GraphServer(HttpsStandIn):
             item_id=call.item_id,
             dropped=dropped,
             time=self.clock.time(),
+            request_id=call.request_id,
         )
         with self._lock:
             self._requests.append(record)
@@ -768,6 +830,12 @@ class GraphServer(HttpsStandIn):
         status = self.request_too_large_status
         code = "BadRequest" if status == 400 else "RequestEntityTooLarge"
         return self._error(status, code, "The maximum request length supported is 4MB.", call)
+
+    def _server_error(self, status: int, call: _Call, retry_after: int | None) -> Response:
+        """A 5xx for a request that was processed all the same (fail_after_processing)."""
+        code, message = _SERVER_ERRORS[status]
+        extra = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+        return self._error(status, code, message, call, extra)
 
     def _throttled(self, call: _Call, retry_after: int) -> Response:
         return self._error(
@@ -1157,18 +1225,23 @@ class GraphServer(HttpsStandIn):
             batch_item_id=call.item_id,
             stored_attachments=tuple(outgoing.attachments),
         )
+        clock = self.clock.time()
         with self._lock:
             self._delivered.append(delivered)
-            visible_at = self.clock.time() + self._faults.sent_items_lag
+            visible_at = clock + self._faults.sent_items_lag
+            outbox_at = clock + self._faults.outbox_lag
         conversation = base64.b64encode(secrets.token_bytes(36)).decode()
-        targets: list[tuple[_Mailbox, str, bool]] = []
+        # (mailbox, folder, keep Bcc, shows from, gone from)
+        targets: list[tuple[_Mailbox, str, bool, float, float]] = []
+        if outbox_at < visible_at:  # waits in the Outbox until it moves to Sent Items
+            targets.append((mailbox, "outbox", True, outbox_at, visible_at))
         if outgoing.save:
-            targets.append((mailbox, "sentitems", True))
+            targets.append((mailbox, "sentitems", True, visible_at, math.inf))
         for _, address in outgoing.to + outgoing.cc + outgoing.bcc:
             local = self._find_local(address)
             if local is not None:
-                targets.append((local, "inbox", False))
-        for owner, folder, keep_bcc in targets:
+                targets.append((local, "inbox", False, visible_at, math.inf))
+        for owner, folder, keep_bcc, shows, gone in targets:
             item = StoredMessage(
                 id=_item_id(),
                 change_key="CQAAABYAAAA" + secrets.token_urlsafe(12),
@@ -1188,7 +1261,8 @@ class GraphServer(HttpsStandIn):
                 headers=list(outgoing.headers),
                 importance=outgoing.importance,
                 created=now,
-                visible_at=visible_at,
+                visible_at=shows,
+                hidden_at=gone,
             )
             with self._lock:
                 owner.folders[folder].append(item)
@@ -1217,7 +1291,7 @@ class GraphServer(HttpsStandIn):
                     item
                     for name in names
                     for item in mailbox.folders[name]
-                    if item.visible_at <= now
+                    if item.visible_at <= now < item.hidden_at
                 ]
             items = [i for i in items if all(_matches(i, p, v) for p, v in terms)]
             items.sort(key=lambda i: i.created, reverse=True)
@@ -1395,6 +1469,15 @@ class GraphServer(HttpsStandIn):
         else:
             data = json.dumps(item.body).encode()
         response = self._operation(item.method.upper(), segments, parts.query, headers, data, sub)
+        with self._lock:
+            faults = self._faults
+            fail = faults.item_after_status if sub.operation == "sendMail" else 0
+            if fail and faults.item_after > 0:
+                faults.item_after -= 1
+            else:
+                fail = 0
+        if fail:  # processed, then answered with a server error all the same
+            response = self._server_error(fail, sub, faults.after_retry_after)
         self._record(item.method.upper(), item.url, sub, response, dropped=False)
         return _inner_response(item.id, response)
 

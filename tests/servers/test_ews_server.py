@@ -547,6 +547,65 @@ def test_drop_after_request_delivers_but_client_sees_error(
     assert a.sent.filter(message_id="<ambiguous@crm>").exists()
 
 
+@pytest.mark.parametrize(
+    ("status", "close", "raised", "says"),
+    [
+        (500, False, MalformedResponseError, "Code: 500"),
+        (502, False, MalformedResponseError, "Code: 502"),
+        (504, False, MalformedResponseError, "Code: 504"),
+        # A proxy that closes the connection with its error page: exchangelib no longer
+        # sees the status and calls it a busy server.
+        (502, True, ErrorServerBusy, "closed connection"),
+    ],
+)
+def test_server_error_after_processing_delivers_the_mail(
+    ews: EwsServer,
+    account: Callable[..., Account],
+    status: int,
+    close: bool,
+    raised: type[Exception],
+    says: str,
+) -> None:
+    a = account()
+    mail(a, message_id="<warm@crm>").send_and_save()
+    ews.fail_after_processing(status, close=close)
+    with pytest.raises(raised, match=says):
+        mail(a, message_id="<accepted@crm>").send_and_save()
+    assert [d.internet_message_id for d in ews.delivered] == ["<warm@crm>", "<accepted@crm>"]
+    assert (ews.requests[-1].operation, ews.requests[-1].status) == ("CreateItem", status)
+    assert a.sent.filter(message_id="<accepted@crm>").exists()
+    mail(a, message_id="<next@crm>").send_and_save()  # one request only
+
+
+def test_a_sent_mail_waits_in_the_outbox_then_moves_to_sent_items(
+    ews: EwsServer, clock: FakeClock, account: Callable[..., Account]
+) -> None:
+    a = account()
+    ews.outbox_lag(10)
+    ews.sent_items_lag(60)
+    mail(a, message_id="<filed@crm>").send_and_save()
+
+    def where() -> tuple[bool, bool]:
+        return (
+            a.outbox.filter(message_id="<filed@crm>").exists(),
+            a.sent.filter(message_id="<filed@crm>").exists(),
+        )
+
+    assert where() == (False, False)  # accepted, not filed anywhere yet
+    clock.advance(10)
+    assert where() == (True, False)
+    clock.advance(50)
+    assert where() == (False, True)
+    assert [i.internet_message_id for i in ews.folder_items(ANNA, "outbox")] == []
+    assert len(ews.delivered) == 1
+
+
+def test_every_answer_has_a_request_id(ews: EwsServer, account: Callable[..., Account]) -> None:
+    mail(account()).send_and_save()
+    ids = [r.request_id for r in ews.requests]
+    assert all(ids) and len(set(ids)) == len(ids)
+
+
 def test_delay_holds_each_request_before_answering(
     ews: EwsServer, clock: FakeClock, account: Callable[..., Account]
 ) -> None:

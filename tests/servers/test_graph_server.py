@@ -177,7 +177,12 @@ def error(reply: requests.Response) -> tuple[int, str, str]:
 
 
 def reconcile(
-    graph: GraphServer, ca: TestCA, token: str, message_id: str, user: str = ANNA
+    graph: GraphServer,
+    ca: TestCA,
+    token: str,
+    message_id: str,
+    user: str = ANNA,
+    folder: str = "sentitems",
 ) -> requests.Response:
     escaped = message_id.replace("'", "''")
     params = {
@@ -185,7 +190,7 @@ def reconcile(
         "$select": "id,internetMessageId",
     }
     return call(
-        graph, ca, "GET", f"/users/{user}/mailFolders/sentitems/messages", token, params=params
+        graph, ca, "GET", f"/users/{user}/mailFolders/{folder}/messages", token, params=params
     )
 
 
@@ -418,6 +423,29 @@ def test_sent_items_lag_hides_the_copy_for_a_while(
         assert reconcile(graph, ca, token, "<lag@crm>").json()["value"] == []
         clock.advance(0.1)
         assert len(reconcile(graph, ca, token, "<lag@crm>").json()["value"]) == 1
+
+
+def test_a_sent_mail_waits_in_the_outbox_then_moves_to_sent_items(
+    ca: TestCA, registry: TokenRegistry, token: str
+) -> None:
+    clock = FakeClock()
+    with make_graph(ca, registry, clock=clock) as graph:
+        graph.outbox_lag(10)
+        graph.sent_items_lag(60)
+        assert send(graph, ca, token, message(internetMessageId="<wait@crm>")).status_code == 202
+
+        def where() -> tuple[int, int]:
+            return (
+                len(reconcile(graph, ca, token, "<wait@crm>", folder="outbox").json()["value"]),
+                len(reconcile(graph, ca, token, "<wait@crm>").json()["value"]),
+            )
+
+        assert where() == (0, 0)  # accepted, not filed anywhere yet
+        clock.advance(10)
+        assert where() == (1, 0)
+        clock.advance(50)
+        assert where() == (0, 1)
+        assert graph.folder_items(ANNA, "outbox") == []
 
 
 # --------------------------------------------------------------------------- users
@@ -832,6 +860,32 @@ def test_drop_after_request_delivers_and_reconcile_finds_it(
     # The dedupe check a client makes before re-sending (not itself dropped: only sends are).
     [found] = reconcile(graph, ca, token, "<ambiguous@crm>").json()["value"]
     assert found["internetMessageId"] == "<ambiguous@crm>"
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_server_error_after_processing_delivers_the_mail(
+    graph: GraphServer, ca: TestCA, token: str, status: int
+) -> None:
+    graph.fail_after_processing(status)
+    reply = send(graph, ca, token, message(internetMessageId="<accepted@crm>"))
+    assert reply.status_code == status and reply.headers["request-id"]
+    assert [d.internet_message_id for d in graph.delivered] == ["<accepted@crm>"]
+    batch = {"requests": [_batch_send("1"), _batch_send("2")]}
+    graph.fail_after_processing(status)
+    assert call(graph, ca, "POST", "/$batch", token, json=batch).status_code == status
+    assert len(graph.delivered) == 3  # both items went
+
+
+def test_server_error_for_one_batch_item_after_processing(
+    graph: GraphServer, ca: TestCA, token: str
+) -> None:
+    graph.fail_after_processing(504, in_batch=True)
+    batch = {"requests": [_batch_send("1"), _batch_send("2")]}
+    reply = call(graph, ca, "POST", "/$batch", token, json=batch)
+    assert reply.status_code == 200
+    statuses = sorted(item["status"] for item in reply.json()["responses"])
+    assert statuses == [202, 504]
+    assert sorted(d.batch_item_id or "" for d in graph.delivered) == ["1", "2"]  # both went
 
 
 def test_drop_after_batch(graph: GraphServer, ca: TestCA, token: str) -> None:
