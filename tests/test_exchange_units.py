@@ -836,3 +836,11 @@ def test_settings_commands_do_not_import_exchangelib() -> None:
     probe = "import sys, exchange_mail; print(sorted({'exchangelib', 'msal'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_in_flight_window_covers_one_request_of_either_api() -> None:
+    from exchange_mail import graph
+    from exchange_mail.ews import MAX_MESSAGES_PER_REQUEST
+    from exchange_mail.plugin import IN_FLIGHT
+
+    assert max(MAX_MESSAGES_PER_REQUEST, graph.MAX_BATCH) == IN_FLIGHT

@@ -46,6 +46,11 @@ from exchange_mail.settings import (
     resolve,
 )
 
+IN_FLIGHT = 50
+"""Messages handed over before their results are reported: one EWS CreateItem holds
+up to 50 (``ews.MAX_MESSAGES_PER_REQUEST``), one Graph ``$batch`` 20; each request is
+reported before the next leaves, in the order given."""
+
 
 @hookimpl
 def register_transports() -> list[TransportSpec]:
@@ -56,6 +61,7 @@ def register_transports() -> list[TransportSpec]:
             "Send via Exchange",
             description="Microsoft Exchange: EWS (Exchange Server, or Exchange Online with "
             "app-only OAuth) or Microsoft Graph sendMail (Exchange Online).",
+            in_flight=IN_FLIGHT,
         )
     ]
 
