@@ -80,6 +80,9 @@ class OutboxConfig:
     backoff_max_seconds: float = 3600.0
     batch_size: int = 50
     poll_seconds: float = 1.0
+    reconcile_seconds: float = 300.0
+    """How often a running worker asks the transports about ``unknown`` mail: a lookup
+    that was "too soon to tell" is then settled without an operator."""
 
 
 @dataclass(frozen=True)

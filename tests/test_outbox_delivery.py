@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -295,3 +296,27 @@ def test_a_dead_workers_unreported_mail_beyond_the_transports_window_goes_again(
     assert len(reaped) == unknown
     assert states == ["sent", *["unknown"] * unknown, *["queued"] * (3 - unknown)]
     assert attempts == [1, *[1] * unknown, *[0] * (3 - unknown)]  # no try spent
+
+
+def test_a_running_worker_settles_unknown_mail_by_itself(make_crm: CrmFactory) -> None:
+    crm, transport = scripted_crm(make_crm)
+    add_people(crm, "anna@example.se")
+    transport.script["Lost"] = [(Outcome.AMBIGUOUS, "the answer was lost", "", None)]
+    outbox_id = queue_five(crm, "Lost")
+    Worker(crm).run_once()  # the answer is lost: unknown
+    with crm.transaction() as session:
+        message_id = operations.get_message(session, outbox_id).message_id
+    transport.reconcile_answers[message_id] = True  # the transport can now see it went
+    ticks = iter([0.0, 1.0, 1.0, 300.0])  # the worker's clock
+    worker = Worker(crm, clock=lambda: next(ticks))
+    stop = threading.Event()
+
+    def stop_after_the_first_look(sender: object, **payload: object) -> None:
+        stop.set()
+
+    with signals.mail_sent.connected_to(stop_after_the_first_look):
+        stats = worker.run(stop)  # due at start: the first loop settles it
+    assert stats.reconciled == 1
+    assert worker.reconcile_when_due() == 0  # not due again until 300 s later
+    with crm.transaction() as session:
+        assert operations.get_message(session, outbox_id).state == "sent"

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import DBAPIError
 
 from crm_core.errors import TransportError
-from crm_core.mail import policy, queue
+from crm_core.mail import policy, queue, reconciler
 from crm_core.mail.queue import Claim
 from crm_core.mail.transport import Outcome, SendResult
 from crm_core.models import OutboxState
@@ -59,6 +59,7 @@ class WorkerStats:
     deferred: int = 0
     released: int = 0
     stale: int = 0
+    reconciled: int = 0
     paused_accounts: int = 0
     resumed_accounts: int = 0
 
@@ -157,6 +158,7 @@ class Worker:
         name: str | None = None,
         concurrency: int = 1,
         on_batch: Callable[[BatchReport], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -165,6 +167,8 @@ class Worker:
         self.concurrency = concurrency
         self.config = crm.config.outbox
         self.on_batch = on_batch
+        self.clock = clock
+        self.reconcile_at = clock()  # a worker that starts looks at unknown mail first
         crm.resources.set_pool_size(concurrency)  # shared HTTP pools fit the threads
 
     def run_once(self, stop: threading.Event | None = None) -> WorkerStats:
@@ -193,9 +197,30 @@ class Worker:
                     stop.wait(max(self.config.poll_seconds, 1.0))
                     continue
                 total += step
+                total.reconciled += self.reconcile_when_due()
                 if not (step.claimed or step.paused_accounts):
                     stop.wait(self.config.poll_seconds)
         return total
+
+    def reconcile_when_due(self) -> int:
+        """Ask the transports about ``unknown`` mail every ``reconcile_seconds``.
+
+        Why in the worker: a lookup that was "too soon to tell" (Exchange still filing
+        the copy) must be asked again later, and nobody should have to remember to.
+        Safe with many workers: an answer is applied only to a row nobody touched.
+        """
+        if self.clock() < self.reconcile_at:
+            return 0
+        self.reconcile_at = self.clock() + self.config.reconcile_seconds
+        try:
+            reports = reconciler.reconcile(self.crm)
+        except DBAPIError as exc:
+            log.warning("outbox worker %s: reconcile skipped, database error: %s", self.name, exc)
+            return 0
+        settled = sum(1 for r in reports if r.applied)
+        if reports:
+            log.info("reconciled %d unknown message(s): %d settled", len(reports), settled)
+        return settled
 
     def poll(self, pool: ThreadPoolExecutor, stop: threading.Event) -> WorkerStats:
         """One round: reap expired leases, claim a batch, send it, record results."""
