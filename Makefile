@@ -35,6 +35,7 @@ typecheck: setup
 	$(BIN)/mypy crm_core plugins tests
 
 pytest: setup
+	scripts/ensure-chromium
 	scripts/with-postgres $(BIN)/pytest -n auto
 
 ## bench: the side-by-side benchmarks (docs/performance.md)

@@ -20,7 +20,7 @@ import pluggy
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
-from crm_core import db, signals
+from crm_core import audit, db, signals
 from crm_core.config import Config, load_config
 from crm_core.errors import ConfigError, PluginError, Problem, SecretKeyError, SettingValueError
 from crm_core.fields import Scope, SettingField, SettingNotice, set_command
@@ -280,10 +280,18 @@ class Crm:
             return chosen
         return self.config.product_line(user.product_line).default_transport
 
-    def set_system_setting(self, session: Session, key: str, raw: str) -> SaveOutcome:
-        """Save a system setting; refused when it stops sending; plugins are told."""
+    def set_system_setting(
+        self, session: Session, key: str, raw: str, actor: str | None = None
+    ) -> SaveOutcome:
+        """Save a system setting; refused when it stops sending; plugins are told.
+
+        ``actor`` (a user's e-mail, or ``cli:<os user>``) is written to the audit log
+        with the key, never the value.
+        """
         store = self.settings_store()
         outcome = store.set_system(session, key, raw)
+        if outcome.changed and actor is not None:
+            audit.record(session, actor, "setting changed", key)
         if outcome.changed:
             system = store.system_values(session)
             self._refuse(key, self.installation_problems(system))
@@ -294,10 +302,14 @@ class Crm:
             signals.emit_after_commit(session, "system-settings-changed", keys=[key])
         return outcome
 
-    def set_user_setting(self, session: Session, user: User, key: str, raw: str) -> SaveOutcome:
-        """Save a user's setting, with the same checks and notifications."""
+    def set_user_setting(
+        self, session: Session, user: User, key: str, raw: str, actor: str | None = None
+    ) -> SaveOutcome:
+        """Save a user's setting, with the same checks, notifications and audit entry."""
         store = self.settings_store()
         outcome = store.set_user(session, user, key, raw)
+        if outcome.changed and actor is not None:
+            audit.record(session, actor, "setting changed", f"{user.email}: {key}")
         if outcome.changed:
             account = self.sender_account(session, user)
             self._refuse(key, self.sender_problems(account))

@@ -119,9 +119,39 @@ class User(Base):
     product_line: Mapped[str] = mapped_column(String(40))
     role: Mapped[str] = mapped_column(String(20), default=Role.USER.value)
     created_at: Mapped[datetime]
+    password_hash: Mapped[str | None] = mapped_column(String(200))
+    """Argon2 hash of the web sign-in password; None: the user cannot sign in yet."""
 
     def __repr__(self) -> str:
         return f"User(id={self.id!r}, email={self.email!r}, product_line={self.product_line!r})"
+
+
+class AuditEntry(Base):
+    """Who did what, when: settings changed (never their values), mail sent, retried,
+    cancelled or resolved. ``actor`` is a user's e-mail, or ``cli:<os user>``."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(String(320))
+    action: Mapped[str] = mapped_column(String(60))
+    target: Mapped[str] = mapped_column(String(400))
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class SignInFailures(Base):
+    """Failed sign-ins counted per account and per client address, for rate limiting.
+
+    In the database, so that every web process of an installation counts together.
+    """
+
+    __tablename__ = "sign_in_failures"
+
+    key: Mapped[str] = mapped_column(String(400), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    window_start: Mapped[datetime]
+    locked_until: Mapped[datetime | None]
 
 
 class SystemSetting(Base):

@@ -108,6 +108,12 @@ class SecretBox:
         digest = hmac.new(self._primary, value.encode("utf-8"), hashlib.sha256).hexdigest()
         return digest[:8]
 
+    def derive(self, purpose: str) -> bytes:
+        """A key for ``purpose`` (e.g. signing the web app's session cookies), derived
+        from the installation key, so that no further secret must be made, kept and
+        backed up. Rotating the installation key signs everyone out."""
+        return hmac.new(self._primary, f"crm-mail:{purpose}".encode(), hashlib.sha256).digest()
+
 
 def load_keys(key_file: Path | None, environ: Mapping[str, str] | None = None) -> list[bytes]:
     """Keys from the environment, else from the key file (never created here)."""

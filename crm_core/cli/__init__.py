@@ -24,6 +24,7 @@ from crm_core.cli import (
     persons,
     plugins,
     send,
+    serve,
     settings,
     users,
 )
@@ -92,7 +93,19 @@ def _log_to_stderr(level: int) -> Callable[[], None]:
 
 def _add_commands(group: click.Group) -> None:
     """Each module lists its commands in ``COMMANDS``; the root group adds them."""
-    for module in (installation, settings, users, persons, plugins, connection, send, outbox, keys):
+    modules = (
+        installation,
+        settings,
+        users,
+        persons,
+        plugins,
+        connection,
+        send,
+        outbox,
+        keys,
+        serve,
+    )
+    for module in modules:
         for command in module.COMMANDS:
             group.add_command(command)
 

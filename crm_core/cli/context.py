@@ -21,6 +21,7 @@ standard output, with the same exit status.
 
 from __future__ import annotations
 
+import getpass
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -100,6 +101,14 @@ class Context:
 
 
 pass_ctx = click.make_pass_decorator(Context)
+
+
+def cli_actor() -> str:
+    """Who acts through the ``crm`` command, for the audit log: the operating-system user."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
 
 
 def json_option(command: F) -> F:

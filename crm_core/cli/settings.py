@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from crm_core.cli.context import Context, json_option, pass_ctx
+from crm_core.cli.context import Context, cli_actor, json_option, pass_ctx
 from crm_core.cli.output import emit_json, printable, when
 from crm_core.cli.values import read_value
 
@@ -46,7 +46,7 @@ def settings_set(ctx: Context, key: str, value: str | None) -> None:
     spec = crm.settings_store().field(key, Scope.SYSTEM)
     raw = read_value(spec, value)
     with crm.transaction() as session:
-        outcome = crm.set_system_setting(session, key, raw)
+        outcome = crm.set_system_setting(session, key, raw, actor=cli_actor())
         notices = [n for n in crm.check_settings(session, Scope.SYSTEM, None) if n.key == key]
     report_save(outcome, spec.secret, notices)
 

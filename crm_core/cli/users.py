@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from crm_core.cli.context import Context, json_option, pass_ctx
+from crm_core.cli.context import Context, cli_actor, json_option, pass_ctx
 from crm_core.cli.output import emit_json, printable, table, when
 from crm_core.cli.settings import print_views, report_save
 from crm_core.cli.values import read_value
@@ -74,9 +75,40 @@ def users_set(ctx: Context, email: str, key: str, value: str | None) -> None:
     raw = read_value(spec, value)
     with crm.transaction() as session:
         user = directory.find_user(session, email)
-        outcome = crm.set_user_setting(session, user, key, raw)
+        outcome = crm.set_user_setting(session, user, key, raw, actor=cli_actor())
         notices = [n for n in crm.check_settings(session, Scope.USER, user) if n.key == key]
     report_save(outcome, spec.secret, notices)
+
+
+@users.command("password")
+@click.argument("email")
+@pass_ctx
+def users_password(ctx: Context, email: str) -> None:
+    """Set a user's web sign-in password, typed twice without echo (or one piped line).
+
+    The password is never an argument: it would show in the process list and the
+    shell's history.
+    """
+    from crm_core import audit, directory
+    from crm_core.passwords import set_password
+
+    crm = ctx.crm(check_users=False)
+    password = read_password()
+    with crm.transaction() as session:
+        user = directory.find_user(session, email)
+        set_password(session, user, password)
+        audit.record(session, cli_actor(), "password set", user.email)
+    click.echo(f"{user.email} can now sign in to the web app with the new password.")
+
+
+def read_password() -> str:
+    """The new password: asked twice without echo at a terminal, else one stdin line."""
+    if sys.stdin.isatty():
+        entered: str = click.prompt(
+            "New password", hide_input=True, confirmation_prompt=True, err=True
+        )
+        return entered
+    return sys.stdin.readline().rstrip("\r\n")
 
 
 @users.command("unset")

@@ -1,0 +1,148 @@
+"""Shared pieces of the web tests: an installation with people, a signed-in client,
+the app served for real (waitress on loopback) and Debian's Chromium driven by
+Playwright.
+
+Import the fixtures a test module needs from here. The browser is Debian's
+``/usr/bin/chromium`` (``make test`` and ``.ci/run`` install it when missing); no
+browser is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from crm_core import directory
+from crm_core.app import Crm
+from crm_core.passwords import set_password
+from crm_core.web import create_app
+from tests.conftest import CrmFactory
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "artifacts" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = (
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+)
+ADMIN = ("admin@contoso.se", "Ada Admin", "admin-password-1")
+USER = ("anna@contoso.se", "Anna Berg", "anna-password-1")
+OTHER = ("bo@contoso.se", "Bo Ek", "bo-password-12")
+PERSON = ("per@example.com", "Per Persson", "+46 70 123 45 67")
+
+
+@dataclass
+class Installation:
+    """A Crm with an administrator, two users and a person, and its web app."""
+
+    crm: Crm
+    app: Flask
+    factory: CrmFactory
+
+
+@pytest.fixture
+def installation(make_crm: CrmFactory, tmp_path: Path) -> Installation:
+    """The default test configuration, with people who can sign in."""
+    crm = make_crm()
+    with crm.transaction() as session:
+        crm.set_system_setting(session, "maildir.path", str(tmp_path / "Maildir"))
+        for (email, name, password), admin in ((ADMIN, True), (USER, False), (OTHER, False)):
+            user = directory.add_user(session, email, name, "commercial", admin=admin)
+            set_password(session, user, password)
+        directory.add_person(session, *PERSON)
+    app = create_app(crm)
+    app.config["TESTING"] = True
+    return Installation(crm, app, make_crm)
+
+
+_TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def csrf(client: FlaskClient, path: str = "/sign-in") -> str:
+    """A CSRF token as a page gives it to the browser."""
+    found = _TOKEN.search(client.get(path).get_data(as_text=True))
+    assert found is not None, f"no CSRF token on {path}"
+    return found.group(1)
+
+
+def sign_in(client: FlaskClient, who: tuple[str, str, str]) -> None:
+    """Sign ``who`` in through the form, as a browser would."""
+    answer = client.post(
+        "/sign-in", data={"email": who[0], "password": who[2], "csrf_token": csrf(client)}
+    )
+    assert answer.status_code == 302, answer.get_data(as_text=True)
+
+
+def post(client: FlaskClient, path: str, data: dict[str, Any], page: str | None = None) -> Any:
+    """POST a form with the token from ``page`` (the page that shows the form)."""
+    return client.post(path, data={**data, "csrf_token": csrf(client, page or path)})
+
+
+@pytest.fixture
+def live_app(installation: Installation) -> Iterator[str]:
+    """The app served by waitress on a free loopback port; its base URL."""
+    from waitress.server import create_server
+
+    server = create_server(installation.app, host="127.0.0.1", port=0, threads=4)
+    thread = threading.Thread(target=server.run, name="web", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        server.close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Debian's headless Chromium, driven by Playwright; skipped, saying why, without it."""
+    if shutil.which(CHROMIUM) is None:
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (make test does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=list(CHROMIUM_FLAGS), headless=True
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any, live_app: str) -> Iterator[Any]:
+    """A fresh browser page (its own cookies), with the app's base URL as ``page.base``."""
+    context = browser.new_context(base_url=live_app, locale="en-GB")
+    tab = context.new_page()
+    tab.set_default_timeout(10_000)
+    yield tab
+    context.close()
+
+
+def browser_sign_in(tab: Any, who: tuple[str, str, str]) -> None:
+    """Sign in through the page, by keyboard."""
+    tab.goto("/sign-in")
+    tab.get_by_label("E-mail").fill(who[0])
+    tab.get_by_label("Password").fill(who[2])
+    tab.get_by_label("Password").press("Enter")
+    tab.wait_for_url("**/persons/**")
+
+
+def screenshot(tab: Any, name: str) -> Path:
+    """Save the page as an artefact (artifacts/screenshots/NAME.png)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    tab.screenshot(path=str(path), full_page=True)
+    return path
