@@ -288,38 +288,63 @@ class Crm:
         ``actor`` (a user's e-mail, or ``cli:<os user>``) is written to the audit log
         with the key, never the value.
         """
-        store = self.settings_store()
-        outcome = store.set_system(session, key, raw)
-        if outcome.changed and actor is not None:
-            audit.record(session, actor, "setting changed", key)
+        outcome = self.settings_store().set_system(session, key, raw)
         if outcome.changed:
-            system = store.system_values(session)
-            self._refuse(key, self.installation_problems(system))
-            for line in self.config.product_lines:
-                self.plugin_manager(line).hook.system_settings_changed(
-                    changed=[key], resources=self.resources
-                )
-            signals.emit_after_commit(session, "system-settings-changed", keys=[key])
+            self._system_changed(session, key, actor, "setting changed")
         return outcome
+
+    def unset_system_setting(self, session: Session, key: str, actor: str | None = None) -> bool:
+        """Remove a system setting (True if one was stored), judged as a save is.
+
+        A removal that stops sending (the Exchange URL while EWS is used) is refused.
+        """
+        removed = self.settings_store().unset_system(session, key)
+        if removed:
+            self._system_changed(session, key, actor, "setting removed")
+        return removed
+
+    def _system_changed(self, session: Session, key: str, actor: str | None, action: str) -> None:
+        if actor is not None:
+            audit.record(session, actor, action, key)
+        system = self.settings_store().system_values(session)
+        self._refuse(key, self.installation_problems(system))
+        for line in self.config.product_lines:
+            self.plugin_manager(line).hook.system_settings_changed(
+                changed=[key], resources=self.resources
+            )
+        signals.emit_after_commit(session, "system-settings-changed", keys=[key])
 
     def set_user_setting(
         self, session: Session, user: User, key: str, raw: str, actor: str | None = None
     ) -> SaveOutcome:
         """Save a user's setting, with the same checks, notifications and audit entry."""
-        store = self.settings_store()
-        outcome = store.set_user(session, user, key, raw)
-        if outcome.changed and actor is not None:
-            audit.record(session, actor, "setting changed", f"{user.email}: {key}")
+        outcome = self.settings_store().set_user(session, user, key, raw)
         if outcome.changed:
-            account = self.sender_account(session, user)
-            self._refuse(key, self.sender_problems(account))
-            self.plugin_manager(user.product_line).hook.user_settings_changed(
-                account=account, changed=[key], resources=self.resources
-            )
-            signals.emit_after_commit(
-                session, "user-settings-changed", user_id=user.id, email=user.email, keys=[key]
-            )
+            self._user_changed(session, user, key, actor, "setting changed")
         return outcome
+
+    def unset_user_setting(
+        self, session: Session, user: User, key: str, actor: str | None = None
+    ) -> bool:
+        """Remove a user's setting (True if one was stored), judged as a save is."""
+        removed = self.settings_store().unset_user(session, user, key)
+        if removed:
+            self._user_changed(session, user, key, actor, "setting removed")
+        return removed
+
+    def _user_changed(
+        self, session: Session, user: User, key: str, actor: str | None, action: str
+    ) -> None:
+        if actor is not None:
+            audit.record(session, actor, action, f"{user.email}: {key}")
+        account = self.sender_account(session, user)
+        self._refuse(key, self.sender_problems(account))
+        self.plugin_manager(user.product_line).hook.user_settings_changed(
+            account=account, changed=[key], resources=self.resources
+        )
+        signals.emit_after_commit(
+            session, "user-settings-changed", user_id=user.id, email=user.email, keys=[key]
+        )
 
     def _refuse(self, key: str, problems: Sequence[Problem]) -> None:
         """Refuse a save that causes a problem concerning the saved key."""

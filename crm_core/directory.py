@@ -6,7 +6,7 @@ work, so adding a person and queueing a mail to them can be one transaction.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -31,12 +31,17 @@ def normalise_email(raw: str, field: str, allow_private: bool = False) -> str:
         raise ValidationError(f"Invalid {field}", exc.problems) from None
 
 
-def _check_name(name: str) -> None:
+def _name_problem(name: str) -> Problem | None:
     problem = header_problem(name, "name")
     if problem is not None:
+        return problem
+    return None if name.strip() else Problem("name", "is required")
+
+
+def _check_name(name: str) -> None:
+    problem = _name_problem(name)
+    if problem is not None:
         raise ValidationError("Invalid name", [problem])
-    if not name.strip():
-        raise ValidationError("Invalid name", [Problem("name", "is required")])
 
 
 def add_person(session: Session, email: str, name: str, mobile: str | None = None) -> Person:
@@ -106,3 +111,74 @@ def find_user(session: Session, email: str) -> User:
 def list_users(session: Session) -> Sequence[User]:
     """Every user, by product line then e-mail."""
     return session.scalars(select(User).order_by(User.product_line, User.email)).all()
+
+
+def update_user(
+    session: Session,
+    user: User,
+    *,
+    name: str,
+    email: str,
+    product_line: str,
+    role: str,
+    product_lines: Collection[str],
+) -> list[str]:
+    """Change a user's Basic tab: name, sender e-mail, product line and role.
+
+    Every value is checked before anything changes, and every problem is reported at
+    once (keyed ``name``, ``email``, ``product_line``, ``role``), so a form can show
+    each next to its field. ``product_lines`` are the configuration's. Returns the
+    names of the fields that changed. Never commits.
+    """
+    address, problems = _email_for(session, user, email)
+    name_problem = _name_problem(name)
+    if name_problem is not None:
+        problems.append(Problem("name", name_problem.message, name_problem.fix))
+    if product_line not in product_lines:
+        problems.append(
+            Problem(
+                "product_line",
+                f"{product_line!r} is not a product line; the configuration has: "
+                f"{', '.join(product_lines)}",
+            )
+        )
+    problems.extend(_role_problems(session, user, role))
+    if problems:
+        raise ValidationError("Invalid user", problems)
+    wanted = {"name": name.strip(), "email": address, "product_line": product_line, "role": role}
+    changed = [field for field, value in wanted.items() if getattr(user, field) != value]
+    for field in changed:
+        setattr(user, field, wanted[field])
+    session.flush()
+    return changed
+
+
+def _email_for(session: Session, user: User, email: str) -> tuple[str, list[Problem]]:
+    """The normalised new address, and why it cannot be this user's (if it cannot)."""
+    try:
+        address = normalise_email(email, "user e-mail", private_domains_allowed(session))
+    except ValidationError as exc:
+        return "", [Problem("email", p.message, p.fix) for p in exc.problems]
+    taken = session.scalar(select(User).where(User.email == address, User.id != user.id))
+    if taken is not None:
+        return address, [Problem("email", f"another user already has the e-mail {address}")]
+    return address, []
+
+
+def _role_problems(session: Session, user: User, role: str) -> list[Problem]:
+    """A role must be known, and the last administrator cannot stop being one."""
+    roles = [r.value for r in Role]
+    if role not in roles:
+        return [Problem("role", f"{role!r} is not a role; use one of: {', '.join(roles)}")]
+    if user.role == Role.ADMIN.value and role != Role.ADMIN.value:
+        others = session.scalar(
+            select(User.id).where(User.role == Role.ADMIN.value, User.id != user.id).limit(1)
+        )
+        if others is None:
+            return [
+                Problem(
+                    "role",
+                    "this is the only administrator; make another user an administrator first",
+                )
+            ]
+    return []

@@ -106,9 +106,14 @@ def live_app(installation: Installation) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Debian's headless Chromium, driven by Playwright; skipped, saying why, without it."""
+    """Debian's headless Chromium, driven by Playwright; skipped, saying why, without it.
+
+    One per test module: each module imports this fixture, which makes it a fixture of
+    that module, and a second Playwright started while another module's still runs
+    refuses to start ("Sync API inside the asyncio loop").
+    """
     if shutil.which(CHROMIUM) is None:
         pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (make test does)")
     from playwright.sync_api import sync_playwright

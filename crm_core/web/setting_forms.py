@@ -1,0 +1,183 @@
+"""Forms of plugin-declared settings: what a submitted form changes, and saving it whole.
+
+Why a module of its own: the System settings screen and a user's E-mail tab are both
+forms of fields the plugins declare, and both must save all changed fields or none.
+The rules for each value stay in the core (``Crm.set_system_setting`` and friends);
+this module only decides which fields the form changed and frames the transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy.orm import Session
+from werkzeug.datastructures import MultiDict
+
+from crm_core.errors import SettingValueError
+from crm_core.fields import FieldType, SettingField, SettingNotice, parse_value
+from crm_core.settings import NOT_SET, SettingView
+
+
+@dataclass(frozen=True)
+class Change:
+    """One field the form changes: its new text, or None to remove the stored value."""
+
+    key: str
+    raw: str | None
+    secret: bool = False
+
+
+@dataclass(frozen=True)
+class Row:
+    """One field as a template renders it (see the ``field`` macro in _fields.html)."""
+
+    spec: SettingField
+    view: SettingView
+    typed: str | None = None
+    error: str | None = None
+    notices: tuple[SettingNotice, ...] = ()
+
+
+@dataclass(frozen=True)
+class Group:
+    """Fields shown together under one heading (one plugin's, or one transport's)."""
+
+    title: str
+    rows: tuple[Row, ...]
+    anchor: str = ""
+    extra: tuple[Row, ...] = field(default=())
+
+
+class Refused(Exception):
+    """Some change was refused; nothing was saved. ``errors``: field key -> message."""
+
+    def __init__(self, errors: Mapping[str, str]) -> None:
+        self.errors = dict(errors)
+        super().__init__(", ".join(sorted(self.errors)))
+
+
+def submitted(form: MultiDict[str, str], key: str) -> str | None:
+    """What the form sent for ``key`` (a ticked checkbox's value comes after its
+    hidden "false"), or None when the form had no such field."""
+    values = form.getlist(key)
+    return values[-1] if values else None
+
+
+def change_for(spec: SettingField, view: SettingView, text: str | None) -> Change | None:
+    """The change ``text`` makes to the stored value, or None when it makes none.
+
+    An empty secret keeps the saved one; an emptied field removes a stored value; a
+    value equal to what is in force (stored, or the default) is no change, so a field
+    the user did not touch is never saved, nor judged.
+    """
+    if text is None:
+        return None
+    if spec.secret:
+        return Change(spec.key, text, secret=True) if text.strip() else None
+    text = text.strip()
+    if not text:
+        return Change(spec.key, None) if view.state == "set" else None
+    return None if _same(spec, view, text) else Change(spec.key, text)
+
+
+def _same(spec: SettingField, view: SettingView, text: str) -> bool:
+    current = view.value
+    if current is None and spec.type is FieldType.BOOL:
+        current = "false"  # an unset yes/no setting reads as no
+    if current is None:
+        return False
+    if current == text:
+        return True
+    try:
+        return parse_value(spec, current) == parse_value(spec, text)
+    except SettingValueError:
+        return False
+
+
+def save_all(
+    session: Session, changes: Sequence[Change], apply: Callable[[Change], object]
+) -> None:
+    """Apply every change in the caller's transaction, or raise :class:`Refused`.
+
+    Why rounds: the core judges each save against what is stored at that moment (a
+    save that stops sending is refused), so two changes that only make sense
+    together (switch to SMTP and untick "Sync with Exchange") must not depend on
+    the order of the fields. Each change runs in a savepoint; a refused one is tried
+    again after the others, until a round saves nothing more. The caller rolls the
+    whole transaction back when this raises.
+    """
+    pending = list(changes)
+    errors: dict[str, str] = {}
+    while pending:
+        still: list[Change] = []
+        for change in pending:
+            try:
+                with session.begin_nested():
+                    apply(change)
+            except SettingValueError as exc:
+                errors[change.key] = _message(exc, change)
+                still.append(change)
+            else:
+                errors.pop(change.key, None)
+        if len(still) == len(pending):
+            break
+        pending = still
+    if errors:
+        raise Refused(errors)
+
+
+def _message(exc: SettingValueError, change: Change) -> str:
+    """The refusal's own words without the "Invalid value for KEY: " prefix; never the
+    secret that was typed, should a plugin's validator quote it."""
+    prefix = f"Invalid value for {exc.key}: "
+    text = exc.summary[len(prefix) :] if exc.summary.startswith(prefix) else exc.summary
+    if change.secret and change.raw and change.raw.strip():
+        text = text.replace(change.raw.strip(), "…")
+    return text
+
+
+def unset_view(spec: SettingField) -> SettingView:
+    """The view of a field nothing is stored for (a user's override not made)."""
+    return SettingView(
+        key=spec.key,
+        label=spec.label,
+        scope=spec.scope.value,
+        type=spec.type.value,
+        value=None,
+        state=NOT_SET,
+        updated_at=None,
+        fingerprint=None,
+        required_for=spec.required_for,
+        help=spec.help,
+    )
+
+
+def rows(
+    specs: Iterable[SettingField],
+    views: Mapping[str, SettingView],
+    typed: Mapping[str, str],
+    errors: Mapping[str, str],
+    notices: Sequence[SettingNotice],
+) -> tuple[Row, ...]:
+    """A row per field: its stored view, what was typed (never a secret), its message."""
+    return tuple(
+        Row(
+            spec,
+            views.get(spec.key) or unset_view(spec),
+            None if spec.secret else typed.get(spec.key),
+            errors.get(spec.key),
+            tuple(n for n in notices if n.key == spec.key),
+        )
+        for spec in specs
+    )
+
+
+def typed_values(form: MultiDict[str, str], specs: Iterable[SettingField]) -> dict[str, str]:
+    """What the user typed into each non-secret field, to show again after a refusal."""
+    found: dict[str, str] = {}
+    for spec in specs:
+        text = submitted(form, spec.key)
+        if text is not None and not spec.secret:
+            found[spec.key] = text
+    return found

@@ -1,0 +1,215 @@
+"""System settings on the web: only administrators, every field from the plugins'
+declarations, secrets never shown, a form saved whole or not at all.
+
+Direct HTTP requests (Flask's test client) prove the server's checks; Debian's Chromium
+proves the screen works for a person with a keyboard.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask.testing import FlaskClient
+from playwright.sync_api import expect
+
+from crm_core import audit
+from crm_core.fields import Scope
+from crm_core.web.i18n import load_catalogs
+from exchange_mail.settings import EXAMPLE_URL
+from tests.exchange_fixtures import CLIENT, SECRET, TENANT
+from tests.web_fixtures import (
+    ADMIN,
+    USER,
+    Installation,
+    browser_sign_in,
+    post,
+    screenshot,
+    sign_in,
+)
+from tests.web_fixtures import browser as browser
+from tests.web_fixtures import installation as installation
+from tests.web_fixtures import live_app as live_app
+from tests.web_fixtures import page as page
+
+NEAR_MISS = "https://mail.contoso.se/ews/exchange.asmx"
+FIXED = "https://mail.contoso.se/EWS/Exchange.asmx"
+
+
+def admin(installation: Installation) -> FlaskClient:
+    client = installation.app.test_client()
+    sign_in(client, ADMIN)
+    return client
+
+
+def stored(installation: Installation) -> dict[str, Any]:
+    """The system settings as the core reads them (secrets as masked Secret objects)."""
+    crm = installation.crm
+    with crm.transaction() as session:
+        return dict(crm.settings_store().system_values(session))
+
+
+def audit_targets(installation: Installation) -> list[str]:
+    with installation.crm.transaction() as session:
+        return [f"{e.action}: {e.target} {e.detail}" for e in audit.recent(session)]
+
+
+def test_a_user_may_neither_see_nor_change_the_system_settings(
+    installation: Installation,
+) -> None:
+    client = installation.app.test_client()
+    sign_in(client, USER)
+    assert client.get("/settings/").status_code == 403
+    answer = post(client, "/settings/", {"exchange.url": FIXED}, page="/persons/")
+    assert answer.status_code == 403
+    assert "exchange.url" not in stored(installation)
+    nav = client.get("/persons/").get_data(as_text=True)
+    assert 'href="/settings/"' not in nav
+
+
+def test_every_system_field_is_rendered_from_its_declaration(
+    installation: Installation,
+) -> None:
+    page_text = admin(installation).get("/settings/").get_data(as_text=True)
+    system = [f for f in installation.crm.settings_fields().values() if f.scope is Scope.SYSTEM]
+    for spec in system:
+        assert f'name="{spec.key}"' in page_text, spec.key
+    for heading in ("Exchange", "Exchange OAuth authentication", "SMTP", "General"):
+        assert f"<legend>{heading}</legend>" in page_text
+    assert "must end with exactly /EWS/Exchange.asmx" in page_text  # the URL's help
+    assert 'type="password" id="exchange-client_secret"' in page_text
+
+
+def test_a_saved_secret_is_never_shown_and_an_empty_field_keeps_it(
+    installation: Installation,
+) -> None:
+    client = admin(installation)
+    form = {"exchange.url": FIXED, "exchange.client_id": CLIENT, "exchange.tenant_id": TENANT}
+    answer = post(client, "/settings/", {**form, "exchange.client_secret": SECRET})
+    assert answer.status_code == 302
+    shown = client.get("/settings/").get_data(as_text=True)
+    assert SECRET not in shown
+    assert "Saved" in shown and "fingerprint" in shown and "Leave empty to keep it." in shown
+    assert "System settings saved (4 changed)." in shown
+    fingerprint = installation.crm.secret_box().fingerprint(SECRET)
+    assert fingerprint in shown
+
+    again = post(client, "/settings/", {**form, "exchange.client_secret": ""})
+    assert again.status_code == 302
+    assert "Nothing was changed." in client.get("/settings/").get_data(as_text=True)
+    assert stored(installation)["exchange.client_secret"].reveal() == SECRET
+    entries = audit_targets(installation)
+    assert "setting changed: exchange.client_secret " in entries
+    assert not any(SECRET in e or CLIENT in e for e in entries)  # keys, never values
+
+
+def test_a_refused_field_saves_nothing_and_keeps_what_was_typed(
+    installation: Installation,
+) -> None:
+    client = admin(installation)
+    answer = post(
+        client,
+        "/settings/",
+        {
+            "exchange.url": NEAR_MISS,
+            "exchange.client_id": CLIENT,
+            "exchange.client_secret": SECRET,
+            "smtp.host": "smtp.contoso.se",
+        },
+    )
+    assert answer.status_code == 400
+    text = answer.get_data(as_text=True)
+    assert f"did you mean {FIXED} ?" in text and "letter case matters" in text
+    assert 'id="exchange-url-error"' in text  # next to the field
+    assert f'value="{NEAR_MISS}"' in text and f'value="{CLIENT}"' in text
+    assert 'value="smtp.contoso.se"' in text
+    assert SECRET not in text
+    assert "Nothing was saved." in text
+    saved = stored(installation)
+    assert not {"exchange.client_id", "exchange.client_secret", "smtp.host"} & set(saved)
+    assert audit_targets(installation) == []
+
+
+def test_removing_what_sending_needs_is_refused(installation: Installation) -> None:
+    """The users send via Maildir (the test configuration's default), which needs its
+    folder: emptying the field is judged as a save is, and refused."""
+    client = admin(installation)
+    answer = post(client, "/settings/", {"maildir.path": ""})
+    assert answer.status_code == 400
+    assert "Maildir folder is not set" in answer.get_data(as_text=True)
+    assert "maildir.path" in stored(installation)
+
+
+def test_fields_that_depend_on_each_other_are_saved_together(
+    installation: Installation,
+) -> None:
+    """A remote server with encryption switched on in the same form: saved whatever
+    the order in which the fields are judged (the server alone, with no encryption,
+    would send the password in plain text, and is refused)."""
+    client = admin(installation)
+    local = {"smtp.host": "localhost", "smtp.security": "none"}
+    assert post(client, "/settings/", local).status_code == 302
+    alone = post(client, "/settings/", {"smtp.host": "smtp.contoso.se"})
+    assert alone.status_code == 400
+    assert "would send the password unencrypted" in alone.get_data(as_text=True)
+    both = {"smtp.host": "smtp.contoso.se", "smtp.security": "starttls"}
+    assert post(client, "/settings/", both).status_code == 302
+    saved = stored(installation)
+    assert (saved["smtp.host"], saved["smtp.security"]) == ("smtp.contoso.se", "starttls")
+
+
+def test_after_a_save_the_advice_and_what_stops_sending_are_shown(
+    installation: Installation,
+) -> None:
+    client = admin(installation)
+    assert post(client, "/settings/", {"exchange.url": EXAMPLE_URL}).status_code == 302
+    text = client.get("/settings/").get_data(as_text=True)
+    assert "Exchange Online blocks EWS from 1 October 2026" in text  # advice
+    assert "What stops sending" in text
+    assert "neither the OAuth codes (Client ID, Tenant ID, Client secret)" in text
+    assert 'href="#exchange-client_id"' in text
+
+
+def test_the_screen_speaks_swedish_with_the_guides_words(installation: Installation) -> None:
+    client = admin(installation)
+    text = client.get("/settings/", headers={"Accept-Language": "sv"}).get_data(as_text=True)
+    for words in ("Systeminställningar", "URL till Exchange", "Exchange oauth authentication"):
+        assert words in text
+
+
+def test_every_field_of_the_bundled_plugins_speaks_swedish(installation: Installation) -> None:
+    swedish = load_catalogs()["sv"]
+    crm = installation.crm
+    texts = {f.label for f in crm.settings_fields().values()}
+    texts |= {f.help for f in crm.settings_fields().values() if f.key != "mail.transport"}
+    texts |= {t.label for line in crm.config.product_lines for t in crm.transports(line).values()}
+    assert sorted(t for t in texts if t and t not in swedish) == []
+
+
+def test_system_settings_in_a_browser(page: Any, installation: Installation) -> None:
+    browser_sign_in(page, ADMIN)
+    page.get_by_role("link", name="System settings").click()
+    expect(page.get_by_role("heading", name="System settings")).to_be_visible()
+    page.get_by_label("Exchange URL").fill(NEAR_MISS)
+    page.get_by_label("Client ID").fill(CLIENT)
+    page.get_by_label("Tenant ID").fill(TENANT)
+    page.get_by_label("Client secret", exact=True).fill(SECRET)
+    page.get_by_role("button", name="Save").click()
+
+    refusal = page.locator("#exchange-url-error")
+    expect(refusal).to_contain_text(f"did you mean {FIXED} ?")
+    expect(page.get_by_label("Client ID")).to_have_value(CLIENT)
+    expect(page.get_by_label("Tenant ID")).to_have_value(TENANT)
+    expect(page.get_by_label("Client secret", exact=True)).to_have_value("")
+    assert "exchange.client_id" not in stored(installation)
+
+    page.get_by_label("Exchange URL").fill(FIXED)
+    page.get_by_label("Client secret", exact=True).fill(SECRET)
+    page.get_by_role("button", name="Save").click()
+    expect(page.get_by_text("System settings saved (4 changed).")).to_be_visible()
+    page.reload()
+    state = page.locator("#exchange-client_secret-state")
+    expect(state).to_contain_text("Saved")
+    expect(state).to_contain_text(installation.crm.secret_box().fingerprint(SECRET))
+    expect(page.get_by_label("Client secret", exact=True)).to_have_value("")
+    assert SECRET not in page.content()
+    screenshot(page, "system-settings")
