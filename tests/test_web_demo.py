@@ -8,6 +8,7 @@ catcher, one worker and the web app served by waitress), on free ports.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,8 +118,11 @@ def test_the_envelope_flow_from_person_to_catcher(tab: Any, site: Site) -> None:
     browser_sign_in(tab, site.user)
     tab.get_by_role("link", name=demo.DEMO_PERSON[1]).first.click()
     tab.locator('a[href$="/compose"]').first.click()
-    tab.get_by_label("Subject").fill("Visning i morgon")
-    tab.get_by_label("Text").fill("Hej Per, välkommen på visning i morgon.")
+    expect(tab.get_by_label("To", exact=True)).to_have_value(
+        re.compile(re.escape(demo.DEMO_PERSON[0]))
+    )
+    tab.get_by_label("Subject", exact=True).fill("Visning i morgon")
+    tab.get_by_label("Text", exact=True).fill("Hej Per, välkommen på visning i morgon.")
     tab.get_by_role("button", name="Send").click()
     assert site.running.catcher.wait_for(1, timeout=30)
     tab.goto("/catcher/")
