@@ -19,7 +19,8 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
-## run: set up, create a demo installation in ./demo and send a mail through it
+## run: set up, then run the demo in ./demo (web app, outbox worker, local mail catcher)
+## until Ctrl-C
 run: setup
 	$(BIN)/crm demo --dir demo
 

@@ -18,6 +18,7 @@ import click
 
 from crm_core.cli import (
     connection,
+    demo,
     installation,
     keys,
     outbox,
@@ -104,6 +105,7 @@ def _add_commands(group: click.Group) -> None:
         outbox,
         keys,
         serve,
+        demo,
     )
     for module in modules:
         for command in module.COMMANDS:

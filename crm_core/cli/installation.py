@@ -1,16 +1,13 @@
-"""``crm init``, ``crm check`` and ``crm demo``: the installation as a whole."""
+"""``crm init`` and ``crm check``: the installation as a whole."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from crm_core.cli.context import EXIT_FAILED, Context, fail, json_option, pass_ctx
+from crm_core.cli.context import EXIT_FAILED, Context, json_option, pass_ctx
 from crm_core.cli.output import emit_json, printable
 from crm_core.errors import Problem
 
@@ -124,60 +121,4 @@ def _print_check(crm: Crm, users: list[dict[str, Any]], blocked: list[dict[str, 
                 click.echo(f"    fix: {printable(problem['fix'])}")
 
 
-@click.command()
-@click.option(
-    "--dir",
-    "folder",
-    default="demo",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Folder for the demo installation (config, database, key, Maildir).",
-)
-def demo(folder: str) -> None:
-    """Create a demo installation and send a mail through the development transport."""
-    from crm_core.demo import DEMO_PERSON, DEMO_USER, run_demo
-
-    result = run_demo(Path(folder))
-    base = _from_here(result.folder)
-    config = _from_here(result.config)
-    click.echo(f"Demo installation in {base}/ (config {config}, database {base}/crm.db)")
-    click.echo("  product lines: commercial, sales, rentals, boplats (see `crm plugins`)")
-    click.echo(f"  user:   {DEMO_USER[1]} <{DEMO_USER[0]}> ({DEMO_USER[2]}, sends via maildir)")
-    click.echo(f"  person: {DEMO_PERSON[1]} <{DEMO_PERSON[0]}>")
-    click.echo(f"Sent outbox #{result.outbox_id} {result.message_id}: {result.state}")
-    if result.landed is None:
-        fail("the mail did not land in the Maildir; see `crm outbox show`", EXIT_FAILED)
-    click.echo(f"It landed in {_from_here(result.landed)}")
-    click.echo("Look around (from this folder):")
-    crm = _crm_command()
-    for command in (
-        "outbox list",
-        f"outbox show {result.outbox_id}",
-        f"persons show {DEMO_PERSON[0]}",
-        f"users show {DEMO_USER[0]}",
-    ):
-        click.echo(f"  {crm} --config {config} {command}")
-
-
-def _from_here(path: Path) -> str:
-    """``path`` as the user standing in the current folder would type it.
-
-    Not resolved: a virtual environment's python is a link that must stay as it is.
-    """
-    absolute = os.path.abspath(path)
-    relative = os.path.relpath(absolute, Path.cwd())
-    return relative if not relative.startswith("..") else absolute
-
-
-def _crm_command() -> str:
-    """How to run this same ``crm`` from the current folder."""
-    program = Path(sys.argv[0])
-    if program.name == "crm":
-        on_path = shutil.which("crm")
-        if on_path and os.path.samefile(on_path, program):
-            return "crm"
-        return _from_here(program)
-    return f"{_from_here(Path(sys.executable))} -m crm_core"
-
-
-COMMANDS = (init, check, demo)
+COMMANDS = (init, check)

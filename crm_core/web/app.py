@@ -16,6 +16,7 @@ declare.
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, g, render_template, request
@@ -31,11 +32,13 @@ if TYPE_CHECKING:
 SESSION_HOURS = 12
 
 
-def create_app(crm: Crm, *, secure_cookies: bool = False) -> Flask:
+def create_app(crm: Crm, *, secure_cookies: bool = False, catcher: Path | None = None) -> Flask:
     """A web app on ``crm`` (opened, checked and migrated by the caller).
 
     ``secure_cookies`` marks the session cookie Secure: set it when the app is served
-    over HTTPS (directly or behind a proxy that terminates TLS).
+    over HTTPS (directly or behind a proxy that terminates TLS). ``catcher`` is the
+    local mail catcher's Maildir folder (``crm demo``): only then has the app the
+    catcher's screen.
     """
     from crm_core.web import screens
 
@@ -49,6 +52,7 @@ def create_app(crm: Crm, *, secure_cookies: bool = False) -> Flask:
         PERMANENT_SESSION_LIFETIME=timedelta(hours=SESSION_HOURS),
         MAX_CONTENT_LENGTH=crm.config.mail.max_message_bytes * 2,
         WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the signed session
+        CATCHER_FOLDER=str(catcher) if catcher is not None else None,
     )
     catalogs = load_catalogs()
 

@@ -31,10 +31,20 @@ def modules() -> tuple[ModuleType, ...]:
     return (persons, users, settings)
 
 
+def development_modules(app: Flask) -> tuple[ModuleType, ...]:
+    """Screens only some apps have: the mail catcher's, when it has a folder."""
+    if not app.config.get("CATCHER_FOLDER"):
+        return ()
+    from crm_core.web import catcher
+
+    return (catcher,)
+
+
 def register(app: Flask) -> None:
     """Add every screen's blueprint to ``app``, and the header's links."""
-    items = [item for module in modules() for item in getattr(module, "NAV", ())]
-    for module in modules():
+    chosen = (*modules(), *development_modules(app))
+    items = [item for module in chosen for item in getattr(module, "NAV", ())]
+    for module in chosen:
         app.register_blueprint(module.bp)
 
     def nav_items() -> list[dict[str, str]]:
