@@ -302,16 +302,17 @@ def test_basic_auth_retired_5_7_30_points_to_oauth(
     server = tls_server(running, ca)
     server.inject(
         "auth_response",
-        response="535 5.7.30 Basic authentication is not supported for Client Submission.",
+        response="550 5.7.30 Basic authentication is not supported for Client Submission.",
     )
     point_at(setup, server, ca)
 
     result = setup.send_one()
 
     assert result.outcome is Outcome.CONFIGURATION
-    assert result.code == "535 5.7.30"
+    assert result.code == "550 5.7.30"
     assert "no longer accepts basic authentication" in result.detail
-    assert "smtp.auth xoauth2" in result.detail
+    for step in ("smtp.auth xoauth2", "SMTP.SendAsApp", "New-ServicePrincipal"):
+        assert step in result.detail
 
 
 def test_server_without_auth_is_a_configuration_error(

@@ -133,6 +133,8 @@ def test_basic_auth_hints_point_to_oauth() -> None:
     ):
         hint = explain(535, text)
         assert hint is not None and "smtp.auth xoauth2" in hint.fix
+        for step in ("SMTP.SendAsApp", "New-ServicePrincipal", "Add-MailboxPermission"):
+            assert step in hint.fix
 
 
 def test_a_refused_token_gets_the_oauth_hint() -> None:

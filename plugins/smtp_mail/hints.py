@@ -18,8 +18,15 @@ _ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 
 _OAUTH_FIX = (
     "Microsoft 365 is switching basic authentication for SMTP off (default-off from the "
-    "end of 2026): set smtp.auth xoauth2 with the Entra app's Client ID, Tenant ID and "
-    "Client secret (permission SMTP.SendAsApp)."
+    "end of 2026); send with OAuth (XOAUTH2) instead: "
+    "1) in the Entra app registration, add the application permission Office 365 Exchange "
+    "Online → SMTP.SendAsApp and grant admin consent; "
+    "2) register the app's service principal in Exchange Online: New-ServicePrincipal "
+    "-AppId <Client ID> -ObjectId <the enterprise application's Object ID>; "
+    "3) give it the mailbox: Add-MailboxPermission -Identity <mailbox> -User <that Object "
+    "ID> -AccessRights FullAccess; "
+    "4) set smtp.auth xoauth2 with the app's Client ID, Tenant ID and Client secret "
+    "(the system settings), and Test connection."
 )
 
 
