@@ -26,9 +26,9 @@ class NavItem:
 
 def modules() -> tuple[ModuleType, ...]:
     """Every screen module (each has ``bp`` and may have ``NAV``)."""
-    from crm_core.web import persons
+    from crm_core.web import audit_log, outbox, persons
 
-    return (persons,)
+    return (persons, outbox, audit_log)
 
 
 def register(app: Flask) -> None:
