@@ -106,31 +106,23 @@ def live_app(installation: Installation) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-_BROWSER = pytest.StashKey[Any]()
-
-
-@pytest.fixture(scope="session")
-def browser(request: pytest.FixtureRequest) -> Iterator[Any]:
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
     """Debian's headless Chromium, driven by Playwright; skipped, saying why, without it.
 
-    One per test process: each test module imports this fixture, which makes it a
-    fixture of each module, and Playwright's sync API cannot be started twice in one
-    process; the first start is shared through the session's stash.
+    One per test module: each module imports this fixture, which makes it a fixture of
+    that module, and a second Playwright started while another module's still runs
+    refuses to start ("Sync API inside the asyncio loop").
     """
     if shutil.which(CHROMIUM) is None:
         pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (make test does)")
-    if _BROWSER in request.config.stash:
-        yield request.config.stash[_BROWSER]
-        return
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(
             executable_path=CHROMIUM, args=list(CHROMIUM_FLAGS), headless=True
         )
-        request.config.stash[_BROWSER] = chromium
         yield chromium
-        del request.config.stash[_BROWSER]
         chromium.close()
 
 
