@@ -225,3 +225,24 @@ def test_the_state_changes_live_in_a_real_browser(page: Any, installation: Insta
     with installation.crm.transaction() as db:
         assert db.scalars(select(OutboxMessage.state)).one() == "sent"
         assert db.scalars(select(AuditEntry)).all() == []  # queued by the core, not the web
+
+
+def test_an_administrator_cancels_by_keyboard_and_the_audit_log_says_so(
+    page: Any, installation: Installation
+) -> None:
+    outbox_id = queue_mail(installation.crm, "Stop this", sender=USER[0], to=[PERSON[0]])
+    browser_sign_in(page, ADMIN)
+    page.get_by_role("navigation").get_by_role("link", name="Outbox", exact=True).click()
+    page.get_by_role("row").filter(has_text="Stop this").get_by_role(
+        "link", name="Stop this"
+    ).click()
+    page.get_by_role("button", name="Cancel").focus()
+    page.keyboard.press("Enter")
+    expect(page.get_by_text(f"Outbox #{outbox_id} is cancelled.")).to_be_visible()
+    expect(page.locator("#mail-state")).to_have_text("cancelled")
+    page.get_by_role("navigation").get_by_role("link", name="Audit log", exact=True).click()
+    row = page.get_by_role("row").filter(has_text=f"outbox #{outbox_id}")
+    expect(row).to_contain_text(ADMIN[0])
+    expect(row).to_contain_text("mail cancelled")
+    screenshot(page, "audit-log")
+    assert states(installation.crm) == {outbox_id: "cancelled"}

@@ -81,9 +81,10 @@ def test_the_person_overview_shows_name_e_mail_mobile_and_the_envelope(
     client = installation.app.test_client()
     sign_in(client, USER)
     pid = person_id(installation.crm)
-    listed = client.get("/persons/?q=persson").get_data(as_text=True)
-    assert f'href="/persons/{pid}"' in listed
-    assert "No persons found." in client.get("/persons/?q=nobody").get_data(as_text=True)
+    for found in ("PERSSON", "per@EXAMPLE", "  per  "):
+        assert f'href="/persons/{pid}"' in client.get(f"/persons/?q={found}").text, found
+    for not_found in ("nobody", "%", "p_r"):  # a wildcard is a plain character
+        assert "No persons found." in client.get(f"/persons/?q={not_found}").text, not_found
     overview = client.get(f"/persons/{pid}").get_data(as_text=True)
     for shown in ("Person overview", PERSON[0], PERSON[1], PERSON[2], "Nothing yet."):
         assert shown in overview
@@ -91,6 +92,21 @@ def test_the_person_overview_shows_name_e_mail_mobile_and_the_envelope(
     assert client.get("/persons/99999").status_code == 404
     assert client.get("/persons/99999999999999999999999").status_code == 404
     assert client.get("/persons/99999/mail").status_code == 404
+
+
+def test_the_register_comes_in_pages_and_the_search_is_kept(installation: Installation) -> None:
+    with installation.crm.transaction() as db:
+        for n in range(60):
+            directory.add_person(db, f"lisa{n:02d}@example.com", f"Lisa {n:02d}")
+    client = installation.app.test_client()
+    sign_in(client, USER)
+    first = client.get("/persons/?q=lisa").text
+    assert "50 of 60 persons" in first and ">Lisa 00<" in first and ">Lisa 50<" not in first
+    assert ">Per Persson<" not in first
+    assert 'href="/persons/?page=2&amp;q=lisa"' in first
+    second = client.get("/persons/?page=2&q=lisa").text
+    assert "10 of 60 persons" in second and ">Lisa 59<" in second and ">Lisa 49<" not in second
+    assert "50 of 61 persons" in client.get("/persons/").text
 
 
 def test_the_envelope_is_addressed_to_the_person_from_the_signed_in_user(
@@ -236,6 +252,10 @@ def test_the_envelope_in_a_real_browser(
     page: Any, installation: Installation, tmp_path: Path
 ) -> None:
     browser_sign_in(page, USER)
+    page.get_by_label("Search by name or e-mail").fill("persson")
+    page.get_by_label("Search by name or e-mail").press("Enter")
+    expect(page.get_by_role("table")).to_contain_text(PERSON[0])
+    screenshot(page, "persons-list")
     page.get_by_role("link", name=PERSON[1], exact=True).click()
     expect(page.get_by_role("heading", name="Person overview: Per Persson")).to_be_visible()
     expect(page.get_by_text(PERSON[2])).to_be_visible()
@@ -247,6 +267,7 @@ def test_the_envelope_in_a_real_browser(
     page.get_by_label("Attachments").set_input_files(
         [{"name": "hello.txt", "mimeType": "text/plain", "buffer": b"hello"}]
     )
+    screenshot(page, "compose")
     page.get_by_role("button", name="Send").click()
     expect(page.get_by_role("status")).to_contain_text("its state is now: queued")
     history = page.locator("#history")

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from flask import Blueprint, abort, g, redirect, render_template, request, url_for
+from sqlalchemy import ColumnElement, func, or_, select, true
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
-from crm_core import audit, directory
+from crm_core import audit
 from crm_core.errors import MailValidationError, Problem
 from crm_core.mail import operations
 from crm_core.mail.addresses import Address, split_list
@@ -27,7 +28,7 @@ from crm_core.mail.message import Attachment
 from crm_core.models import OutboxMessage, Person
 from crm_core.web.auth import actor, signed_in
 from crm_core.web.i18n import _
-from crm_core.web.listing import ID, live, wants_fragment
+from crm_core.web.listing import ID, live, page_of, wants_fragment
 from crm_core.web.outbox import visible
 
 bp = Blueprint("persons", __name__, url_prefix="/persons")
@@ -49,15 +50,31 @@ class Compose:
 @bp.get("/")
 @signed_in
 def list_persons() -> str:
-    """Every person, with a search by name or e-mail."""
-    query = request.args.get("q", "").strip().lower()
+    """The register by name, one page at a time, with a search by name or e-mail."""
+    query = request.args.get("q", "").strip()
+    where = _matching(query)
     with g.crm.transaction() as db:
-        persons = [
-            p
-            for p in directory.list_persons(db)
-            if not query or query in p.name.lower() or query in p.email
-        ]
-    return render_template("persons/list.html", persons=persons, q=query)
+        page = page_of(int(db.scalar(select(func.count()).select_from(Person).where(where)) or 0))
+        persons = db.scalars(
+            select(Person)
+            .where(where)
+            .order_by(Person.name, Person.id)
+            .limit(page.size)
+            .offset(page.offset)
+        ).all()
+    return render_template("persons/list.html", persons=persons, q=query, page=page)
+
+
+def _matching(query: str) -> ColumnElement[bool]:
+    """Persons whose name or e-mail contains the words typed, in any letter case
+    (``%`` and ``_`` are plain characters here)."""
+    if not query:
+        return true()
+    words = query.lower()
+    return or_(
+        func.lower(Person.name).contains(words, autoescape=True),
+        func.lower(Person.email).contains(words, autoescape=True),
+    )
 
 
 def _person(session: Session, person_id: int) -> Person:
