@@ -187,7 +187,7 @@ def test_a_user_cannot_read_or_change_another_users_or_the_system_settings(
         installation.app, f"/users/{ada}/email", "GET"
     )
     token = csrf(user, "/persons/")
-    crafted = (
+    crafted: tuple[tuple[str, dict[str, str]], ...] = (
         ("/settings/", {"exchange.client_secret": "stolen", "exchange.url": "https://x.se/"}),
         (f"/users/{bo}/email", {"exchange.password": "stolen", "mail.transport": "smtp"}),
         (f"/users/{bo}/", {"name": "Bo", "email": USER[0], "role": "admin"}),
