@@ -291,6 +291,17 @@ def _several_addresses(text: str) -> list[str]:
     return []
 
 
+def split_list(text: str) -> list[str]:
+    """The values in one box where a person typed several addresses, one per line or
+    separated by commas or semicolons (not inside "quotes" or <angle brackets>).
+
+    Why: a form has one To box, while :func:`read_address` takes one address per
+    value; ``"Persson, Per" <per@example.se>`` stays one value. Each value is then
+    validated alone, so every bad one is named.
+    """
+    return _split_outside(text, lambda ch: ch in ",;\r\n")
+
+
 def _is_list_separator(ch: str) -> bool:
     return ch in ",;"
 

@@ -99,17 +99,27 @@ class MessageDetail:
 
 
 def list_messages(
-    session: Session, state: str | None = None, limit: int = 200
+    session: Session,
+    state: str | None = None,
+    limit: int = 200,
+    *,
+    user_id: int | None = None,
+    offset: int = 0,
 ) -> list[MessageView]:
-    """Outbox rows, newest first, optionally of one state."""
+    """Outbox rows, newest first, optionally of one state or one sender user.
+
+    ``user_id`` is how the web app shows a user only their own mail; ``offset`` pages.
+    """
     if state is not None and state not in {s.value for s in S}:
         raise ValidationError(
             "Unknown state",
             [Problem("status", f"{state!r}; use one of {', '.join(s.value for s in S)}")],
         )
-    query = select(OutboxMessage).order_by(OutboxMessage.id.desc()).limit(limit)
+    query = select(OutboxMessage).order_by(OutboxMessage.id.desc()).limit(limit).offset(offset)
     if state is not None:
         query = query.where(OutboxMessage.state == state)
+    if user_id is not None:
+        query = query.where(OutboxMessage.user_id == user_id)
     rows = list(session.scalars(query))
     paused = {p.user_id: p.reason for p in session.scalars(select(AccountPause))}
     return [_view(row, paused.get(row.user_id)) for row in rows]
@@ -166,11 +176,15 @@ def recipient_states(row: OutboxMessage) -> dict[str, dict[str, Any]]:
     }
 
 
-def count_messages(session: Session, state: str | None = None) -> int:
-    """How many outbox rows there are (of one state), for "200 of 202"."""
+def count_messages(
+    session: Session, state: str | None = None, *, user_id: int | None = None
+) -> int:
+    """How many outbox rows there are (of one state, of one user), for "200 of 202"."""
     query = select(func.count()).select_from(OutboxMessage)
     if state is not None:
         query = query.where(OutboxMessage.state == state)
+    if user_id is not None:
+        query = query.where(OutboxMessage.user_id == user_id)
     return int(session.scalar(query) or 0)
 
 

@@ -26,9 +26,9 @@ class NavItem:
 
 def modules() -> tuple[ModuleType, ...]:
     """Every screen module (each has ``bp`` and may have ``NAV``)."""
-    from crm_core.web import persons, settings, users
+    from crm_core.web import audit_log, outbox, persons, settings, users
 
-    return (persons, users, settings)
+    return (persons, outbox, users, settings, audit_log)
 
 
 def development_modules(app: Flask) -> tuple[ModuleType, ...]:
