@@ -39,6 +39,7 @@ from crm_core.mail.transport import (
     TransportSpec,
     check_results,
 )
+from crm_core.keyring import KeyRing
 from crm_core.models import User, utcnow
 from crm_core.plugins import installed_plugins, make_plugin_manager
 from crm_core.secret_box import KEY_ENV, SecretBox, create_key_file, load_keys
@@ -77,7 +78,9 @@ class Crm:
         self.resources = Resources()
         self._extra_plugins = tuple(extra_plugins)
         self._managers: dict[str, pluggy.PluginManager] = {}
-        self._box: SecretBox | None = None
+        self.keys = KeyRing(lambda: load_keys(self.config.key_file, self.environ))
+        """This process's secret keys; reloaded when a rotation raises the database's
+        key version (:mod:`crm_core.keyring`)."""
         self._fields: dict[str, SettingField] | None = None
         self._transports: dict[str, dict[str, TransportSpec]] = {}
         self._owner_callers: dict[tuple[str, str, str], pluggy.HookCaller] = {}
@@ -108,8 +111,16 @@ class Crm:
             yield session
 
     def init_database(self) -> tuple[str | None, str]:
-        """Create or upgrade the schema (idempotent); (revision before, after)."""
-        return db.upgrade(self.engine)
+        """Create or upgrade the schema (idempotent); (revision before, after).
+
+        Secrets saved before they were bound to a destination are bound to the one in
+        effect now (see :meth:`SettingsStore.bind_unbound`), so that they keep working
+        there and a later change of it is noticed.
+        """
+        revisions = db.upgrade(self.engine)
+        with self.transaction() as session:
+            SettingsStore(self.settings_fields(), self.keys).bind_unbound(session)
+        return revisions
 
     def database_location(self) -> str:
         """Where the database is, as shown to people (never its password)."""
@@ -201,6 +212,7 @@ class Crm:
                         )
                     fields[spec.key] = spec
             seen_plugins.update(name for name, _ in manager.list_name_plugin())
+        _check_bindings(fields)
         return fields
 
     def check_plugins(self) -> None:
@@ -246,9 +258,7 @@ class Crm:
         Never creates a key: only ``crm init`` does (:meth:`create_key`), so a lost
         key file is noticed instead of silently replaced by a new, useless key.
         """
-        if self._box is None:
-            self._box = SecretBox(load_keys(self.config.key_file, self.environ))
-        return self._box
+        return self.keys.box()
 
     def create_key(self) -> Path | None:
         """Make the key file of a new installation (``crm init``); the file made, or None.
@@ -271,7 +281,7 @@ class Crm:
 
     def settings_store(self) -> SettingsStore:
         """A settings store over every declared field."""
-        return SettingsStore(self.settings_fields(), self.secret_box())
+        return SettingsStore(self.settings_fields(), self.keys)
 
     def user_transport(self, user_values: Mapping[str, SettingValue], user: User) -> str:
         """The user's chosen transport, else the product line's default."""
@@ -354,17 +364,19 @@ class Crm:
         return notices
 
     def sender_account(self, session: Session, user: User) -> SenderAccount:
-        """The account a transport sends as for ``user`` (secrets masked)."""
-        store = self.settings_store()
-        user_values = store.user_values(session, user.id)
+        """The account a transport sends as for ``user`` (secrets masked; a secret whose
+        destination changed since it was saved, or that cannot be decrypted, withheld)."""
+        found = self.settings_store().resolve(session, user.id)
         return SenderAccount(
             user_id=user.id,
             email=user.email,
             name=user.name,
             product_line=user.product_line,
-            transport=self.user_transport(user_values, user),
-            system=store.system_values(session),
-            user=user_values,
+            transport=self.user_transport(found.user, user),
+            system=found.system,
+            user=found.user,
+            reenter=found.reenter,
+            unreadable=found.unreadable,
         )
 
     def sender_state(
@@ -418,7 +430,45 @@ class Crm:
             and spec.key not in named
             and account.get(spec.key) in (None, "")
         ]
-        return missing + problems
+        return self._explain_withheld(account, missing + problems)
+
+    def _explain_withheld(self, account: SenderAccount, problems: list[Problem]) -> list[Problem]:
+        """Say why a secret the transport misses is missing: withheld, not unsaved.
+
+        The transport judges whether it needs the secret (it reports it missing); the
+        core knows why it has no value: its destination changed since it was saved
+        (enter it again), or no key here decrypts it (an installation-wide error).
+        """
+        why = {key: self._reenter_problem(account, key, moved) for key, moved in account.reenter.items()}
+        why.update((key, self._unreadable_problem(account, key)) for key in account.unreadable)
+        if not why:
+            return problems
+        explained: list[Problem] = []
+        for problem in problems:
+            for found in [p for key, p in why.items() if problem.concerns(key)] or [problem]:
+                if found not in explained:
+                    explained.append(found)
+        return explained
+
+    def _reenter_problem(self, account: SenderAccount, key: str, moved: Sequence[str]) -> Problem:
+        spec = self.settings_fields()[key]
+        return Problem(
+            key,
+            f"{spec.label} must be entered again: {', '.join(moved)} changed since it was "
+            "saved, and a saved secret is only sent where it was saved for",
+            set_command(account.email, key, spec.scope),
+        )
+
+    def _unreadable_problem(self, account: SenderAccount, key: str) -> Problem:
+        spec = self.settings_fields()[key]
+        return Problem(
+            key,
+            f"the saved {spec.label} cannot be decrypted with this installation's secret "
+            "key; the mail waits (it is not paused). Restore the key file or "
+            f"{KEY_ENV} it was encrypted with (`crm check` lists every such secret), or "
+            "enter it again",
+            set_command(account.email, key, spec.scope),
+        )
 
     def installation_problems(self, system: Mapping[str, SettingValue]) -> list[Problem]:
         """What in the system settings alone stops any transport from sending.
@@ -592,6 +642,19 @@ def _typed_list(plugin: str, hook: str, value: Any, cls: type[Any]) -> list[Any]
     if not isinstance(value, list) or not all(isinstance(v, cls) for v in value):
         raise PluginError(f"plugin {plugin!r}: {hook} must return a list of {cls.__name__}")
     return value
+
+
+def _check_bindings(fields: Mapping[str, SettingField]) -> None:
+    """Refuse a secret bound to a setting nobody declares: its binding would be void."""
+    for spec in fields.values():
+        unknown = [key for key in spec.bound_to if key not in fields]
+        if spec.bound_to and not spec.secret:
+            raise PluginError(f"setting {spec.key!r} is not a secret but declares bound_to")
+        if unknown:
+            raise PluginError(
+                f"secret {spec.key!r} of {spec.plugin or 'crm_core'!r} is bound to "
+                f"{', '.join(unknown)}, which no enabled plugin declares"
+            )
 
 
 def _with_plugin(spec: SettingField, plugin: str) -> SettingField:

@@ -108,6 +108,12 @@ class SecretBox:
         digest = hmac.new(self._primary, value.encode("utf-8"), hashlib.sha256).hexdigest()
         return digest[:8]
 
+    @property
+    def key_id(self) -> str:
+        """A name for the primary key that does not reveal it (to compare installations'
+        keys: the database keeps the one its secrets were last rotated to)."""
+        return self.derive("key-id").hex()[:16]
+
     def derive(self, purpose: str) -> bytes:
         """A key for ``purpose`` (e.g. signing the web app's session cookies), derived
         from the installation key, so that no further secret must be made, kept and

@@ -106,14 +106,15 @@ class ExchangeWorld:
         return self.ews.base_url + EWS_PATH
 
     def system_settings(self) -> dict[str, str]:
-        """The guide's System settings for the stand-ins."""
+        """The guide's System settings for the stand-ins; the client secret last, since
+        it is bound to the authority, tenant, app and CA bundle it is saved for."""
         return {
             "exchange.url": self.url,
             "exchange.client_id": CLIENT,
             "exchange.tenant_id": TENANT,
-            "exchange.client_secret": SECRET,
             "exchange.authority": self.entra.base_url,
             "tls.ca_bundle": str(self.ca.ca_pem),
+            "exchange.client_secret": SECRET,
         }
 
     def user_settings(self) -> dict[str, str]:

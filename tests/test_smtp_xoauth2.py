@@ -90,9 +90,9 @@ def configure(
     setup.set_system(
         exchange_client_id=CLIENT,
         exchange_tenant_id=TENANT,
-        exchange_client_secret=secret,
         exchange_authority=entra.base_url,
         tls_ca_bundle=str(ca.ca_pem),
+        exchange_client_secret=secret,  # after what it is bound to
         smtp_host="127.0.0.1",
         smtp_port=str(smtp.port),
         smtp_timeout="5",

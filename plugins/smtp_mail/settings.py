@@ -177,7 +177,10 @@ def smtp_fields() -> list[SettingField]:
             Scope.USER,
             "SMTP password",
             type=FieldType.SECRET,
-            help="The mailbox password (or an app password). Never shown again once saved.",
+            help="The mailbox password (or an app password). Never shown again once saved. "
+            "It is sent only to the server, port and encryption it was saved for: after a "
+            "change of any of them it must be entered again.",
+            bound_to=(HOST, PORT, SECURITY),
         ),
         *entra_fields(),
     ]
