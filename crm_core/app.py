@@ -24,6 +24,7 @@ from crm_core import audit, db, signals
 from crm_core.config import Config, load_config
 from crm_core.errors import ConfigError, PluginError, Problem, SecretKeyError, SettingValueError
 from crm_core.fields import Scope, SettingField, SettingNotice, set_command
+from crm_core.keyring import KeyRing
 from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import (
     ConnectionReport,
@@ -39,7 +40,6 @@ from crm_core.mail.transport import (
     TransportSpec,
     check_results,
 )
-from crm_core.keyring import KeyRing
 from crm_core.models import User, utcnow
 from crm_core.plugins import installed_plugins, make_plugin_manager
 from crm_core.secret_box import KEY_ENV, SecretBox, create_key_file, load_keys
@@ -303,8 +303,9 @@ class Crm:
         if outcome.changed and actor is not None:
             audit.record(session, actor, "setting changed", key)
         if outcome.changed:
-            system = store.system_values(session)
-            self._refuse(key, self.installation_problems(system))
+            found = store.resolve(session)
+            self._refuse(key, self.installation_problems(found.system, found.reenter))
+            outcome = _with_reenter(outcome, found.reenter)
             for line in self.config.product_lines:
                 self.plugin_manager(line).hook.system_settings_changed(
                     changed=[key], resources=self.resources
@@ -323,6 +324,7 @@ class Crm:
         if outcome.changed:
             account = self.sender_account(session, user)
             self._refuse(key, self.sender_problems(account))
+            outcome = _with_reenter(outcome, account.reenter)
             self.plugin_manager(user.product_line).hook.user_settings_changed(
                 account=account, changed=[key], resources=self.resources
             )
@@ -439,7 +441,10 @@ class Crm:
         core knows why it has no value: its destination changed since it was saved
         (enter it again), or no key here decrypts it (an installation-wide error).
         """
-        why = {key: self._reenter_problem(account, key, moved) for key, moved in account.reenter.items()}
+        why = {
+            key: self._reenter_problem(account, key, moved)
+            for key, moved in account.reenter.items()
+        }
         why.update((key, self._unreadable_problem(account, key)) for key in account.unreadable)
         if not why:
             return problems
@@ -470,18 +475,24 @@ class Crm:
             set_command(account.email, key, spec.scope),
         )
 
-    def installation_problems(self, system: Mapping[str, SettingValue]) -> list[Problem]:
+    def installation_problems(
+        self,
+        system: Mapping[str, SettingValue],
+        reenter: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> list[Problem]:
         """What in the system settings alone stops any transport from sending.
 
         Asked with an account of no user (``user_id`` 0, no e-mail) for every
         transport offered, so that a system save is judged by the same rules as a
-        user's; problems about per-user keys are for each user to fix.
+        user's; problems about per-user keys are for each user to fix. ``reenter``:
+        system secrets withheld since their destination changed (see ``resolve``).
         """
         fields = self.settings_fields()
         problems: list[Problem] = []
+        moved = dict(reenter or {})
         for line in self.config.product_lines:
             for transport in self.transports(line):
-                probe = SenderAccount(0, "", "", line, transport, system=system)
+                probe = SenderAccount(0, "", "", line, transport, system=system, reenter=moved)
                 for problem in self.sender_problems(probe):
                     spec = fields.get(problem.key)
                     if spec is not None and spec.scope is Scope.SYSTEM and problem not in problems:
@@ -642,6 +653,12 @@ def _typed_list(plugin: str, hook: str, value: Any, cls: type[Any]) -> list[Any]
     if not isinstance(value, list) or not all(isinstance(v, cls) for v in value):
         raise PluginError(f"plugin {plugin!r}: {hook} must return a list of {cls.__name__}")
     return value
+
+
+def _with_reenter(outcome: SaveOutcome, reenter: Mapping[str, tuple[str, ...]]) -> SaveOutcome:
+    """The save, with the secrets it sent back for re-entry (a destination moved)."""
+    moved = tuple(k for k, because in reenter.items() if outcome.key in because)
+    return replace(outcome, reenter=moved) if moved else outcome
 
 
 def _check_bindings(fields: Mapping[str, SettingField]) -> None:

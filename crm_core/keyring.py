@@ -31,17 +31,20 @@ _RELOADED = "crm.keys_reloaded"
 """``Session.info`` key: keys were re-read once in this transaction after a failure."""
 
 
-def key_version(session: Session, *, share: bool = False) -> tuple[int, str | None]:
+def key_version(
+    session: Session, *, share: bool = False, lock: bool = False
+) -> tuple[int, str | None]:
     """The database's key version and the id of the key it was last rotated to.
 
-    ``share`` takes the row's share lock (PostgreSQL; SQLite's transaction is already
-    the only writer), so that a rotation in progress is waited for.
+    ``share`` takes the row's share lock, so that a rotation in progress is waited
+    for; ``lock`` its exclusive lock (a rotation). PostgreSQL only: SQLite's
+    transaction began with ``BEGIN IMMEDIATE`` and is already the only writer.
     """
     query = select(SecretKeyVersion.version, SecretKeyVersion.key_id).where(
         SecretKeyVersion.id == 1
     )
-    if share:
-        query = query.with_for_update(read=True)
+    if share or lock:
+        query = query.with_for_update(read=not lock)
     row = session.execute(query).first()
     return (int(row.version), row.key_id) if row is not None else (0, None)
 

@@ -31,7 +31,6 @@ from crm_core.mail.addresses import ALLOW_PRIVATE_DOMAINS
 from crm_core.mail.policy import db_now
 from crm_core.mail.transport import SettingValue
 from crm_core.models import SystemSetting, User, UserSetting
-from crm_core.secret_box import SecretBox
 
 SAVED = "saved"
 NOT_SET = "not set"
@@ -110,6 +109,8 @@ class SaveOutcome:
     key: str
     changed: bool
     kept_secret: bool = False
+    reenter: tuple[str, ...] = ()
+    """Secrets this save changed the destination of: they must be entered again."""
 
 
 class SettingsStore:
@@ -495,21 +496,3 @@ def count_secrets(session: Session) -> int:
         select(func.count()).select_from(UserSetting).where(UserSetting.secret.is_(True))
     )
     return int(system or 0) + int(users or 0)
-
-
-def rotate_secrets(session: Session, box: SecretBox) -> int:
-    """Re-encrypt every stored secret with ``box``'s primary key; returns how many.
-
-    Run with the new key first and the old key(s) after it (``CRM_SECRET_KEY="new,old"``
-    or both lines in the key file); afterwards the old key can be removed.
-    """
-    rows: list[SystemSetting | UserSetting] = [
-        *session.scalars(select(SystemSetting).where(SystemSetting.secret.is_(True))),
-        *session.scalars(select(UserSetting).where(UserSetting.secret.is_(True))),
-    ]
-    for row in rows:
-        clear = box.decrypt(row.value).reveal()
-        row.value = box.rotate(row.value)
-        row.fingerprint = box.fingerprint(clear)
-    session.flush()
-    return len(rows)
