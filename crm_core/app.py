@@ -280,7 +280,9 @@ class Crm:
         return key_file
 
     def settings_store(self) -> SettingsStore:
-        """A settings store over every declared field."""
+        """A settings store over every declared field (the keys loaded first, so that a
+        missing or malformed key stops a command at once, with what to fix)."""
+        self.keys.box()
         return SettingsStore(self.settings_fields(), self.keys)
 
     def user_transport(self, user_values: Mapping[str, SettingValue], user: User) -> str:

@@ -88,6 +88,14 @@ class ExchangeWorld:
         with self.crm.transaction() as session:
             self.crm.settings_store().unset_system(session, key)
 
+    def reenter_secrets(self) -> None:
+        """Type the secrets in again, as every screen asks after a change of where they
+        go (authority, tenant, app, CA bundle, Exchange URL)."""
+        if self.email == ONPREM_USER:  # Exchange Server with the user's password
+            self.set_user("exchange.password", ONPREM_PASSWORD)
+        else:
+            self.set_system("exchange.client_secret", SECRET)
+
     def set_user(self, key: str, value: str, email: str | None = None) -> None:
         """Save one of the user's settings (``crm users set``)."""
         with self.crm.transaction() as session:

@@ -93,6 +93,7 @@ def configure(
         exchange_authority=entra.base_url,
         tls_ca_bundle=str(ca.ca_pem),
         exchange_client_secret=secret,  # after what it is bound to
+        smtp_oauth_hosts="127.0.0.1",  # the stand-in plays Microsoft 365
         smtp_host="127.0.0.1",
         smtp_port=str(smtp.port),
         smtp_timeout="5",
