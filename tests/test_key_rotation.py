@@ -79,7 +79,7 @@ def client_secret(crm: Crm) -> object:
 def read_back(crm: Crm, key: str = "exchange.client_secret") -> str | None:
     """The secret as a process that starts now (keys read afresh) reads it."""
     with crm.transaction() as session:
-        value = crm.settings_store().resolve(session).system.get(key)
+        value = crm.settings_store().system_values(session).get(key)
     return value.reveal() if isinstance(value, Secret) else None
 
 
