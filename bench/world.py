@@ -85,9 +85,9 @@ def add_exchange_sender(crm: Any, ews: Mapping[str, str]) -> str:
             ("exchange.url", ews["ews_url"]),
             ("exchange.client_id", ews["client_id"]),
             ("exchange.tenant_id", ews["tenant"]),
-            ("exchange.client_secret", ews["secret"]),
             ("exchange.authority", ews["entra_url"]),
             ("tls.ca_bundle", ews["ca_pem"]),
+            ("exchange.client_secret", ews["secret"]),  # last: bound to the ones above
         ):
             crm.set_system_setting(session, key, value)
         user = directory.add_user(session, mailbox, ews["mailbox_name"], "commercial")

@@ -24,6 +24,7 @@ from crm_core import audit, db, signals
 from crm_core.config import Config, load_config
 from crm_core.errors import ConfigError, PluginError, Problem, SecretKeyError, SettingValueError
 from crm_core.fields import Scope, SettingField, SettingNotice, set_command
+from crm_core.keyring import KeyRing
 from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import (
     ConnectionReport,
@@ -77,7 +78,9 @@ class Crm:
         self.resources = Resources()
         self._extra_plugins = tuple(extra_plugins)
         self._managers: dict[str, pluggy.PluginManager] = {}
-        self._box: SecretBox | None = None
+        self.keys = KeyRing(lambda: load_keys(self.config.key_file, self.environ))
+        """This process's secret keys; reloaded when a rotation raises the database's
+        key version (:mod:`crm_core.keyring`)."""
         self._fields: dict[str, SettingField] | None = None
         self._transports: dict[str, dict[str, TransportSpec]] = {}
         self._owner_callers: dict[tuple[str, str, str], pluggy.HookCaller] = {}
@@ -108,8 +111,16 @@ class Crm:
             yield session
 
     def init_database(self) -> tuple[str | None, str]:
-        """Create or upgrade the schema (idempotent); (revision before, after)."""
-        return db.upgrade(self.engine)
+        """Create or upgrade the schema (idempotent); (revision before, after).
+
+        Secrets saved before they were bound to a destination are bound to the one in
+        effect now (see :meth:`SettingsStore.bind_unbound`), so that they keep working
+        there and a later change of it is noticed.
+        """
+        revisions = db.upgrade(self.engine)
+        with self.transaction() as session:
+            SettingsStore(self.settings_fields(), self.keys).bind_unbound(session)
+        return revisions
 
     def database_location(self) -> str:
         """Where the database is, as shown to people (never its password)."""
@@ -201,6 +212,7 @@ class Crm:
                         )
                     fields[spec.key] = spec
             seen_plugins.update(name for name, _ in manager.list_name_plugin())
+        _check_bindings(fields)
         return fields
 
     def check_plugins(self) -> None:
@@ -246,9 +258,7 @@ class Crm:
         Never creates a key: only ``crm init`` does (:meth:`create_key`), so a lost
         key file is noticed instead of silently replaced by a new, useless key.
         """
-        if self._box is None:
-            self._box = SecretBox(load_keys(self.config.key_file, self.environ))
-        return self._box
+        return self.keys.box()
 
     def create_key(self) -> Path | None:
         """Make the key file of a new installation (``crm init``); the file made, or None.
@@ -270,8 +280,10 @@ class Crm:
         return key_file
 
     def settings_store(self) -> SettingsStore:
-        """A settings store over every declared field."""
-        return SettingsStore(self.settings_fields(), self.secret_box())
+        """A settings store over every declared field (the keys loaded first, so that a
+        missing or malformed key stops a command at once, with what to fix)."""
+        self.keys.box()
+        return SettingsStore(self.settings_fields(), self.keys)
 
     def user_transport(self, user_values: Mapping[str, SettingValue], user: User) -> str:
         """The user's chosen transport, else the product line's default."""
@@ -290,7 +302,8 @@ class Crm:
         """
         outcome = self.settings_store().set_system(session, key, raw)
         if outcome.changed:
-            self._system_changed(session, key, actor, "setting changed")
+            reenter = self._system_changed(session, key, actor, "setting changed")
+            outcome = _with_reenter(outcome, reenter)
         return outcome
 
     def unset_system_setting(self, session: Session, key: str, actor: str | None = None) -> bool:
@@ -303,16 +316,20 @@ class Crm:
             self._system_changed(session, key, actor, "setting removed")
         return removed
 
-    def _system_changed(self, session: Session, key: str, actor: str | None, action: str) -> None:
+    def _system_changed(
+        self, session: Session, key: str, actor: str | None, action: str
+    ) -> Mapping[str, tuple[str, ...]]:
+        """Judge, announce and audit a system change; returns the secrets to re-enter."""
         if actor is not None:
             audit.record(session, actor, action, key)
-        system = self.settings_store().system_values(session)
-        self._refuse(key, self.installation_problems(system))
+        found = self.settings_store().resolve(session)
+        self._refuse(key, self.installation_problems(found.system, found.reenter))
         for line in self.config.product_lines:
             self.plugin_manager(line).hook.system_settings_changed(
                 changed=[key], resources=self.resources
             )
         signals.emit_after_commit(session, "system-settings-changed", keys=[key])
+        return found.reenter
 
     def set_user_setting(
         self, session: Session, user: User, key: str, raw: str, actor: str | None = None
@@ -320,7 +337,8 @@ class Crm:
         """Save a user's setting, with the same checks, notifications and audit entry."""
         outcome = self.settings_store().set_user(session, user, key, raw)
         if outcome.changed:
-            self._user_changed(session, user, key, actor, "setting changed")
+            reenter = self._user_changed(session, user, key, actor, "setting changed")
+            outcome = _with_reenter(outcome, reenter)
         return outcome
 
     def unset_user_setting(
@@ -334,7 +352,8 @@ class Crm:
 
     def _user_changed(
         self, session: Session, user: User, key: str, actor: str | None, action: str
-    ) -> None:
+    ) -> Mapping[str, tuple[str, ...]]:
+        """Judge, announce and audit a user's change; returns the secrets to re-enter."""
         if actor is not None:
             audit.record(session, actor, action, f"{user.email}: {key}")
         account = self.sender_account(session, user)
@@ -345,6 +364,7 @@ class Crm:
         signals.emit_after_commit(
             session, "user-settings-changed", user_id=user.id, email=user.email, keys=[key]
         )
+        return account.reenter
 
     def _refuse(self, key: str, problems: Sequence[Problem]) -> None:
         """Refuse a save that causes a problem concerning the saved key."""
@@ -379,17 +399,19 @@ class Crm:
         return notices
 
     def sender_account(self, session: Session, user: User) -> SenderAccount:
-        """The account a transport sends as for ``user`` (secrets masked)."""
-        store = self.settings_store()
-        user_values = store.user_values(session, user.id)
+        """The account a transport sends as for ``user`` (secrets masked; a secret whose
+        destination changed since it was saved, or that cannot be decrypted, withheld)."""
+        found = self.settings_store().resolve(session, user.id)
         return SenderAccount(
             user_id=user.id,
             email=user.email,
             name=user.name,
             product_line=user.product_line,
-            transport=self.user_transport(user_values, user),
-            system=store.system_values(session),
-            user=user_values,
+            transport=self.user_transport(found.user, user),
+            system=found.system,
+            user=found.user,
+            reenter=found.reenter,
+            unreadable=found.unreadable,
         )
 
     def sender_state(
@@ -443,20 +465,67 @@ class Crm:
             and spec.key not in named
             and account.get(spec.key) in (None, "")
         ]
-        return missing + problems
+        return self._explain_withheld(account, missing + problems)
 
-    def installation_problems(self, system: Mapping[str, SettingValue]) -> list[Problem]:
+    def _explain_withheld(self, account: SenderAccount, problems: list[Problem]) -> list[Problem]:
+        """Say why a secret the transport misses is missing: withheld, not unsaved.
+
+        The transport judges whether it needs the secret (it reports it missing); the
+        core knows why it has no value: its destination changed since it was saved
+        (enter it again), or no key here decrypts it (an installation-wide error).
+        """
+        why = {
+            key: self._reenter_problem(account, key, moved)
+            for key, moved in account.reenter.items()
+        }
+        why.update((key, self._unreadable_problem(account, key)) for key in account.unreadable)
+        if not why:
+            return problems
+        explained: list[Problem] = []
+        for problem in problems:
+            for found in [p for key, p in why.items() if problem.concerns(key)] or [problem]:
+                if found not in explained:
+                    explained.append(found)
+        return explained
+
+    def _reenter_problem(self, account: SenderAccount, key: str, moved: Sequence[str]) -> Problem:
+        spec = self.settings_fields()[key]
+        return Problem(
+            key,
+            f"{spec.label} must be entered again: {', '.join(moved)} changed since it was "
+            "saved, and a saved secret is only sent where it was saved for",
+            set_command(account.email, key, spec.scope),
+        )
+
+    def _unreadable_problem(self, account: SenderAccount, key: str) -> Problem:
+        spec = self.settings_fields()[key]
+        return Problem(
+            key,
+            f"the saved {spec.label} cannot be decrypted with this installation's secret "
+            "key; the mail waits (it is not paused). Restore the key file or "
+            f"{KEY_ENV} it was encrypted with (`crm check` lists every such secret), or "
+            "enter it again",
+            set_command(account.email, key, spec.scope),
+        )
+
+    def installation_problems(
+        self,
+        system: Mapping[str, SettingValue],
+        reenter: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> list[Problem]:
         """What in the system settings alone stops any transport from sending.
 
         Asked with an account of no user (``user_id`` 0, no e-mail) for every
         transport offered, so that a system save is judged by the same rules as a
-        user's; problems about per-user keys are for each user to fix.
+        user's; problems about per-user keys are for each user to fix. ``reenter``:
+        system secrets withheld since their destination changed (see ``resolve``).
         """
         fields = self.settings_fields()
         problems: list[Problem] = []
+        moved = dict(reenter or {})
         for line in self.config.product_lines:
             for transport in self.transports(line):
-                probe = SenderAccount(0, "", "", line, transport, system=system)
+                probe = SenderAccount(0, "", "", line, transport, system=system, reenter=moved)
                 for problem in self.sender_problems(probe):
                     spec = fields.get(problem.key)
                     if spec is not None and spec.scope is Scope.SYSTEM and problem not in problems:
@@ -617,6 +686,25 @@ def _typed_list(plugin: str, hook: str, value: Any, cls: type[Any]) -> list[Any]
     if not isinstance(value, list) or not all(isinstance(v, cls) for v in value):
         raise PluginError(f"plugin {plugin!r}: {hook} must return a list of {cls.__name__}")
     return value
+
+
+def _with_reenter(outcome: SaveOutcome, reenter: Mapping[str, tuple[str, ...]]) -> SaveOutcome:
+    """The save, with the secrets it sent back for re-entry (a destination moved)."""
+    moved = tuple(k for k, because in reenter.items() if outcome.key in because)
+    return replace(outcome, reenter=moved) if moved else outcome
+
+
+def _check_bindings(fields: Mapping[str, SettingField]) -> None:
+    """Refuse a secret bound to a setting nobody declares: its binding would be void."""
+    for spec in fields.values():
+        unknown = [key for key in spec.bound_to if key not in fields]
+        if spec.bound_to and not spec.secret:
+            raise PluginError(f"setting {spec.key!r} is not a secret but declares bound_to")
+        if unknown:
+            raise PluginError(
+                f"secret {spec.key!r} of {spec.plugin or 'crm_core'!r} is bound to "
+                f"{', '.join(unknown)}, which no enabled plugin declares"
+            )
 
 
 def _with_plugin(spec: SettingField, plugin: str) -> SettingField:

@@ -47,6 +47,11 @@ TENANT_ID = "exchange.tenant_id"
 CLIENT_SECRET = "exchange.client_secret"
 AUTHORITY = "exchange.authority"
 SECRET_EXPIRES = "exchange.client_secret_expires"
+CA_BUNDLE = "tls.ca_bundle"
+
+CLIENT_SECRET_DESTINATION = (AUTHORITY, TENANT_ID, CLIENT_ID, CA_BUNDLE)
+"""What decides where the client secret goes: Entra ID's host (and whom the TLS check
+trusts for it), and the tenant and app it signs in as."""
 
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _DOMAIN = re.compile(r"^(?=.{3,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
@@ -133,8 +138,11 @@ def entra_fields() -> list[SettingField]:
             Scope.SYSTEM,
             "Client secret",
             type=FieldType.SECRET,
-            help="The client secret's Value (not its Secret ID). Never shown again once saved.",
+            help="The client secret's Value (not its Secret ID). Never shown again once saved. "
+            "It is sent only to the authority, tenant and app it was saved for: after a "
+            "change of any of them (or of the CA bundle) it must be entered again.",
             plugin=_PLUGIN,
+            bound_to=CLIENT_SECRET_DESTINATION,
         ),
         SettingField(
             AUTHORITY,
@@ -197,7 +205,7 @@ def credentials_for(account: SenderAccount) -> AppCredentials | None:
         client_id=client_id,
         secret=secret,
         secret_expires=account.get_date(SECRET_EXPIRES),
-        ca_bundle=account.get_str("tls.ca_bundle") or None,
+        ca_bundle=account.get_str(CA_BUNDLE) or None,
     )
 
 

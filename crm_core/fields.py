@@ -45,6 +45,12 @@ class SettingField:
     user can send (empty: never required). ``secret`` fields are encrypted at rest
     and never shown again. ``validator`` normalises or refuses the text on save.
     ``user_override`` marks a system field that a user may override per user.
+
+    ``bound_to`` (secrets only) names the settings that decide where the secret is
+    sent (a server, an authority, the trusted CA). The secret is bound to the values
+    they had when it was saved: when any of them changes, the secret is no longer
+    handed to a transport until it is entered again, so that whoever may change a
+    server name cannot have a stored password or client secret sent to their own.
     """
 
     key: str
@@ -58,6 +64,7 @@ class SettingField:
     validator: Validator | None = None
     plugin: str = ""
     user_override: bool = False
+    bound_to: tuple[str, ...] = ()
 
     @property
     def secret(self) -> bool:

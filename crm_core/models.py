@@ -163,6 +163,9 @@ class SystemSetting(Base):
     value: Mapped[str] = mapped_column(Text)
     secret: Mapped[bool] = mapped_column(Boolean, default=False)
     fingerprint: Mapped[str | None] = mapped_column(String(16))
+    bound_to: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    """A secret's destination when it was saved: {key: value} of its field's
+    ``bound_to`` settings. None for rows saved before bindings existed."""
     updated_at: Mapped[datetime]
 
     def __repr__(self) -> str:
@@ -181,10 +184,30 @@ class UserSetting(Base):
     value: Mapped[str] = mapped_column(Text)
     secret: Mapped[bool] = mapped_column(Boolean, default=False)
     fingerprint: Mapped[str | None] = mapped_column(String(16))
+    bound_to: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    """As :attr:`SystemSetting.bound_to`, with the user's overrides applied."""
     updated_at: Mapped[datetime]
 
     def __repr__(self) -> str:
         return f"UserSetting(user_id={self.user_id!r}, {self.key!r}, secret={self.secret!r})"
+
+
+class SecretKeyVersion(Base):
+    """One row: how many times the installation's secret key was rotated.
+
+    Why in the database: every process (workers on many machines) reads it cheaply
+    and reloads its keys when it went up, and a rotation holds its row lock while it
+    re-encrypts, so that a secret saved meanwhile waits and is encrypted with the new
+    key instead of the retired one.
+    """
+
+    __tablename__ = "secret_key_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    key_id: Mapped[str | None] = mapped_column(String(16))
+    """:meth:`crm_core.secret_box.SecretBox.key_id` of the key the last rotation
+    encrypted with; None before the first rotation."""
 
 
 class OutboxMessage(Base):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,12 @@ class SecretBox:
         digest = hmac.new(self._primary, value.encode("utf-8"), hashlib.sha256).hexdigest()
         return digest[:8]
 
+    @property
+    def key_id(self) -> str:
+        """A name for the primary key that does not reveal it (to compare installations'
+        keys: the database keeps the one its secrets were last rotated to)."""
+        return self.derive("key-id").hex()[:16]
+
     def derive(self, purpose: str) -> bytes:
         """A key for ``purpose`` (e.g. signing the web app's session cookies), derived
         from the installation key, so that no further secret must be made, kept and
@@ -153,24 +160,42 @@ def _keys(text: str, source: str) -> list[bytes]:
 
 
 def create_key_file(path: Path) -> None:
-    """Write a new key with mode 0600, never readable by others even for a moment."""
+    """Write a new key with mode 0600, never readable by others even for a moment.
+
+    ``O_EXCL | O_NOFOLLOW``: a file or symbolic link already at ``path`` is refused,
+    never written through.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as handle:
         handle.write(Fernet.generate_key().decode("ascii") + "\n")
 
 
-def replace_key_file(path: Path, keys: Sequence[bytes], add_new: bool) -> list[bytes]:
-    """Atomically rewrite the key file (mode 0600); ``add_new`` puts a fresh key first."""
-    lines = ([Fernet.generate_key()] if add_new else []) + list(keys)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as handle:
-        handle.write("".join(k.decode("ascii") + "\n" for k in lines))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return lines
+def write_key_file(path: Path, keys: Sequence[bytes]) -> None:
+    """Atomically replace the key file with ``keys`` (newest first), mode 0600.
+
+    Why a random temporary name opened with ``O_EXCL | O_NOFOLLOW``: a fixed name
+    beside the key file could be a symbolic link planted by anyone who may write to
+    that folder, and opening it would write the keys wherever it points. The rename
+    replaces a link at ``path`` itself (never its target), and the folder is synced
+    so that the new file survives a crash.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write("".join(k.decode("ascii") + "\n" for k in keys))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def new_key() -> str:

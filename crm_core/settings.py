@@ -4,28 +4,43 @@ The core does not know what ``exchange.client_secret`` means; it knows the field
 declared secret, so it encrypts it, never returns it, and shows only whether it is
 saved, when, and a short fingerprint. Saving an empty value for a secret keeps the
 stored one: a form that shows a masked secret must never overwrite it with the mask.
+
+A secret is bound to its destination: the values, at the save, of the settings its
+field names in ``bound_to`` (for an SMTP password: the server, port and encryption).
+When one of them changes, the secret is withheld (a transport sees no value) until it
+is entered again for the new destination, and every read path says so ("re-enter").
+Rows saved before bindings existed are bound to the destination in effect the first
+time this code writes settings (``crm init`` does it when it upgrades the schema).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from crm_core.errors import SettingValueError
 from crm_core.fields import FieldType, Scope, SettingField, parse_value, validate_text
+from crm_core.keyring import KeyRing
 from crm_core.mail.addresses import ALLOW_PRIVATE_DOMAINS
 from crm_core.mail.policy import db_now
 from crm_core.mail.transport import SettingValue
 from crm_core.models import SystemSetting, User, UserSetting
-from crm_core.secret_box import SecretBox
 
 SAVED = "saved"
 NOT_SET = "not set"
+REENTER = "re-enter"
+"""A secret's state when a setting of its destination changed since it was saved."""
+
+Row = SystemSetting | UserSetting
+Text = Callable[[str], str | None]
+"""A setting's stored text as it applies (the user's override, the system's, the
+default), by key: what a secret's destination is made of."""
 TRANSPORT_KEY = "mail.transport"
 """The user's choice of transport (else the product line's default)."""
 
@@ -39,11 +54,22 @@ class SettingView:
     scope: str
     type: str
     value: str | None
-    state: str  # "saved" / "not set" for secrets; "set" / "default" / "not set" otherwise
+    state: str  # "saved" / "re-enter" / "not set" for secrets; "set" / "default" / "not set"
     updated_at: datetime | None
     fingerprint: str | None
     required_for: str
     help: str
+    reenter_because: tuple[str, ...] = ()
+    """For state "re-enter": the destination settings that changed since the save."""
+
+    @property
+    def reenter_words(self) -> str:
+        """What a screen says of a secret that must be entered again, and why."""
+        changed = ", ".join(self.reenter_because)
+        return (
+            f"must be entered again: {changed} changed since it was saved, and it is only "
+            "sent where it was saved for"
+        )
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready form (secrets carry state and fingerprint, never a value)."""
@@ -57,7 +83,23 @@ class SettingView:
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
             "fingerprint": self.fingerprint,
             "required_for": self.required_for or None,
+            "reenter_because": list(self.reenter_because) or None,
         }
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One account's settings as a transport may see them.
+
+    ``system`` and ``user`` hold typed values with defaults applied; a secret that is
+    withheld is absent from them, and named in ``reenter`` (with the destination
+    settings that changed) or ``unreadable`` (no key of this process decrypts it).
+    """
+
+    system: dict[str, SettingValue]
+    user: dict[str, SettingValue]
+    reenter: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    unreadable: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -67,14 +109,16 @@ class SaveOutcome:
     key: str
     changed: bool
     kept_secret: bool = False
+    reenter: tuple[str, ...] = ()
+    """Secrets this save changed the destination of: they must be entered again."""
 
 
 class SettingsStore:
     """Reads and writes settings rows for declared fields; takes the caller's session."""
 
-    def __init__(self, fields: Mapping[str, SettingField], box: SecretBox) -> None:
+    def __init__(self, fields: Mapping[str, SettingField], keys: KeyRing) -> None:
         self.fields = fields
-        self.box = box
+        self.keys = keys
 
     def field(self, key: str, scope: Scope) -> SettingField:
         """The declared field, or a clear error listing the keys of that scope."""
@@ -93,24 +137,31 @@ class SettingsStore:
     def set_system(self, session: Session, key: str, raw: str) -> SaveOutcome:
         """Validate and save a system setting (empty secret keeps the stored one)."""
         spec = self.field(key, Scope.SYSTEM)
+        self.bind_unbound(session)
         row = session.get(SystemSetting, key)
-        return self._save(session, spec, raw, row, lambda: SystemSetting(key=key))
+        text = self._text(session, None)
+        return self._save(session, spec, raw, row, lambda: SystemSetting(key=key), text)
 
     def set_user(self, session: Session, user: User, key: str, raw: str) -> SaveOutcome:
         """Validate and save a per-user setting (empty secret keeps the stored one)."""
         spec = self.field(key, Scope.USER)
+        self.bind_unbound(session)
         row = session.get(UserSetting, (user.id, key))
-        return self._save(session, spec, raw, row, lambda: UserSetting(user_id=user.id, key=key))
+        text = self._text(session, user.id)
+        make = lambda: UserSetting(user_id=user.id, key=key)  # noqa: E731
+        return self._save(session, spec, raw, row, make, text)
 
     def unset_system(self, session: Session, key: str) -> bool:
         """Remove a system setting; True if one was stored."""
         self.field(key, Scope.SYSTEM)
+        self.bind_unbound(session)
         result = session.execute(delete(SystemSetting).where(SystemSetting.key == key))
         return bool(getattr(result, "rowcount", 0))
 
     def unset_user(self, session: Session, user: User, key: str) -> bool:
         """Remove a per-user setting; True if one was stored."""
         self.field(key, Scope.USER)
+        self.bind_unbound(session)
         result = session.execute(
             delete(UserSetting).where(UserSetting.user_id == user.id, UserSetting.key == key)
         )
@@ -121,19 +172,23 @@ class SettingsStore:
         session: Session,
         spec: SettingField,
         raw: str,
-        row: SystemSetting | UserSetting | None,
-        make_row: Callable[[], SystemSetting | UserSetting],
+        row: Row | None,
+        make_row: Callable[[], Row],
+        text: Text,
     ) -> SaveOutcome:
+        bound: dict[str, Any] | None = None
         if spec.secret:
             if not raw.strip():
                 return SaveOutcome(spec.key, changed=False, kept_secret=row is not None)
             value = raw.strip()
             if spec.validator is not None:
                 value = spec.validator(value)
-            fingerprint = self.box.fingerprint(value)
-            if row is not None and row.fingerprint == fingerprint:
+            box = self.keys.box_for(session, writing=True)  # waits for a rotation
+            fingerprint = box.fingerprint(value)
+            bound = self.destination(spec, text)
+            if row is not None and row.fingerprint == fingerprint and row.bound_to == bound:
                 return SaveOutcome(spec.key, changed=False)
-            stored = self.box.encrypt(value)
+            stored = box.encrypt(value)
         else:
             stored = validate_text(spec, raw)
             fingerprint = None
@@ -150,64 +205,192 @@ class SettingsStore:
         row.value = stored
         row.secret = spec.secret
         row.fingerprint = fingerprint
+        row.bound_to = bound
         row.updated_at = now
         session.flush()
         return SaveOutcome(spec.key, changed=True)
 
+    # --- where a secret goes -------------------------------------------------------
+
+    def destination(self, spec: SettingField, text: Text) -> dict[str, Any]:
+        """The values of the settings that decide where ``spec``'s secret is sent."""
+        return {key: text(key) for key in spec.bound_to}
+
+    def moved(self, spec: SettingField, row: Row, text: Text) -> tuple[str, ...]:
+        """The destination settings whose value differs from the one the secret was
+        saved for (empty: it may be sent). A key the binding does not hold yet (a row
+        saved before it was declared) is not counted: :meth:`bind_unbound` adds it."""
+        saved = row.bound_to or {}
+        now = self.destination(spec, text)
+        return tuple(key for key in spec.bound_to if key in saved and saved[key] != now[key])
+
+    def bind_unbound(self, session: Session) -> int:
+        """Bind secrets saved without (part of) a binding to the destination in effect.
+
+        Rows saved before bindings existed, or before their field named one of its
+        destination settings, keep working where they were; this pins that place, so
+        that a change from now on is noticed. Runs before every save and at ``crm
+        init``; returns how many rows it bound.
+        """
+        rows: list[Row] = [
+            *session.scalars(select(SystemSetting).where(SystemSetting.secret.is_(True))),
+            *session.scalars(select(UserSetting).where(UserSetting.secret.is_(True))),
+        ]
+        bound = 0
+        for row in rows:
+            spec = self.fields.get(row.key)
+            saved = row.bound_to or {}
+            if spec is None or all(key in saved for key in spec.bound_to):
+                continue
+            user_id = row.user_id if isinstance(row, UserSetting) else None
+            now = self.destination(spec, self._text(session, user_id))
+            row.bound_to = {**now, **saved}
+            bound += 1
+        if bound:
+            session.flush()
+        return bound
+
+    def _text(self, session: Session, user_id: int | None) -> Text:
+        """Stored text by key as it applies to ``user_id`` (None: the installation)."""
+        system = {r.key: r.value for r in session.scalars(select(SystemSetting))}
+        user: dict[str, str] = {}
+        if user_id is not None:
+            query = select(UserSetting).where(UserSetting.user_id == user_id)
+            user = {r.key: r.value for r in session.scalars(query)}
+        return self._lookup(system, user)
+
+    def _lookup(self, system: Mapping[str, str], user: Mapping[str, str]) -> Text:
+        def text(key: str) -> str | None:
+            if key in user:
+                return user[key]
+            if key in system:
+                return system[key]
+            spec = self.fields.get(key)
+            return spec.default if spec is not None else None
+
+        return text
+
     # --- reading ---------------------------------------------------------------
+
+    def resolve(self, session: Session, user_id: int | None = None) -> Resolved:
+        """Typed values of the installation and (given ``user_id``) of one user, with
+        defaults; secrets masked, and withheld when their destination changed or no key
+        here decrypts them."""
+        system_rows = _rows(session.scalars(select(SystemSetting)))
+        user_rows: dict[str, Row] = {}
+        if user_id is not None:
+            query = select(UserSetting).where(UserSetting.user_id == user_id)
+            user_rows = _rows(session.scalars(query))
+        text = self._lookup(
+            {k: r.value for k, r in system_rows.items()},
+            {k: r.value for k, r in user_rows.items()},
+        )
+        reading = _Reading(self, session, text)
+        system = reading.values(system_rows, Scope.SYSTEM)
+        user = reading.values(user_rows, Scope.USER) if user_id is not None else {}
+        if reading.unreadable:
+            who = "the installation" if user_id is None else f"user #{user_id}"
+            self.keys.report_unreadable(f"{key} of {who}" for key in reading.unreadable)
+        return Resolved(system, user, reading.reenter, frozenset(reading.unreadable))
 
     def system_values(self, session: Session) -> dict[str, SettingValue]:
         """Every stored system setting as typed values (secrets as masked Secret)."""
-        rows = session.scalars(select(SystemSetting)).all()
-        values = {
-            r.key: self._typed(r.key, r.value, r.secret) for r in rows if r.key in self.fields
-        }
-        for key, spec in self.fields.items():
-            if spec.scope is Scope.SYSTEM and key not in values and spec.default is not None:
-                values[key] = parse_value(spec, spec.default)
-        return values
+        return self.resolve(session).system
 
     def user_values(self, session: Session, user_id: int) -> dict[str, SettingValue]:
         """Every stored setting of one user as typed values (secrets as masked Secret)."""
-        rows = session.scalars(select(UserSetting).where(UserSetting.user_id == user_id)).all()
-        values = {
-            r.key: self._typed(r.key, r.value, r.secret) for r in rows if r.key in self.fields
-        }
-        for key, spec in self.fields.items():
-            if spec.scope is Scope.USER and key not in values and spec.default is not None:
-                values[key] = parse_value(spec, spec.default)
-        return values
+        return self.resolve(session, user_id).user
 
-    def _typed(self, key: str, stored: str, secret: bool) -> SettingValue:
-        if secret:
-            return self.box.decrypt(stored)
-        return parse_value(self.fields[key], stored)
+    def unreadable_secrets(self, session: Session) -> list[str]:
+        """Every stored secret no key of this process decrypts ("key of who"), for
+        ``crm check``: an installation-wide error, not any one account's."""
+        found = [
+            f"{row.key} (system setting)"
+            for row in session.scalars(select(SystemSetting).where(SystemSetting.secret.is_(True)))
+            if self.keys.decrypt(session, row.value) is None
+        ]
+        users = select(UserSetting, User.email).join(User, User.id == UserSetting.user_id)
+        for row, email in session.execute(users.where(UserSetting.secret.is_(True))):
+            if self.keys.decrypt(session, row.value) is None:
+                found.append(f"{row.key} of {email}")
+        return found
 
     def describe_system(self, session: Session) -> list[SettingView]:
         """Masked views of every system field, stored or not."""
-        rows = {r.key: r for r in session.scalars(select(SystemSetting))}
+        rows = _rows(session.scalars(select(SystemSetting)))
+        text = self._lookup({k: r.value for k, r in rows.items()}, {})
         specs = [f for f in self.fields.values() if f.scope is Scope.SYSTEM]
-        return [_view(spec, rows.get(spec.key)) for spec in sorted(specs, key=lambda f: f.key)]
+        return [self._view(spec, rows.get(spec.key), text) for spec in _sorted(specs)]
 
     def describe_user(self, session: Session, user: User) -> list[SettingView]:
         """Masked views of every per-user field (and overridable system field) set."""
-        rows = {
-            r.key: r
-            for r in session.scalars(select(UserSetting).where(UserSetting.user_id == user.id))
-        }
+        query = select(UserSetting).where(UserSetting.user_id == user.id)
+        rows = _rows(session.scalars(query))
+        system = {r.key: r.value for r in session.scalars(select(SystemSetting))}
+        text = self._lookup(system, {k: r.value for k, r in rows.items()})
         specs = [
             f
             for f in self.fields.values()
             if f.scope is Scope.USER or (f.user_override and f.key in rows)
         ]
-        return [_view(spec, rows.get(spec.key)) for spec in sorted(specs, key=lambda f: f.key)]
+        return [self._view(spec, rows.get(spec.key), text) for spec in _sorted(specs)]
+
+    def _view(self, spec: SettingField, row: Row | None, text: Text) -> SettingView:
+        moved = self.moved(spec, row, text) if spec.secret and row is not None else ()
+        return _view(spec, row, moved)
+
+
+class _Reading:
+    """One read of settings rows: what was withheld, and why."""
+
+    def __init__(self, store: SettingsStore, session: Session, text: Text) -> None:
+        self.store = store
+        self.session = session
+        self.text = text
+        self.reenter: dict[str, tuple[str, ...]] = {}
+        self.unreadable: list[str] = []
+
+    def values(self, rows: Mapping[str, Row], scope: Scope) -> dict[str, SettingValue]:
+        """Typed values of ``rows`` plus the defaults of ``scope``'s fields."""
+        values: dict[str, SettingValue] = {}
+        for key, row in rows.items():
+            spec = self.store.fields.get(key)
+            if spec is None:
+                continue
+            value = self._value(spec, row)
+            if value is not None:
+                values[key] = value
+        for key, spec in self.store.fields.items():
+            if spec.scope is scope and key not in values and spec.default is not None:
+                values[key] = parse_value(spec, spec.default)
+        return values
+
+    def _value(self, spec: SettingField, row: Row) -> SettingValue | None:
+        if not row.secret:
+            return parse_value(spec, row.value)
+        moved = self.store.moved(spec, row, self.text)
+        if moved:
+            self.reenter[spec.key] = moved
+            return None
+        secret = self.store.keys.decrypt(self.session, row.value)
+        if secret is None:
+            self.unreadable.append(spec.key)
+        return secret
+
+
+def _rows(rows: Iterable[Row]) -> dict[str, Row]:
+    return {r.key: r for r in rows}
+
+
+def _sorted(specs: list[SettingField]) -> list[SettingField]:
+    return sorted(specs, key=lambda f: f.key)
 
 
 def _overridable(spec: SettingField, scope: Scope) -> bool:
     return scope is Scope.USER and spec.scope is Scope.SYSTEM and spec.user_override
 
 
-def _view(spec: SettingField, row: SystemSetting | UserSetting | None) -> SettingView:
+def _view(spec: SettingField, row: Row | None, moved: tuple[str, ...] = ()) -> SettingView:
     if spec.secret:
         return SettingView(
             key=spec.key,
@@ -215,11 +398,12 @@ def _view(spec: SettingField, row: SystemSetting | UserSetting | None) -> Settin
             scope=spec.scope.value,
             type=spec.type.value,
             value=None,
-            state=SAVED if row else NOT_SET,
+            state=(REENTER if moved else SAVED) if row else NOT_SET,
             updated_at=row.updated_at if row else None,
             fingerprint=row.fingerprint if row else None,
             required_for=spec.required_for,
             help=spec.help,
+            reenter_because=moved,
         )
     if row is not None:
         value, state = row.value, "set"
@@ -312,21 +496,3 @@ def count_secrets(session: Session) -> int:
         select(func.count()).select_from(UserSetting).where(UserSetting.secret.is_(True))
     )
     return int(system or 0) + int(users or 0)
-
-
-def rotate_secrets(session: Session, box: SecretBox) -> int:
-    """Re-encrypt every stored secret with ``box``'s primary key; returns how many.
-
-    Run with the new key first and the old key(s) after it (``CRM_SECRET_KEY="new,old"``
-    or both lines in the key file); afterwards the old key can be removed.
-    """
-    rows: list[SystemSetting | UserSetting] = [
-        *session.scalars(select(SystemSetting).where(SystemSetting.secret.is_(True))),
-        *session.scalars(select(UserSetting).where(UserSetting.secret.is_(True))),
-    ]
-    for row in rows:
-        clear = box.decrypt(row.value).reveal()
-        row.value = box.rotate(row.value)
-        row.fingerprint = box.fingerprint(clear)
-    session.flush()
-    return len(rows)

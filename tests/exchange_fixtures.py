@@ -88,6 +88,14 @@ class ExchangeWorld:
         with self.crm.transaction() as session:
             self.crm.settings_store().unset_system(session, key)
 
+    def reenter_secrets(self) -> None:
+        """Type the secrets in again, as every screen asks after a change of where they
+        go (authority, tenant, app, CA bundle, Exchange URL)."""
+        if self.email == ONPREM_USER:  # Exchange Server with the user's password
+            self.set_user("exchange.password", ONPREM_PASSWORD)
+        else:
+            self.set_system("exchange.client_secret", SECRET)
+
     def set_user(self, key: str, value: str, email: str | None = None) -> None:
         """Save one of the user's settings (``crm users set``)."""
         with self.crm.transaction() as session:
@@ -106,14 +114,15 @@ class ExchangeWorld:
         return self.ews.base_url + EWS_PATH
 
     def system_settings(self) -> dict[str, str]:
-        """The guide's System settings for the stand-ins."""
+        """The guide's System settings for the stand-ins; the client secret last, since
+        it is bound to the authority, tenant, app and CA bundle it is saved for."""
         return {
             "exchange.url": self.url,
             "exchange.client_id": CLIENT,
             "exchange.tenant_id": TENANT,
-            "exchange.client_secret": SECRET,
             "exchange.authority": self.entra.base_url,
             "tls.ca_bundle": str(self.ca.ca_pem),
+            "exchange.client_secret": SECRET,
         }
 
     def user_settings(self) -> dict[str, str]:

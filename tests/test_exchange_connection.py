@@ -68,6 +68,7 @@ def test_green_reads_connected_to_exchange(world: ExchangeWorld) -> None:
 
 def test_tenant_given_as_its_domain(world: ExchangeWorld) -> None:
     world.set_system("exchange.tenant_id", "contoso.onmicrosoft.com")
+    world.reenter_secrets()  # bound to the setting just changed
     assert world.test_connection().summary == "Connected to Exchange"
 
 
@@ -120,6 +121,7 @@ def test_expired_secret_names_the_date(world: ExchangeWorld) -> None:
 
 def test_unknown_client_id(world: ExchangeWorld) -> None:
     world.set_system("exchange.client_id", OTHER_CLIENT)
+    world.reenter_secrets()  # bound to the setting just changed
     report = world.test_connection()
     detail, fix = red(report, "token")
     assert report.summary == CREDENTIALS + detail
@@ -132,6 +134,7 @@ def test_unknown_client_id(world: ExchangeWorld) -> None:
 def test_unknown_tenant(world: ExchangeWorld) -> None:
     other = "11111111-2222-4333-8444-555555555555"
     world.set_system("exchange.tenant_id", other)
+    world.reenter_secrets()  # bound to the setting just changed
     report = world.test_connection()
     detail, fix = red(report, "token")
     assert report.summary == CREDENTIALS + detail
@@ -142,6 +145,7 @@ def test_unknown_tenant(world: ExchangeWorld) -> None:
 
 def test_unknown_tenant_domain(world: ExchangeWorld) -> None:
     world.set_system("exchange.tenant_id", "fabrikam.se")
+    world.reenter_secrets()  # bound to the setting just changed
     detail, _ = red(world.test_connection(), "token")
     assert detail.startswith("Tenant fabrikam.se was not found")
 
@@ -268,6 +272,7 @@ def test_server_not_reachable(world: ExchangeWorld) -> None:
 
 def test_untrusted_certificate(world: ExchangeWorld) -> None:
     world.unset_system("tls.ca_bundle")
+    world.reenter_secrets()  # bound to the setting just changed
     detail, fix = red(world.test_connection(), "token")
     assert detail == f"The TLS certificate of {world.entra.base_url} could not be verified."
     assert "tls.ca_bundle" in fix
@@ -303,6 +308,7 @@ def test_onprem_wrong_password(onprem: ExchangeWorld) -> None:
 
 def test_onprem_untrusted_certificate(onprem: ExchangeWorld) -> None:
     onprem.unset_system("tls.ca_bundle")
+    onprem.reenter_secrets()  # bound to the setting just changed
     detail, fix = red(onprem.test_connection(), "mailbox")
     assert detail == "The TLS certificate of 127.0.0.1 could not be verified."
     assert "tls.ca_bundle" in fix

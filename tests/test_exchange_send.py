@@ -336,6 +336,7 @@ def test_unticking_sync_while_sending_via_exchange_is_refused(world: ExchangeWor
 
 def test_without_the_ca_bundle_the_certificate_is_refused(world: ExchangeWorld) -> None:
     world.unset_system("tls.ca_bundle")  # REQUESTS_CA_BUNDLE is the machine's store
+    world.reenter_secrets()  # the client secret is bound to the CA bundle
     result = world.send_one()
     assert (result.outcome, result.code) == (Outcome.CONFIGURATION, "tls")
     assert "could not be verified" in result.detail
@@ -346,6 +347,7 @@ def test_requests_ca_bundle_is_honoured(
     world: ExchangeWorld, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     world.unset_system("tls.ca_bundle")
+    world.reenter_secrets()  # the client secret is bound to the CA bundle
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(world.ca.ca_pem))
     assert world.send_one().outcome is Outcome.SENT
 

@@ -14,7 +14,9 @@ from sqlalchemy import select
 from crm_core import SecretKeyError, SettingField, SettingValueError, directory, hookimpl
 from crm_core.app import Crm
 from crm_core.fields import FieldType, Scope
+from crm_core.keyring import KeyRing
 from crm_core.models import SystemSetting, UserSetting
+from crm_core.rotation import reencrypt
 from crm_core.secret_box import Secret, SecretBox, create_key_file, load_keys
 from crm_core.settings import SettingsStore, private_domains_allowed
 from tests.conftest import CrmFactory
@@ -160,20 +162,15 @@ def test_rotation_keeps_secrets_readable(make_crm: Callable[..., Crm], secret_ke
     crm = make_crm(CONFIG)
     with crm.transaction() as session:
         crm.set_system_setting(session, "vault.client_secret", SECRET)
-    old = crm.secret_box()
     new_key = Fernet.generate_key()
     rotated = SecretBox([new_key, secret_key.encode()])
-    from crm_core.settings import rotate_secrets
-
     with crm.transaction() as session:
-        count = rotate_secrets(session, rotated)
-    assert count == 1
-    only_new = SecretBox([new_key])
+        assert reencrypt(session, rotated) == 1
+    only_new = KeyRing(lambda: [new_key])
     with crm.transaction() as session:
         store = SettingsStore(crm.settings_fields(), only_new)
         value = store.system_values(session)["vault.client_secret"]
     assert isinstance(value, Secret) and value.reveal() == SECRET
-    assert old is not only_new
 
 
 def test_field_scope_is_enforced(make_crm: Callable[..., Crm]) -> None:

@@ -138,6 +138,7 @@ def test_starttls_against_an_implicit_tls_port_times_out_with_a_hint(
     server = running.start(security="ssl", ssl_context=ca.server_context(), users=users())
     point_at(setup, server, ca, timeout=1)
     setup.set_system(smtp_security="starttls")
+    setup.set_user(smtp_password=PASSWORD)  # bound to the encryption: entered again
 
     connect = step(setup.test_connection(), "connect")
 

@@ -90,9 +90,10 @@ def configure(
     setup.set_system(
         exchange_client_id=CLIENT,
         exchange_tenant_id=TENANT,
-        exchange_client_secret=secret,
         exchange_authority=entra.base_url,
         tls_ca_bundle=str(ca.ca_pem),
+        exchange_client_secret=secret,  # after what it is bound to
+        smtp_oauth_hosts="127.0.0.1",  # the stand-in plays Microsoft 365
         smtp_host="127.0.0.1",
         smtp_port=str(smtp.port),
         smtp_timeout="5",
@@ -244,3 +245,26 @@ def test_connection_ladder_red_on_a_bad_secret(
         StepStatus.SKIPPED,
         StepStatus.SKIPPED,
     ]
+
+
+def test_the_token_goes_only_to_microsoft_or_a_listed_server(
+    setup: SmtpCrm, smtp: SmtpServer, entra: EntraServer, ca: TestCA, seen: SeenTokens
+) -> None:
+    """The app-only token (with full_access_as_app it reads every mailbox) is handed
+    over XOAUTH2 only to Microsoft's SMTP hosts or to one an administrator listed."""
+    configure(setup, smtp, entra, ca)
+    assert setup.send_one().outcome is Outcome.SENT
+    setup.set_system(smtp_host="smtp.office365.com")  # Microsoft's: needs no listing
+    with pytest.raises(SettingValueError, match=r"smtp\.oauth_hosts"):
+        setup.set_user(smtp_host="localhost")  # a user's own server: refused
+    setup.set_system(smtp_host="127.0.0.1")
+    with setup.crm.transaction() as session:  # the administrator withdraws the listing
+        setup.crm.settings_store().unset_system(session, "smtp.oauth_hosts")
+    result = setup.send_one()
+    assert result.outcome is Outcome.CONFIGURATION and "is neither" in result.detail
+    report = setup.test_connection()
+    assert not report.ok
+    assert smtp.auth_attempts == 1 and len(seen.tokens) == 1  # only the first, listed send
+    with pytest.raises(SettingValueError, match="app-only token for Exchange"):
+        setup.set_system(smtp_auth="password")  # (any save works again after a fix)
+        setup.set_system(smtp_auth="xoauth2")

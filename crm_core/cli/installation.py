@@ -51,22 +51,41 @@ def check(ctx: Context, as_json: bool) -> None:
     """
     crm = ctx.crm(check_users=False)
     with crm.transaction() as session:
+        unreadable = crm.settings_store().unreadable_secrets(session)
         users = _users(crm, session)
     blocked = [u for u in users if u["problems"]]
+    installation = [_unreadable(unreadable)] if unreadable else []
     if as_json:
         problems = [{"user": u["email"], **p} for u in blocked for p in u["problems"]]
         emit_json(
             {
-                "ok": not blocked,
+                "ok": not blocked and not installation,
                 "config": crm.config.source,
+                "installation_problems": [p.as_dict() for p in installation],
                 "users": users,
                 "problems": problems,
             }
         )
     else:
+        for problem in installation:
+            click.echo(f"Installation error: {printable(problem.message)}")
+            click.echo(f"  fix: {printable(problem.fix)}")
         _print_check(crm, users, blocked)
-    if blocked:
+    if blocked or installation:
         sys.exit(EXIT_FAILED)
+
+
+def _unreadable(where: list[str]) -> Problem:
+    """Secrets no key here decrypts: the whole installation's error, not a user's."""
+    from crm_core.secret_box import KEY_ENV
+
+    return Problem(
+        "secret key",
+        f"{len(where)} stored secret(s) cannot be decrypted with this installation's "
+        f"secret key: {', '.join(where)}. The mail that needs them waits (no account is "
+        "paused for it).",
+        f"restore the key file (or {KEY_ENV}) they were encrypted with, or enter each again",
+    )
 
 
 def _users(crm: Crm, session: Session) -> list[dict[str, Any]]:

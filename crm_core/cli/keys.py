@@ -19,29 +19,35 @@ def secrets_group() -> None:
 @secrets_group.command("rotate")
 @pass_ctx
 def secrets_rotate(ctx: Context) -> None:
-    """Re-encrypt every stored secret with a new key.
+    """Re-encrypt every stored secret with a new key; workers may keep running.
 
-    With a key file: a new key is generated, written first in the file, every secret
-    re-encrypted, then the old key removed. With CRM_SECRET_KEY="new,old": secrets are
-    re-encrypted with "new"; remove "old" from the variable afterwards.
+    With a key file: a new key is put first in the file, every secret re-encrypted,
+    then the keys no secret needs any more are removed from the file. With
+    CRM_SECRET_KEY="NEW,OLD" (a new key put in front of the current one first, see
+    `crm secrets new-key`): secrets are re-encrypted with NEW; remove OLD afterwards.
     """
-    from crm_core.secret_box import KEY_ENV, SecretBox, load_keys, replace_key_file
-    from crm_core.settings import rotate_secrets
+    from crm_core.rotation import rotate
 
     crm = ctx.crm(check_users=False)
-    key_file = crm.config.key_file
-    from_env = bool(crm.environ.get(KEY_ENV, "").strip())
-    keys = load_keys(key_file, crm.environ)
-    if not from_env:
-        assert key_file is not None
-        keys = replace_key_file(key_file, keys, add_new=True)
-    with crm.transaction() as session:
-        count = rotate_secrets(session, SecretBox(keys))
-    if not from_env:
-        assert key_file is not None
-        replace_key_file(key_file, keys[:1], add_new=False)
-    where = f"{KEY_ENV} (now remove the old keys from it)" if from_env else str(key_file)
-    click.echo(f"Re-encrypted {count} secret(s) with the new key in {where}.")
+    done = rotate(crm.transaction, crm.config.key_file, crm.environ)
+    click.echo(f"Re-encrypted {done.count} secret(s) with the new key in {done.where}.")
+    if done.from_env:
+        click.echo(
+            "Now remove the old key(s) after the first from CRM_SECRET_KEY, on every machine."
+        )
+    else:
+        click.echo(
+            "Back up the key file now; keep the old one with the database backups made "
+            "before this rotation, which only it can read."
+        )
+
+
+@secrets_group.command("new-key")
+def secrets_new_key() -> None:
+    """Print a new key, to put in front of CRM_SECRET_KEY's before `crm secrets rotate`."""
+    from crm_core.secret_box import new_key
+
+    click.echo(new_key())
 
 
 COMMANDS = (secrets_group,)

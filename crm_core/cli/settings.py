@@ -8,7 +8,7 @@ import click
 
 from crm_core.cli.context import Context, cli_actor, json_option, pass_ctx
 from crm_core.cli.output import emit_json, printable, when
-from crm_core.cli.values import read_value
+from crm_core.cli.values import FROM_ENV_HELP, read_value
 
 if TYPE_CHECKING:
     from crm_core.fields import SettingNotice
@@ -30,6 +30,12 @@ def report_save(outcome: SaveOutcome, secret: bool, notices: list[SettingNotice]
         click.echo(f"{outcome.key}: saved (it will not be shown again).")
     else:
         click.echo(f"{outcome.key}: saved.")
+    for key in outcome.reenter:
+        click.echo(
+            f"{key} must be entered again: {outcome.key} decides where it is sent, and a "
+            "saved secret is only sent where it was saved for.",
+            err=True,
+        )
     for notice in notices:
         click.echo(f"{notice.level.capitalize()}: {printable(notice.message)}", err=True)
 
@@ -37,14 +43,19 @@ def report_save(outcome: SaveOutcome, secret: bool, notices: list[SettingNotice]
 @settings.command("set")
 @click.argument("key")
 @click.argument("value", required=False)
+@click.option("--value-from-env", "from_env", metavar="NAME", help=FROM_ENV_HELP)
 @pass_ctx
-def settings_set(ctx: Context, key: str, value: str | None) -> None:
-    """Save a system setting. Leave VALUE out to be asked for it (a secret without echo)."""
+def settings_set(ctx: Context, key: str, value: str | None, from_env: str | None) -> None:
+    """Save a system setting. Leave VALUE out to be asked for it (a secret without echo).
+
+    A secret is never given as VALUE: type it at the prompt, pipe it on standard
+    input, or name an environment variable with --value-from-env.
+    """
     from crm_core.fields import Scope
 
     crm = ctx.crm()
     spec = crm.settings_store().field(key, Scope.SYSTEM)
-    raw = read_value(spec, value)
+    raw = read_value(spec, value, from_env, crm.environ)
     with crm.transaction() as session:
         outcome = crm.set_system_setting(session, key, raw, actor=cli_actor())
         notices = [n for n in crm.check_settings(session, Scope.SYSTEM, None) if n.key == key]
@@ -69,6 +80,8 @@ def print_views(views: list[SettingView]) -> None:
             shown = view.state
             if view.updated_at:
                 shown += f" {when(view.updated_at)}, fingerprint {view.fingerprint}"
+            if view.reenter_because:
+                shown += f": {view.reenter_words}"
         else:
             shown = printable(view.value) if view.value is not None else "(not set)"
             if view.state == "default":
@@ -88,7 +101,8 @@ def settings_show(ctx: Context, as_json: bool) -> None:
     with crm.transaction() as session:
         views = crm.settings_store().describe_system(session)
         notices = crm.check_settings(session, Scope.SYSTEM, None)
-        problems = crm.installation_problems(crm.settings_store().system_values(session))
+        found = crm.settings_store().resolve(session)
+        problems = crm.installation_problems(found.system, found.reenter)
     if as_json:
         emit_json(
             {

@@ -10,7 +10,7 @@ import click
 from crm_core.cli.context import Context, cli_actor, json_option, pass_ctx
 from crm_core.cli.output import emit_json, printable, table, when
 from crm_core.cli.settings import print_views, report_save
-from crm_core.cli.values import read_value
+from crm_core.cli.values import FROM_ENV_HELP, read_value
 from crm_core.errors import Problem, ValidationError
 
 if TYPE_CHECKING:
@@ -64,15 +64,20 @@ def users_add(ctx: Context, email: str, name: str, product_line: str, admin: boo
 @click.argument("email")
 @click.argument("key")
 @click.argument("value", required=False)
+@click.option("--value-from-env", "from_env", metavar="NAME", help=FROM_ENV_HELP)
 @pass_ctx
-def users_set(ctx: Context, email: str, key: str, value: str | None) -> None:
-    """Save one of a user's settings. Leave VALUE out to be asked for it."""
+def users_set(ctx: Context, email: str, key: str, value: str | None, from_env: str | None) -> None:
+    """Save one of a user's settings. Leave VALUE out to be asked for it.
+
+    A secret is never given as VALUE: type it at the prompt, pipe it on standard
+    input, or name an environment variable with --value-from-env.
+    """
     from crm_core import directory
     from crm_core.fields import Scope
 
     crm = ctx.crm(check_users=False)
     spec = crm.settings_store().field(key, Scope.USER)
-    raw = read_value(spec, value)
+    raw = read_value(spec, value, from_env, crm.environ)
     with crm.transaction() as session:
         user = directory.find_user(session, email)
         outcome = crm.set_user_setting(session, user, key, raw, actor=cli_actor())

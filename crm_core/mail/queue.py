@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
@@ -126,11 +126,12 @@ def claim_batch(crm: Crm, session: Session, worker: str, limit: int, now: dateti
     """
     resumed = lift_changed_pauses(session)
     paused = 0
+    waiting: set[int] = set()
     for _round in range(3):  # pausing frees the slots for other accounts' mail
-        rows = _select_due(session, limit, now)
+        rows = _select_due(session, limit, now, waiting)
         if not rows:
             return ClaimResult([], paused, resumed)
-        accounts, blocked = _accounts_for(crm, session, rows, now)
+        accounts, blocked = _accounts_for(crm, session, rows, now, waiting)
         paused += blocked
         rows = [r for r in rows if r.user_id in accounts]
         if rows:
@@ -140,7 +141,9 @@ def claim_batch(crm: Crm, session: Session, worker: str, limit: int, now: dateti
     return ClaimResult([], paused, resumed)
 
 
-def _select_due(session: Session, limit: int, now: datetime) -> list[OutboxMessage]:
+def _select_due(
+    session: Session, limit: int, now: datetime, waiting: Collection[int] = ()
+) -> list[OutboxMessage]:
     paused_users = select(AccountPause.user_id)
     due_ids = (
         select(OutboxMessage.id)
@@ -148,6 +151,7 @@ def _select_due(session: Session, limit: int, now: datetime) -> list[OutboxMessa
             OutboxMessage.state.in_(DUE_STATES),
             OutboxMessage.next_attempt_at <= now,
             OutboxMessage.user_id.not_in(paused_users),
+            *([OutboxMessage.user_id.not_in(list(waiting))] if waiting else []),
         )
         .order_by(OutboxMessage.next_attempt_at, OutboxMessage.id)
         .limit(limit)
@@ -166,9 +170,18 @@ def _select_due(session: Session, limit: int, now: datetime) -> list[OutboxMessa
 
 
 def _accounts_for(
-    crm: Crm, session: Session, rows: Sequence[OutboxMessage], now: datetime
+    crm: Crm,
+    session: Session,
+    rows: Sequence[OutboxMessage],
+    now: datetime,
+    waiting: set[int],
 ) -> tuple[dict[int, SenderAccount], int]:
-    """Sender accounts that may send now; the others are paused with the reason."""
+    """Sender accounts that may send now; the others are paused with the reason.
+
+    An account that needs a secret no key here decrypts is not paused: that is an
+    installation-wide error (logged, and shown by ``crm check``), not the account's,
+    and its mail waits in ``waiting`` until the key is back (a reload needs no restart).
+    """
     accounts: dict[int, SenderAccount] = {}
     paused = 0
     for user_id in dict.fromkeys(r.user_id for r in rows):
@@ -177,6 +190,9 @@ def _accounts_for(
         account, problems = crm.sender_state(session, user)
         if account is None:
             account = SenderAccount(user.id, user.email, user.name, user.product_line, "?")
+        if any(p.key in account.unreadable for p in problems):
+            waiting.add(user_id)
+            continue
         if problems:
             reason = "; ".join(str(p) for p in problems)
             paused += pause_account(session, account, reason, "settings", now)

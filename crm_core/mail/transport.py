@@ -49,6 +49,11 @@ class SenderAccount:
     ``system`` and ``user`` hold the resolved setting values (secrets as masked
     :class:`Secret` objects). :meth:`get` looks at the user's value first, so a
     per-user override (e.g. ``smtp.host``) wins over the installation's value.
+
+    A saved secret the core withholds is absent from both: ``reenter`` names those
+    whose destination changed since they were saved (with the settings that changed),
+    ``unreadable`` those no key of this installation decrypts. The core explains them
+    in the account's problems; a transport simply finds no value.
     """
 
     user_id: int
@@ -58,6 +63,8 @@ class SenderAccount:
     transport: str
     system: Mapping[str, SettingValue] = field(default_factory=dict)
     user: Mapping[str, SettingValue] = field(default_factory=dict)
+    reenter: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    unreadable: frozenset[str] = frozenset()
 
     @property
     def key(self) -> str:

@@ -250,8 +250,11 @@ def fields() -> list[SettingField]:
             Scope.USER,
             "Password",
             type=FieldType.SECRET,
-            help="The user's network password; used only for Exchange Server without OAuth.",
+            help="The user's network password; used only for Exchange Server without OAuth. "
+            "It is sent only to the Exchange URL it was saved for: after a change of the URL "
+            "(or of the CA bundle) it must be entered again.",
             plugin=PLUGIN,
+            bound_to=(URL, CA_BUNDLE),
         ),
         SettingField(
             SYNC,

@@ -35,7 +35,7 @@ from smtp_mail.classify import (
 )
 from smtp_mail.recipients import Tally
 from smtp_mail.render import Envelope, Unsendable, prepare
-from smtp_mail.settings import AUTH, CA_BUNDLE, AuthMode, Security, SmtpSettings
+from smtp_mail.settings import AUTH, CA_BUNDLE, OAUTH_HOSTS, AuthMode, Security, SmtpSettings
 
 if TYPE_CHECKING:
     from _socket import _Address as _SourceAddress
@@ -268,6 +268,16 @@ class SmtpClient:
         if "XOAUTH2" not in offered:
             raise SmtpFailure(self._no_mechanism(offered, "XOAUTH2"), Phase.AUTH)
         assert self.tokens is not None, "xoauth2 needs a token source"
+        if not self.settings.may_get_token:  # sending_problems stops it before; never here
+            raise SmtpFailure(
+                Failure(
+                    Outcome.CONFIGURATION,
+                    f"{self.settings.host} may not be sent an Exchange token.",
+                    f"Use Microsoft's SMTP server, or list it in {OAUTH_HOSTS}.",
+                    "token-host",
+                ),
+                Phase.AUTH,
+            )
         code, reply = self._xoauth2_once(conn)
         if code >= 500:
             # The cached token may have been revoked or expired early: once more, fresh.

@@ -43,6 +43,20 @@ USERNAME = "smtp.username"
 PASSWORD = "smtp.password"
 CA_BUNDLE = "tls.ca_bundle"
 TRANSPORT_KEY = "mail.transport"
+OAUTH_HOSTS = "smtp.oauth_hosts"
+
+MICROSOFT_SMTP_HOSTS = frozenset(
+    {
+        "smtp.office365.com",  # Microsoft 365 worldwide
+        "smtp-legacy.office365.com",
+        "smtp.office365.us",  # GCC High and DoD
+        "smtp.partner.outlook.cn",  # operated by 21Vianet
+        "smtp.hve.mx.microsoft",  # High Volume Email
+        "smtp-hve.office365.com",
+    }
+)
+"""Where an app-only Exchange token may go over XOAUTH2 without an administrator
+listing it: Microsoft's own SMTP hosts."""
 
 DEFAULT_TIMEOUT = 30
 USER_KEYS = (USERNAME, PASSWORD)
@@ -89,6 +103,12 @@ def _validate_host(text: str) -> str:
             HOST, f"{text!r} is not a server name (letters, digits, dots and hyphens only)"
         )
     return bare.lower()
+
+
+def _validate_oauth_hosts(text: str) -> str:
+    """Host names separated by commas or blanks, each checked as ``smtp.host`` is."""
+    hosts = [_validate_host(word) for word in text.replace(",", " ").split()]
+    return ", ".join(dict.fromkeys(hosts))
 
 
 def _validate_port(text: str) -> str:
@@ -156,6 +176,17 @@ def smtp_fields() -> list[SettingField]:
             user_override=True,
         ),
         SettingField(
+            OAUTH_HOSTS,
+            Scope.SYSTEM,
+            "Other SMTP servers for OAuth",
+            help="With xoauth2 the app-only token for Exchange (which, with "
+            "full_access_as_app, can read every mailbox of the tenant) is sent only to "
+            "Microsoft's SMTP servers (smtp.office365.com and the national clouds'). List "
+            "here, separated by commas, any other server you trust with it (e.g. a relay "
+            "of your own in front of Microsoft 365). A user cannot change this list.",
+            validator=_validate_oauth_hosts,
+        ),
+        SettingField(
             TIMEOUT,
             Scope.SYSTEM,
             "SMTP timeout",
@@ -177,7 +208,10 @@ def smtp_fields() -> list[SettingField]:
             Scope.USER,
             "SMTP password",
             type=FieldType.SECRET,
-            help="The mailbox password (or an app password). Never shown again once saved.",
+            help="The mailbox password (or an app password). Never shown again once saved. "
+            "It is sent only to the server, port and encryption it was saved for: after a "
+            "change of any of them it must be entered again.",
+            bound_to=(HOST, PORT, SECURITY),
         ),
         *entra_fields(),
     ]
@@ -216,6 +250,14 @@ class SmtpSettings:
     ca_bundle: str | None
     email: str
     overridden: frozenset[str] = frozenset()
+    oauth_hosts: frozenset[str] = frozenset()
+    """Servers an administrator listed in ``smtp.oauth_hosts`` (system only)."""
+
+    @property
+    def may_get_token(self) -> bool:
+        """Whether this server may be handed the app-only token (XOAUTH2)."""
+        host = self.host.lower().rstrip(".")
+        return host in MICROSOFT_SMTP_HOSTS or host in self.oauth_hosts
 
     @property
     def server(self) -> str:
@@ -237,6 +279,7 @@ def sending_problems(account: SenderAccount) -> list[Problem]:
     settings = resolve(account)
     found = _missing_basics(settings) + _plaintext_problem(settings)
     if settings.auth is AuthMode.XOAUTH2:
+        found += _token_host_problem(settings)
         found += _entra_problem(settings, {**account.system, **account.user})
     return found
 
@@ -259,7 +302,12 @@ def resolve(account: SenderAccount) -> SmtpSettings:
         ca_bundle=account.get_str(CA_BUNDLE) or None,
         email=account.email,
         overridden=frozenset(k for k in OVERRIDABLE if k in account.user),
+        oauth_hosts=frozenset(_text(account.system.get(OAUTH_HOSTS)).replace(",", " ").split()),
     )
+
+
+def _text(value: SettingValue | None) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def _choice(kind: type[E], text: str, default: E) -> E:
@@ -315,6 +363,28 @@ def _plaintext_problem(s: SmtpSettings) -> list[Problem]:
             "that needs no login.",
             s.set_command(SECURITY, Security.STARTTLS.value),
             also=(AUTH, HOST),
+        )
+    ]
+
+
+def _token_host_problem(s: SmtpSettings) -> list[Problem]:
+    """An app-only Exchange token goes only to Microsoft or to a server an admin listed.
+
+    Why: with ``full_access_as_app`` it reads every mailbox of the tenant, so whoever
+    may change ``smtp.host`` (a user's own override included) must not be able to
+    have it sent to their server.
+    """
+    if not s.host or s.may_get_token:
+        return []
+    return [
+        Problem(
+            HOST,
+            f"{AUTH} xoauth2 sends an app-only token for Exchange, which can read every "
+            f"mailbox of the tenant; it is sent only to Microsoft's SMTP servers (e.g. "
+            f"smtp.office365.com), or to servers an administrator lists in "
+            f"{OAUTH_HOSTS}, and {s.host} is neither.",
+            s.set_command(HOST, "smtp.office365.com"),
+            also=(AUTH,),
         )
     ]
 
