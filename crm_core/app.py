@@ -74,6 +74,7 @@ class Crm:
         self.environ = os.environ if environ is None else environ
         self.engine = db.make_engine(config.database_url)
         self.sessions = db.make_sessionmaker(self.engine)
+        self.read_sessions = db.make_sessionmaker(db.read_only(self.engine))
         self.resources = Resources()
         self._extra_plugins = tuple(extra_plugins)
         self._managers: dict[str, pluggy.PluginManager] = {}
@@ -81,8 +82,9 @@ class Crm:
         self._fields: dict[str, SettingField] | None = None
         self._transports: dict[str, dict[str, TransportSpec]] = {}
         self._owner_callers: dict[tuple[str, str, str], pluggy.HookCaller] = {}
-        event.listen(self.sessions, "after_commit", self._send_pending_signals)
-        event.listen(self.sessions, "after_rollback", self._drop_pending_signals)
+        for sessions in (self.sessions, self.read_sessions):
+            event.listen(sessions, "after_commit", self._send_pending_signals)
+            event.listen(sessions, "after_rollback", self._drop_pending_signals)
 
     @classmethod
     def open(cls, config_path: str | None = None, **kwargs: Any) -> Crm:
@@ -102,9 +104,16 @@ class Crm:
     # --- database ---------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """One unit of work: commits on success, rolls back on error."""
-        with self.sessions.begin() as session:
+    def transaction(self, *, write: bool = True) -> Iterator[Session]:
+        """One unit of work: commits on success, rolls back on error.
+
+        ``write=False`` for one that only reads (a list, a show, a dry run): on SQLite
+        it takes no write lock, so it never makes a worker wait, and a write in it
+        fails at once (see :mod:`crm_core.db`). Writing is the default because a
+        read-then-write transaction begun as a reader could fail on upgrade.
+        """
+        sessions = self.sessions if write else self.read_sessions
+        with sessions.begin() as session:
             yield session
 
     def init_database(self) -> tuple[str | None, str]:

@@ -117,7 +117,7 @@ def send(
     )
     crm = ctx.crm()
     if dry_run:
-        with crm.transaction() as session:
+        with crm.transaction(write=False) as session:
             found = enqueue.plan(crm, session, request)
         _print_plan(found, as_json)
         if not found.ok:
@@ -164,7 +164,7 @@ def _queue(crm: Crm, request: MailRequest) -> Queued:
 def _in_outbox(crm: Crm, message_id: str) -> bool:
     from crm_core.mail import enqueue
 
-    with crm.transaction() as session:
+    with crm.transaction(write=False) as session:
         return enqueue.is_queued(session, message_id)
 
 
