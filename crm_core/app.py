@@ -24,6 +24,7 @@ from crm_core import audit, db, signals
 from crm_core.config import Config, load_config
 from crm_core.errors import ConfigError, PluginError, Problem, SecretKeyError, SettingValueError
 from crm_core.fields import Scope, SettingField, SettingNotice, set_command
+from crm_core.files import private_folder
 from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import (
     ConnectionReport,
@@ -275,6 +276,7 @@ class Crm:
                     "secrets: restore the key file from your backup (or set "
                     f"{KEY_ENV}); a new key could not read them"
                 )
+        private_folder(key_file.parent)
         create_key_file(key_file)
         return key_file
 

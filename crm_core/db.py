@@ -29,6 +29,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from crm_core.errors import ConfigError, DatabaseError
+from crm_core.files import private_file, private_folder
 from crm_core.migrations import REVISIONS
 
 if TYPE_CHECKING:
@@ -73,6 +74,18 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database or "")
 
 
+def _create_private(url: str) -> None:
+    """Make a missing SQLite database file 0600 before SQLite makes it 0644.
+
+    Only in a folder that exists: a missing folder is ``crm init``'s to make. A URI
+    filename (``?uri=true``) is left to SQLite.
+    """
+    path = sqlite_file(url)
+    if path is None or "uri" in make_url(url).query or not path.parent.is_dir():
+        return
+    private_file(path)
+
+
 def read_only(engine: Engine) -> Engine:
     """``engine`` for transactions that only read (same pool; see the module's words)."""
     options: dict[str, Any] = {READ_ONLY: True}
@@ -83,6 +96,10 @@ def read_only(engine: Engine) -> Engine:
 
 def _sqlite_engine(url: str) -> Engine:
     engine = create_engine(url, connect_args={"timeout": 30})
+
+    @event.listens_for(engine, "do_connect")
+    def _before_connect(*_args: Any) -> None:
+        _create_private(url)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, record: Any) -> None:
@@ -133,7 +150,7 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
     """
     path = sqlite_file(str(engine.url))
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(path.parent)
     before = current_revision(engine)
     if before is not None and before not in REVISIONS:
         raise DatabaseError(newer_schema(engine, before))

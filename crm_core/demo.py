@@ -16,6 +16,7 @@ from sqlalchemy import select
 from crm_core import directory
 from crm_core.app import Crm
 from crm_core.config import load_config
+from crm_core.files import private_folder
 from crm_core.mail.enqueue import MailRequest, enqueue
 from crm_core.mail.operations import show_message
 from crm_core.mail.worker import Worker
@@ -61,7 +62,7 @@ class DemoResult:
 
 def prepare(folder: Path) -> Crm:
     """Write the demo config (once), open the Crm and create or upgrade the database."""
-    folder.mkdir(parents=True, exist_ok=True)
+    private_folder(folder)  # it will hold the database and the secret key
     config_path = folder / "crm.toml"
     if not config_path.exists():
         config_path.write_text(DEMO_CONFIG, encoding="utf-8")
