@@ -852,3 +852,26 @@ def test_worker_signals_are_sent_after_commit(scripted: Any) -> None:
     assert sorted(heard) == sorted(
         [("mail-sent", ok), ("mail-failed", perm), ("mail-retry-scheduled", temp)]
     )
+
+
+def test_a_subject_longer_than_a_header_line_is_refused_with_the_limit(scripted: Any) -> None:
+    """RFC 5322 allows 998 characters on a line; a subject that cannot be folded failed
+    only when the worker sent it ("500 Line too long"). Refused at enqueue instead."""
+    crm, _ = scripted
+    longest = "x" * enqueue.MAX_SUBJECT_CHARS
+    (problem,) = _refused(crm, _request(subject=longest + "x"))
+    assert (problem.key, problem.message, problem.fix) == (
+        "subject",
+        "is 990 characters long; mail allows at most 989",
+        "shorten the subject and put the rest in the body",
+    )
+    with crm.transaction() as s:
+        assert enqueue.enqueue(crm, s, _request(subject=longest)).state == "queued"
+
+
+@pytest.mark.parametrize(("field", "key"), [("text", "body"), ("html", "html")])
+def test_a_nul_character_in_a_body_is_refused(scripted: Any, field: str, key: str) -> None:
+    """PostgreSQL cannot store it and SMTP forbids it: refused, with where it is."""
+    crm, _ = scripted
+    (problem,) = _refused(crm, _request(**{field: "Hej\x00Per"}))
+    assert (problem.key, problem.message) == (key, "contains a NUL character (U+0000) at position 3")
