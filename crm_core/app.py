@@ -132,7 +132,7 @@ class Crm:
     def _send_pending_signals(self, session: Session) -> None:
         pending = session.info.pop(signals.PENDING_KEY, [])
         for name, payload in pending:
-            signals.signal_named(name).send(self, **payload)
+            signals.deliver(self, name, payload)
 
     def _drop_pending_signals(self, session: Session) -> None:
         session.info.pop(signals.PENDING_KEY, None)
