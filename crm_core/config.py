@@ -362,7 +362,7 @@ def parse_duration(value: object, name: str) -> timedelta:
         raise ConfigError(f"{name} must be {DURATION_FORMAT}, got {value!r}")
     units = dict(_UNIT_SECONDS)
     if any(len(n) > 9 for n, _ in _DURATION_PART.findall(value.lower())):
-        raise ConfigError(f"{name} is far too long, got {value!r}; write e.g. \"2d\"")
+        raise ConfigError(f'{name} is far too long, got {value!r}; write e.g. "2d"')
     seconds = sum(int(n) * units[u] for n, u in _DURATION_PART.findall(value.lower()))
     if seconds <= 0:
         raise ConfigError(f"{name} must be longer than 0, got {value!r}")

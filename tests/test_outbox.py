@@ -874,4 +874,7 @@ def test_a_nul_character_in_a_body_is_refused(scripted: Any, field: str, key: st
     """PostgreSQL cannot store it and SMTP forbids it: refused, with where it is."""
     crm, _ = scripted
     (problem,) = _refused(crm, _request(**{field: "Hej\x00Per"}))
-    assert (problem.key, problem.message) == (key, "contains a NUL character (U+0000) at position 3")
+    assert (problem.key, problem.message) == (
+        key,
+        "contains a NUL character (U+0000) at position 3",
+    )

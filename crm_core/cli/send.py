@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from crm_core.mail.message import Attachment
 
 
-class RegularFile(click.ParamType):
+class RegularFile(click.ParamType):  # type: ignore[type-arg]  # generic only from click 8.2
     """A path that names a regular file: a FIFO, a device or a folder is refused at once.
 
     Why here: ``stat`` does not open, so ``/dev/zero`` or a FIFO is refused (exit 2)
