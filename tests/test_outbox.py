@@ -641,13 +641,18 @@ def _record(crm: Any, claims: Sequence[queue.Claim], outcome: Outcome) -> queue.
         return queue.record_results(crm, s, claims, results, utcnow())
 
 
+def _past_the_lease(crm: Any) -> timedelta:
+    """How far past now a reaper must run to find a claim made now expired."""
+    return timedelta(seconds=crm.config.outbox.lease_seconds + 1)
+
+
 def test_a_late_worker_cannot_overwrite_a_newer_claim(scripted: Any) -> None:
     crm, _ = scripted
     outbox_id = queue_mail(crm)
     old = _claim(crm, "worker-a")
     assert old and row(crm, outbox_id).state == "sending"
     with crm.transaction() as s:  # worker-a stalls past its lease; the reaper runs
-        reaped = queue.reap_expired(s, utcnow() + timedelta(seconds=61))
+        reaped = queue.reap_expired(s, utcnow() + _past_the_lease(crm))
     assert reaped == [outbox_id]
     unknown = row(crm, outbox_id)
     assert unknown.state == "unknown" and unknown.last_code == "lease-expired"
@@ -670,7 +675,7 @@ def test_a_late_result_still_lands_when_nobody_else_touched_the_row(scripted: An
     outbox_id = queue_mail(crm)
     claims = _claim(crm, "worker-a")
     with crm.transaction() as s:
-        queue.reap_expired(s, utcnow() + timedelta(seconds=61))
+        assert queue.reap_expired(s, utcnow() + _past_the_lease(crm)) == [outbox_id]
     assert _record(crm, claims, Outcome.SENT).counts == {"sent": 1}
     assert row(crm, outbox_id).state == "sent"
 
