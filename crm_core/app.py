@@ -24,6 +24,7 @@ from crm_core import audit, db, signals
 from crm_core.config import Config, load_config
 from crm_core.errors import ConfigError, PluginError, Problem, SecretKeyError, SettingValueError
 from crm_core.fields import Scope, SettingField, SettingNotice, set_command
+from crm_core.files import private_folder
 from crm_core.keyring import KeyRing
 from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import (
@@ -75,6 +76,7 @@ class Crm:
         self.environ = os.environ if environ is None else environ
         self.engine = db.make_engine(config.database_url)
         self.sessions = db.make_sessionmaker(self.engine)
+        self.read_sessions = db.make_sessionmaker(db.read_only(self.engine))
         self.resources = Resources()
         self._extra_plugins = tuple(extra_plugins)
         self._managers: dict[str, pluggy.PluginManager] = {}
@@ -84,8 +86,9 @@ class Crm:
         self._fields: dict[str, SettingField] | None = None
         self._transports: dict[str, dict[str, TransportSpec]] = {}
         self._owner_callers: dict[tuple[str, str, str], pluggy.HookCaller] = {}
-        event.listen(self.sessions, "after_commit", self._send_pending_signals)
-        event.listen(self.sessions, "after_rollback", self._drop_pending_signals)
+        for sessions in (self.sessions, self.read_sessions):
+            event.listen(sessions, "after_commit", self._send_pending_signals)
+            event.listen(sessions, "after_rollback", self._drop_pending_signals)
 
     @classmethod
     def open(cls, config_path: str | None = None, **kwargs: Any) -> Crm:
@@ -105,9 +108,16 @@ class Crm:
     # --- database ---------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """One unit of work: commits on success, rolls back on error."""
-        with self.sessions.begin() as session:
+    def transaction(self, *, write: bool = True) -> Iterator[Session]:
+        """One unit of work: commits on success, rolls back on error.
+
+        ``write=False`` for one that only reads (a list, a show, a dry run): on SQLite
+        it takes no write lock, so it never makes a worker wait, and a write in it
+        fails at once (see :mod:`crm_core.db`). Writing is the default because a
+        read-then-write transaction begun as a reader could fail on upgrade.
+        """
+        sessions = self.sessions if write else self.read_sessions
+        with sessions.begin() as session:
             yield session
 
     def init_database(self) -> tuple[str | None, str]:
@@ -133,7 +143,7 @@ class Crm:
     def _send_pending_signals(self, session: Session) -> None:
         pending = session.info.pop(signals.PENDING_KEY, [])
         for name, payload in pending:
-            signals.signal_named(name).send(self, **payload)
+            signals.deliver(self, name, payload)
 
     def _drop_pending_signals(self, session: Session) -> None:
         session.info.pop(signals.PENDING_KEY, None)
@@ -276,6 +286,7 @@ class Crm:
                     "secrets: restore the key file from your backup (or set "
                     f"{KEY_ENV}); a new key could not read them"
                 )
+        private_folder(key_file.parent)
         create_key_file(key_file)
         return key_file
 

@@ -61,6 +61,13 @@ class ProductLineConfig:
     label: str = ""
 
 
+LEASE_FLOOR = 150
+"""The shortest lease, in seconds: longer than the longest our transports wait for one
+answer (exchangelib's and Graph's 120 s read timeout, SMTP's 30 s default) and than the
+30 s a renewal may wait for the database, so a live worker whose server or database is
+slow is never taken for dead and its mail turned ``unknown``."""
+
+
 @dataclass(frozen=True)
 class OutboxConfig:
     """Outbox tuning; see the README's operations section for what each does.
@@ -73,14 +80,22 @@ class OutboxConfig:
     extra bound, off (None) unless set.
     """
 
-    lease_seconds: int = 300
-    give_up_after: timedelta = timedelta(days=2)
-    max_attempts: int | None = None
-    backoff_base_seconds: float = 30.0
-    backoff_max_seconds: float = 3600.0
-    batch_size: int = 50
-    poll_seconds: float = 1.0
-    reconcile_seconds: float = 300.0
+    lease_seconds: int = field(
+        default=300,
+        metadata={
+            "range": (LEASE_FLOOR, 86400),
+            "why": " (longer than the transports' timeouts: Exchange waits up to 120 s)",
+        },
+    )
+    give_up_after: timedelta = field(
+        default=timedelta(days=2), metadata={"range": (1, 365 * 86400)}
+    )
+    max_attempts: int | None = field(default=None, metadata={"range": (1, 1000), "example": 8})
+    backoff_base_seconds: float = field(default=30.0, metadata={"range": (1, 86400)})
+    backoff_max_seconds: float = field(default=3600.0, metadata={"range": (1, 7 * 86400)})
+    batch_size: int = field(default=50, metadata={"range": (1, 10000)})
+    poll_seconds: float = field(default=1.0, metadata={"range": (0.01, 3600)})
+    reconcile_seconds: float = field(default=300.0, metadata={"range": (1, 7 * 86400)})
     """How often a running worker asks the transports about ``unknown`` mail: a lookup
     that was "too soon to tell" is then settled without an operator."""
 
@@ -89,8 +104,10 @@ class OutboxConfig:
 class MailConfig:
     """Limits checked at enqueue so that nothing is queued that cannot be sent."""
 
-    max_message_bytes: int = 25 * 1024 * 1024
-    max_recipients: int = 500
+    max_message_bytes: int = field(
+        default=25 * 1024 * 1024, metadata={"range": (1024, 1024 * 1024 * 1024)}
+    )
+    max_recipients: int = field(default=500, metadata={"range": (1, 100000)})
 
 
 @dataclass(frozen=True)
@@ -242,10 +259,14 @@ def _dataclass_from(cls: Any, table: Mapping[str, Any], source: str, where: str)
     allowed = tuple(cls.__dataclass_fields__)
     _reject_unknown(table, allowed, source, where)
     hints = typing.get_type_hints(cls)
-    values = {
-        key: _typed(value, hints[key], f"{source}: {where}.{key}") for key, value in table.items()
-    }
-    return cls(**values)
+    values = {}
+    for key, value in table.items():
+        spec = cls.__dataclass_fields__[key]
+        name = f"{source}: {where}.{key}"
+        values[key] = _in_range(_typed(value, hints[key], name), spec, name)
+    made = cls(**values)
+    _cross_field(made, source, where)
+    return made
 
 
 def _typed(value: Any, hint: Any, name: str) -> Any:
@@ -255,9 +276,70 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
         return parse_duration(value, name)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, expected) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive {expected.__name__}, got {value!r}")
+    if not isinstance(value, expected) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be a {_kind(expected)}, got {value!r}")
     return value
+
+
+def _kind(expected: type) -> str:
+    return "whole number" if expected is int else "number" if expected is float else "string"
+
+
+def _in_range(value: Any, spec: Any, name: str) -> Any:
+    """``value`` if it lies in the field's range; a ConfigError saying the range if not.
+
+    Why: TOML takes ``nan``, ``inf`` and 20-digit integers; a ``poll_seconds = nan``
+    made the worker spin and a huge ``lease_seconds`` overflowed every poll.
+    """
+    low, high = spec.metadata.get("range", (None, None))
+    if low is None:
+        return value
+    size = value.total_seconds() if isinstance(value, timedelta) else value
+    if low <= size <= high:  # False for nan too
+        return value
+    shown = _duration_words if isinstance(value, timedelta) else _number_words
+    why = spec.metadata.get("why", "")
+    raise ConfigError(
+        f"{name} must be from {shown(low)} to {shown(high)}{why}, got {_given(value)}; "
+        f"write e.g. {spec.name} = {_example(spec)}"
+    )
+
+
+def _example(spec: Any) -> str:
+    """What to write: the default, or the field's example when it has no default."""
+    if "example" in spec.metadata:
+        return _given(spec.metadata["example"], toml=True)
+    return f"{_given(spec.default, toml=True)} (the default)"
+
+
+def _number_words(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) and not value.is_integer() else f"{value:.0f}"
+
+
+def _duration_words(seconds: float) -> str:
+    for unit, size in _UNIT_SECONDS:
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _given(value: Any, toml: bool = False) -> str:
+    if isinstance(value, timedelta):
+        words = _duration_words(value.total_seconds())
+        return f'"{words}"' if toml else words
+    return _number_words(value) if isinstance(value, int | float) else repr(value)
+
+
+def _cross_field(made: Any, source: str, where: str) -> None:
+    """Rules between keys of one table: each names both keys and what to write."""
+    if isinstance(made, OutboxConfig) and made.backoff_max_seconds < made.backoff_base_seconds:
+        raise ConfigError(
+            f"{source}: {where}.backoff_max_seconds ({_given(made.backoff_max_seconds)}) "
+            f"must be at least {where}.backoff_base_seconds "
+            f"({_given(made.backoff_base_seconds)}): the longest wait between two tries "
+            "cannot be shorter than the first; raise backoff_max_seconds or lower "
+            "backoff_base_seconds"
+        )
 
 
 _DURATION = re.compile(r"(?:\s*\d+\s*[wdhms])+\s*")
@@ -279,6 +361,8 @@ def parse_duration(value: object, name: str) -> timedelta:
     if not isinstance(value, str) or not _DURATION.fullmatch(value.lower()):
         raise ConfigError(f"{name} must be {DURATION_FORMAT}, got {value!r}")
     units = dict(_UNIT_SECONDS)
+    if any(len(n) > 9 for n, _ in _DURATION_PART.findall(value.lower())):
+        raise ConfigError(f'{name} is far too long, got {value!r}; write e.g. "2d"')
     seconds = sum(int(n) * units[u] for n, u in _DURATION_PART.findall(value.lower()))
     if seconds <= 0:
         raise ConfigError(f"{name} must be longer than 0, got {value!r}")

@@ -1,11 +1,21 @@
 """Engine, sessions and migrations.
 
 SQLite is the embedded default: WAL journal (readers do not block the writer), a busy
-timeout, foreign keys on, and every transaction started with ``BEGIN IMMEDIATE`` so
-that the single writer is chosen at the start of a transaction, not half-way through
-(which would otherwise fail with "database is locked" on upgrade from a read lock).
-That makes the outbox claim correct with many worker threads or processes on one
-SQLite file. PostgreSQL is for production and many workers (``CRM_DATABASE_URL``).
+timeout and foreign keys on. A transaction is a writing one unless its caller says it
+only reads (:data:`READ_ONLY`, ``Crm.transaction(write=False)``):
+
+- A writing transaction starts with ``BEGIN IMMEDIATE``, so that the single writer is
+  chosen at the start of a transaction, not half-way through (which would otherwise
+  fail with "database is locked" on upgrade from a read lock). That makes the outbox
+  claim correct with many worker threads or processes on one SQLite file.
+- A reading transaction starts with a plain (deferred) ``BEGIN`` under
+  ``PRAGMA query_only``: it takes no write lock, so ``crm outbox list`` or a dry run
+  never makes the worker wait, and a write in it by mistake fails at once ("attempt
+  to write a readonly database") instead of now and then, under load, on upgrade. On
+  PostgreSQL it is a ``READ ONLY`` transaction, so the mistake fails there too.
+
+Why writing is the default: a caller that forgets to say is slower, never wrong.
+PostgreSQL is for production and many workers (``CRM_DATABASE_URL``).
 """
 
 from __future__ import annotations
@@ -19,12 +29,16 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from crm_core.errors import ConfigError, DatabaseError
+from crm_core.files import private_file, private_folder
 from crm_core.migrations import REVISIONS
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+READ_ONLY = "crm_read_only"
+"""The execution option that marks a connection's transactions as reading only."""
+_QUERY_ONLY = "crm_query_only"
 
 
 def make_engine(url: str) -> Engine:
@@ -60,11 +74,35 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database or "")
 
 
+def _create_private(url: str) -> None:
+    """Make a missing SQLite database file 0600 before SQLite makes it 0644.
+
+    Only in a folder that exists: a missing folder is ``crm init``'s to make. A URI
+    filename (``?uri=true``) is left to SQLite.
+    """
+    path = sqlite_file(url)
+    if path is None or "uri" in make_url(url).query or not path.parent.is_dir():
+        return
+    private_file(path)
+
+
+def read_only(engine: Engine) -> Engine:
+    """``engine`` for transactions that only read (same pool; see the module's words)."""
+    options: dict[str, Any] = {READ_ONLY: True}
+    if engine.dialect.name == "postgresql":
+        options["postgresql_readonly"] = True
+    return engine.execution_options(**options)
+
+
 def _sqlite_engine(url: str) -> Engine:
     engine = create_engine(url, connect_args={"timeout": 30})
 
+    @event.listens_for(engine, "do_connect")
+    def _before_connect(*_args: Any) -> None:
+        _create_private(url)
+
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+    def _on_connect(dbapi_conn: Any, record: Any) -> None:
         dbapi_conn.isolation_level = None  # let SQLAlchemy's BEGIN below take over
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
@@ -72,10 +110,15 @@ def _sqlite_engine(url: str) -> Engine:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
+        record.info[_QUERY_ONLY] = False
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        reading = bool(conn.get_execution_options().get(READ_ONLY))
+        if conn.info.get(_QUERY_ONLY) is not reading:
+            conn.exec_driver_sql(f"PRAGMA query_only={'ON' if reading else 'OFF'}")
+            conn.info[_QUERY_ONLY] = reading
+        conn.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -107,7 +150,7 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
     """
     path = sqlite_file(str(engine.url))
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(path.parent)
     before = current_revision(engine)
     if before is not None and before not in REVISIONS:
         raise DatabaseError(newer_schema(engine, before))
@@ -121,7 +164,7 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
 
 def current_revision(engine: Engine) -> str | None:
     """The schema revision the database is at, or None for an empty database."""
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         if not inspect(conn).has_table("alembic_version"):
             return None
         found = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()

@@ -31,6 +31,7 @@ from crm_core import audit, directory
 from crm_core.app import Crm
 from crm_core.catcher import HOST, MailCatcher
 from crm_core.config import load_config
+from crm_core.files import private_folder
 from crm_core.mail.worker import BatchReport, Worker, WorkerStats
 from crm_core.models import Person, User
 from crm_core.passwords import set_password
@@ -79,7 +80,7 @@ class Account:
 
 def prepare(folder: Path) -> Crm:
     """Write the demo config (once), open the Crm and create or upgrade the database."""
-    folder.mkdir(parents=True, exist_ok=True)
+    private_folder(folder)  # it will hold the database and the secret key
     config_path = folder / "crm.toml"
     if not config_path.exists():
         config_path.write_text(DEMO_CONFIG, encoding="utf-8")

@@ -101,6 +101,10 @@ class SettingValueError(ValidationError):
         super().__init__(f"Invalid value for {key}: {message}")
 
 
+class InputFileError(ValidationError):
+    """A file given on the command line was refused (not a regular file, too large)."""
+
+
 class MailValidationError(ValidationError):
     """A mail was refused at enqueue; the guide's "Error validating e-mail" and why."""
 

@@ -9,6 +9,11 @@ Services never send these directly: they call :func:`emit_after_commit`, which
 queues the event on the session; the ``Crm`` sends the queue after commit and drops it
 on rollback, so no receiver ever hears of a change that did not happen.
 
+A receiver that raises is logged (``crm_core.signals``, with its traceback) and the
+other receivers still run: the change is committed by then, so an error in one
+receiver must neither hide the event from the others nor stop the worker that
+committed it.
+
 Every signal's payload is declared in :data:`PAYLOADS` and checked on every send, so
 the table in docs/plugins.md (which a test compares with it) is the contract a
 receiver can rely on.
@@ -16,6 +21,7 @@ receiver can rely on.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -24,6 +30,7 @@ from blinker import Namespace
 from sqlalchemy.orm import Session
 
 _signals = Namespace()
+log = logging.getLogger("crm_core.signals")
 
 person_created = _signals.signal("person-created")
 user_created = _signals.signal("user-created")
@@ -87,7 +94,35 @@ def emit_after_commit(session: Session, signal_name: str, **payload: Any) -> Non
 
 def send_now(sender: object, signal_name: str, **payload: Any) -> None:
     """Send a signal that no transaction waits for (Test connection changes nothing)."""
-    _signals[signal_name].send(sender, **checked(signal_name, payload))
+    deliver(sender, signal_name, checked(signal_name, payload))
+
+
+def deliver(sender: object, signal_name: str, payload: Mapping[str, Any]) -> None:
+    """Call each receiver of ``signal_name``; one that raises is logged, not passed on.
+
+    Why not ``Signal.send``: blinker lets the first exception end the loop, so the
+    receivers after it never heard of a committed change, and the exception reached
+    the code that committed (it ended ``Worker.run``). An interrupt (Ctrl-C) is not
+    an Exception and still goes through.
+    """
+    signal = _signals[signal_name]
+    if signal.is_muted:
+        return
+    for receiver in signal.receivers_for(sender):
+        try:
+            receiver(sender, **payload)
+        except Exception:
+            log.exception(
+                "a receiver of signal %r raised (%s); the other receivers still run",
+                signal_name,
+                _name_of(receiver),
+            )
+
+
+def _name_of(receiver: Any) -> str:
+    module = getattr(receiver, "__module__", None) or ""
+    name = getattr(receiver, "__qualname__", None) or type(receiver).__name__
+    return f"{module}.{name}" if module else name
 
 
 def signal_named(name: str) -> Any:

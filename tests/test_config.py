@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,14 +36,14 @@ default_transport = "exchange"
 plugins = ["smtp_mail"]
 default_transport = "smtp"
 [outbox]
-lease_seconds = 60
+lease_seconds = 300
 backoff_base_seconds = 5
 """,
     )
     config = load(path)
     assert config.product_lines["commercial"].plugins == ("exchange_mail", "smtp_mail")
     assert config.product_lines["boplats"].default_transport == "smtp"
-    assert config.outbox.lease_seconds == 60
+    assert config.outbox.lease_seconds == 300
     assert config.outbox.backoff_base_seconds == 5.0
     assert config.database_url == f"sqlite:///{(tmp_path / 'crm.db').as_posix()}"
     assert config.key_file == tmp_path / "crm-secret.key"
@@ -170,3 +172,58 @@ def test_embedded_default_has_four_product_lines(
 def test_missing_explicit_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml", available_plugins=PLUGINS, environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        # nan compares false with everything: the worker's wait(nan) returned at once.
+        ("[outbox]\npoll_seconds = nan\n", "outbox.poll_seconds must be from 0.01 to 3600"),
+        ("[outbox]\npoll_seconds = inf\n", "outbox.poll_seconds must be from 0.01 to 3600"),
+        ("[outbox]\nbackoff_base_seconds = -inf\n", "outbox.backoff_base_seconds must be from"),
+        ("[outbox]\nreconcile_seconds = nan\n", "outbox.reconcile_seconds must be from 1"),
+        # A lease past timedelta's range crashed every poll at lease_until().
+        ("[outbox]\nlease_seconds = 9223372036854775807\n", "outbox.lease_seconds must be"),
+        ("[outbox]\nlease_seconds = 30\n", "longer than the transports' timeouts"),
+        ("[outbox]\nbatch_size = 0\n", "outbox.batch_size must be from 1 to 10000"),
+        ("[outbox]\nmax_attempts = 0\n", "write e.g. max_attempts = 8"),
+        ('[outbox]\ngive_up_after = "99999999999999d"\n', "outbox.give_up_after is far too"),
+        ('[outbox]\ngive_up_after = "400d"\n', "from 1s to 365d, got 400d"),
+        ("[mail]\nmax_message_bytes = 100\n", "mail.max_message_bytes must be from 1024"),
+        ("[mail]\nmax_recipients = 10000000\n", "mail.max_recipients must be from 1 to 100000"),
+    ],
+)
+def test_numbers_are_finite_and_in_range(tmp_path: Path, text: str, said: str) -> None:
+    """Each error names the file and the key, gives the range and what to write."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and said in message
+    assert "write e.g." in message or "far too long" in message
+
+
+def test_backoff_max_must_be_at_least_backoff_base(tmp_path: Path) -> None:
+    path = write(tmp_path, "[outbox]\nbackoff_base_seconds = 600\nbackoff_max_seconds = 60\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value) == (
+        f"{path}: outbox.backoff_max_seconds (60) must be at least outbox.backoff_base_seconds "
+        "(600): the longest wait between two tries cannot be shorter than the first; raise "
+        "backoff_max_seconds or lower backoff_base_seconds"
+    )
+
+
+def test_the_cli_refuses_a_nan_with_exit_2(tmp_path: Path) -> None:
+    """What an operator sees: one line naming file and key, exit 2, no traceback."""
+    path = write(tmp_path, "[outbox]\npoll_seconds = nan\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "crm_core", "--config", str(path), "outbox", "list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"Error: {path}: outbox.poll_seconds must be from 0.01")
+    assert "Traceback" not in done.stderr

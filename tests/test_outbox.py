@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -640,13 +641,18 @@ def _record(crm: Any, claims: Sequence[queue.Claim], outcome: Outcome) -> queue.
         return queue.record_results(crm, s, claims, results, utcnow())
 
 
+def _past_the_lease(crm: Any) -> timedelta:
+    """How far past now a reaper must run to find a claim made now expired."""
+    return timedelta(seconds=crm.config.outbox.lease_seconds + 1)
+
+
 def test_a_late_worker_cannot_overwrite_a_newer_claim(scripted: Any) -> None:
     crm, _ = scripted
     outbox_id = queue_mail(crm)
     old = _claim(crm, "worker-a")
     assert old and row(crm, outbox_id).state == "sending"
     with crm.transaction() as s:  # worker-a stalls past its lease; the reaper runs
-        reaped = queue.reap_expired(s, utcnow() + timedelta(seconds=61))
+        reaped = queue.reap_expired(s, utcnow() + _past_the_lease(crm))
     assert reaped == [outbox_id]
     unknown = row(crm, outbox_id)
     assert unknown.state == "unknown" and unknown.last_code == "lease-expired"
@@ -669,7 +675,7 @@ def test_a_late_result_still_lands_when_nobody_else_touched_the_row(scripted: An
     outbox_id = queue_mail(crm)
     claims = _claim(crm, "worker-a")
     with crm.transaction() as s:
-        queue.reap_expired(s, utcnow() + timedelta(seconds=61))
+        assert queue.reap_expired(s, utcnow() + _past_the_lease(crm)) == [outbox_id]
     assert _record(crm, claims, Outcome.SENT).counts == {"sent": 1}
     assert row(crm, outbox_id).state == "sent"
 
@@ -686,9 +692,9 @@ def test_the_reaper_leaves_live_leases_alone(scripted: Any) -> None:
 def test_a_slow_live_worker_keeps_its_lease(make_crm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.test_outbox_helpers import SCRIPTED_CONFIG
 
-    crm, transport = scripted_crm(
-        make_crm, SCRIPTED_CONFIG.replace("lease_seconds = 60", "lease_seconds = 1")
-    )
+    crm, transport = scripted_crm(make_crm, SCRIPTED_CONFIG)
+    # A one-second lease, below crm.toml's floor, so that renewals come every 1/3 s.
+    crm.config = replace(crm.config, outbox=replace(crm.config.outbox, lease_seconds=1))
     add_people(crm, "anna@example.se")
     renewed = threading.Event()
     real_renew = Worker._renew
@@ -850,4 +856,30 @@ def test_worker_signals_are_sent_after_commit(scripted: Any) -> None:
             signals.signal_named(name).disconnect(receiver, sender=crm)
     assert sorted(heard) == sorted(
         [("mail-sent", ok), ("mail-failed", perm), ("mail-retry-scheduled", temp)]
+    )
+
+
+def test_a_subject_longer_than_a_header_line_is_refused_with_the_limit(scripted: Any) -> None:
+    """RFC 5322 allows 998 characters on a line; a subject that cannot be folded failed
+    only when the worker sent it ("500 Line too long"). Refused at enqueue instead."""
+    crm, _ = scripted
+    longest = "x" * enqueue.MAX_SUBJECT_CHARS
+    (problem,) = _refused(crm, _request(subject=longest + "x"))
+    assert (problem.key, problem.message, problem.fix) == (
+        "subject",
+        "is 990 characters long; mail allows at most 989",
+        "shorten the subject and put the rest in the body",
+    )
+    with crm.transaction() as s:
+        assert enqueue.enqueue(crm, s, _request(subject=longest)).state == "queued"
+
+
+@pytest.mark.parametrize(("field", "key"), [("text", "body"), ("html", "html")])
+def test_a_nul_character_in_a_body_is_refused(scripted: Any, field: str, key: str) -> None:
+    """PostgreSQL cannot store it and SMTP forbids it: refused, with where it is."""
+    crm, _ = scripted
+    (problem,) = _refused(crm, _request(**{field: "Hej\x00Per"}))
+    assert (problem.key, problem.message) == (
+        key,
+        "contains a NUL character (U+0000) at position 3",
     )

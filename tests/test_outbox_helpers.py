@@ -42,7 +42,7 @@ plugins = ["test_transport", "maildir_mail"]
 default_transport = "scripted"
 
 [outbox]
-lease_seconds = 60
+lease_seconds = 300
 max_attempts = 3
 backoff_base_seconds = 10
 backoff_max_seconds = 100

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import ipaddress
 import smtplib
 import socket
 import ssl
@@ -303,11 +304,34 @@ def test_host_validator_refuses_with_advice(raw: str, words: str) -> None:
         validate(raw)
 
 
-@pytest.mark.parametrize(
-    "host", ["localhost", "127.0.0.1", "127.5.5.5", "::1", "[::1]", "mail.localhost"]
-)
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "127.5.5.5", "::1", "[::1]"])
 def test_loopback(host: str) -> None:
     assert is_loopback(host)
+
+
+def _resolves_to_loopback(name: str) -> bool:
+    try:
+        found = socket.getaddrinfo(name, None)
+    except OSError:
+        return False
+    return all(ipaddress.ip_address(info[4][0]).is_loopback for info in found)
+
+
+def test_a_localhost_name_that_does_not_resolve_to_loopback_is_not_local() -> None:
+    """``mail.localhost`` counted as this machine by its name alone; where the resolver
+    does not map it to loopback (it goes to DNS, or a hosts file points elsewhere), a
+    password would go unencrypted across the network. Now it is refused."""
+    name = "crm-mail-test.localhost"
+    if _resolves_to_loopback(name):
+        pytest.skip(f"this machine's resolver maps {name} to loopback (nss-myhostname)")
+    assert not is_loopback(name)
+    system: dict[str, SettingValue] = {
+        "smtp.host": name,
+        "smtp.security": "none",
+        "smtp.auth": "password",
+    }
+    (unsafe,) = [p for p in problems(system) if "unencrypted" in p.message]
+    assert unsafe.key == "smtp.security" and name in unsafe.message
 
 
 @pytest.mark.parametrize("host", ["smtp.example.net", "10.0.0.1", "localhost.example.net"])

@@ -29,7 +29,7 @@ plugins = ["smtp_mail"]
 default_transport = "smtp"
 
 [outbox]
-lease_seconds = 60
+lease_seconds = 300
 batch_size = 50
 poll_seconds = 0.05
 """

@@ -58,7 +58,7 @@ def smtp_server() -> Iterator[SmtpServer]:
         yield server
 
 
-def smtp_crm(make_crm: Any, port: int, lease: int = 60, batch: int = 50) -> Crm:
+def smtp_crm(make_crm: Any, port: int, lease: int = 300, batch: int = 50) -> Crm:
     """A Crm whose one user sends through the SMTP plugin to 127.0.0.1:``port``."""
     crm: Crm = make_crm(SMTP_CONFIG.format(lease=lease, batch=batch))
     with crm.transaction() as s:
@@ -344,7 +344,7 @@ def test_a_worker_killed_mid_batch_leaves_unknown_and_the_next_worker_goes_on(
 ) -> None:
     relay = StallingRelay(smtp_server.port, after=2)
     try:
-        crm = smtp_crm(make_crm, relay.port, lease=60, batch=5)
+        crm = smtp_crm(make_crm, relay.port, lease=300, batch=5)
         ids = queue_many(crm, 12)
         first = start_worker(make_crm.env, "doomed")
         try:
@@ -394,7 +394,7 @@ def test_a_worker_killed_mid_batch_leaves_unknown_and_the_next_worker_goes_on(
 
 
 def test_sigterm_finishes_what_the_worker_holds(make_crm: Any, smtp_server: SmtpServer) -> None:
-    crm = smtp_crm(make_crm, smtp_server.port, lease=30, batch=5)
+    crm = smtp_crm(make_crm, smtp_server.port, lease=300, batch=5)
     queue_many(crm, 3)
     worker = start_worker(make_crm.env, "polite")
     try:

@@ -43,7 +43,7 @@ def test_connection_cmd(ctx: Context, email: str, as_json: bool) -> None:
     from crm_core import directory
 
     crm = ctx.crm(check_users=False)
-    with crm.transaction() as session:
+    with crm.transaction(write=False) as session:
         user = directory.find_user(session, email)
         account = crm.sender_account(session, user)
     report = crm.test_connection(account)

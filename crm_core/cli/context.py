@@ -89,7 +89,7 @@ class Context:
 
     @staticmethod
     def _check_users(crm: Crm) -> None:
-        with crm.transaction() as session:
+        with crm.transaction(write=False) as session:
             problems = crm.check_users(session)
         if problems:
             raise ConfigError("start-up stopped: " + "; ".join(problems))

@@ -50,7 +50,7 @@ def check(ctx: Context, as_json: bool) -> None:
     Exit 1 when a user cannot send; each is named with every problem and its fix.
     """
     crm = ctx.crm(check_users=False)
-    with crm.transaction() as session:
+    with crm.transaction(write=False) as session:
         unreadable = crm.settings_store().unreadable_secrets(session)
         users = _users(crm, session)
     blocked = [u for u in users if u["problems"]]

@@ -46,7 +46,7 @@ def outbox_list(ctx: Context, status: str | None, limit: int, as_json: bool) -> 
     from crm_core.mail import operations, pauses
 
     crm = ctx.crm()
-    with crm.transaction() as session:
+    with crm.transaction(write=False) as session:
         views = operations.list_messages(session, status, limit)
         total = operations.count_messages(session, status)
         paused = pauses.pauses(session)
@@ -116,7 +116,7 @@ def outbox_show(ctx: Context, outbox_id: int, as_json: bool) -> None:
     from crm_core.mail import operations
 
     crm = ctx.crm()
-    with crm.transaction() as session:
+    with crm.transaction(write=False) as session:
         detail = operations.show_message(session, outbox_id)
     if as_json:
         emit_json({"ok": True, **detail.as_dict()})
@@ -321,7 +321,7 @@ def outbox_pauses(ctx: Context, as_json: bool) -> None:
     from crm_core.mail import pauses
 
     crm = ctx.crm()
-    with crm.transaction() as session:
+    with crm.transaction(write=False) as session:
         found = pauses.pauses(session)
     if as_json:
         accounts = [
@@ -384,7 +384,7 @@ def outbox_work(
 def _remaining(crm: Crm) -> int:
     from crm_core.mail import operations
 
-    with crm.transaction() as session:
+    with crm.transaction(write=False) as session:
         return operations.count_waiting(session)
 
 

@@ -36,7 +36,7 @@ def persons_list(ctx: Context, as_json: bool) -> None:
     from crm_core import directory
 
     crm = ctx.crm(check_users=False)
-    with crm.transaction() as session:
+    with crm.transaction(write=False) as session:
         rows = list(directory.list_persons(session))
     if as_json:
         found = [{"id": p.id, "email": p.email, "name": p.name, "mobile": p.mobile} for p in rows]
@@ -62,7 +62,7 @@ def persons_show(ctx: Context, email: str, limit: int, as_json: bool) -> None:
     from crm_core.mail.operations import person_history
 
     crm = ctx.crm(check_users=False)
-    with crm.transaction() as session:
+    with crm.transaction(write=False) as session:
         person = directory.find_person(session, email)
         history, total = person_history(session, person, limit)
     if as_json:

@@ -17,13 +17,39 @@ from crm_core.cli.context import (
     pass_ctx,
 )
 from crm_core.cli.output import emit_json, printable
+from crm_core.files import read_regular, regular_file_problem
 
 if TYPE_CHECKING:
     from crm_core.app import Crm
     from crm_core.mail.enqueue import MailRequest, Plan, Queued
     from crm_core.mail.message import Attachment
 
-_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+class RegularFile(click.ParamType):  # type: ignore[type-arg]  # generic only from click 8.2
+    """A path that names a regular file: a FIFO, a device or a folder is refused at once.
+
+    Why here: ``stat`` does not open, so ``/dev/zero`` or a FIFO is refused (exit 2)
+    before anything is read or waited for; :func:`crm_core.files.read_regular` checks
+    again on what it opens.
+    """
+
+    name = "file"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Path:
+        path = Path(str(value))
+        try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            self.fail(f"{path}: {exc.strerror or exc}", param, ctx)
+        problem = regular_file_problem(path, mode)
+        if problem is not None:
+            self.fail(problem, param, ctx)
+        return path
+
+
+_FILE = RegularFile()
 _ADDRESS = "name@example.se or 'Per Persson <per@example.se>'"
 
 
@@ -103,6 +129,8 @@ def send(
 
     if (body is None) == (body_file is None):
         fail("give exactly one of --body or --body-file")
+    crm = ctx.crm()
+    limit = crm.config.mail.max_message_bytes
     request = enqueue.MailRequest(
         sender_email=sender,
         to=list(to),
@@ -110,14 +138,13 @@ def send(
         bcc=list(bcc),
         reply_to=list(reply_to),
         subject=subject,
-        text=body if body is not None else _read_text(body_file),
-        html=_read_text(html_file) if html_file else None,
-        attachments=[_attachment(p) for p in attach],
+        text=body if body is not None else _read_text(body_file, limit, "--body-file"),
+        html=_read_text(html_file, limit, "--html-file") if html_file else None,
+        attachments=[_attachment(p, limit) for p in attach],
         person_email=person,
     )
-    crm = ctx.crm()
     if dry_run:
-        with crm.transaction() as session:
+        with crm.transaction(write=False) as session:
             found = enqueue.plan(crm, session, request)
         _print_plan(found, as_json)
         if not found.ok:
@@ -164,28 +191,23 @@ def _queue(crm: Crm, request: MailRequest) -> Queued:
 def _in_outbox(crm: Crm, message_id: str) -> bool:
     from crm_core.mail import enqueue
 
-    with crm.transaction() as session:
+    with crm.transaction(write=False) as session:
         return enqueue.is_queued(session, message_id)
 
 
-def _read_text(path: Path | None) -> str:
+def _read_text(path: Path | None, limit: int, what: str) -> str:
     assert path is not None
     try:
-        return path.read_text(encoding="utf-8")
+        return read_regular(path, limit, what).decode("utf-8")
     except UnicodeDecodeError:
         fail(f"{path} is not UTF-8 text")
-    except OSError as exc:
-        fail(f"cannot read {path}: {exc.strerror or exc}")
 
 
-def _attachment(path: Path) -> Attachment:
+def _attachment(path: Path, limit: int) -> Attachment:
     from crm_core.mail.message import Attachment
 
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    try:
-        return Attachment(path.name, content_type, path.read_bytes())
-    except OSError as exc:
-        fail(f"cannot read attachment {path}: {exc.strerror or exc}")
+    return Attachment(path.name, content_type, read_regular(path, limit, "--attach"))
 
 
 def _print_plan(found: Plan, as_json: bool) -> None:

@@ -98,7 +98,7 @@ def settings_show(ctx: Context, as_json: bool) -> None:
     from crm_core.fields import Scope
 
     crm = ctx.crm()
-    with crm.transaction() as session:
+    with crm.transaction(write=False) as session:
         views = crm.settings_store().describe_system(session)
         notices = crm.check_settings(session, Scope.SYSTEM, None)
         found = crm.settings_store().resolve(session)

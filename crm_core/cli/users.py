@@ -142,7 +142,7 @@ def users_show(ctx: Context, email: str, as_json: bool) -> None:
     from crm_core.models import AccountPause
 
     crm = ctx.crm(check_users=False)
-    with crm.transaction() as session:
+    with crm.transaction(write=False) as session:
         user = directory.find_user(session, email)
         views = crm.settings_store().describe_user(session, user)
         account = crm.sender_account(session, user)
@@ -191,7 +191,7 @@ def users_list(ctx: Context, as_json: bool) -> None:
 
     crm = ctx.crm(check_users=False)
     store = crm.settings_store()
-    with crm.transaction() as session:
+    with crm.transaction(write=False) as session:
         rows = [
             (u, crm.user_transport(store.user_values(session, u.id), u))
             for u in directory.list_users(session)

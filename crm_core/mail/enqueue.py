@@ -306,6 +306,13 @@ def _named(addresses: list[Address], person: Person | None) -> tuple[Address, ..
     return tuple(replace(a, name=name) if a.email.lower() == person.email else a for a in addresses)
 
 
+MAX_SUBJECT_CHARS = 998 - len("Subject: ")
+"""A header line holds at most 998 characters (RFC 5322, 2.1.1). A subject is folded
+at its spaces, but a run without one cannot be, and a server refused such a line
+("500 Line too long") only when the worker sent it; so the subject as a whole is held to
+what fits on the one line, a limit that no real subject reaches."""
+
+
 def _content_problems(request: MailRequest) -> list[Problem]:
     problems: list[Problem] = []
     if not request.subject.strip():
@@ -313,6 +320,16 @@ def _content_problems(request: MailRequest) -> list[Problem]:
     subject_problem = header_problem(request.subject, "subject")
     if subject_problem:
         problems.append(subject_problem)
+    if len(request.subject.strip()) > MAX_SUBJECT_CHARS:
+        problems.append(
+            Problem(
+                "subject",
+                f"is {len(request.subject.strip())} characters long; mail allows at most "
+                f"{MAX_SUBJECT_CHARS}",
+                "shorten the subject and put the rest in the body",
+            )
+        )
+    problems.extend(_body_problems(request))
     for att in request.attachments:
         where = f"attachment {att.filename!r}"
         if not att.filename.strip():
@@ -326,6 +343,22 @@ def _content_problems(request: MailRequest) -> list[Problem]:
                 Problem(where, f"content type {att.content_type!r} is not type/subtype")
             )
     return problems
+
+
+def _body_problems(request: MailRequest) -> list[Problem]:
+    """A NUL character is refused in the text and HTML bodies: SMTP forbids it in a
+    mail's text (RFC 5322, 2.3), servers cut or refuse the mail at it, and it is
+    never part of text a person wrote."""
+    bodies = (("body", request.text), ("html", request.html or ""))
+    return [
+        Problem(
+            where,
+            f"contains a NUL character (U+0000) at position {text.index(chr(0))}",
+            "remove it; a binary file is sent with --attach",
+        )
+        for where, text in bodies
+        if "\0" in text
+    ]
 
 
 def _limit_problems(crm: Crm, message: OutgoingMessage) -> list[Problem]:

@@ -44,7 +44,7 @@ def reconcile(crm: Crm, outbox_id: int | None = None) -> list[ReconcileReport]:
     ``crm outbox resolve``. The transport is asked between two short transactions; the
     answer is applied only if nobody touched the row meanwhile.
     """
-    with crm.transaction() as session:
+    with crm.transaction(write=False) as session:
         snapshot = _unknown_for_reconcile(crm, session, outbox_id)
         now = db_now(session)
     answers: list[tuple[int, str | None, str, bool | None, str]] = []

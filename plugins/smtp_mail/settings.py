@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -226,14 +227,27 @@ def _is_ip(text: str) -> bool:
 
 
 def is_loopback(host: str) -> bool:
-    """True for a server on this machine (no DNS lookup: a name could lie)."""
+    """True for a server on this machine: a loopback address, or ``localhost`` or a
+    ``*.localhost`` name that resolves to loopback addresses only.
+
+    Why resolve: RFC 6761 reserves these names for loopback, but a resolver may not
+    know that (``mail.localhost`` then goes to DNS, or a hosts file maps it elsewhere),
+    and a password sent unencrypted to such a name would cross the network. Other
+    names are not looked up: what they resolve to is not ours to vouch for.
+    """
     name = host.strip("[]").lower().rstrip(".")
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
+        pass
+    if name != "localhost" and not name.endswith(".localhost"):
         return False
+    try:
+        found = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    addresses = {str(info[4][0]).partition("%")[0] for info in found}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
 
 
 @dataclass(frozen=True)
