@@ -45,6 +45,8 @@ class SettingField:
     user can send (empty: never required). ``secret`` fields are encrypted at rest
     and never shown again. ``validator`` normalises or refuses the text on save.
     ``user_override`` marks a system field that a user may override per user.
+    ``multiline`` marks a value that is a file's content (a PEM, a PFX): read whole
+    from standard input, a binary file base64-encoded.
     """
 
     key: str
@@ -58,6 +60,7 @@ class SettingField:
     validator: Validator | None = None
     plugin: str = ""
     user_override: bool = False
+    multiline: bool = False
 
     @property
     def secret(self) -> bool:

@@ -7,6 +7,7 @@ always asked for without echo; piped standard input serves scripts.
 
 from __future__ import annotations
 
+import base64
 import sys
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ def read_value(spec: SettingField, value: str | None) -> str:
     """The value to save for ``spec``: the argument, else asked for, else one piped line."""
     if value is not None:
         return value
+    if sys.stdin.isatty() and spec.multiline:
+        fail(f"{spec.key} is a file's content: give it on standard input (< app.pem)")
     if sys.stdin.isatty():
         hint = f" ({spec.help})" if spec.help and not spec.secret else ""
         entered: str = click.prompt(
@@ -32,7 +35,17 @@ def read_value(spec: SettingField, value: str | None) -> str:
             err=True,
         )
         return entered
+    if spec.multiline:
+        return read_file_content(sys.stdin.buffer.read())
     line = sys.stdin.readline()
     if not line and not spec.secret:
         fail(f"give a value for {spec.key}, after the key or on standard input")
     return line.rstrip("\r\n")
+
+
+def read_file_content(data: bytes) -> str:
+    """A file read from standard input: its text, or base64 when it is binary (a PFX)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode("ascii")
