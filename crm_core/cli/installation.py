@@ -48,10 +48,15 @@ def check(ctx: Context, as_json: bool) -> None:
     """Check the configuration, the database and every user: can each one send?
 
     Exit 1 when a user cannot send; each is named with every problem and its fix.
+    Warns (exit unchanged) from 60 days before an app credential expires.
     """
+    from crm_core.entra import expiry_notices
+
     crm = ctx.crm(check_users=False)
     with crm.transaction() as session:
         users = _users(crm, session)
+        system = crm.settings_store().system_values(session)
+    warnings = expiry_notices(system, crm.clock().date())
     blocked = [u for u in users if u["problems"]]
     if as_json:
         problems = [{"user": u["email"], **p} for u in blocked for p in u["problems"]]
@@ -61,10 +66,13 @@ def check(ctx: Context, as_json: bool) -> None:
                 "config": crm.config.source,
                 "users": users,
                 "problems": problems,
+                "warnings": [{"key": n.key, "message": n.message} for n in warnings],
             }
         )
     else:
         _print_check(crm, users, blocked)
+        for notice in warnings:
+            click.echo(f"Warning: {notice.key}: {printable(notice.message)}")
     if blocked:
         sys.exit(EXIT_FAILED)
 
