@@ -83,12 +83,14 @@ def normalise(text: str) -> str:
         return stripped + "\n"
     compact = "".join(stripped.split())
     try:
-        base64.b64decode(compact, validate=True)
+        der = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
+        der = b""
+    if not der.startswith(b"\x30"):  # a PFX is a DER SEQUENCE
         raise CertificateProblem(
             "this is neither a PEM file (-----BEGIN PRIVATE KEY----- and -----BEGIN "
             f"CERTIFICATE-----) nor a PFX file; {MAKE_ONE}"
-        ) from None
+        )
     return compact
 
 

@@ -121,6 +121,7 @@ class TokenClient:
                         break
                     continue
                 found.append(Attempt(credential, None, str(result["access_token"])))
+                self._refused = set(range(index))  # what sends use next is what worked
                 break
         return found
 
