@@ -416,6 +416,15 @@ def test_crm_check_warns_of_a_secret_and_a_certificate(shell: Callable[..., CliR
     assert SECRET not in checked.output
 
 
+def _fixed(day: datetime) -> credential_expiry.Clock:
+    """The database's clock, stopped at ``day``."""
+
+    def now(session: object) -> datetime:
+        return day
+
+    return now
+
+
 def test_expiry_signal_once_per_threshold(world: ExchangeWorld) -> None:
     heard: list[dict[str, Any]] = []
 
@@ -430,7 +439,7 @@ def test_expiry_signal_once_per_threshold(world: ExchangeWorld) -> None:
     try:
         for days_before in (61, 59, 58, 30, 29, 8, 7, 3, -1, -2):
             day = EXPIRES - timedelta(days=days_before)
-            credential_expiry.check(world.crm, now=lambda _session, day=day: day)
+            credential_expiry.check(world.crm, now=_fixed(day))
     finally:
         signal.disconnect(receiver)
 
@@ -457,7 +466,7 @@ def test_a_late_first_check_sends_only_the_sharpest(world: ExchangeWorld) -> Non
     try:
         for days_before in (5, 4):
             day = EXPIRES - timedelta(days=days_before)
-            credential_expiry.check(world.crm, now=lambda _session, day=day: day)
+            credential_expiry.check(world.crm, now=_fixed(day))
     finally:
         signal.disconnect(receiver)
     assert heard == [7]

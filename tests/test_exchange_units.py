@@ -264,7 +264,7 @@ def test_adfs_tenant_is_accepted() -> None:
 
 def test_well_known_authority_hosts() -> None:
     assert CREDS.well_known_host  # msal may do instance discovery
-    adfs = AppCredentials("https://adfs.organisation.se", "adfs", CREDS.client_id, Secret("x"))
+    adfs = AppCredentials("https://adfs.organisation.se", "adfs", CREDS.client_id, ())
     assert not adfs.well_known_host  # msal must not (instance_discovery=False)
 
 
