@@ -163,6 +163,7 @@ class Worker:
         concurrency: int = 1,
         on_batch: Callable[[BatchReport], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        daily_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -173,7 +174,10 @@ class Worker:
         self.on_batch = on_batch
         self.clock = clock
         self.reconcile_at = clock()  # a worker that starts looks at unknown mail first
-        self.expiry_check_at = clock()  # ... and at its credentials' expiry
+        self.daily_clock = daily_clock
+        """Schedules the daily look at credentials' expiry (what is due is decided by the
+        database's clock in :mod:`crm_core.credential_expiry`)."""
+        self.expiry_check_at: float | None = None  # due at start
         crm.resources.set_pool_size(concurrency)  # shared HTTP pools fit the threads
 
     def run_once(self, stop: threading.Event | None = None) -> WorkerStats:
@@ -232,9 +236,10 @@ class Worker:
     def check_expiry_when_due(self) -> None:
         """At start and then daily: signal app credentials that near their expiry
         (:mod:`crm_core.credential_expiry`; each threshold once, whichever worker)."""
-        if self.clock() < self.expiry_check_at:
+        now = self.daily_clock()
+        if self.expiry_check_at is not None and now < self.expiry_check_at:
             return
-        self.expiry_check_at = self.clock() + EXPIRY_CHECK_SECONDS
+        self.expiry_check_at = now + EXPIRY_CHECK_SECONDS
         try:
             for expiry in credential_expiry.check(self.crm):
                 log.warning("%s", expiry.message())
