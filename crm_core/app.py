@@ -402,6 +402,7 @@ class Crm:
                 user=user_values,
                 user_email=user.email if user else None,
                 transport=transport if user else None,
+                today=self.clock().date(),
             )
             for found in answers:
                 for notice in _typed_list(f"of {line}", "check_settings", found, SettingNotice):
@@ -604,7 +605,10 @@ class Crm:
         report = None
         if account.transport in self.transports(account.product_line):
             report = self._owner(account, "test_connection")(
-                account=account, resources=self.resources, problems=problems
+                account=account,
+                resources=self.resources,
+                problems=problems,
+                today=self.clock().date(),
             )
         if report is None:  # not enabled, or the plugin has no ladder
             report = _settings_report(account.transport, problems)

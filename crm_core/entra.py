@@ -13,15 +13,17 @@ Microsoft transport's settings are read, which must stay cheap.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from crm_core.errors import SettingValueError, TokenError
-from crm_core.fields import FieldType, Scope, SettingField
+from crm_core import certificates
+from crm_core.errors import Problem, SettingValueError, TokenError
+from crm_core.fields import FieldType, Scope, SettingField, SettingNotice
 from crm_core.mail.transport import Outcome, Resources, SenderAccount
 from crm_core.secret_box import Secret
 
@@ -52,6 +54,19 @@ CA_BUNDLE = "tls.ca_bundle"
 CLIENT_SECRET_DESTINATION = (AUTHORITY, TENANT_ID, CLIENT_ID, CA_BUNDLE)
 """What decides where the client secret goes: Entra ID's host (and whom the TLS check
 trusts for it), and the tenant and app it signs in as."""
+CERTIFICATE = "exchange.certificate"
+CERTIFICATE_PASSPHRASE = "exchange.certificate_passphrase"
+CERTIFICATE_2 = "exchange.certificate_2"
+CERTIFICATE_2_PASSPHRASE = "exchange.certificate_2_passphrase"
+CERTIFICATE_SLOTS = (
+    (CERTIFICATE, CERTIFICATE_PASSPHRASE),
+    (CERTIFICATE_2, CERTIFICATE_2_PASSPHRASE),
+)
+"""Where certificates are saved, each with its passphrase: two, for a rotation."""
+CREDENTIAL_KEYS = (CERTIFICATE, CERTIFICATE_2, CLIENT_SECRET)
+"""Any one of these proves the app to Entra ID."""
+EXPIRY_WARNING_DAYS = (60, 30, 7)
+"""Warnings about a credential's expiry start at the first, and sharpen at each."""
 
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _DOMAIN = re.compile(r"^(?=.{3,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
@@ -159,21 +174,129 @@ def entra_fields() -> list[SettingField]:
             "Client secret expires",
             type=FieldType.DATE,
             help="The expiry date Entra shows beside the secret (YYYY-MM-DD); "
-            "warnings start 30 days before.",
+            "warnings come 60, 30 and 7 days before.",
+            plugin=_PLUGIN,
+        ),
+        *_certificate_fields(CERTIFICATE, CERTIFICATE_PASSPHRASE, "Certificate", ""),
+        *_certificate_fields(
+            CERTIFICATE_2,
+            CERTIFICATE_2_PASSPHRASE,
+            "Second certificate",
+            " The second one serves a rotation: the newer certificate is tried first.",
+        ),
+    ]
+
+
+def _certificate_fields(key: str, passphrase: str, label: str, more: str) -> list[SettingField]:
+    """A certificate credential and its passphrase (both secret, read like a secret)."""
+    return [
+        SettingField(
+            key,
+            Scope.SYSTEM,
+            label,
+            type=FieldType.SECRET,
+            help="The app's certificate with its private key: a PEM file (key and "
+            "certificate) or a PFX file, read from standard input "
+            f"(`crm settings set {key} < app.pem`). Used instead of the client secret; "
+            "Microsoft recommends a certificate for production." + more,
+            # Not bound_to a destination: the private key never leaves, and the
+            # assertion it signs names the token endpoint it is for (its audience),
+            # so a changed authority receives nothing it could use elsewhere.
+            validator=_validate_first if key == CERTIFICATE else _validate_second,
+            plugin=_PLUGIN,
+            multiline=True,
+        ),
+        SettingField(
+            passphrase,
+            Scope.SYSTEM,
+            f"{label} passphrase",
+            type=FieldType.SECRET,
+            help=f"The passphrase of {key}'s private key or PFX file, when it has one.",
             plugin=_PLUGIN,
         ),
     ]
 
 
+def _validate_first(text: str) -> str:
+    return _validate_certificate(CERTIFICATE, text)
+
+
+def _validate_second(text: str) -> str:
+    return _validate_certificate(CERTIFICATE_2, text)
+
+
+def _validate_certificate(key: str, text: str) -> str:
+    """Refuse on save what can be seen without the passphrase; the rest is a problem
+    of the passphrase's (see :func:`credential_problems`)."""
+    try:
+        stored = certificates.normalise(text)
+        certificates.load(stored, None, date.today())
+    except certificates.PassphraseNeeded:
+        cert = certificates.read_certificate(stored)
+        if cert is not None and cert.not_valid_after_utc.date() < date.today():
+            raise SettingValueError(
+                key,
+                f"the certificate expired on {cert.not_valid_after_utc.date().isoformat()}; "
+                f"make a new one ({certificates.MAKE_ONE})",
+            ) from None
+    except certificates.CertificateProblem as exc:
+        raise SettingValueError(key, str(exc)) from None
+    return stored
+
+
+@dataclass(frozen=True)
+class Credential:
+    """One way the app proves itself to Entra ID: a client secret or a certificate."""
+
+    key: str
+    """The setting that holds it, e.g. exchange.certificate."""
+    secret: Secret | None = None
+    certificate: certificates.CertificateCredential | None = None
+    expires: date | None = None
+
+    @property
+    def is_certificate(self) -> bool:
+        """True for a certificate credential."""
+        return self.certificate is not None
+
+    def describe(self) -> str:
+        """What people are shown: which credential, never its value."""
+        if self.certificate is not None:
+            return (
+                f"the certificate {self.key} (thumbprint {self.certificate.sha1}, "
+                f"valid until {self.certificate.expires.isoformat()})"
+            )
+        return f"the client secret {self.key}"
+
+    def msal_credential(self) -> str | dict[str, str]:
+        """msal's ``client_credential`` for this credential."""
+        if self.certificate is not None:
+            return self.certificate.msal_credential()
+        assert self.secret is not None
+        return self.secret.reveal()
+
+    def digest(self) -> str:
+        """Identifies the credential's value (for keying caches), without showing it."""
+        if self.certificate is not None:
+            material = self.certificate.sha1 + self.certificate.key_pem.reveal()
+        else:
+            material = self.secret.reveal() if self.secret is not None else ""
+        return hashlib.sha256(material.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class AppCredentials:
-    """The app registration an account's tokens come from."""
+    """The app registration an account's tokens come from.
+
+    ``credentials`` are tried in order: certificates before the client secret (a
+    certificate saved beside a secret is the move Microsoft recommends), the newer
+    certificate (by the date it became valid) before the older.
+    """
 
     authority: str
     tenant: str
     client_id: str
-    secret: Secret
-    secret_expires: date | None = None
+    credentials: tuple[Credential, ...]
     ca_bundle: str | None = None
 
     @property
@@ -186,34 +309,191 @@ class AppCredentials:
         """True for Microsoft's own sign-in hosts (msal may do instance discovery)."""
         return (urlsplit(self.authority).hostname or "") in KNOWN_AUTHORITY_HOSTS
 
+    @property
+    def secret(self) -> Secret | None:
+        """The client secret's Value, when one is saved."""
+        return next((c.secret for c in self.credentials if c.secret is not None), None)
+
+    @property
+    def secret_expires(self) -> date | None:
+        """The client secret's expiry date, when saved."""
+        return next((c.expires for c in self.credentials if c.key == CLIENT_SECRET), None)
+
 
 def missing_credentials(values: Mapping[str, object]) -> list[str]:
-    """Keys of the OAuth fields that are not set."""
-    return [k for k in (CLIENT_ID, TENANT_ID, CLIENT_SECRET) if not values.get(k)]
+    """Keys of the OAuth fields that are not set (a certificate stands for the secret)."""
+    missing = [k for k in (CLIENT_ID, TENANT_ID) if not values.get(k)]
+    if not any(values.get(k) for k in CREDENTIAL_KEYS):
+        missing.append(CLIENT_SECRET)
+    return missing
 
 
 def credentials_for(account: SenderAccount) -> AppCredentials | None:
-    """The account's app credentials, or None when any of the three codes is missing."""
-    secret = account.get_secret(CLIENT_SECRET)
+    """The account's app credentials, or None when the codes are incomplete.
+
+    A certificate that cannot be opened is left out here; :func:`credential_problems`
+    names it, and stops sending until it is fixed.
+    """
     client_id = account.get_str(CLIENT_ID)
     tenant = account.get_str(TENANT_ID)
-    if not (secret and client_id and tenant):
+    found: list[Credential] = []
+    for key, passphrase_key in CERTIFICATE_SLOTS:
+        text, passphrase = account.get_secret(key), account.get_secret(passphrase_key)
+        if not text:
+            continue
+        try:
+            cert = certificates.load(text.reveal(), passphrase.reveal() if passphrase else None)
+        except certificates.CertificateProblem:
+            continue
+        found.append(Credential(key, certificate=cert, expires=cert.expires))
+    found.sort(key=lambda c: _issued(c), reverse=True)
+    secret = account.get_secret(CLIENT_SECRET)
+    if secret:
+        found.append(
+            Credential(CLIENT_SECRET, secret=secret, expires=account.get_date(SECRET_EXPIRES))
+        )
+    if not (found and client_id and tenant):
         return None
     return AppCredentials(
         authority=account.get_str(AUTHORITY, DEFAULT_AUTHORITY) or DEFAULT_AUTHORITY,
         tenant=tenant,
         client_id=client_id,
-        secret=secret,
-        secret_expires=account.get_date(SECRET_EXPIRES),
+        credentials=tuple(found),
         ca_bundle=account.get_str(CA_BUNDLE) or None,
     )
+
+
+def _issued(credential: Credential) -> datetime:
+    assert credential.certificate is not None
+    return credential.certificate.not_before
+
+
+def credential_problems(values: Mapping[str, object]) -> list[Problem]:
+    """Saved certificates that cannot be used: each stops sending until fixed.
+
+    A missing or wrong passphrase is the passphrase's problem (saving the certificate
+    first is fine; saving a wrong passphrase is refused); anything else wrong with a
+    certificate is the certificate's (and its passphrase's: saving it is judged too).
+    """
+    problems: list[Problem] = []
+    for key, passphrase_key in CERTIFICATE_SLOTS:
+        text, passphrase = values.get(key), values.get(passphrase_key)
+        if not isinstance(text, Secret) or not text:
+            continue
+        clear = passphrase.reveal() if isinstance(passphrase, Secret) and passphrase else None
+        try:
+            certificates.load(text.reveal(), clear)
+        except certificates.PassphraseNeeded as exc:
+            problems.append(
+                Problem(passphrase_key, f"{key}: {exc}", f"crm settings set {passphrase_key}")
+            )
+        except certificates.WrongPassphrase as exc:
+            problems.append(
+                Problem(
+                    passphrase_key, f"{key}: {exc}", f"crm settings set {passphrase_key}", (key,)
+                )
+            )
+        except certificates.CertificateProblem as exc:
+            problems.append(
+                Problem(key, str(exc), f"crm settings set {key} < app.pem", (passphrase_key,))
+            )
+    return problems
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """A credential's expiry, as the warnings and the expiry signal see it."""
+
+    key: str
+    what: str
+    expires: date
+    days_left: int
+
+    @property
+    def threshold(self) -> int | None:
+        """The sharpest warning threshold crossed (60, 30, 7 days; 0 once expired)."""
+        if self.days_left < 0:
+            return 0
+        crossed = [t for t in EXPIRY_WARNING_DAYS if self.days_left <= t]
+        return min(crossed) if crossed else None
+
+    def message(self) -> str:
+        """The warning's text, with what to do."""
+        if self.days_left < 0:
+            when = f"expired on {self.expires.isoformat()}"
+        elif self.days_left == 0:
+            when = f"expires today ({self.expires.isoformat()})"
+        else:
+            plural = "s" if self.days_left != 1 else ""
+            when = f"expires in {self.days_left} day{plural} ({self.expires.isoformat()})"
+        if self.key == CLIENT_SECRET:
+            todo = (
+                "create a new secret in Entra → Certificates & secrets and save its Value as "
+                f"{CLIENT_SECRET} and its expiry as {SECRET_EXPIRES}"
+            )
+        else:
+            other = CERTIFICATE_2 if self.key == CERTIFICATE else CERTIFICATE
+            todo = (
+                "make a new certificate, upload its .cer in Entra → Certificates & secrets, "
+                f"and save it beside this one: crm settings set {other} < new.pem"
+            )
+        return f"{self.what} {when}; {todo}"
+
+
+def expiries(values: Mapping[str, object], today: date) -> list[Expiry]:
+    """Every saved credential's expiry, the client secret's from its setting and a
+    certificate's from the certificate itself."""
+    found: list[Expiry] = []
+    secret_expires = values.get(SECRET_EXPIRES)
+    if isinstance(secret_expires, date) and values.get(CLIENT_SECRET):
+        found.append(
+            Expiry(
+                CLIENT_SECRET, "the client secret", secret_expires, (secret_expires - today).days
+            )
+        )
+    for key, passphrase_key in CERTIFICATE_SLOTS:
+        text, passphrase = values.get(key), values.get(passphrase_key)
+        if not isinstance(text, Secret) or not text:
+            continue
+        clear = passphrase.reveal() if isinstance(passphrase, Secret) and passphrase else None
+        try:
+            cert = certificates.load(text.reveal(), clear)
+        except certificates.CertificateProblem:
+            continue
+        found.append(
+            Expiry(
+                key,
+                f"the certificate {key} (thumbprint {cert.sha1})",
+                cert.expires,
+                (cert.expires - today).days,
+            )
+        )
+    return found
+
+
+def expiry_notices(values: Mapping[str, object], today: date) -> list[SettingNotice]:
+    """Warnings from 60 days before a credential expires, and after it has."""
+    return [
+        SettingNotice(SECRET_EXPIRES if e.key == CLIENT_SECRET else e.key, "warning", e.message())
+        for e in expiries(values, today)
+        if e.threshold is not None
+    ]
 
 
 _TEMPORARY_CODES = frozenset({90006, 90024, 90033, 90055})
 
 
-def explain_token_error(result: Mapping[str, Any], creds: AppCredentials) -> TokenError:
-    """Turn msal's error dict into advice, branching on ``error_codes`` only."""
+REFUSED_CREDENTIAL_CODES = frozenset({7000215, 7000222, 700027, 700024, 50027, 7000218})
+"""Entra's answers that refuse the credential itself: another saved one may work."""
+
+
+def explain_token_error(
+    result: Mapping[str, Any], creds: AppCredentials, credential: Credential | None = None
+) -> TokenError:
+    """Turn msal's error dict into advice, branching on ``error_codes`` only.
+
+    ``credential`` is the one Entra ID refused (a certificate's refusals name it).
+    """
     codes = tuple(int(c) for c in result.get("error_codes") or () if str(c).isdigit())
     error = str(result.get("error", ""))
     corr = str(result.get("correlation_id", ""))
@@ -222,6 +502,10 @@ def explain_token_error(result: Mapping[str, Any], creds: AppCredentials) -> Tok
         return TokenError(message, fix, codes, error, outcome, corr)
 
     code_set = set(codes)
+    if credential is not None and credential.certificate is not None:
+        explained = _certificate_refusal(code_set, str(result.get("error_description", "")))
+        if explained is not None:
+            return make(*_for_certificate(explained, credential, creds))
     if 7000215 in code_set:
         return make(
             "The client secret is not valid (AADSTS7000215): the secret's Secret ID may "
@@ -276,6 +560,53 @@ def explain_token_error(result: Mapping[str, Any], creds: AppCredentials) -> Tok
     return make(
         f"Entra ID refused the token request ({shown}).",
         "Check Client ID, Tenant ID and the client secret's Value.",
+    )
+
+
+def _certificate_refusal(codes: set[int], description: str) -> str | None:
+    """Which of Entra's certificate refusals this is: unknown key, expired key, time."""
+    if 700027 in codes:
+        return "expired" if "key used is expired" in description.lower() else "unknown"
+    if 700024 in codes:
+        return "time"
+    if 50027 in codes:
+        return "malformed"
+    return None
+
+
+def _for_certificate(kind: str, credential: Credential, creds: AppCredentials) -> tuple[str, str]:
+    assert credential.certificate is not None
+    cert = credential.certificate
+    upload = (
+        f"In Entra → App registrations → the app {creds.client_id} → Certificates & secrets "
+        "→ Certificates → Upload certificate, upload the certificate's public part (app.cer: "
+        f"`openssl x509 -in app.pem -outform der -out app.cer`); its thumbprint there must "
+        f"read {cert.sha1}."
+    )
+    if kind == "unknown":
+        return (
+            f"Entra ID does not know {credential.describe()} (AADSTS700027): it is not "
+            "uploaded to the app registration, or the signature does not match the "
+            "uploaded certificate.",
+            upload,
+        )
+    if kind == "expired":
+        return (
+            f"Entra ID refused {credential.describe()}: the certificate has expired "
+            "(AADSTS700027).",
+            "Make a new certificate, upload its .cer in Entra → Certificates & secrets, and "
+            f"save it with `crm settings set {credential.key} < new.pem`.",
+        )
+    if kind == "time":
+        return (
+            "Entra ID refused the signed request as outside its valid time (AADSTS700024): "
+            "this machine's clock is probably wrong.",
+            "Set the clock right (NTP: `timedatectl set-ntp true`); the request is signed "
+            "with this machine's time.",
+        )
+    return (
+        f"Entra ID refused the request signed with {credential.describe()} (AADSTS50027).",
+        upload,
     )
 
 

@@ -51,6 +51,9 @@ class SettingField:
     they had when it was saved: when any of them changes, the secret is no longer
     handed to a transport until it is entered again, so that whoever may change a
     server name cannot have a stored password or client secret sent to their own.
+
+    ``multiline`` marks a value that is a file's content (a PEM, a PFX): read whole
+    from standard input, a binary file base64-encoded.
     """
 
     key: str
@@ -65,6 +68,7 @@ class SettingField:
     plugin: str = ""
     user_override: bool = False
     bound_to: tuple[str, ...] = ()
+    multiline: bool = False
 
     @property
     def secret(self) -> bool:

@@ -26,7 +26,7 @@ Families:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import date, datetime
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -86,8 +86,11 @@ def check_settings(
     user: dict[str, SettingValue] | None,
     user_email: str | None,
     transport: str | None,
+    today: date,
 ) -> list[SettingNotice]:
     """Advice about saved settings that does not stop sending: warnings for the admin.
+
+    ``today`` is the Crm's date (its injectable clock), for warnings about expiry.
 
     Called after a save and by ``crm settings show`` / ``crm users show``. ``user``,
     ``user_email`` and ``transport`` (the user's effective transport: their choice,
@@ -168,9 +171,10 @@ def send_mail(
 
 @hookspec(firstresult=True)
 def test_connection(
-    account: SenderAccount, resources: Resources, problems: Sequence[Problem]
+    account: SenderAccount, resources: Resources, problems: Sequence[Problem], today: date
 ) -> ConnectionReport:
-    """Run the Test connection ladder for one account.
+    """Run the Test connection ladder for one account (``today``: the Crm's date, for
+    warnings about expiring credentials).
 
     ``problems`` is the core's answer to "what stops this account from sending"
     (the same list a claim would pause on): show it in your settings rung instead of

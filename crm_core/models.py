@@ -11,7 +11,7 @@ NULL) instead of quietly taking this machine's time.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
@@ -308,6 +308,21 @@ class OutboxAttempt(Base):
 
     def __repr__(self) -> str:
         return f"OutboxAttempt(outbox_id={self.outbox_id!r}, #{self.number}, {self.outcome!r})"
+
+
+class CredentialWarning(Base):
+    """An expiry warning already sent for an app credential: once per threshold.
+
+    Keyed by the credential's setting, its expiry date (a new credential starts its
+    own warnings) and the threshold in days (60, 30, 7; 0 once expired).
+    """
+
+    __tablename__ = "credential_warnings"
+
+    key: Mapped[str] = mapped_column(String(120), primary_key=True)
+    expires: Mapped[date] = mapped_column(primary_key=True)
+    threshold: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sent_at: Mapped[datetime]
 
 
 class AccountPause(Base):

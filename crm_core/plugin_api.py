@@ -15,15 +15,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from crm_core.entra import (
+    CERTIFICATE,
     CLIENT_ID,
     CLIENT_SECRET,
+    CREDENTIAL_KEYS,
     EXCHANGE_SCOPE,
     GRAPH_SCOPE,
     SECRET_EXPIRES,
     TENANT_ID,
     AppCredentials,
+    credential_problems,
     credentials_for,
     entra_fields,
+    expiries,
+    expiry_notices,
     forget_clients,
     is_guid,
     missing_credentials,
@@ -85,8 +90,10 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CERTIFICATE",
     "CLIENT_ID",
     "CLIENT_SECRET",
+    "CREDENTIAL_KEYS",
     "EXCHANGE_SCOPE",
     "GRAPH_SCOPE",
     "SECRET_EXPIRES",
@@ -127,8 +134,11 @@ __all__ = [
     "TransportSpec",
     "TrustAdapter",
     "ValidationError",
+    "credential_problems",
     "credentials_for",
     "entra_fields",
+    "expiries",
+    "expiry_notices",
     "explain_address",
     "forget_clients",
     "hookimpl",

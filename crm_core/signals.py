@@ -46,6 +46,7 @@ mail_cancelled = _signals.signal("mail-cancelled")
 account_paused = _signals.signal("account-paused")
 account_resumed = _signals.signal("account-resumed")
 connection_tested = _signals.signal("connection-tested")
+credential_expiring = _signals.signal("credential-expiring")
 
 PENDING_KEY = "crm_pending_signals"
 
@@ -69,6 +70,7 @@ PAYLOADS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "account-paused": ("user_id", "email", "transport", "reason"),
         "account-resumed": ("user_id", "email", "why"),
         "connection-tested": ("user_id", "transport", "ok"),
+        "credential-expiring": ("key", "credential", "expires", "days_left", "threshold"),
     }
 )
 """Each signal's keyword arguments, exactly."""

@@ -148,7 +148,7 @@ def test_new_customer_goes_green_and_then_makes_each_mistake(
     )
     assert [(s["name"], s["status"]) for s in report["steps"]] == [
         ("settings", "ok"),
-        ("client secret expiry", "warning"),
+        ("credential expiry", "warning"),
         ("username and domain", "warning"),
         ("token", "ok"),
         ("mailbox", "failed"),

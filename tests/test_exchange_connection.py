@@ -115,7 +115,7 @@ def test_expired_secret_names_the_date(world: ExchangeWorld) -> None:
         == CREDENTIALS + "The client secret has expired on 2026-03-01 (AADSTS7000222)."
     )
     assert "Create a new client secret" in fix and "exchange.client_secret_expires" in fix
-    expiry_status, expiry, _ = steps(report)["client secret expiry"]
+    expiry_status, expiry, _ = steps(report)["credential expiry"]
     assert expiry_status == "warning" and "expired on 2026-03-01" in expiry
 
 
@@ -249,7 +249,7 @@ def test_secret_expiring_soon_is_a_warning_only(world: ExchangeWorld) -> None:
     world.set_system("exchange.client_secret_expires", days_from_today(12))
     report = world.test_connection()
     assert report.ok and report.summary == "Connected to Exchange"
-    status, detail, _ = steps(report)["client secret expiry"]
+    status, detail, _ = steps(report)["credential expiry"]
     assert status == "warning"
     assert detail.startswith(f"the client secret expires in 12 days ({days_from_today(12)})")
 

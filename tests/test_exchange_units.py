@@ -15,7 +15,7 @@ import requests
 import urllib3.exceptions
 from exchangelib import errors as ews
 
-from crm_core.entra import AppCredentials, explain_token_error
+from crm_core.entra import AppCredentials, Credential, expiries, expiry_notices, explain_token_error
 from crm_core.errors import Problem, SettingValueError, TokenError
 from crm_core.fields import Scope
 from crm_core.mail.message import OutgoingMessage
@@ -38,7 +38,6 @@ from exchange_mail.settings import (
     check,
     domain_mismatch,
     resolve,
-    secret_expiry_notice,
     validate_ews_url,
 )
 from tests.exchange_fixtures import make_message
@@ -109,18 +108,32 @@ TODAY = date(2026, 11, 28)
 
 
 @pytest.mark.parametrize(
-    ("expires", "expected"),
+    ("expires", "expected", "threshold"),
     [
-        (date(2026, 12, 29), None),  # 31 days
-        (date(2026, 12, 28), "expires in 30 days (2026-12-28)"),
-        (date(2026, 11, 29), "expires in 1 day (2026-11-29)"),
-        (date(2026, 11, 28), "expires today (2026-11-28)"),
-        (date(2026, 11, 27), "expired on 2026-11-27"),
+        (date(2027, 1, 28), None, None),  # 61 days
+        (date(2027, 1, 27), "expires in 60 days (2027-01-27)", 60),
+        (date(2026, 12, 29), "expires in 31 days (2026-12-29)", 60),
+        (date(2026, 12, 28), "expires in 30 days (2026-12-28)", 30),
+        (date(2026, 12, 5), "expires in 7 days (2026-12-05)", 7),
+        (date(2026, 11, 29), "expires in 1 day (2026-11-29)", 7),
+        (date(2026, 11, 28), "expires today (2026-11-28)", 7),
+        (date(2026, 11, 27), "expired on 2026-11-27", 0),
     ],
 )
-def test_secret_expiry_warns_from_30_days_before(expires: date, expected: str | None) -> None:
-    notice = secret_expiry_notice(expires, TODAY)
-    assert (notice is None) if expected is None else (notice is not None and expected in notice)
+def test_secret_expiry_warns_from_60_days_before(
+    expires: date, expected: str | None, threshold: int | None
+) -> None:
+    values: dict[str, SettingValue] = {
+        "exchange.client_secret": Secret("s3cret"),
+        "exchange.client_secret_expires": expires,
+    }
+    (found,) = expiries(values, TODAY)
+    assert found.threshold == threshold
+    notices = expiry_notices(values, TODAY)
+    assert [n.message for n in notices if expected and expected in n.message] == [
+        n.message for n in notices
+    ]
+    assert bool(notices) is (expected is not None)
 
 
 def test_system_notices() -> None:
@@ -186,8 +199,7 @@ CREDS = AppCredentials(
     "https://login.microsoftonline.com",
     "contoso.se",
     "0f3b6c1e-5a7d-4e2b-9c8f-1d2e3f4a5b6c",
-    Secret("s3cret"),
-    secret_expires=date(2026, 3, 1),
+    (Credential("exchange.client_secret", Secret("s3cret"), expires=date(2026, 3, 1)),),
 )
 
 
@@ -252,7 +264,7 @@ def test_adfs_tenant_is_accepted() -> None:
 
 def test_well_known_authority_hosts() -> None:
     assert CREDS.well_known_host  # msal may do instance discovery
-    adfs = AppCredentials("https://adfs.organisation.se", "adfs", CREDS.client_id, Secret("x"))
+    adfs = AppCredentials("https://adfs.organisation.se", "adfs", CREDS.client_id, ())
     assert not adfs.well_known_host  # msal must not (instance_discovery=False)
 
 

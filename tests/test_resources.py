@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from crm_core.entra import AppCredentials
+from crm_core.entra import CLIENT_SECRET, AppCredentials, Credential
 from crm_core.mail.transport import Resources
 from crm_core.mail.worker import Worker
 from crm_core.secret_box import Secret
@@ -35,12 +35,16 @@ def test_a_client_whose_settings_changed_is_closed_when_replaced() -> None:
 
 def test_a_new_client_secret_replaces_the_token_client() -> None:
     resources = Resources()
-    creds = AppCredentials("https://login.example", "contoso.se", "client", Secret("one"))
+    creds = AppCredentials(
+        "https://login.example", "contoso.se", "client", (Credential(CLIENT_SECRET, Secret("one")),)
+    )
     first = token_client(resources, creds)
     assert token_client(resources, creds) is first  # one token for every mailbox
-    renewed = AppCredentials("https://login.example", "contoso.se", "client", Secret("two"))
+    renewed = AppCredentials(
+        "https://login.example", "contoso.se", "client", (Credential(CLIENT_SECRET, Secret("two")),)
+    )
     second = token_client(resources, renewed)
-    assert second is not first and second.creds.secret.reveal() == "two"
+    assert second is not first and second.creds.secret == Secret("two")
     assert resources.get(("entra", "https://login.example", "contoso.se", "client")) is second
 
 

@@ -48,11 +48,16 @@ def check(ctx: Context, as_json: bool) -> None:
     """Check the configuration, the database and every user: can each one send?
 
     Exit 1 when a user cannot send; each is named with every problem and its fix.
+    Warns (exit unchanged) from 60 days before an app credential expires.
     """
+    from crm_core.entra import expiry_notices
+
     crm = ctx.crm(check_users=False)
     with crm.transaction(write=False) as session:
         unreadable = crm.settings_store().unreadable_secrets(session)
         users = _users(crm, session)
+        system = crm.settings_store().system_values(session)
+    warnings = expiry_notices(system, crm.clock().date())
     blocked = [u for u in users if u["problems"]]
     installation = [_unreadable(unreadable)] if unreadable else []
     if as_json:
@@ -64,6 +69,7 @@ def check(ctx: Context, as_json: bool) -> None:
                 "installation_problems": [p.as_dict() for p in installation],
                 "users": users,
                 "problems": problems,
+                "warnings": [{"key": n.key, "message": n.message} for n in warnings],
             }
         )
     else:
@@ -71,6 +77,8 @@ def check(ctx: Context, as_json: bool) -> None:
             click.echo(f"Installation error: {printable(problem.message)}")
             click.echo(f"  fix: {printable(problem.fix)}")
         _print_check(crm, users, blocked)
+        for notice in warnings:
+            click.echo(f"Warning: {notice.key}: {printable(notice.message)}")
     if blocked or installation:
         sys.exit(EXIT_FAILED)
 

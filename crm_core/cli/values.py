@@ -9,6 +9,7 @@ every user of the machine and stay in the shell's history.
 
 from __future__ import annotations
 
+import base64
 import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -44,6 +45,8 @@ def read_value(
                 "--value-from-env NAME"
             )
         return value
+    if sys.stdin.isatty() and spec.multiline:
+        fail(f"{spec.key} is a file's content: give it on standard input (< app.pem)")
     if sys.stdin.isatty():
         hint = f" ({spec.help})" if spec.help and not spec.secret else ""
         entered: str = click.prompt(
@@ -54,6 +57,8 @@ def read_value(
             err=True,
         )
         return entered
+    if spec.multiline:
+        return read_file_content(sys.stdin.buffer.read())
     line = sys.stdin.readline()
     if not line and not spec.secret:
         fail(f"give a value for {spec.key}, after the key or on standard input")
@@ -67,3 +72,11 @@ def _from_env(spec: SettingField, value: str | None, name: str, environ: Mapping
     if found is None:
         fail(f"--value-from-env {name}: no environment variable {name} is set")
     return found
+
+
+def read_file_content(data: bytes) -> str:
+    """A file read from standard input: its text, or base64 when it is binary (a PFX)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode("ascii")

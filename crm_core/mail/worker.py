@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError
 
+from crm_core import credential_expiry
 from crm_core.errors import TransportError
 from crm_core.mail import policy, queue, reconciler
 from crm_core.mail.queue import Claim
@@ -38,6 +39,9 @@ from crm_core.models import OutboxState
 
 if TYPE_CHECKING:
     from crm_core.app import Crm
+
+EXPIRY_CHECK_SECONDS = 24 * 3600
+"""How often a running worker looks at its credentials' expiry dates."""
 
 log = logging.getLogger(__name__)
 attempts = logging.getLogger("crm_core.mail.attempts")
@@ -159,6 +163,7 @@ class Worker:
         concurrency: int = 1,
         on_batch: Callable[[BatchReport], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        daily_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -169,12 +174,17 @@ class Worker:
         self.on_batch = on_batch
         self.clock = clock
         self.reconcile_at = clock()  # a worker that starts looks at unknown mail first
+        self.daily_clock = daily_clock
+        """Schedules the daily look at credentials' expiry (what is due is decided by the
+        database's clock in :mod:`crm_core.credential_expiry`)."""
+        self.expiry_check_at: float | None = None  # due at start
         crm.resources.set_pool_size(concurrency)  # shared HTTP pools fit the threads
 
     def run_once(self, stop: threading.Event | None = None) -> WorkerStats:
         """Drain what is due now, then return (``crm outbox work --once``)."""
         stop = stop or threading.Event()
         total = WorkerStats()
+        self.check_expiry_when_due()
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="outbox") as pool:
             while not stop.is_set():
                 step = self.poll(pool, stop)
@@ -198,6 +208,7 @@ class Worker:
                     continue
                 total += step
                 total.reconciled += self.reconcile_when_due()
+                self.check_expiry_when_due()
                 if not (step.claimed or step.paused_accounts):
                     stop.wait(self.config.poll_seconds)
         return total
@@ -221,6 +232,21 @@ class Worker:
         if reports:
             log.info("reconciled %d unknown message(s): %d settled", len(reports), settled)
         return settled
+
+    def check_expiry_when_due(self) -> None:
+        """At start and then daily: signal app credentials that near their expiry
+        (:mod:`crm_core.credential_expiry`; each threshold once, whichever worker)."""
+        now = self.daily_clock()
+        if self.expiry_check_at is not None and now < self.expiry_check_at:
+            return
+        self.expiry_check_at = now + EXPIRY_CHECK_SECONDS
+        try:
+            for expiry in credential_expiry.check(self.crm):
+                log.warning("%s", expiry.message())
+        except DBAPIError as exc:
+            log.warning(
+                "outbox worker %s: expiry check skipped, database error: %s", self.name, exc
+            )
 
     def poll(self, pool: ThreadPoolExecutor, stop: threading.Event) -> WorkerStats:
         """One round: reap expired leases, claim a batch, send it, record results."""

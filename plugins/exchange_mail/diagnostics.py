@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from datetime import date
 
 from crm_core.plugin_api import (
+    CERTIFICATE,
     EXCHANGE_SCOPE,
     ConnectionReport,
     ConnectionStep,
@@ -33,7 +34,7 @@ from crm_core.plugin_api import (
     Resources,
     SenderAccount,
     StepStatus,
-    TokenError,
+    expiry_notices,
     is_guid,
     token_client,
 )
@@ -48,7 +49,6 @@ from exchange_mail.settings import (
     domain_mismatch,
     ews_retirement_notice,
     resolve,
-    secret_expiry_notice,
 )
 from exchange_mail.settings import SYNC as SYNC_KEY
 
@@ -100,20 +100,10 @@ def run(
     if problems:
         steps.append(ConnectionStep(TOKEN, StepStatus.SKIPPED, "settings incomplete"))
     elif settings.mode is AuthMode.OAUTH and settings.app is not None:
-        try:
-            token = token_client(resources, settings.app).token(_scope(settings))
-        except TokenError as exc:
-            step = ConnectionStep(TOKEN, StepStatus.FAILED, exc.message, exc.fix)
-            failures.append((step, True))
-        else:
-            roles = token_roles(token)
-            step = ConnectionStep(
-                TOKEN,
-                StepStatus.OK,
-                f"Entra ID issued an app-only token for Client ID {settings.app.client_id} "
-                f"in tenant {settings.app.tenant}",
-            )
-        steps.append(step)
+        token_steps, roles, failed = _token_steps(settings, resources)
+        steps.extend(token_steps)
+        if failed is not None:
+            failures.append((failed, True))
     else:
         steps.append(
             ConnectionStep(
@@ -148,6 +138,54 @@ def run(
     return ConnectionReport(TRANSPORT, _summary(failures), tuple(steps))
 
 
+def _token_steps(
+    settings: ExchangeSettings, resources: Resources
+) -> tuple[list[ConnectionStep], tuple[str, ...] | None, ConnectionStep | None]:
+    """The token rung: which credential Entra ID accepted, and each one it refused.
+
+    Returns the steps, the token's roles, and the failed step (None when a token came).
+    """
+    assert settings.app is not None
+    app = settings.app
+    attempts = token_client(resources, app).attempts(_scope(settings))
+    refused = [a for a in attempts if a.error is not None]
+    accepted = next((a for a in attempts if a.error is None), None)
+    steps: list[ConnectionStep] = []
+    if accepted is None:
+        first = refused[0].error
+        assert first is not None
+        detail = first.message + "".join(
+            f" Also refused: {a.credential.describe()}: {a.error.message}"
+            for a in refused[1:]
+            if a.error is not None
+        )
+        step = ConnectionStep(TOKEN, StepStatus.FAILED, detail, first.fix)
+        return [step], None, step
+    used = accepted.credential
+    detail = (
+        f"Entra ID issued an app-only token for Client ID {app.client_id} in tenant "
+        f"{app.tenant} with {used.describe()}"
+    )
+    if not used.is_certificate:
+        detail += (
+            "; Microsoft recommends a certificate instead of a client secret for production "
+            f"(crm settings set {CERTIFICATE} < app.pem)"
+        )
+    steps.append(ConnectionStep(TOKEN, StepStatus.OK, detail))
+    for attempt in refused:
+        assert attempt.error is not None
+        steps.append(
+            ConnectionStep(
+                "refused credential",
+                StepStatus.WARNING,
+                f"{attempt.credential.describe()} was refused, {used.describe()} was used "
+                f"instead: {attempt.error.message}",
+                attempt.error.fix,
+            )
+        )
+    return steps, token_roles(accepted.token), None
+
+
 def _summary(failures: list[tuple[ConnectionStep, bool]]) -> str:
     if not failures:
         return CONNECTED
@@ -178,9 +216,8 @@ def _warnings(
 ) -> list[ConnectionStep]:
     steps: list[ConnectionStep] = []
     if settings.app is not None:
-        expiry = secret_expiry_notice(settings.app.secret_expires, today)
-        if expiry:
-            steps.append(ConnectionStep("client secret expiry", StepStatus.WARNING, expiry))
+        for notice in expiry_notices({**account.system, **account.user}, today):
+            steps.append(ConnectionStep("credential expiry", StepStatus.WARNING, notice.message))
         if _looks_like_secret_id(settings):
             steps.append(ConnectionStep("client secret", StepStatus.WARNING, SECRET_ID_WARNING))
     mismatch = domain_mismatch(settings.mailbox, settings.domain)
@@ -193,7 +230,8 @@ def _warnings(
 
 
 def _looks_like_secret_id(settings: ExchangeSettings) -> bool:
-    return settings.app is not None and is_guid(settings.app.secret.reveal())
+    secret = settings.app.secret if settings.app is not None else None
+    return secret is not None and is_guid(secret.reveal())
 
 
 def _scope(settings: ExchangeSettings) -> str:

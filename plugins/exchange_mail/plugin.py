@@ -78,9 +78,10 @@ def check_settings(
     system: dict[str, SettingValue],
     user: dict[str, SettingValue] | None,
     transport: str | None,
+    today: date,
 ) -> list[SettingNotice]:
-    """Secret expiry, Secret-ID-shaped secrets, username vs domain, unticked sync."""
-    return check(scope, system, user, date.today(), transport)
+    """Credential expiry, Secret-ID-shaped secrets, username vs domain, unticked sync."""
+    return check(scope, system, user, today, transport)
 
 
 @hookimpl
@@ -124,12 +125,12 @@ def send_mail(
 
 @hookimpl
 def test_connection(
-    account: SenderAccount, resources: Resources, problems: Sequence[Problem]
+    account: SenderAccount, resources: Resources, problems: Sequence[Problem], today: date
 ) -> ConnectionReport:
     """The guide's Test connection, as a ladder of named steps."""
     from exchange_mail import diagnostics
 
-    return diagnostics.run(account, resources, date.today(), problems)
+    return diagnostics.run(account, resources, today, problems)
 
 
 @hookimpl

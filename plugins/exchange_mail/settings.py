@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from crm_core.plugin_api import (
     CLIENT_ID,
     CLIENT_SECRET,
-    SECRET_EXPIRES,
+    CREDENTIAL_KEYS,
     TENANT_ID,
     AppCredentials,
     FieldType,
@@ -35,10 +35,13 @@ from crm_core.plugin_api import (
     SettingNotice,
     SettingValue,
     SettingValueError,
+    credential_problems,
     credentials_for,
     entra_fields,
+    expiry_notices,
     explain_address,
     is_guid,
+    missing_credentials,
     set_command,
 )
 
@@ -62,7 +65,6 @@ EWS_PATH = "/EWS/Exchange.asmx"
 DEFAULT_GRAPH_URL = "https://graph.microsoft.com"
 EXAMPLE_URL = f"https://outlook.office365.com{EWS_PATH}"
 EXCHANGE_ONLINE_HOSTS = frozenset({"outlook.office365.com", "outlook.office.com"})
-EXPIRY_WARNING_DAYS = 30
 
 GUIDE_CREDENTIALS = "TestConnection error Credentials"
 """The guide's red text for credentials that do not add up; kept recognisable."""
@@ -304,7 +306,7 @@ class ExchangeSettings:
 
 def resolve(account: SenderAccount) -> ExchangeSettings:
     """Read an account's Exchange settings (secrets stay masked Secret objects)."""
-    oauth_set = any(account.get(k) for k in (CLIENT_ID, TENANT_ID, CLIENT_SECRET))
+    oauth_set = any(account.get(k) for k in (CLIENT_ID, TENANT_ID, *CREDENTIAL_KEYS))
     password = account.get_secret(PASSWORD)
     mode = AuthMode.OAUTH if oauth_set else AuthMode.PASSWORD if password else None
     api_text = account.get_str(API, Api.EWS.value)
@@ -354,15 +356,19 @@ def blocking_problems(account: SenderAccount, settings: ExchangeSettings) -> lis
                 _settings_commands(CLIENT_ID, TENANT_ID, CLIENT_SECRET),
             )
         )
-    elif settings.mode is AuthMode.OAUTH and settings.app is None:
-        missing = [k for k in (CLIENT_ID, TENANT_ID, CLIENT_SECRET) if not account.get(k)]
-        problems.append(
-            Problem(
-                missing[0],
-                f"the OAuth codes are incomplete: {', '.join(missing)} not saved",
-                _settings_commands(*missing),
+    elif settings.mode is AuthMode.OAUTH:
+        values = {**account.system, **account.user}
+        missing = missing_credentials(values)
+        if missing:
+            problems.append(
+                Problem(
+                    missing[0],
+                    f"the OAuth codes are incomplete: {', '.join(missing)} not saved"
+                    + (" (or a certificate)" if CLIENT_SECRET in missing else ""),
+                    _settings_commands(*missing),
+                )
             )
-        )
+        problems.extend(credential_problems(values))
     if not settings.mailbox:
         problems.append(
             Problem(
@@ -421,27 +427,6 @@ def domain_mismatch(username: str, domain: str) -> str | None:
     )
 
 
-def secret_expiry_notice(expires: date | None, today: date) -> str | None:
-    """A warning from 30 days before the client secret's expiry date, and after it."""
-    if expires is None:
-        return None
-    days = (expires - today).days
-    if days < 0:
-        return (
-            f"the client secret expired on {expires.isoformat()}; create a new secret in "
-            f"Entra → Certificates & secrets and save its Value as {CLIENT_SECRET} and "
-            f"its expiry as {SECRET_EXPIRES}"
-        )
-    if days <= EXPIRY_WARNING_DAYS:
-        when = "today" if days == 0 else f"in {days} day{'s' if days != 1 else ''}"
-        return (
-            f"the client secret expires {when} ({expires.isoformat()}); create a new "
-            f"secret in Entra → Certificates & secrets before then and save its Value as "
-            f"{CLIENT_SECRET}"
-        )
-    return None
-
-
 SECRET_ID_WARNING = (
     "the saved client secret looks like a Secret ID (a GUID); Entra needs the secret's "
     "Value, shown only once when the secret is created (Certificates & secrets → "
@@ -479,10 +464,7 @@ def check(
         secret = system.get(CLIENT_SECRET)
         if isinstance(secret, Secret) and is_guid(secret.reveal()):
             notices.append(SettingNotice(CLIENT_SECRET, "warning", SECRET_ID_WARNING))
-        expires = system.get(SECRET_EXPIRES)
-        expiry = secret_expiry_notice(expires if isinstance(expires, date) else None, today)
-        if expiry:
-            notices.append(SettingNotice(SECRET_EXPIRES, "warning", expiry))
+        notices.extend(expiry_notices(system, today))
         url = system.get(URL)
         retirement = ews_retirement_notice(url) if isinstance(url, str) else None
         if retirement and system.get(API, Api.EWS.value) == Api.EWS.value:

@@ -27,6 +27,7 @@ from crm_core.plugin_api import (
     SettingNotice,
     SettingValue,
     SettingValueError,
+    credential_problems,
     entra_fields,
     missing_credentials,
     set_command,
@@ -406,7 +407,7 @@ def _token_host_problem(s: SmtpSettings) -> list[Problem]:
 def _entra_problem(s: SmtpSettings, values: Mapping[str, object]) -> list[Problem]:
     missing = missing_credentials(values)
     if not missing:
-        return []
+        return credential_problems(values)
     return [
         Problem(
             AUTH,

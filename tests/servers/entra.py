@@ -37,6 +37,10 @@ from datetime import UTC, datetime
 from secrets import compare_digest, token_bytes
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
 from .clock import SYSTEM_CLOCK, Clock
 from .http_base import Headers, HttpsStandIn, Response
 from .tls import TestCA
@@ -60,8 +64,32 @@ DEFAULT_RESOURCES: tuple[str, ...] = (
 _GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 
 
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+"""RFC 7523: a client that proves itself with a signed JWT (a certificate credential)."""
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _find_certificate(
+    header: dict[str, object], certificates: Sequence[x509.Certificate]
+) -> tuple[x509.Certificate | None, str]:
+    """The uploaded certificate the assertion's header names (x5t#S256, else x5t), and
+    the thumbprint it gave, in hex as Entra's message shows it."""
+    for name, algorithm in (("x5t#S256", hashes.SHA256()), ("x5t", hashes.SHA1())):
+        value = header.get(name)
+        if not isinstance(value, str):
+            continue
+        try:
+            wanted = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        except ValueError:
+            return None, value
+        for cert in certificates:
+            if cert.fingerprint(algorithm) == wanted:
+                return cert, wanted.hex().upper()
+        return None, wanted.hex().upper()
+    return None, ""
 
 
 # --------------------------------------------------------------------------- tokens
@@ -202,6 +230,7 @@ class _App:
     roles: tuple[str, ...]
     consented: bool
     display_name: str
+    certificates: list[x509.Certificate] = field(default_factory=list)
 
 
 @dataclass
@@ -301,6 +330,14 @@ class EntraServer(HttpsStandIn):
         """Add a secret to an existing app (secret rotation)."""
         with self._lock:
             self._apps[(tenant_id.lower(), client_id.lower())].secrets.append(secret)
+
+    def add_certificate(self, tenant_id: str, client_id: str, cert_pem: bytes | str) -> None:
+        """Upload a certificate's public part to an app (Certificates & secrets →
+        Certificates → Upload certificate)."""
+        data = cert_pem.encode() if isinstance(cert_pem, str) else cert_pem
+        cert = x509.load_pem_x509_certificate(data)
+        with self._lock:
+            self._apps[(tenant_id.lower(), client_id.lower())].certificates.append(cert)
 
     def set_app(
         self,
@@ -426,6 +463,124 @@ class EntraServer(HttpsStandIn):
             )
         )
         return response
+
+    # client assertions (certificate credentials) ----------------------------------
+
+    def _check_assertion(
+        self,
+        form: dict[str, str],
+        client_id: str,
+        certificates: Sequence[x509.Certificate],
+        tenant: _Tenant,
+        tenant_name: str,
+        correlation_id: str,
+    ) -> Response | None:
+        """Entra's checks of a signed client assertion, in its order: the type, the key
+        (by thumbprint, among the app's uploaded certificates), the key's expiry, the
+        signature, the audience (this tenant's token endpoint), issuer and subject,
+        and the time range (five minutes of clock skew allowed). None: accepted."""
+        if form.get("client_assertion_type") != ASSERTION_TYPE:
+            return self._error(
+                400,
+                "invalid_request",
+                7000218 if not form.get("client_assertion_type") else 50027,
+                "The request body must contain the following parameter: "
+                "'client_assertion_type' with the value "
+                f"'{ASSERTION_TYPE}'.",
+                correlation_id,
+            )
+        assertion = form.get("client_assertion", "")
+        try:
+            header = jwt.get_unverified_header(assertion)
+        except jwt.InvalidTokenError:
+            return self._assertion_error(
+                50027, "JWT token is invalid or malformed.", correlation_id
+            )
+        cert, thumbprint = _find_certificate(header, certificates)
+        if cert is None:
+            return self._assertion_error(
+                700027,
+                "Client assertion contains an invalid signature. [Reason - The key was not "
+                f"found., Thumbprint of key used by client: '{thumbprint}', Please visit the "
+                "Azure Portal, Graph Explorer or directly use MS Graph to see configured keys "
+                f"for app Id '{client_id}'.]",
+                correlation_id,
+            )
+        now = self._now()
+        if cert.not_valid_after_utc <= now:
+            return self._assertion_error(
+                700027,
+                "Client assertion contains an invalid signature. [Reason - The key used is "
+                f"expired., Thumbprint of key used by client: '{thumbprint}']",
+                correlation_id,
+            )
+        try:
+            claims = jwt.decode(
+                assertion,
+                key=cert.public_key(),  # type: ignore[arg-type]
+                algorithms=["RS256", "PS256"],
+                options={"verify_aud": False, "verify_exp": False, "verify_nbf": False,
+                         "verify_iat": False},
+            )  # fmt: skip
+        except jwt.InvalidTokenError:
+            return self._assertion_error(
+                700027,
+                "Client assertion failed signature validation. [Reason - The provided "
+                "signature value did not match the expected signature value., Thumbprint of "
+                f"key used by client: '{thumbprint}']",
+                correlation_id,
+            )
+        endpoints = {
+            f"{self.base_url}/{name}/oauth2/v2.0/token"
+            for name in (tenant.tenant_id, unquote(tenant_name).lower(), *tenant.domains)
+        }
+        audience = claims.get("aud")
+        if audience not in endpoints:
+            return self._assertion_error(
+                50027,
+                f"Invalid JWT token. Token audience '{audience}' is not the token endpoint "
+                "of this tenant.",
+                correlation_id,
+            )
+        if (
+            str(claims.get("iss", "")).lower() != client_id.lower()
+            or str(claims.get("sub", "")).lower() != client_id.lower()
+        ):
+            return self._assertion_error(
+                50027,
+                "Invalid JWT token. The issuer and subject of the client assertion must be "
+                "the client_id.",
+                correlation_id,
+            )
+        return self._check_assertion_time(claims, now, correlation_id)
+
+    def _check_assertion_time(
+        self, claims: dict[str, object], now: datetime, correlation_id: str
+    ) -> Response | None:
+        skew = 300
+        stamp = now.timestamp()
+        exp, nbf = claims.get("exp"), claims.get("nbf", claims.get("iat"))
+        if not isinstance(exp, int | float) or not isinstance(nbf, int | float):
+            return self._assertion_error(
+                50027, "Invalid JWT token. The assertion has no expiry.", correlation_id
+            )
+        if stamp - skew < exp and nbf < stamp + skew:
+            return None
+
+        def iso(value: float) -> str:
+            return datetime.fromtimestamp(value, UTC).strftime("%m/%d/%Y %H:%M:%S")
+
+        return self._assertion_error(
+            700024,
+            f"Client assertion is not within its valid time range. Current time: "
+            f"{iso(stamp)}, assertion valid from {iso(nbf)}, expiry time of assertion "
+            f"{iso(exp)}. Review the documentation at "
+            "https://learn.microsoft.com/entra/identity-platform/certificate-credentials .",
+            correlation_id,
+        )
+
+    def _assertion_error(self, code: int, message: str, correlation_id: str) -> Response:
+        return self._error(401, "invalid_client", code, message, correlation_id)
 
     # endpoints -------------------------------------------------------------------
 
@@ -624,6 +779,7 @@ class EntraServer(HttpsStandIn):
             roles = app.roles if app else ()
             consented = app.consented if app else False
             display_name = app.display_name if app else ""
+            app_certificates = list(app.certificates) if app else []
         tenant_label = tenant.domains[0] if tenant.domains else tenant.tenant_id
         if app is None:
             return self._error(
@@ -636,7 +792,14 @@ class EntraServer(HttpsStandIn):
                 "You may have sent your authentication request to the wrong tenant.",
                 correlation_id,
             )
-        if not client_secret:
+        assertion_type = form.get("client_assertion_type")
+        if assertion_type is not None or "client_assertion" in form:
+            refused = self._check_assertion(
+                form, client_id, app_certificates, tenant, tenant_name, correlation_id
+            )
+            if refused is not None:
+                return refused
+        elif not client_secret:
             return self._error(
                 401,
                 "invalid_client",
@@ -645,8 +808,8 @@ class EntraServer(HttpsStandIn):
                 "'client_assertion' or 'client_secret'.",
                 correlation_id,
             )
-        matching = [s for s in app_secrets if compare_digest(s.value, client_secret)]
-        if not matching:
+        matching = [s for s in app_secrets if compare_digest(s.value, client_secret or "")]
+        if client_secret is not None and not matching:
             # Wrong secret and "Secret ID pasted instead of Value" get the same answer.
             return self._error(
                 401,
@@ -658,7 +821,7 @@ class EntraServer(HttpsStandIn):
                 correlation_id,
             )
         now = self._now()
-        if all(s.expires <= now for s in matching):
+        if matching and all(s.expires <= now for s in matching):
             expired_on = max(s.expires for s in matching).strftime("%Y-%m-%d %H:%M:%SZ")
             return self._error(
                 401,
