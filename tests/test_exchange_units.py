@@ -128,6 +128,7 @@ def test_system_notices() -> None:
         "exchange.client_secret": Secret("3e1d9c2b-7a6f-4e5d-8c9b-0a1b2c3d4e5f"),
         "exchange.client_secret_expires": date(2026, 12, 10),
         "exchange.url": "https://outlook.office365.com/EWS/Exchange.asmx",
+        "exchange.api": "ews",
     }
     notices = {n.key: n for n in check(Scope.SYSTEM, system, None, TODAY)}
     assert notices["exchange.client_secret"].level == "warning"
@@ -135,7 +136,7 @@ def test_system_notices() -> None:
     assert "expires in 12 days" in notices["exchange.client_secret_expires"].message
     retirement = notices["exchange.url"].message
     assert "1 October 2026" in retirement and "1 April 2027" in retirement
-    assert "exchange.api graph" in retirement
+    assert "exchange.api auto, or graph" in retirement
     assert "3e1d9c2b" not in " ".join(n.message for n in notices.values())
 
 

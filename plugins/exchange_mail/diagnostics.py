@@ -47,6 +47,7 @@ from exchange_mail.settings import (
     ExchangeSettings,
     domain_mismatch,
     ews_retirement_notice,
+    graph_notice,
     resolve,
     secret_expiry_notice,
 )
@@ -169,7 +170,10 @@ def _describe(settings: ExchangeSettings) -> str:
         )
     else:
         how = f"{settings.mailbox} signs in with a password ({settings.onprem_auth.upper()})"
-    server = settings.graph_url if settings.api is Api.GRAPH else settings.url
+    if settings.api is Api.GRAPH and settings.cloud is not None:
+        chosen = graph_notice(settings.cloud, settings.graph_url)
+        return f"{chosen}; {how}"
+    server = settings.graph_root if settings.api is Api.GRAPH else settings.url
     return f"{server} via {'Microsoft Graph' if settings.api is Api.GRAPH else 'EWS'}, {how}"
 
 
