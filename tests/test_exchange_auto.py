@@ -13,9 +13,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from crm_core.mail import enqueue
+from crm_core.mail.enqueue import MailRequest
+from crm_core.mail.message import Attachment
 from crm_core.mail.transport import Outcome, SenderAccount
 from exchange_mail.settings import EXAMPLE_URL, Api, resolve
-from tests.conftest import CliResult, CrmFactory
+from tests.conftest import DEFAULT_TEST_CONFIG, CliResult, CrmFactory
 from tests.exchange_fixtures import (
     RECIPIENT,
     USER,
@@ -29,6 +32,8 @@ from tests.exchange_fixtures import ca as ca
 from tests.exchange_fixtures import database_url as database_url
 from tests.servers.graph import GraphServer
 from tests.servers.tls import TestCA
+
+MB = 1024 * 1024
 
 
 @pytest.fixture
@@ -103,3 +108,27 @@ def test_dry_run_shows_the_graph_endpoint_not_the_ews_url(
         "api graph: Exchange Online: sending through Microsoft Graph (exchange.api auto)"
     )
     assert "EWS URL https://outlook.office365.com/EWS/Exchange.asmx not used" in plan["notes"]
+
+
+BIG_LIMITS = DEFAULT_TEST_CONFIG + "\n[mail]\nmax_message_bytes = 500_000_000\n"
+
+
+def test_enqueue_says_before_queueing_that_a_mail_is_too_large_for_the_path(
+    make_crm: CrmFactory, ca: TestCA
+) -> None:
+    with exchange_world(make_crm(BIG_LIMITS), ca) as world, with_graph(world):
+        world.unset_system("exchange.api")
+        world.set_system("exchange.url", EXAMPLE_URL)
+
+        def problems(size: int) -> list[str]:
+            film = Attachment("film.mp4", "video/mp4", bytes(size))
+            request = MailRequest(USER, [RECIPIENT], "Film", "Se bifogad film.", attachments=[film])
+            with world.crm.transaction() as session:
+                return [str(p) for p in enqueue.plan(world.crm, session, request).problems]
+
+        assert problems(40 * MB) == []  # an upload session takes it
+        [over] = problems(151 * MB)
+        assert over.startswith("attachment 'film.mp4': is 151.0 MB; Microsoft Graph takes files")
+        world.set_system("exchange.api", "ews")
+        [ews] = problems(120 * MB)  # one CreateItem, base64: about 160 MB
+        assert "EWS (exchange.api ews) takes at most 150.0 MB" in ews

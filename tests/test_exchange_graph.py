@@ -180,15 +180,6 @@ def test_mailbox_outside_the_apps_rbac_scope(world: ExchangeWorld) -> None:
     assert "outside the app's RBAC scope" in result.detail and "Mail.Send" in result.detail
 
 
-def test_too_large_for_send_mail_is_refused_before_sending(world: ExchangeWorld) -> None:
-    big = make_message(
-        attachments=[Attachment("big.bin", "application/octet-stream", b"x" * 3_000_000)]
-    )
-    [result] = world.send([big])
-    assert (result.outcome, result.code) == (Outcome.PERMANENT, "too-large-for-graph")
-    assert graph_of(world).requests == []
-
-
 def test_password_cannot_sign_in_to_graph(world: ExchangeWorld) -> None:
     for key in ("exchange.client_id", "exchange.tenant_id", "exchange.client_secret"):
         world.unset_system(key)

@@ -22,8 +22,7 @@ from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import Outcome, SenderAccount, SettingValue
 from crm_core.secret_box import Secret
 from exchange_mail.auth import _Redact
-from exchange_mail.diagnostics import token_roles
-from exchange_mail.errors import SENT_ITEMS_LAG, failed_before_sending, lookup_verdict
+from exchange_mail.errors import SENT_ITEMS_LAG, failed_before_sending, lookup_verdict, token_roles
 from exchange_mail.ews import MAX_MESSAGES_PER_REQUEST, _Ready, _requests
 from exchange_mail.ews_errors import ServerError, classify
 from exchange_mail.graph_errors import MISSING, Answer, classify_answer

@@ -19,9 +19,6 @@ Nothing is sent.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from collections.abc import Sequence
 from datetime import date
 
@@ -37,7 +34,7 @@ from crm_core.plugin_api import (
     is_guid,
     token_client,
 )
-from exchange_mail.errors import ADMIN_CONSENT_FIX, MAIL_SEND_FIX, Classified
+from exchange_mail.errors import ADMIN_CONSENT_FIX, MAIL_SEND_FIX, Classified, token_roles
 from exchange_mail.settings import (
     GUIDE_CREDENTIALS,
     SECRET_ID_WARNING,
@@ -56,17 +53,6 @@ from exchange_mail.settings import SYNC as SYNC_KEY
 CONNECTED = "Connected to Exchange"
 
 SETTINGS, TOKEN, MAILBOX, SYNC = "settings", "token", "mailbox", "sync"
-
-
-def token_roles(token: str) -> tuple[str, ...] | None:
-    """The ``roles`` claim of a JWT access token (not verified: for advice only)."""
-    try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError, binascii.Error):
-        return None
-    roles = claims.get("roles", []) if isinstance(claims, dict) else None
-    return tuple(str(r) for r in roles) if isinstance(roles, list) else None
 
 
 def run(

@@ -14,6 +14,9 @@ and token errors come from :mod:`crm_core.entra`, which never holds the secret i
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,6 +44,17 @@ MAIL_SEND_FIX = (
     "permissions → Mail.Send, then click 'Grant admin consent'; if the tenant scopes the "
     "app with RBAC for Applications, include this mailbox"
 )
+
+
+def token_roles(token: str) -> tuple[str, ...] | None:
+    """The ``roles`` claim of a JWT access token (not verified: for advice only)."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, binascii.Error):
+        return None
+    roles = claims.get("roles", []) if isinstance(claims, dict) else None
+    return tuple(str(r) for r in roles) if isinstance(roles, list) else None
 
 
 @dataclass(frozen=True)

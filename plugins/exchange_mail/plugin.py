@@ -158,6 +158,14 @@ def reconcile_mail(
 
 
 @hookimpl
+def message_problems(account: SenderAccount, message: OutgoingMessage) -> list[Problem]:
+    """A mail too large for the API that ``exchange.api`` picks (see exchange_mail.limits)."""
+    from exchange_mail.limits import size_problems
+
+    return size_problems(resolve(account), message)
+
+
+@hookimpl
 def describe_route(account: SenderAccount) -> RouteInfo:
     """Server, mailbox and sign-in, without touching the network."""
     settings = resolve(account)
