@@ -453,7 +453,8 @@ REFUSED = requests.exceptions.ConnectionError(refused_connection())
         ),
         pytest.param(
             ews.UnauthorizedError("x"), "oauth",
-            Outcome.CONFIGURATION, "HTTP 401", "refused the app's token", None, id="401-oauth",
+            Outcome.CONFIGURATION, "HTTP 401", "the token was refused twice", None,
+            id="401-oauth",
         ),
         pytest.param(
             ews.UnauthorizedError("x"), "password",
@@ -467,8 +468,8 @@ REFUSED = requests.exceptions.ConnectionError(refused_connection())
         ),
         pytest.param(
             ews.ErrorImpersonateUserDenied("x"), "oauth",
-            Outcome.CONFIGURATION, "ErrorImpersonateUserDenied", "does not let the app act", None,
-            id="impersonation-oauth",
+            Outcome.CONFIGURATION, "ErrorImpersonateUserDenied", "outside the app's per-mailbox",
+            None, id="impersonation-oauth",
         ),
         pytest.param(
             ews.ErrorAccessDenied("x"), "password",
@@ -645,7 +646,7 @@ def test_each_rung_of_classify(
         ),
         pytest.param(
             Answer(401, "", "", None),
-            Outcome.CONFIGURATION, "HTTP 401", "refused the app's token (HTTP 401).", None,
+            Outcome.CONFIGURATION, "HTTP 401", "the token was refused twice", None,
             True, id="401",
         ),
         pytest.param(

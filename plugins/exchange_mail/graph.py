@@ -545,7 +545,7 @@ def reconcile(
     graph = GraphClient(settings, resources)
 
     def look(folder: str, ids: Sequence[str]) -> set[str]:
-        return {message_id for message_id in ids if _in_folder(graph, folder, message_id)}
+        return {message_id for message_id in ids if in_folder(graph, folder, message_id)}
 
     def why_not(exc: Exception) -> str:
         return str(exc) if isinstance(exc, LookupRefused) else classify(exc, settings).text
@@ -553,7 +553,7 @@ def reconcile(
     return look_up(messages, settings.mailbox, now, look, why_not)
 
 
-def _in_folder(graph: GraphClient, folder: str, message_id: str) -> bool:
+def in_folder(graph: GraphClient, folder: str, message_id: str) -> bool:
     """Whether a message with this internetMessageId is in the well-known ``folder``."""
     escaped = message_id.replace("'", "''")
     params = {"$filter": f"internetMessageId eq '{escaped}'", "$select": "id,internetMessageId"}
@@ -561,5 +561,6 @@ def _in_folder(graph: GraphClient, folder: str, message_id: str) -> bool:
         "GET", f"/users/{graph.user}/mailFolders/{folder}/messages", params=params
     )
     if response.status_code != 200:
-        raise LookupRefused(lookup_refused(Answer.of(response)))
+        answer = Answer.of(response)
+        raise LookupRefused(lookup_refused(answer), answer.status, answer.code)
     return bool(response.json().get("value"))

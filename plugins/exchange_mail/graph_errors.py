@@ -17,7 +17,7 @@ Graph says                                             outcome         note
 (no answer for an item of a $batch)                    ambiguous       reconcile
 ErrorInvalidUser, 404 Request_ResourceNotFound         configuration   the guide's
                                                                        "Credentials"
-401 (after one token eviction and retry)               configuration   "Credentials"
+401 twice (a fresh token was refused too)              configuration   "Credentials"
 ErrorSendAsDenied                                      configuration
 403                                                    configuration   "Credentials"
 ErrorInvalidRecipients                                 permanent       "Error validating
@@ -42,7 +42,13 @@ from urllib.parse import urlsplit
 import requests
 
 from crm_core.plugin_api import Outcome, Problem
-from exchange_mail.errors import MAIL_SEND_FIX, Classified, Says, transport_failure
+from exchange_mail.errors import (
+    MAIL_SEND_FIX,
+    TOKEN_REFUSED_FIX,
+    Classified,
+    Says,
+    transport_failure,
+)
 from exchange_mail.settings import (
     READ_PERMISSION,
     READ_WRITE_PERMISSION,
@@ -131,6 +137,7 @@ class _Facts:
     settings: ExchangeSettings
 
     MAIL_SEND_FIX: ClassVar[str] = MAIL_SEND_FIX
+    TOKEN_REFUSED_FIX: ClassVar[str] = TOKEN_REFUSED_FIX
     USERNAME: ClassVar[str] = USERNAME
 
     @property
@@ -250,8 +257,9 @@ _ROWS: tuple[_Row, ...] = (
         says=Says(
             Outcome.CONFIGURATION,
             "{code_or_status}",
-            "Microsoft Graph refused the app's token (HTTP 401).",
-            "{MAIL_SEND_FIX}.",
+            "Microsoft Graph refused the app's token ({shown}: {message}), and then a fresh "
+            "one from Entra ID as well: the token was refused twice.",
+            "{TOKEN_REFUSED_FIX}.",
             credentials=True,
         ),
     ),

@@ -67,6 +67,8 @@ MAIL_SEND = "Mail.Send"
 READ_PERMISSION = "Mail.ReadBasic.All"
 """The one read permission named everywhere: reconciling looks a Message-ID up in the
 Outbox and Sent Items, which needs no more than the basic properties of a message."""
+READ_ROLES = frozenset({READ_PERMISSION, "Mail.ReadBasic", "Mail.Read", "Mail.ReadWrite"})
+"""Application permissions any of which lets reconciling look a Message-ID up."""
 READ_WRITE_PERMISSION = "Mail.ReadWrite"
 """Needed only for attachments of 3 MB and more: a draft and an upload session."""
 GRAPH_PERMISSIONS = (
