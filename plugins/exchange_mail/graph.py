@@ -3,8 +3,9 @@
 Why beside EWS: Microsoft blocks EWS in Exchange Online from October 2026 and shuts it
 down in April 2027. Graph uses the same app registration and msal client (another
 scope, ``https://graph.microsoft.com/.default``, so another cached token) and needs the
-``Mail.Send`` application permission. ``exchange.api = graph`` selects it; the rest of
-the plugin (settings, outcomes, Test connection) is shared.
+``Mail.Send`` application permission. ``exchange.api = auto`` (the default) selects it
+for Exchange Online, ``graph`` always; the rest of the plugin (settings, outcomes, Test
+connection) is shared.
 
 Choices, and why:
 
@@ -31,7 +32,8 @@ Choices, and why:
 * **401 → evict and retry once**, as for EWS. **429**, and **503** with ``Retry-After``,
   are temporary with the server's ``Retry-After``.
 * **Reconcile** filters the sender's Outbox and Sent Items by ``internetMessageId``
-  (needs ``Mail.ReadBasic.All`` or ``Mail.Read``), under the lookup contract EWS shares
+  (needs ``Mail.ReadBasic.All``, the one read permission the messages and docs name;
+  Mail.Read or Mail.ReadWrite also do), under the lookup contract EWS shares
   (:func:`exchange_mail.errors.look_up`, which also says why a fresh "not found" is not
   yet "not sent").
 """
