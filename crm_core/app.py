@@ -639,6 +639,13 @@ class Crm:
             ]
         return _typed_list(account.transport, "reconcile_mail", found, ReconcileResult)
 
+    def message_problems(self, account: SenderAccount, message: OutgoingMessage) -> list[Problem]:
+        """What the transport says stops this mail (e.g. too large for its API); no network."""
+        if account.transport not in self.transports(account.product_line):
+            return []
+        found = self._owner(account, "message_problems")(account=account, message=message)
+        return _typed_list(account.transport, "message_problems", found or [], Problem)
+
     def describe_route(self, account: SenderAccount) -> RouteInfo | None:
         """How the transport would send for ``account`` (no network)."""
         if account.transport not in self.transports(account.product_line):
@@ -649,6 +656,7 @@ class Crm:
 
 OWNER_HOOKS = (
     "sending_problems",
+    "message_problems",
     "send_mail",
     "test_connection",
     "reconcile_mail",

@@ -78,10 +78,14 @@ class SettingField:
 
 @dataclass(frozen=True)
 class SettingNotice:
-    """A warning or error about saved settings, e.g. a secret that expires soon."""
+    """A note, warning or error about saved settings, e.g. a secret that expires soon.
+
+    A note says what the settings amount to (e.g. which API an ``auto`` choice
+    picked); it asks for nothing.
+    """
 
     key: str
-    level: str  # "warning" | "error"
+    level: str  # "note" | "warning" | "error"
     message: str
 
 

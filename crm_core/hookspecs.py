@@ -9,12 +9,13 @@ Families:
 
 - ``register_*``: called once when a product line's plugin manager is built; return
   lists of declarations. Duplicates across plugins stop start-up.
-- ``sending_problems`` / ``send_mail`` / ``test_connection`` / ``reconcile_mail`` /
-  ``describe_route``: called on the plugin that owns ``account.transport`` alone (the
-  core knows the owner from ``register_transports`` and calls a pluggy subset hook
-  caller without the plugins of other transports), so an implementation never checks
-  whether the account is its own. Plugins that offer no transport (observers, tracing)
-  may wrap these hooks with ``hookimpl(wrapper=True)``; they may not answer them.
+- ``sending_problems`` / ``message_problems`` / ``send_mail`` / ``test_connection`` /
+  ``reconcile_mail`` / ``describe_route``: called on the plugin that owns
+  ``account.transport`` alone (the core knows the owner from ``register_transports``
+  and calls a pluggy subset hook caller without the plugins of other transports), so
+  an implementation never checks whether the account is its own. Plugins that offer
+  no transport (observers, tracing) may wrap these hooks with
+  ``hookimpl(wrapper=True)``; they may not answer them.
 - ``check_settings``: every plugin may add advice (warnings) about saved settings;
   what stops an account from sending is ``sending_problems``.
 - ``user_settings_changed`` / ``system_settings_changed``: every plugin drops what it
@@ -116,6 +117,18 @@ def sending_problems(account: SenderAccount) -> list[Problem]:
     exchange.sync true``. Must not touch the network. For the installation's own
     settings the core asks with an account whose ``user_id`` is 0 and ``email`` is
     empty.
+    """
+
+
+@hookspec(firstresult=True)
+def message_problems(account: SenderAccount, message: OutgoingMessage) -> list[Problem]:
+    """What stops this one mail from going by this account's route, before it is queued.
+
+    Called on the owner of ``account.transport`` only, by enqueue (``crm send``, the
+    web's compose) and ``crm send --dry-run``, after the core's own limits
+    (``[mail] max_message_bytes``, ``max_recipients``). Use it for what only the
+    transport knows, e.g. the largest attachment its API can carry. Return a list of
+    :class:`Problem` (empty when the mail can go). Must not touch the network.
     """
 
 

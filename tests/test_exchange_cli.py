@@ -63,11 +63,22 @@ def set_up_as_the_guide_says(crm: Shell, world: ExchangeWorld) -> None:
     added = crm("users", "add", USER, "--name", "Anna Berg", "--product-line", "commercial")
     assert added.code == 0, added.output
 
-    # The guide's example URL is Exchange Online's: saved, with the EWS retirement dates.
+    # The guide's example URL is Exchange Online's: saved, and sent through Graph (auto),
+    # with the Graph permissions named next to the guide's EWS one.
     example = crm("settings", "set", "exchange.url", EXAMPLE_URL)
     assert example.code == 0
-    assert "Warning: Exchange Online blocks EWS from 1 October 2026" in example.stderr
-    assert "shuts EWS down for good on 1 April 2027" in example.stderr
+    assert (
+        "Note: Exchange Online: sending through Microsoft Graph "
+        "(https://graph.microsoft.com/v1.0), not EWS (exchange.api auto)"
+    ) in example.stderr
+    assert "Mail.Send, Mail.ReadBasic.All (reconciling)" in example.stderr
+    assert "full_access_as_app" in example.stderr
+    # Chosen explicitly, EWS on Exchange Online warns of its retirement dates.
+    assert crm("settings", "set", "exchange.api", "ews").code == 0
+    ews = crm("settings", "set", "exchange.url", EXAMPLE_URL)
+    assert "Warning: Exchange Online blocks EWS from 1 October 2026" in ews.stderr
+    assert "shuts EWS down for good on 1 April 2027" in ews.stderr
+    assert crm("settings", "set", "exchange.api", "auto").code == 0
     # A near miss of the organisation's own URL is refused with the corrected URL.
     near = crm("settings", "set", "exchange.url", world.ews.base_url + "/ews/exchange.asmx")
     assert near.code == 2

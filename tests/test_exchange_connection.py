@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from crm_core.mail.transport import ConnectionReport, StepStatus
+from crm_core.mail.transport import ConnectionReport, Outcome, StepStatus
 from tests.conftest import CrmFactory
 from tests.exchange_fixtures import (
     ALIAS,
@@ -171,13 +171,19 @@ def test_admin_consent_not_granted_for_the_permission(world: ExchangeWorld) -> N
 
 
 def test_full_access_as_app_missing(world: ExchangeWorld) -> None:
-    world.entra.set_app(TENANT, CLIENT, roles=("Mail.Send",))
+    # Some Exchange permissions, not EWS's: Exchange answers 403, as for EWS blocked for
+    # the tenant; the token's roles tell the two apart.
+    world.entra.set_app(TENANT, CLIENT, roles=("Mail.Send", "Calendars.ReadWrite.All"))
     report = world.test_connection()
     detail, fix = red(report, "mailbox")
     assert report.summary == CREDENTIALS + detail
-    assert "(ErrorAccessDenied)" in detail
-    assert "full_access_as_app application permission is missing" in detail
-    assert "Grant admin consent" in fix
+    assert detail == (
+        "Exchange refused EWS to the app (HTTP 403): its token holds Mail.Send, "
+        "Calendars.ReadWrite.All but not full_access_as_app, the application permission "
+        "app-only EWS needs (this is not the tenant's EWS block)."
+    )
+    assert "full_access_as_app" in fix and "Grant admin consent" in fix
+    assert "EwsAllowedAppIDs" not in detail + fix
 
 
 def test_alias_instead_of_primary_address(world: ExchangeWorld) -> None:
@@ -191,14 +197,26 @@ def test_alias_instead_of_primary_address(world: ExchangeWorld) -> None:
     assert steps(report)["username and domain"][0] == "warning"  # contoso.com ≠ contoso.se
 
 
-def test_impersonation_denied(world: ExchangeWorld) -> None:
+def test_impersonation_refused_for_one_mailbox_is_its_scope(world: ExchangeWorld) -> None:
+    other = "bo.ek@contoso.se"
+    world.ews.add_mailbox(other, tenant_id=TENANT)
+    world.add_user(other)
+    for key, value in world.user_settings().items():
+        world.set_user(key, other if key == "exchange.username" else value, email=other)
     world.ews.deny_impersonation_for(USER)
+
+    assert world.test_connection(other).summary == "Connected to Exchange"  # same app
     report = world.test_connection()
     detail, fix = red(report, "mailbox")
     assert report.summary == CREDENTIALS + detail
-    assert "(ErrorImpersonateUserDenied)" in detail
-    assert "full_access_as_app application permission is missing or admin consent" in detail
-    assert "Grant admin consent" in fix
+    assert detail.startswith(
+        f"Exchange lets the app use EWS but not act as {USER} (ErrorImpersonateUserDenied): "
+        "the mailbox is outside the app's per-mailbox scope (RBAC for Applications, or an "
+        "application access policy)"
+    )
+    assert "no permission is missing" in detail
+    assert f"Test-ServicePrincipalAuthorization -Identity <app> -Resource {USER}" in fix
+    assert "Get-ApplicationAccessPolicy" in fix and "Grant admin consent" not in fix
 
 
 # --- other red results ------------------------------------------------------------
@@ -210,9 +228,12 @@ def test_ews_blocked_for_the_tenant(world: ExchangeWorld) -> None:
     detail, fix = red(report, "mailbox")
     assert report.summary == "Not connected to Exchange: " + detail
     assert "refuses EWS for this app (HTTP 403 on every request)" in detail
-    assert "since October 2026" in detail
-    assert f"-EwsAllowedAppIDs @{{Add='{CLIENT}'}}" in fix
-    assert "1 April 2027" in fix and "exchange.api graph" in fix
+    assert "since October 2026" in detail and f"Client ID {CLIENT}" in detail
+    assert "replaces as a whole, so the existing IDs must be included" in fix
+    assert "Get-OrganizationConfig | Select-Object -ExpandProperty EwsAllowedAppIDs" in fix
+    assert f'-EwsAllowedAppIDs "<the existing IDs>","{CLIENT}"' in fix
+    assert "1 April 2027" in fix and "crm settings set exchange.api graph" in fix
+    assert "Mail.Send, Mail.ReadBasic.All" in fix
 
 
 def test_sync_with_exchange_not_ticked(world: ExchangeWorld) -> None:
@@ -337,3 +358,16 @@ def test_line_default_transport_is_held_to_the_sync_rule(make_crm: CrmFactory, c
         assert [(p.key, p.message.split(";")[0]) for p in problems] == [
             ("exchange.sync", "'Sync with Exchange' is not ticked")
         ]
+
+
+def test_token_refused_twice_names_what_to_check(world: ExchangeWorld) -> None:
+    world.ews.accepted_audiences = ("https://outlook.office365.us",)  # another cloud's EWS
+    report = world.test_connection()
+    detail, fix = red(report, "mailbox")
+    assert report.summary == CREDENTIALS + detail
+    assert "the token was refused twice" in detail
+    assert "Tenant ID" in fix and "exchange.authority" in fix
+    assert "full_access_as_app" not in detail + fix and "consent" not in detail + fix
+    assert world.entra.token_requests == 2
+    [sent] = [world.send_one()]
+    assert sent.outcome is Outcome.CONFIGURATION and "refused twice" in sent.detail

@@ -21,6 +21,7 @@ from tests.exchange_fixtures import (
     ALIAS,
     CLIENT,
     RECIPIENT,
+    TENANT,
     USER,
     ExchangeWorld,
     Sleep,
@@ -180,15 +181,6 @@ def test_mailbox_outside_the_apps_rbac_scope(world: ExchangeWorld) -> None:
     assert "outside the app's RBAC scope" in result.detail and "Mail.Send" in result.detail
 
 
-def test_too_large_for_send_mail_is_refused_before_sending(world: ExchangeWorld) -> None:
-    big = make_message(
-        attachments=[Attachment("big.bin", "application/octet-stream", b"x" * 3_000_000)]
-    )
-    [result] = world.send([big])
-    assert (result.outcome, result.code) == (Outcome.PERMANENT, "too-large-for-graph")
-    assert graph_of(world).requests == []
-
-
 def test_password_cannot_sign_in_to_graph(world: ExchangeWorld) -> None:
     for key in ("exchange.client_id", "exchange.tenant_id", "exchange.client_secret"):
         world.unset_system(key)
@@ -209,9 +201,10 @@ def test_graph_ladder_green(world: ExchangeWorld) -> None:
         ("token", "ok"),
         ("permission", "ok"),
         ("mailbox", "ok"),
+        ("lookup", "ok"),
         ("sync", "ok"),
     ]
-    assert graph_of(world).ops == {"getUser": 1}  # nothing sent
+    assert graph_of(world).ops == {"getUser": 1, "listMessages": 1}  # nothing sent
     assert "EWS retirement" not in steps(report)
 
 
@@ -254,3 +247,59 @@ def test_graph_alias_is_red(world: ExchangeWorld) -> None:
     assert status == "failed"
     assert report.summary == "TestConnection error Credentials: " + detail
     assert "full primary address" in fix
+
+
+def test_graph_mailbox_outside_the_apps_scope_is_red(world: ExchangeWorld) -> None:
+    graph_of(world).deny_mailboxes(USER)  # RBAC for Applications: not in the app's scope
+    report = world.test_connection()
+    status, detail, fix = steps(report)["lookup"]
+    assert status == "failed" and report.summary == "TestConnection error Credentials: " + detail
+    assert detail.startswith(
+        f"Microsoft Graph denies the app access to {USER} (HTTP 403 ErrorAccessDenied) although "
+        "its token holds Mail.ReadBasic.All: the mailbox is outside the app's scope"
+    )
+    assert "Test-ServicePrincipalAuthorization" in fix
+    assert world.send_one().code == "ErrorAccessDenied"  # what sending meets
+
+
+def test_graph_user_address_not_of_the_mailbox_is_red(world: ExchangeWorld) -> None:
+    graph_of(world).add_mailbox("info@contoso.se", tenant_id=TENANT)
+    world.set_user("exchange.username", "info@contoso.se")  # not Anna's mailbox
+    report = world.test_connection()
+    status, detail, fix = steps(report)["mailbox"]
+    assert status == "failed" and not report.ok
+    assert detail == (
+        f"the mailbox info@contoso.se may not send as {USER}: its addresses are "
+        "info@contoso.se, so Exchange would refuse each mail (ErrorSendAsDenied)"
+    )
+    assert "Add-RecipientPermission" in fix
+    assert world.send_one().code == "ErrorSendAsDenied"  # what sending meets
+
+
+def test_graph_without_a_read_permission_is_a_yellow_step(make_crm: CrmFactory, ca: TestCA) -> None:
+    roles = ("Mail.Send", "User.Read.All")
+    with exchange_world(make_crm(), ca) as world, with_graph(world, roles=roles):
+        report = world.test_connection()
+        assert report.ok and report.summary == "Connected to Exchange"
+        status, detail, fix = steps(report)["lookup"]
+        assert status == "warning"
+        assert detail.startswith(
+            f"the app may not read mail in {USER} (no Mail.ReadBasic.All): sending works, but "
+            "a mail whose answer is lost cannot be settled and stays unknown"
+        )
+        assert "Application permissions → Mail.ReadBasic.All" in fix
+        assert world.send_one().outcome is Outcome.SENT
+
+
+def test_graph_token_refused_twice_pauses_without_guessing_a_permission(
+    world: ExchangeWorld,
+) -> None:
+    # A Graph of another cloud: it refuses every token of this one (Invalid audience).
+    graph_of(world).accepted_audiences = ("https://graph.microsoft.us",)
+    result = world.send_one()
+    assert (result.outcome, result.code) == (Outcome.CONFIGURATION, "InvalidAuthenticationToken")
+    assert "the token was refused twice" in result.detail
+    assert "Invalid audience" in result.detail
+    assert "exchange.authority" in result.detail and "Tenant ID" in result.detail
+    assert "Mail.Send" not in result.detail and "consent" not in result.detail
+    assert world.entra.token_requests == 2  # evicted and fetched again once

@@ -297,7 +297,8 @@ def test_impersonation_denied_is_a_configuration_error(world: ExchangeWorld) -> 
     world.ews.deny_impersonation_for(USER)
     result = world.send_one()
     assert (result.outcome, result.code) == (Outcome.CONFIGURATION, "ErrorImpersonateUserDenied")
-    assert "full_access_as_app" in result.detail
+    assert "outside the app's per-mailbox scope" in result.detail
+    assert "full_access_as_app" not in result.detail  # not a missing permission
 
 
 def test_wrong_secret_fails_before_any_ews_request(world: ExchangeWorld) -> None:

@@ -22,8 +22,7 @@ from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import Outcome, SenderAccount, SettingValue
 from crm_core.secret_box import Secret
 from exchange_mail.auth import _Redact
-from exchange_mail.diagnostics import token_roles
-from exchange_mail.errors import SENT_ITEMS_LAG, failed_before_sending, lookup_verdict
+from exchange_mail.errors import SENT_ITEMS_LAG, failed_before_sending, lookup_verdict, token_roles
 from exchange_mail.ews import MAX_MESSAGES_PER_REQUEST, _Ready, _requests
 from exchange_mail.ews_errors import ServerError, classify
 from exchange_mail.graph_errors import MISSING, Answer, classify_answer
@@ -141,6 +140,7 @@ def test_system_notices() -> None:
         "exchange.client_secret": Secret("3e1d9c2b-7a6f-4e5d-8c9b-0a1b2c3d4e5f"),
         "exchange.client_secret_expires": date(2026, 12, 10),
         "exchange.url": "https://outlook.office365.com/EWS/Exchange.asmx",
+        "exchange.api": "ews",
     }
     notices = {n.key: n for n in check(Scope.SYSTEM, system, None, TODAY)}
     assert notices["exchange.client_secret"].level == "warning"
@@ -148,7 +148,7 @@ def test_system_notices() -> None:
     assert "expires in 12 days" in notices["exchange.client_secret_expires"].message
     retirement = notices["exchange.url"].message
     assert "1 October 2026" in retirement and "1 April 2027" in retirement
-    assert "exchange.api graph" in retirement
+    assert "exchange.api auto, or graph" in retirement
     assert "3e1d9c2b" not in " ".join(n.message for n in notices.values())
 
 
@@ -465,7 +465,8 @@ REFUSED = requests.exceptions.ConnectionError(refused_connection())
         ),
         pytest.param(
             ews.UnauthorizedError("x"), "oauth",
-            Outcome.CONFIGURATION, "HTTP 401", "refused the app's token", None, id="401-oauth",
+            Outcome.CONFIGURATION, "HTTP 401", "the token was refused twice", None,
+            id="401-oauth",
         ),
         pytest.param(
             ews.UnauthorizedError("x"), "password",
@@ -479,8 +480,8 @@ REFUSED = requests.exceptions.ConnectionError(refused_connection())
         ),
         pytest.param(
             ews.ErrorImpersonateUserDenied("x"), "oauth",
-            Outcome.CONFIGURATION, "ErrorImpersonateUserDenied", "does not let the app act", None,
-            id="impersonation-oauth",
+            Outcome.CONFIGURATION, "ErrorImpersonateUserDenied", "outside the app's per-mailbox",
+            None, id="impersonation-oauth",
         ),
         pytest.param(
             ews.ErrorAccessDenied("x"), "password",
@@ -657,7 +658,7 @@ def test_each_rung_of_classify(
         ),
         pytest.param(
             Answer(401, "", "", None),
-            Outcome.CONFIGURATION, "HTTP 401", "refused the app's token (HTTP 401).", None,
+            Outcome.CONFIGURATION, "HTTP 401", "the token was refused twice", None,
             True, id="401",
         ),
         pytest.param(

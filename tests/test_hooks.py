@@ -39,6 +39,7 @@ from crm_core import (
 )
 from crm_core.fields import Scope
 from crm_core.mail.addresses import Address
+from crm_core.mail.message import Attachment
 from crm_core.models import utcnow
 from crm_core.signals import user_settings_changed as user_settings_changed_signal
 from tests.conftest import CrmFactory
@@ -120,6 +121,11 @@ class ProbeMail:
         self, account: SenderAccount, messages: Sequence[OutgoingMessage]
     ) -> list[ReconcileResult]:
         return [ReconcileResult(m.message_id, True, "found") for m in messages]
+
+    @hookimpl
+    def message_problems(self, message: OutgoingMessage) -> list[Problem]:
+        big = [a.filename for a in message.attachments if len(a.data) > 10]
+        return [Problem(f"attachment {name!r}", "is over the probe's 10 bytes") for name in big]
 
     @hookimpl
     def describe_route(self, account: SenderAccount) -> RouteInfo:
@@ -267,6 +273,16 @@ def test_hook_reconcile_mail(crm: Crm) -> None:
     account = add_user(crm)
     found = crm.reconcile_mail(account, [message(1)], utcnow())
     assert found == [ReconcileResult("<m1@example.se>", True, "found")]
+
+
+def test_hook_message_problems(crm: Crm) -> None:
+    account = add_user(crm)
+    small = replace(message(1), attachments=(Attachment("a.txt", "text/plain", b"ok"),))
+    large = replace(message(2), attachments=(Attachment("b.bin", "text/plain", b"x" * 11),))
+    assert crm.message_problems(account, small) == []
+    assert crm.message_problems(account, large) == [
+        Problem("attachment 'b.bin'", "is over the probe's 10 bytes")
+    ]
 
 
 def test_hook_describe_route(crm: Crm) -> None:

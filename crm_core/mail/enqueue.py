@@ -241,6 +241,8 @@ def _check(crm: Crm, session: Session, request: MailRequest) -> _Checked:
             attachments=tuple(request.attachments),
         )
         checked.problems.extend(_limit_problems(crm, checked.message))
+        if checked.account is not None:
+            checked.problems.extend(crm.message_problems(checked.account, checked.message))
     return checked
 
 

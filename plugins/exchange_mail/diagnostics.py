@@ -19,9 +19,6 @@ Nothing is sent.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from collections.abc import Sequence
 from datetime import date
 
@@ -38,16 +35,20 @@ from crm_core.plugin_api import (
     is_guid,
     token_client,
 )
-from exchange_mail.errors import ADMIN_CONSENT_FIX, MAIL_SEND_FIX, Classified
+from exchange_mail.errors import MAIL_SEND_FIX, LookupRefused, scope_fix, token_roles
 from exchange_mail.settings import (
     GUIDE_CREDENTIALS,
+    READ_PERMISSION,
+    READ_ROLES,
     SECRET_ID_WARNING,
     TRANSPORT,
+    USERNAME,
     Api,
     AuthMode,
     ExchangeSettings,
     domain_mismatch,
     ews_retirement_notice,
+    graph_notice,
     resolve,
 )
 from exchange_mail.settings import SYNC as SYNC_KEY
@@ -55,17 +56,6 @@ from exchange_mail.settings import SYNC as SYNC_KEY
 CONNECTED = "Connected to Exchange"
 
 SETTINGS, TOKEN, MAILBOX, SYNC = "settings", "token", "mailbox", "sync"
-
-
-def token_roles(token: str) -> tuple[str, ...] | None:
-    """The ``roles`` claim of a JWT access token (not verified: for advice only)."""
-    try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError, binascii.Error):
-        return None
-    roles = claims.get("roles", []) if isinstance(claims, dict) else None
-    return tuple(str(r) for r in roles) if isinstance(roles, list) else None
 
 
 def run(
@@ -124,7 +114,9 @@ def run(
     if failures:
         steps.append(ConnectionStep(MAILBOX, StepStatus.SKIPPED, "an earlier step failed"))
     elif settings.api is Api.GRAPH:
-        add(*_graph_mailbox_step(settings, resources))
+        add(*_graph_mailbox_step(account, settings, resources))
+        if not failures:
+            add(*_graph_lookup_step(settings, resources, roles))
     else:
         add(*_ews_mailbox_step(settings, resources, roles))
 
@@ -207,7 +199,10 @@ def _describe(settings: ExchangeSettings) -> str:
         )
     else:
         how = f"{settings.mailbox} signs in with a password ({settings.onprem_auth.upper()})"
-    server = settings.graph_url if settings.api is Api.GRAPH else settings.url
+    if settings.api is Api.GRAPH and settings.cloud is not None:
+        chosen = graph_notice(settings.cloud, settings.graph_url)
+        return f"{chosen}; {how}"
+    server = settings.graph_root if settings.api is Api.GRAPH else settings.url
     return f"{server} via {'Microsoft Graph' if settings.api is Api.GRAPH else 'EWS'}, {how}"
 
 
@@ -255,7 +250,7 @@ def _ews_mailbox_step(
     from exchangelib.folders import Root
 
     from exchange_mail import ews
-    from exchange_mail.ews_errors import classify
+    from exchange_mail.ews_errors import classify, sharpen
 
     mailbox: ews.EwsMailbox | None = None
     try:
@@ -263,7 +258,7 @@ def _ews_mailbox_step(
         account = mailbox.account
         mailbox.call(lambda: Root.get_distinguished(account=account))
     except Exception as exc:
-        found = _sharpen(classify(exc, settings), roles)
+        found = sharpen(classify(exc, settings), roles)
         return ConnectionStep(
             MAILBOX, StepStatus.FAILED, found.detail, found.fix
         ), found.credentials
@@ -275,25 +270,6 @@ def _ews_mailbox_step(
     else:
         detail = f"signed in to mailbox {settings.mailbox}"
     return ConnectionStep(MAILBOX, StepStatus.OK, detail), False
-
-
-def _sharpen(found: Classified, roles: tuple[str, ...] | None) -> Classified:
-    """Name the missing permission when the token's roles show it (401 from EWS)."""
-    if found.code != "HTTP 401" or roles is None:
-        return found
-    if not roles:
-        detail = (
-            "Exchange refused the app's token (HTTP 401): it carries no application "
-            "permissions, so admin consent has not been granted."
-        )
-    elif "full_access_as_app" not in roles:
-        detail = (
-            "Exchange refused the app's token (HTTP 401): full_access_as_app is not among "
-            f"its permissions ({', '.join(roles)})."
-        )
-    else:
-        return found
-    return Classified(found.outcome, found.code, detail, ADMIN_CONSENT_FIX + ".", credentials=True)
 
 
 # --- the permission and mailbox rungs, Graph ----------------------------------------
@@ -317,16 +293,19 @@ def _permission_step(roles: tuple[str, ...] | None) -> tuple[ConnectionStep, boo
 
 
 def _graph_mailbox_step(
-    settings: ExchangeSettings, resources: Resources
+    account: SenderAccount, settings: ExchangeSettings, resources: Resources
 ) -> tuple[ConnectionStep, bool]:
-    """Look the user up (needs User.Read.All); without that role, say what is unproven."""
+    """Look the user up (needs User.Read.All): the mailbox exists, and the user's e-mail
+    (the From) is one of its addresses, which sending needs."""
     from exchange_mail.graph import GraphClient
     from exchange_mail.graph_errors import Answer, classify, classify_answer
 
     client = GraphClient(settings, resources)
     try:
         response = client.call(
-            "GET", f"/users/{client.user}", params={"$select": "id,mail,userPrincipalName"}
+            "GET",
+            f"/users/{client.user}",
+            params={"$select": "id,mail,userPrincipalName,proxyAddresses"},
         )
     except Exception as exc:
         found = classify(exc, settings)
@@ -334,23 +313,122 @@ def _graph_mailbox_step(
             MAILBOX, StepStatus.FAILED, found.detail, found.fix
         ), found.credentials
     if response.status_code == 200:
-        return (
-            ConnectionStep(
-                MAILBOX, StepStatus.OK, f"Microsoft Graph knows the user {settings.mailbox}"
-            ),
-            False,
-        )
+        return _sends_as(account, settings, response.json()), False
     answer = Answer.of(response)
     if response.status_code == 403 and answer.code == "Authorization_RequestDenied":
         return (
             ConnectionStep(
                 MAILBOX,
                 StepStatus.WARNING,
-                f"the app may not read users (no User.Read.All), so {settings.mailbox} could "
-                "not be checked; the first mail will show whether it exists",
+                f"the app may not read users (no User.Read.All), so neither {settings.mailbox} "
+                f"nor whether it may send as {account.email} could be checked; the first mail "
+                "will show",
                 "Optional: grant Microsoft Graph → User.Read.All (application) for this check.",
             ),
             False,
         )
     found = classify_answer(answer, settings)
     return ConnectionStep(MAILBOX, StepStatus.FAILED, found.detail, found.fix), found.credentials
+
+
+def mailbox_addresses(user: dict[str, object]) -> list[str]:
+    """A user's mail addresses as Graph lists them: ``mail`` and the SMTP proxyAddresses."""
+    found = [str(user.get("mail") or "")]
+    proxies = user.get("proxyAddresses")
+    for proxy in proxies if isinstance(proxies, list) else []:
+        kind, _, address = str(proxy).partition(":")
+        if kind.lower() == "smtp":
+            found.append(address)
+    return [a.lower() for a in dict.fromkeys(found) if a]
+
+
+def _sends_as(
+    account: SenderAccount, settings: ExchangeSettings, user: dict[str, object]
+) -> ConnectionStep:
+    """Green when the user's e-mail is an address of the mailbox; red (with them) if not."""
+    addresses = mailbox_addresses(user)
+    if account.email.lower() in addresses:
+        return ConnectionStep(
+            MAILBOX,
+            StepStatus.OK,
+            f"Microsoft Graph knows the user {settings.mailbox}, and {account.email} is one "
+            "of its addresses",
+        )
+    return ConnectionStep(
+        MAILBOX,
+        StepStatus.FAILED,
+        f"the mailbox {settings.mailbox} may not send as {account.email}: its addresses are "
+        f"{', '.join(addresses) or '(none)'}, so Exchange would refuse each mail "
+        "(ErrorSendAsDenied)",
+        f"Make the user's e-mail (tab Basic) one of those addresses, or set {USERNAME} to the "
+        f"mailbox that owns {account.email}; or the Exchange administrator grants the mailbox "
+        f"Send As on {account.email} (Add-RecipientPermission).",
+    )
+
+
+LOOKUP = "lookup"
+PROBE_ID = "<crm-test-connection@crm.invalid>"
+"""A Message-ID no mail has: the lookup asks what reconciling asks, and finds nothing."""
+
+
+def _graph_lookup_step(
+    settings: ExchangeSettings, resources: Resources, roles: tuple[str, ...] | None
+) -> tuple[ConnectionStep, bool]:
+    """The reconcile lookup, once: the read permission, and the mailbox inside the app's
+    scope (what sending meets: a mailbox outside it is refused with the same 403)."""
+    from exchange_mail.graph import GraphClient, in_folder
+    from exchange_mail.graph_errors import classify
+
+    client = GraphClient(settings, resources)
+    try:
+        in_folder(client, "sentitems", PROBE_ID)
+    except LookupRefused as refused:
+        return _lookup_refused(settings, roles, refused)
+    except Exception as exc:
+        found = classify(exc, settings)
+        return ConnectionStep(LOOKUP, StepStatus.FAILED, found.detail, found.fix), False
+    return (
+        ConnectionStep(
+            LOOKUP,
+            StepStatus.OK,
+            f"the app may look in {settings.mailbox}'s Sent Items ({READ_PERMISSION}), so the "
+            "mailbox is inside its scope and a mail whose answer is lost can be settled",
+        ),
+        False,
+    )
+
+
+def _lookup_refused(
+    settings: ExchangeSettings, roles: tuple[str, ...] | None, refused: LookupRefused
+) -> tuple[ConnectionStep, bool]:
+    """403 without a read permission: yellow (sending works); with one: out of scope, red."""
+    readers = set(roles or ()) & READ_ROLES
+    if refused.status == 403 and not readers:
+        return (
+            ConnectionStep(
+                LOOKUP,
+                StepStatus.WARNING,
+                f"the app may not read mail in {settings.mailbox} (no {READ_PERMISSION}): "
+                "sending works, but a mail whose answer is lost cannot be settled and stays "
+                "unknown; whether the mailbox is inside the app's scope could not be checked",
+                f"In Entra → App registrations → API permissions, add Microsoft Graph → "
+                f"Application permissions → {READ_PERMISSION}, then click 'Grant admin "
+                f"consent' (with RBAC for Applications: the role \"Application "
+                f'{READ_PERMISSION}" with the same scope as Mail.Send).',
+            ),
+            False,
+        )
+    if refused.status == 403:
+        return (
+            ConnectionStep(
+                LOOKUP,
+                StepStatus.FAILED,
+                f"Microsoft Graph denies the app access to {settings.mailbox} (HTTP 403 "
+                f"{refused.code}) although its token holds {', '.join(sorted(readers))}: the "
+                "mailbox is outside the app's scope (RBAC for Applications, or an application "
+                "access policy), so sending would be refused too",
+                scope_fix(settings.mailbox),
+            ),
+            True,
+        )
+    return ConnectionStep(LOOKUP, StepStatus.FAILED, f"the lookup failed: {refused}"), False

@@ -14,6 +14,9 @@ and token errors come from :mod:`crm_core.entra`, which never holds the secret i
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,11 +39,45 @@ ADMIN_CONSENT_FIX = (
     "In Entra → App registrations → API permissions, add Office 365 Exchange Online → "
     "Application permissions → full_access_as_app, then click 'Grant admin consent'"
 )
+TOKEN_REFUSED_FIX = (
+    "The token is not the problem of one permission (Exchange would say which): check "
+    "that Tenant ID is the directory of the mailbox's organisation and exchange.authority "
+    "the sign-in host of the server's cloud (a token of another tenant or cloud is "
+    "refused: https://login.microsoftonline.us for outlook.office365.us and "
+    "webmail.apps.mil, https://login.chinacloudapi.cn for partner.outlook.cn), that the "
+    "server's URL is the right one, and that this machine's clock is right; then resume "
+    "the account (crm outbox resume <e-mail>)"
+)
+"""What to check after two 401 answers in a row: a fresh token was refused as well."""
 MAIL_SEND_FIX = (
     "In Entra → App registrations → API permissions, add Microsoft Graph → Application "
     "permissions → Mail.Send, then click 'Grant admin consent'; if the tenant scopes the "
     "app with RBAC for Applications, include this mailbox"
 )
+
+
+def token_roles(token: str) -> tuple[str, ...] | None:
+    """The ``roles`` claim of a JWT access token, decoded without verifying: it is our own
+    token, read only to name what the app holds."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, binascii.Error):
+        return None
+    roles = claims.get("roles", []) if isinstance(claims, dict) else None
+    return tuple(str(r) for r in roles) if isinstance(roles, list) else None
+
+
+def scope_fix(mailbox: str) -> str:
+    """How the Exchange administrator takes a mailbox into the app's per-mailbox scope."""
+    return (
+        f"The Exchange administrator adds {mailbox} to the app's scope: with RBAC for "
+        "Applications, the management scope of the app's role assignment "
+        "(Get-ManagementRoleAssignment -RoleAssignee <app> shows its CustomResourceScope; "
+        "widen that scope's filter or add the mailbox to its group); with an application "
+        "access policy, the group the policy names (Get-ApplicationAccessPolicy). Check "
+        f"with Test-ServicePrincipalAuthorization -Identity <app> -Resource {mailbox}."
+    )
 
 
 @dataclass(frozen=True)
@@ -260,7 +297,15 @@ Look = Callable[[str, Sequence[str]], Iterable[str]]
 
 
 class LookupRefused(Exception):
-    """The server answered a lookup without a list; the text says why, for the operator."""
+    """The server answered a lookup without a list; the text says why, for the operator.
+
+    ``status`` and ``code`` are the answer's (HTTP status, the server's error code).
+    """
+
+    def __init__(self, text: str, status: int = 0, code: str = "") -> None:
+        super().__init__(text)
+        self.status = status
+        self.code = code
 
 
 def look_up(

@@ -84,15 +84,24 @@ from crm_core.plugin_api import (
     SenderAccount,
     SendResult,
     TokenClient,
+    TokenError,
     TrustAdapter,
     token_client,
 )
 from exchange_mail.auth import MsalBearerAuth, MsalOAuth2Credentials, install_redaction
-from exchange_mail.errors import Classified, Results, look_up, not_attempted, result_for
+from exchange_mail.errors import (
+    Classified,
+    Results,
+    look_up,
+    not_attempted,
+    result_for,
+    token_roles,
+)
 from exchange_mail.ews_errors import (
     NOT_COVERED,
     ServerError,
     classify,
+    sharpen,
     unusable_message,
     unusable_settings,
 )
@@ -305,6 +314,17 @@ class EwsMailbox:
             self.tokens.evict()
             return action()
 
+    def classify(self, exc: BaseException) -> Classified:
+        """What a failure means, with a 401 or 403 named from the token's roles."""
+        found = classify(exc, self.settings)
+        if self.tokens is None or found.code not in ("HTTP 401", "HTTP 403"):
+            return found
+        try:
+            roles = token_roles(self.tokens.token(EXCHANGE_SCOPE))
+        except TokenError:
+            roles = None
+        return sharpen(found, roles)
+
     def close(self) -> None:
         """Close the HTTP session and drop the Protocol from exchangelib's global cache."""
         self.protocol.close()
@@ -432,7 +452,7 @@ def send(
         folder = mailbox.call(lambda: mailbox.account.sent)
     except Exception as exc:
         ready = [one.message for chunk in chunks for one in chunk]
-        results.add(not_attempted(ready, classify(exc, settings), NOT_YET))
+        results.add(not_attempted(ready, mailbox.classify(exc), NOT_YET))
         return results.in_order(messages)
     for index, chunk in enumerate(chunks):
         done, stop = _send_request(mailbox, settings, folder, chunk)
@@ -453,7 +473,7 @@ def _send_request(
     try:
         answers = mailbox.call(partial(_create, mailbox, folder, [one.item for one in chunk]))
     except Exception as exc:
-        found = classify(exc, settings)
+        found = mailbox.classify(exc)
         reply = _with_id(found.code, mailbox.policy.request_id)
         return [result_for(one.message, found, reply) for one in chunk], found
     request_id = mailbox.policy.request_id

@@ -57,12 +57,14 @@ from exchangelib import errors as ews
 from crm_core.plugin_api import CLIENT_ID, Outcome, TokenError
 from exchange_mail.errors import (
     ADMIN_CONSENT_FIX,
+    TOKEN_REFUSED_FIX,
     Classified,
     Says,
     chain,
     connect_failure,
     failed_before_sending,
     lost_answer,
+    scope_fix,
     tls_failure,
     token_failure,
 )
@@ -70,10 +72,12 @@ from exchange_mail.errors import unusable_message as refused_message
 from exchange_mail.settings import (
     API,
     DOMAIN,
+    GRAPH_PERMISSIONS,
     PASSWORD,
     SERVER_VERSION,
     URL,
     USERNAME,
+    Api,
     AuthMode,
     ExchangeSettings,
 )
@@ -114,6 +118,13 @@ class _Facts:
     settings: ExchangeSettings
 
     ADMIN_CONSENT_FIX: ClassVar[str] = ADMIN_CONSENT_FIX
+    TOKEN_REFUSED_FIX: ClassVar[str] = TOKEN_REFUSED_FIX
+
+    @property
+    def scope(self) -> str:
+        """How to take the mailbox into the app's scope."""
+        return scope_fix(self.settings.mailbox)
+
     CLIENT_ID: ClassVar[str] = CLIENT_ID
     DOMAIN: ClassVar[str] = DOMAIN
     PASSWORD: ClassVar[str] = PASSWORD
@@ -281,10 +292,9 @@ _RUNGS: tuple[_Rung, ...] = (
         says=Says(
             Outcome.CONFIGURATION,
             "HTTP 401",
-            "Exchange refused the app's token (HTTP 401): the app lacks the full_access_as_app "
-            "application permission, admin consent was not granted, or {CLIENT_ID} belongs to "
-            "another organisation.",
-            "{ADMIN_CONSENT_FIX}, and check Client ID and Tenant ID.",
+            "Exchange refused the app's token (HTTP 401), and then a fresh one from Entra ID "
+            "as well: the token was refused twice.",
+            "{TOKEN_REFUSED_FIX}.",
             credentials=True,
         ),
     ),
@@ -313,7 +323,21 @@ _RUNGS: tuple[_Rung, ...] = (
         ),
     ),
     _Rung(
-        ews.ErrorImpersonateUserDenied | ews.ErrorAccessDenied,
+        ews.ErrorImpersonateUserDenied,
+        when=lambda facts: facts.oauth,
+        says=Says(
+            Outcome.CONFIGURATION,
+            "ErrorImpersonateUserDenied",
+            "Exchange lets the app use EWS but not act as {mailbox} "
+            "(ErrorImpersonateUserDenied): the mailbox is outside the app's per-mailbox "
+            "scope (RBAC for Applications, or an application access policy); no permission "
+            "is missing, since the app reached the mailbox check.",
+            "{scope}",
+            credentials=True,
+        ),
+    ),
+    _Rung(
+        ews.ErrorAccessDenied,
         when=lambda facts: facts.oauth,
         says=Says(
             Outcome.CONFIGURATION,
@@ -477,17 +501,21 @@ def ews_refused(settings: ExchangeSettings) -> Classified:
     """
     if settings.exchange_online or settings.mode is AuthMode.OAUTH:
         client = settings.app.client_id if settings.app else "<Client ID>"
+        choice = Api.AUTO.value if settings.exchange_online else Api.GRAPH.value
         return Classified(
             Outcome.CONFIGURATION,
             "HTTP 403",
             "Exchange Online refuses EWS for this app (HTTP 403 on every request): since "
-            "October 2026 EWS is blocked unless the tenant allows it and lists the app, or "
-            "the tenant has turned EWS off.",
-            "The tenant administrator can run Set-OrganizationConfig -EwsEnabled $true "
-            f"-EwsAllowedAppIDs @{{Add='{client}'}} (and Set-CASMailbox -EwsEnabled $true "
-            "for the mailbox); changes take up to 24 hours, and EWS ends for good on "
-            f"1 April 2027. Lasting fix: send through Microsoft Graph (crm settings set "
-            f"{API} graph, with the Mail.Send application permission).",
+            "October 2026 EWS is blocked unless the tenant allows it and lists the app's "
+            f"Client ID {client} in EwsAllowedAppIDs, or the tenant has turned EWS off.",
+            "The tenant administrator adds the Client ID to the allow list, which "
+            "Set-OrganizationConfig replaces as a whole, so the existing IDs must be "
+            "included: read them with Get-OrganizationConfig | Select-Object -ExpandProperty "
+            "EwsAllowedAppIDs, then run Set-OrganizationConfig -EwsEnabled $true "
+            f'-EwsAllowedAppIDs "<the existing IDs>","{client}" (and check that '
+            "Get-CASMailbox <mailbox> shows EwsEnabled not False); changes take up to 24 "
+            "hours, and EWS ends for good on 1 April 2027. Lasting fix: send through "
+            f"Microsoft Graph (crm settings set {API} {choice}; {GRAPH_PERMISSIONS}).",
         )
     return Classified(
         Outcome.CONFIGURATION,
@@ -496,6 +524,35 @@ def ews_refused(settings: ExchangeSettings) -> Classified:
         "The Exchange administrator must allow EWS for the organisation and the mailbox "
         "(Set-OrganizationConfig / Set-CASMailbox -EwsEnabled $true).",
     )
+
+
+EWS_ROLES = ("full_access_as_app", "EWS.AccessAsApp")
+"""The application permissions app-only EWS needs (either)."""
+
+
+def sharpen(found: Classified, roles: tuple[str, ...] | None) -> Classified:
+    """Name the cause from the token's roles where EWS's answer cannot (401 and 403).
+
+    A 403 means EWS blocked for the tenant *or* a token without an EWS permission;
+    a 401 after a retry means a refused token *or* no permissions at all. The roles
+    (``None``: unknown, e.g. a password) tell which.
+    """
+    if roles is None or found.code not in ("HTTP 401", "HTTP 403"):
+        return found
+    if not roles:
+        detail = (
+            f"Exchange refused the app's token ({found.code}): it carries no application "
+            "permissions, so admin consent has not been granted."
+        )
+    elif not set(roles) & set(EWS_ROLES):
+        detail = (
+            f"Exchange refused EWS to the app ({found.code}): its token holds "
+            f"{', '.join(roles)} but not full_access_as_app, the application permission "
+            "app-only EWS needs (this is not the tenant's EWS block)."
+        )
+    else:
+        return found
+    return Classified(found.outcome, found.code, detail, ADMIN_CONSENT_FIX + ".", credentials=True)
 
 
 def unusable_settings(exc: Exception) -> Classified:

@@ -3,8 +3,9 @@
 Why beside EWS: Microsoft blocks EWS in Exchange Online from October 2026 and shuts it
 down in April 2027. Graph uses the same app registration and msal client (another
 scope, ``https://graph.microsoft.com/.default``, so another cached token) and needs the
-``Mail.Send`` application permission. ``exchange.api = graph`` selects it; the rest of
-the plugin (settings, outcomes, Test connection) is shared.
+``Mail.Send`` application permission. ``exchange.api = auto`` (the default) selects it
+for Exchange Online, ``graph`` always; the rest of the plugin (settings, outcomes, Test
+connection) is shared.
 
 Choices, and why:
 
@@ -19,13 +20,20 @@ Choices, and why:
   read (a killed worker leaves at most one request ``unknown``), each with Graph's own
   answer kept as ``reply``: status, code, ``request-id`` and ``client-request-id``. A
   message that cannot be encoded (undecodable text) is permanent on its own.
-* **Size.** A request body is capped at 4 MB, so a batch is also split by size, and a
-  single message whose JSON exceeds the cap (attachments over about 3 MB) is refused
-  as permanent: it needs an upload session (Mail.ReadWrite), not done here.
+* **Size.** A request body is capped at 4 MB, so a batch is also split by size. A
+  message with an attachment of 3 MB or more, or whose sendMail body would exceed the
+  cap, goes on its own through a draft (``POST /users/{id}/messages``, with the
+  outbox's Message-ID as ``internetMessageId``, so reconciling finds it like any
+  other), its attachments (under 3 MB: one POST each; from 3 MB to 150 MB: an upload
+  session, ranges of at most 4 MB PUT to the pre-authenticated URL without a token),
+  then ``POST .../send``. That needs Mail.ReadWrite, which the failure names. Until the
+  send, nothing can have gone: a failure then is never ambiguous, and the draft is
+  deleted (best effort).
 * **401 → evict and retry once**, as for EWS. **429**, and **503** with ``Retry-After``,
   are temporary with the server's ``Retry-After``.
 * **Reconcile** filters the sender's Outbox and Sent Items by ``internetMessageId``
-  (needs ``Mail.ReadBasic.All`` or ``Mail.Read``), under the lookup contract EWS shares
+  (needs ``Mail.ReadBasic.All``, the one read permission the messages and docs name;
+  Mail.Read or Mail.ReadWrite also do), under the lookup contract EWS shares
   (:func:`exchange_mail.errors.look_up`, which also says why a fresh "not found" is not
   yet "not sent").
 """
@@ -36,7 +44,9 @@ import base64
 import json
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -44,6 +54,7 @@ import requests
 
 from crm_core.plugin_api import (
     GRAPH_SCOPE,
+    Attachment,
     Outcome,
     OutgoingMessage,
     ReconcileResult,
@@ -61,16 +72,25 @@ from exchange_mail.errors import (
     look_up,
     not_attempted,
     result_for,
+    token_roles,
     unusable_message,
 )
 from exchange_mail.graph_errors import (
     MISSING,
-    TOO_LARGE,
     Answer,
     classify,
     classify_answer,
+    draft_refused,
     lookup_refused,
+    not_sent_yet,
+    too_large,
     trace_of,
+)
+from exchange_mail.limits import (
+    UPLOAD_CHUNK_BYTES,
+    UPLOAD_SESSION_MIN_BYTES,
+    needs_upload,
+    size_problems,
 )
 from exchange_mail.settings import PLUGIN, ExchangeSettings
 
@@ -192,29 +212,56 @@ def payload(account: SenderAccount, message: OutgoingMessage) -> dict[str, Any]:
     return {"message": mail, "saveToSentItems": True}
 
 
-def _encode(account: SenderAccount, message: OutgoingMessage) -> bytes | Classified:
-    """The sendMail body as sent, or why this message cannot go (alone: never its batch)."""
+def _encode(account: SenderAccount, message: OutgoingMessage) -> bytes | Classified | None:
+    """The sendMail body as sent, None when the message must go through a draft, or why
+    it cannot go at all (alone: never its batch)."""
+    if needs_upload(message) or message.size_estimate() > MAX_REQUEST_BYTES:
+        return None
     try:
         body = json.dumps(payload(account, message), ensure_ascii=False).encode("utf-8")
     except (ValueError, TypeError) as exc:  # undecodable text: UnicodeError is a ValueError
         return unusable_message(str(exc))
-    return TOO_LARGE if len(body) > MAX_REQUEST_BYTES else body
+    return None if len(body) > MAX_REQUEST_BYTES else body
+
+
+def _way(
+    account: SenderAccount, settings: ExchangeSettings, message: OutgoingMessage
+) -> bytes | Classified | None:
+    """:func:`_encode`, after Graph's size limits; text that cannot be encoded refused."""
+    try:
+        problems = size_problems(settings, message)
+    except (ValueError, TypeError) as exc:  # undecodable text: UnicodeError is a ValueError
+        return unusable_message(str(exc))
+    return too_large(problems) if problems else _encode(account, message)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A batch sorted: sendMail bodies, and the messages that go through a draft."""
+
+    bodies: list[tuple[OutgoingMessage, bytes]]
+    drafted: list[OutgoingMessage]
 
 
 def _prepare(
-    account: SenderAccount, messages: Sequence[OutgoingMessage], results: Results
-) -> list[tuple[OutgoingMessage, bytes]]:
-    """Each message's body; the ones that cannot go are refused (and reported) at once."""
-    bodies: list[tuple[OutgoingMessage, bytes]] = []
+    account: SenderAccount,
+    settings: ExchangeSettings,
+    messages: Sequence[OutgoingMessage],
+    results: Results,
+) -> _Prepared:
+    """Each message's way; the ones that cannot go are refused (and reported) at once."""
+    prepared = _Prepared([], [])
     refused: list[SendResult] = []
     for message in messages:
-        body = _encode(account, message)
+        body = _way(account, settings, message)
         if isinstance(body, Classified):
             refused.append(result_for(message, body))
+        elif body is None:
+            prepared.drafted.append(message)
         else:
-            bodies.append((message, body))
+            prepared.bodies.append((message, body))
     results.add(refused)
-    return bodies
+    return prepared
 
 
 def _batches(
@@ -247,11 +294,16 @@ def send(
     answers it; one SendResult per message; never a blind resend."""
     graph = GraphClient(settings, resources)
     results = Results(report)
-    chunks = list(_batches(_prepare(account, messages, results)))
-    for index, chunk in enumerate(chunks):
-        done, stop = _send_request(graph, settings, chunk)
+    prepared = _prepare(account, settings, messages, results)
+    units: list[tuple[list[OutgoingMessage], Callable[[], _Done]]] = [
+        ([m for m, _ in chunk], partial(_send_request, graph, settings, chunk))
+        for chunk in _batches(prepared.bodies)
+    ]
+    units += [([m], partial(_send_drafted, graph, account, m)) for m in prepared.drafted]
+    for index, (_, run) in enumerate(units):
+        done, stop = run()
         if stop is not None:  # the later requests never leave
-            later = [m for c in chunks[index + 1 :] for m, _ in c]
+            later = [m for batch, _ in units[index + 1 :] for m in batch]
             done += not_attempted(later, stop)
         results.add(done)
         if stop is not None:
@@ -259,9 +311,13 @@ def send(
     return results.in_order(messages)
 
 
+_Done = tuple[list[SendResult], Classified | None]
+"""One unit's results, and the cause that stops the rest of the batch, if any."""
+
+
 def _send_request(
     graph: GraphClient, settings: ExchangeSettings, chunk: list[tuple[OutgoingMessage, bytes]]
-) -> tuple[list[SendResult], Classified | None]:
+) -> _Done:
     """One request: a result per message, and the cause that stops the batch, if any.
 
     It stops when no answer came (token, network, lost answer) or the account must be
@@ -344,6 +400,140 @@ def _batch_answers(
     return answers
 
 
+# --- through a draft: attachments of 3 MB and more --------------------------------
+
+
+class _NotSent(Exception):
+    """A step before the draft's send failed: the mail did not go."""
+
+    def __init__(self, found: Classified) -> None:
+        super().__init__(found.text)
+        self.found = found
+
+
+def _send_drafted(graph: GraphClient, account: SenderAccount, message: OutgoingMessage) -> _Done:
+    """Draft, attachments, send: one message's result, and the cause that stops the batch.
+
+    Nothing can have gone before the send, so a failure there is at most temporary
+    (never ambiguous), and the draft is deleted, best effort.
+    """
+    settings = graph.settings
+    draft = ""
+    try:
+        draft = _create_draft(graph, account, message)
+        for attachment in message.attachments:
+            _attach(graph, draft, attachment)
+    except _NotSent as refused:
+        _delete_draft(graph, draft)
+        found = refused.found
+        stop = found if found.outcome is not Outcome.PERMANENT else None
+        return [result_for(message, found)], stop
+    try:
+        response = graph.call("POST", f"/users/{graph.user}/messages/{draft}/send")
+    except Exception as exc:
+        found = classify(exc, settings)
+        return [result_for(message, found)], found
+    answer = Answer.of(response)
+    found = classify_answer(answer, settings)
+    stop = found if found.outcome is Outcome.CONFIGURATION else None
+    return [result_for(message, found, answer.reply)], stop
+
+
+def _step(graph: GraphClient, method: str, path: str, **kwargs: Any) -> requests.Response:
+    """One request before the send; any failure is :class:`_NotSent`."""
+    try:
+        response = graph.call(method, path, **kwargs)
+    except Exception as exc:
+        raise _NotSent(not_sent_yet(classify(exc, graph.settings))) from exc
+    if response.status_code >= 300:
+        raise _NotSent(not_sent_yet(classify_answer(Answer.of(response), graph.settings)))
+    return response
+
+
+def _create_draft(graph: GraphClient, account: SenderAccount, message: OutgoingMessage) -> str:
+    """The draft, with the outbox's Message-ID and without attachments; its id."""
+    try:
+        mail = payload(account, message)["message"]
+        mail.pop("attachments", None)
+        body = json.dumps(mail, ensure_ascii=False).encode("utf-8")
+    except (ValueError, TypeError) as exc:
+        raise _NotSent(unusable_message(str(exc))) from exc
+    try:
+        response = graph.call(
+            "POST",
+            f"/users/{graph.user}/messages",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+    except Exception as exc:
+        raise _NotSent(not_sent_yet(classify(exc, graph.settings))) from exc
+    if response.status_code == 403:
+        roles = token_roles(graph.tokens.token(graph.scope))
+        raise _NotSent(draft_refused(Answer.of(response), graph.settings, roles))
+    if response.status_code >= 300:
+        raise _NotSent(not_sent_yet(classify_answer(Answer.of(response), graph.settings)))
+    return str(response.json()["id"])
+
+
+def _attach(graph: GraphClient, draft: str, attachment: Attachment) -> None:
+    """One attachment: a POST under 3 MB, else an upload session."""
+    base = f"/users/{graph.user}/messages/{draft}/attachments"
+    json_header = {"Content-Type": "application/json"}
+    if len(attachment.data) < UPLOAD_SESSION_MIN_BYTES:
+        item = {
+            "@odata.type": "#microsoft.graph.fileAttachment",
+            "name": attachment.filename,
+            "contentType": attachment.content_type,
+            "contentBytes": base64.b64encode(attachment.data).decode("ascii"),
+        }
+        _step(graph, "POST", base, data=json.dumps(item).encode(), headers=json_header)
+        return
+    session = {
+        "AttachmentItem": {
+            "attachmentType": "file",
+            "name": attachment.filename,
+            "size": len(attachment.data),
+            "contentType": attachment.content_type,
+        }
+    }
+    created = _step(
+        graph,
+        "POST",
+        f"{base}/createUploadSession",
+        data=json.dumps(session).encode(),
+        headers=json_header,
+    )
+    _upload(graph, str(created.json()["uploadUrl"]), attachment.data)
+
+
+def _upload(graph: GraphClient, url: str, data: bytes) -> None:
+    """PUT the bytes in order, at most 4 MB a range, with no token (the URL carries one)."""
+    total = len(data)
+    for start in range(0, total, UPLOAD_CHUNK_BYTES):
+        chunk = data[start : start + UPLOAD_CHUNK_BYTES]
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Range": f"bytes {start}-{start + len(chunk) - 1}/{total}",
+        }
+        try:
+            response = graph.http.put(url, data=chunk, headers=headers, timeout=TIMEOUT)
+        except Exception as exc:
+            raise _NotSent(not_sent_yet(classify(exc, graph.settings))) from exc
+        if response.status_code >= 300:
+            raise _NotSent(not_sent_yet(classify_answer(Answer.of(response), graph.settings)))
+
+
+def _delete_draft(graph: GraphClient, draft: str) -> None:
+    """Remove a draft that will not be sent; a failure leaves it in Drafts, harmless
+    (reconciling looks only in the Outbox and Sent Items)."""
+    if not draft:
+        return
+    try:
+        graph.call("DELETE", f"/users/{graph.user}/messages/{draft}")
+    except Exception:
+        return
+
+
 # --- reconciling ------------------------------------------------------------------
 
 
@@ -357,7 +547,7 @@ def reconcile(
     graph = GraphClient(settings, resources)
 
     def look(folder: str, ids: Sequence[str]) -> set[str]:
-        return {message_id for message_id in ids if _in_folder(graph, folder, message_id)}
+        return {message_id for message_id in ids if in_folder(graph, folder, message_id)}
 
     def why_not(exc: Exception) -> str:
         return str(exc) if isinstance(exc, LookupRefused) else classify(exc, settings).text
@@ -365,7 +555,7 @@ def reconcile(
     return look_up(messages, settings.mailbox, now, look, why_not)
 
 
-def _in_folder(graph: GraphClient, folder: str, message_id: str) -> bool:
+def in_folder(graph: GraphClient, folder: str, message_id: str) -> bool:
     """Whether a message with this internetMessageId is in the well-known ``folder``."""
     escaped = message_id.replace("'", "''")
     params = {"$filter": f"internetMessageId eq '{escaped}'", "$select": "id,internetMessageId"}
@@ -373,5 +563,6 @@ def _in_folder(graph: GraphClient, folder: str, message_id: str) -> bool:
         "GET", f"/users/{graph.user}/mailFolders/{folder}/messages", params=params
     )
     if response.status_code != 200:
-        raise LookupRefused(lookup_refused(Answer.of(response)))
+        answer = Answer.of(response)
+        raise LookupRefused(lookup_refused(answer), answer.status, answer.code)
     return bool(response.json().get("value"))

@@ -17,7 +17,7 @@ Graph says                                             outcome         note
 (no answer for an item of a $batch)                    ambiguous       reconcile
 ErrorInvalidUser, 404 Request_ResourceNotFound         configuration   the guide's
                                                                        "Credentials"
-401 (after one token eviction and retry)               configuration   "Credentials"
+401 twice (a fresh token was refused too)              configuration   "Credentials"
 ErrorSendAsDenied                                      configuration
 403                                                    configuration   "Credentials"
 ErrorInvalidRecipients                                 permanent       "Error validating
@@ -33,7 +33,7 @@ anything else                                          temporary
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -41,9 +41,20 @@ from urllib.parse import urlsplit
 
 import requests
 
-from crm_core.plugin_api import Outcome
-from exchange_mail.errors import MAIL_SEND_FIX, Classified, Says, transport_failure
-from exchange_mail.settings import USERNAME, ExchangeSettings
+from crm_core.plugin_api import Outcome, Problem
+from exchange_mail.errors import (
+    MAIL_SEND_FIX,
+    TOKEN_REFUSED_FIX,
+    Classified,
+    Says,
+    transport_failure,
+)
+from exchange_mail.settings import (
+    READ_PERMISSION,
+    READ_WRITE_PERMISSION,
+    USERNAME,
+    ExchangeSettings,
+)
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,7 @@ class _Facts:
     settings: ExchangeSettings
 
     MAIL_SEND_FIX: ClassVar[str] = MAIL_SEND_FIX
+    TOKEN_REFUSED_FIX: ClassVar[str] = TOKEN_REFUSED_FIX
     USERNAME: ClassVar[str] = USERNAME
 
     @property
@@ -245,8 +257,9 @@ _ROWS: tuple[_Row, ...] = (
         says=Says(
             Outcome.CONFIGURATION,
             "{code_or_status}",
-            "Microsoft Graph refused the app's token (HTTP 401).",
-            "{MAIL_SEND_FIX}.",
+            "Microsoft Graph refused the app's token ({shown}: {message}), and then a fresh "
+            "one from Entra ID as well: the token was refused twice.",
+            "{TOKEN_REFUSED_FIX}.",
             credentials=True,
         ),
     ),
@@ -339,20 +352,60 @@ def classify(exc: Exception, settings: ExchangeSettings) -> Classified:
     return transport_failure(exc, host, "the network and exchange.graph_url")
 
 
-TOO_LARGE = Classified(
-    Outcome.PERMANENT,
-    "too-large-for-graph",
-    "The message is too large for Microsoft Graph sendMail (attachments over about 3 MB "
-    "need an upload session).",
-    "send smaller attachments or a link.",
-)
-"""A message whose sendMail body exceeds Graph's 4 MB cap: never sent, never retried."""
+def too_large(problems: Sequence[Problem]) -> Classified:
+    """A message over Graph's limits (see :mod:`exchange_mail.limits`): never sent, never
+    retried. Enqueue refuses such a mail; this catches one queued before the limits."""
+    return Classified(
+        Outcome.PERMANENT,
+        "too-large-for-graph",
+        "The message is too large for Microsoft Graph: "
+        + "; ".join(f"{p.key} {p.message}" for p in problems)
+        + ".",
+        "send smaller attachments or links to them.",
+    )
+
+
+def not_sent_yet(found: Classified) -> Classified:
+    """A failure while the draft was prepared: nothing went, so never ambiguous."""
+    if found.outcome is not Outcome.AMBIGUOUS:
+        return found
+    return Classified(
+        Outcome.TEMPORARY,
+        found.code,
+        f"Not sent: preparing the draft failed ({found.detail}); nothing went.",
+        "The mail is sent again later.",
+        retry_after=60.0,
+    )
+
+
+def draft_refused(
+    answer: Answer, settings: ExchangeSettings, roles: tuple[str, ...] | None
+) -> Classified:
+    """HTTP 403 on creating the draft: Mail.ReadWrite missing, when the token shows it;
+    otherwise what any 403 means (the mailbox outside the app's scope)."""
+    if roles is None or READ_WRITE_PERMISSION in roles:
+        return classify_answer(answer, settings)
+    held = ", ".join(roles) or "no application permissions"
+    return Classified(
+        Outcome.CONFIGURATION,
+        answer.code or "HTTP 403",
+        f"Microsoft Graph refused to create a draft in {settings.mailbox} "
+        f"(HTTP 403 {answer.code}): a mail with an attachment of 3 MB or more goes through a "
+        f"draft and an upload session, which need the {READ_WRITE_PERMISSION} application "
+        f"permission; the app's token holds {held}.",
+        f"In Entra → App registrations → API permissions, add Microsoft Graph → Application "
+        f"permissions → {READ_WRITE_PERMISSION}, then click 'Grant admin consent' (with RBAC "
+        f"for Applications: New-ManagementRoleAssignment -App <Client ID> -Role "
+        f'"Application {READ_WRITE_PERMISSION}" -CustomResourceScope <the app\'s scope>); '
+        "then resume the account (crm outbox resume <e-mail>).",
+        credentials=True,
+    )
 
 
 def lookup_refused(answer: Answer) -> str:
     """Why a folder lookup got no list; a 403 is most likely the missing read permission."""
     hint = (
-        " (reconciling needs the Mail.ReadBasic.All application permission)"
+        f" (reconciling needs the {READ_PERMISSION} application permission)"
         if answer.status == 403
         else ""
     )

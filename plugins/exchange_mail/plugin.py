@@ -159,16 +159,27 @@ def reconcile_mail(
 
 
 @hookimpl
+def message_problems(account: SenderAccount, message: OutgoingMessage) -> list[Problem]:
+    """A mail too large for the API that ``exchange.api`` picks (see exchange_mail.limits)."""
+    from exchange_mail.limits import size_problems
+
+    return size_problems(resolve(account), message)
+
+
+@hookimpl
 def describe_route(account: SenderAccount) -> RouteInfo:
     """Server, mailbox and sign-in, without touching the network."""
     settings = resolve(account)
-    notes = [f"api {settings.api.value}", f"sender {account.email}"]
+    notes = [f"api {settings.api.value}: {settings.api_reason}", f"sender {account.email}"]
     if settings.mode is AuthMode.OAUTH and settings.app is not None:
         notes.append(f"app-only OAuth, client {settings.app.client_id}, impersonation")
     elif settings.mode is AuthMode.PASSWORD:
         notes.append(f"password sign-in ({settings.onprem_auth})")
     else:
         notes.append("not signed in: settings incomplete")
-    return RouteInfo(
-        TRANSPORT, settings.url or "(exchange.url not set)", settings.mailbox, tuple(notes)
-    )
+    if settings.api is Api.GRAPH:
+        server = settings.graph_root
+        notes.append(f"EWS URL {settings.url or '(not set)'} not used")
+    else:
+        server = settings.url or "(exchange.url not set)"
+    return RouteInfo(TRANSPORT, server, settings.mailbox, tuple(notes))

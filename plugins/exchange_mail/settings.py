@@ -64,7 +64,19 @@ CA_BUNDLE = "tls.ca_bundle"
 EWS_PATH = "/EWS/Exchange.asmx"
 DEFAULT_GRAPH_URL = "https://graph.microsoft.com"
 EXAMPLE_URL = f"https://outlook.office365.com{EWS_PATH}"
-EXCHANGE_ONLINE_HOSTS = frozenset({"outlook.office365.com", "outlook.office.com"})
+
+MAIL_SEND = "Mail.Send"
+READ_PERMISSION = "Mail.ReadBasic.All"
+"""The one read permission named everywhere: reconciling looks a Message-ID up in the
+Outbox and Sent Items, which needs no more than the basic properties of a message."""
+READ_ROLES = frozenset({READ_PERMISSION, "Mail.ReadBasic", "Mail.Read", "Mail.ReadWrite"})
+"""Application permissions any of which lets reconciling look a Message-ID up."""
+READ_WRITE_PERMISSION = "Mail.ReadWrite"
+"""Needed only for attachments of 3 MB and more: a draft and an upload session."""
+GRAPH_PERMISSIONS = (
+    f"Microsoft Graph application permissions {MAIL_SEND}, {READ_PERMISSION} (reconciling) "
+    f"and {READ_WRITE_PERMISSION} (attachments of 3 MB and more)"
+)
 
 GUIDE_CREDENTIALS = "TestConnection error Credentials"
 """The guide's red text for credentials that do not add up; kept recognisable."""
@@ -73,10 +85,43 @@ SERVER_VERSIONS = ("online", "2013", "2013_sp1", "2016", "2019")
 
 
 class Api(StrEnum):
-    """Which Microsoft API carries the mail."""
+    """Which Microsoft API carries the mail; ``auto`` is a choice, never the one used."""
 
+    AUTO = "auto"
     EWS = "ews"
     GRAPH = "graph"
+
+
+@dataclass(frozen=True)
+class Cloud:
+    """One Exchange Online cloud: its name and its Microsoft Graph host."""
+
+    name: str
+    graph_url: str
+
+
+_GLOBAL = Cloud("Exchange Online", DEFAULT_GRAPH_URL)
+EXCHANGE_ONLINE_CLOUDS: Mapping[str, Cloud] = {
+    # EWS host of each cloud -> the Graph host of the same cloud (Microsoft's national
+    # cloud deployment table). GCC (moderate) uses the global hosts.
+    "outlook.office365.com": _GLOBAL,
+    "outlook.office.com": _GLOBAL,
+    "outlook.office365.us": Cloud(
+        "Exchange Online (US Government GCC High)", "https://graph.microsoft.us"
+    ),
+    "webmail.apps.mil": Cloud(
+        "Exchange Online (US Government DoD)", "https://dod-graph.microsoft.us"
+    ),
+    "partner.outlook.cn": Cloud(
+        "Exchange Online operated by 21Vianet (China)", "https://microsoftgraph.chinacloudapi.cn"
+    ),
+}
+"""How ``exchange.api = auto`` recognises Exchange Online: by the host of the EWS URL."""
+
+
+def exchange_online_cloud(url: str) -> Cloud | None:
+    """The Exchange Online cloud whose EWS host ``url`` names; None for any other server."""
+    return EXCHANGE_ONLINE_CLOUDS.get((urlsplit(url).hostname or "").lower())
 
 
 class AuthMode(StrEnum):
@@ -190,19 +235,24 @@ def fields() -> list[SettingField]:
             "Exchange API",
             type=FieldType.CHOICE,
             choices=tuple(a.value for a in Api),
-            default=Api.EWS.value,
-            help="ews: Exchange Web Services (Exchange Server, and Exchange Online while "
-            "Microsoft allows it). graph: Microsoft Graph sendMail (Exchange Online; needs "
-            "the Mail.Send application permission).",
+            default=Api.AUTO.value,
+            help="auto: Microsoft Graph when the Exchange URL is Exchange Online's "
+            "(outlook.office365.com, or a national cloud's), else EWS. ews: Exchange Web "
+            "Services (Exchange Server, and Exchange Online while Microsoft allows it). "
+            f"graph: Microsoft Graph sendMail (Exchange Online; needs the {MAIL_SEND} "
+            f"application permission, {READ_PERMISSION} for reconciling and "
+            f"{READ_WRITE_PERMISSION} for attachments over 3 MB).",
             plugin=PLUGIN,
         ),
         SettingField(
             GRAPH_URL,
             Scope.SYSTEM,
             "Microsoft Graph URL",
-            default=DEFAULT_GRAPH_URL,
-            help="Microsoft Graph's host, for exchange.api graph; national clouds use "
-            "https://graph.microsoft.us or https://microsoftgraph.chinacloudapi.cn.",
+            help="Microsoft Graph's host. Empty: the Graph host of the Exchange URL's cloud "
+            f"({DEFAULT_GRAPH_URL}; https://graph.microsoft.us for outlook.office365.us, "
+            "https://dod-graph.microsoft.us for webmail.apps.mil, "
+            "https://microsoftgraph.chinacloudapi.cn for partner.outlook.cn). Set it for a "
+            "proxy in front of Graph.",
             validator=_validate_graph_url,
             plugin=PLUGIN,
         ),
@@ -292,6 +342,7 @@ class ExchangeSettings:
     onprem_auth: str
     server_version: str
     ca_bundle: str | None
+    api_choice: Api = Api.EWS
 
     @property
     def host(self) -> str:
@@ -299,9 +350,35 @@ class ExchangeSettings:
         return (urlsplit(self.url).hostname or "").lower()
 
     @property
+    def cloud(self) -> Cloud | None:
+        """The Exchange Online cloud of the EWS URL; None for Exchange Server."""
+        return exchange_online_cloud(self.url)
+
+    @property
     def exchange_online(self) -> bool:
-        """True for Microsoft's Exchange Online endpoint."""
-        return self.host in EXCHANGE_ONLINE_HOSTS
+        """True for Microsoft's Exchange Online endpoint (any cloud)."""
+        return self.cloud is not None
+
+    @property
+    def graph_root(self) -> str:
+        """The Graph endpoint requests go to, e.g. ``https://graph.microsoft.com/v1.0``."""
+        return f"{self.graph_url.rstrip('/')}/v1.0"
+
+    @property
+    def api_reason(self) -> str:
+        """Why this API: the setting, or what ``auto`` recognised."""
+        if self.api_choice is not Api.AUTO:
+            return f"{API} = {self.api_choice.value}"
+        if self.cloud is not None:
+            return f"{self.cloud.name}: sending through Microsoft Graph ({API} auto)"
+        return f"Exchange Server: sending through EWS ({API} auto)"
+
+
+def choose_api(choice: Api, url: str) -> Api:
+    """The API used: ``auto`` means Graph for Exchange Online, EWS for any other server."""
+    if choice is not Api.AUTO:
+        return choice
+    return Api.GRAPH if exchange_online_cloud(url) else Api.EWS
 
 
 def resolve(account: SenderAccount) -> ExchangeSettings:
@@ -309,11 +386,14 @@ def resolve(account: SenderAccount) -> ExchangeSettings:
     oauth_set = any(account.get(k) for k in (CLIENT_ID, TENANT_ID, *CREDENTIAL_KEYS))
     password = account.get_secret(PASSWORD)
     mode = AuthMode.OAUTH if oauth_set else AuthMode.PASSWORD if password else None
-    api_text = account.get_str(API, Api.EWS.value)
+    api_text = account.get_str(API, Api.AUTO.value)
+    choice = Api(api_text) if api_text in tuple(Api) else Api.AUTO
+    url = account.get_str(URL)
+    cloud = exchange_online_cloud(url)
     return ExchangeSettings(
-        url=account.get_str(URL),
-        api=Api.GRAPH if api_text == Api.GRAPH.value else Api.EWS,
-        graph_url=account.get_str(GRAPH_URL, DEFAULT_GRAPH_URL) or DEFAULT_GRAPH_URL,
+        url=url,
+        api=choose_api(choice, url),
+        graph_url=account.get_str(GRAPH_URL) or (cloud.graph_url if cloud else DEFAULT_GRAPH_URL),
         mode=mode,
         mailbox=account.get_str(USERNAME).strip(),
         domain=account.get_str(DOMAIN).strip().lower(),
@@ -323,6 +403,7 @@ def resolve(account: SenderAccount) -> ExchangeSettings:
         onprem_auth=account.get_str(ONPREM_AUTH, "ntlm") or "ntlm",
         server_version=account.get_str(SERVER_VERSION),
         ca_bundle=account.get_str(CA_BUNDLE) or None,
+        api_choice=choice,
     )
 
 
@@ -436,15 +517,35 @@ SECRET_ID_WARNING = (
 
 def ews_retirement_notice(url: str) -> str | None:
     """Microsoft blocks EWS in Exchange Online from 1 Oct 2026 and ends it 1 Apr 2027."""
-    host = (urlsplit(url).hostname or "").lower()
-    if host not in EXCHANGE_ONLINE_HOSTS:
+    if exchange_online_cloud(url) is None:
         return None
     return (
         "Exchange Online blocks EWS from 1 October 2026 unless the tenant allows this "
         "app (Set-OrganizationConfig -EwsEnabled $true -EwsAllowedAppIDs <Client ID>), "
         "and shuts EWS down for good on 1 April 2027; plan the move to Microsoft Graph "
-        f"(crm settings set {API} graph, Mail.Send application permission)"
+        f"(crm settings set {API} auto, or graph; {GRAPH_PERMISSIONS})"
     )
+
+
+def graph_notice(cloud: Cloud, graph_url: str) -> str:
+    """What ``auto`` chose for an Exchange Online URL, and the permissions it needs."""
+    return (
+        f"{cloud.name}: sending through Microsoft Graph ({graph_url}/v1.0), not EWS "
+        f"({API} auto). Besides the guide's EWS permission (full_access_as_app), the app "
+        f"needs the {GRAPH_PERMISSIONS}"
+    )
+
+
+def _api_notices(url: str, api: str, graph_url: str) -> list[SettingNotice]:
+    """EWS retirement for an explicit ``ews`` on Exchange Online; what ``auto`` chose."""
+    cloud = exchange_online_cloud(url)
+    if cloud is None:
+        return []
+    if api == Api.EWS.value:
+        return [SettingNotice(URL, "warning", ews_retirement_notice(url) or "")]
+    if api == Api.AUTO.value:
+        return [SettingNotice(URL, "note", graph_notice(cloud, graph_url or cloud.graph_url))]
+    return []
 
 
 def check(
@@ -465,10 +566,15 @@ def check(
         if isinstance(secret, Secret) and is_guid(secret.reveal()):
             notices.append(SettingNotice(CLIENT_SECRET, "warning", SECRET_ID_WARNING))
         notices.extend(expiry_notices(system, today))
-        url = system.get(URL)
-        retirement = ews_retirement_notice(url) if isinstance(url, str) else None
-        if retirement and system.get(API, Api.EWS.value) == Api.EWS.value:
-            notices.append(SettingNotice(URL, "warning", retirement))
+        url = system.get(URL) if isinstance(system.get(URL), str) else ""
+        graph_url = system.get(GRAPH_URL)
+        notices.extend(
+            _api_notices(
+                str(url),
+                str(system.get(API) or Api.AUTO.value),
+                graph_url if isinstance(graph_url, str) else "",
+            )
+        )
         return notices
     if user is None:
         return notices

@@ -16,8 +16,11 @@ marked [choice]):
   Token without any ``roles`` claim (admin consent missing) -> 401 with
   ``2000008;reason="The token contains no permissions, or permissions can not be
   understood."`` (the header EXO sends, seen in otris/ews-cpp#148).
-  Token with roles, but none of ``ews_roles`` -> SOAP fault ``ErrorAccessDenied``
-  [choice]. Token tenant differs from the mailbox's tenant -> ``ErrorNonExistentMailbox``.
+  Token with roles, but none of ``ews_roles`` (e.g. only Exchange's Mail.Send or
+  Calendars.ReadWrite.All) -> HTTP 403 with an empty body, the same status as EWS
+  blocked for the tenant: a client can tell the two apart only by the token's roles
+  [choice, after users' reports of 403 for app tokens without full_access_as_app].
+  Token tenant differs from the mailbox's tenant -> ``ErrorNonExistentMailbox``.
 * App-only (Bearer) requests must carry ``ExchangeImpersonation/ConnectingSID``
   (``PrimarySmtpAddress`` or ``SmtpAddress``); without it the fault is
   ``ErrorInvalidExchangeImpersonationHeaderData`` "ExchangeImpersonation SOAP header
@@ -692,6 +695,8 @@ class EwsServer(HttpsStandIn):
                     'be understood.";error_category="invalid_grant"',
                     "invalid_token",
                 )
+            if not set(info.roles) & set(self.ews_roles):
+                return Response(403, b"", "text/html")
             return "Bearer", info, None
         if scheme == "basic":
             try:
@@ -782,12 +787,6 @@ class EwsServer(HttpsStandIn):
         impersonated: str | None,
     ) -> _Context:
         if token is not None:
-            if not set(token.roles) & set(self.ews_roles):
-                raise _Fault(
-                    "ErrorAccessDenied",
-                    "Access is denied. Check credentials and try again., The application "
-                    "has not been granted full_access_as_app.",
-                )
             if impersonated is None:
                 raise _Fault(
                     "ErrorInvalidExchangeImpersonationHeaderData",

@@ -19,6 +19,16 @@ Endpoints and the app roles (``roles`` claim) each one needs:
   ``$select``, ``$top``, ``$skip``; newest first; ``@odata.nextLink`` when more is left.
 * ``GET /users/{id|upn}``: ``User.Read.All``, ``User.ReadBasic.All`` or ``Directory.*``;
   ``$select``. Without the role the answer is 403 ``Authorization_RequestDenied``.
+* Large attachments [R: /graph/outlook-large-attachments]: ``POST /users/{u}/messages``
+  (a draft, 201 with its ``id``), ``POST .../messages/{id}/attachments`` (a file under
+  3 MB), ``POST .../messages/{id}/attachments/createUploadSession`` (``AttachmentItem``
+  of 3 MB to 150 MB; 201 with an ``uploadUrl`` on this server, ``/upload/{token}``) and
+  ``DELETE .../messages/{id}``: ``Mail.ReadWrite``. ``PUT {uploadUrl}`` takes the bytes
+  in order, each range at most 4 MB with ``Content-Range: bytes a-b/size`` and *no*
+  Authorization header (the URL is pre-authenticated); 200 with ``nextExpectedRanges``,
+  and 201 with ``Location`` for the last range. ``POST .../messages/{id}/send``:
+  ``Mail.Send``, 202; the draft is then delivered like a sendMail (its
+  ``internetMessageId`` kept). ``upload_chunks`` records every PUT's size.
 * ``POST /$batch``: at most 20 requests. Each gets its own status. The responses come
   back in *reverse* order by default (``reverse_batch_responses``), because Graph says
   they "might appear in a different order"; match them by ``id``.
@@ -136,6 +146,11 @@ GRAPH_AUDIENCE = "https://graph.microsoft.com"
 GRAPH_APP_ID = "00000003-0000-0000-c000-000000000000"  # Microsoft Graph's first-party app id
 
 SEND_ROLE = "Mail.Send"
+WRITE_MAIL_ROLES = frozenset({"Mail.ReadWrite"})
+SEND_OPERATIONS = frozenset({"sendMail", "sendDraft", "$batch"})
+MIN_UPLOAD_SESSION_BYTES = 3_000_000  # "3 MB"
+MAX_UPLOAD_SESSION_BYTES = 150 * 1024 * 1024
+MAX_UPLOAD_CHUNK_BYTES = 4 * 1024 * 1024
 READ_MAIL_ROLES = frozenset({"Mail.Read", "Mail.ReadWrite", "Mail.ReadBasic", "Mail.ReadBasic.All"})
 BASIC_MAIL_ROLES = frozenset({"Mail.ReadBasic", "Mail.ReadBasic.All"})
 READ_USER_ROLES = frozenset(
@@ -443,6 +458,27 @@ class _Outgoing:
 
 
 @dataclass
+class _Draft:
+    """A message created with ``POST /users/{u}/messages``, not yet sent."""
+
+    id: str
+    mailbox: _Mailbox
+    outgoing: _Outgoing
+
+
+@dataclass
+class _Upload:
+    """An attachment upload session: its draft, the announced size, the bytes so far."""
+
+    draft: _Draft
+    name: str
+    content_type: str
+    size: int
+    is_inline: bool
+    data: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
 class _BatchItem:
     id: str
     method: str
@@ -504,6 +540,9 @@ class GraphServer(HttpsStandIn):
         self._rejected_recipients: set[str] = set()
         self._active: dict[tuple[str, str], int] = {}
         self._peak_concurrency = 0
+        self._drafts: dict[str, _Draft] = {}
+        self._uploads: dict[str, _Upload] = {}
+        self._upload_chunks: list[int] = []
 
     @property
     def graph_url(self) -> str:
@@ -665,6 +704,20 @@ class GraphServer(HttpsStandIn):
         with self._lock:
             return self._peak_concurrency
 
+    @property
+    def upload_chunks(self) -> list[int]:
+        """The size of every upload-session PUT received, in order (a copy)."""
+        with self._lock:
+            return list(self._upload_chunks)
+
+    def drafts(self, address: str) -> list[str]:
+        """Subjects of the mailbox's drafts not sent (nor deleted)."""
+        wanted = address.strip().lower()
+        with self._lock:
+            return [
+                d.outgoing.subject for d in self._drafts.values() if wanted in d.mailbox.addresses()
+            ]
+
     def folder_items(self, address: str, folder: str = "sentitems") -> list[StoredMessage]:
         """Items in a mailbox's well-known folder, newest last (a copy): those there now or
         still to show up (lags ignored), not an Outbox copy that has moved on."""
@@ -716,6 +769,9 @@ class GraphServer(HttpsStandIn):
                 )
         parts = urlsplit(path)
         segments = [unquote(s) for s in parts.path.split("/") if s]
+        if len(segments) == 2 and segments[0] == "upload":
+            call.operation = "uploadChunk"
+            return self._upload_chunk(method, segments[1], headers, body, call)
         if not segments or segments[0] != "v1.0":
             version = segments[0] if segments else ""
             return self._error(400, "BadRequest", f"Invalid version: {version}", call)
@@ -738,11 +794,11 @@ class GraphServer(HttpsStandIn):
         call.answer = response
         with self._lock:
             drop = faults.drop > 0 and (
-                not faults.drop_only_sends or call.operation in ("sendMail", "$batch")
+                not faults.drop_only_sends or call.operation in SEND_OPERATIONS
             )
             if drop:
                 faults.drop -= 1
-            fail = faults.after_status if call.operation in ("sendMail", "$batch") else 0
+            fail = faults.after_status if call.operation in SEND_OPERATIONS else 0
             if fail and faults.after > 0:
                 faults.after -= 1
             else:
@@ -899,10 +955,11 @@ class GraphServer(HttpsStandIn):
         call: _Call,
     ) -> Response:
         """Route one request below ``/v1.0`` (direct, or an item of a batch)."""
-        routed = _route(segments)
+        routed = _route(segments, method)
         if isinstance(routed, _GraphError):
             return self._from_exception(routed, call)
         operation, allowed, folder = routed
+        item = segments[3] if operation in _ITEM_OPERATIONS else None
         call.operation = operation
         call.user = segments[1] if operation != "me" else None
         allowed = allowed or method
@@ -930,6 +987,8 @@ class GraphServer(HttpsStandIn):
         try:
             if operation == "sendMail":
                 return self._send_mail(headers, body, call)
+            if operation in _ITEM_OPERATIONS or operation == "createMessage":
+                return self._draft_operation(operation, item, body, call)
             if operation == "listMessages":
                 return self._list_messages(folder, params, call)
             return self._get_user(params, call)
@@ -1267,6 +1326,157 @@ class GraphServer(HttpsStandIn):
             with self._lock:
                 owner.folders[folder].append(item)
 
+    # drafts and upload sessions --------------------------------------------------
+
+    def _draft_operation(
+        self, operation: str, item: str | None, body: bytes, call: _Call
+    ) -> Response:
+        """Create, fill, send or delete a draft: the path for attachments over 3 MB [R:
+        /graph/outlook-large-attachments]. Sending needs Mail.Send; the rest Mail.ReadWrite."""
+        roles = (SEND_ROLE,) if operation == "sendDraft" else tuple(WRITE_MAIL_ROLES)
+        mailbox = self._mailbox_for(call, roles)
+
+        def work() -> Response:
+            if operation == "createMessage":
+                return self._create_draft(mailbox, body, call)
+            with self._lock:
+                draft = self._drafts.get(item or "")
+            if draft is None or draft.mailbox is not mailbox:
+                raise _GraphError(
+                    404,
+                    "ErrorItemNotFound",
+                    "The specified object was not found in the store., The process failed to "
+                    "get the correct properties.",
+                )
+            if operation == "deleteMessage":
+                with self._lock:
+                    self._drafts.pop(draft.id, None)
+                return Response(204, b"", "text/plain", self._headers(call))
+            if operation == "sendDraft":
+                return self._send_draft(draft, call)
+            payload = _json_object(body)
+            if operation == "addAttachment":
+                [attachment] = _attachments([payload])
+                draft.outgoing.attachments.append(attachment)
+                shown = {"id": _item_id(), "name": attachment.name, "size": len(attachment.content)}
+                return self._json(201, shown, call)
+            return self._create_upload_session(draft, payload, call)
+
+        return self._in_slot(call, mailbox, work)
+
+    def _create_draft(self, mailbox: _Mailbox, body: bytes, call: _Call) -> Response:
+        outgoing = self._parse_json_send({"message": _json_object(body)}, mailbox)
+        draft = _Draft(_item_id(), mailbox, outgoing)
+        with self._lock:
+            self._drafts[draft.id] = draft
+        payload = {
+            "id": draft.id,
+            "isDraft": True,
+            "subject": outgoing.subject,
+            "internetMessageId": outgoing.internet_message_id,
+        }
+        return self._json(201, payload, call)
+
+    def _create_upload_session(
+        self, draft: _Draft, payload: dict[str, Any], call: _Call
+    ) -> Response:
+        item = payload.get("AttachmentItem")
+        if not isinstance(item, dict) or str(item.get("attachmentType", "")).lower() != "file":
+            raise _GraphError(400, "RequestBodyRead", "An AttachmentItem of type file is required.")
+        size = item.get("size")
+        if not isinstance(size, int) or size < MIN_UPLOAD_SESSION_BYTES:
+            # [R] reported by SDK users: sessions are for 3 MB and more.
+            raise _GraphError(
+                400,
+                "ErrorAttachmentSizeShouldNotBeLessThanMinimumSize",
+                "Attachment size should not be less than 3 MB.",
+            )
+        if size > MAX_UPLOAD_SESSION_BYTES:  # [choice] the code; the 150 MB limit is [R]
+            raise _GraphError(
+                400, "ErrorAttachmentSizeExceeded", "The attachment is larger than 150 MB."
+            )
+        token = secrets.token_urlsafe(24)
+        upload = _Upload(
+            draft,
+            str(item.get("name") or ""),
+            str(item.get("contentType") or "application/octet-stream"),
+            size,
+            bool(item.get("isInline", False)),
+        )
+        with self._lock:
+            self._uploads[token] = upload
+        answer = {
+            "@odata.context": f"{self.graph_url}/$metadata#microsoft.graph.uploadSession",
+            "uploadUrl": f"{self.base_url}/upload/{token}",
+            "expirationDateTime": _iso(_now()),
+            "nextExpectedRanges": ["0-"],
+        }
+        return self._json(201, answer, call)
+
+    def _upload_chunk(
+        self, method: str, token: str, headers: Headers, body: bytes, call: _Call
+    ) -> Response:
+        """One PUT of a byte range to a pre-authenticated upload URL (no bearer token [R])."""
+        with self._lock:
+            upload = self._uploads.get(token)
+            self._upload_chunks.append(len(body))
+        if method != "PUT":
+            return self._method_not_allowed(call)
+        if upload is None:
+            return self._error(404, "ErrorItemNotFound", "The upload session was not found.", call)
+        if headers.get("Authorization"):  # [choice] the answer; "do not send it" is [R]
+            return self._unauthorized(
+                "InvalidAuthenticationToken",
+                "The upload URL is pre-authenticated; send no Authorization header.",
+                call,
+            )
+        if len(body) > MAX_UPLOAD_CHUNK_BYTES:
+            return self._too_large(call)
+        match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", headers.get("Content-Range") or "")
+        start, end, total = (int(g) for g in match.groups()) if match else (-1, -1, -1)
+        if (
+            total != upload.size
+            or start != len(upload.data)
+            or end - start + 1 != len(body)
+            or end >= total
+        ):
+            expected = {"nextExpectedRanges": [f"{len(upload.data)}-"]}
+            return self._error(416, "InvalidRange", f"Expected {expected}.", call)  # [choice]
+        upload.data.extend(body)
+        if len(upload.data) < upload.size:
+            answer = {
+                "expirationDateTime": _iso(_now()),
+                "nextExpectedRanges": [f"{len(upload.data)}-"],
+            }
+            return self._json(200, answer, call)
+        attachment = StoredAttachment(
+            upload.name, bytes(upload.data), upload.content_type, upload.is_inline
+        )
+        with self._lock:
+            self._uploads.pop(token, None)
+            upload.draft.outgoing.attachments.append(attachment)
+        location = (
+            f"{self.graph_url}/users/{upload.draft.mailbox.user_id}/messages/{upload.draft.id}"
+        )
+        extra = {**self._headers(call), "Location": f"{location}/attachments/{_item_id()}"}
+        return Response(201, b"", "text/plain", extra)
+
+    def _send_draft(self, draft: _Draft, call: _Call) -> Response:
+        outgoing = draft.outgoing
+        self._check_recipients(outgoing)
+        size = outgoing.size + sum(len(a.content) * 4 // 3 for a in outgoing.attachments)
+        if size > self.max_message_bytes:
+            raise _GraphError(
+                400,
+                "ErrorMessageSizeExceeded",
+                "The message exceeds the maximum supported size., Cannot save changes made "
+                "to an item to store.",
+            )
+        with self._lock:
+            self._drafts.pop(draft.id, None)
+        self._deliver(draft.mailbox, outgoing, call)
+        return Response(202, b"", "text/plain", self._headers(call))
+
     # queries ---------------------------------------------------------------------
 
     def _list_messages(self, folder: str | None, params: dict[str, str], call: _Call) -> Response:
@@ -1502,7 +1712,11 @@ class GraphServer(HttpsStandIn):
 # --------------------------------------------------------------------------- helpers
 
 
-def _route(segments: list[str]) -> tuple[str, str | None, str | None] | _GraphError:
+_ITEM_OPERATIONS = frozenset({"deleteMessage", "sendDraft", "addAttachment", "createUploadSession"})
+"""Operations on one message of a mailbox (``/users/{u}/messages/{id}/...``)."""
+
+
+def _route(segments: list[str], method: str) -> tuple[str, str | None, str | None] | _GraphError:
     """(operation, allowed method or None for any, folder) for a path below ``/v1.0``."""
     low = [s.lower() for s in segments]
     not_modelled = _GraphError(
@@ -1524,9 +1738,7 @@ def _route(segments: list[str]) -> tuple[str, str | None, str | None] | _GraphEr
             return "sendMail", "POST", None
         bad = segments[3]
     elif low[2] == "messages":
-        if len(low) == 3:
-            return "listMessages", "GET", None
-        return not_modelled
+        return _message_route(low, method) or not_modelled
     elif low[2] == "mailfolders":
         if len(low) == 5 and low[4] == "messages":
             return "listMessages", "GET", segments[3]
@@ -1536,6 +1748,34 @@ def _route(segments: list[str]) -> tuple[str, str | None, str | None] | _GraphEr
     else:
         bad = segments[2]
     return _GraphError(400, "BadRequest", f"Resource not found for the segment '{bad}'.")
+
+
+def _message_route(low: list[str], method: str) -> tuple[str, str | None, str | None] | None:
+    """``/users/{u}/messages[/{id}[/send | /attachments[/createUploadSession]]]``."""
+    tail = tuple(low[4:])
+    if len(low) == 3:
+        return (
+            ("createMessage", "POST", None) if method == "POST" else ("listMessages", "GET", None)
+        )
+    if tail == () and method == "DELETE":
+        return "deleteMessage", "DELETE", None
+    named = {
+        ("send",): "sendDraft",
+        ("attachments",): "addAttachment",
+        ("attachments", "createuploadsession"): "createUploadSession",
+    }
+    return (named[tail], "POST", None) if tail in named else None
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object."""
+    try:
+        payload = json.loads(body) if body.strip() else None
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise _GraphError(400, "BadRequest", _MSG_BAD_JSON)
+    return payload
 
 
 def _error_code(response: Response) -> str | None:
