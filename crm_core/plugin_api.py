@@ -49,6 +49,7 @@ from crm_core.mail.message import Attachment, OutgoingMessage
 from crm_core.mail.transport import (
     ConnectionReport,
     ConnectionStep,
+    MailboxLimits,
     RecipientResult,
     RecipientStatus,
     ReconcileResult,
@@ -101,6 +102,7 @@ __all__ = [
     "DatabaseError",
     "FieldType",
     "MailValidationError",
+    "MailboxLimits",
     "NotFoundError",
     "Outcome",
     "OutgoingMessage",
