@@ -23,7 +23,8 @@ Choices, and why:
   single message whose JSON exceeds the cap (attachments over about 3 MB) is refused
   as permanent: it needs an upload session (Mail.ReadWrite), not done here.
 * **401 → evict and retry once**, as for EWS. **429**, and **503** with ``Retry-After``,
-  are temporary with the server's ``Retry-After``.
+  are throttled: the outbox pauses the mailbox for the server's ``Retry-After``, and
+  the rest of the batch waits with it.
 * **Reconcile** filters the sender's Outbox and Sent Items by ``internetMessageId``
   (needs ``Mail.ReadBasic.All`` or ``Mail.Read``), under the lookup contract EWS shares
   (:func:`exchange_mail.errors.look_up`, which also says why a fresh "not found" is not
@@ -264,8 +265,8 @@ def _send_request(
 ) -> tuple[list[SendResult], Classified | None]:
     """One request: a result per message, and the cause that stops the batch, if any.
 
-    It stops when no answer came (token, network, lost answer) or the account must be
-    paused (a configuration answer).
+    It stops when no answer came (token, network, lost answer) or the account or its
+    mailbox must be paused (a configuration or throttling answer).
     """
     try:
         answers = _send_chunk(graph, chunk)
@@ -278,7 +279,7 @@ def _send_request(
         answer = answers[message.message_id]
         found = classify_answer(answer, settings)
         done.append(result_for(message, found, answer.reply))
-        if found.outcome is Outcome.CONFIGURATION:
+        if found.outcome in (Outcome.CONFIGURATION, Outcome.THROTTLED):
             stop = found
     return done, stop
 

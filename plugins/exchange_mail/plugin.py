@@ -20,6 +20,7 @@ from datetime import date, datetime
 
 from crm_core.plugin_api import (
     ConnectionReport,
+    MailboxLimits,
     OutgoingMessage,
     Problem,
     ReconcileResult,
@@ -35,6 +36,7 @@ from crm_core.plugin_api import (
     forget_clients,
     hookimpl,
 )
+from exchange_mail.limits import limits_for
 from exchange_mail.settings import (
     EWS_CACHE,
     TRANSPORT,
@@ -155,6 +157,12 @@ def reconcile_mail(
     from exchange_mail import ews
 
     return ews.reconcile(account, settings, messages, resources, now)
+
+
+@hookimpl
+def mailbox_limits(account: SenderAccount) -> MailboxLimits:
+    """Exchange Online's limits for Graph and Microsoft's EWS hosts; none on premises."""
+    return limits_for(resolve(account))
 
 
 @hookimpl
