@@ -344,20 +344,24 @@ def pause(
     until: datetime,
     reason: str,
     code: str,
+    now: datetime,
 ) -> bool:
     """The server asked the mailbox to wait: no worker sends from it before ``until``.
 
-    A later time wins over an earlier one (two workers may be told at once); True
-    when this moved the pause on.
+    A later time wins over an earlier one (two workers may be told at once); True when
+    the mailbox was not paused before (a pause moved on is not a new one).
     """
     _create_rows(session, [pace.mailbox])
     row = session.get(MailboxPace, pace.mailbox, with_for_update=True, populate_existing=True)
     assert row is not None  # just made
-    if row.paused_until is not None and row.paused_until >= until:
+    before = row.paused_until
+    if before is not None and before >= until:
         return False
     row.paused_until = until
     row.pause_reason = reason
     row.pause_code = code or None
+    if before is not None and before > now:
+        return False
     signals.emit_after_commit(
         session,
         "mailbox-paused",
@@ -399,6 +403,25 @@ def waiting(session: Session, pace: Pace, now: datetime) -> str | None:
     if row.paced_until is not None and row.paced_until > now:
         return f"{row.paced_reason}; next at {clock_text(row.paced_until)}"
     return None
+
+
+def waiting_senders(
+    crm: Crm, session: Session, user_ids: Iterable[int], now: datetime
+) -> dict[int, str]:
+    """Why each of these senders' mailboxes waits now (only those that wait), for
+    ``crm outbox list`` and ``show``: the server's pause, or our own limits."""
+    from crm_core.models import User
+
+    found: dict[int, str] = {}
+    for user_id in set(user_ids):
+        user = session.get(User, user_id)
+        account = crm.sender_state(session, user)[0] if user is not None else None
+        if account is None:
+            continue
+        said = waiting(session, pace_for(crm, account), now)
+        if said is not None:
+            found[user_id] = said
+    return found
 
 
 def clock_text(at: datetime) -> str:

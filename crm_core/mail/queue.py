@@ -555,6 +555,7 @@ def record_results(
                 untils[claim.outbox_id],
                 result.detail,
                 result.code,
+                now,
             )
         _emit_result(session, claim, result, state, values)
     return recorded
