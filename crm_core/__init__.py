@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from crm_core.mail.message import OutgoingMessage as OutgoingMessage
     from crm_core.mail.transport import ConnectionReport as ConnectionReport
     from crm_core.mail.transport import ConnectionStep as ConnectionStep
+    from crm_core.mail.transport import MailboxLimits as MailboxLimits
     from crm_core.mail.transport import Outcome as Outcome
     from crm_core.mail.transport import ReconcileResult as ReconcileResult
     from crm_core.mail.transport import Resources as Resources
@@ -59,6 +60,7 @@ _HOMES = {
     "DatabaseError": "crm_core.errors",
     "FieldType": "crm_core.fields",
     "MailValidationError": "crm_core.errors",
+    "MailboxLimits": "crm_core.mail.transport",
     "NotFoundError": "crm_core.errors",
     "Outcome": "crm_core.mail.transport",
     "OutgoingMessage": "crm_core.mail.message",

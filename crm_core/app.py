@@ -30,6 +30,7 @@ from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import (
     ConnectionReport,
     ConnectionStep,
+    MailboxLimits,
     Outcome,
     ReconcileResult,
     Resources,
@@ -646,6 +647,19 @@ class Crm:
         found = self._owner(account, "message_problems")(account=account, message=message)
         return _typed_list(account.transport, "message_problems", found or [], Problem)
 
+    def mailbox_limits(self, account: SenderAccount) -> MailboxLimits:
+        """The mailbox the account sends through and its server's limits (the
+        transport's defaults; :mod:`crm_core.mail.pacing` applies the settings)."""
+        spec = self.transports(account.product_line).get(account.transport)
+        found = None
+        if spec is not None:
+            found = self._owner(account, "mailbox_limits")(account=account)
+        if found is None:
+            return MailboxLimits(f"{account.transport}:{account.email}")
+        if not isinstance(found, MailboxLimits):
+            raise PluginError(f"mailbox_limits for {account.transport!r} returned {found!r}")
+        return found
+
     def describe_route(self, account: SenderAccount) -> RouteInfo | None:
         """How the transport would send for ``account`` (no network)."""
         if account.transport not in self.transports(account.product_line):
@@ -660,6 +674,7 @@ OWNER_HOOKS = (
     "send_mail",
     "test_connection",
     "reconcile_mail",
+    "mailbox_limits",
     "describe_route",
 )
 """Hooks the core calls on the owner of an account's transport alone."""

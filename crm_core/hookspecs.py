@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from crm_core.mail.message import OutgoingMessage
     from crm_core.mail.transport import (
         ConnectionReport,
+        MailboxLimits,
         ReconcileResult,
         Resources,
         RouteInfo,
@@ -212,6 +213,19 @@ def reconcile_mail(
     "too soon to tell" (a copy not yet filed in Sent Items) is measured between the
     two, never from the enqueue. A plugin that does not implement it leaves every
     message for an operator to decide.
+    """
+
+
+@hookspec(firstresult=True)
+def mailbox_limits(account: SenderAccount) -> MailboxLimits:
+    """Name the mailbox this account sends through and the server's limits for it.
+
+    The outbox paces every worker's sends to these (messages a minute, recipients a
+    day, connections at once), unless the system or the user sets ``mail.*`` limits
+    of their own; a server's throttling pauses the named mailbox. Return the
+    defaults of the server the account uses (Exchange Online's for Microsoft 365, 0
+    for no limit elsewhere). Must not touch the network. A plugin that does not
+    implement it gets no limits, and its mailbox is the user's address.
     """
 
 

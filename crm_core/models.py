@@ -219,7 +219,10 @@ class OutboxMessage(Base):
     """
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_due", "state", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_outbox_due", "state", "next_attempt_at"),
+        Index("ix_outbox_due_by_user", "state", "user_id", "next_attempt_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     message_id: Mapped[str] = mapped_column(String(250), unique=True)
@@ -340,6 +343,58 @@ class AccountPause(Base):
 
     def __repr__(self) -> str:
         return f"AccountPause(user_id={self.user_id!r}, {self.transport!r})"
+
+
+class MailboxPace(Base):
+    """One sender mailbox's pacing state, shared by every worker through the database.
+
+    The row is what a claim locks while it decides how much the mailbox may send.
+    ``paused_until``: the server asked it to wait (429, 432 4.3.2, ErrorServerBusy,
+    the daily quota), with the reason the sender is shown. ``paced_until``: our own
+    limits hold it until then (a minute's or a day's budget is spent).
+    """
+
+    __tablename__ = "mailbox_pacing"
+
+    mailbox: Mapped[str] = mapped_column(String(400), primary_key=True)
+    paused_until: Mapped[datetime | None]
+    pause_reason: Mapped[str | None] = mapped_column(Text)
+    pause_code: Mapped[str | None] = mapped_column(String(120))
+    paced_until: Mapped[datetime | None]
+    paced_reason: Mapped[str | None] = mapped_column(Text)
+
+    def __repr__(self) -> str:
+        return f"MailboxPace({self.mailbox!r})"
+
+
+class MailboxSlot(Base):
+    """Connections or requests one claim holds on a mailbox, under the claim's lease.
+
+    Why a lease: a worker that dies never gives its slots back; they count only
+    until ``lease_until``, which the live worker renews with its claim's.
+    """
+
+    __tablename__ = "mailbox_slots"
+
+    mailbox: Mapped[str] = mapped_column(String(400), primary_key=True)
+    lease_token: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    slots: Mapped[int] = mapped_column(Integer)
+    lease_until: Mapped[datetime]
+
+
+class MailboxSend(Base):
+    """Messages and recipients one claim took from a mailbox's budget, for the rolling
+    minute and 24-hour windows (kept for a day)."""
+
+    __tablename__ = "mailbox_sends"
+    __table_args__ = (Index("ix_mailbox_sends_at", "mailbox", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(400))
+    at: Mapped[datetime]
+    messages: Mapped[int] = mapped_column(Integer)
+    recipients: Mapped[int] = mapped_column(Integer)
 
 
 class PersonActivity(Base):

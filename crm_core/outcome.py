@@ -24,6 +24,10 @@ class Outcome(StrEnum):
     - ``ambiguous``: the message may or may not have been sent (connection lost
       after the final dot, timeout after the request was sent); it becomes
       ``unknown`` and is reconciled, never silently resent.
+    - ``throttled``: the server asks the sender's mailbox to wait (Graph 429, EWS
+      ErrorServerBusy or 503 with Retry-After, SMTP ``432 4.3.2``, a 4.7.x rate
+      reply, the daily quota); nothing was sent. The mailbox is paused until the
+      time the server gave, for every worker, and the try is not counted.
     """
 
     SENT = "sent"
@@ -31,3 +35,4 @@ class Outcome(StrEnum):
     PERMANENT = "permanent"
     CONFIGURATION = "configuration"
     AMBIGUOUS = "ambiguous"
+    THROTTLED = "throttled"

@@ -54,6 +54,7 @@ from crm_core.mail.message import Attachment, OutgoingMessage
 from crm_core.mail.transport import (
     ConnectionReport,
     ConnectionStep,
+    MailboxLimits,
     RecipientResult,
     RecipientStatus,
     ReconcileResult,
@@ -108,6 +109,7 @@ __all__ = [
     "DatabaseError",
     "FieldType",
     "MailValidationError",
+    "MailboxLimits",
     "NotFoundError",
     "Outcome",
     "OutgoingMessage",

@@ -42,6 +42,9 @@ Text = Callable[[str], str | None]
 """A setting's stored text as it applies (the user's override, the system's, the
 default), by key: what a secret's destination is made of."""
 TRANSPORT_KEY = "mail.transport"
+RATE_PER_MINUTE = "mail.rate_per_minute"
+RECIPIENTS_PER_DAY = "mail.recipients_per_day"
+MAX_CONNECTIONS = "mail.max_connections"
 """The user's choice of transport (else the product line's default)."""
 
 
@@ -448,7 +451,58 @@ def core_fields() -> list[SettingField]:
             plugin="crm_core",
         ),
         _private_domains_field(),
+        *_pacing_fields(),
     ]
+
+
+def _pacing_fields() -> list[SettingField]:
+    """The mailbox pacing limits: a system value, overridable per user (unset: the
+    transport's default for the server, e.g. Exchange Online's; 0: no limit)."""
+    about = (
+        " Unset: the transport's default for the server (Microsoft 365: {default}; "
+        "other servers: no limit). 0: no limit. Shared by every worker."
+    )
+    return [
+        SettingField(
+            key=key,
+            scope=Scope.SYSTEM,
+            label=label,
+            type=FieldType.INT,
+            help=help_text + about.format(default=default),
+            validator=_not_negative(key),
+            plugin="crm_core",
+            user_override=True,
+        )
+        for key, label, help_text, default in (
+            (
+                RATE_PER_MINUTE,
+                "Messages per minute",
+                "How many messages one mailbox sends in a rolling minute.",
+                "30",
+            ),
+            (
+                RECIPIENTS_PER_DAY,
+                "Recipients per day",
+                "How many recipients (To, Cc and Bcc) one mailbox sends to in a rolling 24 hours.",
+                "10000",
+            ),
+            (
+                MAX_CONNECTIONS,
+                "Connections at once",
+                "How many connections (SMTP) or requests (Exchange) one mailbox has open at once.",
+                "3 for SMTP, 4 for Graph, 27 for EWS",
+            ),
+        )
+    ]
+
+
+def _not_negative(key: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if not text.isdigit():
+            raise SettingValueError(key, f"{text!r} is not a whole number of 0 or more")
+        return str(int(text))
+
+    return check
 
 
 def _private_domains_field() -> SettingField:

@@ -45,6 +45,7 @@ mail_unknown = _signals.signal("mail-unknown")
 mail_cancelled = _signals.signal("mail-cancelled")
 account_paused = _signals.signal("account-paused")
 account_resumed = _signals.signal("account-resumed")
+mailbox_paused = _signals.signal("mailbox-paused")
 connection_tested = _signals.signal("connection-tested")
 credential_expiring = _signals.signal("credential-expiring")
 
@@ -69,6 +70,7 @@ PAYLOADS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "mail-cancelled": ("outbox_id", "message_id", "user_id"),
         "account-paused": ("user_id", "email", "transport", "reason"),
         "account-resumed": ("user_id", "email", "why"),
+        "mailbox-paused": ("mailbox", "user_id", "email", "until", "reason", "code"),
         "connection-tested": ("user_id", "transport", "ok"),
         "credential-expiring": ("key", "credential", "expires", "days_left", "threshold"),
     }

@@ -27,7 +27,7 @@ from crm_core.mail.message import Attachment, OutgoingMessage
 from crm_core.mail.reconciler import reconcile
 from crm_core.mail.transport import Outcome, SendResult
 from crm_core.mail.worker import Worker, WorkerStats
-from crm_core.models import OutboxAttempt, OutboxMessage, utcnow
+from crm_core.models import MailboxPace, OutboxAttempt, OutboxMessage, utcnow
 from tests.conftest import CrmFactory
 from tests.exchange_fixtures import (
     RECIPIENT,
@@ -238,16 +238,25 @@ def test_a_server_error_for_one_batch_item_makes_that_mail_alone_unknown(
     after_the_server_error(graph_rig, ids)
 
 
-def test_503_with_retry_after_stays_temporary(rig: Rig) -> None:
-    """Nothing ran (the service says to come back later): retried, not reconciled."""
-    ids = queue_mail(rig, 1)
-    rig.server.http_503(1, retry_after=30)
+def test_503_with_retry_after_pauses_the_mailbox_for_that_long(rig: Rig) -> None:
+    """Nothing ran and the service said when to come back (90 s): the mailbox waits
+    exactly that long, for every worker, and the mail spends no attempt."""
+    ids = queue_mail(rig, 2)
+    rig.server.http_503(1, retry_after=90)
     stats = rig.work()
-    assert (stats.retry, stats.unknown) == (1, 0)
+    assert (stats.deferred, stats.retry, stats.unknown, stats.paused_mailboxes) == (2, 0, 0, 1)
     assert rig.deliveries() == Counter()
     with rig.world.crm.transaction() as session:
-        for row in session.scalars(select(OutboxMessage)):
-            row.next_attempt_at = row.created_at  # due now
+        [pace] = session.scalars(select(MailboxPace))
+        rows = list(session.scalars(select(OutboxMessage)))
+        assert pace.paused_until is not None
+        assert pace.paused_until - rows[0].updated_at == timedelta(seconds=90)
+        assert {(r.state, r.attempts) for r in rows} == {("queued", 0)}
+        assert all("paused until" in (r.last_error or "") for r in rows)
+    assert rig.work().claimed == 0  # still paused: nothing is tried, nothing is spent
+    with rig.world.crm.transaction() as session:  # 90 seconds later
+        for pace in session.scalars(select(MailboxPace)):
+            pace.paused_until = utcnow() - timedelta(seconds=1)
     rig.work()
     assert_each_sent_once(rig, ids)
 

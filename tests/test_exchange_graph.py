@@ -111,20 +111,20 @@ def test_throttled_items_wait_for_retry_after(world: ExchangeWorld) -> None:
     graph = graph_of(world)
     graph.throttle(2, retry_after=7)
     results = world.send([make_message(n) for n in range(5)])
-    throttled = [r for r in results if r.outcome is Outcome.TEMPORARY]
+    throttled = [r for r in results if r.outcome is Outcome.THROTTLED]
     assert len(throttled) == 2
     assert {(r.code, r.retry_after) for r in throttled} == {("ApplicationThrottled", 7.0)}
     assert len(graph.delivered) == 3
 
 
-def test_503_is_temporary(world: ExchangeWorld, sleeps: list[Sleep]) -> None:
+def test_503_with_retry_after_is_throttled(world: ExchangeWorld, sleeps: list[Sleep]) -> None:
     graph = graph_of(world)
     graph.http_503(1, retry_after=20)
     result = world.send_one()
     # Retry-After is passed on to the outbox, not waited out by the client: the one
     # sendMail got the 503, none followed it (urllib3's Retry would sleep 20 s and
     # send again), and nothing slept.
-    assert (result.outcome, result.retry_after) == (Outcome.TEMPORARY, 20.0)
+    assert (result.outcome, result.retry_after) == (Outcome.THROTTLED, 20.0)
     # (The gateway answers before routing, so the record has no operation: use the path.)
     answered = [(r.method, r.path.rsplit("/", 1)[-1], r.status) for r in graph.requests]
     assert answered == [("POST", "sendMail", 503)]

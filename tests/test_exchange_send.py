@@ -174,7 +174,7 @@ def test_message_exchangelib_refuses_is_permanent_not_ambiguous(world: ExchangeW
 # --- temporary failures: back-off from the server, no sleeping here --------------
 
 
-def test_server_busy_is_temporary_with_the_servers_back_off(
+def test_server_busy_is_throttled_with_the_servers_back_off(
     world: ExchangeWorld, sleeps: list[Sleep]
 ) -> None:
     world.send_one()  # warm: folders cached, so the fault hits the CreateItem
@@ -183,7 +183,7 @@ def test_server_busy_is_temporary_with_the_servers_back_off(
     result = world.send_one()
     # The server's back-off is passed on to the outbox ...
     assert (result.outcome, result.code, result.retry_after) == (
-        Outcome.TEMPORARY,
+        Outcome.THROTTLED,
         "ErrorServerBusy",
         4.5,
     )
@@ -196,11 +196,12 @@ def test_server_busy_is_temporary_with_the_servers_back_off(
     assert world.send_one().outcome is Outcome.SENT  # the next attempt goes
 
 
-def test_http_503_is_temporary(world: ExchangeWorld, sleeps: list[Sleep]) -> None:
+def test_http_503_is_throttled_for_its_retry_after(
+    world: ExchangeWorld, sleeps: list[Sleep]
+) -> None:
     world.ews.http_503(1, retry_after=120)
     result = world.send_one()
-    assert result.outcome is Outcome.TEMPORARY
-    assert result.retry_after is not None and result.retry_after > 0
+    assert (result.outcome, result.retry_after) == (Outcome.THROTTLED, 120.0)
     # The first request got the 503 and nothing was sent after it: no retry, no sleep.
     assert [r.status for r in world.ews.requests] == [503]
     assert sleeps == []
@@ -212,7 +213,7 @@ def test_later_requests_of_a_batch_wait_after_a_busy_server(world: ExchangeWorld
     messages = [make_message(n) for n in range(60)]  # two requests: 50 + 10
     world.ews.server_busy(1)
     results = world.send(messages)
-    assert {r.outcome for r in results} == {Outcome.TEMPORARY}
+    assert {r.outcome for r in results} == {Outcome.THROTTLED}
     assert len(world.ews.delivered) == 1  # the warm-up mail only
     assert world.ews.messages_per_request == [1, 50]  # the second request was never made
 

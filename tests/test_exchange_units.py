@@ -304,7 +304,7 @@ def raised_from(outer: type[Exception], inner: BaseException, *args: object) -> 
 def test_server_busy_back_off() -> None:
     found = classify(ews.ErrorServerBusy("busy", back_off=2.5), settings())
     assert (found.outcome, found.code, found.retry_after) == (
-        Outcome.TEMPORARY,
+        Outcome.THROTTLED,
         "ErrorServerBusy",
         2.5,
     )
@@ -347,7 +347,7 @@ def test_timeout_before_and_after_sending() -> None:
         (ews.ErrorInvalidSmtpAddress("x"), Outcome.PERMANENT, "ErrorInvalidSmtpAddress"),
         (ews.ErrorMailRecipientNotFound("x"), Outcome.PERMANENT, "ErrorMailRecipientNotFound"),
         (ews.ErrorMessageSizeExceeded("x"), Outcome.PERMANENT, "ErrorMessageSizeExceeded"),
-        (ews.ErrorSubmissionQuotaExceeded("x"), Outcome.TEMPORARY, "ErrorSubmissionQuotaExceeded"),
+        (ews.ErrorSubmissionQuotaExceeded("x"), Outcome.THROTTLED, "ErrorSubmissionQuotaExceeded"),
         (ews.ErrorMailboxStoreUnavailable("x"), Outcome.TEMPORARY, "ErrorMailboxStoreUnavailable"),
         (
             ews.ErrorInternalServerTransientError("x"),
@@ -384,7 +384,7 @@ def test_timeout_before_and_after_sending() -> None:
         (ServerError(502, None, "Bad Gateway"), Outcome.AMBIGUOUS, "HTTP 502"),
         (ServerError(504, None, "Gateway Timeout"), Outcome.AMBIGUOUS, "HTTP 504"),
         (ServerError(503, None, "Service Unavailable"), Outcome.AMBIGUOUS, "HTTP 503"),
-        (ServerError(503, 30.0, "Service Unavailable"), Outcome.TEMPORARY, "HTTP 503"),
+        (ServerError(503, 30.0, "Service Unavailable"), Outcome.THROTTLED, "HTTP 503"),
         (ews.ErrorInternalServerError("x"), Outcome.AMBIGUOUS, "ErrorInternalServerError"),
         (RuntimeError("surprise"), Outcome.AMBIGUOUS, "RuntimeError"),
     ],
@@ -461,7 +461,7 @@ REFUSED = requests.exceptions.ConnectionError(refused_connection())
         ),
         pytest.param(
             ews.ErrorServerBusy("busy", back_off=2.5), "oauth",
-            Outcome.TEMPORARY, "ErrorServerBusy", "is busy or unavailable (busy)", 2.5, id="busy",
+            Outcome.THROTTLED, "ErrorServerBusy", "asked anna@", 2.5, id="busy",
         ),
         pytest.param(
             ews.UnauthorizedError("x"), "oauth",
@@ -511,7 +511,7 @@ REFUSED = requests.exceptions.ConnectionError(refused_connection())
         ),
         pytest.param(
             ews.ErrorSubmissionQuotaExceeded("x"), "oauth",
-            Outcome.TEMPORARY, "ErrorSubmissionQuotaExceeded", "sending limit", 3600.0,
+            Outcome.THROTTLED, "ErrorSubmissionQuotaExceeded", "daily sending limit", None,
             id="sending-limit",
         ),
         pytest.param(
@@ -568,7 +568,7 @@ REFUSED = requests.exceptions.ConnectionError(refused_connection())
         ),
         pytest.param(
             ServerError(503, 45.0, "Service Unavailable"), "oauth",
-            Outcome.TEMPORARY, "HTTP 503", "asks to come back later", 45.0,
+            Outcome.THROTTLED, "HTTP 503", "asks to come back after 45 seconds", 45.0,
             id="503-retry-after",
         ),
         pytest.param(
@@ -699,18 +699,18 @@ def test_each_rung_of_classify(
         ),
         pytest.param(
             Answer(429, "ApplicationThrottled", "", None),
-            Outcome.TEMPORARY, "ApplicationThrottled", "busy or unavailable", 30.0, False,
+            Outcome.THROTTLED, "ApplicationThrottled", "asked anna@", 30.0, False,
             id="429",
         ),
         pytest.param(
             Answer(429, "ApplicationThrottled", "", 7.0),
-            Outcome.TEMPORARY, "ApplicationThrottled", "busy or unavailable", 7.0, False,
+            Outcome.THROTTLED, "ApplicationThrottled", "asked anna@", 7.0, False,
             id="429-retry-after",
         ),
         pytest.param(
             Answer(503, "serviceNotAvailable", "", 12.0),
-            Outcome.TEMPORARY, "serviceNotAvailable",
-            "busy or unavailable (HTTP 503 serviceNotAvailable)", 12.0, False,
+            Outcome.THROTTLED, "serviceNotAvailable",
+            "to wait (HTTP 503 serviceNotAvailable", 12.0, False,
             id="503-retry-after",
         ),
         pytest.param(

@@ -18,6 +18,7 @@ from crm_core import (
     ConnectionReport,
     ConnectionStep,
     Crm,
+    MailboxLimits,
     Outcome,
     OutgoingMessage,
     PluginError,
@@ -38,6 +39,7 @@ from crm_core import (
     hookspecs,
 )
 from crm_core.fields import Scope
+from crm_core.mail import pacing
 from crm_core.mail.addresses import Address
 from crm_core.mail.message import Attachment
 from crm_core.models import utcnow
@@ -130,6 +132,10 @@ class ProbeMail:
     @hookimpl
     def describe_route(self, account: SenderAccount) -> RouteInfo:
         return RouteInfo("probe", account.get_str("probe.server"), account.email)
+
+    @hookimpl
+    def mailbox_limits(self, account: SenderAccount) -> MailboxLimits:
+        return MailboxLimits(f"probe:{account.email}", per_minute=7, connections=2)
 
 
 @pytest.fixture
@@ -288,6 +294,19 @@ def test_hook_message_problems(crm: Crm) -> None:
 def test_hook_describe_route(crm: Crm) -> None:
     account = add_user(crm)
     assert crm.describe_route(account) == RouteInfo("probe", "mx.example", "anna@example.se")
+
+
+def test_hook_mailbox_limits(crm: Crm) -> None:
+    account = add_user(crm)
+    assert crm.mailbox_limits(account) == MailboxLimits(
+        "probe:anna@example.se", per_minute=7, connections=2
+    )
+    with crm.transaction() as session:
+        crm.set_system_setting(session, "mail.rate_per_minute", "0")  # 0: no limit
+        user = directory.find_user(session, "anna@example.se")
+        crm.set_user_setting(session, user, "mail.max_connections", "5")  # the user's own
+        pace = pacing.pace_for(crm, crm.sender_account(session, user))
+    assert (pace.mailbox, pace.per_minute, pace.connections) == ("probe:anna@example.se", 0, 5)
 
 
 def hook_names() -> list[str]:

@@ -47,7 +47,7 @@ def outbox_list(ctx: Context, status: str | None, limit: int, as_json: bool) -> 
 
     crm = ctx.crm()
     with crm.transaction(write=False) as session:
-        views = operations.list_messages(session, status, limit)
+        views = operations.list_messages(session, status, limit, crm)
         total = operations.count_messages(session, status)
         paused = pauses.pauses(session)
     if as_json:
@@ -100,6 +100,8 @@ def _note(view: MessageView) -> str:
         return view.recipients_summary
     if view.paused:
         return f"waiting: the account is paused: {view.paused}"
+    if view.paced:
+        return f"waiting: {view.paced}"
     if view.state == "retry":
         return f"next try {when(view.next_attempt_at)}: {view.last_error or ''}"
     if view.state in ("failed", "unknown"):
@@ -117,7 +119,7 @@ def outbox_show(ctx: Context, outbox_id: int, as_json: bool) -> None:
 
     crm = ctx.crm()
     with crm.transaction(write=False) as session:
-        detail = operations.show_message(session, outbox_id)
+        detail = operations.show_message(session, outbox_id, crm)
     if as_json:
         emit_json({"ok": True, **detail.as_dict()})
         return
@@ -154,6 +156,8 @@ def _print_detail(detail: MessageDetail) -> None:
         say(f"  Held by:    {detail.lease_owner} until {when(detail.lease_until)}")
     if view.paused:
         say(f"  Paused:     the sender's account is paused: {printable(view.paused)}")
+    if view.paced:
+        say(f"  Waiting:    {printable(view.paced)}")
     if view.last_error:
         code = f" [{view.last_code}]" if view.last_code else ""
         say(f"  Reason:     {printable(view.last_error)}{code}")

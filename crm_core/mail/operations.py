@@ -6,9 +6,10 @@ the unit of work).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -18,6 +19,9 @@ from crm_core.errors import NotFoundError, Problem, ValidationError
 from crm_core.mail import recipients
 from crm_core.mail.policy import DUE_STATES, S, db_now
 from crm_core.models import AccountPause, OutboxMessage, Person, PersonActivity
+
+if TYPE_CHECKING:
+    from crm_core.app import Crm
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,9 @@ class MessageView:
     paused: str | None
     recipients_summary: str | None = None
     """``sent to 3 of 5; refused: …`` when the recipients fared differently."""
+    paced: str | None = None
+    """Why the sender's mailbox waits (``paced: 30 a minute for anna@…; next at …``, or
+    the server's pause), while the mail waits."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -98,15 +105,27 @@ class MessageDetail:
         }
 
 
+def _waits(crm: Crm | None, session: Session, rows: list[OutboxMessage]) -> Mapping[int, str]:
+    """Why each waiting row's mailbox waits (nothing without a Crm to name mailboxes)."""
+    waiting = [r.user_id for r in rows if r.state in DUE_STATES]
+    if crm is None or not waiting:
+        return {}
+    from crm_core.mail import pacing
+
+    return pacing.waiting_senders(crm, session, waiting, db_now(session))
+
+
 def list_messages(
     session: Session,
     state: str | None = None,
     limit: int = 200,
+    crm: Crm | None = None,
     *,
     user_id: int | None = None,
     offset: int = 0,
 ) -> list[MessageView]:
-    """Outbox rows, newest first, optionally of one state or one sender user.
+    """Outbox rows, newest first, optionally of one state or one sender user (with
+    ``crm``: and why a waiting one's mailbox waits).
 
     ``user_id`` is how the web app shows a user only their own mail; ``offset`` pages.
     """
@@ -122,10 +141,11 @@ def list_messages(
         query = query.where(OutboxMessage.user_id == user_id)
     rows = list(session.scalars(query))
     paused = {p.user_id: p.reason for p in session.scalars(select(AccountPause))}
-    return [_view(row, paused.get(row.user_id)) for row in rows]
+    waits = _waits(crm, session, rows)
+    return [_view(row, paused.get(row.user_id), waits.get(row.user_id)) for row in rows]
 
 
-def _view(row: OutboxMessage, pause_reason: str | None) -> MessageView:
+def _view(row: OutboxMessage, pause_reason: str | None, paced: str | None = None) -> MessageView:
     waiting = row.state in DUE_STATES
     return MessageView(
         id=row.id,
@@ -144,6 +164,7 @@ def _view(row: OutboxMessage, pause_reason: str | None) -> MessageView:
         transport=row.transport,
         paused=pause_reason if waiting else None,
         recipients_summary=_summary(row),
+        paced=paced if waiting else None,
     )
 
 
@@ -211,13 +232,15 @@ def get_message(session: Session, outbox_id: int, lock: bool = False) -> OutboxM
     return row
 
 
-def show_message(session: Session, outbox_id: int) -> MessageDetail:
-    """One message with its recipients, attachments and attempt log."""
+def show_message(session: Session, outbox_id: int, crm: Crm | None = None) -> MessageDetail:
+    """One message with its recipients, attachments and attempt log (with ``crm``: and
+    why its mailbox waits)."""
     row = get_message(session, outbox_id)
     pause = session.get(AccountPause, row.user_id)
+    paced = _waits(crm, session, [row]).get(row.user_id)
     person = session.get(Person, row.person_id) if row.person_id else None
     return MessageDetail(
-        view=_view(row, pause.reason if pause else None),
+        view=_view(row, pause.reason if pause else None, paced),
         recipients={
             k: [e for e, _ in row.recipient_list(k)] for k in ("to", "cc", "bcc", "reply_to")
         },

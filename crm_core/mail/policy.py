@@ -7,7 +7,7 @@ tested without a database or a worker. The states::
       ^                  │ ├──temporary──> retry ──(due)──> sending
       │                  │ ├──permanent / lifetime spent──> failed
       │                  │ ├──ambiguous / lease expired / plugin bug──> unknown
-      └──configuration───┘ └ (account paused; not an attempt against the budget)
+      └─configuration / throttled─┘ (account or mailbox paused; no attempt counted)
     retry ──(some recipients delivered, the rest refused or given up)──> partial
     unknown ──reconcile / resolve --sent──> sent
     unknown ──reconcile / resolve --not-sent──> queued
@@ -79,8 +79,8 @@ def state_after(
         return S.FAILED
     if outcome is Outcome.AMBIGUOUS:
         return S.UNKNOWN
-    if outcome is Outcome.CONFIGURATION:
-        return S.QUEUED  # waits for the paused account; not an attempt
+    if outcome in (Outcome.CONFIGURATION, Outcome.THROTTLED):
+        return S.QUEUED  # waits for the paused account or mailbox; not an attempt
     return S.FAILED if budget_spent(attempts, age, config) else S.RETRY
 
 

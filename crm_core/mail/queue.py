@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -26,6 +27,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.orm import Session, selectinload
@@ -33,7 +35,7 @@ from sqlalchemy.orm import Session, selectinload
 from crm_core import signals
 from crm_core.config import OutboxConfig
 from crm_core.db import rowcount
-from crm_core.mail import recipients
+from crm_core.mail import pacing, recipients
 from crm_core.mail.addresses import Address
 from crm_core.mail.message import Attachment, OutgoingMessage
 from crm_core.mail.pauses import lift_changed_pauses, pause_account
@@ -54,6 +56,7 @@ from crm_core.models import (
     OutboxMessage,
     OutboxState,
     User,
+    UTCDateTime,
 )
 
 if TYPE_CHECKING:
@@ -105,6 +108,10 @@ class Claim:
     account: SenderAccount
     ledger: dict[str, Any] | None = None
     """The recipients' fates before this attempt (None: no per-recipient answer yet)."""
+    pace: pacing.Pace | None = None
+    """The sender's mailbox and its limits (None: no pacing, e.g. a test's own claim)."""
+    slots: int = 0
+    """Connections or requests this claim's batch holds on the mailbox (0: none counted)."""
 
 
 @dataclass(frozen=True)
@@ -114,50 +121,137 @@ class ClaimResult:
     claims: list[Claim]
     paused_accounts: int = 0
     resumed_accounts: int = 0
+    last_user: int = 0
+    """The last sender looked at: the next claim starts after it, so every sender
+    gets a turn."""
 
 
-def claim_batch(crm: Crm, session: Session, worker: str, limit: int, now: datetime) -> ClaimResult:
+def claim_batch(
+    crm: Crm, session: Session, worker: str, limit: int, now: datetime, after: int = 0
+) -> ClaimResult:
     """Claim up to ``limit`` due messages of unpaused accounts under one lease.
 
-    PostgreSQL: ``FOR UPDATE SKIP LOCKED`` lets many workers claim disjoint rows.
-    SQLite: the transaction began with ``BEGIN IMMEDIATE``, so this worker is the only
-    writer until commit. An account whose settings stop it from sending is paused here
-    (nothing attempted, nothing spent from the budget) and its rows stay queued.
+    Fair and paced: the senders with due mail are taken in turn (from the one after
+    ``after``), each gets a share of the batch, and no mailbox gets more than its
+    pacing allows (:mod:`crm_core.mail.pacing`); what is left waits in ``queued``,
+    spending nothing. PostgreSQL: ``FOR UPDATE SKIP LOCKED`` lets many workers claim
+    disjoint rows. SQLite: the transaction began with ``BEGIN IMMEDIATE``, so this
+    worker is the only writer until commit. An account whose settings stop it from
+    sending is paused here (nothing attempted, nothing spent from the budget) and its
+    rows stay queued.
     """
     resumed = lift_changed_pauses(session)
     paused = 0
-    waiting: set[int] = set()
+    waiting: set[int] = set()  # their secret no key here decrypts: not paused, skipped
+    last = after
     for _round in range(3):  # pausing frees the slots for other accounts' mail
-        rows = _select_due(session, limit, now, waiting)
-        if not rows:
-            return ClaimResult([], paused, resumed)
-        accounts, blocked = _accounts_for(crm, session, rows, now, waiting)
+        users = _due_users(session, limit, now, after, waiting)
+        if not users:
+            break
+        last = users[-1]
+        known = len(waiting)
+        accounts, blocked = _accounts_for(crm, session, users, now, waiting)
         paused += blocked
-        rows = [r for r in rows if r.user_id in accounts]
-        if rows:
-            return ClaimResult(
-                _claim_rows(crm, session, worker, rows, accounts, now), paused, resumed
-            )
-    return ClaimResult([], paused, resumed)
+        paces = {uid: pacing.pace_for(crm, account) for uid, account in accounts.items()}
+        budgets = pacing.budgets(session, paces.values(), now)
+        ready = [u for u in users if u in accounts]
+        picked = _pick_rows(session, ready, paces, budgets, limit, now)
+        if picked:
+            claims = _claim_rows(crm, session, worker, picked, accounts, paces, budgets, now)
+            return ClaimResult(claims, paused, resumed, last)
+        if not blocked and len(waiting) == known:
+            break
+    return ClaimResult([], paused, resumed, last)
 
 
-def _select_due(
-    session: Session, limit: int, now: datetime, waiting: Collection[int] = ()
+def _next_user(prev: str) -> str:
+    """SQL for the least user id above ``prev`` with due mail: one index probe per state
+    (on ``ix_outbox_due_by_user``), so finding each sender costs the same however much
+    mail any sender has queued."""
+    probes = " UNION ALL ".join(
+        f"SELECT min(user_id) AS u FROM outbox WHERE state = '{state}' "
+        f"AND user_id > {prev} AND next_attempt_at <= :now"
+        for state in DUE_STATES
+    )
+    return f"(SELECT min(u) FROM ({probes}) AS probe)"
+
+
+_DUE_USERS = text(
+    f"""
+    WITH RECURSIVE due(uid, n) AS (
+        SELECT {_next_user(":after")}, 1
+        UNION ALL
+        SELECT {_next_user("due.uid")}, n + 1 FROM due WHERE due.uid IS NOT NULL AND n < :many
+    )
+    SELECT uid FROM due WHERE uid IS NOT NULL
+    """
+).bindparams(bindparam("now", type_=UTCDateTime()))
+
+
+def _due_users(
+    session: Session, limit: int, now: datetime, after: int, waiting: Collection[int] = ()
+) -> list[int]:
+    """Up to ``limit`` unpaused senders with due mail, in turn from the one after ``after``
+    (then from the start again); ``waiting`` ones are left out too."""
+    paused = set(session.scalars(select(AccountPause.user_id))) | set(waiting)
+    many = limit + len(paused)
+    first = session.scalars(_DUE_USERS, {"now": now, "after": after, "many": many})
+    found = [int(u) for u in first]
+    if after and len(found) < many:
+        again = session.scalars(_DUE_USERS, {"now": now, "after": 0, "many": many})
+        found += [int(u) for u in again if int(u) <= after]
+    return [u for u in dict.fromkeys(found) if u not in paused][:limit]
+
+
+def _pick_rows(
+    session: Session,
+    users: Sequence[int],
+    paces: Mapping[int, pacing.Pace],
+    budgets: Mapping[str, pacing.Budget],
+    limit: int,
+    now: datetime,
 ) -> list[OutboxMessage]:
-    paused_users = select(AccountPause.user_id)
-    due_ids = (
+    """Each sender's oldest due rows: a fair share each, then what is left over to those
+    with more, never beyond a mailbox's budget. Locked rows are skipped."""
+    open_users = [u for u in users if paces[u].mailbox in budgets]
+    picked: dict[int, list[OutboxMessage]] = {u: [] for u in open_users}
+    while open_users and sum(map(len, picked.values())) < limit:
+        share = max(1, (limit - sum(map(len, picked.values()))) // len(open_users))
+        still: list[int] = []
+        for user_id in open_users:
+            room = limit - sum(map(len, picked.values()))
+            budget = budgets[paces[user_id].mailbox]
+            want = budget.room(user_id, min(share, room))
+            if want <= 0:
+                continue
+            taken = picked[user_id]
+            due = _due_rows(session, user_id, now, want, [r.id for r in taken])
+            rows = budget.take(user_id, due)
+            taken.extend(rows)
+            if len(rows) == want and budget.room(user_id, 1):
+                still.append(user_id)
+        open_users = still
+    return [row for rows in picked.values() for row in rows]
+
+
+def _due_rows(
+    session: Session, user_id: int, now: datetime, n: int, besides: Sequence[int]
+) -> list[OutboxMessage]:
+    """Up to ``n`` of a sender's due rows, oldest first, locked (locked ones skipped)."""
+    query = (
         select(OutboxMessage.id)
         .where(
             OutboxMessage.state.in_(DUE_STATES),
+            OutboxMessage.user_id == user_id,
             OutboxMessage.next_attempt_at <= now,
-            OutboxMessage.user_id.not_in(paused_users),
-            *([OutboxMessage.user_id.not_in(list(waiting))] if waiting else []),
         )
         .order_by(OutboxMessage.next_attempt_at, OutboxMessage.id)
-        .limit(limit)
+        .limit(n)
         .with_for_update(skip_locked=True, of=OutboxMessage)
     )
-    ids = list(session.scalars(due_ids))
+    if besides:
+        query = query.where(OutboxMessage.id.not_in(list(besides)))
+    ids = list(session.scalars(query))
     if not ids:
         return []
     rows = session.scalars(
@@ -170,11 +264,7 @@ def _select_due(
 
 
 def _accounts_for(
-    crm: Crm,
-    session: Session,
-    rows: Sequence[OutboxMessage],
-    now: datetime,
-    waiting: set[int],
+    crm: Crm, session: Session, users: Sequence[int], now: datetime, waiting: set[int]
 ) -> tuple[dict[int, SenderAccount], int]:
     """Sender accounts that may send now; the others are paused with the reason.
 
@@ -184,7 +274,7 @@ def _accounts_for(
     """
     accounts: dict[int, SenderAccount] = {}
     paused = 0
-    for user_id in dict.fromkeys(r.user_id for r in rows):
+    for user_id in users:
         user = session.get(User, user_id)
         assert user is not None  # a foreign key guarantees it
         account, problems = crm.sender_state(session, user)
@@ -207,6 +297,8 @@ def _claim_rows(
     worker: str,
     rows: Sequence[OutboxMessage],
     accounts: Mapping[int, SenderAccount],
+    paces: Mapping[int, pacing.Pace],
+    budgets: Mapping[str, pacing.Budget],
     now: datetime,
 ) -> list[Claim]:
     token = new_token()
@@ -232,6 +324,14 @@ def _claim_rows(
         session.add(attempt)
         attempts.append((row, attempt))
     session.flush()
+    per_user = Counter(row.user_id for row in rows)
+    slots = {
+        user_id: pacing.group_slots(budgets.get(paces[user_id].mailbox), count)
+        for user_id, count in per_user.items()
+    }
+    used = {paces[u].mailbox: budgets[paces[u].mailbox] for u in per_user}
+    groups = [(u, paces[u].mailbox, slots[u]) for u in per_user]
+    pacing.commit(session, used, groups, token, until, now)
     return [
         Claim(
             row.id,
@@ -241,6 +341,8 @@ def _claim_rows(
             outgoing(row, now),
             accounts[row.user_id],
             row.recipient_states,
+            paces[row.user_id],
+            slots[row.user_id],
         )
         for row, attempt in attempts
     ]
@@ -266,6 +368,7 @@ def renew_leases(session: Session, tokens: Iterable[str], until: datetime) -> in
         .values(lease_until=until),
         execution_options={"synchronize_session": False},
     )
+    pacing.renew(session, wanted, until)
     return rowcount(result)
 
 
@@ -395,6 +498,7 @@ class Recorded:
 
     counts: dict[str, int] = field(default_factory=dict)
     paused_accounts: int = 0
+    paused_mailboxes: int = 0
     stale: int = 0
 
     def add(self, state: str) -> None:
@@ -406,6 +510,7 @@ class Recorded:
         for state, n in other.counts.items():
             self.counts[state] = self.counts.get(state, 0) + n
         self.paused_accounts += other.paused_accounts
+        self.paused_mailboxes += other.paused_mailboxes
         self.stale += other.stale
 
 
@@ -426,11 +531,15 @@ def record_results(
     by_id = {r.message_id: r for r in results}
     recorded = Recorded()
     planned = []
+    untils: dict[int, datetime] = {}
     for claim in claims:
         result = by_id[claim.message.message_id]
         ledger = _ledger_after(claim, result, now)
         state = _state(crm.config.outbox, claim, result, ledger, now)
         values = _result_values(crm.config.outbox, claim, result, state, now, jitter())
+        if result.outcome is Outcome.THROTTLED:
+            untils[claim.outbox_id] = _paused_until(session, claim, result, now)
+            values["last_error"] = throttled_text(result, _pace(claim), untils[claim.outbox_id])
         if ledger is not None:
             values["recipient_states"] = ledger
             values["last_error"] = _with_tally(values["last_error"], claim, ledger, state)
@@ -450,8 +559,45 @@ def record_results(
             recorded.paused_accounts += pause_account(
                 session, claim.account, result.detail, result.code, now
             )
+        if result.outcome is Outcome.THROTTLED:
+            recorded.paused_mailboxes += pacing.pause(
+                session,
+                _pace(claim),
+                claim.account,
+                untils[claim.outbox_id],
+                result.detail,
+                result.code,
+                now,
+            )
         _emit_result(session, claim, result, state, values)
     return recorded
+
+
+THROTTLE_BACK_OFF = 60.0
+"""Seconds a mailbox waits after a throttling answer that named no time."""
+
+
+def _pace(claim: Claim) -> pacing.Pace:
+    """The claim's mailbox (a claim made without pacing: the sender's own address)."""
+    return claim.pace or pacing.Pace(f"{claim.account.transport}:{claim.account.email}")
+
+
+def _paused_until(session: Session, claim: Claim, result: SendResult, now: datetime) -> datetime:
+    """Until when a throttling answer pauses the mailbox: the server's time, or for a
+    spent daily quota the end of its rolling day."""
+    if result.quota:
+        return pacing.quota_until(session, _pace(claim), claim.account.user_id, now)
+    wait = result.retry_after if result.retry_after else THROTTLE_BACK_OFF
+    return now + timedelta(seconds=max(wait, 1.0))
+
+
+def throttled_text(result: SendResult, pace: pacing.Pace, until: datetime) -> str:
+    """What the sender reads on a mail the server held back: why, and when it goes."""
+    detail = result.detail or "The server asked the mailbox to send more slowly."
+    return (
+        f"{detail} Sending from {pace.name} is paused until {pacing.clock_text(until)}; "
+        "the mail waits and then goes by itself (no attempt was counted)."
+    )
 
 
 def _ledger_after(claim: Claim, result: SendResult, now: datetime) -> dict[str, Any] | None:
@@ -490,7 +636,11 @@ def _state(
     """
     age = _age(claim, now)
     by_outcome = state_after(result.outcome, claim.attempt, config, age)
-    if ledger is None or result.outcome in (Outcome.AMBIGUOUS, Outcome.CONFIGURATION):
+    if ledger is None or result.outcome in (
+        Outcome.AMBIGUOUS,
+        Outcome.CONFIGURATION,
+        Outcome.THROTTLED,
+    ):
         return by_outcome
     count = recipients.tally(ledger, _everyone(claim.message))
     if count.waiting:
@@ -540,7 +690,7 @@ def _result_values(
     elif state is S.RETRY:
         delay = retry_delay(claim.attempt, config, result.retry_after, jitter)
         values["next_attempt_at"] = next_attempt_at(now, claim.message.created_at, delay, config)
-    elif state is S.QUEUED:  # configuration: the account is paused, the try is not spent
+    elif state is S.QUEUED:  # account or mailbox paused: the try is not spent
         values.update(attempts=claim.attempt - 1, next_attempt_at=now)
     return values
 
@@ -739,4 +889,6 @@ def release(session: Session, claims: Sequence[Claim], now: datetime) -> int:
         if _fenced_update(session, claim, values):
             session.execute(delete(OutboxAttempt).where(OutboxAttempt.id == claim.attempt_id))
             released += 1
+    for claim in {(c.token, c.account.user_id): c for c in claims if c.slots}.values():
+        pacing.release(session, _pace(claim).mailbox, claim.token, claim.account.user_id)
     return released

@@ -46,10 +46,11 @@ def merge(
 ) -> Ledger:
     """The ledger after one attempt for ``envelope`` ended with ``result``.
 
-    A configuration result changes nothing: the account is paused, nobody was tried.
+    A configuration or throttled result changes nothing: the account or its mailbox
+    is paused, nobody was tried.
     """
     merged: Ledger = {address: dict(entry) for address, entry in (ledger or {}).items()}
-    if result.outcome is Outcome.CONFIGURATION:
+    if result.outcome in (Outcome.CONFIGURATION, Outcome.THROTTLED):
         return merged
     at = now.isoformat()
     answered = {r.address.lower(): r for r in result.recipients}

@@ -157,6 +157,10 @@ class SendResult:
     With recipients, ``outcome`` is ``SENT`` when the server took the message for at
     least one of them; the outbox then tries the deferred ones again, alone, and
     records the refused ones with their reasons.
+
+    A ``THROTTLED`` result pauses the sender's mailbox for ``retry_after`` seconds
+    (the transport's own back-off when the server named none); with ``quota`` the
+    mailbox's daily quota is spent, and it is paused until its 24-hour window rolls.
     """
 
     message_id: str
@@ -167,6 +171,27 @@ class SendResult:
     provider_ref: str = ""
     reply: str = ""
     recipients: tuple[RecipientResult, ...] = ()
+    quota: bool = False
+
+
+@dataclass(frozen=True)
+class MailboxLimits:
+    """How fast a server lets one mailbox send: the transport's defaults for it.
+
+    ``mailbox`` names the mailbox at the server (several CRM users may send through
+    one, e.g. a shared SMTP login); every limit is shared by all workers through the
+    database. 0 means no limit. ``per_minute`` counts messages in a rolling minute,
+    ``recipients_per_day`` envelope recipients in a rolling 24 hours, ``connections``
+    the connections or requests in flight at once. ``parallel`` is how many requests
+    one batch of this account may run at once (a Graph ``$batch`` runs up to 4 of its
+    items together), so a batch takes that many of the mailbox's ``connections``.
+    """
+
+    mailbox: str
+    per_minute: int = 0
+    recipients_per_day: int = 0
+    connections: int = 0
+    parallel: int = 1
 
 
 class StepStatus(StrEnum):

@@ -32,7 +32,7 @@ from sqlalchemy.exc import DBAPIError
 
 from crm_core import credential_expiry
 from crm_core.errors import TransportError
-from crm_core.mail import policy, queue, reconciler
+from crm_core.mail import pacing, policy, queue, reconciler
 from crm_core.mail.queue import Claim
 from crm_core.mail.transport import Outcome, SendResult
 from crm_core.models import OutboxState
@@ -66,6 +66,7 @@ class WorkerStats:
     reconciled: int = 0
     paused_accounts: int = 0
     resumed_accounts: int = 0
+    paused_mailboxes: int = 0
 
     def __iadd__(self, other: WorkerStats) -> WorkerStats:
         for f in fields(self):
@@ -178,6 +179,7 @@ class Worker:
         """Schedules the daily look at credentials' expiry (what is due is decided by the
         database's clock in :mod:`crm_core.credential_expiry`)."""
         self.expiry_check_at: float | None = None  # due at start
+        self.after_user = 0  # the last sender a claim looked at: the next starts after it
         crm.resources.set_pool_size(concurrency)  # shared HTTP pools fit the threads
 
     def run_once(self, stop: threading.Event | None = None) -> WorkerStats:
@@ -256,8 +258,14 @@ class Worker:
             stats.reaped = len(queue.reap_expired(session, now, self.crm.in_flight_windows()))
         with self.crm.transaction() as session:
             claimed = queue.claim_batch(
-                self.crm, session, self.name, self.config.batch_size, policy.db_now(session)
+                self.crm,
+                session,
+                self.name,
+                self.config.batch_size,
+                policy.db_now(session),
+                self.after_user,
             )
+        self.after_user = claimed.last_user
         stats.claimed = len(claimed.claims)
         stats.paused_accounts = claimed.paused_accounts
         stats.resumed_accounts = claimed.resumed_accounts
@@ -318,7 +326,15 @@ class Worker:
                 for m in messages
             ]
         recorder.record(results)  # what the transport did not report as it went
+        self._free_slots(claims)
         return recorder.finish(time.monotonic() - started)
+
+    def _free_slots(self, claims: Sequence[Claim]) -> None:
+        """The batch is over: the connections it held on its mailbox are free again."""
+        claim = claims[0]
+        if claim.slots and claim.pace is not None:
+            with self.crm.transaction() as session:
+                pacing.release(session, claim.pace.mailbox, claim.token, claim.account.user_id)
 
     def _count(self, group: _GroupResult, stats: WorkerStats) -> None:
         """Add one group's recorded results to the poll's totals, and say so."""
@@ -335,6 +351,7 @@ class Worker:
         stats.deferred += counts.get(OutboxState.QUEUED.value, 0)
         stats.stale += group.recorded.stale
         stats.paused_accounts += group.recorded.paused_accounts
+        stats.paused_mailboxes += group.recorded.paused_mailboxes
 
     def _report(self, group: _GroupResult, counts: dict[str, int]) -> None:
         """One INFO line per batch; one line per attempt on ``crm_core.mail.attempts``."""

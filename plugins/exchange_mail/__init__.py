@@ -9,6 +9,7 @@ needed; product lines that do not enable the plugin never load either.
 from exchange_mail.plugin import (
     check_settings,
     describe_route,
+    mailbox_limits,
     message_problems,
     reconcile_mail,
     register_settings,
@@ -23,6 +24,7 @@ from exchange_mail.plugin import (
 __all__ = [
     "check_settings",
     "describe_route",
+    "mailbox_limits",
     "message_problems",
     "reconcile_mail",
     "register_settings",

@@ -94,6 +94,7 @@ class Classified:
     fix: str = ""
     retry_after: float | None = None
     credentials: bool = False
+    quota: bool = False
 
     @property
     def text(self) -> str:
@@ -117,6 +118,7 @@ class Says:
     fix: str = ""
     retry_after: float | None = None
     credentials: bool = False
+    quota: bool = False
 
     def __call__(self, facts: object) -> Classified:
         """The classification with the placeholders filled in from ``facts``."""
@@ -128,6 +130,7 @@ class Says:
             self.fix.format_map(named),
             self.retry_after,
             self.credentials,
+            self.quota,
         )
 
 
@@ -203,7 +206,7 @@ def result_for(message: OutgoingMessage, found: Classified, reply: str = "") -> 
     """The SendResult that carries a classification, and the server's own answer."""
     return SendResult(
         message.message_id, found.outcome, found.text, code=found.code,
-        retry_after=found.retry_after, reply=reply,
+        retry_after=found.retry_after, reply=reply, quota=found.quota,
     )  # fmt: skip
 
 

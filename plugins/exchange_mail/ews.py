@@ -483,7 +483,21 @@ def _send_request(
     ]
     # The server answered for fewer messages than it was sent: the rest may have gone.
     done += [result_for(one.message, NOT_COVERED) for one in chunk[len(answers) :]]
-    return done, None
+    return done, _throttled(done)
+
+
+def _throttled(done: Sequence[SendResult]) -> Classified | None:
+    """A message the server throttled stops the batch: the rest wait with the mailbox."""
+    for result in done:
+        if result.outcome is Outcome.THROTTLED:
+            return Classified(
+                Outcome.THROTTLED,
+                result.code,
+                result.detail,
+                retry_after=result.retry_after,
+                quota=result.quota,
+            )
+    return None
 
 
 def _result(

@@ -9,11 +9,12 @@ mapped in :mod:`exchange_mail.graph_errors`; the shared pieces are in
 ========================================================  ==============  =================
 exchangelib / server says                                 outcome         note
 ========================================================  ==============  =================
-ErrorServerBusy (fault, BackOffMilliseconds),              temporary       retry_after = back-off
-  HTTP 503 with Retry-After
+ErrorServerBusy (fault, BackOffMilliseconds),              throttled       the mailbox waits the
+  HTTP 503 with Retry-After                                                back-off / Retry-After
 ErrorTooManyObjectsOpened, ErrorMailboxStoreUnavailable,   temporary
   ErrorMailboxMoveInProgress, ErrorConnectionFailed…
-ErrorSubmissionQuotaExceeded                               temporary       one hour back-off
+ErrorSubmissionQuotaExceeded                               throttled       quota: until the
+                                                                            day's window rolls
 connection refused / DNS / connect timeout                 temporary       nothing was sent
 ErrorInvalidRecipients, ErrorInvalidSmtpAddress,           permanent       per message; the
   ErrorMailRecipientNotFound                                                guide's "Error
@@ -206,10 +207,9 @@ def _busy(facts: _Facts) -> Classified:
     """Exchange asked us to back off: wait as long as it says (at least a second)."""
     back_off = facts.exc.back_off if isinstance(facts.exc.back_off, int | float) else None
     return Classified(
-        Outcome.TEMPORARY,
+        Outcome.THROTTLED,
         "ErrorServerBusy",
-        f"Exchange at {facts.host} is busy or unavailable ({facts.said}); "
-        "the mail will be sent later.",
+        f"Exchange at {facts.host} asked {facts.mailbox} to wait ({facts.said}).",
         retry_after=max(float(back_off), 1.0) if back_off else 30.0,
     )
 
@@ -222,10 +222,10 @@ def _unavailable(facts: _Facts) -> bool:
 def _come_back(facts: _Facts) -> Classified:
     """A 503 with Retry-After: temporary, after the time the server asked for."""
     return Classified(
-        Outcome.TEMPORARY,
+        Outcome.THROTTLED,
         "HTTP 503",
-        f"Exchange at {facts.host} is unavailable (HTTP 503) and asks to come back later; "
-        "the mail will be sent later.",
+        f"Exchange at {facts.host} is unavailable (HTTP 503) and asks to come back after "
+        f"{facts.exc.retry_after:g} seconds.",
         retry_after=max(float(facts.exc.retry_after), 1.0),
     )
 
@@ -390,11 +390,13 @@ _RUNGS: tuple[_Rung, ...] = (
     _Rung(
         ews.ErrorSubmissionQuotaExceeded,
         Says(
-            Outcome.TEMPORARY,
+            Outcome.THROTTLED,
             "ErrorSubmissionQuotaExceeded",
-            "The mailbox {mailbox} has reached Exchange's sending limit.",
-            "The mail is retried later; the limit resets within a day.",
-            retry_after=3600.0,
+            "Exchange sends no more mail from {mailbox} for now: the mailbox has reached its "
+            "daily sending limit (Exchange Online: 10,000 recipients in 24 hours).",
+            "Nothing; the mail goes out by itself once the limit's 24-hour window rolls. For "
+            "mailings to many people use a bulk-mail service rather than a person's mailbox.",
+            quota=True,
         ),
     ),
     _Rung(

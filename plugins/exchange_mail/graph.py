@@ -30,7 +30,8 @@ Choices, and why:
   send, nothing can have gone: a failure then is never ambiguous, and the draft is
   deleted (best effort).
 * **401 → evict and retry once**, as for EWS. **429**, and **503** with ``Retry-After``,
-  are temporary with the server's ``Retry-After``.
+  are throttled: the outbox pauses the mailbox for the server's ``Retry-After``, and
+  the rest of the batch waits with it.
 * **Reconcile** filters the sender's Outbox and Sent Items by ``internetMessageId``
   (needs ``Mail.ReadBasic.All``, the one read permission the messages and docs name;
   Mail.Read or Mail.ReadWrite also do), under the lookup contract EWS shares
@@ -86,7 +87,7 @@ from exchange_mail.graph_errors import (
     too_large,
     trace_of,
 )
-from exchange_mail.limits import (
+from exchange_mail.message_size import (
     UPLOAD_CHUNK_BYTES,
     UPLOAD_SESSION_MIN_BYTES,
     needs_upload,
@@ -320,8 +321,8 @@ def _send_request(
 ) -> _Done:
     """One request: a result per message, and the cause that stops the batch, if any.
 
-    It stops when no answer came (token, network, lost answer) or the account must be
-    paused (a configuration answer).
+    It stops when no answer came (token, network, lost answer) or the account or its
+    mailbox must be paused (a configuration or throttling answer).
     """
     try:
         answers = _send_chunk(graph, chunk)
@@ -334,7 +335,7 @@ def _send_request(
         answer = answers[message.message_id]
         found = classify_answer(answer, settings)
         done.append(result_for(message, found, answer.reply))
-        if found.outcome is Outcome.CONFIGURATION:
+        if found.outcome in (Outcome.CONFIGURATION, Outcome.THROTTLED):
             stop = found
     return done, stop
 

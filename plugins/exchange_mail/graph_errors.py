@@ -23,7 +23,8 @@ ErrorSendAsDenied                                      configuration
 ErrorInvalidRecipients                                 permanent       "Error validating
                                                                        e-mail"
 ErrorMessageSizeExceeded, 413, 400 over 4 MB           permanent
-429, 503 with Retry-After                              temporary       Retry-After
+429, 503 with Retry-After                              throttled       the mailbox waits
+                                                                       Retry-After
 any other 5xx (500, 502, 504, 503 without Retry-After) ambiguous       may come after
                                                                        the mail went
 any other 400                                          permanent
@@ -193,11 +194,13 @@ def _too_large(answer: Answer) -> bool:
 
 
 def _busy(facts: _Facts) -> Classified:
-    """Throttled or down: wait as long as Graph asks, else 30 s (a 429 without Retry-After)."""
+    """Throttled or down: the mailbox waits as long as Graph asks, else 30 s (a 429
+    without Retry-After); nothing ran, so no attempt is counted."""
     return Classified(
-        Outcome.TEMPORARY,
+        Outcome.THROTTLED,
         facts.code_or_status,
-        f"Microsoft Graph is busy or unavailable ({facts.shown}); the mail will be sent later.",
+        f"Microsoft Graph asked {facts.mailbox} to wait ({facts.shown}: "
+        f"{facts.message or 'busy'}).",
         retry_after=facts.answer.retry_after or 30.0,
     )
 
@@ -353,7 +356,7 @@ def classify(exc: Exception, settings: ExchangeSettings) -> Classified:
 
 
 def too_large(problems: Sequence[Problem]) -> Classified:
-    """A message over Graph's limits (see :mod:`exchange_mail.limits`): never sent, never
+    """A message over Graph's limits (see :mod:`exchange_mail.message_size`): never sent, never
     retried. Enqueue refuses such a mail; this catches one queued before the limits."""
     return Classified(
         Outcome.PERMANENT,

@@ -20,6 +20,7 @@ from datetime import date, datetime
 
 from crm_core.plugin_api import (
     ConnectionReport,
+    MailboxLimits,
     OutgoingMessage,
     Problem,
     ReconcileResult,
@@ -35,6 +36,7 @@ from crm_core.plugin_api import (
     forget_clients,
     hookimpl,
 )
+from exchange_mail.limits import limits_for
 from exchange_mail.settings import (
     EWS_CACHE,
     TRANSPORT,
@@ -160,10 +162,16 @@ def reconcile_mail(
 
 @hookimpl
 def message_problems(account: SenderAccount, message: OutgoingMessage) -> list[Problem]:
-    """A mail too large for the API that ``exchange.api`` picks (see exchange_mail.limits)."""
-    from exchange_mail.limits import size_problems
+    """A mail too large for the API that ``exchange.api`` picks (see exchange_mail.message_size)."""
+    from exchange_mail.message_size import size_problems
 
     return size_problems(resolve(account), message)
+
+
+@hookimpl
+def mailbox_limits(account: SenderAccount) -> MailboxLimits:
+    """Exchange Online's limits for Graph and Microsoft's EWS hosts; none on premises."""
+    return limits_for(resolve(account))
 
 
 @hookimpl

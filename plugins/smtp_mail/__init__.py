@@ -14,6 +14,7 @@ and :mod:`~smtp_mail.hints` (what a failure means), :mod:`~smtp_mail.diagnostics
 from smtp_mail.plugin import (
     check_settings,
     describe_route,
+    mailbox_limits,
     reconcile_mail,
     register_settings,
     register_transports,
@@ -26,6 +27,7 @@ from smtp_mail.plugin import (
 __all__ = [
     "check_settings",
     "describe_route",
+    "mailbox_limits",
     "reconcile_mail",
     "register_settings",
     "register_transports",

@@ -13,6 +13,11 @@ The rule of thumb (see :class:`crm_core.mail.transport.Outcome`):
   5xx whose enhanced code is about the account, e.g. 5.7.57 or 5.7.64 on RCPT);
 * the connection was lost after the final dot, before the server's answer →
   ``ambiguous``: the server may have taken the message;
+* the server asks the mailbox to slow down (Microsoft 365's ``432 4.3.2
+  STOREDRV.ClientSubmit; sender thread limit exceeded``, a 4.7.x rate reply) →
+  ``throttled``: the mailbox is paused for every worker and no try is counted; its
+  daily quota spent (``554 5.2.0 …SubmissionQuotaExceededException``) → ``throttled``
+  with ``quota``: paused until its 24-hour window rolls, and the sender is told;
 * a reply about the order of commands (503 bad sequence, enhanced X.5.1) to our own
   MAIL, RCPT or DATA → ``temporary``: the session was out of step, not the account;
   the client resets it (RSET) and the message goes again later. Never
@@ -56,6 +61,8 @@ class Failure:
     fix: str = ""
     code: str = ""
     reply: str = ""
+    retry_after: float | None = None
+    quota: bool = False
 
     @property
     def text(self) -> str:
@@ -64,7 +71,15 @@ class Failure:
 
     def result(self, message_id: str) -> SendResult:
         """The failure as one message's SendResult."""
-        return SendResult(message_id, self.outcome, self.text, self.code, reply=self.reply)
+        return SendResult(
+            message_id,
+            self.outcome,
+            self.text,
+            self.code,
+            retry_after=self.retry_after,
+            reply=self.reply,
+            quota=self.quota,
+        )
 
 
 class SmtpFailure(Exception):
@@ -127,6 +142,9 @@ def _classify_reply(
     about = f" for {subject}" if subject else ""
     if phase in _TRANSACTION and out_of_sequence(code, text):
         return _out_of_sequence(phase, about, answered, reply_code(code, text))
+    throttled = _throttled(code, text, answered)
+    if throttled is not None:
+        return throttled
     if 400 <= code < 500:
         return Failure(
             Outcome.TEMPORARY,
@@ -142,6 +160,39 @@ def _classify_reply(
 
 
 _TRANSACTION = frozenset({Phase.MAIL, Phase.RCPT, Phase.DATA})
+
+THROTTLE_SECONDS = 60.0
+"""How long a mailbox waits after a throttling reply (SMTP replies name no time)."""
+
+_RATE_WORDS = ("rate", "limit", "too many", "throttl", "try again later")
+
+
+def _throttled(code: int, text: str, answered: str) -> Failure | None:
+    """The server asks the mailbox to wait: its sending threads, its rate, its daily quota."""
+    enhanced = enhanced_code(text)
+    lowered = text.lower()
+    if "submissionquotaexceeded" in lowered:
+        return Failure(
+            Outcome.THROTTLED,
+            "Microsoft 365 sends no more mail from this mailbox for now: it has reached its "
+            f"daily limit of recipients (10,000 in 24 hours): {answered}.",
+            "Nothing; the mail goes out by itself once the limit's 24-hour window rolls. "
+            "For mailings to many people use a bulk-mail service rather than a person's "
+            "mailbox.",
+            reply_code(code, text),
+            quota=True,
+        )
+    sender_threads = code == 432 and enhanced == "4.3.2"
+    rate = enhanced.startswith("4.7.") and any(word in lowered for word in _RATE_WORDS)
+    if not (sender_threads or rate):
+        return None
+    return Failure(
+        Outcome.THROTTLED,
+        f"The server asked this mailbox to send more slowly: {answered}.",
+        "Nothing; the mail goes out by itself shortly.",
+        reply_code(code, text),
+        retry_after=THROTTLE_SECONDS,
+    )
 
 
 def out_of_sequence(code: int, text: str) -> bool:

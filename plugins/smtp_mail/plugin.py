@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from crm_core.plugin_api import (
     ConnectionReport,
+    MailboxLimits,
     Outcome,
     OutgoingMessage,
     Problem,
@@ -29,6 +30,7 @@ from crm_core.plugin_api import (
     forget_clients,
     hookimpl,
 )
+from smtp_mail.limits import limits_for
 from smtp_mail.settings import (
     CA_BUNDLE,
     TRANSPORT,
@@ -108,12 +110,35 @@ def send_mail(
         tokens = None
     results: list[SendResult] = []
     with SmtpClient(settings, tokens) as client:
-        for message in messages:
+        for index, message in enumerate(messages):
             result = client.send(message)
             report([result])
             results.append(result)
+            if result.outcome is Outcome.THROTTLED:  # the rest wait with the mailbox
+                rest = [_held(m, result) for m in messages[index + 1 :]]
+                report(rest)
+                results.extend(rest)
+                break
     _log_batch(account, settings.server, results, client.connections)
     return results
+
+
+def _held(message: OutgoingMessage, cause: SendResult) -> SendResult:
+    """A message not tried because the server throttled the mailbox before it."""
+    return SendResult(
+        message.message_id,
+        Outcome.THROTTLED,
+        f"Not tried: {cause.detail}",
+        cause.code,
+        retry_after=cause.retry_after,
+        quota=cause.quota,
+    )
+
+
+@hookimpl
+def mailbox_limits(account: SenderAccount) -> MailboxLimits:
+    """Microsoft 365's limits for smtp.office365.com; none for other servers."""
+    return limits_for(account, resolve(account))
 
 
 def _log_batch(

@@ -168,6 +168,8 @@ def _status(failure: Failure) -> RecipientStatus:
 def _unsent_outcome(recipients: Sequence[RecipientResult], causes: Sequence[Failure]) -> Outcome:
     if any(f.outcome is Outcome.CONFIGURATION for f in causes):
         return Outcome.CONFIGURATION
+    if any(f.outcome is Outcome.THROTTLED for f in causes):
+        return Outcome.THROTTLED  # the mailbox waits; nobody was refused for good
     if any(r.status is RecipientStatus.DEFERRED for r in recipients):
         return Outcome.TEMPORARY
     return Outcome.PERMANENT
