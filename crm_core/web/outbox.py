@@ -87,7 +87,9 @@ def list_messages() -> Response:
     with g.crm.transaction() as db:
         total = operations.count_messages(db, chosen, user_id=owner)
         page = page_of(total)
-        views = operations.list_messages(db, chosen, PAGE_SIZE, user_id=owner, offset=page.offset)
+        views = operations.list_messages(
+            db, chosen, PAGE_SIZE, g.crm, user_id=owner, offset=page.offset
+        )
     context = {"views": views, "page": page, "state": chosen or "", "states": list(OutboxState)}
     template = "outbox/_list.html" if wants_fragment() else "outbox/list.html"
     return live(render_template(template, **context))
@@ -103,7 +105,7 @@ def show_message(outbox_id: int) -> Response:
 def _detail_page(outbox_id: int, refusal: str | None = None) -> str:
     with g.crm.transaction() as db:
         _checked_row(db, outbox_id)
-        detail = operations.show_message(db, outbox_id)
+        detail = operations.show_message(db, outbox_id, g.crm)
     template = "outbox/_detail.html" if wants_fragment() else "outbox/detail.html"
     return render_template(template, detail=detail, view=detail.view, refusal=refusal)
 

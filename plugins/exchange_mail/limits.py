@@ -11,10 +11,7 @@ gets no pacing unless the administrator sets ``mail.*`` limits.
 from __future__ import annotations
 
 from crm_core.plugin_api import MailboxLimits
-from exchange_mail.settings import EXCHANGE_ONLINE_HOSTS, Api, ExchangeSettings
-
-NATIONAL_CLOUD_HOSTS = frozenset({"outlook.office365.us", "webmail.apps.mil", "partner.outlook.cn"})
-"""EWS hosts of Microsoft's national clouds (US Government, DoD, China)."""
+from exchange_mail.settings import Api, ExchangeSettings, exchange_online_cloud
 
 PER_MINUTE = 30
 RECIPIENTS_PER_DAY = 10_000
@@ -34,7 +31,7 @@ def limits_for(settings: ExchangeSettings) -> MailboxLimits:
             connections=GRAPH_REQUESTS,
             parallel=GRAPH_REQUESTS,
         )
-    if settings.host in EXCHANGE_ONLINE_HOSTS | NATIONAL_CLOUD_HOSTS:
+    if exchange_online_cloud(settings.url) is not None:  # every cloud, national too
         return MailboxLimits(
             f"m365:{mailbox}", PER_MINUTE, RECIPIENTS_PER_DAY, connections=EWS_REQUESTS
         )
