@@ -18,18 +18,27 @@ from bench.postgres import Postgres
 
 def child_enqueue(params: dict[str, Any]) -> dict[str, Any]:
     """Time both shapes of enqueue and the driver's own insert of the same rows."""
-    from bench.world import SMTP_CONFIG, add_smtp_sender, enqueue, new_secret_key, open_crm
+    from bench.world import (
+        SMTP_CONFIG,
+        add_smtp_sender,
+        enqueue,
+        enqueue_bulk,
+        new_secret_key,
+        open_crm,
+    )
 
     n = params["n"]
     crm = open_crm(Path(params["dir"]), params["database_url"], new_secret_key(), SMTP_CONFIG)
     add_smtp_sender(crm, 2525)  # nothing is sent in this case
     enqueue(crm, params["warmup"])
     enqueue(crm, params["warmup"], start=params["warmup"], one_transaction=False)
+    enqueue_bulk(crm, params["warmup"], start=2 * params["warmup"])
+    many = timed(lambda: enqueue_bulk(crm, n, start=30_000_000))
     bulk = timed(lambda: enqueue(crm, n, start=10_000_000))
     single = timed(lambda: enqueue(crm, n, start=20_000_000, one_transaction=False))
     raw = _driver_insert(crm, n)
     crm.close()
-    return {"one_transaction": bulk, "per_mail": single, "driver": raw}
+    return {"many": many, "one_transaction": bulk, "per_mail": single, "driver": raw}
 
 
 def _driver_insert(crm: Any, n: int) -> float:
@@ -101,7 +110,12 @@ def run_case4(opts: Options, pg: Postgres | None) -> list[Row]:
                 details={"trials": found},
             )
         )
-        for key, shape in (("one_transaction", "one transaction"), ("per_mail", "one by one")):
+        shapes = (
+            ("many", "enqueue_many, one call"),
+            ("one_transaction", "one transaction"),
+            ("per_mail", "one by one"),
+        )
+        for key, shape in shapes:
             rates = [n / r[key] for r in found]
             rows.append(
                 Row(
@@ -111,7 +125,8 @@ def run_case4(opts: Options, pg: Postgres | None) -> list[Row]:
                     ratio=ratios(rates, limit),
                     peak_rss_mb=rss,
                     notes=f"{n} mails"
-                    + ("; a commit per mail" if key == "per_mail" else "; one commit"),
+                    + ("; a commit per mail" if key == "per_mail" else "; one commit")
+                    + ("; a recipient each" if key == "many" else ""),
                     details={"seconds": [r[key] for r in found]},
                 )
             )

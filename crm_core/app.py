@@ -24,6 +24,7 @@ from crm_core import audit, db, signals
 from crm_core.config import Config, load_config
 from crm_core.errors import ConfigError, PluginError, Problem, SecretKeyError, SettingValueError
 from crm_core.fields import Scope, SettingField, SettingNotice, set_command
+from crm_core.mail import senders
 from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import (
     ConnectionReport,
@@ -83,6 +84,7 @@ class Crm:
         self._owner_callers: dict[tuple[str, str, str], pluggy.HookCaller] = {}
         event.listen(self.sessions, "after_commit", self._send_pending_signals)
         event.listen(self.sessions, "after_rollback", self._drop_pending_signals)
+        senders.watch(self.sessions)
 
     @classmethod
     def open(cls, config_path: str | None = None, **kwargs: Any) -> Crm:
