@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from crm_core import signals
 from crm_core.errors import MailValidationError, Problem
+from crm_core.mail import wakeup
 from crm_core.mail.addresses import Address, header_problem, read_address, validate_addresses
 from crm_core.mail.message import Attachment, OutgoingMessage, make_message_id
 from crm_core.mail.policy import S, db_now
@@ -163,6 +164,10 @@ def enqueue_many(
     ids = _insert_rows(session, values)
     _insert_attachments(session, checked, ids)
     _insert_activities(session, checked, values, ids, now)
+    known = senders(session)
+    if not known.announced:  # once per transaction: PostgreSQL delivers one anyway
+        wakeup.announce(session)
+        known.announced = True
     for outbox_id, row in zip(ids, values, strict=True):
         signals.emit_after_commit(
             session,

@@ -47,6 +47,8 @@ class Senders:
 
     allow_private: bool
     found: dict[str, Sender] = field(default_factory=dict)
+    announced: bool = False
+    """Whether workers were told (at commit) that this transaction queued mail."""
 
     def sender(self, crm: Crm, session: Session, raw: str) -> Sender:
         """The sender typed as ``raw`` (resolved on first use in this transaction)."""
