@@ -7,6 +7,7 @@ caller's transaction, so the CRM change and the mail commit together or not at a
 
 from __future__ import annotations
 
+import email.errors
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,7 @@ from crm_core.mail import wakeup
 from crm_core.mail.addresses import Address, header_problem, read_address, validate_addresses
 from crm_core.mail.message import Attachment, OutgoingMessage, make_message_id
 from crm_core.mail.policy import S, db_now
+from crm_core.mail.render import render
 from crm_core.mail.senders import senders
 from crm_core.mail.transport import SenderAccount
 from crm_core.models import (
@@ -465,9 +467,19 @@ def _outbox_values(checked: _Checked, now: datetime) -> dict[str, Any]:
         "body_text": message.text,
         "body_html": message.html,
         "size_bytes": message.size_estimate(),
+        "mime": _rendered(message, now),
         "state": S.QUEUED.value,
         "attempts": 0,
         "next_attempt_at": now,
         "created_at": now,
         "updated_at": now,
     }
+
+
+def _rendered(message: OutgoingMessage, now: datetime) -> bytes | None:
+    """The bytes every attempt sends (Date: the row's ``created_at``), or None when
+    the text cannot be encoded: the transport then renders it and says why not."""
+    try:
+        return render(replace(message, created_at=now))
+    except (ValueError, LookupError, email.errors.MessageError):
+        return None
