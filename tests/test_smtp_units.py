@@ -513,6 +513,7 @@ def _semantics(mime: EmailMessage) -> dict[str, object]:
         {"subject": "A long subject " * 12, "html": "<p>Hello <b>there</b></p>"},
         {"sender_name": "Åsa Öberg, mäklare", "to_name": 'Per "P" Persson', "cc": ["c@example.se"]},
         {"to": ["info@bücher.de"], "bcc": ["hidden@example.se"], "html": "<p>Grüße</p>"},
+        {"text": "From the top\n.\nno newline at the end", "html": "<p>Hej då</p>"},
     ],
 )
 def test_fast_rendering_says_what_the_full_rendering_says(
