@@ -104,13 +104,15 @@ def table(rows: Sequence[Row]) -> str:
         "| case | variant | measured against | rate, median (min–max) | × limit | goal | met "
         "| peak RSS | requests per mail | notes |\n|---|---|---|---|---|---|---|---|---|---|"
     )
-    limits = {row.case: row.name for row in rows if row.limit}
     lines = [head]
+    limit_name = "—"
     for row in rows:
+        if row.limit:
+            limit_name = row.name  # a case's rows follow the limit they are measured against
         rate = fmt_spread(row.rate, 1 if row.unit.startswith("ms") else 0) + (
             f" {row.unit}" if row.rate else ""
         )
-        against = "—" if row.limit else row.against or limits.get(row.case, "—")
+        against = "—" if row.limit else row.against or limit_name
         ratio = "limit" if row.limit else fmt_spread(row.ratio, 2)
         met = {True: "**yes**", False: "**no**", None: "—"}[row.met]
         lines.append(
