@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from crm_core import directory
 from crm_core.errors import MailValidationError
@@ -179,3 +179,23 @@ def test_a_csv_without_an_email_column_is_refused(cli: Any, tmp_path: Path) -> N
     listed.write_text("namn,adress\nPer,per@example.com\n", "utf-8")
     refused = cli(*SEND, "--to-file", str(listed))
     assert refused.code == 2 and "no 'email' column" in refused.stderr
+
+
+def test_a_transaction_reads_each_sender_once(scripted: Any) -> None:
+    """Ten mails in one transaction: one lookup of the sender's user row, not ten."""
+    crm, _ = scripted
+    seen: list[str] = []
+
+    def note(*args: Any) -> None:
+        seen.append(str(args[2]))
+
+    event.listen(crm.engine, "before_cursor_execute", note)
+    try:
+        with crm.transaction() as session:
+            for i in range(10):
+                enqueue.enqueue(crm, session, _request(f"kund{i}@example.org"))
+    finally:
+        event.remove(crm.engine, "before_cursor_execute", note)
+    user_lookups = [s for s in seen if "FROM users" in s and "users.email" in s]
+    assert len(user_lookups) == 1, user_lookups
+    assert _count(crm) == 10

@@ -22,7 +22,7 @@ from crm_core.errors import MailValidationError, Problem
 from crm_core.mail import wakeup
 from crm_core.mail.addresses import Address, header_problem, read_address, validate_addresses
 from crm_core.mail.message import Attachment, OutgoingMessage, make_message_id
-from crm_core.mail.policy import S, db_now
+from crm_core.mail.policy import S
 from crm_core.mail.render import render
 from crm_core.mail.senders import senders
 from crm_core.mail.transport import SenderAccount
@@ -161,12 +161,12 @@ def enqueue_many(
         raise MailValidationError(problems)
     if not checked:
         return []
-    now = db_now(session)
+    known = senders(session)
+    now = known.now(session)
     values = [_outbox_values(c, now) for c in checked]
     ids = _insert_rows(session, values)
     _insert_attachments(session, checked, ids)
     _insert_activities(session, checked, values, ids, now)
-    known = senders(session)
     if not known.announced:  # once per transaction: PostgreSQL delivers one anyway
         wakeup.announce(session)
         known.announced = True
@@ -220,10 +220,11 @@ def _insert_rows(session: Session, values: Sequence[dict[str, Any]]) -> list[int
     PostgreSQL: the ids are taken from the table's sequence first (one query), so the
     INSERT needs no RETURNING and psycopg sends the rows as one pipelined executemany;
     SQLAlchemy's multi-row VALUES form of RETURNING made psycopg parse a query with a
-    placeholder per value (most of a bulk enqueue's time). SQLite: RETURNING, in order.
+    placeholder per value (most of a bulk enqueue's time). One row, and SQLite: RETURNING
+    (one round trip), in order.
     """
     table = cast(Table, OutboxMessage.__table__)
-    if session.get_bind().dialect.name == "postgresql":
+    if session.get_bind().dialect.name == "postgresql" and len(values) > 1:
         ids = [int(i) for i in session.scalars(_next_ids(len(values)))]
         session.execute(insert(table), [{**v, "id": i} for v, i in zip(values, ids, strict=True)])
         return ids

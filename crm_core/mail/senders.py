@@ -11,6 +11,7 @@ a mail queued after a settings change is checked against the new settings.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -18,6 +19,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 from crm_core.errors import Problem
 from crm_core.mail.addresses import Address, read_address
+from crm_core.mail.policy import db_now
 from crm_core.mail.transport import SenderAccount
 from crm_core.models import AccountPause, SystemSetting, User, UserSetting
 from crm_core.settings import private_domains_allowed
@@ -48,7 +50,20 @@ class Senders:
     allow_private: bool
     found: dict[str, Sender] = field(default_factory=dict)
     announced: bool = False
+    started: datetime | None = None
     """Whether workers were told (at commit) that this transaction queued mail."""
+
+    def now(self, session: Session) -> datetime:
+        """The database's now for this transaction's mails.
+
+        PostgreSQL's ``now()`` is the transaction's start, so it is asked once; SQLite's
+        clock is read each time (no query).
+        """
+        if session.get_bind().dialect.name != "postgresql":
+            return db_now(session)
+        if self.started is None:
+            self.started = db_now(session)
+        return self.started
 
     def sender(self, crm: Crm, session: Session, raw: str) -> Sender:
         """The sender typed as ``raw`` (resolved on first use in this transaction)."""

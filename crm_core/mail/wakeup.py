@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,9 @@ class Wakeup(Protocol):
 def announce(session: Session) -> None:
     """Tell listening workers, at commit, that this transaction queued mail."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
+        # A SELECT construct, not text: text SQL may write anything, so it would make
+        # the session forget what it read about senders (crm_core.mail.senders).
+        session.execute(select(func.pg_notify(CHANNEL, "")))
 
 
 def listen(engine: Engine, interval: float = SQLITE_INTERVAL) -> Wakeup:
