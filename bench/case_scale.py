@@ -1,10 +1,9 @@
 """Case 5: 100,000 queued mails dispatched over SMTP by one worker process, memory watched.
 
-Setup: 100 mails are queued through ``enqueue.enqueue``; the rest are copies of those
-rows written with one bulk INSERT per 10,000 (each with its own Message-ID, subject
-and text). Why not the API for all: at the enqueue rate of case 4 that alone would
-take minutes, and this case is about dispatch. The rows are the same as the API
-writes, so the worker cannot tell.
+Setup: every mail is queued through the API, ``enqueue.enqueue_many`` in calls of
+10,000 (each mail to its own recipient, with its bytes rendered at enqueue). Copying
+rows, as this case did before bulk enqueue, would copy the stored bytes and with them
+another mail's Message-ID.
 
 Measured: one real ``python -m crm_core outbox work --once`` process drains them to the
 SMTP server process. The parent reads the worker's peak RSS (VmHWM) every 0.1 s and
@@ -28,33 +27,16 @@ from bench.core import Options, Row, Spread, log, peak_rss_mb, ratios
 from bench.postgres import Postgres
 from bench.servers import exactly_once, smtp_server, wait_for_ids
 
-API_MAILS = 100
 INSERT_CHUNK = 10_000
 
 
 def _fill(crm: Any, n: int) -> list[str]:
-    """``n`` queued mails: some through the API, the rest copies of their rows."""
-    from sqlalchemy import insert, select
+    """``n`` queued mails, through ``enqueue_many`` in calls of INSERT_CHUNK."""
+    from bench.world import enqueue_bulk
 
-    from bench.world import body, enqueue, subject
-    from crm_core.mail.message import make_message_id
-    from crm_core.models import OutboxMessage
-
-    ids = enqueue(crm, min(API_MAILS, n))
-    table = OutboxMessage.__table__
-    with crm.transaction() as session:
-        template = dict(session.execute(select(table).limit(1)).mappings().one())
-    template.pop("id")
-    domain = template["sender_email"].rpartition("@")[2]
-    for first in range(len(ids), n, INSERT_CHUNK):
-        chunk = []
-        for i in range(first, min(first + INSERT_CHUNK, n)):
-            message_id = make_message_id(domain)
-            ids.append(message_id)
-            chunk.append({**template, "message_id": message_id, "subject": subject(i)})
-            chunk[-1]["body_text"] = body(i)
-        with crm.transaction() as session:
-            session.execute(insert(OutboxMessage), chunk)
+    ids: list[str] = []
+    for first in range(0, n, INSERT_CHUNK):
+        ids += enqueue_bulk(crm, min(INSERT_CHUNK, n - first), start=first)
     return ids
 
 

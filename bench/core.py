@@ -77,6 +77,20 @@ class Row:
     requests_per_message: float | None = None
     notes: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    against: str = ""
+    """What the row is measured against (the case's limit row, or a fixed goal)."""
+    goal: str = ""
+    """The goal in words, e.g. ``≥ 0.9 × limit``."""
+    goal_ratio: float | None = None
+    """For a ratio goal: the least median ratio that meets it."""
+    met: bool | None = None
+    """Whether the goal is met (None: no goal); set from ``goal_ratio`` if not given."""
+
+    def __post_init__(self) -> None:
+        if self.goal_ratio is not None:
+            self.goal = self.goal or f"≥ {self.goal_ratio:g} × limit"
+            if self.met is None and self.ratio is not None:
+                self.met = self.ratio.median >= self.goal_ratio
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""

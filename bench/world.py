@@ -137,6 +137,26 @@ def enqueue(
     return ids
 
 
+def enqueue_bulk(crm: Any, count: int, start: int = 0, sender: str = SENDER) -> list[str]:
+    """Queue ``count`` mails with one ``enqueue.enqueue_many`` call; their Message-IDs.
+
+    Each mail goes to its own recipient (a mass mailing to a person list).
+    """
+    from crm_core.mail import enqueue
+
+    requests = [
+        enqueue.MailRequest(sender, [recipient(i)], subject(i), body(i))
+        for i in range(start, start + count)
+    ]
+    with crm.transaction() as session:
+        return [q.message_id for q in enqueue.enqueue_many(crm, session, requests)]
+
+
+def recipient(i: int) -> str:
+    """The i-th person of a mass mailing (the SMTP stand-in accepts any mailbox)."""
+    return f"kund{i}@example.org"
+
+
 def states(crm: Any) -> dict[str, int]:
     """How many outbox rows are in each state."""
     from sqlalchemy import func, select

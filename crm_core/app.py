@@ -26,6 +26,7 @@ from crm_core.errors import ConfigError, PluginError, Problem, SecretKeyError, S
 from crm_core.fields import Scope, SettingField, SettingNotice, set_command
 from crm_core.files import private_folder
 from crm_core.keyring import KeyRing
+from crm_core.mail import senders
 from crm_core.mail.message import OutgoingMessage
 from crm_core.mail.transport import (
     ConnectionReport,
@@ -90,6 +91,7 @@ class Crm:
         for sessions in (self.sessions, self.read_sessions):
             event.listen(sessions, "after_commit", self._send_pending_signals)
             event.listen(sessions, "after_rollback", self._drop_pending_signals)
+        senders.watch(self.sessions)  # reads change nothing a sender's cache holds
 
     @classmethod
     def open(cls, config_path: str | None = None, **kwargs: Any) -> Crm:

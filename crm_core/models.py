@@ -248,6 +248,9 @@ class OutboxMessage(Base):
     last_code: Mapped[str | None] = mapped_column(String(120))
     provider_ref: Mapped[str | None] = mapped_column(String(250))
     server_reply: Mapped[str | None] = mapped_column(Text)
+    mime: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """The message's bytes, rendered once at enqueue and sent by every attempt (None:
+    queued before revision 0004, or not renderable; the transport renders then)."""
     recipient_states: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     """Each recipient's fate so far: address -> {"state", "reply", "at"}; None before
     any attempt answered per recipient (all share the message's state)."""

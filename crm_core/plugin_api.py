@@ -51,6 +51,7 @@ from crm_core.fields import FieldType, Scope, SettingField, SettingNotice, set_c
 from crm_core.hookspecs import hookimpl
 from crm_core.mail.addresses import Address, explain_address
 from crm_core.mail.message import Attachment, OutgoingMessage
+from crm_core.mail.render import render as render_message
 from crm_core.mail.transport import (
     ConnectionReport,
     ConnectionStep,
@@ -146,6 +147,7 @@ __all__ = [
     "hookimpl",
     "is_guid",
     "missing_credentials",
+    "render_message",
     "set_command",
     "token_client",
 ]

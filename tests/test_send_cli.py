@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
 from crm_core import directory, signals
-from crm_core.models import OutboxMessage
 
 # Only the Maildir plugin: each `crm` call then starts without importing exchangelib.
 CONFIG = """\
@@ -178,8 +177,10 @@ def _interrupt_at_the_first_transaction(_session: Session, *_args: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _interrupt_while_flushing_the_mail(session: Session, *_args: Any) -> None:
-    if any(isinstance(obj, OutboxMessage) for obj in session.new):
+def _interrupt_while_writing_the_mail(*args: Any) -> None:
+    """Engine's before_cursor_execute: the INSERT of the outbox row, however it is made."""
+    statement = args[2]
+    if statement.lstrip().upper().startswith("INSERT INTO OUTBOX "):
         raise KeyboardInterrupt
 
 
@@ -192,7 +193,7 @@ def _interrupt_before_committing_the_mail(session: Session) -> None:
     ("moment", "interrupt"),
     [
         ("after_begin", _interrupt_at_the_first_transaction),
-        ("before_flush", _interrupt_while_flushing_the_mail),
+        ("before_cursor_execute", _interrupt_while_writing_the_mail),
         ("before_commit", _interrupt_before_committing_the_mail),
     ],
 )
@@ -200,11 +201,12 @@ def test_ctrl_c_before_the_commit_queues_nothing_and_exits_130(
     cli: Any, moment: str, interrupt: Any
 ) -> None:
     """Before the commit nothing is queued, so the exit is the interrupt's: 128 + SIGINT."""
-    event.listen(Session, moment, interrupt)
+    target = Engine if moment == "before_cursor_execute" else Session
+    event.listen(target, moment, interrupt)
     try:
         sent = cli(*SEND, "--to", "per@example.com", "--body", "Hej")
     finally:
-        event.remove(Session, moment, interrupt)
+        event.remove(target, moment, interrupt)
     assert sent.code == 130, sent.output
     assert "Queued as" not in sent.stdout and "Error: interrupted" in sent.stderr
     assert json.loads(cli("outbox", "list", "--json").stdout)["messages"] == []

@@ -16,13 +16,14 @@ import pytest
 from crm_core.errors import Problem, SettingValueError
 from crm_core.fields import Scope
 from crm_core.mail.message import Attachment
+from crm_core.mail.render import _mime_render
 from crm_core.mail.transport import Outcome, SenderAccount, SettingValue
 from crm_core.models import utcnow
 from crm_core.secret_box import Secret
 from smtp_mail.classify import Phase, connection_failure, disconnected, reply_failure
 from smtp_mail.client import mask
 from smtp_mail.hints import enhanced_code, explain, reply_code
-from smtp_mail.render import Unsendable, _mime_render, prepare
+from smtp_mail.render import Unsendable, prepare
 from smtp_mail.settings import (
     AuthMode,
     Security,
@@ -539,6 +540,7 @@ def _semantics(mime: EmailMessage) -> dict[str, object]:
         {"subject": "A long subject " * 12, "html": "<p>Hello <b>there</b></p>"},
         {"sender_name": "Åsa Öberg, mäklare", "to_name": 'Per "P" Persson', "cc": ["c@example.se"]},
         {"to": ["info@bücher.de"], "bcc": ["hidden@example.se"], "html": "<p>Grüße</p>"},
+        {"text": "From the top\n.\nno newline at the end", "html": "<p>Hej då</p>"},
     ],
 )
 def test_fast_rendering_says_what_the_full_rendering_says(
@@ -548,7 +550,7 @@ def test_fast_rendering_says_what_the_full_rendering_says(
     features = {"size": "0", **({"8bitmime": ""} if eight_bit else {})}
     envelope = prepare(message, features, "h:25")
     fast = _parsed(envelope.data)
-    full = _parsed(_mime_render(message, features)[0])
+    full = _parsed(_mime_render(message, eight_bit))
     assert _semantics(fast) == _semantics(full)
     head = envelope.data.split(b"\r\n\r\n", 1)[0]
     assert head.isascii() and b"\n" not in head.replace(b"\r\n", b"")  # CRLF only

@@ -407,3 +407,21 @@ def test_sigterm_finishes_what_the_worker_holds(make_crm: Any, smtp_server: Smtp
     assert worker.returncode == 0, err
     assert "polite stopped: " in out and "sent 3" in out
     assert count_states(crm) == Counter({OutboxState.SENT.value: 3})
+
+
+def test_every_attempt_sends_the_bytes_rendered_at_enqueue(
+    make_crm: Any, smtp_server: SmtpServer
+) -> None:
+    """Rendered once: the server gets exactly the stored bytes, after a failed try too."""
+    crm = smtp_crm(make_crm, smtp_server.port)
+    outbox_id = queue_mail(crm, subject="Välkommen", html="<p>Hälsningar från Malmö</p>")
+    stored = rows_by_id(crm)[outbox_id].mime
+    assert stored is not None and b"Subject: =?utf-8?" in stored
+    smtp_server.stop()
+    assert Worker(crm).run_once().retry == 1
+    smtp_server.start()
+    drain(crm)
+    (got,) = smtp_server.received
+    assert got.data == stored
+    row = rows_by_id(crm)[outbox_id]
+    assert row.state == "sent" and row.mime == stored and "BODY=8BITMIME" in got.mail_options

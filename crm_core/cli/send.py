@@ -65,9 +65,17 @@ _ADDRESS = "name@example.se or 'Per Persson <per@example.se>'"
     "--to",
     "to",
     multiple=True,
-    required=True,
     metavar="ADDRESS",
     help=f"A recipient: {_ADDRESS}. Repeat --to for each one.",
+)
+@click.option(
+    "--to-file",
+    "to_file",
+    type=_FILE,
+    default=None,
+    help="A mass mailing: one mail per recipient in this UTF-8 file, one address a line "
+    "(# starts a comment), or a .csv file with an 'email' column and maybe a 'name' "
+    "column. All are queued, or none.",
 )
 @click.option("--cc", multiple=True, metavar="ADDRESS", help="A copy recipient (repeatable).")
 @click.option(
@@ -109,6 +117,7 @@ def send(
     ctx: Context,
     sender: str,
     to: tuple[str, ...],
+    to_file: Path | None,
     cc: tuple[str, ...],
     bcc: tuple[str, ...],
     reply_to: tuple[str, ...],
@@ -129,6 +138,10 @@ def send(
 
     if (body is None) == (body_file is None):
         fail("give exactly one of --body or --body-file")
+    if bool(to) == (to_file is not None):
+        fail("give --to (one mail to its recipients) or --to-file (one mail per recipient)")
+    if to_file is not None and (cc or bcc or person):
+        fail("--to-file sends each recipient their own mail; --cc, --bcc and --person do not apply")
     crm = ctx.crm()
     limit = crm.config.mail.max_message_bytes
     request = enqueue.MailRequest(
@@ -143,6 +156,9 @@ def send(
         attachments=[_attachment(p, limit) for p in attach],
         person_email=person,
     )
+    if to_file is not None:
+        _send_each(crm, request, to_file, dry_run, as_json)
+        return
     if dry_run:
         with crm.transaction(write=False) as session:
             found = enqueue.plan(crm, session, request)
@@ -183,6 +199,57 @@ def _queue(crm: Crm, request: MailRequest) -> Queued:
         click.echo(
             f"Interrupted after the mail was queued: it stays queued once, as outbox "
             f"#{queued.outbox_id}; do not send it again.",
+            err=True,
+        )
+    return queued
+
+
+def _send_each(crm: Crm, request: MailRequest, path: Path, dry_run: bool, as_json: bool) -> None:
+    """Queue one copy of ``request`` per recipient in ``path``, in one transaction."""
+    from dataclasses import replace
+
+    from crm_core.cli.recipients_file import read_recipients
+    from crm_core.mail import enqueue
+
+    found = read_recipients(path)
+    requests = [replace(request, to=[address]) for _, address in found]
+    labels = [f"{path.name} line {line}" for line, _ in found]
+    if dry_run:
+        with crm.transaction() as session:
+            plan = enqueue.plan(crm, session, requests[0])
+            problems = enqueue.check_many(crm, session, requests, labels)
+        _print_plan(replace(plan, problems=tuple(problems), recipients=len(requests)), as_json)
+        if problems:
+            raise SystemExit(EXIT_REFUSED)
+        return
+    queued = _queue_many(crm, requests, labels)
+    if as_json:
+        emit_json({"ok": True, "count": len(queued), "queued": [q.__dict__ for q in queued]})
+        return
+    click.echo(
+        f"Queued {len(queued)} mail(s), one per recipient, as outbox "
+        f"#{queued[0].outbox_id} to #{queued[-1].outbox_id}"
+    )
+    if queued[0].paused:
+        click.echo(
+            f"Warning: the sender's account is paused, so they wait: {printable(queued[0].paused)}"
+        )
+
+
+def _queue_many(crm: Crm, requests: list[MailRequest], labels: list[str]) -> list[Queued]:
+    """Queue every mail or none; after Ctrl-C, go by whether the database holds them."""
+    from crm_core.mail import enqueue
+
+    queued: list[Queued] = []
+    try:
+        with crm.transaction() as session:
+            queued = enqueue.enqueue_many(crm, session, requests, labels)
+    except KeyboardInterrupt:
+        if not queued or not _in_outbox(crm, queued[0].message_id):
+            fail("interrupted before the mails were queued; nothing was queued", EXIT_INTERRUPTED)
+        click.echo(
+            f"Interrupted after the mails were queued: they stay queued once, as outbox "
+            f"#{queued[0].outbox_id} to #{queued[-1].outbox_id}; do not send them again.",
             err=True,
         )
     return queued

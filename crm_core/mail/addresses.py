@@ -255,6 +255,8 @@ def read_address(raw: str, allow_private: bool = False, option: str = "") -> Add
     (e.g. ``--to``) makes the hint say how to give several.
     """
     text = raw.strip()
+    if _PLAIN.fullmatch(text) and text.isascii() and text.isprintable():
+        return _bare(text, allow_private)  # the common case: nothing to split or unquote
     unsafe = header_problem(text, "")
     if unsafe is not None:
         return unsafe
@@ -271,6 +273,17 @@ def read_address(raw: str, allow_private: bool = False, option: str = "") -> Add
     if isinstance(checked, Problem):
         return replace(checked, fix=checked.fix or _name_hint(text))
     return Address(checked, unicodedata.normalize("NFC", name))
+
+
+_PLAIN = re.compile(r"[^\s\"<>,;@]+@[^\s\"<>,;@]+")
+"""One bare address: no blank, quote, bracket, list separator or second @."""
+
+
+def _bare(text: str, allow_private: bool) -> Address | Problem:
+    """A bare printable ASCII address (what most values are): only the address rules
+    apply; it cannot hold a name, several addresses or a control character."""
+    checked = _checked(text, allow_private)
+    return Address(checked) if isinstance(checked, str) else checked
 
 
 def _name_hint(text: str) -> str:

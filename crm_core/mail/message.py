@@ -59,6 +59,9 @@ class OutgoingMessage:
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     envelope: tuple[Address, ...] = ()
     handed_over_at: datetime | None = None
+    rendered: bytes | None = field(default=None, repr=False)
+    """The bytes rendered once at enqueue (:mod:`crm_core.mail.render`), sent on every
+    attempt; None for a mail queued before they were stored."""
 
     @property
     def recipients(self) -> tuple[Address, ...]:

@@ -14,7 +14,6 @@ from sqlalchemy import (
     exists,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from crm_core import signals
@@ -38,7 +37,13 @@ def pause_account(
     once, and the first reason is kept.
     """
     dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    # Imported here: a worker that never pauses an account need not load both
+    # dialects' modules (PostgreSQL's pulls in its asyncpg variant; start-up, case 8).
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql as chosen
+    else:
+        from sqlalchemy.dialects import sqlite as chosen  # type: ignore[no-redef]
+    insert = chosen.insert
     stmt = (
         insert(AccountPause)
         .values(

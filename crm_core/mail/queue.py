@@ -93,6 +93,7 @@ def outgoing(row: OutboxMessage, handed_over_at: datetime | None = None) -> Outg
         created_at=row.created_at,
         envelope=envelope,
         handed_over_at=handed_over_at,
+        rendered=row.mime,
     )
 
 

@@ -32,7 +32,7 @@ from sqlalchemy.exc import DBAPIError
 
 from crm_core import credential_expiry
 from crm_core.errors import TransportError
-from crm_core.mail import pacing, policy, queue, reconciler
+from crm_core.mail import pacing, policy, queue, reconciler, wakeup
 from crm_core.mail.queue import Claim
 from crm_core.mail.transport import Outcome, SendResult
 from crm_core.models import OutboxState
@@ -196,24 +196,38 @@ class Worker:
         return total
 
     def run(self, stop: threading.Event) -> WorkerStats:
-        """Poll until ``stop`` is set; sleep ``poll_seconds`` when nothing is due."""
+        """Poll until ``stop`` is set; when nothing is due, wait until mail is queued
+        (:mod:`crm_core.mail.wakeup`) or ``poll_seconds`` pass, whichever is first."""
         total = WorkerStats()
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="outbox") as pool:
-            while not stop.is_set():
-                try:
-                    step = self.poll(pool, stop)
-                except DBAPIError as exc:
-                    # The database went away (restart, failover). What this worker held
-                    # is fenced by its lease, so waiting and polling again is safe.
-                    log.warning("outbox worker %s: database error, retrying: %s", self.name, exc)
-                    stop.wait(max(self.config.poll_seconds, 1.0))
-                    continue
-                total += step
-                total.reconciled += self.reconcile_when_due()
-                self.check_expiry_when_due()
-                if not (step.claimed or step.paused_accounts):
-                    stop.wait(self.config.poll_seconds)
+        woken = wakeup.listen(self.crm.engine)
+        try:
+            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="outbox") as pool:
+                self._run(pool, woken, stop, total)
+        finally:
+            woken.close()
         return total
+
+    def _run(
+        self,
+        pool: ThreadPoolExecutor,
+        woken: wakeup.Wakeup,
+        stop: threading.Event,
+        total: WorkerStats,
+    ) -> None:
+        while not stop.is_set():
+            try:
+                step = self.poll(pool, stop)
+            except DBAPIError as exc:
+                # The database went away (restart, failover). What this worker held
+                # is fenced by its lease, so waiting and polling again is safe.
+                log.warning("outbox worker %s: database error, retrying: %s", self.name, exc)
+                stop.wait(max(self.config.poll_seconds, 1.0))
+                continue
+            total += step
+            total.reconciled += self.reconcile_when_due()
+            self.check_expiry_when_due()
+            if not (step.claimed or step.paused_accounts):
+                woken.wait(self.config.poll_seconds, stop)
 
     def reconcile_when_due(self) -> int:
         """Ask the transports about ``unknown`` mail every ``reconcile_seconds``.

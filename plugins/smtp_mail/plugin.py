@@ -102,12 +102,13 @@ def send_mail(
     killed mid-batch leaves only the message in flight unknown.
     """
     from smtp_mail.client import SmtpClient
-    from smtp_mail.oauth import EntraTokens
 
     settings = resolve(account)
-    tokens = EntraTokens.for_account(account, resources)
-    if settings.auth is not AuthMode.XOAUTH2:
-        tokens = None
+    tokens = None
+    if settings.auth is AuthMode.XOAUTH2:  # only then msal's HTTP client (requests)
+        from smtp_mail.oauth import EntraTokens
+
+        tokens = EntraTokens.for_account(account, resources)
     results: list[SendResult] = []
     with SmtpClient(settings, tokens) as client:
         for index, message in enumerate(messages):

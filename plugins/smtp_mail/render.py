@@ -1,9 +1,9 @@
 """The bytes and envelope that go over the wire for one message.
 
-Why here and not in the core's rendering: what is allowed depends on what this server
-offers. The core renders one MIME message (Message-ID, Date, From, parts); this module
-only adapts it to the session: RFC 2047 headers and IDNA domains unless SMTPUTF8 is
-used, 8-bit parts re-encoded when the server lacks 8BITMIME, and the SIZE limit.
+The core renders each message once, at enqueue, and stores the bytes (RFC 2047
+headers and IDNA domains unless SMTPUTF8 is needed, 8-bit text where the text needs
+it); this module only fits them to the session: the envelope, BODY=8BITMIME or
+SMTPUTF8, the core's 7-bit rendering when the server lacks 8BITMIME, and SIZE.
 
 A message that cannot be rendered or encoded (a control character in a header, text
 that no charset can encode, an international address without SMTPUTF8) raises
@@ -14,24 +14,13 @@ batch is sent.
 from __future__ import annotations
 
 import email.errors
-import email.policy
-import email.utils
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from email.charset import QP, Charset
-from email.header import Header
-from email.headerregistry import Address as HeaderAddress
-from email.message import EmailMessage, Message
-from email.mime.multipart import MIMEMultipart
-from email.mime.nonmultipart import MIMENonMultipart
-from email.mime.text import MIMEText
 from types import MappingProxyType
 
-from crm_core.plugin_api import Address, Outcome, OutgoingMessage
+from crm_core.plugin_api import Address, Outcome, OutgoingMessage, render_message
 from smtp_mail.classify import Failure
-
-_ADDRESS_HEADERS = ("From", "To", "Cc", "Reply-To")
 
 # C0 controls but tab, DEL, C1 controls and the Unicode line separators: the email
 # package folds or splits a header at some of them (a vertical tab becomes a line
@@ -87,30 +76,20 @@ def prepare(message: OutgoingMessage, features: Mapping[str, str], server: str) 
 
 
 def _prepare(message: OutgoingMessage, features: Mapping[str, str], server: str) -> Envelope:
+    """The stored bytes (rendered once, at enqueue), or the core's rendering of them:
+    for a row queued before bytes were stored, or in 7 bits for a server without
+    8BITMIME when the stored bytes hold 8-bit text."""
     international = message.needs_smtputf8
     if international and "smtputf8" not in features:
         raise Unsendable(_no_smtputf8(message, server))
-    if not international and not message.attachments:
-        return _finish(message, *_plain_render(message, "8bitmime" in features), features, server)
-    return _finish(message, *_mime_render(message, features), features, server)
-
-
-def _mime_render(message: OutgoingMessage, features: Mapping[str, str]) -> tuple[bytes, list[str]]:
-    """The full rendering: attachments, international addresses, anything."""
-    international = message.needs_smtputf8
-    mime = message.to_email_message()
-    options: list[str] = []
-    if international:
-        options += ["SMTPUTF8", "BODY=8BITMIME"]
-    else:
-        _ascii_address_headers(mime, message)
-        if _has_8bit(mime):
-            if "8bitmime" in features:
-                options.append("BODY=8BITMIME")
-            else:
-                _seven_bit(mime)
-    policy = email.policy.SMTPUTF8 if international else email.policy.SMTP
-    return mime.as_bytes(policy=policy), options
+    eight_bit = "8bitmime" in features
+    data = message.rendered
+    if data is None or not (eight_bit or data.isascii()):
+        data = render_message(message, eight_bit)
+    options = ["SMTPUTF8", "BODY=8BITMIME"] if international else []
+    if not international and not data.isascii():
+        options.append("BODY=8BITMIME")
+    return _finish(message, data, options, features, server)
 
 
 def _finish(
@@ -139,67 +118,6 @@ def _finish(
     )
 
 
-_WIRE_COMPAT32 = email.policy.compat32.clone(linesep="\r\n")
-
-
-def _plain_render(message: OutgoingMessage, eight_bit: bool) -> tuple[bytes, list[str]]:
-    """The common case (ASCII addresses, text and maybe HTML, no attachments), fast.
-
-    Why: the modern ``email`` API (header registry, content manager, policy folding)
-    cost ~0.5 ms per small message, more than the SMTP exchange itself on a LAN
-    (benchmark profile, docs/performance.md). The compat32 classes render the same
-    message (same Message-ID, Date, From/To/Cc/Reply-To with IDNA domains and RFC 2047
-    names, Subject, multipart/alternative) about five times faster. Messages with
-    attachments or international addresses keep the full rendering.
-    """
-    parts = [_text_part(message.text, "plain", eight_bit)]
-    if message.html is not None:
-        parts.append(_text_part(message.html, "html", eight_bit))
-    mime: Message
-    if len(parts) == 1:
-        mime = parts[0]
-    else:
-        mime = MIMEMultipart("alternative", _subparts=parts)
-        for part in parts:
-            del part["MIME-Version"]
-    mime["Message-ID"] = message.message_id
-    mime["Date"] = email.utils.format_datetime(message.created_at)
-    mime["From"] = _compat_address(message.sender)
-    mime["To"] = ", ".join(_compat_address(a) for a in message.to)
-    if message.cc:
-        mime["Cc"] = ", ".join(_compat_address(a) for a in message.cc)
-    if message.reply_to:
-        mime["Reply-To"] = ", ".join(_compat_address(a) for a in message.reply_to)
-    subject = message.subject
-    # A Header object is how compat32 takes an RFC 2047 value (email.header docs).
-    mime["Subject"] = subject if subject.isascii() else Header(subject, "utf-8")  # type: ignore[assignment]
-    options = ["BODY=8BITMIME"] if eight_bit and not _all_ascii(message) else []
-    return mime.as_bytes(policy=_WIRE_COMPAT32), options
-
-
-def _text_part(text: str, subtype: str, eight_bit: bool) -> Message:
-    if not text.endswith("\n"):
-        text += "\n"  # as the full rendering's content manager does
-    if text.isascii():
-        return MIMEText(text, subtype, "us-ascii")
-    charset = Charset("utf-8")
-    # 8bit only where the server offers 8BITMIME, else quoted-printable. (typeshed
-    # types body_encoding as int; None is the documented "no encoding".)
-    charset.body_encoding = None if eight_bit else QP  # type: ignore[assignment]
-    part = MIMENonMultipart("text", subtype)
-    part.set_payload(text, charset)
-    return part
-
-
-def _compat_address(addr: Address) -> str:
-    wire = addr.ascii_email or addr.email
-    return email.utils.formataddr((addr.name, wire), "utf-8") if addr.name else wire
-
-
-def _all_ascii(message: OutgoingMessage) -> bool:
-    return message.text.isascii() and (message.html is None or message.html.isascii())
-
-
 class Unsendable(Exception):
     """This server can never carry the message as it is (a permanent failure)."""
 
@@ -214,46 +132,6 @@ def _wire_address(addr: Address, international: bool) -> str:
     ascii_email = addr.ascii_email
     assert ascii_email is not None  # only international messages have non-ASCII locals
     return ascii_email
-
-
-def _ascii_address_headers(mime: EmailMessage, message: OutgoingMessage) -> None:
-    """Write domains as IDNA (xn--): without SMTPUTF8 a header may hold only ASCII."""
-    groups: dict[str, tuple[Address, ...]] = {
-        "From": (message.sender,),
-        "To": message.to,
-        "Cc": message.cc,
-        "Reply-To": message.reply_to,
-    }
-    for name in _ADDRESS_HEADERS:
-        addresses = groups[name]
-        if name in mime and any(not a.domain.isascii() for a in addresses):
-            mime.replace_header(name, [_ascii_header_address(a) for a in addresses])
-
-
-def _ascii_header_address(addr: Address) -> HeaderAddress:
-    local, _, domain = (addr.ascii_email or addr.email).rpartition("@")
-    return HeaderAddress(display_name=addr.name, username=local, domain=domain)
-
-
-def _has_8bit(mime: EmailMessage) -> bool:
-    return any(
-        str(part.get("Content-Transfer-Encoding", "")).lower() == "8bit" for part in mime.walk()
-    )
-
-
-def _seven_bit(mime: EmailMessage) -> None:
-    """Re-encode 8-bit text parts as quoted-printable for a server without 8BITMIME."""
-    for part in mime.walk():
-        if str(part.get("Content-Transfer-Encoding", "")).lower() != "8bit":
-            continue
-        assert isinstance(part, EmailMessage)
-        text = part.get_content()
-        part.set_content(
-            text,
-            subtype=part.get_content_subtype(),
-            charset=part.get_content_charset() or "utf-8",
-            cte="quoted-printable",
-        )
 
 
 def _refuse_control_characters(message: OutgoingMessage) -> None:

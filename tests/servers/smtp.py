@@ -35,6 +35,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -977,6 +978,7 @@ class SmtpProcess:
         self._cond = threading.Condition()
         self._ready: int | None = None
         self._accepted: list[str] = []
+        self._accepted_at: dict[str, float] = {}
         self._unexpected: list[str] = []
         self._closed = False
         self._reader = threading.Thread(
@@ -995,6 +997,7 @@ class SmtpProcess:
                         self._ready = int(rest)
                     elif kind == "ACCEPTED":
                         self._accepted.append(rest)
+                        self._accepted_at.setdefault(rest, time.monotonic())
                     else:
                         self._unexpected.append(line)
                     self._cond.notify_all()
@@ -1030,6 +1033,13 @@ class SmtpProcess:
         """Message-IDs reported so far, in order of acceptance."""
         with self._cond:
             return list(self._accepted)
+
+    def accepted_at(self) -> dict[str, float]:
+        """When each Message-ID was first reported (this process's monotonic clock):
+        the server reports a message as it answers 250 to it, so a benchmark can
+        measure the time from a commit to that answer."""
+        with self._cond:
+            return dict(self._accepted_at)
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[str]:
         """Block until ``count`` Message-IDs were reported; the timeout means failure."""
