@@ -58,8 +58,11 @@ def smtp_server() -> Iterator[SmtpServer]:
         yield server
 
 
-def smtp_crm(make_crm: Any, port: int, lease: int = 60, batch: int = 50) -> Crm:
-    """A Crm whose one user sends through the SMTP plugin to 127.0.0.1:``port``."""
+def smtp_crm(
+    make_crm: Any, port: int, lease: int = 60, batch: int = 50, connections: int = 3
+) -> Crm:
+    """A Crm whose one user sends through the SMTP plugin to 127.0.0.1:``port`` over up
+    to ``connections`` connections at once."""
     crm: Crm = make_crm(SMTP_CONFIG.format(lease=lease, batch=batch))
     with crm.transaction() as s:
         directory.add_user(s, SENDER, "Anna", "commercial")
@@ -70,6 +73,7 @@ def smtp_crm(make_crm: Any, port: int, lease: int = 60, batch: int = 50) -> Crm:
             ("smtp.security", "none"),
             ("smtp.auth", "none"),
             ("smtp.timeout", "30"),
+            ("smtp.max_connections", str(connections)),
         ):
             crm.set_system_setting(s, key, value)
     return crm
@@ -192,7 +196,7 @@ def test_a_refusal_at_end_of_data_does_not_pause_the_account(
 ) -> None:
     # The stand-in keeps the refused transaction open, as Postfix does: without RSET the
     # next MAIL gets "503 5.5.1 Error: nested MAIL command".
-    crm = smtp_crm(make_crm, smtp_server.port)
+    crm = smtp_crm(make_crm, smtp_server.port, connections=1)  # the 2nd follows on it
     ids = queue_many(crm, 3)
     smtp_server.inject("data_temporary", address="r0@example.com", times=1)
     stats = Worker(crm).run_once()
@@ -344,7 +348,7 @@ def test_a_worker_killed_mid_batch_leaves_unknown_and_the_next_worker_goes_on(
 ) -> None:
     relay = StallingRelay(smtp_server.port, after=2)
     try:
-        crm = smtp_crm(make_crm, relay.port, lease=60, batch=5)
+        crm = smtp_crm(make_crm, relay.port, lease=60, batch=5, connections=1)
         ids = queue_many(crm, 12)
         first = start_worker(make_crm.env, "doomed")
         try:

@@ -31,9 +31,11 @@ from crm_core.plugin_api import (
 )
 from smtp_mail.settings import (
     CA_BUNDLE,
+    MOST_CONNECTIONS,
     TRANSPORT,
     AuthMode,
     check,
+    connections,
     resolve,
     smtp_fields,
 )
@@ -49,7 +51,10 @@ def register_transports() -> list[TransportSpec]:
         TransportSpec(
             TRANSPORT,
             "Send via SMTP",
-            in_flight=1,  # one message at a time on a connection, each reported
+            # One message at a time on each connection, each reported before the next
+            # is taken, in order: as many in flight as the account has connections.
+            in_flight=MOST_CONNECTIONS,
+            in_flight_for=connections,
             description="Any SMTP server: Microsoft 365 (OAuth), Google, a company relay, "
             "an on-premises Exchange receive connector.",
         )
@@ -94,26 +99,22 @@ def send_mail(
     resources: Resources,
     report: Callable[[Sequence[SendResult]], None],
 ) -> list[SendResult]:
-    """Send the batch over one connection (one AUTH); one classified result per message.
+    """Send the batch over up to ``smtp.max_connections`` connections (one AUTH each);
+    one classified result per message.
 
     Each result is reported as the server's final reply for it arrives, so a worker
-    killed mid-batch leaves only the message in flight unknown.
+    killed mid-batch leaves only the messages in flight (one per connection) unknown.
     """
-    from smtp_mail.client import SmtpClient
+    from smtp_mail.batch import send_batch
     from smtp_mail.oauth import EntraTokens
 
     settings = resolve(account)
     tokens = EntraTokens.for_account(account, resources)
     if settings.auth is not AuthMode.XOAUTH2:
         tokens = None
-    results: list[SendResult] = []
-    with SmtpClient(settings, tokens) as client:
-        for message in messages:
-            result = client.send(message)
-            report([result])
-            results.append(result)
-    _log_batch(account, settings.server, results, client.connections)
-    return results
+    sent = send_batch(settings, tokens, messages, report)
+    _log_batch(account, settings.server, sent.results, sent.connections)
+    return sent.results
 
 
 def _log_batch(

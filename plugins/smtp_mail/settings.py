@@ -39,14 +39,19 @@ PORT = "smtp.port"
 SECURITY = "smtp.security"
 AUTH = "smtp.auth"
 TIMEOUT = "smtp.timeout"
+MAX_CONNECTIONS = "smtp.max_connections"
 USERNAME = "smtp.username"
 PASSWORD = "smtp.password"
 CA_BUNDLE = "tls.ca_bundle"
 TRANSPORT_KEY = "mail.transport"
 
 DEFAULT_TIMEOUT = 30
+#: Exchange Online's limit of concurrent SMTP connections per mailbox, the strictest
+#: of the common servers (Postfix allows 50 per client by default).
+DEFAULT_CONNECTIONS = 3
+MOST_CONNECTIONS = 10
 USER_KEYS = (USERNAME, PASSWORD)
-OVERRIDABLE = (HOST, PORT, SECURITY, AUTH)
+OVERRIDABLE = (HOST, PORT, SECURITY, AUTH, MAX_CONNECTIONS)
 
 E = TypeVar("E", bound=StrEnum)
 _HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?$")
@@ -103,6 +108,16 @@ def _validate_timeout(text: str) -> str:
     if not text.isdigit() or not 1 <= int(text) <= 600:
         raise SettingValueError(TIMEOUT, f"{text!r} is not a number of seconds from 1 to 600")
     return text
+
+
+def _validate_connections(text: str) -> str:
+    if not text.isdigit() or not 1 <= int(text) <= MOST_CONNECTIONS:
+        raise SettingValueError(
+            MAX_CONNECTIONS,
+            f"{text!r} is not a number of connections from 1 to {MOST_CONNECTIONS} "
+            f"(Microsoft 365 allows {DEFAULT_CONNECTIONS} per mailbox)",
+        )
+    return str(int(text))
 
 
 def _validate_username(text: str) -> str:
@@ -165,6 +180,19 @@ def smtp_fields() -> list[SettingField]:
             validator=_validate_timeout,
         ),
         SettingField(
+            MAX_CONNECTIONS,
+            Scope.SYSTEM,
+            "SMTP connections per sender",
+            type=FieldType.INT,
+            default=str(DEFAULT_CONNECTIONS),
+            help=f"How many connections one sender's mail may use at once (1 to "
+            f"{MOST_CONNECTIONS}). Microsoft 365 allows {DEFAULT_CONNECTIONS} per mailbox; "
+            "a server that allows fewer answers the extra ones with 421, and the mail "
+            "goes over the others.",
+            validator=_validate_connections,
+            user_override=True,
+        ),
+        SettingField(
             USERNAME,
             Scope.USER,
             "SMTP username",
@@ -216,6 +244,7 @@ class SmtpSettings:
     ca_bundle: str | None
     email: str
     overridden: frozenset[str] = frozenset()
+    connections: int = DEFAULT_CONNECTIONS
 
     @property
     def server(self) -> str:
@@ -259,7 +288,14 @@ def resolve(account: SenderAccount) -> SmtpSettings:
         ca_bundle=account.get_str(CA_BUNDLE) or None,
         email=account.email,
         overridden=frozenset(k for k in OVERRIDABLE if k in account.user),
+        connections=connections(account),
     )
+
+
+def connections(account: SenderAccount) -> int:
+    """How many connections this account's batch may use at once (1 to the most)."""
+    wanted = account.get_int(MAX_CONNECTIONS, DEFAULT_CONNECTIONS)
+    return min(max(wanted, 1), MOST_CONNECTIONS)
 
 
 def _choice(kind: type[E], text: str, default: E) -> E:
