@@ -579,8 +579,13 @@ class SmtpClient:
     def _after_dot(
         self, conn: _Wire, tally: Tally, mid: str, code: int, reply: bytes
     ) -> SendResult:
-        """The reply after the final dot decides for every accepted recipient."""
+        """The reply after the final dot decides for every accepted recipient.
+
+        A 250 ends the transaction, so a recipient refused on the way needs no RSET
+        before the next message (it would cost a round trip).
+        """
         if code == 250:
+            conn.needs_reset = False
             return tally.delivered(mid, code, reply)
         conn.needs_reset = True
         if code == 421:

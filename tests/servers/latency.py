@@ -101,6 +101,8 @@ class LatencyProxy:
         """Close the listener and every proxied connection; join the threads."""
         self._stop.set()
         with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (Linux)
+        with contextlib.suppress(OSError):
             self.listener.close()
         with self._lock:
             links = list(self._links)
