@@ -242,6 +242,25 @@ def test_a_server_that_allows_fewer_connections_gets_the_batch_over_those(
     check_delivery(server, messages, results)
 
 
+def test_a_connection_that_cannot_be_reopened_fails_one_message_and_leaves_the_rest(
+    setup: SmtpCrm, running: Servers
+) -> None:
+    server = plain_server(running, hold_mail_until_connections=3)
+    server.inject("close_idle", address="r2@example.org", times=1)  # 421 after it
+    server.inject("refuse_connection", skip=3)  # the three get through; no reopening
+    point_at(setup, server, None)
+    messages = [make_message(n, to=[f"r{n}@example.org"]) for n in range(1, 31)]
+
+    results = setup.send(messages)
+
+    outcomes = Counter(r.outcome for r in results)
+    assert outcomes == Counter({Outcome.SENT: 29, Outcome.TEMPORARY: 1})
+    (failed,) = [r for r in results if r.outcome is Outcome.TEMPORARY]
+    assert failed.code == "421 4.3.2"  # nothing of it was handed over: sent again later
+    assert server.refused_connections == 1
+    check_delivery(server, messages, results)
+
+
 def test_pipelined_and_parallel_through_the_latency_proxy_each_message_once(
     setup: SmtpCrm, running: Servers
 ) -> None:

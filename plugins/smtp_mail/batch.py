@@ -15,7 +15,9 @@ How it stays exactly once and crash-safe:
   password costs one login, not one per connection; when it cannot open, every
   message gets its failure as before;
 * an extra connection that cannot open (a server allowing fewer, answering 421) takes
-  no message and simply drops out; the others carry the batch.
+  no message and simply drops out; the others carry the batch. One that cannot be
+  reopened after the server closed it fails only the message it held (nothing of it
+  was handed over: temporary) and drops out too, unless it is the last one left.
 """
 
 from __future__ import annotations
@@ -41,6 +43,24 @@ class _Dealer:
         self._next: Iterator[tuple[int, OutgoingMessage]] = iter(enumerate(messages))
         self._lock = threading.Lock()
         self._stopped = False
+        self._working = 0
+
+    def join(self) -> None:
+        """A connection starts taking messages."""
+        with self._lock:
+            self._working += 1
+
+    def leave(self) -> bool:
+        """A broken connection asks to stop taking messages: yes unless it is the last.
+
+        Why not always: the last one must go on, so every message gets a result (its
+        failure, as with a single connection).
+        """
+        with self._lock:
+            if self._working > 1:
+                self._working -= 1
+                return True
+            return False
 
     def take(self) -> tuple[int, OutgoingMessage] | None:
         """The next message and its place, or None when none is left (or stopped)."""
@@ -80,15 +100,20 @@ def send_batch(
 
     def work(client: SmtpClient) -> None:
         with client:
-            if client is not first and not _opened(client):
-                return
+            if client is not first:
+                if not _opened(client):
+                    return
+                dealer.join()
             while (taken := dealer.take()) is not None:
                 index, message = taken
                 result = client.send(message)
                 results[index] = result
                 with reporting:
                     report([result])
+                if client.broken and dealer.leave():
+                    return
 
+    dealer.join()  # the first connection, before any other can ask to leave
     with ThreadPoolExecutor(max(extra, 1), thread_name_prefix="smtp-connection") as pool:
         futures = [pool.submit(_guarded, work, client, dealer) for client in clients[1:]]
         _guarded(work, first, dealer)  # leaving the pool waits for the others

@@ -364,6 +364,11 @@ class SmtpClient:
                 return exc.failure.result(message.message_id)
         raise AssertionError("unreachable")
 
+    @property
+    def broken(self) -> bool:
+        """Whether the connection could not be (re)opened: every send now fails."""
+        return self._broken is not None
+
     def try_open(self) -> bool:
         """Open now; False when it cannot (each :meth:`send` then returns why)."""
         try:

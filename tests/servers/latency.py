@@ -52,6 +52,7 @@ class _Link:
     server: socket.socket | None = None
     flights: int = 0
     last_from_client: bool = False
+    open: bool = True  # until the client has closed its side (or the link broke)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def heard(self, from_client: bool) -> None:
@@ -184,7 +185,18 @@ class LatencyProxy:
                 pump.join()
         finally:
             link.close()
-            with self._lock:
+            self._client_done(link)
+
+    def _client_done(self, link: _Link) -> None:
+        """The client closed its side: the connection no longer counts as open.
+
+        Why not when both directions are done: the close reaches the server half a
+        round trip later, and a client that connects again at once (Django's next
+        batch) would be counted as having two connections open.
+        """
+        with self._lock:
+            if link.open:
+                link.open = False
                 self._open -= 1
 
     def _pump(self, link: _Link, from_client: bool) -> None:
@@ -204,6 +216,8 @@ class LatencyProxy:
             due.put((time.monotonic() + self.rtt / 2, chunk))
             if not chunk:
                 break
+        if from_client:
+            self._client_done(link)
         writer.join()
 
     def _deliver(

@@ -69,6 +69,7 @@ FaultName = Literal[
     "drop_at_rcpt",
     "auth_response",
     "close_idle",
+    "refuse_connection",
 ]
 
 FAULT_NAMES: frozenset[str] = frozenset(get_args(FaultName))
@@ -105,6 +106,7 @@ DEFAULT_FAULT_RESPONSES: Mapping[str, str | None] = MappingProxyType(
             "SmtpClientAuthentication is disabled for the Tenant."
         ),
         "close_idle": None,
+        "refuse_connection": None,  # TOO_MANY_CONNECTIONS, defined below
     }
 )
 
@@ -190,7 +192,9 @@ class Fault:
     sender, message faults the sender or any recipient, ``auth_response`` the SASL
     user); ``response``: the reply line instead of the default;
     ``after_messages``: for ``close_idle``, close a connection once it has had this
-    many messages accepted. ``fired`` counts how often the fault has fired.
+    many messages accepted. ``refuse_connection`` greets a new connection with
+    Exchange's ``421 4.3.2`` (too many connections) and closes it; with ``skip`` the
+    first ones get through. ``fired`` counts how often the fault has fired.
     """
 
     name: FaultName
@@ -273,7 +277,8 @@ class _Protocol(SMTP):
         if self.dropped:  # the connection is gone: never let a reply slip out
             return
         if self.refused and isinstance(status, str) and status.startswith("220 "):
-            # Over the connection limit: Exchange's 421 instead of the greeting.
+            # Over the connection limit (or refused by a fault): Exchange's 421 instead
+            # of the greeting.
             await super().push(TOO_MANY_CONNECTIONS)
             if self.transport is not None:
                 self.transport.close()
@@ -870,15 +875,18 @@ class SmtpServer:
                 self._open -= 1
 
     def _over_limit(self, protocol: _Protocol) -> bool:
-        """Whether this new connection is one more than ``connection_limit``."""
-        if protocol.connection_id:
-            self._counted.add(protocol)
+        """Whether this new connection is refused: one more than ``connection_limit``,
+        or a ``refuse_connection`` fault fires for it."""
+        if not protocol.connection_id:
+            return False
+        self._counted.add(protocol)
         limit = self.connection_limit
         with self._cond:
-            over = limit is not None and protocol.connection_id != 0 and self._open > limit
-            if over:
-                self._counts["refused_connections"] += 1
-            return over
+            over = limit is not None and self._open > limit
+        if not over and self._take_fault("refuse_connection", []) is None:
+            return False
+        self._bump("refused_connections")
+        return True
 
     def _enough_event(self) -> asyncio.Event:
         if self._enough is None:
