@@ -5,6 +5,7 @@ Usage (from the repository root)::
     python -m bench                        # the full run documented in docs/performance.md
     python -m bench --quick                # small N, for a smoke run
     python -m bench --cases 1,3            # some cases only
+    python -m bench --cases 6              # SMTP over a 20 ms round-trip link
     python -m bench --json PATH            # where the JSON goes (bench/results/latest.json)
     python -m bench --profile              # also profile case 1's project trial (py-spy)
     python -m bench --cases "" --profile   # only the profile
@@ -32,6 +33,7 @@ CASE_TITLES = {
     3: "Exchange (EWS stand-in)",
     4: "Enqueue through the Python API",
     5: "Scale: 100,000 queued mails, one worker",
+    6: "SMTP over a 20 ms round-trip link (pipelining, parallel connections)",
     7: "Latency: commit to the server's 250, idle worker",
     8: "Start-up: `crm outbox work` to its first claim",
 }
@@ -41,6 +43,7 @@ def parse(argv: Sequence[str] | None) -> Options:
     """The command line as :class:`Options`."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small N (a smoke run)")
+    parser.add_argument("--cases", default="1,2,3,4,5,6", help="comma-separated case numbers")
     parser.add_argument(
         "--cases",
         default=",".join(str(c) for c in CASE_TITLES),
@@ -74,6 +77,7 @@ RUNNERS = {
     3: "bench.case_exchange:run_case3",
     4: "bench.case_enqueue:run_case4",
     5: "bench.case_scale:run_case5",
+    6: "bench.case_rtt:run_case6",
     7: "bench.case_latency:run_case7",
     8: "bench.case_startup:run_case8",
 }
@@ -174,6 +178,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(_environment_text(env))
     print()
     print(report["table"])
+    if 6 in opts.cases:
+        from bench.case_rtt import side_by_side
+
+        report["case6_table"] = side_by_side(rows)
+        opts.json_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+        print()
+        print(report["case6_table"])
     if "profile" in env:
         print()
         print(env["profile"]["text"])

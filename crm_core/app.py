@@ -196,6 +196,20 @@ class Crm:
             for name, spec in self.transports(line).items()
         }
 
+    def in_flight_window(self, session: Session, transport: str, user_id: int) -> int:
+        """One account's in-flight window: the transport's ``in_flight_for`` of the
+        account when it has one (and the account can be read), else its ``in_flight``.
+        """
+        user = session.get(User, user_id)
+        spec = None
+        if user is not None and user.product_line in self.config.product_lines:
+            spec = self.transports(user.product_line).get(transport)
+        if spec is None or user is None:
+            return self.in_flight_windows().get(transport, 0)
+        if spec.in_flight_for is None:
+            return spec.in_flight
+        return spec.in_flight_for(self.sender_account(session, user))
+
     def settings_fields(self) -> dict[str, SettingField]:
         """Every field the core and the enabled plugins declare, by key.
 

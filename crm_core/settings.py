@@ -489,7 +489,8 @@ def _pacing_fields() -> list[SettingField]:
             (
                 MAX_CONNECTIONS,
                 "Connections at once",
-                "How many connections (SMTP) or requests (Exchange) one mailbox has open at once.",
+                "How many connections (SMTP) or requests (Exchange) one mailbox has open at "
+                "once, across all workers; one SMTP batch opens up to this many (at most 10).",
                 "3 for SMTP, 4 for Graph, 27 for EWS",
             ),
         )

@@ -109,10 +109,10 @@ def test_batch_is_sent_with_a_token_from_entra(
     results = setup.send([make_message(n) for n in (1, 2, 3)])
 
     assert [r.outcome for r in results] == [Outcome.SENT] * 3, results[0].detail
-    assert entra.token_requests == 1
-    assert smtp.connections == 1
-    assert smtp.auth_attempts == smtp.auth_successes == 1
-    assert seen.users == [USER]  # the SASL user defaults to the user's own address
+    assert entra.token_requests == 1  # one token for the batch's three connections
+    assert smtp.connections == 3
+    assert smtp.auth_attempts == smtp.auth_successes == 3
+    assert seen.users == [USER] * 3  # the SASL user defaults to the user's own address
     assert [g.auth_user for g in smtp.received] == [USER] * 3
     (token_post,) = [r for r in entra.log if r.method == "POST"]
     assert token_post.form["scope"] == f"{OUTLOOK}/.default"

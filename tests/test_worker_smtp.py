@@ -19,6 +19,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,9 @@ from sqlalchemy import select
 
 from crm_core import directory
 from crm_core.app import Crm
-from crm_core.mail import enqueue, operations, reconciler
+from crm_core.mail import enqueue, operations, queue, reconciler
 from crm_core.mail.worker import Worker
-from crm_core.models import OutboxMessage, OutboxState
+from crm_core.models import OutboxMessage, OutboxState, utcnow
 from tests.servers.smtp import SmtpServer
 from tests.test_outbox_helpers import leases_expire, queue_mail, time_passes
 
@@ -58,8 +59,11 @@ def smtp_server() -> Iterator[SmtpServer]:
         yield server
 
 
-def smtp_crm(make_crm: Any, port: int, lease: int = 300, batch: int = 50) -> Crm:
-    """A Crm whose one user sends through the SMTP plugin to 127.0.0.1:``port``."""
+def smtp_crm(
+    make_crm: Any, port: int, lease: int = 300, batch: int = 50, connections: int = 3
+) -> Crm:
+    """A Crm whose one user sends through the SMTP plugin to 127.0.0.1:``port`` over up
+    to ``connections`` connections at once."""
     crm: Crm = make_crm(SMTP_CONFIG.format(lease=lease, batch=batch))
     with crm.transaction() as s:
         directory.add_user(s, SENDER, "Anna", "commercial")
@@ -70,6 +74,7 @@ def smtp_crm(make_crm: Any, port: int, lease: int = 300, batch: int = 50) -> Crm
             ("smtp.security", "none"),
             ("smtp.auth", "none"),
             ("smtp.timeout", "30"),
+            ("mail.max_connections", str(connections)),
         ):
             crm.set_system_setting(s, key, value)
     return crm
@@ -172,6 +177,44 @@ def test_4xx_on_rcpt_retries_and_a_spent_budget_fails(
     assert {rows[i].state for i in (ids[0], ids[3], ids[4])} == {"sent"}
 
 
+def test_a_worker_sends_over_three_connections_each_mail_once_every_row_recorded(
+    make_crm: Any,
+) -> None:
+    # MAIL waits until three connections were opened: they were all open at once.
+    with SmtpServer(security="none", hold_mail_until_connections=3) as server:
+        crm = smtp_crm(make_crm, server.port)
+        ids = queue_many(crm, 40)
+        server.inject("data_permanent", address="r7@example.com", times=1)
+        server.inject("rcpt_temporary", address="r9@example.com", times=1)
+        stats = Worker(crm).run_once()
+        assert (stats.sent, stats.failed, stats.retry) == (38, 1, 1)
+        assert server.connections == server.peak_connections == 3
+        drain(crm)
+        rows = check_invariants(crm, server.message_ids())
+    assert rows[ids[7]].state == "failed"
+    assert {rows[i].state for i in ids if i != ids[7]} == {"sent"}
+    assert sorted(Counter(server.message_ids()).values()) == [1] * 39
+
+
+@pytest.mark.parametrize("connections", [1, 2, 3])
+def test_a_dead_workers_mail_in_flight_is_one_per_connection_the_rest_goes_again(
+    make_crm: Any, smtp_server: SmtpServer, connections: int
+) -> None:
+    # Messages are dealt to the connections in order, one at a time each: of a dead
+    # worker's unreported mail only the first `connections` can have gone.
+    crm = smtp_crm(make_crm, smtp_server.port, batch=5, connections=connections)
+    ids = queue_many(crm, 5)
+    with crm.transaction() as s:
+        claimed = queue.claim_batch(crm, s, "doomed", 5, utcnow()).claims
+    assert len(claimed) == 5
+    leases_expire(crm)
+    with ThreadPoolExecutor(1) as pool:
+        stats = Worker(crm).poll(pool, threading.Event())  # reaps, then sends the rest
+    rows = rows_by_id(crm)
+    assert stats.reaped == connections
+    assert [rows[i].state for i in ids] == ["unknown"] * connections + ["sent"] * (5 - connections)
+
+
 def test_5xx_on_data_fails_at_once_and_is_never_retried(
     make_crm: Any, smtp_server: SmtpServer
 ) -> None:
@@ -192,7 +235,7 @@ def test_a_refusal_at_end_of_data_does_not_pause_the_account(
 ) -> None:
     # The stand-in keeps the refused transaction open, as Postfix does: without RSET the
     # next MAIL gets "503 5.5.1 Error: nested MAIL command".
-    crm = smtp_crm(make_crm, smtp_server.port)
+    crm = smtp_crm(make_crm, smtp_server.port, connections=1)  # the 2nd follows on it
     ids = queue_many(crm, 3)
     smtp_server.inject("data_temporary", address="r0@example.com", times=1)
     stats = Worker(crm).run_once()
@@ -344,7 +387,7 @@ def test_a_worker_killed_mid_batch_leaves_unknown_and_the_next_worker_goes_on(
 ) -> None:
     relay = StallingRelay(smtp_server.port, after=2)
     try:
-        crm = smtp_crm(make_crm, relay.port, lease=300, batch=5)
+        crm = smtp_crm(make_crm, relay.port, lease=300, batch=5, connections=1)
         ids = queue_many(crm, 12)
         first = start_worker(make_crm.env, "doomed")
         try:

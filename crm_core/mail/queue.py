@@ -385,7 +385,9 @@ NEVER_STARTED_REASON = "Queued again: the worker stopped before handing it over.
 
 
 def reap_expired(
-    session: Session, now: datetime, in_flight: Mapping[str, int] | None = None
+    session: Session,
+    now: datetime,
+    in_flight: Mapping[str, int] | Callable[[str, int], int] | None = None,
 ) -> list[int]:
     """Settle ``sending`` rows whose lease expired: the worker holding them is gone.
 
@@ -393,7 +395,8 @@ def reap_expired(
     to the transport, the first ``in_flight[transport]`` may have gone and become
     ``unknown`` (never resent silently); the rest were never handed over and are
     queued again without spending a try. A transport with no window (0) counts all
-    of them as possibly gone.
+    of them as possibly gone. ``in_flight`` may instead be a function of (transport,
+    user id), for windows that depend on the account (``Crm.in_flight_window``).
     """
     rows = list(
         session.execute(
@@ -410,17 +413,34 @@ def reap_expired(
     )
     if not rows:
         return []
-    windows = in_flight or {}
+    window_of = _window_lookup(in_flight)
     seen: dict[tuple[str | None, int], int] = {}
     gone: list[int] = []
     unstarted: list[int] = []
     for row_id, token, user_id, transport in rows:
         place = seen.get((token, user_id), 0)
         seen[(token, user_id)] = place + 1
-        window = windows.get(transport, 0)
+        window = window_of(transport, user_id)
         (gone if not window or place < window else unstarted).append(row_id)
     _requeue_unstarted(session, unstarted, now)
     return _mark_unknown(session, gone, now)
+
+
+def _window_lookup(
+    in_flight: Mapping[str, int] | Callable[[str, int], int] | None,
+) -> Callable[[str, int], int]:
+    """(transport, user id) -> window, asked once per account."""
+    if in_flight is None or isinstance(in_flight, Mapping):
+        windows = in_flight or {}
+        return lambda transport, _user: windows.get(transport, 0)
+    known: dict[tuple[str, int], int] = {}
+
+    def window(transport: str, user_id: int) -> int:
+        if (transport, user_id) not in known:
+            known[(transport, user_id)] = in_flight(transport, user_id)
+        return known[(transport, user_id)]
+
+    return window
 
 
 def _requeue_unstarted(session: Session, ids: Sequence[int], now: datetime) -> None:

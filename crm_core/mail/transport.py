@@ -33,6 +33,11 @@ class TransportSpec:
     many of its unreported messages per account can have gone; the rest were never
     handed over and are queued again. 0 (the default, and the safe answer for a
     transport that does not say) counts every unreported message as possibly gone.
+
+    ``in_flight_for``: when the window depends on the account (SMTP sends one account's
+    batch over as many connections as its settings allow, one message in flight on
+    each, handing them out in order), the window for that account; ``in_flight`` is
+    then used when the account cannot be read.
     """
 
     name: str
@@ -40,6 +45,7 @@ class TransportSpec:
     plugin: str = ""
     description: str = ""
     in_flight: int = 0
+    in_flight_for: Callable[[SenderAccount], int] | None = None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ not yet started are released back to ``queued`` without spending a try.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -269,7 +270,8 @@ class Worker:
         stats = WorkerStats(polls=1)
         with self.crm.transaction() as session:
             now = policy.db_now(session)
-            stats.reaped = len(queue.reap_expired(session, now, self.crm.in_flight_windows()))
+            window = functools.partial(self.crm.in_flight_window, session)
+            stats.reaped = len(queue.reap_expired(session, now, window))
         with self.crm.transaction() as session:
             claimed = queue.claim_batch(
                 self.crm,

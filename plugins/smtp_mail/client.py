@@ -1,5 +1,11 @@
 """One SMTP session with smtplib: open, send a batch, close (Django's backend shape).
 
+When the server offers PIPELINING (RFC 2920; Postfix and Exchange Online do), MAIL,
+every RCPT and DATA go in one write and their replies are read in order: one round
+trip instead of two plus one per recipient, which is what decides the rate when the
+server is tens of milliseconds away. smtplib cannot pipeline, so that exchange is
+written here on its ``send`` and ``getreply``.
+
 Why the session is written out step by step instead of calling ``send_message``:
 the outbox must know *where* a failure happened. A refused MAIL FROM, refused
 recipients, a refused DATA and a connection lost after the final dot mean different
@@ -15,6 +21,7 @@ import base64
 import binascii
 import contextlib
 import logging
+import re
 import smtplib
 import ssl
 from collections.abc import Callable, Sequence
@@ -45,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MAX_CHALLENGES = 3
+_LEADING_DOT = re.compile(rb"(?m)^\.")
 _MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, incl. CRLF
 
 
@@ -96,6 +104,33 @@ class _Wire(smtplib.SMTP):
         super().send(s)
         if self._in_data and isinstance(s, bytes) and s.endswith(b"\r\n.\r\n"):
             self.dot_sent = True
+
+    def message(self, data: bytes) -> tuple[int, bytes]:
+        """The message after DATA's 354 (dot-stuffed, as smtplib's ``data`` does), and
+        the reply after the final dot."""
+        body = _LEADING_DOT.sub(b"..", data)
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        self.dot_sent = False
+        self._in_data = True
+        try:
+            self.send(body + b".\r\n")
+        finally:
+            self._in_data = False
+        return self.getreply()
+
+    def pipeline(self, envelope: Envelope) -> None:
+        """MAIL FROM, every RCPT TO and DATA in one write (RFC 2920)."""
+        self.dot_sent = False  # a dot of an earlier message says nothing about this one
+        options = "".join(f" {o}" for o in envelope.options)
+        if any(o.upper() == "SMTPUTF8" for o in envelope.options):
+            self.command_encoding = "utf-8"  # what smtplib's mail() does for SMTPUTF8
+        lines = [f"MAIL FROM:{smtplib.quoteaddr(envelope.sender)}{options}"]
+        lines += [f"RCPT TO:{smtplib.quoteaddr(r)}" for r in envelope.recipients]
+        lines.append("DATA")
+        if any("\r" in line or "\n" in line for line in lines):
+            raise ValueError("command contains a line break")  # as smtplib's putcmd
+        self.send("".join(f"{line}\r\n" for line in lines).encode(self.command_encoding))
 
     def getreply(self) -> tuple[int, bytes]:
         # Kept as evidence for a connection lost mid-transaction. Only replies after
@@ -339,6 +374,19 @@ class SmtpClient:
                 return exc.failure.result(message.message_id)
         raise AssertionError("unreachable")
 
+    @property
+    def broken(self) -> bool:
+        """Whether the connection could not be (re)opened: every send now fails."""
+        return self._broken is not None
+
+    def try_open(self) -> bool:
+        """Open now; False when it cannot (each :meth:`send` then returns why)."""
+        try:
+            self._ensure_open()
+        except SmtpFailure:
+            return False
+        return True
+
     def _ensure_open(self) -> None:
         if self._broken is not None:
             raise SmtpFailure(self._broken, Phase.CONNECT)
@@ -366,6 +414,8 @@ class SmtpClient:
         envelope = prepare(message, conn.esmtp_features, self.settings.server)
         mid = message.message_id
         self._reset_if_needed(conn)
+        if conn.has_extn("pipelining"):
+            return self._pipelined(conn, envelope, mid)
         try:
             code, reply = conn.mail(envelope.sender, envelope.options)
         except (smtplib.SMTPException, OSError) as exc:
@@ -376,6 +426,102 @@ class SmtpClient:
             conn.needs_reset = True
             return reply_failure(Phase.MAIL, code, reply, envelope.sender).result(mid)
         return self._recipients_and_data(conn, envelope, mid)
+
+    def _pipelined(self, conn: _Wire, envelope: Envelope, mid: str) -> SendResult:
+        """MAIL, RCPT… and DATA in one write, then each reply in order (RFC 2920).
+
+        Every reply is checked, as RFC 2920 asks: a refused MAIL makes the RCPT and
+        DATA replies meaningless (they are read and ignored); when no RCPT was accepted
+        the DATA reply (503 or 554) speaks for nobody and no body is sent; the session
+        is reset (RSET) before the next message after any refusal. Nothing of the
+        message has been handed over until DATA's 354, so a connection found dead
+        before the MAIL reply is reopened for the message, as in the step-by-step path.
+        """
+        try:
+            conn.pipeline(envelope)
+            code, reply = conn.getreply()
+        except (smtplib.SMTPException, OSError) as exc:
+            raise _Stale from exc
+        if code == 421:
+            raise _Stale
+        if code != 250:
+            conn.needs_reset = True
+            self._skip_replies(conn, len(envelope.recipients) + 1)
+            return reply_failure(Phase.MAIL, code, reply, envelope.sender).result(mid)
+        tally = Tally(envelope)
+        phase = Phase.RCPT
+        try:
+            ended = self._recipient_replies(conn, tally)
+            if ended is not None and self._conn is not conn:  # 421: nothing more comes
+                return tally.ended(mid, ended)
+            phase = Phase.DATA
+            code, reply = conn.getreply()
+            if ended is not None or not tally.accepted or code != 354:
+                return self._no_message(conn, tally, mid, ended, code, reply)
+            return self._after_dot(conn, tally, mid, *conn.message(tally.envelope.data))
+        except (smtplib.SMTPException, OSError) as exc:
+            return self._lost(conn, tally, mid, phase, exc)
+
+    def _skip_replies(self, conn: _Wire, count: int) -> None:
+        """Read the replies of a refused transaction's pipelined commands, unheeded."""
+        try:
+            for _ in range(count):
+                conn.getreply()
+        except (smtplib.SMTPException, OSError):
+            self._drop()  # the next message gets a fresh connection
+
+    def _recipient_replies(self, conn: _Wire, tally: Tally) -> Failure | None:
+        """Each RCPT's reply in order; the failure that ends the transaction, if one does.
+
+        A 421 ends it at once (the server closes; nothing more will come). The replies
+        of the other recipients are read even after a reply about the order of
+        commands, so the DATA reply is the next one on the wire.
+        """
+        ended: Failure | None = None
+        full: list[str] = []
+        limit_reply: tuple[int, bytes] = (0, b"")
+        for rcpt in tally.envelope.recipients:
+            code, reply = conn.getreply()
+            if code in (250, 251):
+                tally.accept(rcpt)
+                continue
+            conn.needs_reset = True
+            if code == 421:
+                self._drop()
+                return reply_failure(Phase.RCPT, code, reply, tally.names[rcpt])
+            if out_of_sequence(code, reply.decode("utf-8", "replace")):
+                ended = ended or reply_failure(Phase.RCPT, code, reply, tally.names[rcpt])
+            elif too_many_recipients(code, reply):
+                if not full:
+                    limit_reply = (code, reply)
+                full.append(rcpt)
+            else:
+                tally.refuse(rcpt, code, reply)
+        if full:
+            tally.defer_rest(full, *limit_reply)
+        return ended
+
+    def _no_message(
+        self,
+        conn: _Wire,
+        tally: Tally,
+        mid: str,
+        ended: Failure | None,
+        code: int,
+        reply: bytes,
+    ) -> SendResult:
+        """The transaction ends without the body: RCPT failures decide, or DATA's refusal.
+
+        A 354 here (the server would take a body we will not send) is answered by
+        closing the connection, never with a dot: a dot would deliver an empty message
+        to whoever was accepted.
+        """
+        conn.needs_reset = True
+        if code == 354 or code == 421:
+            self._drop()
+        if ended is not None or not tally.accepted:
+            return tally.ended(mid, ended)  # DATA's 503/554 speaks for nobody
+        return tally.ended(mid, reply_failure(Phase.DATA, code, reply))
 
     def _reset_if_needed(self, conn: _Wire) -> None:
         """RSET after a refused transaction, as smtplib's own sendmail() does.
@@ -443,7 +589,18 @@ class SmtpClient:
         except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
             conn.needs_reset = True
             return tally.ended(mid, reply_failure(Phase.DATA, exc.smtp_code, exc.smtp_error))
+        return self._after_dot(conn, tally, mid, code, reply)
+
+    def _after_dot(
+        self, conn: _Wire, tally: Tally, mid: str, code: int, reply: bytes
+    ) -> SendResult:
+        """The reply after the final dot decides for every accepted recipient.
+
+        A 250 ends the transaction, so a recipient refused on the way needs no RSET
+        before the next message (it would cost a round trip).
+        """
         if code == 250:
+            conn.needs_reset = False
             return tally.delivered(mid, code, reply)
         conn.needs_reset = True
         if code == 421:

@@ -18,12 +18,17 @@ def limits_for(account: SenderAccount, settings: SmtpSettings) -> MailboxLimits:
     """The mailbox the account submits as (its login, else its address) and its limits.
 
     A Microsoft 365 mailbox has one key whatever API reaches it, so SMTP and Exchange
-    share its budget.
+    share its budget. ``parallel`` is how many connections one batch opens
+    (:func:`smtp_mail.settings.connections`), so a batch holds that many slots.
     """
     mailbox = (settings.username or account.email).strip().lower()
     host = settings.host.strip().lower()
     if host in MICROSOFT_365_HOSTS:
         return MailboxLimits(
-            f"m365:{mailbox}", per_minute=30, recipients_per_day=10_000, connections=3
+            f"m365:{mailbox}",
+            per_minute=30,
+            recipients_per_day=10_000,
+            connections=3,
+            parallel=settings.connections,
         )
-    return MailboxLimits(f"smtp:{host}:{mailbox}")
+    return MailboxLimits(f"smtp:{host}:{mailbox}", parallel=settings.connections)

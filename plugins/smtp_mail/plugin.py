@@ -33,9 +33,11 @@ from crm_core.plugin_api import (
 from smtp_mail.limits import limits_for
 from smtp_mail.settings import (
     CA_BUNDLE,
+    MOST_CONNECTIONS,
     TRANSPORT,
     AuthMode,
     check,
+    connections,
     resolve,
     smtp_fields,
 )
@@ -51,7 +53,10 @@ def register_transports() -> list[TransportSpec]:
         TransportSpec(
             TRANSPORT,
             "Send via SMTP",
-            in_flight=1,  # one message at a time on a connection, each reported
+            # One message at a time on each connection, each reported before the next
+            # is taken, in order: as many in flight as the account has connections.
+            in_flight=MOST_CONNECTIONS,
+            in_flight_for=connections,
             description="Any SMTP server: Microsoft 365 (OAuth), Google, a company relay, "
             "an on-premises Exchange receive connector.",
         )
@@ -96,12 +101,13 @@ def send_mail(
     resources: Resources,
     report: Callable[[Sequence[SendResult]], None],
 ) -> list[SendResult]:
-    """Send the batch over one connection (one AUTH); one classified result per message.
+    """Send the batch over up to ``smtp.max_connections`` connections (one AUTH each);
+    one classified result per message.
 
     Each result is reported as the server's final reply for it arrives, so a worker
-    killed mid-batch leaves only the message in flight unknown.
+    killed mid-batch leaves only the messages in flight (one per connection) unknown.
     """
-    from smtp_mail.client import SmtpClient
+    from smtp_mail.batch import send_batch
 
     settings = resolve(account)
     tokens = None
@@ -109,31 +115,9 @@ def send_mail(
         from smtp_mail.oauth import EntraTokens
 
         tokens = EntraTokens.for_account(account, resources)
-    results: list[SendResult] = []
-    with SmtpClient(settings, tokens) as client:
-        for index, message in enumerate(messages):
-            result = client.send(message)
-            report([result])
-            results.append(result)
-            if result.outcome is Outcome.THROTTLED:  # the rest wait with the mailbox
-                rest = [_held(m, result) for m in messages[index + 1 :]]
-                report(rest)
-                results.extend(rest)
-                break
-    _log_batch(account, settings.server, results, client.connections)
-    return results
-
-
-def _held(message: OutgoingMessage, cause: SendResult) -> SendResult:
-    """A message not tried because the server throttled the mailbox before it."""
-    return SendResult(
-        message.message_id,
-        Outcome.THROTTLED,
-        f"Not tried: {cause.detail}",
-        cause.code,
-        retry_after=cause.retry_after,
-        quota=cause.quota,
-    )
+    sent = send_batch(settings, tokens, messages, report)
+    _log_batch(account, settings.server, sent.results, sent.connections)
+    return sent.results
 
 
 @hookimpl

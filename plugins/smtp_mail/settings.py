@@ -41,6 +41,7 @@ PORT = "smtp.port"
 SECURITY = "smtp.security"
 AUTH = "smtp.auth"
 TIMEOUT = "smtp.timeout"
+MAX_CONNECTIONS = "mail.max_connections"  # the pacing setting (crm_core.settings)
 USERNAME = "smtp.username"
 PASSWORD = "smtp.password"
 CA_BUNDLE = "tls.ca_bundle"
@@ -61,6 +62,10 @@ MICROSOFT_SMTP_HOSTS = frozenset(
 listing it: Microsoft's own SMTP hosts."""
 
 DEFAULT_TIMEOUT = 30
+#: Exchange Online's limit of concurrent SMTP connections per mailbox, the strictest
+#: of the common servers (Postfix allows 50 per client by default).
+DEFAULT_CONNECTIONS = 3
+MOST_CONNECTIONS = 10
 USER_KEYS = (USERNAME, PASSWORD)
 OVERRIDABLE = (HOST, PORT, SECURITY, AUTH)
 
@@ -265,6 +270,7 @@ class SmtpSettings:
     ca_bundle: str | None
     email: str
     overridden: frozenset[str] = frozenset()
+    connections: int = DEFAULT_CONNECTIONS
     oauth_hosts: frozenset[str] = frozenset()
     """Servers an administrator listed in ``smtp.oauth_hosts`` (system only)."""
 
@@ -318,11 +324,24 @@ def resolve(account: SenderAccount) -> SmtpSettings:
         email=account.email,
         overridden=frozenset(k for k in OVERRIDABLE if k in account.user),
         oauth_hosts=frozenset(_text(account.system.get(OAUTH_HOSTS)).replace(",", " ").split()),
+        connections=connections(account),
     )
 
 
 def _text(value: SettingValue | None) -> str:
     return value if isinstance(value, str) else ""
+
+
+def connections(account: SenderAccount) -> int:
+    """How many connections one batch of this account opens at once: ``mail.max_connections``
+    (1 to the most; unset or 0: the default).
+
+    Why the pacing setting and no SMTP one of its own: the outbox's pacing holds a
+    mailbox to ``mail.max_connections`` across every worker, and gives each batch as
+    many slots as it opens connections, so one number is the whole story.
+    """
+    wanted = account.get_int(MAX_CONNECTIONS, 0)
+    return min(wanted, MOST_CONNECTIONS) if wanted > 0 else DEFAULT_CONNECTIONS
 
 
 def _choice(kind: type[E], text: str, default: E) -> E:

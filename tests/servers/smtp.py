@@ -70,6 +70,7 @@ FaultName = Literal[
     "drop_at_rcpt",
     "auth_response",
     "close_idle",
+    "refuse_connection",
 ]
 
 FAULT_NAMES: frozenset[str] = frozenset(get_args(FaultName))
@@ -83,6 +84,8 @@ COUNTER_NAMES = (
     "rsets",
     "rcpt_commands",
     "data_commands",
+    "peak_connections",
+    "refused_connections",
 )
 
 #: Reply lines used when a fault has no ``response`` of its own. Wording follows
@@ -104,6 +107,7 @@ DEFAULT_FAULT_RESPONSES: Mapping[str, str | None] = MappingProxyType(
             "SmtpClientAuthentication is disabled for the Tenant."
         ),
         "close_idle": None,
+        "refuse_connection": None,  # TOO_MANY_CONNECTIONS, defined below
     }
 )
 
@@ -115,6 +119,15 @@ _BAD_SEQUENCE = ("503 Error: ", "503 5.5.1 Error: ")
 AUTH_SUCCESS = "235 2.7.0 Authentication successful"
 #: Exchange Online's maximum message size (36 MiB), advertised with SIZE.
 EXCHANGE_SIZE_LIMIT = 37_748_736
+#: Exchange Online's greeting to a connection beyond its limit of concurrent
+#: connections (three per mailbox).
+TOO_MANY_CONNECTIONS = (
+    "421 4.3.2 The maximum number of concurrent server connections has exceeded a limit, "
+    "closing transmission channel"
+)
+#: How long MAIL waits for ``hold_mail_until_connections`` before going on anyway (a
+#: guard, so a client that never opens them fails its test instead of hanging it).
+HOLD_GUARD_SECONDS = 10.0
 
 _MESSAGE_ID_RE = re.compile(rb"^message-id:[ \t]*((?:[^\r\n]|\r?\n[ \t])*)", re.I | re.M)
 _FOLD_RE = re.compile(rb"\r?\n[ \t]+")
@@ -180,7 +193,9 @@ class Fault:
     sender, message faults the sender or any recipient, ``auth_response`` the SASL
     user); ``response``: the reply line instead of the default;
     ``after_messages``: for ``close_idle``, close a connection once it has had this
-    many messages accepted. ``fired`` counts how often the fault has fired.
+    many messages accepted. ``refuse_connection`` greets a new connection with
+    Exchange's ``421 4.3.2`` (too many connections) and closes it; with ``skip`` the
+    first ones get through. ``fired`` counts how often the fault has fired.
     """
 
     name: FaultName
@@ -242,6 +257,7 @@ class _Protocol(SMTP):
         self.accepted = 0
         self.dropped = False
         self.hold_transaction = False
+        self.refused = False
 
     def _create_session(self) -> Session:
         return _Session(self.loop)
@@ -251,6 +267,7 @@ class _Protocol(SMTP):
             self.connection_id = self.owner._connection_opened(
                 self, transport.get_extra_info("peername")
             )
+            self.refused = self.owner._over_limit(self)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -259,6 +276,13 @@ class _Protocol(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         if self.dropped:  # the connection is gone: never let a reply slip out
+            return
+        if self.refused and isinstance(status, str) and status.startswith("220 "):
+            # Over the connection limit (or refused by a fault): Exchange's 421 instead
+            # of the greeting.
+            await super().push(TOO_MANY_CONNECTIONS)
+            if self.transport is not None:
+                self.transport.close()
             return
         if isinstance(status, str) and status.startswith(_BAD_SEQUENCE[0]):
             await super().push(status.replace(*_BAD_SEQUENCE, 1))
@@ -355,6 +379,8 @@ class _Handler:
         self.owner._bump("ehlo_count")
         if not self.owner.auth_mechanisms:
             responses = [r for r in responses if not r.startswith("250-AUTH")]
+        if self.owner.pipelining:  # as Postfix and Exchange Online do (RFC 2920)
+            responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
         return responses
 
     def handle_STARTTLS(self, server: _Protocol, session: Session, envelope: Envelope) -> bool:
@@ -376,6 +402,7 @@ class _Handler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        await self.owner._hold_for_connections()
         fault = self.owner._take_fault("mail_from_reject", [address])
         if fault is not None:
             return fault.reply or ""
@@ -530,6 +557,14 @@ class SmtpServer:
     words; the id is in :attr:`Received.queue_id`). ``store=False`` skips parsing and keeps
     only Message-IDs (process mode). ``on_accept(message_id)`` is called on the server
     thread, in order, for each accepted message that has a Message-ID.
+
+    ``pipelining`` (default on, as Postfix and Exchange Online) advertises PIPELINING
+    (aiosmtpd reads pipelined commands in order either way). ``connection_limit``: a
+    connection beyond that many open at once is greeted with Exchange's ``421 4.3.2``
+    and closed (counted in ``refused_connections``). ``hold_mail_until_connections``:
+    every MAIL waits until that many connections have been opened, so a test can be
+    sure a client's parallel connections were all open at once (``peak_connections``
+    counts the most that were).
     """
 
     def __init__(
@@ -549,6 +584,9 @@ class SmtpServer:
         port: int = 0,
         data_size_limit: int | None = EXCHANGE_SIZE_LIMIT,
         recipient_limit: int | None = None,
+        pipelining: bool = True,
+        connection_limit: int | None = None,
+        hold_mail_until_connections: int | None = None,
         store: bool = True,
         faults: Iterable[Fault] = (),
         on_accept: Callable[[str], None] | None = None,
@@ -578,6 +616,9 @@ class SmtpServer:
         self.port = port
         self.data_size_limit = data_size_limit
         self.recipient_limit = recipient_limit
+        self.pipelining = pipelining
+        self.connection_limit = connection_limit
+        self.hold_mail_until_connections = hold_mail_until_connections
         self.store = store
         self.on_accept = on_accept
 
@@ -591,6 +632,9 @@ class SmtpServer:
         self._next_connection_id = 1
         self._ignored_peers: set[tuple[str, int]] = set()
         self._live: set[_Protocol] = set()  # touched only on the event-loop thread
+        self._open = 0  # client connections open now (counted under _cond)
+        self._counted: set[_Protocol] = set()  # those counted in _open (event-loop thread)
+        self._enough: asyncio.Event | None = None  # created on the event-loop thread
         self._handler = _Handler(self)
         self._controller: _Controller | None = None
 
@@ -600,6 +644,7 @@ class SmtpServer:
         """Listen (again on the same port after a ``stop()``) and serve in a thread."""
         if self._controller is not None:
             raise RuntimeError("SMTP server already running")
+        self._enough = None  # an Event belongs to one event loop; start() makes a new one
         controller = _Controller(
             self,
             self._handler,
@@ -773,6 +818,16 @@ class SmtpServer:
         """DATA commands received, whatever the answer."""
         return self._count("data_commands")
 
+    @property
+    def peak_connections(self) -> int:
+        """The most client connections that were open at the same time."""
+        return self._count("peak_connections")
+
+    @property
+    def refused_connections(self) -> int:
+        """Connections greeted with 421 because ``connection_limit`` were open."""
+        return self._count("refused_connections")
+
     # -- internals, called from the event-loop thread ------------------------------
 
     def _make_protocol(self, loop: asyncio.AbstractEventLoop) -> _Protocol:
@@ -804,12 +859,47 @@ class SmtpServer:
                 self._ignored_peers.discard(peer[:2])
                 return 0
             self._counts["connections"] += 1
+            self._open += 1
+            self._counts["peak_connections"] = max(self._counts["peak_connections"], self._open)
             connection_id = self._next_connection_id
             self._next_connection_id += 1
-            return connection_id
+        hold = self.hold_mail_until_connections
+        if hold is not None and connection_id >= hold:
+            self._enough_event().set()
+        return connection_id
 
     def _connection_closed(self, protocol: _Protocol) -> None:
         self._live.discard(protocol)
+        if protocol.connection_id and protocol in self._counted:
+            self._counted.discard(protocol)
+            with self._cond:
+                self._open -= 1
+
+    def _over_limit(self, protocol: _Protocol) -> bool:
+        """Whether this new connection is refused: one more than ``connection_limit``,
+        or a ``refuse_connection`` fault fires for it."""
+        if not protocol.connection_id:
+            return False
+        self._counted.add(protocol)
+        limit = self.connection_limit
+        with self._cond:
+            over = limit is not None and self._open > limit
+        if not over and self._take_fault("refuse_connection", []) is None:
+            return False
+        self._bump("refused_connections")
+        return True
+
+    def _enough_event(self) -> asyncio.Event:
+        if self._enough is None:
+            self._enough = asyncio.Event()
+        return self._enough
+
+    async def _hold_for_connections(self) -> None:
+        """MAIL waits until ``hold_mail_until_connections`` connections were opened."""
+        if self.hold_mail_until_connections is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._enough_event().wait(), HOLD_GUARD_SECONDS)
 
     def _live_protocols(self) -> list[_Protocol]:
         return list(self._live)
