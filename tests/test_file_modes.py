@@ -54,6 +54,20 @@ def _crm(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _python(folder: Path, code: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_")}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=folder,
+        env=env,
+        umask=0,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -89,9 +103,20 @@ def test_the_wal_and_shm_files_are_private_too(tmp_path: Path) -> None:
     assert held.stdout.split() == ["-wal", "0o600", "-shm", "0o600"]
 
 
+DEMO_PREPARE = """
+from pathlib import Path
+from crm_core import demo
+demo.prepare(Path("demo")).close()
+"""
+
+
 def test_the_demo_folder_is_private(tmp_path: Path) -> None:
-    """``crm demo`` puts a database and a key in its folder: it is made 0700."""
-    done = _crm(tmp_path, "demo", "--dir", "demo")
+    """``crm demo`` puts a database and a key in its folder: it is made 0700.
+
+    Its first step (:func:`crm_core.demo.prepare`) runs alone, with umask 0: the whole
+    command goes on serving the web app until Ctrl-C.
+    """
+    done = _python(tmp_path, DEMO_PREPARE)
     assert done.returncode == 0, done.stderr
     folder = tmp_path / "demo"
     assert oct(_mode(folder)) == "0o700"
