@@ -129,7 +129,8 @@ def test_a_failure_before_the_send_is_temporary_never_ambiguous(world: ExchangeW
     big = make_message(attachments=[Attachment("a.bin", "x/y", payload(5 * MB, b"d"))])
     graph.throttle(1, retry_after=9)  # the first mailbox request: the draft itself
     result = world.send_one(big)
-    assert (result.outcome, result.retry_after) == (Outcome.TEMPORARY, 9.0)
+    # A 429 pauses the mailbox for its Retry-After (pacing), spending no attempt.
+    assert (result.outcome, result.retry_after) == (Outcome.THROTTLED, 9.0)
     # The draft's answer lost: nothing was sent (only the send sends), so no reconcile.
     graph.drop_after_request(1, only_sends=False)
     lost = world.send_one(big)

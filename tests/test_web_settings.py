@@ -161,7 +161,8 @@ def test_after_a_save_the_advice_and_what_stops_sending_are_shown(
     installation: Installation,
 ) -> None:
     client = admin(installation)
-    assert post(client, "/settings/", {"exchange.url": EXAMPLE_URL}).status_code == 302
+    chosen = {"exchange.url": EXAMPLE_URL, "exchange.api": "ews"}  # EWS kept on purpose
+    assert post(client, "/settings/", chosen).status_code == 302
     text = client.get("/settings/").get_data(as_text=True)
     assert "Exchange Online blocks EWS from 1 October 2026" in text  # advice
     assert "What stops sending" in text
