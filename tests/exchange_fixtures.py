@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from exchangelib.protocol import close_connections
@@ -117,6 +118,9 @@ class ExchangeWorld:
         """The guide's System settings for the stand-ins; the client secret last, since
         it is bound to the authority, tenant, app and CA bundle it is saved for."""
         return {
+            # The stand-ins are not Microsoft's hosts: the administrator lists them, as
+            # one lists a proxy of their own, or no token is sent there.
+            "exchange.oauth_hosts": stand_in_hosts(self.ews.base_url),
             "exchange.url": self.url,
             "exchange.client_id": CLIENT,
             "exchange.tenant_id": TENANT,
@@ -230,6 +234,11 @@ def go_onprem(world: ExchangeWorld, ntlm_user_file: Path) -> Path:
 
 
 GRAPH_ROLES = ("full_access_as_app", "Mail.Send", "Mail.ReadBasic.All", "User.Read.All")
+
+
+def stand_in_hosts(*urls: str) -> str:
+    """The hosts of the stand-ins' URLs, as ``exchange.oauth_hosts`` lists them."""
+    return ", ".join(dict.fromkeys(urlsplit(url).hostname or "" for url in urls))
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -106,6 +107,14 @@ def set_up_as_the_guide_says(crm: Shell, world: ExchangeWorld) -> None:
     ]:
         result = crm("users", "set", USER, key, value)
         assert result.code == 0, result.output
+    # The stand-ins are not Microsoft's hosts: no token goes there until they are listed.
+    host = urlsplit(world.url).hostname or ""
+    refused = crm("test-connection", USER)
+    assert refused.code == 1
+    assert f"{host} is neither Exchange Online nor Microsoft Graph" in refused.stdout
+    assert f"crm settings set exchange.oauth_hosts {host}" in refused.stdout
+    assert "[skip] token" in refused.stdout  # no token was even fetched
+    assert crm("settings", "set", "exchange.oauth_hosts", host).code == 0
 
 
 def test_new_customer_goes_green_and_then_makes_each_mistake(

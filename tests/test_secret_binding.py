@@ -18,7 +18,14 @@ from crm_core.fields import FieldType, Scope
 from crm_core.mail.transport import Outcome
 from crm_core.settings import REENTER
 from tests.conftest import CliResult, CrmFactory
-from tests.exchange_fixtures import SECRET, ExchangeWorld, add_standard_directory, steps
+from tests.exchange_fixtures import (
+    SECRET,
+    ExchangeWorld,
+    add_standard_directory,
+    make_message,
+    steps,
+    with_graph,
+)
 from tests.exchange_fixtures import ca as ca
 from tests.exchange_fixtures import world as world
 from tests.servers.entra import EntraServer
@@ -171,3 +178,67 @@ def test_secret_as_an_argument_is_refused(
     assert scripted.code == 0 and "saved" in scripted.stdout
     piped = run_crm("users", "set", USER, "smtp.password", input=PASSWORD + "\n", env=env)
     assert piped.code == 0 and PASSWORD not in piped.output
+
+
+def test_exchange_token_goes_to_no_server_the_administrator_did_not_list(
+    world: ExchangeWorld,
+) -> None:
+    """Moving the EWS URL to a host not in ``exchange.oauth_hosts`` is refused on save,
+    with how to list it; nothing reaches the host until an administrator does. (The
+    capture server is the same kind of stand-in, reached by another host name.)"""
+    from crm_core.errors import SettingValueError
+
+    capture = EwsServer(world.ca, world.registry)
+    with capture:
+        moved = capture.base_url.replace("127.0.0.1", "localhost") + "/EWS/Exchange.asmx"
+        with pytest.raises(SettingValueError) as refused:
+            world.set_system("exchange.url", moved)
+        assert "localhost is neither Exchange Online nor Microsoft Graph" in str(refused.value)
+        assert "crm settings set exchange.oauth_hosts localhost" in str(refused.value)
+        assert world.test_connection().ok  # the old URL is kept: nothing half-saved
+        assert capture.requests == []
+        world.set_system("exchange.oauth_hosts", "127.0.0.1, localhost")  # trusted now
+        world.set_system("exchange.url", moved)
+        world.reenter_secrets()  # the secret is bound to the URL
+        world.test_connection()  # (the capture server knows no mailbox: not green)
+        assert {r.auth_kind for r in capture.requests} == {"Bearer"}  # the token went
+
+
+def test_a_send_never_hands_the_token_to_an_unlisted_host(world: ExchangeWorld) -> None:
+    """Should an unlisted host be in effect anyway (the list shortened after the URL was
+    saved), Test connection is red and a send is refused before any request."""
+    capture = EwsServer(world.ca, world.registry)
+    with capture:
+        world.set_system("exchange.oauth_hosts", "127.0.0.1, localhost")
+        moved = capture.base_url.replace("127.0.0.1", "localhost") + "/EWS/Exchange.asmx"
+        world.set_system("exchange.url", moved)
+        world.reenter_secrets()
+        world.set_system("exchange.oauth_hosts", "127.0.0.1")
+        status, detail, fix = steps(world.test_connection())["settings"]
+        assert status == "failed" and "localhost is neither" in detail
+        assert "crm settings set exchange.oauth_hosts localhost" in fix
+        assert world.send_one(make_message()).outcome is Outcome.CONFIGURATION
+        assert capture.requests == []  # no request at all, so no token
+
+
+def test_graph_token_goes_only_to_microsoft_or_a_listed_host(world: ExchangeWorld) -> None:
+    from crm_core.errors import SettingValueError
+
+    with with_graph(world) as graph:
+        moved = graph.base_url.replace("127.0.0.1", "localhost")
+        with pytest.raises(SettingValueError, match="exchange.oauth_hosts"):
+            world.set_system("exchange.graph_url", moved)
+        before = len(graph.requests)
+        world.set_system("exchange.oauth_hosts", "127.0.0.1, localhost")
+        world.set_system("exchange.graph_url", moved)
+        world.set_system("exchange.oauth_hosts", "127.0.0.1")  # shortened again
+        assert world.send_one(make_message()).outcome is Outcome.CONFIGURATION
+        assert len(graph.requests) == before  # nothing reached the unlisted host
+
+
+@pytest.mark.parametrize("typed", ["https://proxy.se", "proxy.se/ews", "proxy.se:443"])
+def test_exchange_oauth_hosts_are_host_names_only(world: ExchangeWorld, typed: str) -> None:
+    from crm_core.errors import SettingValueError
+
+    with pytest.raises(SettingValueError, match="is not a host name"):
+        world.set_system("exchange.oauth_hosts", typed)

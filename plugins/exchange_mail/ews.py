@@ -115,6 +115,7 @@ from exchange_mail.settings import (
     USERNAME,
     AuthMode,
     ExchangeSettings,
+    guard_token_host,
 )
 
 T = TypeVar("T")
@@ -261,6 +262,8 @@ class EwsMailbox:
 
     def __init__(self, settings: ExchangeSettings, tokens: TokenClient | None) -> None:
         install_redaction()
+        if tokens is not None:
+            guard_token_host(settings)
         self.settings = settings
         self.tokens = tokens
         credentials: Any

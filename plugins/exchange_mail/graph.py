@@ -93,18 +93,18 @@ from exchange_mail.message_size import (
     needs_upload,
     size_problems,
 )
-from exchange_mail.settings import PLUGIN, ExchangeSettings
+from exchange_mail.settings import (
+    EXCHANGE_ONLINE_CLOUDS,
+    PLUGIN,
+    ExchangeSettings,
+    guard_token_host,
+)
 
 MAX_BATCH = 20
 MAX_REQUEST_BYTES = 3_500_000  # Graph refuses bodies over 4 MB; keep a margin
 TIMEOUT = (15, 120)  # connect, read (seconds)
 _KNOWN_GRAPH_HOSTS = frozenset(
-    {
-        "graph.microsoft.com",
-        "graph.microsoft.us",
-        "dod-graph.microsoft.us",
-        "microsoftgraph.chinacloudapi.cn",
-    }
+    urlsplit(cloud.graph_url).hostname or "" for cloud in EXCHANGE_ONLINE_CLOUDS.values()
 )
 
 
@@ -138,6 +138,7 @@ class GraphClient:
 
     def __init__(self, settings: ExchangeSettings, resources: Resources) -> None:
         assert settings.app is not None
+        guard_token_host(settings)
         self.settings = settings
         self.tokens: TokenClient = token_client(resources, settings.app)
         self.scope = scope_for(settings.graph_url)

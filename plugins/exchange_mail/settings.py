@@ -27,6 +27,7 @@ from crm_core.plugin_api import (
     TENANT_ID,
     AppCredentials,
     FieldType,
+    Outcome,
     Problem,
     Scope,
     Secret,
@@ -35,6 +36,7 @@ from crm_core.plugin_api import (
     SettingNotice,
     SettingValue,
     SettingValueError,
+    TransportError,
     credential_problems,
     credentials_for,
     entra_fields,
@@ -53,6 +55,7 @@ EWS_CACHE = (PLUGIN, "ews")
 URL = "exchange.url"
 API = "exchange.api"
 GRAPH_URL = "exchange.graph_url"
+OAUTH_HOSTS = "exchange.oauth_hosts"
 SERVER_VERSION = "exchange.server_version"
 ONPREM_AUTH = "exchange.onprem_auth"
 DOMAIN = "exchange.domain"
@@ -117,6 +120,14 @@ EXCHANGE_ONLINE_CLOUDS: Mapping[str, Cloud] = {
     ),
 }
 """How ``exchange.api = auto`` recognises Exchange Online: by the host of the EWS URL."""
+
+
+MICROSOFT_TOKEN_HOSTS = frozenset(
+    {*EXCHANGE_ONLINE_CLOUDS}
+    | {urlsplit(c.graph_url).hostname or "" for c in EXCHANGE_ONLINE_CLOUDS.values()}
+)
+"""Where the app-only token may go without an administrator listing the host: Exchange
+Online's EWS hosts and Microsoft Graph's, in every cloud."""
 
 
 def exchange_online_cloud(url: str) -> Cloud | None:
@@ -191,6 +202,19 @@ def _validate_graph_url(text: str) -> str:
     return f"https://{parts.netloc.lower()}"
 
 
+def _validate_oauth_hosts(text: str) -> str:
+    """Host names separated by commas or blanks (no scheme, path or port)."""
+    hosts = []
+    for word in text.replace(",", " ").split():
+        host = word.lower().rstrip(".")
+        if urlsplit(f"https://{host}").hostname != host or "/" in host or ":" in host:
+            raise SettingValueError(
+                OAUTH_HOSTS, f"{word!r} is not a host name; give names only, e.g. ews.proxy.se"
+            )
+        hosts.append(host)
+    return ", ".join(dict.fromkeys(hosts))
+
+
 def _validate_domain(text: str) -> str:
     domain = text.strip().lower().lstrip("@")
     problem = explain_address(f"user@{domain}")
@@ -255,6 +279,17 @@ def fields() -> list[SettingField]:
             "proxy in front of Graph.",
             validator=_validate_graph_url,
             plugin=PLUGIN,
+        ),
+        SettingField(
+            OAUTH_HOSTS,
+            Scope.SYSTEM,
+            "Other Exchange servers for OAuth",
+            help="The app-only token (which, with full_access_as_app or Mail.Send, can act "
+            "for every mailbox of the tenant) is sent only to Microsoft's Exchange Online "
+            "and Graph hosts. List here, separated by commas, any other host you trust "
+            "with it (e.g. a proxy of your own in front of Microsoft). A user cannot "
+            "change this list.",
+            validator=_validate_oauth_hosts,
         ),
         SettingField(
             SERVER_VERSION,
@@ -343,6 +378,19 @@ class ExchangeSettings:
     server_version: str
     ca_bundle: str | None
     api_choice: Api = Api.EWS
+    oauth_hosts: frozenset[str] = frozenset()
+    """Hosts an administrator listed in ``exchange.oauth_hosts`` (system only)."""
+
+    @property
+    def endpoint_host(self) -> str:
+        """The host the mail's requests (and so the token) go to: Graph's or EWS's."""
+        url = self.graph_url if self.api is Api.GRAPH else self.url
+        return (urlsplit(url).hostname or "").lower().rstrip(".")
+
+    def may_get_token(self, host: str) -> bool:
+        """Whether ``host`` may be handed the app-only token."""
+        host = host.lower().rstrip(".")
+        return host in MICROSOFT_TOKEN_HOSTS or host in self.oauth_hosts
 
     @property
     def host(self) -> str:
@@ -404,7 +452,41 @@ def resolve(account: SenderAccount) -> ExchangeSettings:
         server_version=account.get_str(SERVER_VERSION),
         ca_bundle=account.get_str(CA_BUNDLE) or None,
         api_choice=choice,
+        oauth_hosts=_oauth_hosts(account),
     )
+
+
+def _oauth_hosts(account: SenderAccount) -> frozenset[str]:
+    """The administrator's list: read from the system settings only, never a user's."""
+    listed = account.system.get(OAUTH_HOSTS)
+    return frozenset(listed.replace(",", " ").split()) if isinstance(listed, str) else frozenset()
+
+
+def token_host_problems(settings: ExchangeSettings) -> list[Problem]:
+    """The app-only token may go only to Microsoft or to a host the administrator listed;
+    anyone who may change a URL must not be able to collect it."""
+    host = settings.endpoint_host
+    if not host or settings.may_get_token(host):
+        return []
+    key = GRAPH_URL if settings.api is Api.GRAPH else URL
+    return [
+        Problem(
+            key,
+            f"{host} is neither Exchange Online nor Microsoft Graph, and the app-only token "
+            f"(which can act for every mailbox of the tenant) is sent only to them or to "
+            f"hosts listed in {OAUTH_HOSTS}",
+            f"use Microsoft's URL, or, if you trust {host} with the token (a proxy of your "
+            f"own), list it: crm settings set {OAUTH_HOSTS} {host}",
+        )
+    ]
+
+
+def guard_token_host(settings: ExchangeSettings) -> None:
+    """The last check before a session that carries the token is made: raises a
+    configuration error (nothing is sent) when :func:`token_host_problems` objects.
+    Every path asks ``sending_problems`` first; this holds should one ever not."""
+    for problem in token_host_problems(settings):
+        raise TransportError(Outcome.CONFIGURATION, problem.message, "token-host")
 
 
 def blocking_problems(account: SenderAccount, settings: ExchangeSettings) -> list[Problem]:
@@ -450,6 +532,7 @@ def blocking_problems(account: SenderAccount, settings: ExchangeSettings) -> lis
                 )
             )
         problems.extend(credential_problems(values))
+        problems.extend(token_host_problems(settings))
     if not settings.mailbox:
         problems.append(
             Problem(
