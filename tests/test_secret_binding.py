@@ -226,7 +226,7 @@ def test_graph_token_goes_only_to_microsoft_or_a_listed_host(world: ExchangeWorl
 
     with with_graph(world) as graph:
         moved = graph.base_url.replace("127.0.0.1", "localhost")
-        with pytest.raises(SettingValueError, match="exchange.oauth_hosts"):
+        with pytest.raises(SettingValueError, match=r"exchange\.oauth_hosts"):
             world.set_system("exchange.graph_url", moved)
         before = len(graph.requests)
         world.set_system("exchange.oauth_hosts", "127.0.0.1, localhost")
