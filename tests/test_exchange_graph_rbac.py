@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from crm_core.mail import enqueue, pauses
 from crm_core.mail.enqueue import MailRequest
+from crm_core.mail.message import Attachment
 from crm_core.mail.transport import Outcome
 from crm_core.mail.worker import Worker
 from crm_core.models import OutboxMessage
@@ -28,6 +29,7 @@ from tests.exchange_fixtures import (
     USER,
     ExchangeWorld,
     exchange_world,
+    make_message,
     steps,
     with_graph,
 )
@@ -195,3 +197,22 @@ def test_out_of_scope_pauses_the_account_with_the_fix_then_sends_after_resume(
     Worker(world.crm, name="test-worker").run_once()
     assert state_of(world, message_id) == "sent"
     assert [d.internet_message_id for d in graph.delivered] == [message_id]
+
+
+def test_a_large_attachment_needs_an_application_mail_readwrite_assignment(
+    world: ExchangeWorld,
+) -> None:
+    data = bytes(range(256)) * (5 * 4096)  # 5 MB: a draft and an upload session
+    big = make_message(attachments=[Attachment("plan.pdf", "application/pdf", data)])
+    refused = world.send_one(big)
+    assert (refused.outcome, refused.code) == (Outcome.CONFIGURATION, "ErrorAccessDenied")
+    assert 'no "Application Mail.ReadWrite" role assignment of the app takes the mailbox in' in (
+        refused.detail
+    )
+    assert f'New-ManagementRoleAssignment -App {CLIENT} -Role "Application Mail.ReadWrite"' in (
+        refused.detail
+    )
+    graph_of(world).assign_app_role(CLIENT, "Mail.ReadWrite", [USER])
+    assert world.send_one(big).outcome is Outcome.SENT
+    [delivered] = graph_of(world).delivered
+    assert delivered.attachments == (("plan.pdf", data),)
