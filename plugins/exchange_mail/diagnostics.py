@@ -10,8 +10,13 @@ guide's wording where the guide uses it, followed by the precise cause:
    a Secret ID, username vs domain, EWS retirement on Exchange Online);
 2. token — Entra ID issues an app-only token (skipped with a password);
 3. mailbox — EWS: the server answers, signs in and lets us act as the mailbox (one
-   GetFolder); Graph: first "permission" (Mail.Send in the token's roles), then the
-   user looked up (a warning only when the app may not read users);
+   GetFolder); Graph: first "permission" (Mail.Send in the token's roles; a token
+   without any Mail.* role is yellow, as RBAC for Applications grants mail permissions
+   in Exchange Online and not in the token), then the user looked up (a warning only
+   when the app may not read users), then the "lookup" in Sent Items (the read
+   permission, and the mailbox inside the app's scope). With a token without mail
+   roles, the lookup first asks Exchange whether the app may send as the mailbox (a
+   sendMail without recipients, which can never go) and is red when it may not;
 4. sync — "Sync with Exchange" is ticked.
 
 Nothing is sent.
@@ -36,8 +41,10 @@ from crm_core.plugin_api import (
     token_client,
 )
 from exchange_mail.errors import MAIL_SEND_FIX, LookupRefused, scope_fix, token_roles
+from exchange_mail.graph_errors import rbac_only, rbac_scope_fix
 from exchange_mail.settings import (
     GUIDE_CREDENTIALS,
+    MAIL_SEND,
     READ_PERMISSION,
     READ_ROLES,
     SECRET_ID_WARNING,
@@ -110,12 +117,14 @@ def run(
             failures.append((step, credentials))
 
     if settings.api is Api.GRAPH and not failures:
-        add(*_permission_step(roles))
+        add(*_permission_step(settings, roles))
     if failures:
         steps.append(ConnectionStep(MAILBOX, StepStatus.SKIPPED, "an earlier step failed"))
     elif settings.api is Api.GRAPH:
         add(*_graph_mailbox_step(account, settings, resources))
-        if not failures:
+        if not failures and rbac_only(roles):
+            add(*_rbac_lookup_step(settings, resources))
+        elif not failures:
             add(*_graph_lookup_step(settings, resources, roles))
     else:
         add(*_ews_mailbox_step(settings, resources, roles))
@@ -275,21 +284,39 @@ def _ews_mailbox_step(
 # --- the permission and mailbox rungs, Graph ----------------------------------------
 
 
-def _permission_step(roles: tuple[str, ...] | None) -> tuple[ConnectionStep, bool]:
-    """Mail.Send in the token's roles (the only way to see it without sending)."""
+def _permission_step(
+    settings: ExchangeSettings, roles: tuple[str, ...] | None
+) -> tuple[ConnectionStep, bool]:
+    """Mail.Send in the token's roles, when the token has mail roles at all: without
+    any, RBAC for Applications may grant it in Exchange, and the lookup step decides."""
     if roles is None:
         return ConnectionStep("permission", StepStatus.SKIPPED, "the token cannot be read"), False
-    if "Mail.Send" in roles:
+    if MAIL_SEND in roles:
         return (
             ConnectionStep("permission", StepStatus.OK, "the app holds Mail.Send (application)"),
             False,
         )
-    detail = (
-        "the token carries no application permissions, so admin consent has not been granted"
-        if not roles
-        else f"the token lacks Mail.Send (it holds {', '.join(roles)})"
-    )
+    if rbac_only(roles):
+        return _rbac_permission_step(settings, roles), False
+    detail = f"the token lacks Mail.Send (it holds {', '.join(roles)})"
     return ConnectionStep("permission", StepStatus.FAILED, detail, MAIL_SEND_FIX + "."), True
+
+
+def _rbac_permission_step(settings: ExchangeSettings, roles: tuple[str, ...]) -> ConnectionStep:
+    """Yellow: no mail role in the token, as with RBAC for Applications alone."""
+    assert settings.app is not None
+    held = f" (it holds {', '.join(roles)})" if roles else ""
+    return ConnectionStep(
+        "permission",
+        StepStatus.WARNING,
+        f"the token carries no Microsoft Graph mail permissions{held}: this is expected with "
+        "RBAC for Applications, where Exchange Online grants Mail.Send per mailbox and the "
+        f"token shows nothing of it; the lookup step asks Exchange about {settings.mailbox}",
+        "To check, in Exchange Online PowerShell: Test-ServicePrincipalAuthorization "
+        f"-Identity {settings.app.client_id} -Resource {settings.mailbox} must show "
+        f'"Application {MAIL_SEND}" with InScope True. Without RBAC for Applications: '
+        f"{MAIL_SEND_FIX}.",
+    )
 
 
 def _graph_mailbox_step(
@@ -395,6 +422,79 @@ def _graph_lookup_step(
             "mailbox is inside its scope and a mail whose answer is lost can be settled",
         ),
         False,
+    )
+
+
+def _rbac_lookup_step(
+    settings: ExchangeSettings, resources: Resources
+) -> tuple[ConnectionStep, bool]:
+    """The token holds no mail role, so Exchange decides: first whether the app may send
+    as the mailbox (red when not: out of the app's RBAC scope), then the reconcile
+    lookup (yellow when the app may send but not read)."""
+    from exchange_mail.graph import GraphClient, in_folder, send_scope
+    from exchange_mail.graph_errors import classify, classify_answer
+
+    client = GraphClient(settings, resources)
+    try:
+        answer = send_scope(client)
+    except Exception as exc:
+        found = classify(exc, settings)
+        return ConnectionStep(LOOKUP, StepStatus.FAILED, found.detail, found.fix), False
+    if answer.status == 403:
+        return _out_of_rbac_scope(settings, answer.code), True
+    if not (200 <= answer.status < 300 or answer.code == "ErrorInvalidRecipients"):
+        found = classify_answer(answer, settings)
+        return ConnectionStep(LOOKUP, StepStatus.FAILED, found.detail, found.fix), found.credentials
+    try:
+        in_folder(client, "sentitems", PROBE_ID)
+    except LookupRefused as refused:
+        if refused.status == 403:
+            return _rbac_sends_only(settings), False
+        return ConnectionStep(LOOKUP, StepStatus.FAILED, f"the lookup failed: {refused}"), False
+    except Exception as exc:
+        found = classify(exc, settings)
+        return ConnectionStep(LOOKUP, StepStatus.FAILED, found.detail, found.fix), False
+    return (
+        ConnectionStep(
+            LOOKUP,
+            StepStatus.OK,
+            f"Exchange Online lets the app send as {settings.mailbox} and look in its Sent "
+            f"Items ({READ_PERMISSION}): RBAC for Applications takes the mailbox into the "
+            "app's scope, and a mail whose answer is lost can be settled",
+        ),
+        False,
+    )
+
+
+def _out_of_rbac_scope(settings: ExchangeSettings, code: str) -> ConnectionStep:
+    """Red: Exchange refuses the app the mailbox, and the token holds no mail role."""
+    assert settings.app is not None
+    return ConnectionStep(
+        LOOKUP,
+        StepStatus.FAILED,
+        f"Exchange Online refuses the app access to {settings.mailbox} (HTTP 403 {code}): "
+        "the token carries no mail permissions, so RBAC for Applications decides, and the "
+        f'mailbox is outside the management scope of the app\'s "Application {MAIL_SEND}" '
+        "role assignment (or the app has none), so every mail would be refused",
+        f"{rbac_scope_fix(settings.mailbox, settings.app.client_id)}; then Test connection again.",
+    )
+
+
+def _rbac_sends_only(settings: ExchangeSettings) -> ConnectionStep:
+    """Yellow: inside the Mail.Send scope, but no read role assignment takes it in."""
+    assert settings.app is not None
+    return ConnectionStep(
+        LOOKUP,
+        StepStatus.WARNING,
+        f"Exchange Online lets the app send as {settings.mailbox} (the mailbox is inside "
+        f'the scope of "Application {MAIL_SEND}"), but not read its mail: no "Application '
+        f'{READ_PERMISSION}" role assignment takes it in, so sending works, but a mail whose '
+        "answer is lost cannot be settled and stays unknown",
+        f"In Exchange Online PowerShell: New-ManagementRoleAssignment -App "
+        f'{settings.app.client_id} -Role "Application {READ_PERMISSION}" '
+        f'-CustomResourceScope "<the scope of its Application {MAIL_SEND} assignment>" '
+        f"(Test-ServicePrincipalAuthorization -Identity {settings.app.client_id} -Resource "
+        f"{settings.mailbox} names that scope).",
     )
 
 

@@ -29,6 +29,10 @@ Choices, and why:
   then ``POST .../send``. That needs Mail.ReadWrite, which the failure names. Until the
   send, nothing can have gone: a failure then is never ambiguous, and the draft is
   deleted (best effort).
+* **RBAC for Applications.** An app whose mail permissions Exchange Online grants per
+  mailbox (a management scope) gets a token without any ``Mail.*`` role; Exchange
+  answers 403 ErrorAccessDenied for a mailbox outside the scope. Such a 403 is named
+  from the token: the scope, with the PowerShell that widens it, not an Entra grant.
 * **401 → evict and retry once**, as for EWS. **429**, and **503** with ``Retry-After``,
   are throttled: the outbox pauses the mailbox for the server's ``Retry-After``, and
   the rest of the batch waits with it.
@@ -63,6 +67,7 @@ from crm_core.plugin_api import (
     SenderAccount,
     SendResult,
     TokenClient,
+    TokenError,
     TrustAdapter,
     token_client,
 )
@@ -79,6 +84,7 @@ from exchange_mail.errors import (
 from exchange_mail.graph_errors import (
     MISSING,
     Answer,
+    access_denied,
     classify,
     classify_answer,
     draft_refused,
@@ -167,6 +173,20 @@ class GraphClient:
         }
         url = path if path.startswith("https://") else f"{self.root}{path}"
         return self.http.request(method, url, headers=headers, timeout=TIMEOUT, **kwargs)
+
+    def roles(self) -> tuple[str, ...] | None:
+        """The token's roles, to name a refusal's cause (None when there is no token)."""
+        try:
+            return token_roles(self.tokens.token(self.scope))
+        except TokenError:
+            return None
+
+    def judge(self, answer: Answer) -> Classified:
+        """What Graph's answer means for a send; a 403 named from the token's roles (an
+        app without mail permissions in its token is scoped by RBAC for Applications)."""
+        if answer.status != 403:
+            return classify_answer(answer, self.settings)
+        return access_denied(answer, self.settings, self.roles())
 
 
 # --- the message ------------------------------------------------------------------
@@ -334,7 +354,7 @@ def _send_request(
     stop: Classified | None = None
     for message, _ in chunk:
         answer = answers[message.message_id]
-        found = classify_answer(answer, settings)
+        found = graph.judge(answer)
         done.append(result_for(message, found, answer.reply))
         if found.outcome in (Outcome.CONFIGURATION, Outcome.THROTTLED):
             stop = found
@@ -436,7 +456,7 @@ def _send_drafted(graph: GraphClient, account: SenderAccount, message: OutgoingM
         found = classify(exc, settings)
         return [result_for(message, found)], found
     answer = Answer.of(response)
-    found = classify_answer(answer, settings)
+    found = graph.judge(answer)
     stop = found if found.outcome is Outcome.CONFIGURATION else None
     return [result_for(message, found, answer.reply)], stop
 
@@ -470,8 +490,7 @@ def _create_draft(graph: GraphClient, account: SenderAccount, message: OutgoingM
     except Exception as exc:
         raise _NotSent(not_sent_yet(classify(exc, graph.settings))) from exc
     if response.status_code == 403:
-        roles = token_roles(graph.tokens.token(graph.scope))
-        raise _NotSent(draft_refused(Answer.of(response), graph.settings, roles))
+        raise _NotSent(draft_refused(Answer.of(response), graph.settings, graph.roles()))
     if response.status_code >= 300:
         raise _NotSent(not_sent_yet(classify_answer(Answer.of(response), graph.settings)))
     return str(response.json()["id"])
@@ -534,6 +553,29 @@ def _delete_draft(graph: GraphClient, draft: str) -> None:
         graph.call("DELETE", f"/users/{graph.user}/messages/{draft}")
     except Exception:
         return
+
+
+# --- Test connection: may the app send as the mailbox? -----------------------------
+
+SCOPE_PROBE_SUBJECT = "crm Test connection: never sent (no recipients)"
+
+
+def send_scope(graph: GraphClient) -> Answer:
+    """Exchange's answer to a sendMail without recipients, which can never go: 400
+    ErrorInvalidRecipients once Exchange has let the app at the mailbox, 403
+    ErrorAccessDenied when the app may not send as it. The one way to see an RBAC for
+    Applications scope from outside, since the token carries nothing of it."""
+    probe = {
+        "message": {"subject": SCOPE_PROBE_SUBJECT, "body": {"contentType": "Text", "content": ""}},
+        "saveToSentItems": False,
+    }
+    response = graph.call(
+        "POST",
+        f"/users/{graph.user}/sendMail",
+        data=json.dumps(probe).encode("utf-8"),
+        headers={"Content-Type": "application/json"},
+    )
+    return Answer.of(response)
 
 
 # --- reconciling ------------------------------------------------------------------

@@ -34,7 +34,7 @@ anything else                                          temporary
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -51,6 +51,7 @@ from exchange_mail.errors import (
     transport_failure,
 )
 from exchange_mail.settings import (
+    MAIL_SEND,
     READ_PERMISSION,
     READ_WRITE_PERMISSION,
     USERNAME,
@@ -250,8 +251,11 @@ _ROWS: tuple[_Row, ...] = (
             Outcome.CONFIGURATION,
             "{code}",
             "Microsoft Graph refused the app's token (HTTP 401: it carries no application "
-            "permissions, so admin consent has not been granted).",
-            "{MAIL_SEND_FIX}.",
+            "permissions, so admin consent has not been granted, and no RBAC for "
+            "Applications role assignment in Exchange Online lets the app in either).",
+            "{MAIL_SEND_FIX}; or, instead of the Entra grant, the Exchange administrator "
+            "assigns it per mailbox: New-ManagementRoleAssignment -App <Client ID> -Role "
+            '"Application Mail.Send" -CustomResourceScope <a management scope>.',
             credentials=True,
         ),
     ),
@@ -381,6 +385,60 @@ def not_sent_yet(found: Classified) -> Classified:
     )
 
 
+def mail_roles(roles: Iterable[str]) -> set[str]:
+    """The Microsoft Graph mail permissions (``Mail.*``) among a token's roles."""
+    return {role for role in roles if role.startswith("Mail.")}
+
+
+def rbac_only(roles: tuple[str, ...] | None) -> bool:
+    """A readable token without any mail permission: only RBAC for Applications can let
+    such an app at a mailbox, and that grant lives in Exchange Online, not in the token,
+    so Exchange's answer for the mailbox decides."""
+    return roles is not None and not mail_roles(roles)
+
+
+def rbac_scope_fix(mailbox: str, client_id: str, permission: str = MAIL_SEND) -> str:
+    """The Exchange Online PowerShell that finds the app's management scope and takes
+    ``mailbox`` into it (or assigns the role when the app has none)."""
+    return (
+        f"The Exchange administrator takes {mailbox} into the app's management scope, in "
+        f"Exchange Online PowerShell: Test-ServicePrincipalAuthorization -Identity "
+        f"{client_id} -Resource {mailbox} lists the app's role assignments, each with its "
+        f"scope (AllowedResourceScope) and InScope False for this mailbox; "
+        f'Get-ManagementScope "<AllowedResourceScope>" | Format-List RecipientFilter shows '
+        f"which mailboxes that scope takes; add {mailbox} to the group the filter names "
+        f'(Add-DistributionGroupMember -Identity "<group>" -Member {mailbox}) or widen the '
+        f'filter (Set-ManagementScope "<AllowedResourceScope>" -RecipientRestrictionFilter '
+        f"\"<the filter> -or PrimarySmtpAddress -eq '{mailbox}'\"). If no row shows "
+        f'"Application {permission}", assign it: New-ManagementRoleAssignment -App '
+        f'{client_id} -Role "Application {permission}" -CustomResourceScope "<scope>". '
+        f'Test-ServicePrincipalAuthorization must then show "Application {permission}" '
+        "with InScope True"
+    )
+
+
+def access_denied(
+    answer: Answer, settings: ExchangeSettings, roles: tuple[str, ...] | None
+) -> Classified:
+    """HTTP 403 ErrorAccessDenied on a send: with a token that holds no mail permission
+    (RBAC for Applications), the mailbox is outside the app's management scope, and the
+    fix is Exchange's, not Entra's; otherwise what any 403 means."""
+    if not rbac_only(roles) or answer.code == "ErrorSendAsDenied":
+        return classify_answer(answer, settings)
+    assert settings.app is not None
+    return Classified(
+        Outcome.CONFIGURATION,
+        answer.code or "HTTP 403",
+        f"Exchange Online refuses the app access to {settings.mailbox} (HTTP 403 "
+        f"{answer.code}): the app's token carries no Microsoft Graph mail permissions, so "
+        "RBAC for Applications decides, and the mailbox is outside the management scope "
+        f'of the app\'s "Application {MAIL_SEND}" role assignment (or the app has none).',
+        f"{rbac_scope_fix(settings.mailbox, settings.app.client_id)}; then resume the "
+        "account (crm outbox resume <e-mail>).",
+        credentials=True,
+    )
+
+
 def draft_refused(
     answer: Answer, settings: ExchangeSettings, roles: tuple[str, ...] | None
 ) -> Classified:
@@ -388,6 +446,8 @@ def draft_refused(
     otherwise what any 403 means (the mailbox outside the app's scope)."""
     if roles is None or READ_WRITE_PERMISSION in roles:
         return classify_answer(answer, settings)
+    if rbac_only(roles):
+        return _draft_refused_by_rbac(answer, settings)
     held = ", ".join(roles) or "no application permissions"
     return Classified(
         Outcome.CONFIGURATION,
@@ -401,6 +461,25 @@ def draft_refused(
         f"for Applications: New-ManagementRoleAssignment -App <Client ID> -Role "
         f'"Application {READ_WRITE_PERMISSION}" -CustomResourceScope <the app\'s scope>); '
         "then resume the account (crm outbox resume <e-mail>).",
+        credentials=True,
+    )
+
+
+def _draft_refused_by_rbac(answer: Answer, settings: ExchangeSettings) -> Classified:
+    """The draft refused to an app that RBAC for Applications alone lets at mailboxes:
+    no "Application Mail.ReadWrite" role assignment takes this mailbox in."""
+    assert settings.app is not None
+    return Classified(
+        Outcome.CONFIGURATION,
+        answer.code or "HTTP 403",
+        f"Exchange Online refused to create a draft in {settings.mailbox} (HTTP 403 "
+        f"{answer.code}): a mail with an attachment of 3 MB or more goes through a draft "
+        f"and an upload session, which need {READ_WRITE_PERMISSION}; the app's token "
+        "carries no Microsoft Graph mail permissions, so RBAC for Applications decides, "
+        f'and no "Application {READ_WRITE_PERMISSION}" role assignment of the app takes '
+        "the mailbox in.",
+        f"{rbac_scope_fix(settings.mailbox, settings.app.client_id, READ_WRITE_PERMISSION)}"
+        "; then resume the account (crm outbox resume <e-mail>).",
         credentials=True,
     )
 

@@ -19,6 +19,14 @@ Modelling choices:
 * ``add_app(..., roles=())``: permissions were added but admin consent was not granted.
   Entra still issues a token, just without a ``roles`` claim; the resource (EWS) then
   answers 401. This is the common real-world case.
+* A token carries the roles of its resource alone [R: app roles are defined per API]:
+  the Office 365 Exchange Online roles (``EXCHANGE_API_ROLES``: ``full_access_as_app``
+  and the protocol roles) never reach a Microsoft Graph token. So the guide's app, with
+  ``full_access_as_app`` only, gets a Graph token without ``roles``. So does an app whose
+  mail permissions Exchange Online grants with RBAC for Applications (``add_app(...,
+  roles=())``, the assignments on the Graph stand-in): that grant lives in Exchange, not
+  in Entra. The other roles go on every token [choice: the stand-in does not know which
+  API defines ``Mail.Send`` and the like, which both APIs have].
 * Client credentials without a ``/.default`` scope -> 400 ``invalid_scope`` AADSTS70011
   (newer Entra releases may answer AADSTS1002012 with the same ``error``; branch on
   ``error``, not on the code).
@@ -47,6 +55,7 @@ from .tls import TestCA
 
 __all__ = [
     "DEFAULT_RESOURCES",
+    "EXCHANGE_API_ROLES",
     "EntraServer",
     "Secret",
     "TokenInfo",
@@ -62,6 +71,27 @@ DEFAULT_RESOURCES: tuple[str, ...] = (
 )
 
 _GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+
+
+EXCHANGE_API_ROLES = frozenset(
+    {
+        "full_access_as_app",
+        "Exchange.ManageAsApp",
+        "SMTP.SendAsApp",
+        "IMAP.AccessAsApp",
+        "POP.AccessAsApp",
+    }
+)
+"""Application roles that only the Office 365 Exchange Online API defines."""
+
+
+def roles_for(resource: str, roles: Sequence[str]) -> tuple[str, ...]:
+    """The app's roles that a token for ``resource`` carries: no Exchange API role on a
+    Microsoft Graph token (Graph's hosts, or its first-party app id)."""
+    host = (urlsplit(resource).hostname or resource).lower()
+    if "graph" in host or host == "00000003-0000-0000-c000-000000000000":
+        return tuple(r for r in roles if r not in EXCHANGE_API_ROLES)
+    return tuple(roles)
 
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -880,7 +910,7 @@ class EntraServer(HttpsStandIn):
         info = self.registry.issue(
             tenant.tenant_id,
             client_id.lower(),
-            roles,
+            roles_for(resource, roles),
             resource.rstrip("/"),
             lifetime=self.token_lifetime,
             scope=scopes[0],

@@ -45,7 +45,11 @@ branch on the HTTP status and ``error.code``, never on ``error.message``.
   ("Access token is empty.", "Access token has expired or is not yet valid.", "Access
   token validation failure. Invalid audience.") with ``WWW-Authenticate: Bearer``. A
   token without any ``roles`` (no admin consent) gets 401 ``NoPermissionsInAccessToken``
-  (microsoft-graph-docs-contrib#6623). For an unknown token that is not the expired
+  (microsoft-graph-docs-contrib#6623), unless Exchange Online holds RBAC for
+  Applications role assignments for the app (below): those apps get tokens without
+  roles and are let through to Exchange [R: the Entra claim lists only Entra grants;
+  maester365/maester#920; the 401 reports predate RBAC for Applications, so what an app
+  with neither gets today is a choice]. For an unknown token that is not the expired
   case, the wording is a [choice].
 * Mailbox resolution (Exchange) [R]. ``{id|upn}`` is the user's object id or its
   userPrincipalName, compared case-insensitively. A proxy address (alias) or a primary
@@ -57,9 +61,19 @@ branch on the HTTP status and ``error.code``, never on ``error.message``.
   treat 400 and 404 with this code alike. On the directory endpoint
   (``GET /users/{x}``), the same cases get 404 ``Request_ResourceNotFound``.
 * Permissions [R]. A token without ``Mail.Send`` gets 403 ``ErrorAccessDenied`` "Access
-  is denied. Check credentials and try again.". So does a mailbox outside the app's
-  RBAC-for-Applications scope (``deny_mailboxes``). A ``from`` that is not the mailbox
-  (or one of its aliases) gets 403 ``ErrorSendAsDenied``.
+  is denied. Check credentials and try again.", unless RBAC for Applications grants it
+  for the mailbox. So does a mailbox an application access policy denies the app
+  (``deny_mailboxes``). A ``from`` that is not the mailbox (or one of its aliases) gets
+  403 ``ErrorSendAsDenied``.
+* RBAC for Applications [R: learn.microsoft.com/exchange/permissions-exo/application-rbac;
+  Test-ServicePrincipalAuthorization]. ``assign_app_role(client_id, "Mail.Send",
+  scope)`` is ``New-ManagementRoleAssignment -App <client_id> -Role "Application
+  Mail.Send" -CustomResourceScope <scope>``: the app may use the permission on the
+  mailboxes of ``scope`` (every mailbox when ``scope`` is None), whatever its token
+  says. The grant lives in Exchange, so the token carries nothing of it. A mailbox
+  outside every scope of the permission gets the same 403 ``ErrorAccessDenied`` as a
+  missing permission. Grants are additive: a ``Mail.Send`` in the token reaches every
+  mailbox, whatever the scopes say.
 * Message validation. If a to/cc/bcc address is not a plain SMTP address, or
   ``reject_recipients`` names it, the answer is 400 ``ErrorInvalidRecipients`` "At least
   one recipient isn't valid., Recipient '<a>' isn't resolved. ..." [R]. With no
@@ -537,6 +551,7 @@ class GraphServer(HttpsStandIn):
         self._send_requests = 0
         self._faults = _Faults()
         self._denied: set[str] = set()
+        self._assignments: dict[str, dict[str, frozenset[str] | None]] = {}
         self._rejected_recipients: set[str] = set()
         self._active: dict[tuple[str, str], int] = {}
         self._peak_concurrency = 0
@@ -590,12 +605,32 @@ class GraphServer(HttpsStandIn):
         return mailbox.user_id
 
     def deny_mailboxes(self, *addresses: str) -> None:
-        """RBAC for Applications: the app may not touch these mailboxes (403).
+        """An application access policy: the app may not touch these mailboxes (403),
+        whatever its token or role assignments grant.
 
         Replaces the previous set; call without arguments to allow all again.
         """
         with self._lock:
             self._denied = {a.strip().lower() for a in addresses}
+
+    def assign_app_role(
+        self, client_id: str, permission: str, scope: Iterable[str] | None = None
+    ) -> None:
+        """RBAC for Applications: ``New-ManagementRoleAssignment -App <client_id> -Role
+        "Application <permission>" [-CustomResourceScope <scope>]``.
+
+        ``scope`` lists the mailboxes (any of their addresses) the management scope
+        takes in; None is the whole organisation. A second call for the same
+        permission replaces the scope; ``scope=()`` takes every mailbox out of it.
+        """
+        mailboxes = None if scope is None else frozenset(a.strip().lower() for a in scope)
+        with self._lock:
+            self._assignments.setdefault(client_id.lower(), {})[permission] = mailboxes
+
+    def remove_app_roles(self, client_id: str) -> None:
+        """``Remove-ManagementRoleAssignment`` for every assignment of the app."""
+        with self._lock:
+            self._assignments.pop(client_id.lower(), None)
 
     def reject_recipients(self, *addresses: str) -> None:
         """Syntactically valid recipients Exchange will not resolve (400). Replaces the set."""
@@ -935,7 +970,7 @@ class GraphServer(HttpsStandIn):
                 "Access token validation failure. Invalid audience.",
                 call,
             )
-        if not info.roles:
+        if not info.roles and not self._has_assignments(info.client_id):
             return self._unauthorized(
                 "NoPermissionsInAccessToken",
                 "The token contains no permissions, or permissions can not be understood.",
@@ -1014,6 +1049,24 @@ class GraphServer(HttpsStandIn):
         with self._lock:
             return next((m for m in self._mailboxes.values() if wanted in m.addresses()), None)
 
+    def _has_assignments(self, client_id: str) -> bool:
+        """Whether Exchange holds any RBAC for Applications role assignment for the app."""
+        with self._lock:
+            return bool(self._assignments.get(client_id.lower()))
+
+    def _granted(self, token: TokenInfo, mailbox: _Mailbox) -> set[str]:
+        """The permissions the app holds on this mailbox: the token's roles (tenant-wide),
+        plus each RBAC role assignment whose scope takes the mailbox in."""
+        with self._lock:
+            assignments = dict(self._assignments.get(token.client_id.lower(), {}))
+        addresses = mailbox.addresses()
+        scoped = {
+            permission
+            for permission, scope in assignments.items()
+            if scope is None or addresses & scope
+        }
+        return set(token.roles) | scoped
+
     def _mailbox_for(self, call: _Call, roles: Iterable[str]) -> _Mailbox:
         """Resolve the path's mailbox and check the app may use it for this operation."""
         token = call.token
@@ -1023,7 +1076,7 @@ class GraphServer(HttpsStandIn):
             raise _GraphError(
                 404, "ErrorInvalidUser", f"The requested user '{call.user}' is invalid."
             )
-        if not set(token.roles) & set(roles):
+        if not self._granted(token, mailbox) & set(roles):
             raise _GraphError(403, "ErrorAccessDenied", _MSG_ACCESS_DENIED)
         with self._lock:
             denied = bool(mailbox.addresses() & self._denied)
@@ -1482,7 +1535,8 @@ class GraphServer(HttpsStandIn):
     def _list_messages(self, folder: str | None, params: dict[str, str], call: _Call) -> Response:
         mailbox = self._mailbox_for(call, READ_MAIL_ROLES)
         assert call.token is not None
-        basic_only = not set(call.token.roles) & (READ_MAIL_ROLES - BASIC_MAIL_ROLES)
+        granted = self._granted(call.token, mailbox)
+        basic_only = not granted & (READ_MAIL_ROLES - BASIC_MAIL_ROLES)
         folder_key = folder.lower() if folder is not None else None
         if folder_key is not None and folder_key not in _WELL_KNOWN_FOLDERS:
             raise _GraphError(400, "ErrorInvalidIdMalformed", "Id is malformed.")

@@ -207,6 +207,27 @@ def test_missing_consent(entra: EntraServer, ca: TestCA, registry: TokenRegistry
     assert "roles" not in jwt_claims(result["access_token"])
 
 
+def test_a_graph_token_carries_no_exchange_api_role(
+    entra: EntraServer, ca: TestCA, registry: TokenRegistry
+) -> None:
+    # The guide's app: full_access_as_app (Office 365 Exchange Online) and a Graph grant.
+    entra.set_app(TENANT, CLIENT, roles=("full_access_as_app", "User.Read.All"))
+    app = make_app(entra, ca)
+    exchange = app.acquire_token_for_client(scopes=SCOPE)["access_token"]
+    graph = app.acquire_token_for_client(scopes=["https://graph.microsoft.com/.default"])
+    assert jwt_claims(exchange)["roles"] == ["full_access_as_app", "User.Read.All"]
+    assert jwt_claims(graph["access_token"])["roles"] == ["User.Read.All"]
+    # With its mail permissions granted by RBAC for Applications in Exchange alone, the
+    # Graph token has no roles claim at all.
+    entra.set_app(TENANT, CLIENT, roles=("full_access_as_app",))
+    fresh = make_app(entra, ca).acquire_token_for_client(
+        scopes=["https://graph.microsoft.com/.default"]
+    )
+    assert "roles" not in jwt_claims(fresh["access_token"])
+    info = registry.validate(fresh["access_token"])
+    assert info is not None and info.roles == ()
+
+
 def test_http_400_is_replayed_by_msal_for_60_seconds(entra: EntraServer, ca: TestCA) -> None:
     app = make_app(entra, ca, client_credential="wrong-secret")
     assert app.acquire_token_for_client(scopes=SCOPE)["error_codes"] == [7000215]

@@ -566,6 +566,38 @@ def test_mailbox_outside_rbac_scope_is_403(graph: GraphServer, ca: TestCA, token
     assert send(graph, ca, token).status_code == 202
 
 
+def test_rbac_for_applications_grants_per_mailbox_without_roles_in_the_token(
+    graph: GraphServer, ca: TestCA, token_for: TokenFor
+) -> None:
+    # New-ManagementRoleAssignment -App NO_CONSENT -Role "Application Mail.Send"
+    # -CustomResourceScope <Anna's mailbox>; the token stays without roles.
+    graph.assign_app_role(NO_CONSENT, "Mail.Send", [ANNA_ALIAS])  # any of its addresses
+    rbac = token_for(NO_CONSENT)
+    assert send(graph, ca, rbac).status_code == 202
+    assert error(send(graph, ca, rbac, user=BO)) == (
+        403,
+        "ErrorAccessDenied",
+        "Access is denied. Check credentials and try again.",
+    )
+    assert error(reconcile(graph, ca, rbac, "<a@crm>"))[:2] == (403, "ErrorAccessDenied")
+    graph.assign_app_role(NO_CONSENT, "Mail.ReadBasic.All", None)  # the whole organisation
+    assert reconcile(graph, ca, rbac, "<a@crm>", user=BO).status_code == 200
+    assert error(call(graph, ca, "GET", f"/users/{ANNA}", rbac))[:2] == (
+        403,
+        "Authorization_RequestDenied",  # the directory is not Exchange's to grant
+    )
+    graph.remove_app_roles(NO_CONSENT)
+    assert error(send(graph, ca, rbac))[:2] == (401, "NoPermissionsInAccessToken")
+    assert [d.sender for d in graph.delivered] == [ANNA]
+
+
+def test_a_scoped_role_does_not_narrow_a_role_in_the_token(
+    graph: GraphServer, ca: TestCA, token: str
+) -> None:
+    graph.assign_app_role(CLIENT, "Mail.Send", [BO])  # permissions are additive
+    assert send(graph, ca, token).status_code == 202
+
+
 # --------------------------------------------------------------------------- validation
 
 
