@@ -19,9 +19,11 @@ from werkzeug.test import TestResponse
 
 from crm_core import directory
 from crm_core.app import Crm
+from crm_core.cli.values import read_file_content
 from crm_core.mail.worker import Worker
 from crm_core.models import AuditEntry, OutboxMessage, SystemSetting, UserSetting
 from crm_core.signin import MAX_FAILURES
+from tests.test_exchange_certificates import make_certificate
 from tests.test_outbox_helpers import queue_mail, states
 from tests.test_web_persons import person_id
 from tests.web_fixtures import (
@@ -39,7 +41,8 @@ from tests.web_fixtures import installation as installation
 CLIENT_SECRET = "Kq8~vT.client-secret-VALUE-5c1f0e9a"
 SMTP_PASSWORD = "hunter2-Lösenord-äö!"
 EXCHANGE_PASSWORD = "Xch-pw.Other-77c3e1"
-SECRETS = (CLIENT_SECRET, SMTP_PASSWORD, EXCHANGE_PASSWORD)
+PASSPHRASE = "Pfx-passphrase.3e9d1c"
+SECRETS = (CLIENT_SECRET, SMTP_PASSWORD, EXCHANGE_PASSWORD, PASSPHRASE)
 
 
 def signed_in(site: Installation, who: tuple[str, str, str]) -> FlaskClient:
@@ -174,7 +177,7 @@ def test_a_user_cannot_read_or_change_another_users_or_the_system_settings(
     installation: Installation,
 ) -> None:
     crm = installation.crm
-    store_secrets(crm)
+    secrets = store_secrets(crm)
     before = (stored_settings(crm), audit_count(crm))
     ids = user_ids(crm)
     me, bo, ada = ids[USER[0]], ids[OTHER[0]], ids[ADMIN[0]]
@@ -182,7 +185,7 @@ def test_a_user_cannot_read_or_change_another_users_or_the_system_settings(
     for path in ("/settings/", "/users/", f"/users/{bo}/", f"/users/{bo}/email"):
         answer = user.get(path)
         assert answer.status_code == refusal_for(installation.app, path, "GET"), path
-        assert_clean(path, f"{answer.headers}\n{answer.text}")
+        assert_clean(path, f"{answer.headers}\n{answer.text}", secrets)
     assert user.get(f"/users/{ada}/email").status_code == refusal_for(
         installation.app, f"/users/{ada}/email", "GET"
     )
@@ -197,7 +200,7 @@ def test_a_user_cannot_read_or_change_another_users_or_the_system_settings(
     for path, form in crafted:
         answer = user.post(path, data={**form, "csrf_token": token})
         assert answer.status_code == refusal_for(installation.app, path, "POST"), path
-        assert_clean(path, f"{answer.headers}\n{answer.text}")
+        assert_clean(path, f"{answer.headers}\n{answer.text}", secrets)
     assert (stored_settings(crm), audit_count(crm)) == before  # nothing changed, or logged
     assert user.get("/audit/").status_code == 403  # and the user did not become an admin
 
@@ -221,15 +224,21 @@ def test_sign_in_is_rate_limited_and_a_locked_account_stays_signed_out(
 # --- the secret scan --------------------------------------------------------------
 
 
-def store_secrets(crm: Crm) -> None:
+def store_secrets(crm: Crm) -> tuple[str, ...]:
     """Secrets saved through the core, as the settings screens and the CLI save them;
-    OTHER sends through Exchange, so their mail's attempts use the secrets."""
+    OTHER sends through Exchange, so their mail's attempts use the secrets. What to
+    look for: each secret, and each line of the certificates' private keys."""
+    made = make_certificate()
+    pfx = read_file_content(make_certificate().pfx(PASSPHRASE))
     system = (
         ("exchange.url", "https://127.0.0.1:9/EWS/Exchange.asmx"),
         ("exchange.client_id", "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0"),
         ("exchange.tenant_id", "contoso.onmicrosoft.com"),
         ("exchange.authority", "https://127.0.0.1:9"),
         ("exchange.client_secret", CLIENT_SECRET),
+        ("exchange.certificate", made.pem()),
+        ("exchange.certificate_2", pfx),
+        ("exchange.certificate_2_passphrase", PASSPHRASE),
     )
     with crm.transaction() as db:
         for key, value in system:
@@ -246,6 +255,8 @@ def store_secrets(crm: Crm) -> None:
             ("mail.transport", "exchange"),
         ):
             crm.set_user_setting(db, bo, key, value, actor=ADMIN[0])
+    key_lines = made.key_pem().splitlines()[2:-2]  # not the ASN.1 head all keys share
+    return (*SECRETS, *key_lines, pfx[40:100])
 
 
 _LINK = re.compile(r'(?:href|data-src)="([^"]*)"')
@@ -309,8 +320,8 @@ def described(answers: list[TestResponse]) -> str:
     return "\n".join(f"{a.status_code}\n{a.headers}\n{a.text}" for a in answers)
 
 
-def assert_clean(where: str, text: str) -> None:
-    for secret in SECRETS:
+def assert_clean(where: str, text: str, secrets: tuple[str, ...] = SECRETS) -> None:
+    for secret in secrets:
         assert secret not in text, f"a stored secret is in {where}"
         assert secret[:8] not in text, f"the start of a stored secret is in {where}"
 
@@ -320,7 +331,7 @@ def test_no_page_redirect_or_fragment_carries_a_stored_secret(
     installation: Installation, who: tuple[str, str, str]
 ) -> None:
     crm = installation.crm
-    store_secrets(crm)
+    secrets = store_secrets(crm)
     pid = person_id(crm)
     for sender in (USER[0], OTHER[0]):
         queue_mail(crm, f"From {sender}", sender=sender, to=[PERSON[0]], person_email=PERSON[0])
@@ -350,9 +361,10 @@ def test_no_page_redirect_or_fragment_carries_a_stored_secret(
         client.post("/sign-in", data={"email": who[0], "password": "wrong"}),
     ]
     for path, answer in pages.items():
-        assert_clean(path, answer)
+        assert_clean(path, answer, secrets)
     for answer in posted:
-        assert_clean(answer.request.path, f"{answer.headers}\n{answer.get_data(as_text=True)}")
+        text = f"{answer.headers}\n{answer.get_data(as_text=True)}"
+        assert_clean(answer.request.path, text, secrets)
     cookie = client.get_cookie("session")
     assert cookie is not None
-    assert_clean("the session cookie", cookie.value)
+    assert_clean("the session cookie", cookie.value, secrets)

@@ -8,6 +8,7 @@ Entra ID and EWS stand-ins.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,35 @@ def test_saving_the_email_tab_audits_keys_and_never_shows_a_secret(
         assert answer.status_code == 200
         assert SMTP_PASSWORD not in answer.get_data(as_text=True)
     assert "Saved" in pages[0].get_data(as_text=True)
+
+
+def test_a_password_whose_server_changed_must_be_entered_again(
+    installation: Installation,
+) -> None:
+    """The SMTP password is bound to the server it was saved for: the user's own
+    server override withholds it until it is typed again, and the tab says so."""
+    client = client_of(installation, USER)
+    mine = user_id(installation, USER)
+    form = {"smtp.username": USER[0], "smtp.password": SMTP_PASSWORD}
+    assert post(client, f"/users/{mine}/email", form).status_code == 302
+    moved = post(client, f"/users/{mine}/email", {"smtp.host": "smtp.contoso.se"})
+    assert moved.status_code == 302
+    text = client.get(f"/users/{mine}/email").get_data(as_text=True)
+    assert (
+        "SMTP password (smtp.password) must be entered again: "
+        "SMTP server (smtp.host) changed since it was saved."
+    ) in text
+    state = re.search(r'id="smtp-password-state">(.*?)</span>', text, re.S)
+    assert state is not None
+    words = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", state[1])).strip()
+    assert words.startswith("Enter it again: SMTP server (smtp.host) changed since it was saved")
+    swedish = client.get(f"/users/{mine}/email", headers={"Accept-Language": "sv"})
+    assert "Ange den igen:" in swedish.get_data(as_text=True)
+
+    assert post(client, f"/users/{mine}/email", {"smtp.password": SMTP_PASSWORD}).status_code == 302
+    text = client.get(f"/users/{mine}/email").get_data(as_text=True)
+    assert "Enter it again" not in text and SMTP_PASSWORD not in text
+    assert user_values(installation, USER)["smtp.password"].reveal() == SMTP_PASSWORD
 
 
 def _token(client: FlaskClient, mine: int) -> str:
