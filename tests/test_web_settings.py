@@ -11,7 +11,6 @@ import re
 from io import BytesIO
 from typing import Any
 
-from flask.testing import FlaskClient
 from playwright.sync_api import expect
 
 from crm_core import audit
@@ -26,9 +25,9 @@ from tests.web_fixtures import (
     USER,
     Installation,
     browser_sign_in,
+    client_for,
     post,
     screenshot,
-    sign_in,
 )
 from tests.web_fixtures import browser as browser
 from tests.web_fixtures import installation as installation
@@ -42,12 +41,6 @@ WITHHELD = (
     "Client secret (exchange.client_secret) must be entered again: "
     "Tenant ID (exchange.tenant_id) changed since it was saved."
 )
-
-
-def admin(installation: Installation) -> FlaskClient:
-    client = installation.app.test_client()
-    sign_in(client, ADMIN)
-    return client
 
 
 def stored(installation: Installation) -> dict[str, Any]:
@@ -72,8 +65,7 @@ def secret_state(html: str, key: str) -> str:
 def test_a_user_may_neither_see_nor_change_the_system_settings(
     installation: Installation,
 ) -> None:
-    client = installation.app.test_client()
-    sign_in(client, USER)
+    client = client_for(installation, USER)
     assert client.get("/settings/").status_code == 403
     answer = post(client, "/settings/", {"exchange.url": FIXED}, page="/persons/")
     assert answer.status_code == 403
@@ -85,7 +77,7 @@ def test_a_user_may_neither_see_nor_change_the_system_settings(
 def test_every_system_field_is_rendered_from_its_declaration(
     installation: Installation,
 ) -> None:
-    page_text = admin(installation).get("/settings/").get_data(as_text=True)
+    page_text = client_for(installation, ADMIN).get("/settings/").get_data(as_text=True)
     system = [f for f in installation.crm.settings_fields().values() if f.scope is Scope.SYSTEM]
     for spec in system:
         assert f'name="{spec.key}"' in page_text, spec.key
@@ -98,7 +90,7 @@ def test_every_system_field_is_rendered_from_its_declaration(
 def test_a_saved_secret_is_never_shown_and_an_empty_field_keeps_it(
     installation: Installation,
 ) -> None:
-    client = admin(installation)
+    client = client_for(installation, ADMIN)
     form = {"exchange.url": FIXED, "exchange.client_id": CLIENT, "exchange.tenant_id": TENANT}
     answer = post(client, "/settings/", {**form, "exchange.client_secret": SECRET})
     assert answer.status_code == 302
@@ -121,7 +113,7 @@ def test_a_saved_secret_is_never_shown_and_an_empty_field_keeps_it(
 def test_a_refused_field_saves_nothing_and_keeps_what_was_typed(
     installation: Installation,
 ) -> None:
-    client = admin(installation)
+    client = client_for(installation, ADMIN)
     answer = post(
         client,
         "/settings/",
@@ -148,7 +140,7 @@ def test_a_refused_field_saves_nothing_and_keeps_what_was_typed(
 def test_removing_what_sending_needs_is_refused(installation: Installation) -> None:
     """The users send via Maildir (the test configuration's default), which needs its
     folder: emptying the field is judged as a save is, and refused."""
-    client = admin(installation)
+    client = client_for(installation, ADMIN)
     answer = post(client, "/settings/", {"maildir.path": ""})
     assert answer.status_code == 400
     assert "Maildir folder is not set" in answer.get_data(as_text=True)
@@ -161,7 +153,7 @@ def test_fields_that_depend_on_each_other_are_saved_together(
     """A remote server with encryption switched on in the same form: saved whatever
     the order in which the fields are judged (the server alone, with no encryption,
     would send the password in plain text, and is refused)."""
-    client = admin(installation)
+    client = client_for(installation, ADMIN)
     local = {"smtp.host": "localhost", "smtp.security": "none"}
     assert post(client, "/settings/", local).status_code == 302
     alone = post(client, "/settings/", {"smtp.host": "smtp.contoso.se"})
@@ -176,7 +168,7 @@ def test_fields_that_depend_on_each_other_are_saved_together(
 def test_after_a_save_the_advice_and_what_stops_sending_are_shown(
     installation: Installation,
 ) -> None:
-    client = admin(installation)
+    client = client_for(installation, ADMIN)
     assert post(client, "/settings/", {"exchange.url": EXAMPLE_URL}).status_code == 302
     text = client.get("/settings/").get_data(as_text=True)
     assert "What stops sending" in text
@@ -187,7 +179,7 @@ def test_after_a_save_the_advice_and_what_stops_sending_are_shown(
 def test_a_note_is_told_apart_from_a_warning(installation: Installation) -> None:
     """``auto`` on Exchange Online says what it chose (a note: nothing to do); ``ews``
     there is warned of (Microsoft blocks it). Each says its level in words."""
-    client = admin(installation)
+    client = client_for(installation, ADMIN)
     assert post(client, "/settings/", {"exchange.url": EXAMPLE_URL}).status_code == 302
     text = client.get("/settings/").get_data(as_text=True)
     note = re.search(r'<li class="notice-note">.*?</li>', text, re.S)
@@ -209,7 +201,7 @@ def test_a_note_is_told_apart_from_a_warning(installation: Installation) -> None
 def test_a_secret_whose_destination_changed_must_be_entered_again(
     installation: Installation,
 ) -> None:
-    client = admin(installation)
+    client = client_for(installation, ADMIN)
     assert (
         post(client, "/settings/", {**OAUTH, "exchange.client_secret": SECRET}).status_code == 302
     )
@@ -239,7 +231,7 @@ def test_a_secret_entered_with_a_new_destination_is_bound_to_it(
 ) -> None:
     """The authority is declared after the secret, yet a form that changes both saves
     the secret for the new authority: secrets are saved last."""
-    client = admin(installation)
+    client = client_for(installation, ADMIN)
     assert (
         post(client, "/settings/", {**OAUTH, "exchange.client_secret": SECRET}).status_code == 302
     )
@@ -258,7 +250,7 @@ def test_a_certificate_is_pasted_or_chosen_as_a_file_and_never_shown(
     installation: Installation,
 ) -> None:
     made = make_certificate()
-    client = admin(installation)
+    client = client_for(installation, ADMIN)
     text = client.get("/settings/").get_data(as_text=True)
     assert '<textarea id="exchange-certificate" name="exchange.certificate"' in text
     assert 'type="file" id="exchange-certificate-file" name="exchange.certificate:file"' in text
@@ -291,7 +283,7 @@ def test_a_certificate_is_pasted_or_chosen_as_a_file_and_never_shown(
 
 def test_a_bad_certificate_is_refused_next_to_its_field(installation: Installation) -> None:
     made = make_certificate()
-    client = admin(installation)
+    client = client_for(installation, ADMIN)
     answer = post(
         client, "/settings/", {"exchange.certificate": made.cert_pem, "exchange.client_id": CLIENT}
     )
@@ -314,7 +306,7 @@ def test_a_bad_certificate_is_refused_next_to_its_field(installation: Installati
 
 
 def test_the_screen_speaks_swedish_with_the_guides_words(installation: Installation) -> None:
-    client = admin(installation)
+    client = client_for(installation, ADMIN)
     text = client.get("/settings/", headers={"Accept-Language": "sv"}).get_data(as_text=True)
     for words in ("Systeminställningar", "URL till Exchange", "Exchange oauth authentication"):
         assert words in text
@@ -329,15 +321,20 @@ def test_every_field_of_the_bundled_plugins_speaks_swedish(installation: Install
     assert sorted(t for t in texts if t and t not in swedish) == []
 
 
-def test_system_settings_in_a_browser(page: Any, installation: Installation) -> None:
-    browser_sign_in(page, ADMIN)
-    page.get_by_role("link", name="System settings").click()
-    expect(page.get_by_role("heading", name="System settings")).to_be_visible()
-    page.get_by_label("Exchange URL").fill(NEAR_MISS)
+def fill_exchange(page: Any, url: str) -> None:
+    """Type the guide's Exchange settings (URL, the OAuth codes, the secret) and save."""
+    page.get_by_label("Exchange URL").fill(url)
     page.get_by_label("Client ID").fill(CLIENT)
     page.get_by_label("Tenant ID").fill(TENANT)
     page.get_by_label("Client secret", exact=True).fill(SECRET)
     page.get_by_role("button", name="Save").click()
+
+
+def test_system_settings_in_a_browser(page: Any, installation: Installation) -> None:
+    browser_sign_in(page, ADMIN)
+    page.get_by_role("link", name="System settings").click()
+    expect(page.get_by_role("heading", name="System settings")).to_be_visible()
+    fill_exchange(page, NEAR_MISS)
 
     refusal = page.locator("#exchange-url-error")
     expect(refusal).to_contain_text(f"did you mean {FIXED} ?")
@@ -366,11 +363,7 @@ def test_a_withheld_secret_and_certificates_in_a_browser(
     pfx = made.pfx("pfx pass")  # salted: made once
     browser_sign_in(page, ADMIN)
     page.goto("/settings/")
-    page.get_by_label("Exchange URL").fill(FIXED)
-    page.get_by_label("Client ID").fill(CLIENT)
-    page.get_by_label("Tenant ID").fill(TENANT)
-    page.get_by_label("Client secret", exact=True).fill(SECRET)
-    page.get_by_role("button", name="Save").click()
+    fill_exchange(page, FIXED)
     expect(page.get_by_text("System settings saved (4 changed).")).to_be_visible()
 
     page.get_by_label("Tenant ID").fill("contoso.onmicrosoft.com")
