@@ -296,6 +296,26 @@ def test_the_basic_tab_keeps_what_sending_needs(installation: Installation) -> N
     assert post(admin, f"/users/{anna}/", to_rentals).status_code == 302  # rentals has SMTP
 
 
+def test_the_users_list_and_the_basic_tab_in_a_browser(
+    page: Any, installation: Installation
+) -> None:
+    browser_sign_in(page, ADMIN)
+    page.get_by_role("navigation").get_by_role("link", name="Users", exact=True).click()
+    row = page.get_by_role("row").filter(has_text=OTHER[0])
+    expect(row).to_contain_text("Yes")  # ready to send (Maildir, in the tests)
+    screenshot(page, "users-list")
+    row.get_by_role("link", name=OTHER[1]).click()
+    expect(page.get_by_role("heading", name=f"Edit user: {OTHER[1]}")).to_be_visible()
+    expect(page.get_by_role("link", name="Basic")).to_have_attribute("aria-current", "page")
+    page.get_by_label("Name").fill("Bo Eklund")
+    page.get_by_label("Name").press("Enter")  # by keyboard
+    expect(page.get_by_text("The user is saved.")).to_be_visible()
+    expect(page.get_by_label("Name")).to_have_value("Bo Eklund")
+    screenshot(page, "user-basic-tab")
+    with installation.crm.transaction() as session:
+        assert directory.find_user(session, OTHER[0]).name == "Bo Eklund"
+
+
 # --- a third-party plugin --------------------------------------------------------------
 
 
