@@ -188,7 +188,7 @@ def test_a_note_is_told_apart_from_a_warning(installation: Installation) -> None
     assert '<p class="field-advice notice-note"><strong class="level level-note">Note:' in text
     assert "Warning:" not in text
     swedish = client.get("/settings/", headers={"Accept-Language": "sv"}).get_data(as_text=True)
-    assert "Notering:" in swedish
+    assert "Anmärkning:" in swedish
 
     assert post(client, "/settings/", {"exchange.api": "ews"}).status_code == 302
     text = client.get("/settings/").get_data(as_text=True)
