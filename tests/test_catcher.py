@@ -6,18 +6,16 @@ from __future__ import annotations
 import errno
 import os
 import smtplib
-import socket
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from flask import Flask
 
 from crm_core.catcher import MailCatcher, list_caught, open_caught
 from crm_core.demo import start_catcher
-from crm_core.web import create_app
-from tests.web_fixtures import USER, Installation, sign_in
+from tests.servers.smtp import port_is_free
+from tests.web_fixtures import USER, Installation, app_for, sign_in
 from tests.web_fixtures import installation as installation
 
 
@@ -36,18 +34,6 @@ def letter(subject: str, html: str | None = None, attach: bool = False) -> Email
             b"%PDF-1.4 plan", maintype="application", subtype="pdf", filename="planritning.pdf"
         )
     return message
-
-
-def port_is_free(port: int) -> bool:
-    """Nothing listens on ``port``: a server could take it now (as a restarted one does,
-    with SO_REUSEADDR, past the closed connections' TIME_WAIT)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 @pytest.fixture
@@ -105,12 +91,6 @@ def test_a_missing_folder_or_key_is_nothing_not_an_error(tmp_path: Path) -> None
 # --- the screen ----------------------------------------------------------------------
 
 
-def catcher_app(installation: Installation, folder: Path) -> Flask:
-    app = create_app(installation.crm, catcher=folder)
-    app.config["TESTING"] = True
-    return app
-
-
 def test_the_screen_lists_newest_first_and_shows_a_mail_safely_as_text(
     installation: Installation, tmp_path: Path
 ) -> None:
@@ -125,7 +105,7 @@ def test_the_screen_lists_newest_first_and_shows_a_mail_safely_as_text(
     )
     an_hour_ago = os.stat(folder / "new" / older).st_mtime - 3600
     os.utime(folder / "new" / older, (an_hour_ago, an_hour_ago))
-    client = catcher_app(installation, folder).test_client()
+    client = app_for(installation.crm, folder).test_client()
     sign_in(client, USER)  # any signed-in user: the catcher holds demo mail only
 
     page = client.get("/catcher/").get_data(as_text=True)
@@ -150,7 +130,7 @@ def test_the_screen_lists_newest_first_and_shows_a_mail_safely_as_text(
 def test_the_screen_needs_a_signed_in_user_and_a_catcher(
     installation: Installation, tmp_path: Path
 ) -> None:
-    anonymous = catcher_app(installation, tmp_path / "caught").test_client()
+    anonymous = app_for(installation.crm, tmp_path / "caught").test_client()
     answer = anonymous.get("/catcher/")
     assert answer.status_code == 302 and "/sign-in" in answer.location
     plain = installation.app.test_client()  # an app made without a catcher folder

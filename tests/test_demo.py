@@ -15,7 +15,6 @@ import queue
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from typing import IO
 import pytest
 
 from crm_core import demo as demos
+from tests.servers.smtp import port_is_free
 
 WAIT = 60.0  # seconds: only a bound on a hang, never a pause
 
@@ -86,18 +86,6 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
     if running.process.poll() is None:
         running.process.kill()
         running.process.communicate()
-
-
-def port_is_free(port: int) -> bool:
-    """Nothing listens on ``port``: a server could take it now (as a restarted one does,
-    with SO_REUSEADDR, past the closed connections' TIME_WAIT)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def browser_like(base: str) -> urllib.request.OpenerDirector:

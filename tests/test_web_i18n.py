@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from babel.messages.pofile import read_po
+
 from crm_core.web.i18n import load_catalogs
 from tests.web_fixtures import USER, Installation, post, sign_in
 from tests.web_fixtures import installation as installation
@@ -31,6 +33,19 @@ def test_every_string_of_the_web_app_has_a_swedish_translation() -> None:
     swedish = load_catalogs()["sv"]
     missing = sorted(s for s in strings if s not in swedish)
     assert missing == [], f"untranslated: {missing}"
+
+
+def test_a_text_has_one_swedish_translation_across_the_screens_catalogs() -> None:
+    """The catalogs are merged at start-up, so a text two screens translate differently
+    would take whichever file is read last: one word must serve both."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((WEB / "translations" / "sv").glob("*.po")):
+        with path.open("rb") as handle:
+            for message in read_po(handle, locale="sv"):
+                if message.id and isinstance(message.id, str) and message.string:
+                    found.setdefault(message.id, set()).add(str(message.string))
+    assert len(found) > 30
+    assert {text: words for text, words in found.items() if len(words) > 1} == {}
 
 
 def test_the_language_follows_the_browser_then_the_switch(installation: Installation) -> None:

@@ -15,25 +15,23 @@ import pytest
 from playwright.sync_api import expect
 from sqlalchemy import select
 
-from crm_core import audit, directory
+from crm_core import audit
 from crm_core.mail.transport import Outcome, RecipientStatus
 from crm_core.mail.worker import Worker
 from crm_core.models import AuditEntry, OutboxMessage
-from crm_core.passwords import set_password
-from crm_core.web import create_app
 from tests.conftest import CrmFactory
 from tests.test_outbox_helpers import Scripted, queue_mail, scripted_crm, states
-from tests.test_web_persons import person_id
 from tests.web_fixtures import (
     ADMIN,
-    OTHER,
     PERSON,
     USER,
     Installation,
     browser_sign_in,
+    client_for,
+    person_id,
     post,
     screenshot,
-    sign_in,
+    site_of,
 )
 from tests.web_fixtures import browser as browser
 from tests.web_fixtures import installation as installation
@@ -47,14 +45,14 @@ REFUSED = "bo.ek@example.com"
 def scripted(make_crm: CrmFactory) -> tuple[Installation, Scripted]:
     """The web app on a Crm whose mail goes through the scripted transport."""
     crm, transport = scripted_crm(make_crm)
-    with crm.transaction() as session:
-        for (email, name, password), admin in ((ADMIN, True), (USER, False), (OTHER, False)):
-            user = directory.add_user(session, email, name, "commercial", admin=admin)
-            set_password(session, user, password)
-        directory.add_person(session, *PERSON)
-    app = create_app(crm)
-    app.config["TESTING"] = True
-    return Installation(crm, app, make_crm), transport
+    return site_of(crm, make_crm), transport
+
+
+@pytest.fixture
+def fates(scripted: tuple[Installation, Scripted]) -> tuple[Installation, dict[str, int]]:
+    """The site, and USER's four mails by subject once the worker has tried them."""
+    site, transport = scripted
+    return site, four_fates(site, transport)
 
 
 def four_fates(site: Installation, transport: Scripted) -> dict[str, int]:
@@ -85,12 +83,10 @@ def text(answer: Any) -> str:
 
 
 def test_the_outbox_shows_each_state_attempt_reason_reply_and_next_try(
-    scripted: tuple[Installation, Scripted],
+    fates: tuple[Installation, dict[str, int]],
 ) -> None:
-    site, transport = scripted
-    ids = four_fates(site, transport)
-    client = site.app.test_client()
-    sign_in(client, USER)
+    site, ids = fates
+    client = client_for(site, USER)
     listed = client.get("/outbox/").get_data(as_text=True)
     for subject, label in (
         ("Fine", "sent"),
@@ -121,12 +117,10 @@ def test_the_outbox_shows_each_state_attempt_reason_reply_and_next_try(
 
 
 def test_an_administrator_retries_cancels_and_resolves_each_with_an_audit_entry(
-    scripted: tuple[Installation, Scripted],
+    fates: tuple[Installation, dict[str, int]],
 ) -> None:
-    site, transport = scripted
-    ids = four_fates(site, transport)
-    admin = site.app.test_client()
-    sign_in(admin, ADMIN)
+    site, ids = fates
+    admin = client_for(site, ADMIN)
     lost, fine = ids["Lost"], ids["Fine"]
 
     def act(outbox_id: int, action: str, **form: str) -> Any:
@@ -163,12 +157,10 @@ def test_an_administrator_retries_cancels_and_resolves_each_with_an_audit_entry(
 
 
 def test_the_live_part_is_a_fragment_of_the_same_address(
-    scripted: tuple[Installation, Scripted],
+    fates: tuple[Installation, dict[str, int]],
 ) -> None:
-    site, transport = scripted
-    ids = four_fates(site, transport)
-    client = site.app.test_client()
-    sign_in(client, USER)
+    site, ids = fates
+    client = client_for(site, USER)
     for path in ("/outbox/", f"/outbox/{ids['Fine']}"):
         whole = client.get(path)
         html = whole.get_data(as_text=True)
@@ -189,8 +181,7 @@ def test_the_outbox_and_the_audit_log_come_in_pages(installation: Installation) 
     with crm.transaction() as db:
         for n in range(52):
             audit.record(db, "cli:test", "setting changed", f"key.{n}")
-    client = installation.app.test_client()
-    sign_in(client, ADMIN)
+    client = client_for(installation, ADMIN)
     first = client.get("/outbox/").get_data(as_text=True)
     assert "50 of 53 mails" in first and ">Mail 52</a>" in first and ">Mail 2</a>" not in first
     assert 'href="/outbox/?page=2"' in first

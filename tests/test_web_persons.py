@@ -9,6 +9,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from flask.testing import FlaskClient
 from playwright.sync_api import expect
 from sqlalchemy import func, select
 
@@ -16,28 +17,23 @@ from crm_core import directory
 from crm_core.app import Crm
 from crm_core.mail.addresses import split_list
 from crm_core.mail.worker import Worker
-from crm_core.models import AuditEntry, OutboxMessage, Person, PersonActivity
+from crm_core.models import AuditEntry, OutboxMessage, PersonActivity
 from tests.web_fixtures import (
     PERSON,
+    UNREACHABLE_EXCHANGE,
     USER,
     Installation,
     browser_sign_in,
-    post,
+    client_for,
+    csrf,
+    person_id,
+    save_settings,
     screenshot,
-    sign_in,
 )
 from tests.web_fixtures import browser as browser
 from tests.web_fixtures import installation as installation
 from tests.web_fixtures import live_app as live_app
 from tests.web_fixtures import page as page
-
-
-def person_id(crm: Crm) -> int:
-    """The test person's id."""
-    with crm.transaction() as db:
-        found = db.scalar(select(Person.id).where(Person.email == PERSON[0]))
-    assert found is not None
-    return int(found)
 
 
 def counts(crm: Crm) -> tuple[int, int, int]:
@@ -64,6 +60,13 @@ def field_block(html: str, name: str) -> str:
     return found.group(0)
 
 
+def send(client: FlaskClient, pid: int, data: dict[str, Any], lang: str = "en") -> Any:
+    """Submit the envelope's compose form for person ``pid``, as its page gives it."""
+    token = csrf(client, f"/persons/{pid}/mail")
+    form = {**data, "csrf_token": token}
+    return client.post(f"/persons/{pid}/mail", data=form, headers={"Accept-Language": lang})
+
+
 def test_a_box_of_addresses_is_split_at_commas_semicolons_and_lines_not_in_quotes() -> None:
     typed = 'Per Persson <per@example.com>, x@nodot\n"Persson, Per" <p@x.se>;a@b.se\r\n'
     assert split_list(typed) == [
@@ -78,8 +81,7 @@ def test_a_box_of_addresses_is_split_at_commas_semicolons_and_lines_not_in_quote
 def test_the_person_overview_shows_name_e_mail_mobile_and_the_envelope(
     installation: Installation,
 ) -> None:
-    client = installation.app.test_client()
-    sign_in(client, USER)
+    client = client_for(installation, USER)
     pid = person_id(installation.crm)
     for found in ("PERSSON", "per@EXAMPLE", "  per  "):
         assert f'href="/persons/{pid}"' in client.get(f"/persons/?q={found}").text, found
@@ -98,8 +100,7 @@ def test_the_register_comes_in_pages_and_the_search_is_kept(installation: Instal
     with installation.crm.transaction() as db:
         for n in range(60):
             directory.add_person(db, f"lisa{n:02d}@example.com", f"Lisa {n:02d}")
-    client = installation.app.test_client()
-    sign_in(client, USER)
+    client = client_for(installation, USER)
     first = client.get("/persons/?q=lisa").text
     assert "50 of 60 persons" in first and ">Lisa 00<" in first and ">Lisa 50<" not in first
     assert ">Per Persson<" not in first
@@ -112,8 +113,7 @@ def test_the_register_comes_in_pages_and_the_search_is_kept(installation: Instal
 def test_the_envelope_is_addressed_to_the_person_from_the_signed_in_user(
     installation: Installation,
 ) -> None:
-    client = installation.app.test_client()
-    sign_in(client, USER)
+    client = client_for(installation, USER)
     form = client.get(f"/persons/{person_id(installation.crm)}/mail").get_data(as_text=True)
     assert ">Per Persson &lt;per@example.com&gt;</textarea>" in field_block(form, "to")
     assert "From: Anna Berg &lt;anna@contoso.se&gt;" in form
@@ -123,8 +123,7 @@ def test_the_envelope_is_addressed_to_the_person_from_the_signed_in_user(
 def test_sending_queues_the_mail_on_the_persons_history_with_an_audit_entry(
     installation: Installation,
 ) -> None:
-    client = installation.app.test_client()
-    sign_in(client, USER)
+    client = client_for(installation, USER)
     pid = person_id(installation.crm)
     data = {
         "to": "Per Persson <per@example.com>,\r\n bo@contoso.se",
@@ -133,7 +132,7 @@ def test_sending_queues_the_mail_on_the_persons_history_with_an_audit_entry(
         "text": "Ett brev.",
         "attachments": [(BytesIO(b"first"), "notes.txt"), (BytesIO(b"%PDF-1"), "offer.pdf")],
     }
-    answer = post(client, f"/persons/{pid}/mail", data, page=f"/persons/{pid}/mail")
+    answer = send(client, pid, data)
     assert answer.status_code == 303, answer.get_data(as_text=True)
     with installation.crm.transaction() as db:
         row = db.scalars(select(OutboxMessage)).one()
@@ -157,7 +156,7 @@ def test_sending_queues_the_mail_on_the_persons_history_with_an_audit_entry(
     assert f"The mail is in the outbox as #{outbox_id}; its state is now: queued." in page_after
     assert f'href="/outbox/{outbox_id}"' in page_after
     again = {"to": PERSON[0], "subject": "Second letter", "text": "Igen."}
-    assert post(client, f"/persons/{pid}/mail", again, page=f"/persons/{pid}").status_code == 303
+    assert send(client, pid, again).status_code == 303
     history = client.get(f"/persons/{pid}", headers={"X-Fragment": "1"}).get_data(as_text=True)
     assert "<html" not in history  # the live part only, for app.js
     assert history.index("Second letter") < history.index("Hej Per")  # newest first
@@ -167,8 +166,7 @@ def test_sending_queues_the_mail_on_the_persons_history_with_an_audit_entry(
 def test_a_refused_mail_names_each_bad_value_next_to_its_field_and_queues_nothing(
     installation: Installation,
 ) -> None:
-    client = installation.app.test_client()
-    sign_in(client, USER)
+    client = client_for(installation, USER)
     pid = person_id(installation.crm)
     data = {
         "to": "Per Persson <per@example.com>, x@nodot",
@@ -177,7 +175,7 @@ def test_a_refused_mail_names_each_bad_value_next_to_its_field_and_queues_nothin
         "text": "Typed text stays",
         "attachments": [(BytesIO(b"x"), "kept-not.txt")],
     }
-    answer = post(client, f"/persons/{pid}/mail", data, page=f"/persons/{pid}/mail")
+    answer = send(client, pid, data)
     html = answer.get_data(as_text=True)
     assert answer.status_code == 400
     assert "Error validating e-mail" in html
@@ -193,14 +191,9 @@ def test_a_refused_mail_names_each_bad_value_next_to_its_field_and_queues_nothin
 
 
 def test_the_refusal_speaks_swedish(installation: Installation) -> None:
-    client = installation.app.test_client()
-    sign_in(client, USER)
+    client = client_for(installation, USER)
     pid = person_id(installation.crm)
-    answer = client.post(
-        f"/persons/{pid}/mail",
-        data={"to": "", "subject": "", "text": "", "csrf_token": _token(client, pid)},
-        headers={"Accept-Language": "sv"},
-    )
+    answer = send(client, pid, {"to": "", "subject": "", "text": ""}, lang="sv")
     html = answer.get_data(as_text=True)
     assert answer.status_code == 400
     assert "Fel vid validering av e-post" in html
@@ -212,40 +205,24 @@ def test_what_stops_the_senders_account_is_said_above_the_form(
     installation: Installation,
 ) -> None:
     crm = installation.crm
-    with crm.transaction() as db:
-        for key, value in (
-            ("exchange.url", "https://127.0.0.1:9/EWS/Exchange.asmx"),
-            ("exchange.client_id", "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0"),
-            ("exchange.tenant_id", "contoso.onmicrosoft.com"),
-            ("exchange.client_secret", "a-client-secret-value"),
-        ):
-            crm.set_system_setting(db, key, value)
-    with crm.transaction() as db:
-        anna = directory.find_user(db, USER[0])
-        for key, value in (
-            ("exchange.username", USER[0]),
-            ("exchange.password", "a-password"),
-            ("exchange.sync", "true"),
-            ("mail.transport", "exchange"),
-        ):
-            crm.set_user_setting(db, anna, key, value)  # exchange.domain is missing
-    client = installation.app.test_client()
-    sign_in(client, USER)
+    exchange = (*UNREACHABLE_EXCHANGE, ("exchange.client_secret", "a-client-secret-value"))
+    mine = (
+        ("exchange.username", USER[0]),
+        ("exchange.password", "a-password"),
+        ("exchange.sync", "true"),
+        ("mail.transport", "exchange"),
+    )  # exchange.domain is missing
+    save_settings(crm, exchange, {USER[0]: mine})
+    client = client_for(installation, USER)
     pid = person_id(crm)
     data = {"to": PERSON[0], "subject": "Hej", "text": "x"}
-    answer = post(client, f"/persons/{pid}/mail", data, page=f"/persons/{pid}/mail")
+    answer = send(client, pid, data)
     html = answer.get_data(as_text=True)
     assert answer.status_code == 400
     above = html[html.index('id="form-error"') : html.index(f'action="/persons/{pid}/mail"')]
     assert f"sender {USER[0]}: exchange.domain: Domain is not set" in above
     assert "Domain is not set" not in field_block(html, "to")
     assert counts(crm) == (0, 0, 0)
-
-
-def _token(client: Any, pid: int) -> str:
-    found = re.search(r'name="csrf_token" value="([^"]+)"', client.get(f"/persons/{pid}/mail").text)
-    assert found is not None
-    return found.group(1)
 
 
 def test_the_envelope_in_a_real_browser(

@@ -19,34 +19,32 @@ from werkzeug.test import TestResponse
 
 from crm_core import directory
 from crm_core.app import Crm
+from crm_core.cli.values import read_file_content
 from crm_core.mail.worker import Worker
 from crm_core.models import AuditEntry, OutboxMessage, SystemSetting, UserSetting
 from crm_core.signin import MAX_FAILURES
+from tests.test_exchange_certificates import make_certificate
 from tests.test_outbox_helpers import queue_mail, states
-from tests.test_web_persons import person_id
 from tests.web_fixtures import (
     ADMIN,
     OTHER,
     PERSON,
+    UNREACHABLE_EXCHANGE,
     USER,
     Installation,
+    client_for,
     csrf,
+    person_id,
     post,
-    sign_in,
+    save_settings,
 )
 from tests.web_fixtures import installation as installation
 
 CLIENT_SECRET = "Kq8~vT.client-secret-VALUE-5c1f0e9a"
 SMTP_PASSWORD = "hunter2-Lösenord-äö!"
 EXCHANGE_PASSWORD = "Xch-pw.Other-77c3e1"
-SECRETS = (CLIENT_SECRET, SMTP_PASSWORD, EXCHANGE_PASSWORD)
-
-
-def signed_in(site: Installation, who: tuple[str, str, str]) -> FlaskClient:
-    """A fresh client with ``who`` signed in."""
-    client = site.app.test_client()
-    sign_in(client, who)
-    return client
+PASSPHRASE = "Pfx-passphrase.3e9d1c"
+SECRETS = (CLIENT_SECRET, SMTP_PASSWORD, EXCHANGE_PASSWORD, PASSPHRASE)
 
 
 def audit_count(crm: Crm) -> int:
@@ -62,7 +60,7 @@ def test_a_user_sees_only_their_own_mail_in_the_list_and_by_address(
     theirs = queue_mail(
         installation.crm, "Theirs", sender=OTHER[0], to=[PERSON[0]], person_email=PERSON[0]
     )
-    user = signed_in(installation, USER)
+    user = client_for(installation, USER)
     listed = user.get("/outbox/").get_data(as_text=True)
     assert f'href="/outbox/{mine}"' in listed and "Mine" in listed
     assert f'href="/outbox/{theirs}"' not in listed and "Theirs" not in listed
@@ -76,14 +74,14 @@ def test_a_user_sees_only_their_own_mail_in_the_list_and_by_address(
     assert f'href="/outbox/{theirs}"' not in history  # but the mail is not theirs to open
     notice = user.get(f"/persons/{person_id(installation.crm)}?queued={theirs}")
     assert notice.status_code == 200 and "is in the outbox as" not in notice.text
-    admin = signed_in(installation, ADMIN)
+    admin = client_for(installation, ADMIN)
     everything = admin.get("/outbox/").get_data(as_text=True)
     assert f'href="/outbox/{mine}"' in everything and f'href="/outbox/{theirs}"' in everything
     assert admin.get(f"/outbox/{theirs}").status_code == 200
 
 
 def test_a_user_cannot_send_as_another_address(installation: Installation) -> None:
-    user = signed_in(installation, USER)
+    user = client_for(installation, USER)
     pid = person_id(installation.crm)
     form = {
         "from": f"{OTHER[1]} <{OTHER[0]}>",
@@ -102,7 +100,7 @@ def test_a_user_cannot_send_as_another_address(installation: Installation) -> No
 
 def test_a_user_cannot_retry_cancel_or_resolve(installation: Installation) -> None:
     mine = queue_mail(installation.crm, "Mine", sender=USER[0], to=[PERSON[0]])
-    user = signed_in(installation, USER)
+    user = client_for(installation, USER)
     page = f"/outbox/{mine}"
     for action, form in (
         ("retry", {}),
@@ -121,7 +119,7 @@ def test_a_user_cannot_retry_cancel_or_resolve(installation: Installation) -> No
 
 def test_a_request_without_a_csrf_token_is_refused(installation: Installation) -> None:
     mine = queue_mail(installation.crm, "Mine", sender=USER[0], to=[PERSON[0]])
-    user, admin = signed_in(installation, USER), signed_in(installation, ADMIN)
+    user, admin = client_for(installation, USER), client_for(installation, ADMIN)
     pid = person_id(installation.crm)
     mail = {"to": PERSON[0], "subject": "No token", "text": "x"}
     assert user.post(f"/persons/{pid}/mail", data=mail).status_code == 400
@@ -135,10 +133,10 @@ def test_a_request_without_a_csrf_token_is_refused(installation: Installation) -
 
 def test_the_audit_log_is_for_administrators(installation: Installation) -> None:
     assert installation.app.test_client().get("/audit/").status_code == 302
-    assert signed_in(installation, USER).get("/audit/").status_code == 403
-    user_nav = signed_in(installation, USER).get("/outbox/").get_data(as_text=True)
+    assert client_for(installation, USER).get("/audit/").status_code == 403
+    user_nav = client_for(installation, USER).get("/outbox/").get_data(as_text=True)
     assert 'href="/audit/"' not in user_nav and 'href="/outbox/"' in user_nav
-    admin = signed_in(installation, ADMIN)
+    admin = client_for(installation, ADMIN)
     assert admin.get("/audit/").status_code == 200
     assert 'href="/audit/"' in admin.get("/outbox/").get_data(as_text=True)
 
@@ -174,15 +172,15 @@ def test_a_user_cannot_read_or_change_another_users_or_the_system_settings(
     installation: Installation,
 ) -> None:
     crm = installation.crm
-    store_secrets(crm)
+    secrets = store_secrets(crm)
     before = (stored_settings(crm), audit_count(crm))
     ids = user_ids(crm)
     me, bo, ada = ids[USER[0]], ids[OTHER[0]], ids[ADMIN[0]]
-    user = signed_in(installation, USER)
+    user = client_for(installation, USER)
     for path in ("/settings/", "/users/", f"/users/{bo}/", f"/users/{bo}/email"):
         answer = user.get(path)
         assert answer.status_code == refusal_for(installation.app, path, "GET"), path
-        assert_clean(path, f"{answer.headers}\n{answer.text}")
+        assert_clean(path, f"{answer.headers}\n{answer.text}", secrets)
     assert user.get(f"/users/{ada}/email").status_code == refusal_for(
         installation.app, f"/users/{ada}/email", "GET"
     )
@@ -197,7 +195,7 @@ def test_a_user_cannot_read_or_change_another_users_or_the_system_settings(
     for path, form in crafted:
         answer = user.post(path, data={**form, "csrf_token": token})
         assert answer.status_code == refusal_for(installation.app, path, "POST"), path
-        assert_clean(path, f"{answer.headers}\n{answer.text}")
+        assert_clean(path, f"{answer.headers}\n{answer.text}", secrets)
     assert (stored_settings(crm), audit_count(crm)) == before  # nothing changed, or logged
     assert user.get("/audit/").status_code == 403  # and the user did not become an admin
 
@@ -215,37 +213,39 @@ def test_sign_in_is_rate_limited_and_a_locked_account_stays_signed_out(
     assert [attempt("guess", f"10.1.0.{n}") for n in range(MAX_FAILURES)] == [401] * MAX_FAILURES
     assert attempt(USER[2], "10.1.1.1") == 429  # the right password, from a new address
     assert client.get("/outbox/").status_code == 302  # still not signed in
-    assert signed_in(installation, OTHER).get("/outbox/").status_code == 200  # only Anna
+    assert client_for(installation, OTHER).get("/outbox/").status_code == 200  # only Anna
 
 
 # --- the secret scan --------------------------------------------------------------
 
 
-def store_secrets(crm: Crm) -> None:
+def store_secrets(crm: Crm) -> tuple[str, ...]:
     """Secrets saved through the core, as the settings screens and the CLI save them;
-    OTHER sends through Exchange, so their mail's attempts use the secrets."""
+    OTHER sends through Exchange, so their mail's attempts use the secrets. What to
+    look for: each secret, and each line of the certificates' private keys."""
+    made = make_certificate()
+    pfx = read_file_content(make_certificate().pfx(PASSPHRASE))
     system = (
-        ("exchange.url", "https://127.0.0.1:9/EWS/Exchange.asmx"),
-        ("exchange.client_id", "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0"),
-        ("exchange.tenant_id", "contoso.onmicrosoft.com"),
+        *UNREACHABLE_EXCHANGE,
         ("exchange.authority", "https://127.0.0.1:9"),
         ("exchange.client_secret", CLIENT_SECRET),
+        ("exchange.certificate", made.pem()),
+        ("exchange.certificate_2", pfx),
+        ("exchange.certificate_2_passphrase", PASSPHRASE),
     )
-    with crm.transaction() as db:
-        for key, value in system:
-            crm.set_system_setting(db, key, value, actor=ADMIN[0])
-    with crm.transaction() as db:
-        anna, bo = directory.find_user(db, USER[0]), directory.find_user(db, OTHER[0])
-        crm.set_user_setting(db, anna, "smtp.password", SMTP_PASSWORD, actor=USER[0])
-        crm.set_user_setting(db, anna, "exchange.password", SMTP_PASSWORD, actor=USER[0])
-        for key, value in (
-            ("exchange.username", OTHER[0]),
-            ("exchange.domain", "contoso.se"),
-            ("exchange.password", EXCHANGE_PASSWORD),
-            ("exchange.sync", "true"),
-            ("mail.transport", "exchange"),
-        ):
-            crm.set_user_setting(db, bo, key, value, actor=ADMIN[0])
+    save_settings(crm, system, actor=ADMIN[0])
+    anna = (("smtp.password", SMTP_PASSWORD), ("exchange.password", SMTP_PASSWORD))
+    save_settings(crm, users={USER[0]: anna}, actor=USER[0])
+    bo = (
+        ("exchange.username", OTHER[0]),
+        ("exchange.domain", "contoso.se"),
+        ("exchange.password", EXCHANGE_PASSWORD),
+        ("exchange.sync", "true"),
+        ("mail.transport", "exchange"),
+    )
+    save_settings(crm, users={OTHER[0]: bo}, actor=ADMIN[0])
+    key_lines = made.key_pem().splitlines()[2:-2]  # not the ASN.1 head all keys share
+    return (*SECRETS, *key_lines, pfx[40:100])
 
 
 _LINK = re.compile(r'(?:href|data-src)="([^"]*)"')
@@ -309,8 +309,8 @@ def described(answers: list[TestResponse]) -> str:
     return "\n".join(f"{a.status_code}\n{a.headers}\n{a.text}" for a in answers)
 
 
-def assert_clean(where: str, text: str) -> None:
-    for secret in SECRETS:
+def assert_clean(where: str, text: str, secrets: tuple[str, ...] = SECRETS) -> None:
+    for secret in secrets:
         assert secret not in text, f"a stored secret is in {where}"
         assert secret[:8] not in text, f"the start of a stored secret is in {where}"
 
@@ -320,13 +320,13 @@ def test_no_page_redirect_or_fragment_carries_a_stored_secret(
     installation: Installation, who: tuple[str, str, str]
 ) -> None:
     crm = installation.crm
-    store_secrets(crm)
+    secrets = store_secrets(crm)
     pid = person_id(crm)
     for sender in (USER[0], OTHER[0]):
         queue_mail(crm, f"From {sender}", sender=sender, to=[PERSON[0]], person_email=PERSON[0])
     Worker(crm).run_once()  # Exchange cannot be reached: its attempt fails, with words
     assert sorted(states(crm).values()) == ["retry", "sent"]
-    client = signed_in(installation, who)
+    client = client_for(installation, who)
     start = ("/", "/persons/", "/outbox/", "/audit/", "/settings/", "/users/", "/users/me/email")
     pages = crawl(client, start)
     reached = set(pages)
@@ -350,9 +350,10 @@ def test_no_page_redirect_or_fragment_carries_a_stored_secret(
         client.post("/sign-in", data={"email": who[0], "password": "wrong"}),
     ]
     for path, answer in pages.items():
-        assert_clean(path, answer)
+        assert_clean(path, answer, secrets)
     for answer in posted:
-        assert_clean(answer.request.path, f"{answer.headers}\n{answer.get_data(as_text=True)}")
+        text = f"{answer.headers}\n{answer.get_data(as_text=True)}"
+        assert_clean(answer.request.path, text, secrets)
     cookie = client.get_cookie("session")
     assert cookie is not None
-    assert_clean("the session cookie", cookie.value)
+    assert_clean("the session cookie", cookie.value, secrets)

@@ -8,6 +8,7 @@ Entra ID and EWS stand-ins.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,6 @@ from playwright.sync_api import expect
 
 from crm_core import audit, directory
 from crm_core.models import User
-from crm_core.passwords import set_password
-from crm_core.web import create_app
 from tests.conftest import CrmFactory
 from tests.exchange_fixtures import (
     ALIAS,
@@ -39,10 +38,11 @@ from tests.web_fixtures import (
     USER,
     Installation,
     browser_sign_in,
+    client_for,
     csrf,
     post,
     screenshot,
-    sign_in,
+    site_of,
 )
 from tests.web_fixtures import browser as browser
 from tests.web_fixtures import installation as installation
@@ -56,12 +56,6 @@ TRANSPORT = "mail.transport"
 def user_id(installation: Installation, who: tuple[str, str, str]) -> int:
     with installation.crm.transaction() as session:
         return directory.find_user(session, who[0]).id
-
-
-def client_of(installation: Installation, who: tuple[str, str, str]) -> FlaskClient:
-    client = installation.app.test_client()
-    sign_in(client, who)
-    return client
 
 
 def user_values(installation: Installation, who: tuple[str, str, str]) -> dict[str, Any]:
@@ -79,7 +73,7 @@ def audit_lines(installation: Installation) -> list[str]:
 
 
 def test_a_user_sees_and_changes_only_their_own_email_tab(installation: Installation) -> None:
-    client = client_of(installation, USER)
+    client = client_for(installation, USER)
     mine, other = user_id(installation, USER), user_id(installation, OTHER)
     assert client.get(f"/users/{mine}/email").status_code == 200
     assert client.get("/users/me/email").location.endswith(f"/users/{mine}/email")
@@ -99,15 +93,15 @@ def test_a_user_sees_and_changes_only_their_own_email_tab(installation: Installa
     with installation.crm.transaction() as session:
         assert directory.find_user(session, USER[0]).role == "user"
     assert audit_lines(installation) == []
-    assert client_of(installation, ADMIN).get("/users/999/email").status_code == 404
+    assert client_for(installation, ADMIN).get("/users/999/email").status_code == 404
 
 
 def test_the_list_and_the_header_are_for_whom_they_concern(installation: Installation) -> None:
-    listing = client_of(installation, ADMIN).get("/users/").get_data(as_text=True)
+    listing = client_for(installation, ADMIN).get("/users/").get_data(as_text=True)
     for who in (ADMIN, USER, OTHER):
         assert who[0] in listing and who[1] in listing
     assert "Write to a Maildir folder (development)" in listing  # the default transport
-    header = client_of(installation, USER).get("/persons/").get_data(as_text=True)
+    header = client_for(installation, USER).get("/persons/").get_data(as_text=True)
     assert 'href="/users/me/email"' in header and 'href="/users/"' not in header
 
 
@@ -119,7 +113,7 @@ def test_the_email_tab_is_rendered_from_the_plugins(installation: Installation) 
     with crm.transaction() as session:
         crm.set_system_setting(session, "exchange.url", "https://mail.contoso.se/EWS/Exchange.asmx")
     mine = user_id(installation, USER)
-    text = client_of(installation, USER).get(f"/users/{mine}/email").get_data(as_text=True)
+    text = client_for(installation, USER).get(f"/users/{mine}/email").get_data(as_text=True)
     for label in ("Send via Exchange", "Send via SMTP", "Domain", "Username", "Sync with Exchange"):
         assert label in text
     assert 'value="https://mail.contoso.se/EWS/Exchange.asmx" placeholder' in text
@@ -131,7 +125,7 @@ def test_the_email_tab_is_rendered_from_the_plugins(installation: Installation) 
 def test_one_refused_field_saves_nothing_and_keeps_what_was_typed(
     installation: Installation,
 ) -> None:
-    client = client_of(installation, USER)
+    client = client_for(installation, USER)
     path = f"/users/{user_id(installation, USER)}/email"
     answer = post(
         client,
@@ -157,7 +151,7 @@ def test_one_refused_field_saves_nothing_and_keeps_what_was_typed(
 def test_saving_the_email_tab_audits_keys_and_never_shows_a_secret(
     installation: Installation,
 ) -> None:
-    client = client_of(installation, USER)
+    client = client_for(installation, USER)
     mine = user_id(installation, USER)
     form = {"smtp.username": USER[0], "smtp.password": SMTP_PASSWORD, "exchange.sync": "false"}
     assert post(client, f"/users/{mine}/email", form).status_code == 302
@@ -168,7 +162,7 @@ def test_saving_the_email_tab_audits_keys_and_never_shows_a_secret(
         f"{USER[0]} setting changed: {USER[0]}: smtp.password ",
         f"{USER[0]} setting changed: {USER[0]}: smtp.username ",
     ]
-    admin = client_of(installation, ADMIN)
+    admin = client_for(installation, ADMIN)
     pages = [
         client.get(f"/users/{mine}/email"),
         admin.get(f"/users/{mine}/email"),
@@ -187,6 +181,35 @@ def test_saving_the_email_tab_audits_keys_and_never_shows_a_secret(
     assert "Saved" in pages[0].get_data(as_text=True)
 
 
+def test_a_password_whose_server_changed_must_be_entered_again(
+    installation: Installation,
+) -> None:
+    """The SMTP password is bound to the server it was saved for: the user's own
+    server override withholds it until it is typed again, and the tab says so."""
+    client = client_for(installation, USER)
+    mine = user_id(installation, USER)
+    form = {"smtp.username": USER[0], "smtp.password": SMTP_PASSWORD}
+    assert post(client, f"/users/{mine}/email", form).status_code == 302
+    moved = post(client, f"/users/{mine}/email", {"smtp.host": "smtp.contoso.se"})
+    assert moved.status_code == 302
+    text = client.get(f"/users/{mine}/email").get_data(as_text=True)
+    assert (
+        "SMTP password (smtp.password) must be entered again: "
+        "SMTP server (smtp.host) changed since it was saved."
+    ) in text
+    state = re.search(r'id="smtp-password-state">(.*?)</span>', text, re.S)
+    assert state is not None
+    words = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", state[1])).strip()
+    assert words.startswith("Enter it again: SMTP server (smtp.host) changed since it was saved")
+    swedish = client.get(f"/users/{mine}/email", headers={"Accept-Language": "sv"})
+    assert "Ange den igen:" in swedish.get_data(as_text=True)
+
+    assert post(client, f"/users/{mine}/email", {"smtp.password": SMTP_PASSWORD}).status_code == 302
+    text = client.get(f"/users/{mine}/email").get_data(as_text=True)
+    assert "Enter it again" not in text and SMTP_PASSWORD not in text
+    assert user_values(installation, USER)["smtp.password"].reveal() == SMTP_PASSWORD
+
+
 def _token(client: FlaskClient, mine: int) -> str:
     return csrf(client, f"/users/{mine}/email")
 
@@ -194,7 +217,7 @@ def _token(client: FlaskClient, mine: int) -> str:
 def test_test_connection_is_a_whole_page_without_javascript_and_a_fragment_with_it(
     installation: Installation,
 ) -> None:
-    client = client_of(installation, USER)
+    client = client_for(installation, USER)
     mine = user_id(installation, USER)
     token = _token(client, mine)
     whole = client.post(f"/users/{mine}/test-connection", data={"csrf_token": token})
@@ -218,7 +241,7 @@ def test_test_connection_is_a_whole_page_without_javascript_and_a_fragment_with_
 
 
 def test_an_administrator_edits_the_basic_tab(installation: Installation) -> None:
-    admin = client_of(installation, ADMIN)
+    admin = client_for(installation, ADMIN)
     bo = user_id(installation, OTHER)
     form = {"name": "Bo Eklund", "email": "bo.eklund@contoso.se", "product_line": "sales"}
     saved = post(admin, f"/users/{bo}/", {**form, "role": "user"})
@@ -251,7 +274,7 @@ def test_the_basic_tab_keeps_what_sending_needs(installation: Installation) -> N
     """The last administrator stays one, and a user keeps a transport their product
     line offers (rentals offers no Exchange)."""
     crm = installation.crm
-    admin = client_of(installation, ADMIN)
+    admin = client_for(installation, ADMIN)
     me = user_id(installation, ADMIN)
     myself = {"name": ADMIN[1], "email": ADMIN[0], "product_line": "commercial"}
     alone = post(admin, f"/users/{me}/", {**myself, "role": "user"})
@@ -273,6 +296,26 @@ def test_the_basic_tab_keeps_what_sending_needs(installation: Installation) -> N
     assert post(admin, f"/users/{anna}/", to_rentals).status_code == 302  # rentals has SMTP
 
 
+def test_the_users_list_and_the_basic_tab_in_a_browser(
+    page: Any, installation: Installation
+) -> None:
+    browser_sign_in(page, ADMIN)
+    page.get_by_role("navigation").get_by_role("link", name="Users", exact=True).click()
+    row = page.get_by_role("row").filter(has_text=OTHER[0])
+    expect(row).to_contain_text("Yes")  # ready to send (Maildir, in the tests)
+    screenshot(page, "users-list")
+    row.get_by_role("link", name=OTHER[1]).click()
+    expect(page.get_by_role("heading", name=f"Edit user: {OTHER[1]}")).to_be_visible()
+    expect(page.get_by_role("link", name="Basic")).to_have_attribute("aria-current", "page")
+    page.get_by_label("Name").fill("Bo Eklund")
+    page.get_by_label("Name").press("Enter")  # by keyboard
+    expect(page.get_by_text("The user is saved.")).to_be_visible()
+    expect(page.get_by_label("Name")).to_have_value("Bo Eklund")
+    screenshot(page, "user-basic-tab")
+    with installation.crm.transaction() as session:
+        assert directory.find_user(session, OTHER[0]).name == "Bo Eklund"
+
+
 # --- a third-party plugin --------------------------------------------------------------
 
 
@@ -280,25 +323,19 @@ def test_the_basic_tab_keeps_what_sending_needs(installation: Installation) -> N
 def acme_installation(make_crm: CrmFactory, tmp_path: Path) -> Installation:
     """The docs' example plugin (docs/plugins.md section 4) on a product line of its own."""
     crm = make_crm(ACME_CONFIG, extra_plugins=(("acme_mail", load_example(tmp_path)),))
-    with crm.transaction() as session:
-        for (email, name, password), admin in ((ADMIN, True), (USER, False)):
-            user = directory.add_user(session, email, name, "rentals", admin=admin)
-            set_password(session, user, password)
-    app = create_app(crm)
-    app.config["TESTING"] = True
-    return Installation(crm, app, make_crm)
+    return site_of(crm, make_crm, "rentals")
 
 
 def test_a_third_party_plugin_gets_its_screens_without_html(
     acme_installation: Installation, acme: Acme
 ) -> None:
-    admin = client_of(acme_installation, ADMIN)
+    admin = client_for(acme_installation, ADMIN)
     system = admin.get("/settings/").get_data(as_text=True)
     assert "<legend>Send via ACME</legend>" in system and 'name="acme.url"' in system
     assert "e.g. https://api.acme.example/send" in system
     assert post(admin, "/settings/", {"acme.url": acme.url}).status_code == 302
 
-    client = client_of(acme_installation, USER)
+    client = client_for(acme_installation, USER)
     mine = user_id(acme_installation, USER)
     tab = client.get(f"/users/{mine}/email").get_data(as_text=True)
     assert 'id="mail-transport-acme" name="mail.transport" value="acme" checked' in tab

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import select
 
 from crm_core import directory
 from crm_core.app import Crm
+from crm_core.models import Person
 from crm_core.passwords import set_password
 from crm_core.web import create_app
 from tests.conftest import CrmFactory
@@ -53,19 +55,70 @@ class Installation:
     factory: CrmFactory
 
 
+def add_people(crm: Crm, product_line: str = "commercial") -> None:
+    """The people every web test knows: ADMIN, USER and OTHER, who can sign in, and
+    PERSON in the register."""
+    with crm.transaction() as session:
+        for (email, name, password), admin in ((ADMIN, True), (USER, False), (OTHER, False)):
+            user = directory.add_user(session, email, name, product_line, admin=admin)
+            set_password(session, user, password)
+        directory.add_person(session, *PERSON)
+
+
+def app_for(crm: Crm, catcher: Path | None = None) -> Flask:
+    """The web app on ``crm``, in Flask's testing mode."""
+    app = create_app(crm, catcher=catcher)
+    app.config["TESTING"] = True
+    return app
+
+
+def site_of(crm: Crm, factory: CrmFactory, product_line: str = "commercial") -> Installation:
+    """``crm`` with the people (on ``product_line``) and its web app."""
+    add_people(crm, product_line)
+    return Installation(crm, app_for(crm), factory)
+
+
 @pytest.fixture
 def installation(make_crm: CrmFactory, tmp_path: Path) -> Installation:
     """The default test configuration, with people who can sign in."""
     crm = make_crm()
     with crm.transaction() as session:
         crm.set_system_setting(session, "maildir.path", str(tmp_path / "Maildir"))
-        for (email, name, password), admin in ((ADMIN, True), (USER, False), (OTHER, False)):
-            user = directory.add_user(session, email, name, "commercial", admin=admin)
-            set_password(session, user, password)
-        directory.add_person(session, *PERSON)
-    app = create_app(crm)
-    app.config["TESTING"] = True
-    return Installation(crm, app, make_crm)
+    return site_of(crm, make_crm)
+
+
+UNREACHABLE_EXCHANGE = (
+    ("exchange.url", "https://127.0.0.1:9/EWS/Exchange.asmx"),
+    ("exchange.client_id", "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0"),
+    ("exchange.tenant_id", "contoso.onmicrosoft.com"),
+)
+"""Exchange's system settings, pointing at a port where nothing listens."""
+
+
+def save_settings(
+    crm: Crm,
+    system: Iterable[tuple[str, str]] = (),
+    users: Mapping[str, Iterable[tuple[str, str]]] | None = None,
+    actor: str | None = None,
+) -> None:
+    """Save system settings, then each user's (by e-mail), through the core as the
+    screens and the CLI save them."""
+    with crm.transaction() as session:
+        for key, value in system:
+            crm.set_system_setting(session, key, value, actor=actor)
+    for email, values in (users or {}).items():
+        with crm.transaction() as session:
+            user = directory.find_user(session, email)
+            for key, value in values:
+                crm.set_user_setting(session, user, key, value, actor=actor)
+
+
+def person_id(crm: Crm) -> int:
+    """The test person's id."""
+    with crm.transaction() as db:
+        found = db.scalar(select(Person.id).where(Person.email == PERSON[0]))
+    assert found is not None
+    return int(found)
 
 
 _TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -84,6 +137,13 @@ def sign_in(client: FlaskClient, who: tuple[str, str, str]) -> None:
         "/sign-in", data={"email": who[0], "password": who[2], "csrf_token": csrf(client)}
     )
     assert answer.status_code == 302, answer.get_data(as_text=True)
+
+
+def client_for(site: Installation, who: tuple[str, str, str]) -> FlaskClient:
+    """A fresh client (its own cookies) with ``who`` signed in."""
+    client = site.app.test_client()
+    sign_in(client, who)
+    return client
 
 
 def post(client: FlaskClient, path: str, data: dict[str, Any], page: str | None = None) -> Any:

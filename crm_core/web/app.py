@@ -23,7 +23,7 @@ from flask import Flask, g, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.wrappers import Response
 
-from crm_core.web import auth
+from crm_core.web import auth, setting_forms
 from crm_core.web.i18n import COOKIE, LANGUAGES, _, choose_language, load_catalogs
 
 if TYPE_CHECKING:
@@ -75,7 +75,9 @@ def create_app(crm: Crm, *, secure_cookies: bool = False, catcher: Path | None =
         response.headers.setdefault("Referrer-Policy", "same-origin")
         return response
 
-    app.jinja_env.globals.update(_=_, is_admin=auth.is_admin, languages=LANGUAGES)
+    app.jinja_env.globals.update(
+        _=_, is_admin=auth.is_admin, languages=LANGUAGES, file_field=setting_forms.file_field
+    )
     app.jinja_env.filters["when"] = _when
     app.register_error_handler(CSRFError, _csrf_refused)
     for status in (403, 404, 413):

@@ -12,11 +12,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
-from werkzeug.datastructures import MultiDict
+from werkzeug.datastructures import FileStorage, MultiDict
 
+from crm_core.cli.values import read_file_content
 from crm_core.errors import SettingValueError
 from crm_core.fields import FieldType, SettingField, SettingNotice, parse_value
-from crm_core.settings import NOT_SET, SettingView
+from crm_core.settings import NOT_SET, SaveOutcome, SettingView
+from crm_core.web.i18n import _
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,26 @@ def submitted(form: MultiDict[str, str], key: str) -> str | None:
     return values[-1] if values else None
 
 
+def file_field(key: str) -> str:
+    """The name of the file chooser beside a multiline field (a certificate's PEM or PFX)."""
+    return f"{key}:file"
+
+
+def submitted_value(
+    form: MultiDict[str, str], files: MultiDict[str, FileStorage], spec: SettingField
+) -> str | None:
+    """What the form sent for ``spec``: for a multiline field a chosen file first (read
+    as the command line reads standard input: text, or base64 when binary, as a PFX),
+    else the text typed (with the browser's CRLF line ends made LF)."""
+    if not spec.multiline:
+        return submitted(form, spec.key)
+    upload = files.get(file_field(spec.key))
+    if upload is not None and upload.filename:
+        return read_file_content(upload.read())
+    text = submitted(form, spec.key)
+    return text.replace("\r\n", "\n") if text is not None else None
+
+
 def change_for(spec: SettingField, view: SettingView, text: str | None) -> Change | None:
     """The change ``text`` makes to the stored value, or None when it makes none.
 
@@ -96,9 +118,12 @@ def _same(spec: SettingField, view: SettingView, text: str) -> bool:
 
 
 def save_all(
-    session: Session, changes: Sequence[Change], apply: Callable[[Change], object]
-) -> None:
-    """Apply every change in the caller's transaction, or raise :class:`Refused`.
+    session: Session,
+    changes: Sequence[Change],
+    apply: Callable[[Change], SaveOutcome | None],
+) -> list[SaveOutcome]:
+    """Apply every change in the caller's transaction, or raise :class:`Refused`;
+    what each save did.
 
     Why rounds: the core judges each save against what is stored at that moment (a
     save that stops sending is refused), so two changes that only make sense
@@ -106,25 +131,63 @@ def save_all(
     the order of the fields. Each change runs in a savepoint; a refused one is tried
     again after the others, until a round saves nothing more. The caller rolls the
     whole transaction back when this raises.
+
+    Secrets go last: a secret is bound to its destination (the server, the tenant) as
+    it stands when the secret is saved, so a form that changes both binds it to the
+    new one whatever the order of the fields.
     """
-    pending = list(changes)
+    pending = sorted(changes, key=lambda change: change.secret)
     errors: dict[str, str] = {}
+    outcomes: list[SaveOutcome] = []
     while pending:
         still: list[Change] = []
         for change in pending:
             try:
                 with session.begin_nested():
-                    apply(change)
+                    outcome = apply(change)
             except SettingValueError as exc:
                 errors[change.key] = _message(exc, change)
                 still.append(change)
             else:
                 errors.pop(change.key, None)
+                if outcome is not None:
+                    outcomes.append(outcome)
         if len(still) == len(pending):
             break
         pending = still
     if errors:
         raise Refused(errors)
+    return outcomes
+
+
+def reentry_notes(
+    outcomes: Iterable[SaveOutcome],
+    changes: Iterable[Change],
+    fields: Mapping[str, SettingField],
+) -> list[str]:
+    """What the save response says of each saved secret it withheld: a setting of the
+    secret's destination changed, so it must be entered again (unless this very form
+    entered it, after the change)."""
+    entered = {change.key for change in changes if change.secret}
+    moved: dict[str, list[str]] = {}
+    for outcome in outcomes:
+        for key in outcome.reenter:
+            if key not in entered:
+                moved.setdefault(key, []).append(outcome.key)
+    return [
+        _(
+            "{secret} must be entered again: {changed} changed since it was saved.",
+            secret=_label(key, fields),
+            changed=", ".join(_label(k, fields) for k in because),
+        )
+        for key, because in moved.items()
+    ]
+
+
+def _label(key: str, fields: Mapping[str, SettingField]) -> str:
+    """A setting as a person reads it: its label and its key."""
+    spec = fields.get(key)
+    return f"{_(spec.label)} ({key})" if spec is not None else key
 
 
 def _message(exc: SettingValueError, change: Change) -> str:

@@ -9,11 +9,13 @@ field through ``Crm.set_system_setting`` in one transaction: all are saved or no
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from flask import Blueprint, flash, g, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response
 
 from crm_core.fields import Scope, SettingField
+from crm_core.settings import SaveOutcome
 from crm_core.web.auth import actor, admin_only
 from crm_core.web.i18n import _
 from crm_core.web.screens import NavItem
@@ -22,11 +24,15 @@ from crm_core.web.setting_forms import (
     Group,
     Refused,
     change_for,
+    reentry_notes,
     rows,
     save_all,
-    submitted,
+    submitted_value,
     typed_values,
 )
+
+if TYPE_CHECKING:
+    from crm_core.app import Crm
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
 NAV = (NavItem("settings.system_page", "System settings", admin=True),)
@@ -80,7 +86,8 @@ def render_page(typed: Mapping[str, str], errors: Mapping[str, str]) -> str:
     with crm.transaction() as session:
         views = {v.key: v for v in store.describe_system(session)}
         notices = crm.check_settings(session, Scope.SYSTEM, None)
-        problems = crm.installation_problems(store.system_values(session))
+        found = store.resolve(session)  # secrets withheld since their destination moved
+        problems = crm.installation_problems(found.system, found.reenter)
     titles = group_titles()
     groups = [
         Group(
@@ -111,26 +118,34 @@ def system_page() -> str:
 @bp.post("/")
 @admin_only
 def system_save() -> Response | tuple[str, int]:
-    """Save every changed field in one transaction; a refusal saves nothing."""
-    crm = g.crm
+    """Save every changed field in one transaction; a refusal saves nothing. The
+    answer says which saved secrets this save withheld until they are entered again."""
+    crm: Crm = g.crm
     specs = system_fields()
     try:
         with crm.transaction() as session:
             views = {v.key: v for v in crm.settings_store().describe_system(session)}
-            found = (change_for(s, views[s.key], submitted(request.form, s.key)) for s in specs)
+            found = (change_for(s, views[s.key], form_value(s)) for s in specs)
             changes = [c for c in found if c is not None]
 
-            def apply(change: Change) -> None:
+            def apply(change: Change) -> SaveOutcome | None:
                 if change.raw is None:
                     crm.unset_system_setting(session, change.key, actor=actor())
-                else:
-                    crm.set_system_setting(session, change.key, change.raw, actor=actor())
+                    return None
+                return crm.set_system_setting(session, change.key, change.raw, actor=actor())
 
-            save_all(session, changes, apply)
+            outcomes = save_all(session, changes, apply)
     except Refused as refused:
         return render_page(typed_values(request.form, specs), refused.errors), 400
     if changes:
         flash(_("System settings saved ({count} changed).", count=len(changes)))
     else:
         flash(_("Nothing was changed."))
+    for note in reentry_notes(outcomes, changes, crm.settings_fields()):
+        flash(note)
     return redirect(url_for("settings.system_page"))
+
+
+def form_value(spec: SettingField) -> str | None:
+    """What this request's form sent for ``spec`` (a chosen file for a certificate)."""
+    return submitted_value(request.form, request.files, spec)

@@ -27,7 +27,7 @@ from crm_core.mail.transport import (
     TransportSpec,
 )
 from crm_core.models import Role, User
-from crm_core.settings import TRANSPORT_KEY, SettingView
+from crm_core.settings import TRANSPORT_KEY, SaveOutcome, SettingView
 from crm_core.web.auth import actor, admin_only, is_admin, signed_in
 from crm_core.web.i18n import _
 from crm_core.web.screens import NavItem
@@ -37,9 +37,11 @@ from crm_core.web.setting_forms import (
     Refused,
     Row,
     change_for,
+    reentry_notes,
     rows,
     save_all,
     submitted,
+    submitted_value,
     typed_values,
     unset_view,
 )
@@ -196,19 +198,19 @@ def email_page(user_id: int) -> str:
 def email_save(user_id: int) -> Response | tuple[str, int]:
     """Save every changed field in one transaction; a refusal saves nothing."""
     may_see_email_tab(user_id)
-    crm = g.crm
+    crm: Crm = g.crm
     try:
         with crm.transaction() as session:
             user = load(session, user_id)
             changes = email_changes(session, user)
 
-            def apply(change: Change) -> None:
+            def apply(change: Change) -> SaveOutcome | None:
                 if change.raw is None:
                     crm.unset_user_setting(session, user, change.key, actor=actor())
-                else:
-                    crm.set_user_setting(session, user, change.key, change.raw, actor=actor())
+                    return None
+                return crm.set_user_setting(session, user, change.key, change.raw, actor=actor())
 
-            save_all(session, changes, apply)
+            outcomes = save_all(session, changes, apply)
     except Refused as refused:
         with crm.transaction() as session:
             specs = email_fields(load(session, user_id))
@@ -221,6 +223,8 @@ def email_save(user_id: int) -> Response | tuple[str, int]:
         flash(_("E-mail settings saved ({count} changed).", count=len(changes)))
     else:
         flash(_("Nothing was changed."))
+    for note in reentry_notes(outcomes, changes, crm.settings_fields()):
+        flash(note)
     return redirect(url_for("users.email_page", user_id=user_id))
 
 
@@ -236,7 +240,7 @@ def email_changes(session: Session, user: User) -> list[Change]:
         changes.append(Change(TRANSPORT_KEY, chosen))
     for spec in email_fields(user):
         view = views.get(spec.key) or unset_view(spec)  # an override not made yet
-        found = change_for(spec, view, submitted(request.form, spec.key))
+        found = change_for(spec, view, submitted_value(request.form, request.files, spec))
         if found is not None:
             changes.append(found)
     return changes

@@ -166,6 +166,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def port_is_free(port: int) -> bool:
+    """Nothing listens on ``port``: a server could take it now (as a restarted one does,
+    with SO_REUSEADDR, past the closed connections' TIME_WAIT)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @dataclass
 class Received:
     """One message the server accepted (or, for ``drop_after_data``, swallowed)."""
