@@ -154,7 +154,7 @@ plugins = ["exchange_mail"]
 default_transport = "exchange"
 
 [outbox]
-lease_seconds = 60
+lease_seconds = 300
 batch_size = 5
 poll_seconds = 0.05
 """

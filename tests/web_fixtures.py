@@ -88,11 +88,13 @@ def installation(make_crm: CrmFactory, tmp_path: Path) -> Installation:
 
 
 UNREACHABLE_EXCHANGE = (
+    ("exchange.oauth_hosts", "127.0.0.1"),  # not Microsoft's: listed, as a proxy would be
     ("exchange.url", "https://127.0.0.1:9/EWS/Exchange.asmx"),
     ("exchange.client_id", "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0"),
     ("exchange.tenant_id", "contoso.onmicrosoft.com"),
 )
-"""Exchange's system settings, pointing at a port where nothing listens."""
+"""Exchange's system settings, pointing at a port where nothing listens (a host the
+app-only token may go to only because it is listed in ``exchange.oauth_hosts``)."""
 
 
 def save_settings(
