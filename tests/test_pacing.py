@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,6 +26,7 @@ from crm_core.mail.enqueue import MailRequest, enqueue
 from crm_core.mail.transport import Outcome, SendResult
 from crm_core.mail.worker import Worker
 from crm_core.models import MailboxPace, MailboxSend, OutboxAttempt, OutboxMessage
+from tests.conftest import CliResult
 from tests.exchange_fixtures import USER, exchange_world, with_graph
 from tests.exchange_fixtures import ca as ca
 from tests.servers.smtp import SmtpServer
@@ -99,7 +101,7 @@ def test_a_big_sender_does_not_starve_a_small_one(make_crm: Any, smtp_server: Sm
 
 
 def test_smtp_432_pauses_the_mailbox_without_spending_an_attempt(
-    make_crm: Any, smtp_server: SmtpServer
+    make_crm: Any, smtp_server: SmtpServer, run_crm: Callable[..., CliResult]
 ) -> None:
     # One connection: the mails after the refused one are held, not tried (with three,
     # the two on the other connections would be in flight already, and get their own).
@@ -114,6 +116,9 @@ def test_smtp_432_pauses_the_mailbox_without_spending_an_attempt(
     assert "432 4.3.2" in (rows[ids[0]].last_error or "")
     assert "paused until" in (rows[ids[0]].last_error or "")
     assert Worker(crm).run_once().claimed == 0  # every worker waits for the mailbox
+    listed = run_crm("outbox", "pauses", env=make_crm.env)  # the operator sees why
+    assert f"Mailbox smtp:127.0.0.1:{SENDER} waits: the server paused sending" in listed.stdout
+    assert "432 4.3.2" in listed.stdout and "No account is paused." in listed.stdout
     lift_mailbox_pauses(crm)
     Worker(crm).run_once()
     rows = rows_by_id(crm)

@@ -321,12 +321,15 @@ def outbox_resume(ctx: Context, email: str) -> None:
 @json_option
 @pass_ctx
 def outbox_pauses(ctx: Context, as_json: bool) -> None:
-    """List paused sender accounts and why they are paused."""
-    from crm_core.mail import pauses
+    """List paused sender accounts, and mailboxes that wait (the server's throttling or
+    the daily quota, or our own pacing), each with why and until when."""
+    from crm_core.mail import pacing, pauses
+    from crm_core.mail.policy import db_now
 
     crm = ctx.crm()
     with crm.transaction(write=False) as session:
         found = pauses.pauses(session)
+        mailboxes = pacing.waiting_mailboxes(session, db_now(session))
     if as_json:
         accounts = [
             {
@@ -338,7 +341,15 @@ def outbox_pauses(ctx: Context, as_json: bool) -> None:
             }
             for p, e in found
         ]
-        emit_json({"ok": True, "paused_accounts": accounts, "total": len(accounts)})
+        waiting = [{"mailbox": m, "why": words} for m, words in mailboxes]
+        emit_json(
+            {
+                "ok": True,
+                "paused_accounts": accounts,
+                "total": len(accounts),
+                "waiting_mailboxes": waiting,
+            }
+        )
         return
     if not found:
         click.echo("No account is paused.")
@@ -346,6 +357,8 @@ def outbox_pauses(ctx: Context, as_json: bool) -> None:
         click.echo(
             f"{email} ({pause.transport}) paused {when(pause.paused_at)}: {printable(pause.reason)}"
         )
+    for mailbox, words in mailboxes:
+        click.echo(f"Mailbox {mailbox} waits: {printable(words)}")
 
 
 @outbox_group.command("work")

@@ -392,17 +392,36 @@ def waiting(session: Session, pace: Pace, now: datetime) -> str | None:
     """Why the mailbox waits now and until when, for ``crm outbox show``; None if it
     does not."""
     row = session.get(MailboxPace, pace.mailbox)
-    if row is None:
-        return None
+    return None if row is None else _why_waits(row, pace.name, now)
+
+
+def _why_waits(row: MailboxPace, name: str, now: datetime) -> str | None:
     if row.paused_until is not None and row.paused_until > now:
         said = f" ({row.pause_code})" if row.pause_code else ""
         return (
-            f"the server paused sending from {pace.name}{said}; next at "
+            f"the server paused sending from {name}{said}; next at "
             f"{clock_text(row.paused_until)}: {row.pause_reason or ''}".rstrip(": ")
         )
     if row.paced_until is not None and row.paced_until > now:
         return f"{row.paced_reason}; next at {clock_text(row.paced_until)}"
     return None
+
+
+def waiting_mailboxes(session: Session, now: datetime) -> list[tuple[str, str]]:
+    """Every mailbox that waits now, with why and until when (``crm outbox pauses``):
+    the server's pauses and our own limits, which hold every sender of that mailbox."""
+    rows = session.scalars(
+        select(MailboxPace)
+        .where((MailboxPace.paused_until > now) | (MailboxPace.paced_until > now))
+        .order_by(MailboxPace.mailbox)
+    )
+    found = []
+    for row in rows:
+        name = row.mailbox.rpartition(":")[2]
+        words = _why_waits(row, name, now)
+        if words is not None:
+            found.append((row.mailbox, words))
+    return found
 
 
 def waiting_senders(
