@@ -43,7 +43,6 @@ def parse(argv: Sequence[str] | None) -> Options:
     """The command line as :class:`Options`."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small N (a smoke run)")
-    parser.add_argument("--cases", default="1,2,3,4,5,6", help="comma-separated case numbers")
     parser.add_argument(
         "--cases",
         default=",".join(str(c) for c in CASE_TITLES),
