@@ -106,11 +106,13 @@ def point_at(
     auth: str = "password",
     host: str = "127.0.0.1",
     timeout: int = 5,
+    port: int | None = None,
 ) -> None:
-    """Configure the installation and the user for ``server``."""
+    """Configure the installation and the user for ``server`` (reached on ``port`` when
+    given: a proxy in front of it; set before the password, which is bound to it)."""
     system = {
         "smtp_host": host,
-        "smtp_port": str(server.port),
+        "smtp_port": str(port or server.port),
         "smtp_security": server.security,
         "smtp_timeout": str(timeout),
     }

@@ -28,7 +28,7 @@ from crm_core.mail.transport import (
     SendResult,
     TransportSpec,
 )
-from crm_core.models import OutboxMessage, OutboxState, utcnow
+from crm_core.models import MailboxSlot, OutboxMessage, OutboxState, utcnow
 
 SCRIPTED = "scripted"
 
@@ -241,10 +241,13 @@ def enqueued_ago(crm: Crm, outbox_id: int, age: timedelta) -> None:
 
 
 def leases_expire(crm: Crm) -> None:
-    """Make every lease of a ``sending`` row run out now (instead of sleeping through it)."""
+    """Make every lease of a ``sending`` row run out now (instead of sleeping through it),
+    and with them the mailbox slots held under the same leases (pacing)."""
+    past = utcnow() - timedelta(seconds=1)
     with crm.transaction() as session:
         session.execute(
             update(OutboxMessage)
             .where(OutboxMessage.state == OutboxState.SENDING.value)
-            .values(lease_until=utcnow() - timedelta(seconds=1))
+            .values(lease_until=past)
         )
+        session.execute(update(MailboxSlot).values(lease_until=past))

@@ -50,8 +50,8 @@ def link(setup: SmtpCrm, running: Servers) -> Iterator[tuple[SmtpServer, Latency
     """A server behind the latency proxy; the user sends to the proxy on one connection."""
     server = plain_server(running)
     with LatencyProxy(server.port, RTT) as proxy:
-        point_at(setup, server, None)
-        setup.set_system(smtp_port=str(proxy.port), mail_max_connections="1")
+        point_at(setup, server, None, port=proxy.port)
+        setup.set_system(mail_max_connections="1")
         yield server, proxy
 
 
@@ -89,8 +89,8 @@ def test_without_pipelining_offered_each_command_waits_for_its_reply(
 ) -> None:
     server = plain_server(running, pipelining=False)
     with LatencyProxy(server.port, RTT) as proxy:
-        point_at(setup, server, None)
-        setup.set_system(smtp_port=str(proxy.port), mail_max_connections="1")
+        point_at(setup, server, None, port=proxy.port)
+        setup.set_system(mail_max_connections="1")
         message = make_message(to=[RECIPIENT, "eva@example.org"])
 
         result = setup.send_one(message)
@@ -268,8 +268,7 @@ def test_pipelined_and_parallel_through_the_latency_proxy_each_message_once(
     server.inject("rcpt_permanent", address="gone@example.org")
     server.inject("data_temporary", address="later@example.org", times=2)
     with LatencyProxy(server.port, RTT) as proxy:
-        point_at(setup, server, None)
-        setup.set_system(smtp_port=str(proxy.port))
+        point_at(setup, server, None, port=proxy.port)
         messages: Sequence[OutgoingMessage] = [
             make_message(n, to=[RECIPIENT, "gone@example.org"] if n % 4 == 0 else [RECIPIENT])
             for n in range(1, 21)
