@@ -137,7 +137,7 @@ def goals_table(rows: Sequence[Row], cases: Sequence[int]) -> str:
             continue
         for row in found:
             met = {True: "**met**", False: "**not met**", None: "—"}[row.met]
-            ratio = fmt_spread(row.ratio, 2) if row.ratio is not None else "—"
+            ratio = row.goal_result or (fmt_spread(row.ratio, 2) if row.ratio else "—")
             against = row.against or limits.get(id(row), "—")
             lines.append(
                 f"| {goal_id} | case {row.case}: {row.name} | {against} | {_result(row)} "

@@ -85,6 +85,9 @@ class Row:
     """For a ratio goal: the least median ratio that meets it."""
     met: bool | None = None
     """Whether the goal is met (None: no goal); set from ``goal_ratio`` if not given."""
+    goal_result: str = ""
+    """What the goals table shows as the ratio when the goal is not a ratio to the
+    row's limit (memory and rate flat, for instance)."""
     goal_id: str = ""
     """The number of the issue's goal this row measures (it then shows in the goals
     table); empty for reference rows and figures measured besides."""
