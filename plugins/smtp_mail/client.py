@@ -121,16 +121,17 @@ class _Wire(smtplib.SMTP):
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
         self.dot_sent = False
-        if hold is None or hold.ready():
-            self.send(body + b".\r\n")
-        else:
-            self.send(body)
+        ready = True
+        if hold is not None:
             try:
-                hold.wait()
+                ready = hold.ready()
+                if not ready:
+                    self.send(body)
+                    hold.wait()
             except BaseException:
-                self.close()
+                self.close()  # mid-DATA: a QUIT now would only be more of the body
                 raise
-            self.send(b".\r\n")
+        self.send(body + b".\r\n" if ready else b".\r\n")
         self.dot_sent = True  # sendall returned: the whole of it left
         return self.getreply()
 
