@@ -6,6 +6,7 @@ Usage (from the repository root)::
     python -m bench --quick                # small N, for a smoke run
     python -m bench --cases 1,3            # some cases only
     python -m bench --cases 6              # SMTP over a 20 ms round-trip link
+    python -m bench --cases 9              # STARTTLS + AUTH (a Postfix-shaped server)
     python -m bench --json PATH            # where the JSON goes (bench/results/latest.json)
     python -m bench --profile              # also profile case 1's project trial (py-spy)
     python -m bench --cases "" --profile   # only the profile
@@ -36,14 +37,25 @@ CASE_TITLES = {
     6: "SMTP over a 20 ms round-trip link (pipelining, parallel connections)",
     7: "Latency: commit to the server's 250, idle worker",
     8: "Start-up: `crm outbox work` to its first claim",
+    9: "SMTP, Postfix-shaped: STARTTLS + AUTH",
 }
+
+GOALS = {
+    "1": ("dispatch (claim, send, record) ≥ 0.9 × raw smtplib, SQLite and PostgreSQL", (1, 9)),
+    "2": ("end to end (enqueue + dispatch) ≥ 0.7 × raw smtplib", (1, 9)),
+    "3": ("enqueue_many ≥ 0.25 × the driver's executemany; single enqueue ≥ 3 × before", (4,)),
+    "4": ("commit → the server's 250, idle worker: p50 ≤ 50 ms, p99 ≤ 250 ms", (7,)),
+    "5": ("20 ms RTT: ≥ 4 × Django's rate, at most 3 connections", (6,)),
+    "6": ("100,000 queued mails: worker memory flat, rate flat", (5,)),
+    "7": ("start-up to the first claim < 0.3 × before", (8,)),
+}
+"""The issue's goals, and the cases whose rows measure them (``Row.goal_id``)."""
 
 
 def parse(argv: Sequence[str] | None) -> Options:
     """The command line as :class:`Options`."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small N (a smoke run)")
-    parser.add_argument("--cases", default="1,2,3,4,5,6", help="comma-separated case numbers")
     parser.add_argument(
         "--cases",
         default=",".join(str(c) for c in CASE_TITLES),
@@ -80,6 +92,7 @@ RUNNERS = {
     6: "bench.case_rtt:run_case6",
     7: "bench.case_latency:run_case7",
     8: "bench.case_startup:run_case8",
+    9: "bench.case_postfix:run_case9",
 }
 
 
@@ -98,6 +111,51 @@ def fmt_spread(spread: Spread | None, digits: int = 0, unit: str = "") -> str:
         return "—"
     f = f"{{:,.{digits}f}}"
     return f"{f.format(spread.median)}{unit} ({f.format(spread.min)}–{f.format(spread.max)})"
+
+
+def _result(row: Row) -> str:
+    digits = 1 if row.unit.startswith("ms") else 0
+    return fmt_spread(row.rate, digits) + (f" {row.unit}" if row.rate else "")
+
+
+def goals_table(rows: Sequence[Row], cases: Sequence[int]) -> str:
+    """Every goal of the issue, one line per row that measures it: the variant, what it
+    is measured against, the result, the ratio, the goal and whether it is met. A goal
+    whose case did not run says so."""
+    lines = [
+        "| goal | variant | measured against | result, median (min–max) | ratio "
+        "| goal | met |\n|---|---|---|---|---|---|---|"
+    ]
+    limits = _limits(rows)
+    for goal_id, (words, measured_by) in GOALS.items():
+        found = [r for r in rows if r.goal_id == goal_id]
+        if not found:
+            which = ", ".join(str(c) for c in measured_by)
+            ran = any(c in cases for c in measured_by)
+            why = "no row (see the detail table)" if ran else f"case {which} not run"
+            lines.append(f"| {goal_id} | {words}: {why} | — | — | — | — | — |")
+            continue
+        for row in found:
+            met = {True: "**met**", False: "**not met**", None: "—"}[row.met]
+            ratio = row.goal_result or (fmt_spread(row.ratio, 2) if row.ratio else "—")
+            against = row.against or limits.get(id(row), "—")
+            lines.append(
+                f"| {goal_id} | case {row.case}: {row.name} | {against} | {_result(row)} "
+                f"| {ratio} | {row.goal} | {met} |"
+            )
+    return "\n".join(lines)
+
+
+def _limits(rows: Sequence[Row]) -> dict[int, str]:
+    """Each row's limit row (a case's rows follow the limit they are measured against)."""
+    found: dict[int, str] = {}
+    limit_name = "—"
+    for row in rows:
+        if row.limit:
+            limit_name = row.name
+        elif not row.against:
+            found[id(row)] = limit_name
+    return found
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -164,7 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             env["profile"] = profile_dispatch(opts, pg)
     env["machine_after"] = machine()
+    goals = goals_table(rows, opts.cases)
     report = {
+        "goals_table": goals,
         "quick": opts.quick,
         "trials": opts.trials,
         "seconds": round(time.time() - started, 1),
@@ -177,14 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts.json_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     print(_environment_text(env))
     print()
+    print("Goals (issue 14): every goal, each row that measures it")
+    print()
+    print(goals)
+    print()
+    print("Every row (the details: limits, references, peak memory, notes)")
+    print()
     print(report["table"])
-    if 6 in opts.cases:
-        from bench.case_rtt import side_by_side
-
-        report["case6_table"] = side_by_side(rows)
-        opts.json_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-        print()
-        print(report["case6_table"])
     if "profile" in env:
         print()
         print(env["profile"]["text"])

@@ -6,13 +6,16 @@ which only waits while a trial runs), which delays each direction by 10 ms:
 
 * Django's SMTP backend ``send_messages`` (one connection, a round trip per command):
   the reference, and the goal is crm-mail at ≥ 4 × its rate;
-* raw smtplib ``sendmail`` of pre-built bytes on one connection (no pipelining);
+* raw smtplib ``sendmail`` of pre-built bytes on one connection (no pipelining),
+  for reference;
 * crm-mail: enqueue, then one ``Worker.run_once`` on SQLite (claim, render, send,
   record), with PIPELINING and ``mail.max_connections`` at its default of 3
   (Microsoft 365's limit per mailbox).
 
 The proxy counts each variant's connections, the most open at once, and the client's
-flights (writes the client makes before the server answers: the round trips).
+flights (writes the client makes before the server answers: the round trips). Each
+row's name says the connections it used, as the proxy saw them; the crm-mail row carries
+goal 5 (≥ 4 × Django's rate, at most 3 connections).
 """
 
 from __future__ import annotations
@@ -30,10 +33,22 @@ from tests.servers.latency import LatencyProxy
 RTT_MS = 20.0
 GOAL = 4.0
 
+MOST_CONNECTIONS = 3
+"""Exchange Online's limit per sender account, which the goal keeps."""
+
 VARIANTS = (
-    ("django", "bench.case_smtp:child_django", "Django SMTP backend send_messages"),
-    ("raw", "bench.case_smtp:child_raw_smtplib", "raw smtplib, one connection, no pipelining"),
-    ("crm", "bench.case_smtp:child_project", "crm-mail dispatch, SQLite (claim, send, record)"),
+    ("django", "bench.case_smtp:child_django", "Django SMTP backend send_messages, 1 connection"),
+    (
+        "raw",
+        "bench.case_smtp:child_raw_smtplib",
+        "raw smtplib sendmail, 1 connection, no pipelining",
+    ),
+    (
+        "crm",
+        "bench.case_smtp:child_project",
+        f"crm-mail dispatch, SQLite (claim, send, record), PIPELINING, up to "
+        f"{MOST_CONNECTIONS} connections (mail.max_connections)",
+    ),
 )
 
 
@@ -76,52 +91,31 @@ def run_case6(opts: Options, pg: Postgres | None) -> list[Row]:
         found = results[key]
         rates = [n / r[seconds[key]] for r in found]
         ratio = Spread.of([rate / django.median for rate in rates])
-        rows.append(
-            Row(
-                6,
-                name,
-                Spread.of(rates),
-                limit=key == "django",
-                ratio=ratio,
-                peak_rss_mb=max(r["peak_rss_mb"] for r in found),
-                notes=_notes(found, n),
-                details={"trials": found, "connections": _connections(found)},
-            )
+        most = max(r["peak_connections"] for r in found)
+        row = Row(
+            6,
+            f"{name}, {RTT_MS:g} ms RTT" + (" (reference)" if key == "django" else ""),
+            Spread.of(rates),
+            limit=key == "django",
+            ratio=ratio,
+            peak_rss_mb=max(r["peak_rss_mb"] for r in found),
+            notes=_notes(found, n, most),
+            details={"trials": found, "connections": most},
         )
+        if key == "crm":
+            row.goal = f"≥ {GOAL:g} × Django, ≤ {MOST_CONNECTIONS} connections"
+            row.met = ratio.median >= GOAL and most <= MOST_CONNECTIONS
+            row.goal_id = "5"
+        rows.append(row)
     return rows
 
 
-def _connections(found: list[dict[str, Any]]) -> str:
-    most = max(r["peak_connections"] for r in found)
-    return f"{most} at once"
-
-
-def _notes(found: list[dict[str, Any]], n: int) -> str:
+def _notes(found: list[dict[str, Any]], n: int, most: int) -> str:
     last = found[-1]
     flights = last["flights"] / last["messages"]
     return (
-        f"{n} mails, exactly once at the server; connections: {_connections(found)}; "
-        f"{flights:.2f} client writes per mail (incl. warm-up and sessions)"
+        f"{n} mails, exactly once at the server; at most {most} connection(s) open at once "
+        "as the proxy saw them (a session's close can overlap the next one's opening by "
+        f"half a round trip); {flights:.2f} client writes per mail (incl. warm-up and "
+        "sessions)"
     )
-
-
-def side_by_side(rows: list[Row]) -> str:
-    """Case 6 as its own table: rate, connections, × Django and the goal."""
-    lines = [
-        f"| variant ({RTT_MS:g} ms RTT) | rate, median (min–max) | connections | × Django | goal |",
-        "|---|---|---|---|---|",
-    ]
-    for row in rows:
-        if row.case != 6 or row.rate is None or row.ratio is None:
-            continue
-        rate = row.rate
-        ratio = row.ratio
-        goal = "reference" if row.limit else ""
-        if row.name.startswith("crm-mail"):
-            goal = f"≥ {GOAL:g} × Django: {'met' if ratio.median >= GOAL else 'NOT met'}"
-        lines.append(
-            f"| {row.name} | {rate.median:,.1f} ({rate.min:,.1f}–{rate.max:,.1f}) msg/s "
-            f"| {row.details['connections']} "
-            f"| {ratio.median:.2f} ({ratio.min:.2f}–{ratio.max:.2f}) | {goal} |"
-        )
-    return "\n".join(lines)

@@ -110,6 +110,7 @@ def run_case8(opts: Options, pg: Postgres | None) -> list[Row]:
             goal=f"≤ {GOAL_SHARE} × before ({MAIN_SECONDS_OVER_REFERENCE:.2f} × reference) "
             f"= {goal:.2f} × reference",
             met=median(r for r in ratio.values) <= goal if goal else None,
+            goal_id="7",
             notes=f"{runs - 1} timed runs; optional packages it imported (one more run, "
             f"`-X importtime`): {heavy}",
             details=found,

@@ -85,6 +85,12 @@ class Row:
     """For a ratio goal: the least median ratio that meets it."""
     met: bool | None = None
     """Whether the goal is met (None: no goal); set from ``goal_ratio`` if not given."""
+    goal_result: str = ""
+    """What the goals table shows as the ratio when the goal is not a ratio to the
+    row's limit (memory and rate flat, for instance)."""
+    goal_id: str = ""
+    """The number of the issue's goal this row measures (it then shows in the goals
+    table); empty for reference rows and figures measured besides."""
 
     def __post_init__(self) -> None:
         if self.goal_ratio is not None:
@@ -193,6 +199,14 @@ def timed(action: Callable[[], Any]) -> float:
     start = time.perf_counter()
     action()
     return time.perf_counter() - start
+
+
+def timed_cpu(action: Callable[[], Any]) -> tuple[float, float]:
+    """Seconds ``action`` took, and the CPU seconds the process spent meanwhile (every
+    thread of it: a worker sends and records in threads of its own)."""
+    cpu = time.process_time()
+    seconds = timed(action)
+    return seconds, time.process_time() - cpu
 
 
 # --- environment --------------------------------------------------------------------

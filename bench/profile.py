@@ -26,7 +26,13 @@ from bench.servers import smtp_server
 
 PHASES = {
     "enqueue": ("enqueue (bench/world.py",),
-    "dispatch": ("run_once (crm_core/mail/worker.py", "_send_group (crm_core/mail/worker.py"),
+    "dispatch": (
+        "run_once (crm_core/mail/worker.py",
+        "_send_group (crm_core/mail/worker.py",
+        # threads of their own: the batch's other connections, and its reporting thread
+        "_guarded (smtp_mail/batch.py",
+        "_run (smtp_mail/batch.py",
+    ),
 }
 SKIP = ("_bootstrap", "_bootstrap_inner", "run (threading.py", "_worker (concurrent")
 

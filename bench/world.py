@@ -59,20 +59,28 @@ def new_secret_key() -> str:
     return Fernet.generate_key().decode()
 
 
-def add_smtp_sender(crm: Any, port: int) -> None:
-    """The sender, and system settings for the SMTP server on 127.0.0.1:``port``."""
+def add_smtp_sender(crm: Any, port: int, tls: Mapping[str, str] | None = None) -> None:
+    """The sender, and system settings for the SMTP server on 127.0.0.1:``port``:
+    plain text without login, or with ``tls`` (``ca``, ``user``, ``password``) STARTTLS
+    verified against that CA, then AUTH with the sender's login and password."""
     from crm_core import directory
 
+    settings = [("smtp.host", "127.0.0.1"), ("smtp.port", str(port)), ("smtp.timeout", "30")]
+    if tls is None:
+        settings += [("smtp.security", "none"), ("smtp.auth", "none")]
+    else:
+        settings += [
+            ("smtp.security", "starttls"),
+            ("smtp.auth", "password"),
+            ("tls.ca_bundle", tls["ca"]),
+        ]
     with crm.transaction() as session:
-        directory.add_user(session, SENDER, SENDER_NAME, "commercial")
-        for key, value in (
-            ("smtp.host", "127.0.0.1"),
-            ("smtp.port", str(port)),
-            ("smtp.security", "none"),
-            ("smtp.auth", "none"),
-            ("smtp.timeout", "30"),
-        ):
+        user = directory.add_user(session, SENDER, SENDER_NAME, "commercial")
+        for key, value in settings:
             crm.set_system_setting(session, key, value)
+        if tls is not None:  # the password last: it is bound to the server named before
+            crm.set_user_setting(session, user, "smtp.username", tls["user"])
+            crm.set_user_setting(session, user, "smtp.password", tls["password"])
 
 
 def add_exchange_sender(crm: Any, ews: Mapping[str, str]) -> str:

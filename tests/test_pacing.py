@@ -54,11 +54,16 @@ def db_now(crm: Crm) -> datetime:
 
 
 def claim_and_send(crm: Crm, at: datetime, batch: int = 50) -> list[queue.Claim]:
-    """One claim at ``at`` (the injected clock), each claimed mail recorded as sent."""
+    """One claim at ``at`` (the injected clock), each claimed mail recorded as sent, then
+    the connections the batch held on its mailbox freed, as the worker does at its end."""
     with crm.transaction() as session:
         claims = queue.claim_batch(crm, session, "w", batch, at).claims
         sent = [SendResult(c.message.message_id, Outcome.SENT) for c in claims]
         queue.record_results(crm, session, claims, sent, at)
+        held = {(c.token, c.account.user_id): c for c in claims if c.slots and c.pace}
+        for claim in held.values():
+            assert claim.pace is not None
+            pacing.release(session, claim.pace.mailbox, claim.token, claim.account.user_id)
     return claims
 
 

@@ -286,3 +286,33 @@ def test_pipelined_and_parallel_through_the_latency_proxy_each_message_once(
     assert sum(proxy.flights()) == 3 * SESSION_FLIGHTS + 2 * 22 + server.rsets
     assert server.rsets <= 2
     check_delivery(server, messages, results)
+
+
+# --- results recorded beside the wire ------------------------------------------------------
+
+
+class DatabaseGone(Exception):
+    """What a report raises when the database cannot record a result."""
+
+
+def test_a_result_that_cannot_be_recorded_completes_no_message_after_it(
+    setup: SmtpCrm, running: Servers
+) -> None:
+    """The next message's envelope and body go while the result before it is recorded,
+    but its final dot waits for that record: when recording fails, the message is never
+    completed (the connection closes without the dot) and the failure reaches the caller.
+    """
+    server = plain_server(running)
+    point_at(setup, server, None)
+    setup.set_system(mail_max_connections="1")
+    messages = [make_message(n) for n in (1, 2, 3)]
+
+    def report(results: Sequence[SendResult]) -> None:
+        # Recording in the connection's own thread, nothing more would have gone.
+        server.wait_for_count("data_commands", 2)
+        raise DatabaseGone("the database went away")
+
+    with pytest.raises(DatabaseGone):
+        setup.send(messages, report)
+    assert server.data_commands == 2  # the second message's DATA, then its body, no dot
+    assert [g.message_id for g in server.received] == [messages[0].message_id]

@@ -17,8 +17,9 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -384,6 +385,64 @@ def count_states(crm: Crm) -> Counter[str]:
         return Counter(s.scalars(select(OutboxMessage.state)))
 
 
+def wait_until(check: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Look again every few milliseconds until ``check`` holds; the timeout is failure."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not check():
+        assert time.monotonic() < deadline, "the condition never held"
+        pause.wait(0.01)
+
+
+class DatabaseLock:
+    """A writing transaction that locks every outbox row (SQLite: the whole database)
+    from another thread, so no worker can record a result until :meth:`release`."""
+
+    def __init__(self, crm: Crm) -> None:
+        self.crm = crm
+        self.taken = threading.Event()
+        self.released = threading.Event()
+        self.thread = threading.Thread(target=self._hold, daemon=True)
+
+    def take(self) -> None:
+        """Lock now (once); returns when the lock is held."""
+        if not self.thread.is_alive() and not self.taken.is_set():
+            self.thread.start()
+        assert self.taken.wait(30), "the database lock was never taken"
+
+    def _hold(self) -> None:
+        with self.crm.transaction() as session:
+            session.execute(select(OutboxMessage.id).with_for_update()).all()
+            self.taken.set()
+            self.released.wait()
+
+    def release(self) -> None:
+        self.released.set()
+        if self.thread.is_alive():
+            self.thread.join(30)
+
+
+class LockingRelay(StallingRelay):
+    """A relay that has the database locked before the worker hears that the server
+    accepted a mail: from the first "250 … queued" on, no result can be recorded."""
+
+    def __init__(self, target_port: int, database: DatabaseLock) -> None:
+        super().__init__(target_port, after=1_000_000)  # never stalls
+        self.database = database
+        self.locking = threading.Lock()
+
+    def _down(self, server: socket.socket, client: socket.socket) -> None:
+        while chunk := _recv(server):
+            if b" queued as " in chunk:
+                with self.locking:
+                    self.database.take()
+            try:
+                client.sendall(chunk)
+            except OSError:
+                break
+        _close(client, server)
+
+
 def test_a_worker_killed_mid_batch_leaves_unknown_and_the_next_worker_goes_on(
     make_crm: Any, smtp_server: SmtpServer
 ) -> None:
@@ -394,8 +453,10 @@ def test_a_worker_killed_mid_batch_leaves_unknown_and_the_next_worker_goes_on(
         first = start_worker(make_crm.env, "doomed")
         try:
             assert relay.held.wait(30), "the worker never blocked inside its first batch"
-            # Two results were recorded as they came; three are held (one in flight).
-            assert count_states(crm) == Counter({"sent": 2, "sending": 3, "queued": 7})
+            # Two results were recorded as they came (the second beside the wire, while
+            # the next message went out); three are held (one in flight).
+            expected = Counter({"sent": 2, "sending": 3, "queued": 7})
+            wait_until(lambda: count_states(crm) == expected)
             first.send_signal(signal.SIGKILL)
             first.wait(10)
         finally:
@@ -435,6 +496,56 @@ def test_a_worker_killed_mid_batch_leaves_unknown_and_the_next_worker_goes_on(
         assert {r.state for r in final.values()} == {"sent"}
         assert sorted(Counter(smtp_server.message_ids()).values()) == [1] * 12
     finally:
+        relay.close()
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+def test_a_worker_killed_while_results_wait_for_the_database_leaves_only_what_went_unknown(
+    make_crm: Any, smtp_server: SmtpServer, connections: int
+) -> None:
+    """Results are recorded beside the wire, and a kill at any moment leaves unknown
+    only the mails the server may have accepted, never one of them queued again.
+
+    The database is locked as the server accepts the first mail: no result can be
+    recorded. Each connection still sends its next message up to the final dot (the
+    server sees its DATA), but completes only the first ``connections`` (the in-flight
+    window); then the worker is killed. The successor finds exactly the accepted ones
+    unknown and sends each of the others once.
+    """
+    crm = smtp_crm(make_crm, smtp_server.port, batch=8, connections=connections)
+    database = DatabaseLock(crm)
+    relay = LockingRelay(smtp_server.port, database)
+    try:
+        with crm.transaction() as s:
+            crm.set_system_setting(s, "smtp.port", str(relay.port))  # through the relay
+        ids = queue_many(crm, 8)
+        doomed = start_worker(make_crm.env, "doomed")
+        try:
+            # The next message on each connection went out while no result was recorded
+            # (recording in the sending thread, nothing would have gone after the first).
+            smtp_server.wait_for_count("data_commands", 2 * connections, timeout=30)
+            accepted = set(smtp_server.message_ids())
+            assert len(accepted) == connections  # the rest wait for their dot
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait(10)
+        finally:
+            if doomed.poll() is None:
+                doomed.kill()
+                doomed.wait()
+        database.release()
+        assert count_states(crm) == Counter({"sending": 8})  # nothing was recorded
+        assert set(smtp_server.message_ids()) == accepted  # a message without dot is dropped
+        leases_expire(crm)
+        Worker(crm).run_once()  # the successor reaps, then sends the rest
+        rows = check_invariants(crm, smtp_server.message_ids())
+        unknown = {rows[i].message_id for i in ids if rows[i].state == "unknown"}
+        assert unknown == accepted  # exactly what may have gone: never sent again
+        assert Counter(r.state for r in rows.values()) == Counter(
+            {"unknown": connections, "sent": 8 - connections}
+        )
+        assert sorted(Counter(smtp_server.message_ids()).values()) == [1] * 8
+    finally:
+        database.release()
         relay.close()
 
 

@@ -795,6 +795,9 @@ def _fenced_updates(
     """
     if not planned:
         return set()
+    if len(planned) == 1:  # one UPDATE's row count says it: no need to lock first
+        claim, values = planned[0]
+        return {claim.outbox_id} if _fenced_update(session, claim, values) else set()
     token_of = {claim.outbox_id: claim.token for claim, _ in planned}
     held = session.execute(
         select(OutboxMessage.id, OutboxMessage.lease_token)

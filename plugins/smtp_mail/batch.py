@@ -8,9 +8,15 @@ many as Microsoft 365 allows per mailbox, send three times as many.
 How it stays exactly once and crash-safe:
 
 * the messages are handed out in the order given, one at a time, to whichever
-  connection is free, and a connection takes the next only after the result of its
-  last one was reported; so of the unreported messages at most one per connection is
-  in flight, and they are the first ones (the transport's in-flight window);
+  connection is free. Results are reported (recorded by the worker) from a thread of
+  their own, beside the wire: a connection goes on with its next message while the last
+  result is recorded, and only that message's final dot, the moment the server may
+  accept it, waits (:class:`_Recording`). A dot leaves only when fewer than
+  ``smtp.max_connections`` messages before it are unreported, so the messages the
+  server may have accepted and nobody recorded are always among the first
+  ``max_connections`` unreported ones, in the order handed out: the transport's
+  in-flight window (``in_flight_for``), as when each result was recorded before the
+  connection took the next message;
 * the first connection opens (and logs in) before any other is tried, so a wrong
   password costs one login, not one per connection; when it cannot open, every
   message gets its failure as before;
@@ -81,6 +87,121 @@ class _Dealer:
                 self.throttled = cause
 
 
+class _Unrecorded(Exception):
+    """Reporting stopped (a result could not be recorded, or a connection failed):
+    no further message may be completed."""
+
+
+class _Recording:
+    """Reports results from a thread of its own, and holds each final dot until the
+    results before it are recorded far enough.
+
+    Why: recording a result is a database transaction; made in the connection's thread,
+    it left the wire idle for as long. Here the connection sends the next message's
+    envelope and body while results are recorded, and :meth:`before_dot` holds only the
+    dot. Message ``k`` (in the order handed out; every message before it was handed
+    out first) may be completed once fewer than ``window`` of the messages before it
+    are unrecorded, so a worker killed at any moment leaves the messages the server may
+    have accepted unrecorded only among the first ``window`` unrecorded ones, which
+    the reaper counts as unknown. A message whose dot never left is discarded by the
+    server when the connection drops (RFC 5321, 3.8) and is queued again.
+    Results that arrive while one report runs go together in the next (one
+    transaction for several).
+    """
+
+    def __init__(self, report: Callable[[Sequence[SendResult]], None], window: int) -> None:
+        self._report = report
+        self._window = max(window, 1)
+        self._changed = threading.Condition()
+        self._pending: list[tuple[int, SendResult]] = []
+        self._recorded: set[int] = set()
+        self._reporting = False
+        self._failure: BaseException | None = None
+        self._stopped = False
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="smtp-report", daemon=True)
+        self._thread.start()
+
+    def put(self, index: int, result: SendResult) -> None:
+        """Queue the result of the ``index``-th message for reporting."""
+        with self._changed:
+            if self._stopped:
+                raise _Unrecorded
+            self._pending.append((index, result))
+            self._changed.notify_all()
+
+    def hold(self, index: int) -> _Turn:
+        """What the ``index``-th message's final dot waits for."""
+        return _Turn(self, index)
+
+    def may_complete(self, index: int, wait: bool) -> bool:
+        """Whether the ``index``-th message may be completed (waiting until it may, with
+        ``wait``); raises _Unrecorded when reporting stopped: it must not be completed."""
+        with self._changed:
+            while wait and not self._stopped and not self._within(index):
+                self._changed.wait()
+            if self._stopped:
+                raise _Unrecorded
+            return self._within(index)
+
+    def _within(self, index: int) -> bool:
+        return self._unrecorded_before(index) < self._window
+
+    def _unrecorded_before(self, index: int) -> int:
+        return index - sum(1 for i in self._recorded if i < index)
+
+    def stop(self) -> None:
+        """A connection failed: hold every dot not yet sent, take no more results."""
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        """Report what is queued, end the thread; raise what reporting raised."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+
+    def _run(self) -> None:
+        while (batch := self._next()) is not None:
+            try:
+                self._report([result for _, result in batch])
+            except BaseException as exc:  # raised to the batch's caller by close()
+                with self._changed:
+                    self._failure = exc
+                    self._stopped = True
+                    self._changed.notify_all()
+                return
+            with self._changed:
+                self._recorded.update(index for index, _ in batch)
+                self._changed.notify_all()
+
+    def _next(self) -> list[tuple[int, SendResult]] | None:
+        """Every result queued so far (waiting for one); None once closed and drained."""
+        with self._changed:
+            while not self._pending and not self._closing:
+                self._changed.wait()
+            batch, self._pending = self._pending, []
+            return batch or None
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """One message's :class:`~smtp_mail.client.DotHold`."""
+
+    recording: _Recording
+    index: int
+
+    def ready(self) -> bool:
+        return self.recording.may_complete(self.index, wait=False)
+
+    def wait(self) -> None:
+        self.recording.may_complete(self.index, wait=True)
+
+
 @dataclass(frozen=True)
 class BatchSent:
     """The results in the order of the messages, and how many connections were opened."""
@@ -101,7 +222,7 @@ def send_batch(
         return BatchSent([], 0)
     results: list[SendResult | None] = [None] * len(messages)
     dealer = _Dealer(messages)
-    reporting = threading.Lock()
+    recording = _Recording(report, settings.connections)
     first = SmtpClient(settings, tokens)
     extra = min(settings.connections, len(messages)) - 1 if first.try_open() else 0
     clients = [first] + [SmtpClient(settings, tokens) for _ in range(extra)]
@@ -114,10 +235,9 @@ def send_batch(
                 dealer.join()
             while (taken := dealer.take()) is not None:
                 index, message = taken
-                result = client.send(message)
+                result = client.send(message, recording.hold(index))
                 results[index] = result
-                with reporting:
-                    report([result])
+                recording.put(index, result)
                 if result.outcome is Outcome.THROTTLED:
                     dealer.stop(result)  # the rest wait with the mailbox
                     return
@@ -125,11 +245,16 @@ def send_batch(
                     return
 
     dealer.join()  # the first connection, before any other can ask to leave
-    with ThreadPoolExecutor(max(extra, 1), thread_name_prefix="smtp-connection") as pool:
-        futures = [pool.submit(_guarded, work, client, dealer) for client in clients[1:]]
-        _guarded(work, first, dealer)  # leaving the pool waits for the others
-    for future in futures:
-        future.result()  # a failure in another connection's thread is raised here
+    try:
+        with ThreadPoolExecutor(max(extra, 1), thread_name_prefix="smtp-connection") as pool:
+            futures = [
+                pool.submit(_guarded, work, client, dealer, recording) for client in clients[1:]
+            ]
+            _guarded(work, first, dealer, recording)  # leaving the pool waits for the others
+        for future in futures:
+            future.result()  # a failure in another connection's thread is raised here
+    finally:
+        recording.close()  # every result reported; a failure to record is raised here
     if dealer.throttled is not None:
         cause = dealer.throttled
         held = [(i, _held(m, cause)) for i, m in enumerate(messages) if results[i] is None]
@@ -169,10 +294,23 @@ def _opened(client: SmtpClient) -> bool:
     return True
 
 
-def _guarded(work: Callable[[SmtpClient], None], client: SmtpClient, dealer: _Dealer) -> None:
-    """Run one connection's loop; when it fails, the others stop taking messages."""
+def _guarded(
+    work: Callable[[SmtpClient], None],
+    client: SmtpClient,
+    dealer: _Dealer,
+    recording: _Recording,
+) -> None:
+    """Run one connection's loop; when it fails, the others stop taking messages and
+    complete none they hold (their results could be held up behind this one's).
+
+    A stop because reporting failed ends the loop quietly: the batch's caller gets the
+    reporting failure itself (:meth:`_Recording.close`).
+    """
     try:
         work(client)
+    except _Unrecorded:
+        dealer.stop()
     except BaseException:
         dealer.stop()
+        recording.stop()
         raise

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import re
 import smtplib
+import socket
 import ssl
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -47,13 +48,25 @@ from smtp_mail.settings import AUTH, CA_BUNDLE, OAUTH_HOSTS, AuthMode, Security,
 if TYPE_CHECKING:
     from _socket import _Address as _SourceAddress
 
-    from _typeshed import ReadableBuffer
 
 log = logging.getLogger(__name__)
 
 _MAX_CHALLENGES = 3
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 _MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, incl. CRLF
+
+
+class DotHold(Protocol):
+    """What a message's final dot waits for: how a batch holds a message back until the
+    results before it are recorded (:mod:`smtp_mail.batch`)."""
+
+    def ready(self) -> bool:
+        """Whether the message may be completed now (asked before its body is sent)."""
+        ...
+
+    def wait(self) -> None:
+        """Wait until it may (its body has left); raise to abandon the message."""
+        ...
 
 
 class TokenSource(Protocol):
@@ -81,7 +94,6 @@ class _Wire(smtplib.SMTP):
     dot_sent = False
     needs_reset = False
     last_reply = ""
-    _in_data = False
     _host: str
 
     def connect(
@@ -90,33 +102,37 @@ class _Wire(smtplib.SMTP):
         # smtplib sets the name TLS checks the certificate against only in __init__,
         # which would also connect; a verified session must name the host it dialled.
         self._host = host
-        return super().connect(host, port, source_address)
+        reply = super().connect(host, port, source_address)
+        # A dot held back (DotHold) goes as a small write of its own: without this,
+        # Nagle's algorithm would hold it until the server acknowledged the body.
+        if self.sock is not None:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return reply
 
-    def data(self, msg: ReadableBuffer | str) -> tuple[int, bytes]:
-        self.dot_sent = False
-        self._in_data = True
-        try:
-            return super().data(msg)
-        finally:
-            self._in_data = False
-
-    def send(self, s: ReadableBuffer | str) -> None:
-        super().send(s)
-        if self._in_data and isinstance(s, bytes) and s.endswith(b"\r\n.\r\n"):
-            self.dot_sent = True
-
-    def message(self, data: bytes) -> tuple[int, bytes]:
+    def message(self, data: bytes, hold: DotHold | None = None) -> tuple[int, bytes]:
         """The message after DATA's 354 (dot-stuffed, as smtplib's ``data`` does), and
-        the reply after the final dot."""
+        the reply after the final dot.
+
+        When ``hold`` is not ready, the body goes and the dot that completes it waits
+        for ``hold``; if that raises, the connection is closed without the dot, so the
+        server discards the message (RFC 5321, 3.8), and the exception goes on.
+        """
         body = _LEADING_DOT.sub(b"..", data)
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
         self.dot_sent = False
-        self._in_data = True
-        try:
-            self.send(body + b".\r\n")
-        finally:
-            self._in_data = False
+        ready = True
+        if hold is not None:
+            try:
+                ready = hold.ready()
+                if not ready:
+                    self.send(body)
+                    hold.wait()
+            except BaseException:
+                self.close()  # mid-DATA: a QUIT now would only be more of the body
+                raise
+        self.send(body + b".\r\n" if ready else b".\r\n")
+        self.dot_sent = True  # sendall returned: the whole of it left
         return self.getreply()
 
     def pipeline(self, envelope: Envelope) -> None:
@@ -356,12 +372,13 @@ class SmtpClient:
 
     # --- sending -------------------------------------------------------------------------
 
-    def send(self, message: OutgoingMessage) -> SendResult:
-        """Send one message on the open connection (opening or reopening it as needed)."""
+    def send(self, message: OutgoingMessage, hold: DotHold | None = None) -> SendResult:
+        """Send one message on the open connection (opening or reopening it as needed);
+        its final dot waits for ``hold`` (see :class:`DotHold`)."""
         for attempt in (1, 2):
             try:
                 self._ensure_open()
-                return self._transaction(message)
+                return self._transaction(message, hold)
             except _Stale:
                 self._drop()
                 if attempt == 2:
@@ -409,13 +426,13 @@ class SmtpClient:
             ) from exc
         return code, reply.decode("utf-8", "replace")
 
-    def _transaction(self, message: OutgoingMessage) -> SendResult:
+    def _transaction(self, message: OutgoingMessage, hold: DotHold | None) -> SendResult:
         conn = self._require()
         envelope = prepare(message, conn.esmtp_features, self.settings.server)
         mid = message.message_id
         self._reset_if_needed(conn)
         if conn.has_extn("pipelining"):
-            return self._pipelined(conn, envelope, mid)
+            return self._pipelined(conn, envelope, mid, hold)
         try:
             code, reply = conn.mail(envelope.sender, envelope.options)
         except (smtplib.SMTPException, OSError) as exc:
@@ -425,9 +442,11 @@ class SmtpClient:
         if code != 250:
             conn.needs_reset = True
             return reply_failure(Phase.MAIL, code, reply, envelope.sender).result(mid)
-        return self._recipients_and_data(conn, envelope, mid)
+        return self._recipients_and_data(conn, envelope, mid, hold)
 
-    def _pipelined(self, conn: _Wire, envelope: Envelope, mid: str) -> SendResult:
+    def _pipelined(
+        self, conn: _Wire, envelope: Envelope, mid: str, hold: DotHold | None
+    ) -> SendResult:
         """MAIL, RCPT… and DATA in one write, then each reply in order (RFC 2920).
 
         Every reply is checked, as RFC 2920 asks: a refused MAIL makes the RCPT and
@@ -458,7 +477,8 @@ class SmtpClient:
             code, reply = conn.getreply()
             if ended is not None or not tally.accepted or code != 354:
                 return self._no_message(conn, tally, mid, ended, code, reply)
-            return self._after_dot(conn, tally, mid, *conn.message(tally.envelope.data))
+            answer = conn.message(tally.envelope.data, hold)
+            return self._after_dot(conn, tally, mid, *answer)
         except (smtplib.SMTPException, OSError) as exc:
             return self._lost(conn, tally, mid, phase, exc)
 
@@ -539,7 +559,9 @@ class SmtpClient:
             raise _Stale
         conn.needs_reset = False
 
-    def _recipients_and_data(self, conn: _Wire, envelope: Envelope, mid: str) -> SendResult:
+    def _recipients_and_data(
+        self, conn: _Wire, envelope: Envelope, mid: str, hold: DotHold | None
+    ) -> SendResult:
         """RCPT for each recipient, then DATA when the server accepted at least one."""
         tally = Tally(envelope)
         phase = Phase.RCPT
@@ -548,7 +570,7 @@ class SmtpClient:
             if ended is not None or not tally.accepted:
                 return tally.ended(mid, ended)
             phase = Phase.DATA
-            return self._data(conn, tally, mid)
+            return self._data(conn, tally, mid, hold)
         except (smtplib.SMTPException, OSError) as exc:
             return self._lost(conn, tally, mid, phase, exc)
 
@@ -582,14 +604,15 @@ class SmtpClient:
             tally.refuse(rcpt, code, reply)
         return None
 
-    def _data(self, conn: _Wire, tally: Tally, mid: str) -> SendResult:
+    def _data(self, conn: _Wire, tally: Tally, mid: str, hold: DotHold | None) -> SendResult:
         """DATA and the message; the reply after the final dot decides for the accepted."""
-        try:
-            code, reply = conn.data(tally.envelope.data)
-        except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
+        conn.dot_sent = False  # a dot of an earlier message says nothing about this one
+        conn.putcmd("data")
+        code, reply = conn.getreply()
+        if code != 354:  # DATA itself refused
             conn.needs_reset = True
-            return tally.ended(mid, reply_failure(Phase.DATA, exc.smtp_code, exc.smtp_error))
-        return self._after_dot(conn, tally, mid, code, reply)
+            return tally.ended(mid, reply_failure(Phase.DATA, code, reply))
+        return self._after_dot(conn, tally, mid, *conn.message(tally.envelope.data, hold))
 
     def _after_dot(
         self, conn: _Wire, tally: Tally, mid: str, code: int, reply: bytes

@@ -790,6 +790,15 @@ class SmtpServer:
         with self._cond:
             return self._counts[name]
 
+    def wait_for_count(self, name: str, count: int, timeout: float = 10.0) -> None:
+        """Block until the counter ``name`` (e.g. ``data_commands``) reached ``count``;
+        raise TimeoutError otherwise."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._counts[name] >= count, timeout):
+                raise TimeoutError(
+                    f"expected {name} to reach {count} within {timeout}s, got {self._counts[name]}"
+                )
+
     @property
     def connections(self) -> int:
         """TCP connections accepted (the Controller's start-up probe excluded)."""
@@ -919,6 +928,7 @@ class SmtpServer:
     def _bump(self, name: str) -> None:
         with self._cond:
             self._counts[name] += 1
+            self._cond.notify_all()
 
     def _record_error(self, error: Exception) -> None:
         with self._cond:
