@@ -1,4 +1,4 @@
-"""One account's batch over up to ``smtp.max_connections`` SMTP connections at once.
+"""One account's batch over up to ``mail.max_connections`` SMTP connections at once.
 
 Why several connections: a message costs a round trip or two on a connection (one with
 PIPELINING for MAIL, RCPT and DATA, one for the body), so against a server tens of
@@ -12,7 +12,7 @@ How it stays exactly once and crash-safe:
   their own, beside the wire: a connection goes on with its next message while the last
   result is recorded, and only that message's final dot, the moment the server may
   accept it, waits (:class:`_Recording`). A dot leaves only when fewer than
-  ``smtp.max_connections`` messages before it are unreported, so the messages the
+  ``mail.max_connections`` messages before it are unreported, so the messages the
   server may have accepted and nobody recorded are always among the first
   ``max_connections`` unreported ones, in the order handed out: the transport's
   in-flight window (``in_flight_for``), as when each result was recorded before the

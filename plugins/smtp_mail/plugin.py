@@ -101,7 +101,7 @@ def send_mail(
     resources: Resources,
     report: Callable[[Sequence[SendResult]], None],
 ) -> list[SendResult]:
-    """Send the batch over up to ``smtp.max_connections`` connections (one AUTH each);
+    """Send the batch over up to ``mail.max_connections`` connections (one AUTH each);
     one classified result per message.
 
     Each result is reported as the server's final reply for it arrives, so a worker
