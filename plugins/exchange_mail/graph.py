@@ -100,7 +100,7 @@ from exchange_mail.message_size import (
     size_problems,
 )
 from exchange_mail.settings import (
-    EXCHANGE_ONLINE_CLOUDS,
+    GRAPH_HOSTS,
     PLUGIN,
     ExchangeSettings,
     guard_token_host,
@@ -109,9 +109,6 @@ from exchange_mail.settings import (
 MAX_BATCH = 20
 MAX_REQUEST_BYTES = 3_500_000  # Graph refuses bodies over 4 MB; keep a margin
 TIMEOUT = (15, 120)  # connect, read (seconds)
-_KNOWN_GRAPH_HOSTS = frozenset(
-    urlsplit(cloud.graph_url).hostname or "" for cloud in EXCHANGE_ONLINE_CLOUDS.values()
-)
 
 
 def scope_for(graph_url: str) -> str:
@@ -120,7 +117,7 @@ def scope_for(graph_url: str) -> str:
     Any other host (a proxy, a test stand-in) is taken to front the global service.
     """
     host = (urlsplit(graph_url).hostname or "").lower()
-    return f"https://{host}/.default" if host in _KNOWN_GRAPH_HOSTS else GRAPH_SCOPE
+    return f"https://{host}/.default" if host in GRAPH_HOSTS else GRAPH_SCOPE
 
 
 class GraphSession:

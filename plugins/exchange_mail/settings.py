@@ -122,10 +122,12 @@ EXCHANGE_ONLINE_CLOUDS: Mapping[str, Cloud] = {
 """How ``exchange.api = auto`` recognises Exchange Online: by the host of the EWS URL."""
 
 
-MICROSOFT_TOKEN_HOSTS = frozenset(
-    {*EXCHANGE_ONLINE_CLOUDS}
-    | {urlsplit(c.graph_url).hostname or "" for c in EXCHANGE_ONLINE_CLOUDS.values()}
+GRAPH_HOSTS = frozenset(
+    urlsplit(cloud.graph_url).hostname or "" for cloud in EXCHANGE_ONLINE_CLOUDS.values()
 )
+"""Microsoft Graph's host in every cloud."""
+
+MICROSOFT_TOKEN_HOSTS = frozenset(EXCHANGE_ONLINE_CLOUDS) | GRAPH_HOSTS
 """Where the app-only token may go without an administrator listing the host: Exchange
 Online's EWS hosts and Microsoft Graph's, in every cloud."""
 
