@@ -41,6 +41,11 @@ QUOTA_GUESS = timedelta(hours=1)
 24-hour window rolls (the server may count mail sent from elsewhere)."""
 
 
+def mailbox_name(key: str) -> str:
+    """The address a mailbox key ends with (``smtp:host:anna@…`` → ``anna@…``)."""
+    return key.rpartition(":")[2]
+
+
 @dataclass(frozen=True)
 class Pace:
     """One account's mailbox and the limits that hold for it, settings applied."""
@@ -53,8 +58,8 @@ class Pace:
 
     @property
     def name(self) -> str:
-        """The mailbox as the sender reads it (the key ends with its address)."""
-        return self.mailbox.rpartition(":")[2]
+        """The mailbox as the sender reads it."""
+        return mailbox_name(self.mailbox)
 
     @property
     def counted(self) -> bool:
@@ -417,8 +422,7 @@ def waiting_mailboxes(session: Session, now: datetime) -> list[tuple[str, str]]:
     )
     found = []
     for row in rows:
-        name = row.mailbox.rpartition(":")[2]
-        words = _why_waits(row, name, now)
+        words = _why_waits(row, mailbox_name(row.mailbox), now)
         if words is not None:
             found.append((row.mailbox, words))
     return found
