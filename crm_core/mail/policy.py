@@ -29,6 +29,7 @@ for the worker; :mod:`crm_core.mail.pauses`, :mod:`crm_core.mail.operations` and
 
 from __future__ import annotations
 
+import functools
 import secrets
 from datetime import UTC, datetime, timedelta
 
@@ -37,6 +38,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Select
 
 from crm_core.config import OutboxConfig
 from crm_core.mail.transport import Outcome
@@ -145,6 +147,12 @@ def lease_expired(until: datetime | None, now: datetime) -> bool:
     return until is None or until <= now
 
 
+@functools.lru_cache(maxsize=1)
+def _now_statement() -> Select[datetime]:
+    """``SELECT now()``, built once: it is asked for in every short transaction."""
+    return select(func.now())
+
+
 def db_now(session: Session) -> datetime:
     """Now by the database's clock: what every stored time is written and compared by.
 
@@ -157,7 +165,7 @@ def db_now(session: Session) -> datetime:
     microsecond rather than its millisecond), never a Crm's ``clock``.
     """
     if session.get_bind().dialect.name == "postgresql":
-        value = session.scalar(select(func.now()))
+        value = session.connection().scalar(_now_statement())
         if isinstance(value, datetime):
             return value.astimezone(UTC)
     return datetime.now(UTC)

@@ -12,6 +12,7 @@ best knowledge and may land, until anyone else (a new claim, an operator) touche
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections import Counter
@@ -25,12 +26,14 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
+    insert,
     or_,
     select,
     text,
     update,
 )
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.sql import Select, Update
 
 from crm_core import signals
 from crm_core.config import OutboxConfig
@@ -305,26 +308,31 @@ def _claim_rows(
     token = new_token()
     until = lease_until(now, crm.config.outbox.lease_seconds)
     numbers = _attempt_counts(session, [r.id for r in rows])
-    attempts: list[tuple[OutboxMessage, OutboxAttempt]] = []
+    by_transport: dict[str, list[int]] = {}
     for row in rows:
-        account = accounts[row.user_id]
-        row.state = S.SENDING.value
-        row.attempts += 1
-        row.lease_owner = worker
-        row.lease_token = token
-        row.lease_until = until
-        row.transport = account.transport
-        row.updated_at = now
-        attempt = OutboxAttempt(
-            outbox_id=row.id,
-            number=numbers.get(row.id, 0) + 1,
-            worker=worker,
-            transport=account.transport,
-            started_at=now,
+        by_transport.setdefault(accounts[row.user_id].transport, []).append(row.id)
+    for transport, ids in by_transport.items():
+        # one UPDATE per transport, not the ORM's flush of each row (a statement each)
+        session.execute(
+            update(OutboxMessage)
+            .where(OutboxMessage.id.in_(ids))
+            .values(
+                state=S.SENDING.value,
+                attempts=OutboxMessage.attempts + 1,
+                lease_owner=worker,
+                lease_token=token,
+                lease_until=until,
+                transport=transport,
+                updated_at=now,
+            ),
+            execution_options={"synchronize_session": False},
         )
-        session.add(attempt)
-        attempts.append((row, attempt))
-    session.flush()
+    attempt_ids = _start_attempts(
+        session,
+        [(row.id, numbers.get(row.id, 0) + 1, accounts[row.user_id].transport) for row in rows],
+        worker,
+        now,
+    )
     per_user = Counter(row.user_id for row in rows)
     slots = {
         user_id: pacing.group_slots(budgets.get(paces[user_id].mailbox), count)
@@ -337,16 +345,43 @@ def _claim_rows(
         Claim(
             row.id,
             token,
-            attempt.id,
-            row.attempts,
+            attempt_id,
+            row.attempts + 1,  # the row as read, before this claim's UPDATE
             outgoing(row, now),
             accounts[row.user_id],
             row.recipient_states,
             paces[row.user_id],
             slots[row.user_id],
         )
-        for row, attempt in attempts
+        for row, attempt_id in zip(rows, attempt_ids, strict=True)
     ]
+
+
+def _start_attempts(
+    session: Session, started: Sequence[tuple[int, int, str]], worker: str, now: datetime
+) -> list[int]:
+    """Open an attempt log entry per (outbox id, number, transport); their ids, in order.
+
+    Why one Core statement, each id read back with its outbox id: the ORM's flush (and
+    a RETURNING in parameter order) inserted these one row at a time, a statement per
+    claimed mail; a claim holds each outbox row once, so the pairs say which is which.
+    """
+    table = cast(Table, OutboxAttempt.__table__)
+    inserted = session.execute(
+        insert(table).returning(table.c.outbox_id, table.c.id),
+        [
+            {
+                "outbox_id": outbox_id,
+                "number": number,
+                "worker": worker,
+                "transport": transport,
+                "started_at": now,
+            }
+            for outbox_id, number, transport in started
+        ],
+    )
+    ids = {int(outbox_id): int(row_id) for outbox_id, row_id in inserted}
+    return [ids[outbox_id] for outbox_id, _, _ in started]
 
 
 def _attempt_counts(session: Session, ids: Sequence[int]) -> dict[int, int]:
@@ -771,17 +806,66 @@ def _last_answer(result: SendResult) -> str:
     return said
 
 
-def _fenced_update(session: Session, claim: Claim, values: Mapping[str, Any]) -> bool:
-    result = session.execute(
-        update(OutboxMessage)
+@functools.lru_cache(maxsize=64)
+def _fenced_statement(keys: tuple[str, ...]) -> Update:
+    """The UPDATE that writes ``keys`` to one row still under the claim's lease.
+
+    Why built once per shape of values: building and keying a fresh statement cost
+    more than executing it (about 0.3 ms against 0.1 ms per statement on SQLite), and a
+    result is recorded every mail or two. A handful of shapes exist (one per outcome).
+    """
+    table = cast(Table, OutboxMessage.__table__)
+    return (
+        update(table)
         .where(
-            OutboxMessage.id == claim.outbox_id,
-            OutboxMessage.lease_token == claim.token,
+            table.c.id == bindparam("b_id"),
+            table.c.lease_token == bindparam("b_token"),
+            # not IN (...): an expanding parameter cannot be used with executemany
+            or_(table.c.state == S.SENDING.value, table.c.state == S.UNKNOWN.value),
+        )
+        .values({key: bindparam(f"v_{key}") for key in keys})
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _held_statement() -> Select[int, str | None]:
+    """The rows of a set that are still being sent (or unknown), locked, with their lease."""
+    return (
+        select(OutboxMessage.id, OutboxMessage.lease_token)
+        .where(
+            OutboxMessage.id.in_(bindparam("ids", expanding=True)),
             OutboxMessage.state.in_((S.SENDING.value, S.UNKNOWN.value)),
         )
-        .values(**values),
-        execution_options={"synchronize_session": False},
+        .with_for_update(of=OutboxMessage)
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _finish_statement() -> Update:
+    """The UPDATE that closes one attempt log entry."""
+    table = cast(Table, OutboxAttempt.__table__)
+    return (
+        update(table)
+        .where(table.c.id == bindparam("b_id"))
+        .values(
+            finished_at=bindparam("v_finished_at"),
+            outcome=bindparam("v_outcome"),
+            error=bindparam("v_error"),
+            code=bindparam("v_code"),
+        )
+    )
+
+
+def _fenced_params(claim: Claim, values: Mapping[str, Any]) -> dict[str, Any]:
+    params = {"b_id": claim.outbox_id, "b_token": claim.token}
+    params.update({f"v_{key}": value for key, value in values.items()})
+    return params
+
+
+def _fenced_update(session: Session, claim: Claim, values: Mapping[str, Any]) -> bool:
+    """Write ``values`` if the row still holds the claim's lease (its row count says)."""
+    statement = _fenced_statement(tuple(sorted(values)))
+    result = session.connection().execute(statement, _fenced_params(claim, values))
     return rowcount(result) == 1
 
 
@@ -799,34 +883,15 @@ def _fenced_updates(
         claim, values = planned[0]
         return {claim.outbox_id} if _fenced_update(session, claim, values) else set()
     token_of = {claim.outbox_id: claim.token for claim, _ in planned}
-    held = session.execute(
-        select(OutboxMessage.id, OutboxMessage.lease_token)
-        .where(
-            OutboxMessage.id.in_(list(token_of)),
-            OutboxMessage.state.in_((S.SENDING.value, S.UNKNOWN.value)),
-        )
-        .with_for_update(of=OutboxMessage)
-    )
+    connection = session.connection()
+    held = connection.execute(_held_statement(), {"ids": list(token_of)})
     applied = {int(row_id) for row_id, token in held if token_of[int(row_id)] == token}
     shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for claim, values in planned:
         if claim.outbox_id in applied:
-            params = {"b_id": claim.outbox_id, "b_token": claim.token}
-            params.update({f"v_{key}": value for key, value in values.items()})
-            shapes.setdefault(tuple(sorted(values)), []).append(params)
-    table = cast(Table, OutboxMessage.__table__)
+            shapes.setdefault(tuple(sorted(values)), []).append(_fenced_params(claim, values))
     for keys, rows in shapes.items():
-        session.execute(
-            update(table)
-            .where(
-                table.c.id == bindparam("b_id"),
-                table.c.lease_token == bindparam("b_token"),
-                # not IN (...): an expanding parameter cannot be used with executemany
-                or_(table.c.state == S.SENDING.value, table.c.state == S.UNKNOWN.value),
-            )
-            .values({key: bindparam(f"v_{key}") for key in keys}),
-            rows,
-        )
+        connection.execute(_fenced_statement(keys), rows)
     return applied
 
 
@@ -848,20 +913,8 @@ def _finish_attempts(
                 "v_code": result.code or None,
             }
         )
-    if not rows:
-        return
-    table = cast(Table, OutboxAttempt.__table__)
-    session.execute(
-        update(table)
-        .where(table.c.id == bindparam("b_id"))
-        .values(
-            finished_at=bindparam("v_finished_at"),
-            outcome=bindparam("v_outcome"),
-            error=bindparam("v_error"),
-            code=bindparam("v_code"),
-        ),
-        rows,
-    )
+    if rows:
+        session.connection().execute(_finish_statement(), rows)
 
 
 _SIGNAL_FOR = {
