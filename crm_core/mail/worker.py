@@ -29,6 +29,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
 from crm_core import credential_expiry
@@ -102,6 +103,8 @@ class _Recorder:
         self.results: dict[str, SendResult] = {}
         self.recorded = queue.Recorded()
         self.lock = threading.Lock()
+        self.connection: Connection | None = None
+        """Held from the first result to :meth:`close`: one checkout for the batch."""
 
     def record(self, results: Sequence[SendResult]) -> None:
         """Write the results not written yet, in one short transaction."""
@@ -114,12 +117,21 @@ class _Recorder:
             if not fresh:
                 return
             claims = [self.claims[r.message_id] for r in fresh]
-            with self.crm.transaction() as session:
+            if self.connection is None:
+                self.connection = self.crm.engine.connect()
+            with self.crm.transaction_on(self.connection) as session:
                 done = queue.record_results(
                     self.crm, session, claims, fresh, policy.db_now(session)
                 )
             self.results.update((r.message_id, r) for r in fresh)
             self.recorded.merge(done)
+
+    def close(self) -> None:
+        """Give the connection back to the pool."""
+        with self.lock:
+            if self.connection is not None:
+                self.connection.close()
+                self.connection = None
 
     def finish(self, seconds: float) -> _GroupResult:
         """The group's results (in claim order) and what recording them did."""
@@ -322,28 +334,35 @@ class Worker:
             with self.crm.transaction() as session:
                 released = queue.release(session, claims, policy.db_now(session))
             return _GroupResult(claims, None, released=released)
-        account = claims[0].account
-        messages = [c.message for c in claims]
         recorder = _Recorder(self.crm, claims)
         started = time.monotonic()  # for the batch's log line, never for a decision
         try:
-            results = self.crm.send_mail(account, messages, recorder.record)
+            results = self._send(claims, recorder)
+            recorder.record(results)  # what the transport did not report as it went
+        finally:
+            recorder.close()
+        self._free_slots(claims)
+        return recorder.finish(time.monotonic() - started)
+
+    def _send(self, claims: Sequence[Claim], recorder: _Recorder) -> Sequence[SendResult]:
+        """The transport's results; a failure of the whole send as each message's."""
+        account = claims[0].account
+        messages = [c.message for c in claims]
+        try:
+            return self.crm.send_mail(account, messages, recorder.record)
         except TransportError as exc:
             outcome = _outcome(exc.outcome)
-            results = [SendResult(m.message_id, outcome, str(exc), exc.code) for m in messages]
+            return [SendResult(m.message_id, outcome, str(exc), exc.code) for m in messages]
         except Exception as exc:  # a plugin bug: we cannot tell what it sent
             log.exception("transport %s raised while sending for %s", account.transport, account)
             detail = (
                 f"the {account.transport} transport failed unexpectedly "
                 f"({type(exc).__name__}: {exc})"
             )
-            results = [
+            return [
                 SendResult(m.message_id, Outcome.AMBIGUOUS, detail, "plugin-error")
                 for m in messages
             ]
-        recorder.record(results)  # what the transport did not report as it went
-        self._free_slots(claims)
-        return recorder.finish(time.monotonic() - started)
 
     def _free_slots(self, claims: Sequence[Claim]) -> None:
         """The batch is over: the connections it held on its mailbox are free again."""
