@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -33,6 +33,16 @@ from crm_core.settings import MAX_CONNECTIONS, RATE_PER_MINUTE, RECIPIENTS_PER_D
 
 if TYPE_CHECKING:
     from crm_core.app import Crm
+
+
+class Recipients(Protocol):
+    """A queued message as the daily limit sees it: its recipients by kind."""
+
+    @property
+    def recipients(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=Recipients)
 
 MINUTE = timedelta(minutes=1)
 DAY = timedelta(days=1)
@@ -89,7 +99,7 @@ def pace_for(crm: Crm, account: SenderAccount) -> Pace:
     )
 
 
-def recipients_of(row: OutboxMessage) -> int:
+def recipients_of(row: Recipients) -> int:
     """How many envelope recipients a message has (what the daily limit counts)."""
     return sum(len(row.recipients.get(kind, [])) for kind in ("to", "cc", "bcc"))
 
@@ -126,9 +136,9 @@ class Budget:
                 wanted = min(wanted, free - have)  # a smaller batch runs fewer at once
         return max(wanted, 0)
 
-    def take(self, user_id: int, rows: Sequence[OutboxMessage]) -> list[OutboxMessage]:
+    def take(self, user_id: int, rows: Sequence[R]) -> list[R]:
         """The rows the account's batch takes, in order, within the recipients' budget."""
-        kept: list[OutboxMessage] = []
+        kept: list[R] = []
         for row in rows:
             count = recipients_of(row)
             alone = self.first_in_day and not self.taken_recipients  # else never sendable

@@ -17,7 +17,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
@@ -32,7 +32,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select, Update
 
 from crm_core import signals
@@ -55,6 +55,7 @@ from crm_core.mail.policy import (
 from crm_core.mail.transport import Outcome, SenderAccount, SendResult
 from crm_core.models import (
     AccountPause,
+    OutboxAttachment,
     OutboxAttempt,
     OutboxMessage,
     OutboxState,
@@ -66,7 +67,9 @@ if TYPE_CHECKING:
     from crm_core.app import Crm
 
 
-def outgoing(row: OutboxMessage, handed_over_at: datetime | None = None) -> OutgoingMessage:
+def outgoing(
+    row: OutboxMessage | DueRow, handed_over_at: datetime | None = None
+) -> OutgoingMessage:
     """The row as a transport sees it (same Message-ID and Date on every attempt).
 
     A later attempt's envelope holds only the recipients still owed the mail (neither
@@ -214,11 +217,11 @@ def _pick_rows(
     budgets: Mapping[str, pacing.Budget],
     limit: int,
     now: datetime,
-) -> list[OutboxMessage]:
+) -> list[DueRow]:
     """Each sender's oldest due rows: a fair share each, then what is left over to those
     with more, never beyond a mailbox's budget. Locked rows are skipped."""
     open_users = [u for u in users if paces[u].mailbox in budgets]
-    picked: dict[int, list[OutboxMessage]] = {u: [] for u in open_users}
+    picked: dict[int, list[DueRow]] = {u: [] for u in open_users}
     while open_users and sum(map(len, picked.values())) < limit:
         share = max(1, (limit - sum(map(len, picked.values()))) // len(open_users))
         still: list[int] = []
@@ -238,33 +241,69 @@ def _pick_rows(
     return [row for rows in picked.values() for row in rows]
 
 
+@dataclass(frozen=True)
+class DueRow:
+    """A due outbox row as a claim reads it: what a send needs, without the ORM.
+
+    Why not the mapped class: loading a batch as ORM objects (identity map, instance
+    state, a second query for the attachments' relationship) was a sixth of a worker's
+    CPU time; these rows are read once, sent, and never written through the ORM.
+    """
+
+    id: int
+    message_id: str
+    user_id: int
+    attempts: int
+    sender_email: str
+    sender_name: str
+    recipients: dict[str, Any]
+    recipient_states: dict[str, Any] | None
+    subject: str
+    body_text: str
+    body_html: str | None
+    mime: bytes | None
+    created_at: datetime
+    attachments: tuple[Attachment, ...] = ()
+
+    def recipient_list(self, kind: str) -> list[tuple[str, str]]:
+        """[(email, name)] for ``kind`` in to, cc, bcc, reply_to."""
+        return [(str(e), str(n)) for e, n in self.recipients.get(kind, [])]
+
+
+_DUE_COLUMNS = tuple(f.name for f in fields(DueRow) if f.name != "attachments")
+
+
 def _due_rows(
     session: Session, user_id: int, now: datetime, n: int, besides: Sequence[int]
-) -> list[OutboxMessage]:
+) -> list[DueRow]:
     """Up to ``n`` of a sender's due rows, oldest first, locked (locked ones skipped)."""
+    table = cast(Table, OutboxMessage.__table__)
     query = (
-        select(OutboxMessage.id)
+        select(*(table.c[name] for name in _DUE_COLUMNS))
         .where(
-            OutboxMessage.state.in_(DUE_STATES),
-            OutboxMessage.user_id == user_id,
-            OutboxMessage.next_attempt_at <= now,
+            table.c.state.in_(DUE_STATES),
+            table.c.user_id == user_id,
+            table.c.next_attempt_at <= now,
         )
-        .order_by(OutboxMessage.next_attempt_at, OutboxMessage.id)
+        .order_by(table.c.next_attempt_at, table.c.id)
         .limit(n)
-        .with_for_update(skip_locked=True, of=OutboxMessage)
+        .with_for_update(skip_locked=True)
     )
     if besides:
-        query = query.where(OutboxMessage.id.not_in(list(besides)))
-    ids = list(session.scalars(query))
-    if not ids:
+        query = query.where(table.c.id.not_in(list(besides)))
+    connection = session.connection()
+    found = [dict(row._mapping) for row in connection.execute(query)]
+    if not found:
         return []
-    rows = session.scalars(
-        select(OutboxMessage)
-        .where(OutboxMessage.id.in_(ids))
-        .options(selectinload(OutboxMessage.attachments))
-        .order_by(OutboxMessage.next_attempt_at, OutboxMessage.id)
-    )
-    return list(rows)
+    attached: dict[int, list[Attachment]] = {}
+    files = cast(Table, OutboxAttachment.__table__)
+    for outbox_id, filename, content_type, data in connection.execute(
+        select(files.c.outbox_id, files.c.filename, files.c.content_type, files.c.data)
+        .where(files.c.outbox_id.in_([row["id"] for row in found]))
+        .order_by(files.c.id)
+    ):
+        attached.setdefault(outbox_id, []).append(Attachment(filename, content_type, data))
+    return [DueRow(**row, attachments=tuple(attached.get(row["id"], ()))) for row in found]
 
 
 def _accounts_for(
@@ -299,7 +338,7 @@ def _claim_rows(
     crm: Crm,
     session: Session,
     worker: str,
-    rows: Sequence[OutboxMessage],
+    rows: Sequence[DueRow],
     accounts: Mapping[int, SenderAccount],
     paces: Mapping[int, pacing.Pace],
     budgets: Mapping[str, pacing.Budget],
