@@ -15,17 +15,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
 from crm_core import directory, signals
 from crm_core.config import OutboxConfig
 from crm_core.errors import MailValidationError, ValidationError
-from crm_core.mail import enqueue, operations, pauses, queue, reconciler
+from crm_core.mail import enqueue, operations, pauses, policy, queue, reconciler
 from crm_core.mail.message import Attachment, OutgoingMessage
 from crm_core.mail.transport import Outcome, SenderAccount, SendResult
 from crm_core.mail.worker import Worker, WorkerStats
 from crm_core.models import (
     AccountPause,
+    OutboxAttempt,
     OutboxMessage,
     OutboxState,
     Person,
@@ -883,3 +884,43 @@ def test_a_nul_character_in_a_body_is_refused(scripted: Any, field: str, key: st
         key,
         "contains a NUL character (U+0000) at position 3",
     )
+
+
+def _claim_statements(crm: Any, batch: int) -> tuple[int, list[queue.Claim]]:
+    """How many SQL statements one claim of ``batch`` due mails ran, and its claims."""
+    ran: list[str] = []
+
+    def count(*_args: Any) -> None:
+        ran.append("statement")
+
+    event.listen(crm.engine, "before_cursor_execute", count)
+    try:
+        with crm.transaction() as session:
+            claimed = queue.claim_batch(crm, session, "w", batch, policy.db_now(session))
+    finally:
+        event.remove(crm.engine, "before_cursor_execute", count)
+    return len(ran), claimed.claims
+
+
+def test_a_claim_runs_as_many_statements_for_forty_mails_as_for_four(scripted: Any) -> None:
+    """Why: a statement per claimed mail (the ORM's flush of each row and of each
+    attempt) was most of a claim's cost; a claim's statements must not grow with it."""
+    crm, _ = scripted
+    for _ in range(44):
+        queue_mail(crm)
+    with crm.transaction() as session:
+        enqueue.enqueue(
+            crm, session, _request(attachments=[Attachment("plan.pdf", "application/pdf", b"%PDF")])
+        )
+    small, four = _claim_statements(crm, 4)
+    large, forty = _claim_statements(crm, 41)
+    assert (len(four), len(forty)) == (4, 41)
+    assert large == small
+    files = [c.message.attachments for c in forty if c.message.attachments]
+    assert files == [(Attachment("plan.pdf", "application/pdf", b"%PDF"),)]
+    with crm.transaction() as session:
+        attempts = session.scalars(select(OutboxAttempt).order_by(OutboxAttempt.id)).all()
+    assert [(a.outbox_id, a.number) for a in attempts] == [
+        (c.outbox_id, 1) for c in [*four, *forty]
+    ]
+    assert [c.attempt_id for c in [*four, *forty]] == [a.id for a in attempts]
