@@ -34,6 +34,12 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 
+def recipient_list(recipients: dict[str, Any], kind: str) -> list[tuple[str, str]]:
+    """[(email, name)] for ``kind`` in to, cc, bcc, reply_to, from a row's stored
+    ``recipients`` (the mapped row's and a claim's plain row's one reading of them)."""
+    return [(str(e), str(n)) for e, n in recipients.get(kind, [])]
+
+
 def utcnow() -> datetime:
     """Now by this machine's clock, aware, in UTC (the default of ``Crm.clock``)."""
     return datetime.now(UTC)
@@ -267,7 +273,7 @@ class OutboxMessage(Base):
 
     def recipient_list(self, kind: str) -> list[tuple[str, str]]:
         """[(email, name)] for ``kind`` in to, cc, bcc, reply_to."""
-        return [(str(e), str(n)) for e, n in self.recipients.get(kind, [])]
+        return recipient_list(self.recipients, kind)
 
     def __repr__(self) -> str:
         return f"OutboxMessage(id={self.id!r}, state={self.state!r}, {self.message_id!r})"

@@ -61,6 +61,7 @@ from crm_core.models import (
     OutboxState,
     User,
     UTCDateTime,
+    recipient_list,
 )
 
 if TYPE_CHECKING:
@@ -267,7 +268,7 @@ class DueRow:
 
     def recipient_list(self, kind: str) -> list[tuple[str, str]]:
         """[(email, name)] for ``kind`` in to, cc, bcc, reply_to."""
-        return [(str(e), str(n)) for e, n in self.recipients.get(kind, [])]
+        return recipient_list(self.recipients, kind)
 
 
 _DUE_COLUMNS = tuple(f.name for f in fields(DueRow) if f.name != "attachments")
