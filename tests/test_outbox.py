@@ -634,12 +634,30 @@ def _claim(crm: Any, worker: str, now: Any = None) -> list[queue.Claim]:
         return queue.claim_batch(crm, s, worker, 50, now or utcnow()).claims
 
 
-def _record(crm: Any, claims: Sequence[queue.Claim], outcome: Outcome) -> queue.Recorded:
+def _record(
+    crm: Any, claims: Sequence[queue.Claim], outcome: Outcome, alone: bool = False
+) -> queue.Recorded:
+    """Record each claim's ``outcome`` in one transaction, or ``alone``: each in one
+    statement on a connection in autocommit, as a worker on PostgreSQL does."""
     from crm_core.mail.transport import SendResult
 
     results = [SendResult(c.message.message_id, outcome, "scripted") for c in claims]
-    with crm.transaction() as s:
-        return queue.record_results(crm, s, claims, results, utcnow())
+    if not alone:
+        with crm.transaction() as s:
+            return queue.record_results(crm, s, claims, results, utcnow())
+    recorded = queue.Recorded()
+    with crm.engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        for claim, result in zip(claims, results, strict=True):
+            assert queue.records_alone(connection, result)
+            recorded.merge(queue.record_alone(crm, connection, claim, result, utcnow()))
+    return recorded
+
+
+def _alone_or_together(crm: Any, alone: bool) -> None:
+    """Results are written alone only on PostgreSQL."""
+    if alone and crm.engine.dialect.name != "postgresql":
+        pytest.skip("results are written alone (one statement each) on PostgreSQL only")
 
 
 def _past_the_lease(crm: Any) -> timedelta:
@@ -647,8 +665,10 @@ def _past_the_lease(crm: Any) -> timedelta:
     return timedelta(seconds=crm.config.outbox.lease_seconds + 1)
 
 
-def test_a_late_worker_cannot_overwrite_a_newer_claim(scripted: Any) -> None:
+@pytest.mark.parametrize("alone", [False, True], ids=["together", "alone"])
+def test_a_late_worker_cannot_overwrite_a_newer_claim(scripted: Any, alone: bool) -> None:
     crm, _ = scripted
+    _alone_or_together(crm, alone)
     outbox_id = queue_mail(crm)
     old = _claim(crm, "worker-a")
     assert old and row(crm, outbox_id).state == "sending"
@@ -661,9 +681,9 @@ def test_a_late_worker_cannot_overwrite_a_newer_claim(scripted: Any) -> None:
         operations.resolve(s, outbox_id, sent=False)
     new = _claim(crm, "worker-b")
     assert new[0].token != old[0].token
-    assert _record(crm, old, Outcome.SENT).stale == 1
+    assert _record(crm, old, Outcome.SENT, alone).stale == 1
     assert row(crm, outbox_id).state == "sending"  # worker-b's claim stands
-    assert _record(crm, new, Outcome.PERMANENT).counts == {"failed": 1}
+    assert _record(crm, new, Outcome.PERMANENT, alone).counts == {"failed": 1}
     final = row(crm, outbox_id)
     assert final.state == "failed"
     outcomes = [(a.worker, a.outcome) for a in final.attempt_log]
@@ -671,14 +691,20 @@ def test_a_late_worker_cannot_overwrite_a_newer_claim(scripted: Any) -> None:
     assert "not applied" in (final.attempt_log[0].error or "")
 
 
-def test_a_late_result_still_lands_when_nobody_else_touched_the_row(scripted: Any) -> None:
+@pytest.mark.parametrize("alone", [False, True], ids=["together", "alone"])
+def test_a_late_result_still_lands_when_nobody_else_touched_the_row(
+    scripted: Any, alone: bool
+) -> None:
     crm, _ = scripted
+    _alone_or_together(crm, alone)
     outbox_id = queue_mail(crm)
     claims = _claim(crm, "worker-a")
     with crm.transaction() as s:
         assert queue.reap_expired(s, utcnow() + _past_the_lease(crm)) == [outbox_id]
-    assert _record(crm, claims, Outcome.SENT).counts == {"sent": 1}
-    assert row(crm, outbox_id).state == "sent"
+    assert _record(crm, claims, Outcome.SENT, alone).counts == {"sent": 1}
+    landed = row(crm, outbox_id)
+    assert landed.state == "sent" and landed.lease_token is None
+    assert [(a.outcome, a.error) for a in landed.attempt_log] == [("sent", "scripted")]
 
 
 def test_the_reaper_leaves_live_leases_alone(scripted: Any) -> None:

@@ -22,9 +22,12 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import (
+    Connection,
     Table,
     bindparam,
+    case,
     delete,
+    exists,
     func,
     insert,
     or_,
@@ -630,15 +633,11 @@ def record_results(
     untils: dict[int, datetime] = {}
     for claim in claims:
         result = by_id[claim.message.message_id]
-        ledger = _ledger_after(claim, result, now)
-        state = _state(crm.config.outbox, claim, result, ledger, now)
-        values = _result_values(crm.config.outbox, claim, result, state, now, jitter())
+        reason = None
         if result.outcome is Outcome.THROTTLED:
             untils[claim.outbox_id] = _paused_until(session, claim, result, now)
-            values["last_error"] = throttled_text(result, _pace(claim), untils[claim.outbox_id])
-        if ledger is not None:
-            values["recipient_states"] = ledger
-            values["last_error"] = _with_tally(values["last_error"], claim, ledger, state)
+            reason = throttled_text(result, _pace(claim), untils[claim.outbox_id])
+        state, values = _planned(crm.config.outbox, claim, result, now, jitter(), reason)
         planned.append((claim, result, state, values))
     applied = _fenced_updates(session, [(claim, values) for claim, _, _, values in planned])
     _finish_attempts(
@@ -665,8 +664,74 @@ def record_results(
                 result.code,
                 now,
             )
-        _emit_result(session, claim, result, state, values)
+        signal = _result_signal(claim, result, state, values)
+        if signal is not None:
+            signals.emit_after_commit(session, signal[0], **signal[1])
     return recorded
+
+
+def records_alone(connection: Connection, result: SendResult) -> bool:
+    """Whether :func:`record_alone` writes ``result``: on PostgreSQL, when it pauses
+    nothing (a refused login pauses the account, throttling the mailbox: those are
+    written by :func:`record_results`, in a transaction with the pause)."""
+    return connection.dialect.name == "postgresql" and result.outcome not in (
+        Outcome.CONFIGURATION,
+        Outcome.THROTTLED,
+    )
+
+
+def record_alone(
+    crm: Crm,
+    connection: Connection,
+    claim: Claim,
+    result: SendResult,
+    now: datetime,
+    jitter: Callable[[], float] = random.random,
+) -> Recorded:
+    """Write one result and close its attempt in one statement, atomic by itself.
+
+    Why: on PostgreSQL each statement is a round trip, and a worker records a result
+    every mail or two; BEGIN, the row's UPDATE, the attempt's UPDATE and COMMIT made
+    the recording, not the wire, the bound of a batch. One statement with the row's
+    fenced UPDATE and the attempt's UPDATE as data-modifying CTEs is a transaction of
+    its own on a ``connection`` in autocommit (the caller's), and says whether the
+    lease still held. What it records is what :func:`record_results` would; its
+    signal is sent at once, the write being committed already.
+    """
+    state, values = _planned(crm.config.outbox, claim, result, now, jitter())
+    params = _fenced_params(claim, values)
+    params.update(_finish_params(claim, result, now))
+    applied = bool(connection.scalar(_alone_statement(tuple(sorted(values))), params))
+    recorded = Recorded()
+    if not applied:
+        recorded.stale += 1
+        return recorded
+    recorded.add(state.value)
+    signal = _result_signal(claim, result, state, values)
+    if signal is not None:
+        signals.send_now(crm, signal[0], **signal[1])
+    return recorded
+
+
+def _planned(
+    config: OutboxConfig,
+    claim: Claim,
+    result: SendResult,
+    now: datetime,
+    jitter: float,
+    reason: str | None = None,
+) -> tuple[OutboxState, dict[str, Any]]:
+    """The state a result moves its message to, and the row's values for it
+    (``reason``: the sender's text when the transport's own is not the one to show)."""
+    ledger = _ledger_after(claim, result, now)
+    state = _state(config, claim, result, ledger, now)
+    values = _result_values(config, claim, result, state, now, jitter)
+    if reason is not None:
+        values["last_error"] = reason
+    if ledger is not None:
+        values["recipient_states"] = ledger
+        values["last_error"] = _with_tally(values["last_error"], claim, ledger, state)
+    return state, values
 
 
 THROTTLE_BACK_OFF = 60.0
@@ -941,20 +1006,65 @@ def _finish_attempts(
     """Close each claim's attempt log entry (one executemany for the batch)."""
     rows = []
     for claim, result, applied in finished:
-        error = result.detail or None
-        if not applied:
-            error = f"(result arrived after the lease was taken over; not applied) {error or ''}"
+        row = _finish_params(claim, result, now)
         rows.append(
             {
-                "b_id": claim.attempt_id,
+                "b_id": row["a_id"],
                 "v_finished_at": now,
-                "v_outcome": result.outcome.value,
-                "v_error": error,
-                "v_code": result.code or None,
+                "v_outcome": row["a_outcome"],
+                "v_error": row["a_error"] if applied else row["a_stale_error"],
+                "v_code": row["a_code"],
             }
         )
     if rows:
         session.connection().execute(_finish_statement(), rows)
+
+
+def _finish_params(claim: Claim, result: SendResult, now: datetime) -> dict[str, Any]:
+    """What closes a claim's attempt: its error as applied, and as a late result's."""
+    error = result.detail or None
+    return {
+        "a_id": claim.attempt_id,
+        "a_finished_at": now,
+        "a_outcome": result.outcome.value,
+        "a_error": error,
+        "a_stale_error": STALE_PREFIX + (error or ""),
+        "a_code": result.code or None,
+    }
+
+
+STALE_PREFIX = "(result arrived after the lease was taken over; not applied) "
+"""Begins the attempt log's error of a result that came after its lease was lost."""
+
+
+@functools.lru_cache(maxsize=64)
+def _alone_statement(keys: tuple[str, ...]) -> Select[bool]:
+    """PostgreSQL: the fenced UPDATE of ``keys`` and the attempt's close, as one statement
+    that answers whether the lease held (see :func:`record_alone`).
+
+    The attempt is closed either way, as :func:`_finish_attempts` does: with the error,
+    or marked as a late result's when the row's lease was taken over.
+    """
+    table = cast(Table, OutboxAttempt.__table__)
+    fenced = _fenced_statement(keys).returning(OutboxMessage.__table__.c.id).cte("fenced")
+    applied = exists(select(fenced.c.id))
+    text_type = table.c.error.type
+    finished = (
+        update(table)
+        .where(table.c.id == bindparam("a_id"))
+        .values(
+            finished_at=bindparam("a_finished_at"),
+            outcome=bindparam("a_outcome"),
+            error=case(
+                (applied, bindparam("a_error", type_=text_type)),
+                else_=bindparam("a_stale_error", type_=text_type),
+            ),
+            code=bindparam("a_code"),
+        )
+        .returning(table.c.id)
+        .cte("finished")
+    )
+    return select(applied.label("applied")).add_cte(finished)
 
 
 _SIGNAL_FOR = {
@@ -966,20 +1076,18 @@ _SIGNAL_FOR = {
 }
 
 
-def _emit_result(
-    session: Session,
+def _result_signal(
     claim: Claim,
     result: SendResult,
     state: OutboxState,
     values: Mapping[str, Any],
-) -> None:
+) -> tuple[str, dict[str, Any]] | None:
+    """The signal a recorded result sends, and its payload (None: a state without one)."""
     name = _SIGNAL_FOR.get(state)
     if name is None:
-        return
+        return None
     extra = {"next_attempt_at": values["next_attempt_at"]} if state is S.RETRY else {}
-    signals.emit_after_commit(
-        session,
-        name,
+    return name, dict(
         outbox_id=claim.outbox_id,
         message_id=claim.message.message_id,
         user_id=claim.account.user_id,

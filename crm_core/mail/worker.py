@@ -27,7 +27,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
@@ -97,17 +97,21 @@ class _Recorder:
     message that is not in this group is ignored.
     """
 
-    def __init__(self, crm: Crm, claims: Sequence[Claim]) -> None:
+    def __init__(self, crm: Crm, claims: Sequence[Claim], monotonic: Callable[[], float]) -> None:
         self.crm = crm
+        self.clock = policy.DbClock(monotonic)
         self.claims = {c.message.message_id: c for c in claims}
         self.results: dict[str, SendResult] = {}
         self.recorded = queue.Recorded()
         self.lock = threading.Lock()
         self.connection: Connection | None = None
         """Held from the first result to :meth:`close`: one checkout for the batch."""
+        self.alone = False
+        """Whether the held connection commits each statement (results written alone)."""
 
     def record(self, results: Sequence[SendResult]) -> None:
-        """Write the results not written yet, in one short transaction."""
+        """Write the results not written yet: each alone where it can be (PostgreSQL),
+        the rest in one short transaction."""
         with self.lock:
             fresh = [
                 r
@@ -116,14 +120,42 @@ class _Recorder:
             ]
             if not fresh:
                 return
-            claims = [self.claims[r.message_id] for r in fresh]
             if self.connection is None:
                 self.connection = self.crm.engine.connect()
-            with self.crm.transaction_on(self.connection) as session:
-                done = queue.record_results(
-                    self.crm, session, claims, fresh, policy.db_now(session)
-                )
-            self.results.update((r.message_id, r) for r in fresh)
+            alone = [r for r in fresh if queue.records_alone(self.connection, r)]
+            if alone:
+                self._record_alone(alone)
+            rest = [r for r in fresh if r.message_id not in self.results]
+            if rest:
+                self._record_together(rest)
+
+    def _record_together(self, results: Sequence[SendResult]) -> None:
+        """Write ``results`` in one transaction (:func:`queue.record_results`)."""
+        claims = [self.claims[r.message_id] for r in results]
+        # On a held connection that commits each statement by itself, a transaction of
+        # several statements needs a connection of its own (from the pool).
+        with (
+            self.crm.transaction()
+            if self.alone
+            else self.crm.transaction_on(cast(Connection, self.connection))
+        ) as session:
+            now = self.clock.now(session.connection())
+            done = queue.record_results(self.crm, session, claims, results, now)
+        self.results.update((r.message_id, r) for r in results)
+        self.recorded.merge(done)
+
+    def _record_alone(self, results: Sequence[SendResult]) -> None:
+        """Write each result in a statement that is its own transaction
+        (:func:`queue.record_alone`), on the held connection set to autocommit."""
+        connection = cast(Connection, self.connection)
+        if not self.alone:
+            connection.execution_options(isolation_level="AUTOCOMMIT")
+            self.alone = True
+        for result in results:
+            claim = self.claims[result.message_id]
+            now = self.clock.now(connection)
+            done = queue.record_alone(self.crm, connection, claim, result, now)
+            self.results[result.message_id] = result
             self.recorded.merge(done)
 
     def close(self) -> None:
@@ -334,7 +366,7 @@ class Worker:
             with self.crm.transaction() as session:
                 released = queue.release(session, claims, policy.db_now(session))
             return _GroupResult(claims, None, released=released)
-        recorder = _Recorder(self.crm, claims)
+        recorder = _Recorder(self.crm, claims, self.clock)
         started = time.monotonic()  # for the batch's log line, never for a decision
         try:
             results = self._send(claims, recorder)
