@@ -635,28 +635,34 @@ def _claim(crm: Any, worker: str, now: Any = None) -> list[queue.Claim]:
 
 
 def _record(
-    crm: Any, claims: Sequence[queue.Claim], outcome: Outcome, alone: bool = False
+    crm: Any, claims: Sequence[queue.Claim], outcome: Outcome, how: str = "together"
 ) -> queue.Recorded:
-    """Record each claim's ``outcome`` in one transaction, or ``alone``: each in one
-    statement on a connection in autocommit, as a worker on PostgreSQL does."""
+    """Record each claim's ``outcome`` as a worker may: ``together`` in one Session's
+    transaction, ``plain`` in a transaction of a connection without a Session, or
+    ``alone``: each in one statement on a connection in autocommit (PostgreSQL)."""
     from crm_core.mail.transport import SendResult
 
     results = [SendResult(c.message.message_id, outcome, "scripted") for c in claims]
-    if not alone:
+    if how == "together":
         with crm.transaction() as s:
             return queue.record_results(crm, s, claims, results, utcnow())
-    recorded = queue.Recorded()
     with crm.engine.connect() as connection:
+        if how == "plain":
+            return queue.record_plain(crm, connection, claims, results, utcnow())
+        recorded = queue.Recorded()
         connection.execution_options(isolation_level="AUTOCOMMIT")
         for claim, result in zip(claims, results, strict=True):
             assert queue.records_alone(connection, result)
             recorded.merge(queue.record_alone(crm, connection, claim, result, utcnow()))
-    return recorded
+        return recorded
 
 
-def _alone_or_together(crm: Any, alone: bool) -> None:
+RECORDING = pytest.mark.parametrize("how", ["together", "plain", "alone"])
+
+
+def _can_record(crm: Any, how: str) -> None:
     """Results are written alone only on PostgreSQL."""
-    if alone and crm.engine.dialect.name != "postgresql":
+    if how == "alone" and crm.engine.dialect.name != "postgresql":
         pytest.skip("results are written alone (one statement each) on PostgreSQL only")
 
 
@@ -665,10 +671,10 @@ def _past_the_lease(crm: Any) -> timedelta:
     return timedelta(seconds=crm.config.outbox.lease_seconds + 1)
 
 
-@pytest.mark.parametrize("alone", [False, True], ids=["together", "alone"])
-def test_a_late_worker_cannot_overwrite_a_newer_claim(scripted: Any, alone: bool) -> None:
+@RECORDING
+def test_a_late_worker_cannot_overwrite_a_newer_claim(scripted: Any, how: str) -> None:
     crm, _ = scripted
-    _alone_or_together(crm, alone)
+    _can_record(crm, how)
     outbox_id = queue_mail(crm)
     old = _claim(crm, "worker-a")
     assert old and row(crm, outbox_id).state == "sending"
@@ -681,9 +687,9 @@ def test_a_late_worker_cannot_overwrite_a_newer_claim(scripted: Any, alone: bool
         operations.resolve(s, outbox_id, sent=False)
     new = _claim(crm, "worker-b")
     assert new[0].token != old[0].token
-    assert _record(crm, old, Outcome.SENT, alone).stale == 1
+    assert _record(crm, old, Outcome.SENT, how).stale == 1
     assert row(crm, outbox_id).state == "sending"  # worker-b's claim stands
-    assert _record(crm, new, Outcome.PERMANENT, alone).counts == {"failed": 1}
+    assert _record(crm, new, Outcome.PERMANENT, how).counts == {"failed": 1}
     final = row(crm, outbox_id)
     assert final.state == "failed"
     outcomes = [(a.worker, a.outcome) for a in final.attempt_log]
@@ -691,17 +697,27 @@ def test_a_late_worker_cannot_overwrite_a_newer_claim(scripted: Any, alone: bool
     assert "not applied" in (final.attempt_log[0].error or "")
 
 
-@pytest.mark.parametrize("alone", [False, True], ids=["together", "alone"])
+@RECORDING
 def test_a_late_result_still_lands_when_nobody_else_touched_the_row(
-    scripted: Any, alone: bool
+    scripted: Any, how: str
 ) -> None:
     crm, _ = scripted
-    _alone_or_together(crm, alone)
+    _can_record(crm, how)
     outbox_id = queue_mail(crm)
     claims = _claim(crm, "worker-a")
     with crm.transaction() as s:
         assert queue.reap_expired(s, utcnow() + _past_the_lease(crm)) == [outbox_id]
-    assert _record(crm, claims, Outcome.SENT, alone).counts == {"sent": 1}
+    heard: list[int] = []
+
+    def hear(_sender: Any, **payload: Any) -> None:
+        heard.append(payload["outbox_id"])
+
+    signals.mail_sent.connect(hear, sender=crm)
+    try:
+        assert _record(crm, claims, Outcome.SENT, how).counts == {"sent": 1}
+    finally:
+        signals.mail_sent.disconnect(hear, sender=crm)
+    assert heard == [outbox_id]  # once, after the write was committed
     landed = row(crm, outbox_id)
     assert landed.state == "sent" and landed.lease_token is None
     assert [(a.outcome, a.error) for a in landed.attempt_log] == [("sent", "scripted")]

@@ -629,7 +629,7 @@ def record_results(
     """
     by_id = {r.message_id: r for r in results}
     recorded = Recorded()
-    planned = []
+    planned: list[_Planned] = []
     untils: dict[int, datetime] = {}
     for claim in claims:
         result = by_id[claim.message.message_id]
@@ -639,12 +639,7 @@ def record_results(
             reason = throttled_text(result, _pace(claim), untils[claim.outbox_id])
         state, values = _planned(crm.config.outbox, claim, result, now, jitter(), reason)
         planned.append((claim, result, state, values))
-    applied = _fenced_updates(session, [(claim, values) for claim, _, _, values in planned])
-    _finish_attempts(
-        session,
-        [(claim, result, claim.outbox_id in applied) for claim, result, _, _ in planned],
-        now,
-    )
+    applied = _write(session.connection(), planned, now)
     for claim, result, state, values in planned:
         if claim.outbox_id not in applied:
             recorded.stale += 1
@@ -670,14 +665,67 @@ def record_results(
     return recorded
 
 
+_Planned = tuple[Claim, SendResult, OutboxState, dict[str, Any]]
+
+
+def _write(connection: Connection, planned: Sequence[_Planned], now: datetime) -> set[int]:
+    """Each planned row's values where its lease still holds, and every attempt closed;
+    the ids of the rows written."""
+    applied = _fenced_updates(connection, [(claim, values) for claim, _, _, values in planned])
+    _finish_attempts(
+        connection,
+        [(claim, result, claim.outbox_id in applied) for claim, result, _, _ in planned],
+        now,
+    )
+    return applied
+
+
+def pauses_nothing(result: SendResult) -> bool:
+    """Whether writing ``result`` is all its recording does: a refused login pauses the
+    account and throttling the mailbox, each in the transaction of its result."""
+    return result.outcome not in (Outcome.CONFIGURATION, Outcome.THROTTLED)
+
+
+def record_plain(
+    crm: Crm,
+    connection: Connection,
+    claims: Sequence[Claim],
+    results: Sequence[SendResult],
+    now: datetime,
+    jitter: Callable[[], float] = random.random,
+) -> Recorded:
+    """What :func:`record_results` does for results that pause nothing, in a
+    transaction of the caller's ``connection`` without a Session.
+
+    Why: on SQLite a worker records a result every mail or two, and a Session's set-up,
+    begin and commit cost more than the two UPDATEs (about 50 of 135 µs of CPU). The
+    signals are sent once the transaction has committed, as after a Session's commit.
+    """
+    by_id = {r.message_id: r for r in results}
+    planned: list[_Planned] = []
+    for claim in claims:
+        result = by_id[claim.message.message_id]
+        state, values = _planned(crm.config.outbox, claim, result, now, jitter())
+        planned.append((claim, result, state, values))
+    with connection.begin():
+        applied = _write(connection, planned, now)
+    recorded = Recorded()
+    for claim, result, state, values in planned:
+        if claim.outbox_id not in applied:
+            recorded.stale += 1
+            continue
+        recorded.add(state.value)
+        signal = _result_signal(claim, result, state, values)
+        if signal is not None:
+            signals.send_now(crm, signal[0], **signal[1])
+    return recorded
+
+
 def records_alone(connection: Connection, result: SendResult) -> bool:
     """Whether :func:`record_alone` writes ``result``: on PostgreSQL, when it pauses
     nothing (a refused login pauses the account, throttling the mailbox: those are
     written by :func:`record_results`, in a transaction with the pause)."""
-    return connection.dialect.name == "postgresql" and result.outcome not in (
-        Outcome.CONFIGURATION,
-        Outcome.THROTTLED,
-    )
+    return connection.dialect.name == "postgresql" and pauses_nothing(result)
 
 
 def record_alone(
@@ -967,15 +1015,15 @@ def _fenced_params(claim: Claim, values: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _fenced_update(session: Session, claim: Claim, values: Mapping[str, Any]) -> bool:
+def _fenced_update(connection: Connection, claim: Claim, values: Mapping[str, Any]) -> bool:
     """Write ``values`` if the row still holds the claim's lease (its row count says)."""
     statement = _fenced_statement(tuple(sorted(values)))
-    result = session.connection().execute(statement, _fenced_params(claim, values))
+    result = connection.execute(statement, _fenced_params(claim, values))
     return rowcount(result) == 1
 
 
 def _fenced_updates(
-    session: Session, planned: Sequence[tuple[Claim, Mapping[str, Any]]]
+    connection: Connection, planned: Sequence[tuple[Claim, Mapping[str, Any]]]
 ) -> set[int]:
     """Apply each claim's values if the row still holds its lease; the ids applied.
 
@@ -986,9 +1034,8 @@ def _fenced_updates(
         return set()
     if len(planned) == 1:  # one UPDATE's row count says it: no need to lock first
         claim, values = planned[0]
-        return {claim.outbox_id} if _fenced_update(session, claim, values) else set()
+        return {claim.outbox_id} if _fenced_update(connection, claim, values) else set()
     token_of = {claim.outbox_id: claim.token for claim, _ in planned}
-    connection = session.connection()
     held = connection.execute(_held_statement(), {"ids": list(token_of)})
     applied = {int(row_id) for row_id, token in held if token_of[int(row_id)] == token}
     shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -1001,7 +1048,7 @@ def _fenced_updates(
 
 
 def _finish_attempts(
-    session: Session, finished: Sequence[tuple[Claim, SendResult, bool]], now: datetime
+    connection: Connection, finished: Sequence[tuple[Claim, SendResult, bool]], now: datetime
 ) -> None:
     """Close each claim's attempt log entry (one executemany for the batch)."""
     rows = []
@@ -1017,7 +1064,7 @@ def _finish_attempts(
             }
         )
     if rows:
-        session.connection().execute(_finish_statement(), rows)
+        connection.execute(_finish_statement(), rows)
 
 
 def _finish_params(claim: Claim, result: SendResult, now: datetime) -> dict[str, Any]:
@@ -1111,7 +1158,7 @@ def release(session: Session, claims: Sequence[Claim], now: datetime) -> int:
             "lease_until": None,
             "updated_at": now,
         }
-        if _fenced_update(session, claim, values):
+        if _fenced_update(session.connection(), claim, values):
             session.execute(delete(OutboxAttempt).where(OutboxAttempt.id == claim.attempt_id))
             released += 1
     for claim in {(c.token, c.account.user_id): c for c in claims if c.slots}.values():

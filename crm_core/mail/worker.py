@@ -130,17 +130,23 @@ class _Recorder:
                 self._record_together(rest)
 
     def _record_together(self, results: Sequence[SendResult]) -> None:
-        """Write ``results`` in one transaction (:func:`queue.record_results`)."""
+        """Write ``results`` in one transaction: on the held connection without a Session
+        when they pause nothing (:func:`queue.record_plain`), else with their pauses
+        (:func:`queue.record_results`)."""
         claims = [self.claims[r.message_id] for r in results]
-        # On a held connection that commits each statement by itself, a transaction of
-        # several statements needs a connection of its own (from the pool).
-        with (
-            self.crm.transaction()
-            if self.alone
-            else self.crm.transaction_on(cast(Connection, self.connection))
-        ) as session:
-            now = self.clock.now(session.connection())
-            done = queue.record_results(self.crm, session, claims, results, now)
+        connection = cast(Connection, self.connection)
+        if self.alone:  # the held connection commits each statement: use another
+            with self.crm.transaction() as session:
+                now = self.clock.now(session.connection())
+                done = queue.record_results(self.crm, session, claims, results, now)
+        elif all(queue.pauses_nothing(r) for r in results):
+            done = queue.record_plain(
+                self.crm, connection, claims, results, self.clock.now(connection)
+            )
+        else:
+            with self.crm.transaction_on(connection) as session:
+                now = self.clock.now(session.connection())
+                done = queue.record_results(self.crm, session, claims, results, now)
         self.results.update((r.message_id, r) for r in results)
         self.recorded.merge(done)
 
