@@ -145,6 +145,26 @@ def test_dry_run_names_the_smtp_server(make_crm: Any, smtp_server: SmtpServer) -
     assert smtp_server.connections == 0  # a dry run touches no server
 
 
+def test_a_mail_every_recipient_got_keeps_no_ledger_yet_shows_each_recipients_fate(
+    make_crm: Any, smtp_server: SmtpServer
+) -> None:
+    """Why: SMTP answers every RCPT, and a ledger of "all delivered" on every sent mail
+    repeated the row's state, reply and time at a cost on each. Each recipient's fate
+    is still shown, from the row."""
+    crm = smtp_crm(make_crm, smtp_server.port)
+    with crm.transaction() as s:
+        request = enqueue.MailRequest(SENDER, ["per@example.com", "eva@example.com"], "Hej", "Hej")
+        outbox_id = enqueue.enqueue(crm, s, request).outbox_id
+    assert Worker(crm).run_once().sent == 1
+    with crm.transaction() as s:
+        row = s.get_one(OutboxMessage, outbox_id)
+        assert row.state == "sent" and row.recipient_states is None
+        assert row.server_reply and row.server_reply.startswith("250 ") and row.sent_at
+        shown = operations.show_message(s, outbox_id).recipient_states
+        fate = {"state": "delivered", "reply": row.server_reply, "at": row.sent_at.isoformat()}
+    assert shown == {"per@example.com": fate, "eva@example.com": fate}
+
+
 def test_refused_connection_is_retried_until_the_server_is_back(
     make_crm: Any, smtp_server: SmtpServer
 ) -> None:

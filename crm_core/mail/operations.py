@@ -188,13 +188,17 @@ _SHARED_FATE = {
 
 
 def recipient_states(row: OutboxMessage) -> dict[str, dict[str, Any]]:
-    """Each envelope recipient's fate; without a ledger, the message's own fate."""
+    """Each envelope recipient's fate; without a ledger, the message's own fate (for a
+    sent message, with the server's reply and the time it was sent)."""
     ledger = row.recipient_states or {}
-    shared = _SHARED_FATE.get(row.state, "waiting")
-    return {
-        address: dict(ledger.get(address) or {"state": shared, "reply": "", "at": None})
-        for address in _everyone(row)
+    shared: dict[str, Any] = {
+        "state": _SHARED_FATE.get(row.state, "waiting"),
+        "reply": "",
+        "at": None,
     }
+    if row.state == S.SENT.value and row.sent_at is not None:
+        shared.update(reply=row.server_reply or "", at=row.sent_at.isoformat())
+    return {address: dict(ledger.get(address) or shared) for address in _everyone(row)}
 
 
 def count_messages(

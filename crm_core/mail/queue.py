@@ -813,9 +813,11 @@ def _ledger_after(claim: Claim, result: SendResult, now: datetime) -> dict[str, 
     """The recipients' fates after this attempt, when they differ or differed before.
 
     None (the common case) when every recipient shares the message's outcome and
-    always did: the message's state then says it for each of them.
+    always did: the message's state then says it for each of them. That includes a
+    transport's report of every recipient delivered (SMTP reports each RCPT): a ledger
+    of it would only repeat the row's state, reply and time, at a cost on every mail.
     """
-    if claim.ledger is None and not result.recipients:
+    if claim.ledger is None and recipients.all_delivered(result):
         return None
     envelope = [a.email for a in claim.message.recipients]
     return recipients.merge(claim.ledger, envelope, result, now)

@@ -65,6 +65,16 @@ def merge(
     return merged
 
 
+def all_delivered(result: SendResult) -> bool:
+    """Whether ``result`` says nothing per recipient beyond the message's own outcome:
+    no recipient reported, or the message sent and every recipient reported delivered."""
+    if not result.recipients:
+        return True
+    return result.outcome is Outcome.SENT and all(
+        r.status is RecipientStatus.DELIVERED for r in result.recipients
+    )
+
+
 def pending(ledger: Mapping[str, Mapping[str, Any]] | None, everyone: Sequence[str]) -> list[str]:
     """The recipients still owed the mail: neither delivered nor refused."""
     done = {DELIVERED, REFUSED}
