@@ -167,10 +167,14 @@ def db_now(session: Session) -> datetime:
     microsecond rather than its millisecond), never a Crm's ``clock``.
     """
     if session.get_bind().dialect.name == "postgresql":
-        value = session.connection().scalar(_now_statement())
-        if isinstance(value, datetime):
-            return value.astimezone(UTC)
+        return _postgres_now(session.connection())
     return datetime.now(UTC)
+
+
+def _postgres_now(connection: Connection) -> datetime:
+    """PostgreSQL's ``now()`` in UTC (this machine's clock if it gave no time)."""
+    value = connection.scalar(_now_statement())
+    return value.astimezone(UTC) if isinstance(value, datetime) else datetime.now(UTC)
 
 
 class DbClock:
@@ -194,10 +198,7 @@ class DbClock:
         if connection.dialect.name != "postgresql":
             return datetime.now(UTC)  # what db_now reads on SQLite
         if self.read is None:
-            value = connection.scalar(_now_statement())
-            if not isinstance(value, datetime):
-                raise TypeError(f"the database's now() gave {value!r}")
-            self.read = (value.astimezone(UTC), self.monotonic())
+            self.read = (_postgres_now(connection), self.monotonic())
             return self.read[0]
         at, then = self.read
         return at + timedelta(seconds=max(self.monotonic() - then, 0.0))

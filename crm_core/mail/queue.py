@@ -709,6 +709,11 @@ def record_plain(
         planned.append((claim, result, state, values))
     with connection.begin():
         applied = _write(connection, planned, now)
+    return _committed(crm, planned, applied)
+
+
+def _committed(crm: Crm, planned: Sequence[_Planned], applied: set[int]) -> Recorded:
+    """Count written results (committed already) and send their signals now."""
     recorded = Recorded()
     for claim, result, state, values in planned:
         if claim.outbox_id not in applied:
@@ -750,15 +755,9 @@ def record_alone(
     params = _fenced_params(claim, values)
     params.update(_finish_params(claim, result, now))
     applied = bool(connection.scalar(_alone_statement(tuple(sorted(values))), params))
-    recorded = Recorded()
-    if not applied:
-        recorded.stale += 1
-        return recorded
-    recorded.add(state.value)
-    signal = _result_signal(claim, result, state, values)
-    if signal is not None:
-        signals.send_now(crm, signal[0], **signal[1])
-    return recorded
+    return _committed(
+        crm, [(claim, result, state, values)], {claim.outbox_id} if applied else set()
+    )
 
 
 def _planned(
