@@ -31,6 +31,7 @@ from tests.test_outbox_helpers import (
     SCRIPTED_CONFIG,
     Scripted,
     add_people,
+    leases_expire,
     scripted_crm,
     time_passes,
 )
@@ -298,6 +299,34 @@ def test_a_dead_workers_unreported_mail_beyond_the_transports_window_goes_again(
     assert attempts == [1, *[1] * unknown, *[0] * (3 - unknown)]  # no try spent
 
 
+def test_a_busy_worker_looks_for_expired_leases_at_start_then_now_and_then(
+    make_crm: CrmFactory,
+) -> None:
+    # Why: a busy worker polls many times a second, while a dead worker's mail waits
+    # for its lease (minutes) whatever the reaper does. The worker's clock decides.
+    crm, _ = scripted_crm(make_crm)
+    add_people(crm, "anna@example.se")
+    ticks = [0.0]
+    worker = Worker(crm, clock=lambda: ticks[0])
+    assert worker.reap_every == crm.config.outbox.lease_seconds / 10.0
+
+    def a_dead_workers_mail() -> None:
+        queue_five(crm, "Visning")
+        _claim(crm)
+        leases_expire(crm)
+
+    a_dead_workers_mail()
+    assert worker.run_once().reaped == 1  # at start
+    a_dead_workers_mail()
+    ticks[0] = worker.reap_every - 1.0
+    assert worker.run_once().reaped == 0  # not yet: it waits for its lease
+    ticks[0] = worker.reap_every
+    assert worker.run_once().reaped == 1
+    with crm.transaction() as session:
+        states = [m.state for m in session.scalars(select(OutboxMessage))]
+    assert states == ["unknown", "unknown"]
+
+
 def test_a_running_worker_settles_unknown_mail_by_itself(make_crm: CrmFactory) -> None:
     crm, transport = scripted_crm(make_crm)
     add_people(crm, "anna@example.se")
@@ -307,8 +336,9 @@ def test_a_running_worker_settles_unknown_mail_by_itself(make_crm: CrmFactory) -
     with crm.transaction() as session:
         message_id = operations.get_message(session, outbox_id).message_id
     transport.reconcile_answers[message_id] = True  # the transport can now see it went
-    ticks = iter([0.0, 1.0, 1.0, 300.0])  # the worker's clock
-    worker = Worker(crm, clock=lambda: next(ticks))
+    ticks = [0.0]  # the worker's clock, moved by hand
+    worker = Worker(crm, clock=lambda: ticks[0])
+    ticks[0] = 1.0
     stop = threading.Event()
 
     def stop_after_the_first_look(sender: object, **payload: object) -> None:
@@ -317,6 +347,7 @@ def test_a_running_worker_settles_unknown_mail_by_itself(make_crm: CrmFactory) -
     with signals.mail_sent.connected_to(stop_after_the_first_look):
         stats = worker.run(stop)  # due at start: the first loop settles it
     assert stats.reconciled == 1
+    ticks[0] = 300.0
     assert worker.reconcile_when_due() == 0  # not due again until 300 s later
     with crm.transaction() as session:
         assert operations.get_message(session, outbox_id).state == "sent"

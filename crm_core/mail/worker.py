@@ -1,8 +1,9 @@
 """The outbox worker: claim a batch, send it per account, record each result.
 
 Why this shape: a database transaction is never held open across a network send.
-Each poll is three kinds of short transactions — reap expired leases, claim a batch,
-record one account's results — with the sends in between, outside any transaction.
+Each poll is three kinds of short transactions — reap expired leases (at start, then
+every tenth of a lease), claim a batch, record one account's results — with the sends
+in between, outside any transaction.
 The batch is grouped by sender account so a transport can reuse one connection or
 session per account, and groups are sent in parallel by ``concurrency`` threads
 (one thread per account at a time, so a transport's cached connection is never shared).
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 
 EXPIRY_CHECK_SECONDS = 24 * 3600
 """How often a running worker looks at its credentials' expiry dates."""
+
+REAP_EVERY_MAX_SECONDS = 30.0
+"""The longest a running worker goes between two looks for expired leases."""
 
 log = logging.getLogger(__name__)
 attempts = logging.getLogger("crm_core.mail.attempts")
@@ -226,6 +230,11 @@ class Worker:
         self.on_batch = on_batch
         self.clock = clock
         self.reconcile_at = clock()  # a worker that starts looks at unknown mail first
+        self.reap_at = clock()  # and for expired leases
+        self.reap_every = min(self.config.lease_seconds / 10.0, REAP_EVERY_MAX_SECONDS)
+        """Why not every poll: a lease lasts minutes, so a dead worker's mail waits for
+        its lease to run out whatever the reaper does; looking a tenth of a lease later
+        changes little, while a busy worker polls many times a second."""
         self.daily_clock = daily_clock
         """Schedules the daily look at credentials' expiry (what is due is decided by the
         database's clock in :mod:`crm_core.credential_expiry`)."""
@@ -280,6 +289,17 @@ class Worker:
             if not (step.claimed or step.paused_accounts):
                 woken.wait(self.config.poll_seconds, stop)
 
+    def reap_when_due(self) -> int:
+        """Settle expired leases (:func:`queue.reap_expired`) at start, then every
+        ``reap_every`` seconds: how many became ``unknown``."""
+        if self.clock() < self.reap_at:
+            return 0
+        self.reap_at = self.clock() + self.reap_every
+        with self.crm.transaction() as session:
+            now = policy.db_now(session)
+            window = functools.partial(self.crm.in_flight_window, session)
+            return len(queue.reap_expired(session, now, window))
+
     def reconcile_when_due(self) -> int:
         """Ask the transports about ``unknown`` mail every ``reconcile_seconds``.
 
@@ -318,10 +338,7 @@ class Worker:
     def poll(self, pool: ThreadPoolExecutor, stop: threading.Event) -> WorkerStats:
         """One round: reap expired leases, claim a batch, send it, record results."""
         stats = WorkerStats(polls=1)
-        with self.crm.transaction() as session:
-            now = policy.db_now(session)
-            window = functools.partial(self.crm.in_flight_window, session)
-            stats.reaped = len(queue.reap_expired(session, now, window))
+        stats.reaped = self.reap_when_due()
         with self.crm.transaction() as session:
             claimed = queue.claim_batch(
                 self.crm,
