@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from bench.core import RECIPIENT, SENDER, SENDER_NAME
 
@@ -89,7 +90,10 @@ def add_exchange_sender(crm: Any, ews: Mapping[str, str]) -> str:
 
     mailbox = ews["mailbox"]
     with crm.transaction() as session:
+        hosts = dict.fromkeys(urlsplit(ews[u]).hostname or "" for u in ("ews_url", "entra_url"))
         for key, value in (
+            # the stand-ins' host is trusted with the app-only token, as a proxy of one's own
+            ("exchange.oauth_hosts", ", ".join(hosts)),
             ("exchange.url", ews["ews_url"]),
             ("exchange.client_id", ews["client_id"]),
             ("exchange.tenant_id", ews["tenant"]),
