@@ -281,33 +281,54 @@ def _due_rows(
     session: Session, user_id: int, now: datetime, n: int, besides: Sequence[int]
 ) -> list[DueRow]:
     """Up to ``n`` of a sender's due rows, oldest first, locked (locked ones skipped)."""
+    connection = session.connection()
+    params: dict[str, Any] = {"user_id": user_id, "now": now, "n": n}
+    if besides:
+        params["besides"] = list(besides)
+    found = [
+        dict(row._mapping) for row in connection.execute(_due_rows_statement(bool(besides)), params)
+    ]
+    if not found:
+        return []
+    attached: dict[int, list[Attachment]] = {}
+    ids = {"ids": [row["id"] for row in found]}
+    for outbox_id, filename, content_type, data in connection.execute(
+        _attachments_statement(), ids
+    ):
+        attached.setdefault(outbox_id, []).append(Attachment(filename, content_type, data))
+    return [DueRow(**row, attachments=tuple(attached.get(row["id"], ()))) for row in found]
+
+
+@functools.lru_cache(maxsize=2)
+def _due_rows_statement(besides: bool) -> Select[Any]:
+    """The SELECT of :func:`_due_rows`, built once (as :func:`_claim_statement`);
+    ``besides``: leaving out the ids already taken."""
     table = cast(Table, OutboxMessage.__table__)
     query = (
         select(*(table.c[name] for name in _DUE_COLUMNS))
         .where(
             table.c.state.in_(DUE_STATES),
-            table.c.user_id == user_id,
-            table.c.next_attempt_at <= now,
+            table.c.user_id == bindparam("user_id"),
+            table.c.next_attempt_at <= bindparam("now"),
         )
         .order_by(table.c.next_attempt_at, table.c.id)
-        .limit(n)
+        .limit(bindparam("n"))
         .with_for_update(skip_locked=True)
     )
     if besides:
-        query = query.where(table.c.id.not_in(list(besides)))
-    connection = session.connection()
-    found = [dict(row._mapping) for row in connection.execute(query)]
-    if not found:
-        return []
-    attached: dict[int, list[Attachment]] = {}
+        query = query.where(table.c.id.not_in(bindparam("besides", expanding=True)))
+    return query
+
+
+@functools.lru_cache(maxsize=1)
+def _attachments_statement() -> Select[Any]:
+    """The attachments of a set of rows, in the order they were added."""
     files = cast(Table, OutboxAttachment.__table__)
-    for outbox_id, filename, content_type, data in connection.execute(
+    return (
         select(files.c.outbox_id, files.c.filename, files.c.content_type, files.c.data)
-        .where(files.c.outbox_id.in_([row["id"] for row in found]))
+        .where(files.c.outbox_id.in_(bindparam("ids", expanding=True)))
         .order_by(files.c.id)
-    ):
-        attached.setdefault(outbox_id, []).append(Attachment(filename, content_type, data))
-    return [DueRow(**row, attachments=tuple(attached.get(row["id"], ()))) for row in found]
+    )
 
 
 def _accounts_for(
@@ -354,21 +375,19 @@ def _claim_rows(
     by_transport: dict[str, list[int]] = {}
     for row in rows:
         by_transport.setdefault(accounts[row.user_id].transport, []).append(row.id)
+    connection = session.connection()
     for transport, ids in by_transport.items():
         # one UPDATE per transport, not the ORM's flush of each row (a statement each)
-        session.execute(
-            update(OutboxMessage)
-            .where(OutboxMessage.id.in_(ids))
-            .values(
-                state=S.SENDING.value,
-                attempts=OutboxMessage.attempts + 1,
-                lease_owner=worker,
-                lease_token=token,
-                lease_until=until,
-                transport=transport,
-                updated_at=now,
-            ),
-            execution_options={"synchronize_session": False},
+        connection.execute(
+            _claim_statement(),
+            {
+                "ids": ids,
+                "worker": worker,
+                "token": token,
+                "until": until,
+                "transport": transport,
+                "now": now,
+            },
         )
     attempt_ids = _start_attempts(
         session,
@@ -400,6 +419,29 @@ def _claim_rows(
     ]
 
 
+@functools.lru_cache(maxsize=1)
+def _claim_statement() -> Update:
+    """The UPDATE that puts a claim's rows of one transport under its lease.
+
+    Why built once: building it per claim (an IN of 50 ids coerced one by one, and its
+    cache key) cost more than running it on SQLite.
+    """
+    table = cast(Table, OutboxMessage.__table__)
+    return (
+        update(table)
+        .where(table.c.id.in_(bindparam("ids", expanding=True)))
+        .values(
+            state=S.SENDING.value,
+            attempts=table.c.attempts + 1,
+            lease_owner=bindparam("worker"),
+            lease_token=bindparam("token"),
+            lease_until=bindparam("until"),
+            transport=bindparam("transport"),
+            updated_at=bindparam("now"),
+        )
+    )
+
+
 def _start_attempts(
     session: Session, started: Sequence[tuple[int, int, str]], worker: str, now: datetime
 ) -> list[int]:
@@ -428,12 +470,20 @@ def _start_attempts(
 
 
 def _attempt_counts(session: Session, ids: Sequence[int]) -> dict[int, int]:
-    counts = session.execute(
-        select(OutboxAttempt.outbox_id, func.count())
-        .where(OutboxAttempt.outbox_id.in_(ids))
-        .group_by(OutboxAttempt.outbox_id)
-    )
+    """How many attempts each row's log holds (the next attempt's number follows)."""
+    counts = session.connection().execute(_attempt_counts_statement(), {"ids": list(ids)})
     return {int(outbox_id): int(count) for outbox_id, count in counts}
+
+
+@functools.lru_cache(maxsize=1)
+def _attempt_counts_statement() -> Select[Any]:
+    """Built once, as :func:`_claim_statement`."""
+    table = cast(Table, OutboxAttempt.__table__)
+    return (
+        select(table.c.outbox_id, func.count())
+        .where(table.c.outbox_id.in_(bindparam("ids", expanding=True)))
+        .group_by(table.c.outbox_id)
+    )
 
 
 def renew_leases(session: Session, tokens: Iterable[str], until: datetime) -> int:
