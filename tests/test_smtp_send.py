@@ -231,6 +231,35 @@ def test_a_batch_of_100_uses_three_connections_and_one_auth_on_each(
     assert sorted(server.message_ids()) == sorted(m.message_id for m in batch)
 
 
+def test_batches_share_one_tls_context_and_a_renewed_ca_bundle_is_read_again(
+    setup: SmtpCrm, running: Servers, ca: TestCA, tmp_path: Path
+) -> None:
+    # Why: a context loads the system trust store (about 20 ms of CPU on Debian), and
+    # each connection of each batch made its own: more CPU than the batch's mails.
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(ca.ca_pem.read_bytes())
+    server = tls_server(running, ca)
+    point_at(setup, server, None)
+    setup.set_system(tls_ca_bundle=str(bundle))
+    key = ("smtp_mail", "tls-context", str(bundle))
+
+    first = setup.send([make_message(n) for n in range(1, 7)])
+    context = setup.crm.resources.get(key)
+    second = setup.send([make_message(n) for n in range(7, 13)])
+
+    assert [r.outcome for r in first + second] == [Outcome.SENT] * 12
+    assert server.starttls_count == 6  # two batches of three connections, each verified
+    assert context is not None and setup.crm.resources.get(key) is context
+    bundle.write_bytes(ca.ca_pem.read_bytes() + b"\n")  # renewed: read again, no restart
+    assert setup.send_one(make_message(13)).outcome is Outcome.SENT
+    assert setup.crm.resources.get(key) is not context
+    bundle.unlink()  # gone: the sender is told what to fix, nothing is sent
+    gone = setup.send_one(make_message(14))
+    assert gone.outcome is Outcome.CONFIGURATION
+    assert f"The CA bundle {bundle} cannot be read" in gone.detail
+    assert len(server.message_ids()) == 13
+
+
 def test_a_batch_of_100_on_one_connection_when_so_set(
     setup: SmtpCrm, running: Servers, ca: TestCA
 ) -> None:

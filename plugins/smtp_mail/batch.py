@@ -42,6 +42,7 @@ from crm_core.plugin_api import Outcome, OutgoingMessage, SendResult
 from smtp_mail.classify import SmtpFailure
 from smtp_mail.client import SmtpClient, TokenSource
 from smtp_mail.settings import SmtpSettings
+from smtp_mail.tls import ContextSource, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -215,17 +216,19 @@ def send_batch(
     tokens: TokenSource | None,
     messages: Sequence[OutgoingMessage],
     report: Callable[[Sequence[SendResult]], None],
+    contexts: ContextSource = tls_context,
 ) -> BatchSent:
     """Send ``messages`` over up to ``settings.connections`` connections, reporting each
-    result as its final reply arrives; one result per message, in their order."""
+    result as its final reply arrives; one result per message, in their order.
+    ``contexts``: where the connections get their TLS context (the worker's shared one)."""
     if not messages:
         return BatchSent([], 0)
     results: list[SendResult | None] = [None] * len(messages)
     dealer = _Dealer(messages)
     recording = _Recording(report, settings.connections)
-    first = SmtpClient(settings, tokens)
+    first = SmtpClient(settings, tokens, contexts)
     extra = min(settings.connections, len(messages)) - 1 if first.try_open() else 0
-    clients = [first] + [SmtpClient(settings, tokens) for _ in range(extra)]
+    clients = [first] + [SmtpClient(settings, tokens, contexts) for _ in range(extra)]
 
     def work(client: SmtpClient) -> None:
         with client:

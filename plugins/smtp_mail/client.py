@@ -44,6 +44,7 @@ from smtp_mail.classify import (
 from smtp_mail.recipients import Tally
 from smtp_mail.render import Envelope, Unsendable, prepare
 from smtp_mail.settings import AUTH, CA_BUNDLE, OAUTH_HOSTS, AuthMode, Security, SmtpSettings
+from smtp_mail.tls import ContextSource, tls_context
 
 if TYPE_CHECKING:
     from _socket import _Address as _SourceAddress
@@ -163,14 +164,6 @@ class _WireSSL(_Wire, smtplib.SMTP_SSL):
     """The same, with TLS from the first byte (port 465)."""
 
 
-def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
-    """Verification on, system trust store (honours SSL_CERT_FILE) plus the CA bundle."""
-    context = ssl.create_default_context()
-    if ca_bundle:
-        context.load_verify_locations(cafile=ca_bundle)
-    return context
-
-
 class SmtpClient:
     """An SMTP session for one account: :meth:`open`, :meth:`send` each message, :meth:`close`.
 
@@ -179,9 +172,17 @@ class SmtpClient:
     was handed over, reconnects once for that message. ``close`` is idempotent.
     """
 
-    def __init__(self, settings: SmtpSettings, tokens: TokenSource | None = None) -> None:
+    def __init__(
+        self,
+        settings: SmtpSettings,
+        tokens: TokenSource | None = None,
+        contexts: ContextSource = tls_context,
+    ) -> None:
         self.settings = settings
         self.tokens = tokens
+        self.contexts = contexts
+        """Where the TLS context comes from: a new one each time (Test connection), or
+        the worker's shared one (:func:`smtp_mail.tls.shared_contexts`)."""
         self._conn: _Wire | None = None
         self._broken: Failure | None = None
         self.connections = 0
@@ -242,7 +243,7 @@ class SmtpClient:
 
     def _tls_context(self) -> ssl.SSLContext:
         try:
-            return tls_context(self.settings.ca_bundle)
+            return self.contexts(self.settings.ca_bundle)
         except (OSError, ssl.SSLError) as exc:
             failure = Failure(
                 Outcome.CONFIGURATION,

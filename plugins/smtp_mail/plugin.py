@@ -108,6 +108,7 @@ def send_mail(
     killed mid-batch leaves only the messages in flight (one per connection) unknown.
     """
     from smtp_mail.batch import send_batch
+    from smtp_mail.tls import shared_contexts
 
     settings = resolve(account)
     tokens = None
@@ -115,7 +116,7 @@ def send_mail(
         from smtp_mail.oauth import EntraTokens
 
         tokens = EntraTokens.for_account(account, resources)
-    sent = send_batch(settings, tokens, messages, report)
+    sent = send_batch(settings, tokens, messages, report, shared_contexts(resources))
     _log_batch(account, settings.server, sent.results, sent.connections)
     return sent.results
 
