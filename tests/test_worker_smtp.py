@@ -636,6 +636,84 @@ def test_a_worker_killed_while_results_wait_for_the_database_leaves_only_what_we
         relay.close()
 
 
+class TerminatingRelay(StallingRelay):
+    """A relay that has every session of the worker's database ended (as a restart or a
+    failover would) just before the worker hears that the server accepted mail number
+    ``nth``: the connection the batch records its results on is gone."""
+
+    def __init__(self, target_port: int, nth: int, end_sessions: Callable[[], None]) -> None:
+        super().__init__(target_port, after=1_000_000)  # never stalls
+        self.nth = nth
+        self.end_sessions = end_sessions
+        self.ended = threading.Event()
+
+    def _down(self, server: socket.socket, client: socket.socket) -> None:
+        while chunk := _recv(server):
+            with self.lock:
+                self.accepted += chunk.count(b" queued as ")
+                if self.accepted >= self.nth and not self.ended.is_set():
+                    self.end_sessions()
+                    self.ended.set()
+            try:
+                client.sendall(chunk)
+            except OSError:
+                break
+        _close(client, server)
+
+
+def end_other_sessions(crm: Crm) -> None:
+    """PostgreSQL: end every other session on the crm's database, and wait until gone."""
+    ended = "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
+    where = " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    with crm.engine.connect() as connection:
+        connection.exec_driver_sql(ended + where).all()
+
+
+def test_the_database_lost_mid_batch_leaves_only_the_mail_in_flight_unknown(
+    make_crm: Any, smtp_server: SmtpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database restart while a batch is on the wire: the running worker goes on by
+    itself, the mail the server accepted and nobody could record is unknown (never sent
+    again), and the rest of the batch, never completed, goes once. A database error is
+    not a transport's: no traceback, no "transport raised" in the log.
+    """
+    crm = smtp_crm(make_crm, smtp_server.port, batch=6, connections=1)
+    if crm.engine.dialect.name != "postgresql":
+        pytest.skip("ending a database's sessions from outside: PostgreSQL")
+    relay = TerminatingRelay(smtp_server.port, 3, lambda: end_other_sessions(crm))
+    stop = threading.Event()
+    try:
+        with crm.transaction() as s:
+            crm.set_system_setting(s, "smtp.port", str(relay.port))
+        ids = queue_many(crm, 6)
+        worker = Worker(crm, name="survivor")
+        stats: list[Any] = []
+        running = threading.Thread(target=lambda: stats.append(worker.run(stop)), daemon=True)
+        running.start()
+        assert relay.ended.wait(30), "the third mail was never accepted"
+        later = queue_many(crm, 2)  # the worker goes on by itself
+        wait_until(lambda: {rows_by_id(crm)[i].state for i in later} == {"sent"})
+        stop.set()
+        running.join(30)
+        assert not running.is_alive()
+    finally:
+        stop.set()
+        relay.close()
+    accepted = smtp_server.message_ids()
+    rows = rows_by_id(crm)
+    assert [rows[i].state for i in ids] == ["sent", "sent", *["sending"] * 4]
+    assert len(accepted) == 3 + 2  # the fourth never got its dot: the server dropped it
+    leases_expire(crm)
+    Worker(crm).run_once()  # the batch's lease ran out: reaped, the rest sent
+    rows = check_invariants(crm, smtp_server.message_ids())
+    assert [rows[i].state for i in ids] == ["sent", "sent", "unknown", "sent", "sent", "sent"]
+    assert sorted(Counter(smtp_server.message_ids()).values()) == [1] * 8
+    logged = caplog.text
+    assert "database error, retrying" in logged
+    assert "Traceback" not in logged and "raised while sending" not in logged
+    assert "[SQL:" not in logged and "[parameters:" not in logged  # addresses, replies
+
+
 def test_sigterm_finishes_what_the_worker_holds(make_crm: Any, smtp_server: SmtpServer) -> None:
     crm = smtp_crm(make_crm, smtp_server.port, lease=300, batch=5)
     queue_many(crm, 3)

@@ -280,7 +280,7 @@ class Worker:
             except DBAPIError as exc:
                 # The database went away (restart, failover). What this worker held
                 # is fenced by its lease, so waiting and polling again is safe.
-                log.warning("outbox worker %s: database error, retrying: %s", self.name, exc)
+                log.warning("outbox worker %s: database error, retrying: %s", self.name, _said(exc))
                 stop.wait(max(self.config.poll_seconds, 1.0))
                 continue
             total += step
@@ -313,7 +313,9 @@ class Worker:
         try:
             reports = reconciler.reconcile(self.crm)
         except DBAPIError as exc:
-            log.warning("outbox worker %s: reconcile skipped, database error: %s", self.name, exc)
+            log.warning(
+                "outbox worker %s: reconcile skipped, database error: %s", self.name, _said(exc)
+            )
             return 0
         settled = sum(1 for r in reports if r.applied)
         if reports:
@@ -332,7 +334,7 @@ class Worker:
                 log.warning("%s", expiry.message())
         except DBAPIError as exc:
             log.warning(
-                "outbox worker %s: expiry check skipped, database error: %s", self.name, exc
+                "outbox worker %s: expiry check skipped, database error: %s", self.name, _said(exc)
             )
 
     def poll(self, pool: ThreadPoolExecutor, stop: threading.Event) -> WorkerStats:
@@ -396,7 +398,7 @@ class Worker:
             recorder.record(results)  # what the transport did not report as it went
         finally:
             recorder.close()
-        self._free_slots(claims)
+            self._free_slots(claims)  # the batch's connections are closed, whatever happened
         return recorder.finish(time.monotonic() - started)
 
     def _send(self, claims: Sequence[Claim], recorder: _Recorder) -> Sequence[SendResult]:
@@ -405,6 +407,11 @@ class Worker:
         messages = [c.message for c in claims]
         try:
             return self.crm.send_mail(account, messages, recorder.record)
+        except DBAPIError:
+            # Recording a result failed (the database went away): the transport stopped
+            # the batch and completed nothing after it. Not the transport's failure:
+            # what was not recorded stays under the lease, and the reaper settles it.
+            raise
         except TransportError as exc:
             outcome = _outcome(exc.outcome)
             return [SendResult(m.message_id, outcome, str(exc), exc.code) for m in messages]
@@ -420,11 +427,19 @@ class Worker:
             ]
 
     def _free_slots(self, claims: Sequence[Claim]) -> None:
-        """The batch is over: the connections it held on its mailbox are free again."""
+        """The batch is over: the connections it held on its mailbox are free again.
+
+        After a failed batch too, or its mailbox would count them until the lease ran
+        out; if the database is still away, the lease frees them.
+        """
         claim = claims[0]
-        if claim.slots and claim.pace is not None:
+        if not (claim.slots and claim.pace is not None):
+            return
+        try:
             with self.crm.transaction() as session:
                 pacing.release(session, claim.pace.mailbox, claim.token, claim.account.user_id)
+        except DBAPIError as exc:
+            log.warning("outbox worker %s: slots left to their lease: %s", self.name, _said(exc))
 
     def _count(self, group: _GroupResult, stats: WorkerStats) -> None:
         """Add one group's recorded results to the poll's totals, and say so."""
@@ -468,6 +483,13 @@ class Worker:
         with self.crm.transaction() as session:
             until = policy.lease_until(policy.db_now(session), self.config.lease_seconds)
             queue.renew_leases(session, [token], until)
+
+
+def _said(exc: DBAPIError) -> str:
+    """What the database said, in its own first line: not the statement and its
+    parameters (SQLAlchemy's text), which may hold mail addresses and replies."""
+    words = str(exc.orig).strip().splitlines()
+    return words[0] if words else type(exc.orig).__name__
 
 
 def _outcome(value: Any) -> Outcome:
