@@ -227,7 +227,7 @@ class OutboxMessage(Base):
     __tablename__ = "outbox"
     __table_args__ = (
         Index("ix_outbox_due", "state", "next_attempt_at"),
-        Index("ix_outbox_due_by_user", "state", "user_id", "next_attempt_at"),
+        Index("ix_outbox_due_by_user", "state", "user_id", "next_attempt_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

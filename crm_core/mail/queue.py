@@ -280,14 +280,27 @@ _DUE_COLUMNS = tuple(f.name for f in fields(DueRow) if f.name != "attachments")
 def _due_rows(
     session: Session, user_id: int, now: datetime, n: int, besides: Sequence[int]
 ) -> list[DueRow]:
-    """Up to ``n`` of a sender's due rows, oldest first, locked (locked ones skipped)."""
+    """Up to ``n`` of a sender's due rows, oldest first, locked (locked ones skipped).
+
+    One query per due state, each read in the order of ``ix_outbox_due_by_user``, then
+    merged. Why not ``state IN (…)`` in one: no index gives one order across two states,
+    so PostgreSQL read and sorted every due row of the sender to return the first ``n``
+    (with 100,000 queued, 120 ms a claim). Rows of the second query that the merge
+    leaves out stay locked only until the claim commits.
+    """
     connection = session.connection()
     params: dict[str, Any] = {"user_id": user_id, "now": now, "n": n}
     if besides:
         params["besides"] = list(besides)
     found = [
-        dict(row._mapping) for row in connection.execute(_due_rows_statement(bool(besides)), params)
+        dict(row._mapping)
+        for state in DUE_STATES
+        for row in connection.execute(_due_rows_statement(state, bool(besides)), params)
     ]
+    found.sort(key=lambda row: (row["due_at"], row["id"]))
+    del found[n:]
+    for row in found:
+        del row["due_at"]
     if not found:
         return []
     attached: dict[int, list[Attachment]] = {}
@@ -299,15 +312,18 @@ def _due_rows(
     return [DueRow(**row, attachments=tuple(attached.get(row["id"], ()))) for row in found]
 
 
-@functools.lru_cache(maxsize=2)
-def _due_rows_statement(besides: bool) -> Select[Any]:
-    """The SELECT of :func:`_due_rows`, built once (as :func:`_claim_statement`);
-    ``besides``: leaving out the ids already taken."""
+@functools.lru_cache(maxsize=4)
+def _due_rows_statement(state: str, besides: bool) -> Select[Any]:
+    """The SELECT of :func:`_due_rows` for one ``state``, built once (as
+    :func:`_claim_statement`); ``besides``: leaving out the ids already taken."""
     table = cast(Table, OutboxMessage.__table__)
     query = (
-        select(*(table.c[name] for name in _DUE_COLUMNS))
+        select(
+            *(table.c[name] for name in _DUE_COLUMNS),
+            table.c.next_attempt_at.label("due_at"),
+        )
         .where(
-            table.c.state.in_(DUE_STATES),
+            table.c.state == state,
             table.c.user_id == bindparam("user_id"),
             table.c.next_attempt_at <= bindparam("now"),
         )
