@@ -381,15 +381,19 @@ class StallingRelay:
 
     def _down(self, server: socket.socket, client: socket.socket) -> None:
         while chunk := _recv(server):
-            with self.lock:
-                self.accepted += chunk.count(b" queued as ")
-                if self.accepted >= self.after:
-                    self.stalled.set()
+            self._heard(chunk)
             try:
                 client.sendall(chunk)
             except OSError:
                 break
         _close(client, server)
+
+    def _heard(self, chunk: bytes) -> None:
+        """The server's replies, before the client gets them: count what was accepted."""
+        with self.lock:
+            self.accepted += chunk.count(b" queued as ")
+            if self.accepted >= self.after:
+                self.stalled.set()
 
     def release(self) -> None:
         """Cut the held connections; pass new ones through."""
@@ -503,16 +507,10 @@ class LockingRelay(StallingRelay):
         self.database = database
         self.locking = threading.Lock()
 
-    def _down(self, server: socket.socket, client: socket.socket) -> None:
-        while chunk := _recv(server):
-            if b" queued as " in chunk:
-                with self.locking:
-                    self.database.take()
-            try:
-                client.sendall(chunk)
-            except OSError:
-                break
-        _close(client, server)
+    def _heard(self, chunk: bytes) -> None:
+        if b" queued as " in chunk:
+            with self.locking:
+                self.database.take()
 
 
 def test_a_worker_killed_mid_batch_leaves_unknown_and_the_next_worker_goes_on(
@@ -647,18 +645,12 @@ class TerminatingRelay(StallingRelay):
         self.end_sessions = end_sessions
         self.ended = threading.Event()
 
-    def _down(self, server: socket.socket, client: socket.socket) -> None:
-        while chunk := _recv(server):
-            with self.lock:
-                self.accepted += chunk.count(b" queued as ")
-                if self.accepted >= self.nth and not self.ended.is_set():
-                    self.end_sessions()
-                    self.ended.set()
-            try:
-                client.sendall(chunk)
-            except OSError:
-                break
-        _close(client, server)
+    def _heard(self, chunk: bytes) -> None:
+        with self.lock:
+            self.accepted += chunk.count(b" queued as ")
+            if self.accepted >= self.nth and not self.ended.is_set():
+                self.end_sessions()
+                self.ended.set()
 
 
 def end_other_sessions(crm: Crm) -> None:
