@@ -34,6 +34,7 @@ from crm_core.migrations import REVISIONS
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
+    from sqlalchemy.dialects import postgresql, sqlite
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 READ_ONLY = "crm_read_only"
@@ -126,6 +127,21 @@ def _sqlite_engine(url: str) -> Engine:
 def rowcount(result: Any) -> int:
     """How many rows an UPDATE or DELETE touched (typed for mypy)."""
     return int(cast(CursorResult[Any], result).rowcount)
+
+
+def upsert(session: Session, table: Any) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT into ``table`` that can say ``ON CONFLICT``: the session's dialect's own.
+
+    Imported when asked: a worker on SQLite need not load PostgreSQL's dialect, which
+    pulls in its asyncpg variant and asyncio (start-up, docs/performance.md case 8).
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as postgres_insert
+
+        return postgres_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

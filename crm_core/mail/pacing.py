@@ -23,10 +23,10 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from crm_core import signals
+from crm_core.db import upsert
 from crm_core.mail.transport import SenderAccount
 from crm_core.models import MailboxPace, MailboxSend, MailboxSlot, OutboxMessage
 from crm_core.settings import MAX_CONNECTIONS, RATE_PER_MINUTE, RECIPIENTS_PER_DAY
@@ -189,15 +189,10 @@ def _waits(row: MailboxPace, now: datetime) -> bool:
     return any(until is not None and until > now for until in (row.paused_until, row.paced_until))
 
 
-def _insert(session: Session) -> type[postgresql.Insert] | type[sqlite.Insert]:
-    dialect = session.get_bind().dialect.name
-    return postgresql.Insert if dialect == "postgresql" else sqlite.Insert
-
-
 def _create_rows(session: Session, mailboxes: Sequence[str]) -> None:
     """Make the rows a claim must lock (two workers may both try: nothing happens)."""
     if mailboxes:
-        insert = _insert(session)(MailboxPace)
+        insert = upsert(session, MailboxPace)
         session.execute(
             insert.values([{"mailbox": m} for m in mailboxes]).on_conflict_do_nothing(
                 index_elements=[MailboxPace.mailbox]

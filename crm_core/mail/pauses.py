@@ -19,7 +19,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from crm_core import signals
-from crm_core.db import rowcount
+from crm_core.db import rowcount, upsert
 from crm_core.errors import NotFoundError
 from crm_core.mail.transport import SenderAccount
 from crm_core.models import (
@@ -38,16 +38,8 @@ def pause_account(
     ``INSERT … ON CONFLICT DO NOTHING``: two workers may hit the same bad account at
     once, and the first reason is kept.
     """
-    dialect = session.get_bind().dialect.name
-    # Imported here: a worker that never pauses an account need not load both
-    # dialects' modules (PostgreSQL's pulls in its asyncpg variant; start-up, case 8).
-    if dialect == "postgresql":
-        from sqlalchemy.dialects import postgresql as chosen
-    else:
-        from sqlalchemy.dialects import sqlite as chosen  # type: ignore[no-redef]
-    insert = chosen.insert
     stmt = (
-        insert(AccountPause)
+        upsert(session, AccountPause)
         .values(
             user_id=account.user_id,
             transport=account.transport,
