@@ -228,9 +228,16 @@ def check_ready(engine: Engine) -> None:
         )
 
 
+def driver_said(exc: DBAPIError) -> str:
+    """The driver's own first line: not SQLAlchemy's text with the statement and its
+    parameters, which may hold mail addresses and replies (never for a log or a user)."""
+    lines = str(exc.orig).strip().splitlines() if exc.orig else []
+    return lines[0] if lines else type(exc.orig or exc).__name__
+
+
 def unreachable(engine: Engine, exc: DBAPIError) -> str:
     """Why the database could not be used, from the driver's own first line."""
-    reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+    reason = driver_said(exc)
     path = sqlite_file(str(engine.url))
     if path is not None and "not a database" in reason:
         return f"{path} is not a crm-mail database ({reason}); check the database URL"

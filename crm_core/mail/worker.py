@@ -34,6 +34,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
 from crm_core import credential_expiry
+from crm_core.db import driver_said
 from crm_core.errors import TransportError
 from crm_core.mail import pacing, policy, queue, reconciler, wakeup
 from crm_core.mail.queue import Claim
@@ -280,7 +281,9 @@ class Worker:
             except DBAPIError as exc:
                 # The database went away (restart, failover). What this worker held
                 # is fenced by its lease, so waiting and polling again is safe.
-                log.warning("outbox worker %s: database error, retrying: %s", self.name, _said(exc))
+                log.warning(
+                    "outbox worker %s: database error, retrying: %s", self.name, driver_said(exc)
+                )
                 stop.wait(max(self.config.poll_seconds, 1.0))
                 continue
             total += step
@@ -314,7 +317,9 @@ class Worker:
             reports = reconciler.reconcile(self.crm)
         except DBAPIError as exc:
             log.warning(
-                "outbox worker %s: reconcile skipped, database error: %s", self.name, _said(exc)
+                "outbox worker %s: reconcile skipped, database error: %s",
+                self.name,
+                driver_said(exc),
             )
             return 0
         settled = sum(1 for r in reports if r.applied)
@@ -334,7 +339,9 @@ class Worker:
                 log.warning("%s", expiry.message())
         except DBAPIError as exc:
             log.warning(
-                "outbox worker %s: expiry check skipped, database error: %s", self.name, _said(exc)
+                "outbox worker %s: expiry check skipped, database error: %s",
+                self.name,
+                driver_said(exc),
             )
 
     def poll(self, pool: ThreadPoolExecutor, stop: threading.Event) -> WorkerStats:
@@ -439,7 +446,9 @@ class Worker:
             with self.crm.transaction() as session:
                 pacing.release(session, claim.pace.mailbox, claim.token, claim.account.user_id)
         except DBAPIError as exc:
-            log.warning("outbox worker %s: slots left to their lease: %s", self.name, _said(exc))
+            log.warning(
+                "outbox worker %s: slots left to their lease: %s", self.name, driver_said(exc)
+            )
 
     def _count(self, group: _GroupResult, stats: WorkerStats) -> None:
         """Add one group's recorded results to the poll's totals, and say so."""
@@ -483,13 +492,6 @@ class Worker:
         with self.crm.transaction() as session:
             until = policy.lease_until(policy.db_now(session), self.config.lease_seconds)
             queue.renew_leases(session, [token], until)
-
-
-def _said(exc: DBAPIError) -> str:
-    """What the database said, in its own first line: not the statement and its
-    parameters (SQLAlchemy's text), which may hold mail addresses and replies."""
-    words = str(exc.orig).strip().splitlines()
-    return words[0] if words else type(exc.orig).__name__
 
 
 def _outcome(value: Any) -> Outcome:

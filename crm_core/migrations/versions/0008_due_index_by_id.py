@@ -10,6 +10,11 @@ Mail queued together (``enqueue_many``, one transaction) shares one
 of the sender to find the first 50: with 100,000 queued, 120 ms and 50 MB of sort on
 disk per claim, and the rate of a long mass mailing fell with the size of its queue
 (docs/performance.md, case 5). With the id, the index gives the order itself.
+
+The index is built again inside the migration's transaction, which holds writes to
+the outbox until it is built: seconds for a million rows, best with the workers
+stopped (the new code's commands refuse to start until ``crm init`` has run: every
+command checks the schema first).
 """
 
 from __future__ import annotations
