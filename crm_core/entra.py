@@ -4,7 +4,9 @@ Why in the core: the guide's three codes (Client ID, Tenant ID, Client secret) s
 every Microsoft path — EWS, Graph and SMTP XOAUTH2 — so the fields, their validation
 and the mapping of Entra's ``error_codes`` to advice live in one place. msal is
 imported only when a token is first needed, so a product line that sends with SMTP
-passwords never imports it.
+passwords never imports it. :mod:`crm_core.certificates` (cryptography's x509, a fifth
+of a worker's start-up beyond SQLAlchemy) is imported only where a certificate is saved
+or checked: the worker reads these settings at start, certificates or not.
 
 The token client itself is in :mod:`crm_core.tokens` and TLS trust in
 :mod:`crm_core.trust`: they need requests, and this module is imported whenever a
@@ -18,14 +20,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from crm_core import certificates
 from crm_core.errors import Problem, SettingValueError, TokenError
 from crm_core.fields import FieldType, Scope, SettingField, SettingNotice
 from crm_core.mail.transport import Outcome, Resources, SenderAccount
 from crm_core.secret_box import Secret
+
+if TYPE_CHECKING:
+    from crm_core import certificates
 
 DEFAULT_AUTHORITY = "https://login.microsoftonline.com"
 KNOWN_AUTHORITY_HOSTS = frozenset(
@@ -228,6 +232,8 @@ def _validate_second(text: str) -> str:
 def _validate_certificate(key: str, text: str) -> str:
     """Refuse on save what can be seen without the passphrase; the rest is a problem
     of the passphrase's (see :func:`credential_problems`)."""
+    from crm_core import certificates
+
     try:
         stored = certificates.normalise(text)
         certificates.load(stored, None, date.today())
@@ -341,6 +347,8 @@ def credentials_for(account: SenderAccount) -> AppCredentials | None:
         text, passphrase = account.get_secret(key), account.get_secret(passphrase_key)
         if not text:
             continue
+        from crm_core import certificates
+
         try:
             cert = certificates.load(text.reveal(), passphrase.reveal() if passphrase else None)
         except certificates.CertificateProblem:
@@ -381,6 +389,8 @@ def credential_problems(values: Mapping[str, object]) -> list[Problem]:
         if not isinstance(text, Secret) or not text:
             continue
         clear = passphrase.reveal() if isinstance(passphrase, Secret) and passphrase else None
+        from crm_core import certificates
+
         try:
             certificates.load(text.reveal(), clear)
         except certificates.PassphraseNeeded as exc:
@@ -456,6 +466,8 @@ def expiries(values: Mapping[str, object], today: date) -> list[Expiry]:
         if not isinstance(text, Secret) or not text:
             continue
         clear = passphrase.reveal() if isinstance(passphrase, Secret) and passphrase else None
+        from crm_core import certificates
+
         try:
             cert = certificates.load(text.reveal(), clear)
         except certificates.CertificateProblem:

@@ -349,6 +349,11 @@ def test_person_history_is_newest_first_with_a_limit(run_crm: Run, tmp_path: Pat
 
 def _imports(args: list[str], cwd: Path) -> set[str]:
     """The top-level packages ``crm ARGS`` imports, from Python's own -X importtime."""
+    return {name.split(".")[0] for name in _modules(args, cwd)}
+
+
+def _modules(args: list[str], cwd: Path) -> set[str]:
+    """Every module ``crm ARGS`` imports, from Python's own -X importtime."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_")}
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "crm_core", *args],
@@ -359,8 +364,7 @@ def _imports(args: list[str], cwd: Path) -> set[str]:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    names = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line]
-    return {name.split(".")[0] for name in names}
+    return {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
 
 
 def test_help_and_version_import_no_database_layer(tmp_path: Path) -> None:
@@ -373,6 +377,17 @@ def test_help_and_version_import_no_database_layer(tmp_path: Path) -> None:
     assert "sqlalchemy" in loaded and "alembic" not in loaded
     # Transports' network stacks load when they send or test, not for every command.
     assert not loaded & {"requests", "msal", "exchangelib", "smtplib"}, loaded
+
+
+def test_a_worker_without_a_saved_certificate_does_not_load_the_certificate_reader(
+    tmp_path: Path,
+) -> None:
+    """cryptography's x509 was a fifth of a worker's start-up beyond SQLAlchemy, loaded
+    through the Entra ID settings the worker reads at start whatever it sends with."""
+    assert "alembic" in _imports(["init"], tmp_path)
+    loaded = _modules(["outbox", "work", "--once"], tmp_path)
+    assert "crm_core.entra" in loaded  # read at start: the test covers the path it took
+    assert not loaded & {"crm_core.certificates", "cryptography.x509"}, sorted(loaded)
 
 
 def test_a_secret_is_read_from_standard_input(run_process: Run, tmp_path: Path) -> None:
