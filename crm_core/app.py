@@ -605,12 +605,14 @@ class Crm:
         account: SenderAccount,
         messages: Sequence[OutgoingMessage],
         report: Callable[[Sequence[SendResult]], None] | None = None,
+        more: Callable[[], Sequence[OutgoingMessage]] | None = None,
     ) -> list[SendResult]:
         """Hand a batch to the transport that owns ``account.transport``.
 
         An account that cannot send gets a configuration result for every message
         without its plugin being asked, so no transport has to check its settings.
-        ``report`` hears results as the transport learns them (see the hook).
+        ``report`` hears results as the transport learns them, and ``more`` gives the
+        transport more of the account's messages for the same batch (see the hook).
         """
         problems = self.sender_problems(account)
         if problems:
@@ -619,15 +621,23 @@ class Crm:
                 SendResult(m.message_id, Outcome.CONFIGURATION, detail, code=problems[0].key)
                 for m in messages
             ]
+        handed = [m.message_id for m in messages]
+
+        def more_messages() -> list[OutgoingMessage]:
+            found = list(more()) if more is not None else []
+            handed.extend(m.message_id for m in found)
+            return found
+
         results = self._owner(account, "send_mail")(
             account=account,
             messages=list(messages),
             resources=self.resources,
             report=report or _ignore,
+            more=more_messages,
         )
         if results is None:
             raise PluginError(f"the plugin of {account.transport!r} does not send mail")
-        return check_results(account.transport, [m.message_id for m in messages], results)
+        return check_results(account.transport, handed, results)
 
     def test_connection(self, account: SenderAccount) -> ConnectionReport:
         """Run the transport's Test connection ladder; never sends a mail."""

@@ -162,6 +162,7 @@ def send_mail(
     messages: Sequence[OutgoingMessage],
     resources: Resources,
     report: Callable[[Sequence[SendResult]], None],
+    more: Callable[[], Sequence[OutgoingMessage]],
 ) -> list[SendResult]:
     """Send a batch of messages for one sender account.
 
@@ -180,6 +181,13 @@ def send_mail(
     list still holds every result; a result already reported is not recorded twice.
     One message that cannot be rendered or encoded is ``PERMANENT`` on its own; the
     rest of the batch goes on.
+
+    A transport that keeps a connection or session open may call ``more`` once it has
+    handed out every message: the account's next messages, claimed for this batch
+    (none: the batch is over; do not call it again). They are the batch's like the
+    others: reported, and returned after them. Why: a mass mailing then pays for one
+    login, not one per batch. A transport that does not take ``more`` simply leaves
+    it out of its parameters.
     """
 
 

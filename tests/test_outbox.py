@@ -657,6 +657,37 @@ def _record(
         return recorded
 
 
+def test_more_for_a_batch_comes_after_its_last_mail_in_the_order_the_reaper_reads(
+    scripted: Any,
+) -> None:
+    """After a crash the reaper takes a lease's unrecorded rows in (due time, id) order
+    as the order they were handed out: mail taken for a batch as it sends must not come
+    before mail the batch already holds, or the wrong rows would be counted in flight."""
+    crm, _ = scripted
+    ids = [queue_mail(crm, subject=f"m{i}") for i in range(4)]
+    with crm.transaction() as s:
+        batch = queue.claim_batch(crm, s, "w", 2, policy.db_now(s)).claims
+    assert [c.outbox_id for c in batch] == ids[:2]
+    first_due = batch[0].due_at
+    assert first_due is not None
+    with crm.transaction() as s:  # ids[2] is due before the batch's mail (queued again)
+        s.execute(
+            update(OutboxMessage)
+            .where(OutboxMessage.id == ids[2])
+            .values(next_attempt_at=first_due - timedelta(seconds=1))
+        )
+        more = queue.claim_more(crm, s, "w", batch[-1], 10, policy.db_now(s))
+    assert [(c.outbox_id, c.token) for c in more] == [(ids[3], batch[0].token)]
+    with crm.transaction() as s:
+        held = s.scalars(
+            select(OutboxMessage.id)
+            .where(OutboxMessage.lease_token == batch[0].token)
+            .order_by(OutboxMessage.next_attempt_at, OutboxMessage.id)
+        ).all()
+    assert held == [ids[0], ids[1], ids[3]]  # the order they are handed out in
+    assert row(crm, ids[2]).state == "queued"  # for the next claim
+
+
 RECORDING = pytest.mark.parametrize("how", ["together", "plain", "alone"])
 
 

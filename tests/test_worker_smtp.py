@@ -30,7 +30,7 @@ from sqlalchemy import event, select
 from crm_core import directory
 from crm_core.app import Crm
 from crm_core.mail import enqueue, operations, queue, reconciler
-from crm_core.mail.worker import Worker
+from crm_core.mail.worker import REAP_EVERY_MAX_SECONDS, Worker
 from crm_core.models import OutboxMessage, OutboxState, utcnow
 from tests.servers.smtp import SmtpServer
 from tests.test_outbox_helpers import leases_expire, queue_mail, time_passes
@@ -217,6 +217,67 @@ def test_a_worker_sends_over_three_connections_each_mail_once_every_row_recorded
     assert rows[ids[7]].state == "failed"
     assert {rows[i].state for i in ids if i != ids[7]} == {"sent"}
     assert sorted(Counter(server.message_ids()).values()) == [1] * 39
+
+
+def test_a_mass_mailing_goes_over_one_session_not_one_per_batch(make_crm: Any) -> None:
+    """Why: each batch opened its connections again (TCP, EHLO, STARTTLS, AUTH, QUIT),
+    a few round trips each against a real server. While the sender is the only one
+    with due mail, the batch takes its next mail over the open connection."""
+    with SmtpServer(security="none") as server:
+        crm = smtp_crm(make_crm, server.port, batch=5, connections=1)
+        ids = queue_many(crm, 23)
+        stats = Worker(crm).run_once()
+        assert stats.sent == 23
+        assert server.connections == 1
+        rows = check_invariants(crm, server.message_ids())
+    assert {rows[i].state for i in ids} == {"sent"}
+    assert server.message_ids() == [rows[i].message_id for i in ids]  # in queue order
+    assert sorted(Counter(server.message_ids()).values()) == [1] * 23
+
+
+def test_a_batch_takes_no_more_once_another_sender_has_mail_due(make_crm: Any) -> None:
+    """Taking more must not starve anyone: Bo's mail, queued while Anna's mass mailing
+    is under way, goes at the next claim, as it did when every batch ended."""
+    bo_mail: list[int] = []
+
+    def queue_bo(message_id: str) -> None:
+        if message_id == anna_third:  # before the server answers it
+            bo_mail.append(queue_mail(crm, subject="Bo", sender="bo@example.se"))
+
+    with SmtpServer(security="none", on_accept=queue_bo) as server:
+        crm = smtp_crm(make_crm, server.port, batch=5, connections=1)
+        with crm.transaction() as s:
+            directory.add_user(s, "bo@example.se", "Bo", "commercial")
+        ids = queue_many(crm, 30)
+        anna_third = rows_by_id(crm)[ids[2]].message_id
+        assert Worker(crm).run_once().sent == 31
+        check_invariants(crm, server.message_ids())
+        arrived = server.message_ids()
+    bo_id = rows_by_id(crm)[bo_mail[0]].message_id
+    # Anna's first batch (5) ends; the next claim shares between Anna and Bo.
+    assert arrived.index(bo_id) < 10
+    assert server.connections >= 2
+
+
+def test_a_batch_takes_no_more_once_the_worker_must_look_for_expired_leases(
+    make_crm: Any,
+) -> None:
+    """The worker's other duties wait for the poll: taking more stops when the reaper is
+    due (the worker's clock, moved here as the first mail is accepted)."""
+    now = [0.0]
+
+    def time_moves(_message_id: str) -> None:
+        now[0] += REAP_EVERY_MAX_SECONDS + 1
+
+    with SmtpServer(security="none", on_accept=time_moves) as server:
+        crm = smtp_crm(make_crm, server.port, batch=5, connections=1)
+        queue_many(crm, 12)
+        worker = Worker(crm, clock=lambda: now[0])
+        with ThreadPoolExecutor(1) as pool:
+            first = worker.poll(pool, threading.Event())
+        assert first.sent == 5  # one batch, no more
+        assert worker.run_once().sent == 7
+        check_invariants(crm, server.message_ids())
 
 
 def test_a_batchs_results_read_the_database_clock_once(

@@ -153,12 +153,15 @@ class Budget:
         return kept
 
 
-def budgets(session: Session, paces: Iterable[Pace], now: datetime) -> dict[str, Budget]:
+def budgets(
+    session: Session, paces: Iterable[Pace], now: datetime, connections: bool = True
+) -> dict[str, Budget]:
     """A budget for each mailbox that may send now; the others are left out.
 
     Left out: a mailbox the server paused, one our limits hold, and (PostgreSQL) one
     whose row another worker's claim holds at this moment (it is looked at again on
-    the next poll).
+    the next poll). ``connections=False``: for a batch that holds its connections
+    already and takes more messages over them, the slots are not counted.
     """
     wanted = {pace.mailbox: pace for pace in paces}
     if not wanted:
@@ -178,7 +181,7 @@ def budgets(session: Session, paces: Iterable[Pace], now: datetime) -> dict[str,
         if not pace.limited:
             found[mailbox] = Budget(pace)
         elif mailbox in locked:
-            budget = _budget(session, pace, now)
+            budget = _budget(session, pace, now, connections)
             if budget is not None:
                 found[mailbox] = budget
     return found
@@ -213,7 +216,7 @@ def _lock_rows(session: Session, mailboxes: Sequence[str]) -> set[str]:
     return set(session.scalars(query))
 
 
-def _budget(session: Session, pace: Pace, now: datetime) -> Budget | None:
+def _budget(session: Session, pace: Pace, now: datetime, connections: bool) -> Budget | None:
     """What a locked mailbox may still send; None (and why, on its row) when nothing."""
     session.execute(
         delete(MailboxSend).where(MailboxSend.mailbox == pace.mailbox, MailboxSend.at <= now - DAY)
@@ -237,7 +240,7 @@ def _budget(session: Session, pace: Pace, now: datetime) -> Budget | None:
         if budget.recipients <= 0 and oldest is not None:
             _hold(session, pace, oldest + DAY, f"{pace.recipients_per_day} recipients a day")
             return None
-    if pace.connections:
+    if pace.connections and connections:
         in_flight = session.scalar(
             select(func.coalesce(func.sum(MailboxSlot.slots), 0)).where(
                 MailboxSlot.mailbox == pace.mailbox, MailboxSlot.lease_until > now

@@ -123,6 +123,9 @@ class Claim:
     """The sender's mailbox and its limits (None: no pacing, e.g. a test's own claim)."""
     slots: int = 0
     """Connections or requests this claim's batch holds on the mailbox (0: none counted)."""
+    due_at: datetime | None = None
+    """When the row was due: with ``outbox_id``, its place in the order the reaper
+    assumes the batch's messages were handed out (:func:`claim_more` keeps it)."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,47 @@ def claim_batch(
         if not blocked and len(waiting) == known:
             break
     return ClaimResult([], paused, resumed, last)
+
+
+def claim_more(
+    crm: Crm, session: Session, worker: str, last: Claim, limit: int, now: datetime
+) -> list[Claim]:
+    """Up to ``limit`` more of ``last``'s sender's due mail for the batch ``last`` ends,
+    under the same lease, while the sender is the only one with due mail.
+
+    Why: a transport that keeps its connections open takes them instead of ending the
+    batch (:func:`crm_core.hookspecs.send_mail`'s ``more``), so a mass mailing pays for
+    one session, not one per batch, and the next claim waits for no reconnect.
+
+    Nothing is taken when another sender has due mail (it gets its turn at the next
+    claim, as it would after a batch), when the account is paused or its settings
+    changed since the batch began, or when the mailbox's pacing has no room; the
+    batch's connections (its slots) are not counted again. Only rows after ``last`` in
+    the order of due time and id are taken, so the batch's messages stay in the order
+    the reaper assumes they were handed out (:func:`reap_expired`).
+    """
+    user_id = last.account.user_id
+    if last.due_at is None or last.pace is None:
+        return []
+    if _due_users(session, 2, now, 0) != [user_id]:
+        return []
+    accounts, _paused = _accounts_for(crm, session, [user_id], now, set())
+    account = accounts.get(user_id)
+    if account is None or account != last.account or pacing.pace_for(crm, account) != last.pace:
+        return []
+    budgets = pacing.budgets(session, [last.pace], now, connections=False)
+    budget = budgets.get(last.pace.mailbox)
+    if budget is None:
+        return []
+    want = budget.room(user_id, limit)
+    due = _due_rows(session, user_id, now, want, [], (last.due_at, last.outbox_id))
+    rows = budget.take(user_id, due)
+    if not rows:
+        return []
+    paces = {user_id: last.pace}
+    return _claim_rows(
+        crm, session, worker, rows, {user_id: account}, paces, budgets, now, last.token
+    )
 
 
 def _next_user(prev: str) -> str:
@@ -267,6 +311,7 @@ class DueRow:
     body_html: str | None
     mime: bytes | None
     created_at: datetime
+    due_at: datetime
     attachments: tuple[Attachment, ...] = ()
 
     def recipient_list(self, kind: str) -> list[tuple[str, str]]:
@@ -274,11 +319,16 @@ class DueRow:
         return recipient_list(self.recipients, kind)
 
 
-_DUE_COLUMNS = tuple(f.name for f in fields(DueRow) if f.name != "attachments")
+_DUE_COLUMNS = tuple(f.name for f in fields(DueRow) if f.name not in ("attachments", "due_at"))
 
 
 def _due_rows(
-    session: Session, user_id: int, now: datetime, n: int, besides: Sequence[int]
+    session: Session,
+    user_id: int,
+    now: datetime,
+    n: int,
+    besides: Sequence[int],
+    after: tuple[datetime, int] | None = None,
 ) -> list[DueRow]:
     """Up to ``n`` of a sender's due rows, oldest first, locked (locked ones skipped).
 
@@ -286,21 +336,24 @@ def _due_rows(
     merged. Why not ``state IN (…)`` in one: no index gives one order across two states,
     so PostgreSQL read and sorted every due row of the sender to return the first ``n``
     (with 100,000 queued, 120 ms of a claim's 184). Rows of the second query that the merge
-    leaves out stay locked only until the claim commits.
+    leaves out stay locked only until the claim commits. ``after``: only rows that come
+    after this (due time, id) in that order.
     """
     connection = session.connection()
     params: dict[str, Any] = {"user_id": user_id, "now": now, "n": n}
     if besides:
         params["besides"] = list(besides)
+    if after is not None:
+        params["after_due"], params["after_id"] = after
     found = [
         dict(row._mapping)
         for state in DUE_STATES
-        for row in connection.execute(_due_rows_statement(state, bool(besides)), params)
+        for row in connection.execute(
+            _due_rows_statement(state, bool(besides), after is not None), params
+        )
     ]
     found.sort(key=lambda row: (row["due_at"], row["id"]))
     del found[n:]
-    for row in found:
-        del row["due_at"]
     if not found:
         return []
     attached: dict[int, list[Attachment]] = {}
@@ -312,10 +365,11 @@ def _due_rows(
     return [DueRow(**row, attachments=tuple(attached.get(row["id"], ()))) for row in found]
 
 
-@functools.lru_cache(maxsize=4)
-def _due_rows_statement(state: str, besides: bool) -> Select[Any]:
+@functools.lru_cache(maxsize=8)
+def _due_rows_statement(state: str, besides: bool, after: bool = False) -> Select[Any]:
     """The SELECT of :func:`_due_rows` for one ``state``, built once (as
-    :func:`_claim_statement`); ``besides``: leaving out the ids already taken."""
+    :func:`_claim_statement`); ``besides``: leaving out the ids already taken;
+    ``after``: only rows after a (due time, id), still read in the index's order."""
     table = cast(Table, OutboxMessage.__table__)
     query = (
         select(
@@ -333,6 +387,12 @@ def _due_rows_statement(state: str, besides: bool) -> Select[Any]:
     )
     if besides:
         query = query.where(table.c.id.not_in(bindparam("besides", expanding=True)))
+    if after:
+        due, after_due = table.c.next_attempt_at, bindparam("after_due", type_=UTCDateTime())
+        query = query.where(
+            due >= after_due,
+            or_(due > after_due, table.c.id > bindparam("after_id")),
+        )
     return query
 
 
@@ -384,8 +444,11 @@ def _claim_rows(
     paces: Mapping[int, pacing.Pace],
     budgets: Mapping[str, pacing.Budget],
     now: datetime,
+    token: str | None = None,
 ) -> list[Claim]:
-    token = new_token()
+    """Put ``rows`` under a lease (``token``: a batch's own, when it takes more) and open
+    an attempt for each; the claims, in the order of ``rows``."""
+    token = token or new_token()
     until = lease_until(now, crm.config.outbox.lease_seconds)
     numbers = _attempt_counts(session, [r.id for r in rows])
     by_transport: dict[str, list[int]] = {}
@@ -430,6 +493,7 @@ def _claim_rows(
             row.recipient_states,
             paces[row.user_id],
             slots[row.user_id],
+            row.due_at,
         )
         for row, attempt_id in zip(rows, attempt_ids, strict=True)
     ]

@@ -43,12 +43,17 @@ from crm_core.models import OutboxState
 
 if TYPE_CHECKING:
     from crm_core.app import Crm
+    from crm_core.mail.message import OutgoingMessage
 
 EXPIRY_CHECK_SECONDS = 24 * 3600
 """How often a running worker looks at its credentials' expiry dates."""
 
 REAP_EVERY_MAX_SECONDS = 30.0
 """The longest a running worker goes between two looks for expired leases."""
+
+MORE_BATCHES = 10
+"""A batch that takes more of its sender's mail as it sends stops at this many batches'
+worth (``outbox.batch_size`` each), so that the worker's line per batch keeps coming."""
 
 log = logging.getLogger(__name__)
 attempts = logging.getLogger("crm_core.mail.attempts")
@@ -113,6 +118,21 @@ class _Recorder:
         """Held from the first result to :meth:`close`: one checkout for the batch."""
         self.alone = False
         """Whether the held connection commits each statement (results written alone)."""
+
+    def add(self, claims: Sequence[Claim]) -> None:
+        """More messages of the batch (taken while it sends): their results count too."""
+        with self.lock:
+            self.claims.update((c.message.message_id, c) for c in claims)
+
+    def last(self) -> Claim:
+        """The batch's last message, in the order they were handed out."""
+        with self.lock:
+            return next(reversed(self.claims.values()))
+
+    def all_claims(self) -> list[Claim]:
+        """Every message of the batch, those taken while it sent included."""
+        with self.lock:
+            return list(self.claims.values())
 
     def record(self, results: Sequence[SendResult]) -> None:
         """Write the results not written yet: each alone where it can be (PostgreSQL),
@@ -375,8 +395,9 @@ class Worker:
         groups: dict[str, list[Claim]] = defaultdict(list)
         for claim in claims:
             groups[claim.account.key].append(claim)
+        alone = len(groups) == 1  # one sender: its batch may take more as it goes
         pending: set[Future[_GroupResult]] = {
-            pool.submit(self._send_group, group, stop) for group in groups.values()
+            pool.submit(self._send_group, group, stop, alone) for group in groups.values()
         }
         token = claims[0].token  # one claim, one token for the whole batch
         renew_every = max(self.config.lease_seconds / 3.0, 0.05)
@@ -387,12 +408,15 @@ class Worker:
             if pending:
                 self._renew(token)
 
-    def _send_group(self, claims: Sequence[Claim], stop: threading.Event) -> _GroupResult:
+    def _send_group(
+        self, claims: Sequence[Claim], stop: threading.Event, alone: bool = False
+    ) -> _GroupResult:
         """Send one account's messages and record each result as the transport learns it.
 
         Runs in a pool thread. Results the transport reports while it sends are
         recorded there and then (each in a short transaction of its own), so a worker
-        killed mid-batch leaves only the messages in flight to the reaper.
+        killed mid-batch leaves only the messages in flight to the reaper. ``alone``:
+        the poll's only account, whose batch may take more of its mail (:meth:`_more`).
         """
         if stop.is_set():
             with self.crm.transaction() as session:
@@ -400,20 +424,53 @@ class Worker:
             return _GroupResult(claims, None, released=released)
         recorder = _Recorder(self.crm, claims, self.clock)
         started = time.monotonic()  # for the batch's log line, never for a decision
+        more = self._more(recorder, stop) if alone else None
         try:
-            results = self._send(claims, recorder)
+            results = self._send(claims, recorder, more)
             recorder.record(results)  # what the transport did not report as it went
         finally:
             recorder.close()
             self._free_slots(claims)  # the batch's connections are closed, whatever happened
         return recorder.finish(time.monotonic() - started)
 
-    def _send(self, claims: Sequence[Claim], recorder: _Recorder) -> Sequence[SendResult]:
-        """The transport's results; a failure of the whole send as each message's."""
+    def _more(
+        self, recorder: _Recorder, stop: threading.Event
+    ) -> Callable[[], list[OutgoingMessage]]:
+        """What the transport calls for more of the batch's mail (:func:`queue.claim_more`).
+
+        Why bounded: a poll that went on while one sender's queue lasted would starve
+        the worker's other duties and its progress line, so the batch stops taking
+        more once it holds ``MORE_BATCHES`` batches' worth, when the worker stops, or
+        when it is time to look for expired leases (at most every 30 s: the poll's
+        other duties wait no longer than that).
+        """
+        limit = self.config.batch_size * MORE_BATCHES
+
+        def more() -> list[OutgoingMessage]:
+            room = min(self.config.batch_size, limit - len(recorder.claims))
+            if room <= 0 or stop.is_set() or self.clock() >= self.reap_at:
+                return []
+            last = recorder.last()  # not inside the transaction: the recorder's lock
+            # is held while it writes, and on SQLite it would wait for this write lock
+            with self.crm.transaction() as session:
+                now = recorder.clock.now(session.connection())  # the batch's reading
+                found = queue.claim_more(self.crm, session, self.name, last, room, now)
+            recorder.add(found)
+            return [c.message for c in found]
+
+        return more
+
+    def _send(
+        self,
+        claims: Sequence[Claim],
+        recorder: _Recorder,
+        more: Callable[[], list[OutgoingMessage]] | None = None,
+    ) -> Sequence[SendResult]:
+        """The transport's results; a failure of the whole send as each message's (those
+        the batch took while it sent included)."""
         account = claims[0].account
-        messages = [c.message for c in claims]
         try:
-            return self.crm.send_mail(account, messages, recorder.record)
+            return self.crm.send_mail(account, [c.message for c in claims], recorder.record, more)
         except DBAPIError:
             # Recording a result failed (the database went away): the transport stopped
             # the batch and completed nothing after it. Not the transport's failure:
@@ -421,6 +478,7 @@ class Worker:
             raise
         except TransportError as exc:
             outcome = _outcome(exc.outcome)
+            messages = [c.message for c in recorder.all_claims()]
             return [SendResult(m.message_id, outcome, str(exc), exc.code) for m in messages]
         except Exception as exc:  # a plugin bug: we cannot tell what it sent
             log.exception("transport %s raised while sending for %s", account.transport, account)
@@ -428,6 +486,7 @@ class Worker:
                 f"the {account.transport} transport failed unexpectedly "
                 f"({type(exc).__name__}: {exc})"
             )
+            messages = [c.message for c in recorder.all_claims()]
             return [
                 SendResult(m.message_id, Outcome.AMBIGUOUS, detail, "plugin-error")
                 for m in messages

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -48,11 +48,19 @@ log = logging.getLogger(__name__)
 
 
 class _Dealer:
-    """Hands out the batch's messages in order, one per call, from any thread."""
+    """Hands out the batch's messages in order, one per call, from any thread; when they
+    are all out, asks ``more`` for the next ones (until it has none)."""
 
-    def __init__(self, messages: Sequence[OutgoingMessage]) -> None:
-        self._next: Iterator[tuple[int, OutgoingMessage]] = iter(enumerate(messages))
+    def __init__(
+        self,
+        messages: Sequence[OutgoingMessage],
+        more: Callable[[], Sequence[OutgoingMessage]] | None = None,
+    ) -> None:
+        self.messages = list(messages)
+        """Every message handed to the batch so far, in the order of their places."""
+        self._more = more
         self._lock = threading.Lock()
+        self._given = 0
         self._stopped = False
         self._working = 0
         self.throttled: SendResult | None = None
@@ -75,9 +83,23 @@ class _Dealer:
             return False
 
     def take(self) -> tuple[int, OutgoingMessage] | None:
-        """The next message and its place, or None when none is left (or stopped)."""
+        """The next message and its place, or None when none is left (or stopped).
+
+        Asking for more holds the lock: the other connections have nothing to take
+        until the answer comes anyway.
+        """
         with self._lock:
-            return None if self._stopped else next(self._next, None)
+            if self._stopped:
+                return None
+            if self._given == len(self.messages) and self._more is not None:
+                found = list(self._more())
+                self.messages.extend(found)
+                if not found:
+                    self._more = None
+            if self._given == len(self.messages):
+                return None
+            self._given += 1
+            return self._given - 1, self.messages[self._given - 1]
 
     def stop(self, cause: SendResult | None = None) -> None:
         """Hand out nothing more (a connection's thread failed, or the server throttled
@@ -217,14 +239,17 @@ def send_batch(
     messages: Sequence[OutgoingMessage],
     report: Callable[[Sequence[SendResult]], None],
     contexts: ContextSource = tls_context,
+    more: Callable[[], Sequence[OutgoingMessage]] | None = None,
 ) -> BatchSent:
     """Send ``messages`` over up to ``settings.connections`` connections, reporting each
     result as its final reply arrives; one result per message, in their order.
-    ``contexts``: where the connections get their TLS context (the worker's shared one)."""
+    ``contexts``: where the connections get their TLS context (the worker's shared one).
+    ``more``: asked for the next messages when all are out, so the open connections
+    carry them too (their results follow the others')."""
     if not messages:
         return BatchSent([], 0)
-    results: list[SendResult | None] = [None] * len(messages)
-    dealer = _Dealer(messages)
+    results: dict[int, SendResult] = {}
+    dealer = _Dealer(messages, more)
     recording = _Recording(report, settings.connections)
     first = SmtpClient(settings, tokens, contexts)
     extra = min(settings.connections, len(messages)) - 1 if first.try_open() else 0
@@ -258,17 +283,18 @@ def send_batch(
             future.result()  # a failure in another connection's thread is raised here
     finally:
         recording.close()  # every result reported; a failure to record is raised here
+    everyone = dealer.messages
     if dealer.throttled is not None:
         cause = dealer.throttled
-        held = [(i, _held(m, cause)) for i, m in enumerate(messages) if results[i] is None]
-        for index, result in held:
-            results[index] = result
+        held = [(i, _held(m, cause)) for i, m in enumerate(everyone) if i not in results]
+        results.update(held)
         if held:
             report([result for _, result in held])
-    sent = [r for r in results if r is not None]
-    if len(sent) != len(messages):
+    if len(results) != len(everyone):
         raise AssertionError("a message of the batch was not sent")  # a dealer bug
-    return BatchSent(sent, sum(c.connections for c in clients))
+    return BatchSent(
+        [results[i] for i in range(len(everyone))], sum(c.connections for c in clients)
+    )
 
 
 def _held(message: OutgoingMessage, cause: SendResult) -> SendResult:

@@ -100,12 +100,14 @@ def send_mail(
     messages: Sequence[OutgoingMessage],
     resources: Resources,
     report: Callable[[Sequence[SendResult]], None],
+    more: Callable[[], Sequence[OutgoingMessage]],
 ) -> list[SendResult]:
     """Send the batch over up to ``mail.max_connections`` connections (one AUTH each);
     one classified result per message.
 
     Each result is reported as the server's final reply for it arrives, so a worker
     killed mid-batch leaves only the messages in flight (one per connection) unknown.
+    The connections stay open for ``more`` of the account's mail, while there is some.
     """
     from smtp_mail.batch import send_batch
     from smtp_mail.tls import shared_contexts
@@ -116,7 +118,7 @@ def send_mail(
         from smtp_mail.oauth import EntraTokens
 
         tokens = EntraTokens.for_account(account, resources)
-    sent = send_batch(settings, tokens, messages, report, shared_contexts(resources))
+    sent = send_batch(settings, tokens, messages, report, shared_contexts(resources), more)
     _log_batch(account, settings.server, sent.results, sent.connections)
     return sent.results
 
