@@ -259,6 +259,32 @@ def test_a_batch_takes_no_more_once_another_sender_has_mail_due(make_crm: Any) -
     assert server.connections >= 2
 
 
+def test_a_stopping_worker_takes_no_more_and_gives_back_what_it_claimed_ahead(
+    make_crm: Any,
+) -> None:
+    """On PostgreSQL the batch claims its next mail ahead, while the last is sent; a
+    worker told to stop finishes what it was given and queues the rest again at once,
+    no try spent, instead of leaving it to the lease."""
+    stop = threading.Event()
+
+    def stop_at_seventh(_message_id: str) -> None:
+        accepted[0] += 1
+        if accepted[0] == 7:
+            stop.set()
+
+    accepted = [0]
+    with SmtpServer(security="none", on_accept=stop_at_seventh) as server:
+        crm = smtp_crm(make_crm, server.port, batch=5, connections=1)
+        ids = queue_many(crm, 20)
+        stats = Worker(crm).run_once(stop)
+        assert stats.sent == 10  # the first batch, and the five it took as the seventh went
+        rows = rows_by_id(crm)
+        arrived = server.message_ids()
+    assert arrived == [rows[i].message_id for i in ids[:10]]  # each once, in order
+    assert [rows[i].state for i in ids] == ["sent"] * 10 + ["queued"] * 10
+    assert all(rows[i].attempts == 0 and not rows[i].attempt_log for i in ids[10:])
+
+
 def test_a_batch_takes_no_more_once_the_worker_must_look_for_expired_leases(
     make_crm: Any,
 ) -> None:

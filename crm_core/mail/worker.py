@@ -203,6 +203,87 @@ class _Recorder:
         return _GroupResult(claims, ordered, self.recorded, seconds=seconds)
 
 
+class _More:
+    """The batch's next mail, for a transport that asks (``send_mail``'s ``more``):
+    :func:`queue.claim_more`, under the batch's lease.
+
+    Why bounded: a poll that went on while one sender's queue lasted would starve the
+    worker's other duties and its progress line, so the batch stops taking more once
+    it holds ``MORE_BATCHES`` batches' worth, when the worker stops, or when it is time
+    to look for expired leases (at most every 30 s).
+
+    How it keeps the wire busy: on PostgreSQL, once the transport has asked, the next
+    mail is claimed ahead, in a thread of its own, while the mail just given is sent
+    (rows are locked one by one, so the recording goes on meanwhile); what was claimed
+    ahead and not given is released when the batch ends. On SQLite a claim holds the
+    one write lock, so it is made when asked, with the results' recording held back
+    on its own lock: the recorder then waits for a lock that wakes it at once, not for
+    SQLite's busy handler, which sleeps a millisecond or more at a time.
+    """
+
+    def __init__(self, worker: Worker, recorder: _Recorder, stop: threading.Event) -> None:
+        self.worker = worker
+        self.recorder = recorder
+        self.stop = stop
+        self.limit = worker.config.batch_size * MORE_BATCHES
+        self.given = len(recorder.claims)
+        self.ahead: Future[list[Claim]] | None = None
+        self.pool: ThreadPoolExecutor | None = None
+        if worker.crm.engine.dialect.name == "postgresql":
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="outbox-more")
+
+    def __call__(self) -> list[OutgoingMessage]:
+        if not self._may_go_on():
+            return []
+        if self.pool is None:
+            last = self.recorder.last()
+            with self.recorder.lock:
+                found = self._claim(last, self._room())
+        else:
+            found = (
+                self.ahead.result()
+                if self.ahead
+                else self._claim(self.recorder.last(), self._room())
+            )
+            self.ahead = None
+        self.recorder.add(found)
+        self.given += len(found)
+        if found and self.pool is not None and self._room() > 0:
+            self.ahead = self.pool.submit(self._claim, found[-1], self._room())
+        return [c.message for c in found]
+
+    def _may_go_on(self) -> bool:
+        worker = self.worker
+        return self._room() > 0 and not self.stop.is_set() and worker.clock() < worker.reap_at
+
+    def _room(self) -> int:
+        return min(self.worker.config.batch_size, self.limit - self.given)
+
+    def _claim(self, last: Claim, room: int) -> list[Claim]:
+        worker = self.worker
+        with worker.crm.transaction() as session:
+            now = self.recorder.clock.now(session.connection())  # the batch's reading
+            return queue.claim_more(worker.crm, session, worker.name, last, room, now)
+
+    def close(self) -> None:
+        """The batch is over: give back what was claimed ahead and not given."""
+        if self.pool is None:
+            return
+        try:
+            unused = self.ahead.result() if self.ahead else []
+            if unused:
+                with self.worker.crm.transaction() as session:
+                    queue.release(session, unused, policy.db_now(session))
+        except DBAPIError as exc:  # their lease runs out, and the reaper queues them again
+            log.warning(
+                "outbox worker %s: mail claimed ahead left to its lease: %s",
+                self.worker.name,
+                driver_said(exc),
+            )
+        finally:
+            self.pool.shutdown()
+
+
 @dataclass(frozen=True)
 class BatchReport:
     """One account's batch, as recorded: for the log line and a live progress display."""
@@ -416,7 +497,7 @@ class Worker:
         Runs in a pool thread. Results the transport reports while it sends are
         recorded there and then (each in a short transaction of its own), so a worker
         killed mid-batch leaves only the messages in flight to the reaper. ``alone``:
-        the poll's only account, whose batch may take more of its mail (:meth:`_more`).
+        the poll's only account, whose batch may take more of its mail (:class:`_More`).
         """
         if stop.is_set():
             with self.crm.transaction() as session:
@@ -424,41 +505,16 @@ class Worker:
             return _GroupResult(claims, None, released=released)
         recorder = _Recorder(self.crm, claims, self.clock)
         started = time.monotonic()  # for the batch's log line, never for a decision
-        more = self._more(recorder, stop) if alone else None
+        more = _More(self, recorder, stop) if alone else None
         try:
             results = self._send(claims, recorder, more)
             recorder.record(results)  # what the transport did not report as it went
         finally:
+            if more is not None:
+                more.close()
             recorder.close()
             self._free_slots(claims)  # the batch's connections are closed, whatever happened
         return recorder.finish(time.monotonic() - started)
-
-    def _more(
-        self, recorder: _Recorder, stop: threading.Event
-    ) -> Callable[[], list[OutgoingMessage]]:
-        """What the transport calls for more of the batch's mail (:func:`queue.claim_more`).
-
-        Why bounded: a poll that went on while one sender's queue lasted would starve
-        the worker's other duties and its progress line, so the batch stops taking
-        more once it holds ``MORE_BATCHES`` batches' worth, when the worker stops, or
-        when it is time to look for expired leases (at most every 30 s: the poll's
-        other duties wait no longer than that).
-        """
-        limit = self.config.batch_size * MORE_BATCHES
-
-        def more() -> list[OutgoingMessage]:
-            room = min(self.config.batch_size, limit - len(recorder.claims))
-            if room <= 0 or stop.is_set() or self.clock() >= self.reap_at:
-                return []
-            last = recorder.last()  # not inside the transaction: the recorder's lock
-            # is held while it writes, and on SQLite it would wait for this write lock
-            with self.crm.transaction() as session:
-                now = recorder.clock.now(session.connection())  # the batch's reading
-                found = queue.claim_more(self.crm, session, self.name, last, room, now)
-            recorder.add(found)
-            return [c.message for c in found]
-
-        return more
 
     def _send(
         self,
