@@ -259,6 +259,25 @@ def test_a_batch_takes_no_more_once_another_sender_has_mail_due(make_crm: Any) -
     assert server.connections >= 2
 
 
+def test_a_batch_that_opened_fewer_connections_than_it_may_takes_no_more(
+    make_crm: Any,
+) -> None:
+    """A batch of one mail opens one connection; a mass mailing queued meanwhile goes
+    from the next claim, over all three, not one by one over the first."""
+
+    def mass_mailing(_message_id: str) -> None:
+        if not more:
+            more.extend(queue_many(crm, 12))
+
+    more: list[int] = []
+    with SmtpServer(security="none", on_accept=mass_mailing) as server:
+        crm = smtp_crm(make_crm, server.port, batch=6, connections=3)
+        queue_mail(crm, subject="first")
+        assert Worker(crm).run_once().sent == 13
+        check_invariants(crm, server.message_ids())
+        assert server.peak_connections == 3
+
+
 def test_a_stopping_worker_takes_no_more_and_gives_back_what_it_claimed_ahead(
     make_crm: Any,
 ) -> None:

@@ -227,6 +227,10 @@ class _More:
         self.stop = stop
         self.limit = worker.config.batch_size * MORE_BATCHES
         self.given = len(recorder.claims)
+        pace = recorder.last().pace
+        self.all_open = pace is None or self.given >= pace.parallel
+        """Whether the batch began with a message for each of its connections: one that
+        began with fewer opened fewer, and the next claim opens them all."""
         self.ahead: Future[list[Claim]] | None = None
         self.pool: ThreadPoolExecutor | None = None
         if worker.crm.engine.dialect.name == "postgresql":
@@ -254,7 +258,12 @@ class _More:
 
     def _may_go_on(self) -> bool:
         worker = self.worker
-        return self._room() > 0 and not self.stop.is_set() and worker.clock() < worker.reap_at
+        return (
+            self.all_open
+            and self._room() > 0
+            and not self.stop.is_set()
+            and worker.clock() < worker.reap_at
+        )
 
     def _room(self) -> int:
         return min(self.worker.config.batch_size, self.limit - self.given)
