@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Connection
@@ -153,6 +153,9 @@ class _Recorder:
             rest = [r for r in fresh if r.message_id not in self.results]
             if rest:
                 self._record_together(rest)
+            for result in fresh:  # written: only what the batch's log line needs is kept
+                claim = self.claims[result.message_id]
+                self.claims[result.message_id] = replace(claim, message=_shed(claim.message))
 
     def _record_together(self, results: Sequence[SendResult]) -> None:
         """Write ``results`` in one transaction: on the held connection without a Session
@@ -616,6 +619,16 @@ class Worker:
         with self.crm.transaction() as session:
             until = policy.lease_until(policy.db_now(session), self.config.lease_seconds)
             queue.renew_leases(session, [token], until)
+
+
+def _shed(message: OutgoingMessage) -> OutgoingMessage:
+    """``message`` without its content, once its result is written.
+
+    Why: a batch that takes more as it sends would otherwise keep every message it
+    sent until it ends, ten batches' worth of bodies and attachments, where a worker
+    held one batch's before.
+    """
+    return replace(message, text="", html=None, attachments=(), rendered=None)
 
 
 def _outcome(value: Any) -> Outcome:

@@ -32,6 +32,7 @@ How it stays exactly once and crash-safe:
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -56,8 +57,11 @@ class _Dealer:
         messages: Sequence[OutgoingMessage],
         more: Callable[[], Sequence[OutgoingMessage]] | None = None,
     ) -> None:
-        self.messages = list(messages)
-        """Every message handed to the batch so far, in the order of their places."""
+        self.ids = [m.message_id for m in messages]
+        """The Message-ID of every message of the batch so far, in order of place."""
+        self._waiting = collections.deque(messages)
+        """The messages not handed out yet (one handed out is the connection's alone:
+        a batch that takes more as it sends keeps no content of the ones sent)."""
         self._more = more
         self._lock = threading.Lock()
         self._given = 0
@@ -91,15 +95,16 @@ class _Dealer:
         with self._lock:
             if self._stopped:
                 return None
-            if self._given == len(self.messages) and self._more is not None:
+            if not self._waiting and self._more is not None:
                 found = list(self._more())
-                self.messages.extend(found)
+                self.ids.extend(m.message_id for m in found)
+                self._waiting.extend(found)
                 if not found:
                     self._more = None
-            if self._given == len(self.messages):
+            if not self._waiting:
                 return None
             self._given += 1
-            return self._given - 1, self.messages[self._given - 1]
+            return self._given - 1, self._waiting.popleft()
 
     def stop(self, cause: SendResult | None = None) -> None:
         """Hand out nothing more (a connection's thread failed, or the server throttled
@@ -283,7 +288,7 @@ def send_batch(
             future.result()  # a failure in another connection's thread is raised here
     finally:
         recording.close()  # every result reported; a failure to record is raised here
-    everyone = dealer.messages
+    everyone = dealer.ids
     if dealer.throttled is not None:
         cause = dealer.throttled
         held = [(i, _held(m, cause)) for i, m in enumerate(everyone) if i not in results]
@@ -297,10 +302,10 @@ def send_batch(
     )
 
 
-def _held(message: OutgoingMessage, cause: SendResult) -> SendResult:
+def _held(message_id: str, cause: SendResult) -> SendResult:
     """A message not tried because the server throttled the mailbox before it."""
     return SendResult(
-        message.message_id,
+        message_id,
         Outcome.THROTTLED,
         f"Not tried: {cause.detail}",
         cause.code,
