@@ -260,6 +260,20 @@ def test_a_batch_that_takes_more_keeps_no_content_of_the_mail_it_sent(make_crm: 
     assert peak < whole / 2, (peak, whole)
 
 
+def test_a_batch_takes_no_more_than_the_mailboxs_pace_allows(make_crm: Any) -> None:
+    """What a batch takes as it sends counts against the mailbox's limits like a claim:
+    with 7 a minute, 5 in the first claim and 2 more, then the mailbox waits."""
+    with SmtpServer(security="none") as server:
+        crm = smtp_crm(make_crm, server.port, batch=5, connections=1)
+        with crm.transaction() as s:
+            crm.set_system_setting(s, "mail.rate_per_minute", "7")
+        ids = queue_many(crm, 20)
+        assert Worker(crm).run_once().sent == 7
+        assert server.connections == 1
+        rows = rows_by_id(crm)
+    assert [rows[i].state for i in ids] == ["sent"] * 7 + ["queued"] * 13
+
+
 def test_a_batch_takes_no_more_once_another_sender_has_mail_due(make_crm: Any) -> None:
     """Taking more must not starve anyone: Bo's mail, queued while Anna's mass mailing
     is under way, goes at the next claim, as it did when every batch ended."""
