@@ -229,9 +229,8 @@ class _More:
         self.recorder = recorder
         self.stop = stop
         self.limit = worker.config.batch_size * MORE_BATCHES
-        self.given = len(recorder.claims)
         pace = recorder.last().pace
-        self.all_open = pace is None or self.given >= pace.parallel
+        self.all_open = pace is None or len(recorder.claims) >= pace.parallel
         """Whether the batch began with a message for each of its connections: one that
         began with fewer opened fewer, and the next claim opens them all."""
         self.ahead: Future[list[Claim]] | None = None
@@ -254,7 +253,6 @@ class _More:
             )
             self.ahead = None
         self.recorder.add(found)
-        self.given += len(found)
         if found and self.pool is not None and self._room() > 0:
             self.ahead = self.pool.submit(self._claim, found[-1], self._room())
         return [c.message for c in found]
@@ -269,7 +267,7 @@ class _More:
         )
 
     def _room(self) -> int:
-        return min(self.worker.config.batch_size, self.limit - self.given)
+        return min(self.worker.config.batch_size, self.limit - len(self.recorder.claims))
 
     def _claim(self, last: Claim, room: int) -> list[Claim]:
         worker = self.worker

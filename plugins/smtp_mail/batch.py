@@ -64,7 +64,6 @@ class _Dealer:
         a batch that takes more as it sends keeps no content of the ones sent)."""
         self._more = more
         self._lock = threading.Lock()
-        self._given = 0
         self._stopped = False
         self._working = 0
         self.throttled: SendResult | None = None
@@ -103,8 +102,8 @@ class _Dealer:
                     self._more = None
             if not self._waiting:
                 return None
-            self._given += 1
-            return self._given - 1, self._waiting.popleft()
+            place = len(self.ids) - len(self._waiting)
+            return place, self._waiting.popleft()
 
     def stop(self, cause: SendResult | None = None) -> None:
         """Hand out nothing more (a connection's thread failed, or the server throttled
