@@ -241,16 +241,12 @@ class _More:
     def __call__(self) -> list[OutgoingMessage]:
         if not self._may_go_on():
             return []
+        last = self.recorder.last()  # before the recorder's lock: last() takes it
         if self.pool is None:
-            last = self.recorder.last()
             with self.recorder.lock:
                 found = self._claim(last, self._room())
         else:
-            found = (
-                self.ahead.result()
-                if self.ahead
-                else self._claim(self.recorder.last(), self._room())
-            )
+            found = self.ahead.result() if self.ahead else self._claim(last, self._room())
             self.ahead = None
         self.recorder.add(found)
         if found and self.pool is not None and self._room() > 0:
